@@ -1,0 +1,51 @@
+"""Katydid's automation: tests, lint, typecheck, eval (and later bench, load).
+
+Dependencies come from pyproject.toml (the project itself and its dependency groups), never
+repeated here. Every session forwards ``session.posargs``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_venv = "yes"
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+SPEECH = Path(__file__).resolve().parent.parent / "shared" / "data" / "speech"
+
+
+def _group(name: str) -> list[str]:
+    return list(PYPROJECT["dependency-groups"][name])
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the unit and integration tests (real model, real speech)."""
+    session.install("-e", ".", *_group("test"))
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style with ruff."""
+    session.install(*_group("lint"))
+    session.run("ruff", "check", "src", "workers", "tests", "noxfile.py", *session.posargs)
+    session.run("ruff", "format", "--check", "src", "workers", "tests", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Check types with mypy (strict)."""
+    session.install("-e", ".", *_group("typecheck"), *_group("test"))
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def eval(session: nox.Session) -> None:
+    """WER and real-time factor of the local engine on the shared speech clips."""
+    session.install("-e", ".")
+    session.run("katydid", "model", "prepare")
+    manifest = session.posargs or [str(SPEECH / "manifest.tsv")]
+    session.run("katydid", "eval", *manifest)

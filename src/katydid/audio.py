@@ -1,0 +1,144 @@
+"""Audio input: containers (WAV, FLAC, OGG, MP3) and raw ``pcm_s16le`` to 16 kHz mono float32.
+
+Every failure raises ``AudioError`` with a message a client can act on; a library error never
+escapes, and nothing here can hang (decoding is bounded by the input's size, which the caller
+bounds with ``max_bytes``, and by ``max_audio_s``).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from katydid.errors import AudioError
+
+SAMPLE_RATE = 16_000
+CONTAINERS = ("wav", "flac", "ogg", "mp3")
+# libsndfile's format names for the containers we accept.
+_SF_FORMATS = {
+    "WAV": "wav",
+    "WAVEX": "wav",
+    "RF64": "wav",
+    "W64": "wav",
+    "FLAC": "flac",
+    "OGG": "ogg",
+    "MP3": "mp3",
+}
+_MAX_RATE = 384_000
+_MAX_CHANNELS = 32
+
+
+def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mix ``(frames,)`` or ``(frames, channels)`` float samples to mono and resample to 16 kHz."""
+    mono = samples.mean(axis=1) if samples.ndim == 2 else samples
+    mono = np.asarray(mono, dtype=np.float32)
+    if sample_rate != SAMPLE_RATE and mono.size:
+        mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    out: np.ndarray = np.clip(mono, -1.0, 1.0)
+    return out
+
+
+def pcm16_to_float(data: bytes, channels: int = 1) -> np.ndarray:
+    """Interleaved s16le bytes to float32 ``(frames, channels)`` (or ``(frames,)`` for mono).
+
+    Raises:
+        AudioError: the byte count is not a whole number of frames.
+    """
+    frame_bytes = 2 * channels
+    if len(data) % frame_bytes:
+        raise AudioError(
+            f"pcm_s16le data of {len(data)} bytes is not a whole number of {frame_bytes}-byte frames"
+        )
+    samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    return samples if channels == 1 else samples.reshape(-1, channels)
+
+
+def decode_pcm(data: bytes, *, sample_rate: int, channels: int, max_audio_s: float) -> np.ndarray:
+    """Decode raw ``pcm_s16le`` to 16 kHz mono float32.
+
+    Raises:
+        AudioError: bad parameters, partial frames, empty or too long audio.
+    """
+    check_pcm_format(sample_rate, channels)
+    if not data:
+        raise AudioError("audio is empty")
+    duration_s = len(data) / (2 * channels * sample_rate)
+    if duration_s > max_audio_s:
+        raise AudioError(
+            f"audio lasts {duration_s:.0f} s, more than the {max_audio_s:.0f} s allowed"
+        )
+    return to_mono_16k(pcm16_to_float(data, channels), sample_rate)
+
+
+def check_pcm_format(sample_rate: int, channels: int) -> None:
+    """Raises AudioError unless the rate and channel count are plausible for speech."""
+    if not (isinstance(sample_rate, int) and 4_000 <= sample_rate <= _MAX_RATE):
+        raise AudioError(
+            f"sample_rate must be an integer in 4000..{_MAX_RATE}, got {sample_rate!r}"
+        )
+    if not (isinstance(channels, int) and 1 <= channels <= _MAX_CHANNELS):
+        raise AudioError(f"channels must be an integer in 1..{_MAX_CHANNELS}, got {channels!r}")
+
+
+def decode_container(data: bytes | Path, *, max_audio_s: float, max_bytes: int) -> np.ndarray:
+    """Decode a WAV, FLAC, OGG or MP3 file (bytes or a path) to 16 kHz mono float32.
+
+    Raises:
+        AudioError: the input is too large, empty, not audio, of another format, or too long.
+    """
+    if isinstance(data, Path):
+        path = data
+        try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise AudioError(f"file is {size} bytes, more than the {max_bytes} allowed")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise AudioError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not data:
+        raise AudioError("audio is empty")
+    if len(data) > max_bytes:
+        raise AudioError(f"file is {len(data)} bytes, more than the {max_bytes} allowed")
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if f.format not in _SF_FORMATS:
+                raise AudioError(
+                    f"unsupported container {f.format}; supported: {', '.join(CONTAINERS)}"
+                )
+            if f.frames > 0 and f.frames / f.samplerate > max_audio_s:
+                raise AudioError(
+                    f"audio lasts {f.frames / f.samplerate:.0f} s, "
+                    f"more than the {max_audio_s:.0f} s allowed"
+                )
+            rate = f.samplerate
+            samples = f.read(dtype="float32", always_2d=True)
+    except AudioError:
+        raise
+    except (
+        Exception
+    ) as exc:  # libsndfile reports garbage as LibsndfileError, RuntimeError, TypeError...
+        raise AudioError(
+            f"not a decodable audio file ({', '.join(CONTAINERS)}): {exc}".rstrip(": ")
+        ) from exc
+    if samples.shape[0] == 0:
+        raise AudioError("audio file holds no samples")
+    if samples.shape[0] / rate > max_audio_s:
+        raise AudioError(f"audio lasts more than the {max_audio_s:.0f} s allowed")
+    return to_mono_16k(samples, rate)
+
+
+def sniff_container(head: bytes) -> str | None:
+    """Guess a container from its first bytes: ``wav``, ``flac``, ``ogg``, ``mp3`` or None."""
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:3] == b"ID3" or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "mp3"
+    return None

@@ -1,0 +1,202 @@
+"""The ``katydid`` command: subcommands for models, local transcription and evaluation.
+
+This module is the composition root: it builds the Config, configures logging once and wires
+the parts together. Errors of the KatydidError tree become a one-line message and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from katydid import __version__
+from katydid.config import Config
+from katydid.errors import KatydidError
+from katydid.log import configure_logging
+
+if TYPE_CHECKING:
+    from katydid_worker.engine import Engine, Transcript
+
+log = structlog.get_logger("katydid.cli")
+_PROGRESS_MIN_AUDIO_S = 30.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="katydid", description="Katydid speech-to-text server.")
+    p.add_argument("--version", action="version", version=f"katydid {__version__}")
+    p.add_argument("--config", type=Path, help="TOML config file (default: $KATYDID_CONFIG)")
+    p.add_argument("--model", help="model name or ggml file (default: config 'model', tiny.en)")
+    p.add_argument("--model-dir", type=Path, help="prepared-model cache directory")
+    p.add_argument("--threads", type=int, dest="engine_threads", help="engine threads per model")
+    p.add_argument("--log-format", choices=("auto", "json", "console"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = sub.add_parser("model", help="prepare and list speech models").add_subparsers(
+        dest="model_command", required=True, metavar="ACTION"
+    )
+    prep = model.add_parser(
+        "prepare", help="convert a packaged model into the cache (no-op if done)"
+    )
+    prep.add_argument("name", nargs="?", help="model name (default: the configured model)")
+    model.add_parser("list", help="show known models and whether they are installed and prepared")
+
+    tr = sub.add_parser("transcribe", help="transcribe audio files")
+    tr.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    tr.add_argument(
+        "--local", action="store_true", help="use the engine in this process (no server)"
+    )
+    tr.add_argument("--json", action="store_true", help="one JSON object per file (segments)")
+
+    ev = sub.add_parser("eval", help="WER and speed on a manifest of clips with references")
+    ev.add_argument("manifest", type=Path)
+    ev.add_argument(
+        "--json", action="store_true", help="print the summary as JSON on the last line"
+    )
+    return p
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return Config.load(
+        args.config,
+        overrides={
+            "model": args.model,
+            "model_dir": args.model_dir,
+            "engine_threads": args.engine_threads,
+            "log_format": args.log_format,
+            "log_level": args.log_level,
+        },
+    )
+
+
+def _engine(cfg: Config) -> Engine:
+    from katydid_worker import models
+    from katydid_worker.engine import Engine, EngineOptions
+
+    path = models.resolve(cfg.model_dir, cfg.model)
+    return Engine(
+        path,
+        EngineOptions(
+            language=cfg.language,
+            threads=cfg.engine_threads,
+            beam_size=cfg.beam_size,
+            word_timestamps=cfg.word_timestamps,
+        ),
+    )
+
+
+def _cmd_model(cfg: Config, args: argparse.Namespace) -> int:
+    from katydid_worker import models
+
+    if args.model_command == "prepare":
+        name = args.name or cfg.model
+        path = models.prepare(cfg.model_dir, name, progress=lambda msg: print(msg, file=sys.stderr))
+        print(path)
+        return 0
+    print(f"{'model':<10} {'installed':<10} {'prepared':<9} path")
+    for st in models.statuses(cfg.model_dir):
+        print(
+            f"{st.name:<10} {'yes' if st.installed else 'no':<10} {'yes' if st.prepared else 'no':<9} {st.path}"
+        )
+    return 0
+
+
+def _transcribe_file(engine: Engine, cfg: Config, path: Path) -> Transcript:
+    from katydid.audio import decode_container
+
+    audio = decode_container(path, max_audio_s=cfg.max_audio_s, max_bytes=cfg.max_file_bytes)
+    duration_s = audio.size / 16_000
+    if sys.stderr.isatty() and duration_s >= _PROGRESS_MIN_AUDIO_S:
+        from tqdm import tqdm
+
+        with tqdm(total=round(duration_s, 1), unit="s", desc=path.name, file=sys.stderr) as bar:
+
+            def advance(done_s: float) -> None:
+                bar.update(round(min(done_s, duration_s) - bar.n, 1))
+
+            return engine.transcribe(audio, on_progress=advance)
+    return engine.transcribe(audio)
+
+
+def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
+    if not args.local:
+        raise KatydidError("only --local transcription is available in this version")
+    engine = _engine(cfg)
+    failed = 0
+    for path in args.files:
+        try:
+            tr = _transcribe_file(engine, cfg, path)
+        except KatydidError as exc:
+            # One bad file does not stop the others; the exit code reports it.
+            print(f"katydid: {path}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "file": str(path),
+                        "text": tr.text,
+                        "language": tr.language,
+                        "audio_s": round(tr.audio_s, 3),
+                        "compute_s": round(tr.compute_s, 3),
+                        "segments": [
+                            {"start_s": s.start_s, "end_s": s.end_s, "text": s.text}
+                            | ({"words": [asdict(w) for w in s.words]} if s.words else {})
+                            for s in tr.segments
+                        ],
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        else:
+            print(tr.text if len(args.files) == 1 else f"{path}: {tr.text}")
+    return 1 if failed else 0
+
+
+def _cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
+    from katydid.audio import decode_container
+    from katydid.evaluation import Clip, Heard, dumps_summary, evaluate, read_manifest
+
+    clips = read_manifest(args.manifest)
+    engine = _engine(cfg)
+
+    def run(clip: Clip) -> Heard:
+        audio = decode_container(
+            clip.path, max_audio_s=cfg.max_audio_s, max_bytes=cfg.max_file_bytes
+        )
+        tr = engine.transcribe(audio)
+        return Heard(tr.text, tr.audio_s, tr.compute_s)
+
+    report = evaluate(clips, run)
+    print(report.table())
+    if args.json:
+        print(dumps_summary(report))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``katydid`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = _config(args)
+        configure_logging(level=cfg.log_level, fmt=cfg.log_format)
+        if args.command == "model":
+            return _cmd_model(cfg, args)
+        if args.command == "transcribe":
+            return _cmd_transcribe(cfg, args)
+        if args.command == "eval":
+            return _cmd_eval(cfg, args)
+    except KatydidError as exc:
+        print(f"katydid: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover

@@ -1,0 +1,75 @@
+"""Katydid's error tree: every error the project raises on purpose.
+
+    KatydidError                 root; callers catch this, never a library's exception types
+    ├── ConfigError              bad configuration file or environment value
+    ├── ModelError               model missing, corrupt or not convertible (names the fix)
+    ├── AudioError               audio that cannot be decoded: garbage, truncated, empty, unsupported
+    ├── EngineError              the recogniser failed on valid audio
+    └── ProtocolError            a client broke protocol v1; carries a client error code and close code
+
+Error codes sent to clients form a closed set (``ErrorCode``); each maps to a WebSocket close code.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Client-visible error codes (protocol v1); a closed, documented set."""
+
+    BAD_MESSAGE = "bad_message"
+    UNSUPPORTED_AUDIO = "unsupported_audio"
+    TOO_LARGE = "too_large"
+    OVERLOADED = "overloaded"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+# WebSocket close codes (RFC 6455 §7.4.1 and the 4000-4999 private range).
+CLOSE_CODES: dict[ErrorCode, int] = {
+    ErrorCode.BAD_MESSAGE: 1008,  # policy violation
+    ErrorCode.UNSUPPORTED_AUDIO: 1003,  # unsupported data
+    ErrorCode.TOO_LARGE: 1009,  # message too big
+    ErrorCode.OVERLOADED: 1013,  # try again later
+    ErrorCode.TIMEOUT: 4008,
+    ErrorCode.INTERNAL: 1011,
+}
+
+
+class KatydidError(Exception):
+    """Root of every error Katydid raises deliberately."""
+
+
+class ConfigError(KatydidError):
+    """A configuration file or ``KATYDID_*`` variable holds an invalid value."""
+
+
+class ModelError(KatydidError):
+    """A model is missing, corrupt, or cannot be converted."""
+
+
+class AudioError(KatydidError):
+    """Audio could not be decoded (garbage, truncated, empty or unsupported input)."""
+
+    code = ErrorCode.UNSUPPORTED_AUDIO
+
+
+class EngineError(KatydidError):
+    """The speech recogniser failed on input that decoded fine."""
+
+
+class ProtocolError(KatydidError):
+    """A client violated the protocol; the session gets ``code`` and is closed."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, *, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    @property
+    def close_code(self) -> int:
+        return CLOSE_CODES[self.code]

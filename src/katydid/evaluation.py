@@ -1,0 +1,177 @@
+"""Accuracy and speed evaluation: a manifest of clips with reference transcripts → WER and RTF.
+
+The manifest is a TSV with at least the columns ``file`` (relative to the manifest's folder),
+``duration_s`` and ``transcript``. Both sides are normalised with Whisper's English normaliser
+before scoring, so casing, punctuation and spelled-out numbers do not count as errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+from katydid.errors import KatydidError
+
+
+@dataclass(frozen=True, slots=True)
+class Clip:
+    path: Path
+    duration_s: float
+    reference: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True, slots=True)
+class ClipResult:
+    clip: str
+    words: int
+    errors: int
+    audio_s: float
+    compute_s: float
+    hypothesis: str
+
+    @property
+    def wer(self) -> float:
+        return self.errors / self.words if self.words else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class EvalReport:
+    clips: tuple[ClipResult, ...]
+
+    @property
+    def wer(self) -> float:
+        """Pooled WER: all errors over all reference words."""
+        words = sum(c.words for c in self.clips)
+        return sum(c.errors for c in self.clips) / words if words else 0.0
+
+    @property
+    def audio_s(self) -> float:
+        return sum(c.audio_s for c in self.clips)
+
+    @property
+    def compute_s(self) -> float:
+        return sum(c.compute_s for c in self.clips)
+
+    @property
+    def rtf(self) -> float:
+        return self.compute_s / self.audio_s if self.audio_s else math.nan
+
+    def summary(self) -> dict[str, object]:
+        """The JSON object ``katydid eval --json`` prints last."""
+        return {
+            "wer": round(self.wer, 5),
+            "audio_s": round(self.audio_s, 3),
+            "compute_s": round(self.compute_s, 3),
+            "rtf": round(self.rtf, 5),
+            "clips": [asdict(c) | {"wer": round(c.wer, 5)} for c in self.clips],
+        }
+
+    def table(self) -> str:
+        """A Markdown table, one row per clip and a pooled row."""
+        rows = [
+            "| clip | words | errors | WER | audio s | compute s | RTF |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for c in self.clips:
+            rtf = c.compute_s / c.audio_s if c.audio_s else math.nan
+            rows.append(
+                f"| {c.clip} | {c.words} | {c.errors} | {c.wer:.1%} | {c.audio_s:.1f} | "
+                f"{c.compute_s:.2f} | {rtf:.3f} |"
+            )
+        rows.append(
+            f"| **pooled** ({len(self.clips)} clips) | {sum(c.words for c in self.clips)} | "
+            f"{sum(c.errors for c in self.clips)} | **{self.wer:.2%}** | {self.audio_s:.1f} | "
+            f"{self.compute_s:.2f} | {self.rtf:.3f} |"
+        )
+        return "\n".join(rows)
+
+
+def read_manifest(path: Path) -> list[Clip]:
+    """Read a manifest TSV; ``file`` entries are relative to its folder.
+
+    Raises:
+        KatydidError: the file is unreadable or lacks the needed columns.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except OSError as exc:
+        raise KatydidError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc
+    if rows and not {"file", "transcript"} <= set(rows[0]):
+        raise KatydidError(f"manifest {path} needs the columns 'file' and 'transcript'")
+    clips = []
+    for row in rows:
+        transcript = row["transcript"]
+        if len(transcript) >= 2 and transcript[0] == transcript[-1] == '"':
+            transcript = transcript[1:-1].replace('""', '"')  # a CSV-quoted field read raw
+        clips.append(
+            Clip(path.parent / row["file"], float(row.get("duration_s") or "nan"), transcript)
+        )
+    return clips
+
+
+@cache
+def _normalizer() -> Callable[[str], str]:
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    normalizer: Callable[[str], str] = EnglishTextNormalizer()
+    return normalizer
+
+
+def normalize(text: str) -> str:
+    """Whisper's English normalisation (case, punctuation, numbers, spellings)."""
+    return " ".join(_normalizer()(text).split())
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """``(errors, reference_words)`` after normalising both sides (Levenshtein over words)."""
+    ref = normalize(reference).split()
+    hyp = normalize(hypothesis).split()
+    if not ref:
+        return len(hyp), 0
+    if not hyp:
+        return len(ref), len(ref)
+    import jiwer
+
+    out = jiwer.process_words(" ".join(ref), " ".join(hyp))
+    return out.substitutions + out.deletions + out.insertions, len(ref)
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Normalised word error rate of one hypothesis."""
+    errors, words = word_errors(reference, hypothesis)
+    return errors / words if words else float(errors > 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Heard:
+    """What a recogniser returned for one clip."""
+
+    text: str
+    audio_s: float
+    compute_s: float
+
+
+def evaluate(clips: Iterable[Clip], transcribe: Callable[[Clip], Heard]) -> EvalReport:
+    """Transcribe each clip with ``transcribe`` and score it."""
+    results = []
+    for clip in clips:
+        heard = transcribe(clip)
+        errors, words = word_errors(clip.reference, heard.text)
+        results.append(
+            ClipResult(clip.name, words, errors, heard.audio_s, heard.compute_s, heard.text)
+        )
+    return EvalReport(tuple(results))
+
+
+def dumps_summary(report: EvalReport) -> str:
+    return json.dumps(report.summary(), ensure_ascii=False)

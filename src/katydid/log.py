@@ -1,0 +1,111 @@
+"""structlog set-up, done once per process in ``main()``, and a sampled logger for hot events.
+
+Pipeline: contextvars → level filter → UTC timestamp → dict tracebacks → JSON off a TTY (console
+renderer on one). Logs go to stderr so stdout stays for results (text, JSON lines).
+
+Rule 1: an event that can repeat at a high rate (a client disconnecting, a rejected frame) goes
+through ``SampledLogger``: at most ``burst`` lines per ``window_s`` per event name, and the next
+line that does get written carries how many were suppressed. The predecessor died of a log storm.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def configure_logging(*, level: str = "info", fmt: str = "auto") -> None:
+    """Configure structlog for this process (call once, from ``main``).
+
+    Args:
+        level: ``debug``, ``info``, ``warning`` or ``error``.
+        fmt: ``json``, ``console``, or ``auto`` (console on a TTY, JSON otherwise).
+    """
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: structlog.types.Processor = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    )
+    processors: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if not use_console:
+        processors.append(structlog.processors.dict_tracebacks)
+    processors.append(renderer)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+class SampledLogger:
+    """Writes at most ``burst`` lines per event per ``window_s``; counts what it suppresses.
+
+    Args:
+        logger: the structlog logger to write through.
+        burst: lines allowed per event name per window.
+        window_s: window length in seconds.
+        clock: monotonic clock (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        logger: Any,
+        *,
+        burst: int = 5,
+        window_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._burst = burst
+        self._window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[
+            str, tuple[float, int, int]
+        ] = {}  # event -> (start, written, suppressed)
+        self.suppressed_total = 0
+
+    def _admit(self, event: str) -> tuple[bool, int]:
+        now = self._clock()
+        with self._lock:
+            start, written, suppressed = self._windows.get(event, (now, 0, 0))
+            if now - start >= self._window_s:
+                start, written = now, 0
+            if written < self._burst:
+                self._windows[event] = (start, written + 1, 0)
+                return True, suppressed
+            self._windows[event] = (start, written, suppressed + 1)
+            self.suppressed_total += 1
+            return False, 0
+
+    def log(self, level: str, event: str, **kw: Any) -> bool:
+        """Log ``event`` at ``level`` if its budget allows; returns whether a line was written."""
+        ok, suppressed = self._admit(event)
+        if ok:
+            if suppressed:
+                kw["suppressed"] = suppressed
+            getattr(self._logger, level)(event, **kw)
+        return ok
+
+    def info(self, event: str, **kw: Any) -> bool:
+        return self.log("info", event, **kw)
+
+    def warning(self, event: str, **kw: Any) -> bool:
+        return self.log("warning", event, **kw)

@@ -1,0 +1,34 @@
+"""Shared fixtures: where the team's speech clips live, and a prepared real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SPEECH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
+
+
+@pytest.fixture(scope="session")
+def speech_dir() -> Path:
+    """``../shared/data/speech``; tests that need real speech skip where it is absent."""
+    if not (SPEECH_DIR / "manifest.tsv").is_file():
+        pytest.skip(f"real speech clips not found at {SPEECH_DIR}")
+    return SPEECH_DIR
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache directory holding tiny.en, prepared by the real pipeline (convert + validate)."""
+    from katydid_worker import models
+
+    cache = tmp_path_factory.mktemp("models")
+    models.prepare(cache, "tiny.en")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def model_path(model_dir: Path) -> Path:
+    from katydid_worker import models
+
+    return models.resolve(model_dir, "tiny.en")

@@ -1,0 +1,145 @@
+"""The real model pipeline and engine: tiny.en converted here, transcribing real speech."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from katydid.audio import decode_container
+from katydid.errors import ModelError
+from katydid.evaluation import read_manifest, wer
+from katydid_worker import models
+from katydid_worker.engine import Engine, EngineOptions
+
+pytestmark = pytest.mark.integration
+LIMITS: dict[str, Any] = {"max_audio_s": 600.0, "max_bytes": 100_000_000}
+
+
+def _katydid(*args: str, model_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"KATYDID_MODEL_DIR": str(model_dir), "KATYDID_LOG_FORMAT": "json"}
+    return subprocess.run(
+        [sys.executable, "-m", "katydid", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_prepare_is_idempotent_and_recorded(model_dir: Path) -> None:
+    path = models.model_path(model_dir, "tiny.en")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["size"] == path.stat().st_size
+    mtime = path.stat().st_mtime_ns
+    assert models.prepare(model_dir, "tiny.en") == path
+    assert path.stat().st_mtime_ns == mtime
+    assert models.is_prepared(model_dir, "tiny.en", verify_hash=True)
+
+
+def test_unprepared_or_missing_model_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"katydid model prepare tiny\.en"):
+        models.resolve(tmp_path, "tiny.en")
+    with pytest.raises(ModelError, match="unknown model"):
+        models.resolve(tmp_path, "huge")
+    with pytest.raises(ModelError, match="does not exist"):
+        models.resolve(tmp_path, str(tmp_path / "nope.bin"))
+    with pytest.raises(ModelError, match="not found"):
+        Engine(tmp_path / "nope.bin")
+
+
+def test_corrupt_model_fails_the_smoke_check_without_crashing_us(
+    model_path: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "truncated.bin"
+    broken.write_bytes(model_path.read_bytes()[:20_000_000])
+    with pytest.raises(ModelError, match="smoke check"):
+        models.smoke_check(broken, timeout_s=120)
+
+
+def test_jfk_with_word_timestamps(model_path: Path, speech_dir: Path) -> None:
+    clip = next(c for c in read_manifest(speech_dir / "manifest.tsv") if c.name == "jfk.wav")
+    engine = Engine(model_path, EngineOptions(word_timestamps=True))
+    tr = engine.transcribe(decode_container(clip.path, **LIMITS))
+    assert wer(clip.reference, tr.text) <= 0.05
+    assert tr.audio_s == pytest.approx(11.0, abs=0.01)
+    words = [w for s in tr.segments for w in s.words]
+    assert len(words) >= 15
+    starts = [w.start_s for w in words]
+    assert starts == sorted(starts)
+    assert all(0 <= w.start_s <= w.end_s <= tr.audio_s + 0.01 for w in words)
+
+
+def test_engine_releases_the_gil_while_transcribing(model_path: Path, speech_dir: Path) -> None:
+    engine = Engine(model_path)
+    audio = decode_container(speech_dir / "jfk.wav", **LIMITS)
+    done = threading.Event()
+    ticks = 0
+
+    def work() -> None:
+        engine.transcribe(audio)
+        done.set()
+
+    t = threading.Thread(target=work)
+    t.start()
+    while not done.is_set():
+        ticks += 1  # pure Python: only advances while the transcribing thread does not hold the GIL
+        time.sleep(0.001)
+    t.join()
+    assert ticks > 100
+
+
+def test_cli_eval_json_on_short_clips(model_dir: Path, speech_dir: Path, tmp_path: Path) -> None:
+    lines = (speech_dir / "manifest.tsv").read_text(encoding="utf-8").splitlines()
+    short = [lines[0]] + [
+        str(speech_dir / ln.split("\t", 1)[0]) + "\t" + ln.split("\t", 1)[1]
+        for ln in lines[1:]
+        if ln and not ln.startswith("long/")
+    ]
+    manifest = tmp_path / "short.tsv"
+    manifest.write_text("\n".join(short) + "\n", encoding="utf-8")
+    proc = _katydid("eval", str(manifest), "--json", model_dir=model_dir)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(summary["clips"]) == 16
+    assert summary["wer"] <= 0.05
+    assert 0 < summary["rtf"] < 2
+    assert "| **pooled** (16 clips)" in proc.stdout
+
+
+def test_cli_transcribe_local_reports_bad_files_and_goes_on(
+    model_dir: Path, speech_dir: Path, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"not audio" * 100)
+    proc = _katydid(
+        "transcribe",
+        "--local",
+        "--json",
+        str(garbage),
+        str(speech_dir / "jfk.wav"),
+        model_dir=model_dir,
+    )
+    assert proc.returncode == 1
+    assert "garbage.wav" in proc.stderr
+    assert "not a decodable audio file" in proc.stderr
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(out) == 1
+    reference = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+    assert wer(reference, out[0]["text"]) <= 0.05
+    assert out[0]["segments"][0]["start_s"] >= 0
+
+
+def test_cli_model_list(model_dir: Path) -> None:
+    proc = _katydid("model", "list", model_dir=model_dir)
+    assert proc.returncode == 0
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("tiny.en"))
+    assert row.split()[1:3] == ["yes", "yes"]

@@ -1,0 +1,116 @@
+"""Audio decoding: each container, raw PCM, and every kind of bad input."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from katydid.audio import SAMPLE_RATE, decode_container, decode_pcm, pcm16_to_float, sniff_container
+from katydid.errors import AudioError
+
+LIMITS: dict[str, Any] = {"max_audio_s": 60.0, "max_bytes": 10_000_000}
+
+
+def _tone(rate: int, seconds: float = 1.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    mono = 0.5 * np.sin(2 * np.pi * 440.0 * t)
+    return np.stack([mono] * channels, axis=1) if channels > 1 else mono
+
+
+def _encode(samples: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype"),
+    [
+        ("WAV", "PCM_16"),
+        ("WAV", "FLOAT"),
+        ("FLAC", None),
+        ("OGG", "VORBIS"),
+        ("MP3", "MPEG_LAYER_III"),
+    ],
+)
+def test_each_container_decodes_to_16k_mono(fmt: str, subtype: str | None) -> None:
+    data = _encode(_tone(44_100, 1.0, channels=2), 44_100, fmt, subtype)
+    audio = decode_container(data, **LIMITS)
+    assert audio.dtype == np.float32
+    assert audio.ndim == 1
+    # Lossy codecs pad a little; the duration is still about one second at 16 kHz.
+    assert abs(audio.size - SAMPLE_RATE) < 0.1 * SAMPLE_RATE
+    assert sniff_container(data[:16]) == fmt.lower()
+    # The tone survives: its RMS is close to 0.5/sqrt(2).
+    assert float(np.sqrt(np.mean(audio[2000:14000] ** 2))) == pytest.approx(0.3536, rel=0.1)
+
+
+def test_decode_from_path(tmp_path: Path) -> None:
+    path = tmp_path / "a.flac"
+    path.write_bytes(_encode(_tone(16_000), 16_000, "FLAC"))
+    assert decode_container(path, **LIMITS).size == SAMPLE_RATE
+
+
+def test_raw_pcm_stereo_8k_resampled() -> None:
+    samples = (_tone(8_000, 0.5, channels=2) * 32767).astype("<i2")
+    audio = decode_pcm(samples.tobytes(), sample_rate=8_000, channels=2, max_audio_s=60)
+    assert audio.size == SAMPLE_RATE // 2
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty"),
+        (b"this is not audio at all, just text" * 10, "not a decodable audio file"),
+        (bytes(range(256)) * 40, "not a decodable audio file"),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt ", "not a decodable audio file"),  # truncated header
+    ],
+)
+def test_bad_containers_raise_audio_error(data: bytes, message: str) -> None:
+    with pytest.raises(AudioError, match=message):
+        decode_container(data, **LIMITS)
+
+
+def test_unsupported_container_is_named() -> None:
+    data = _encode(_tone(16_000), 16_000, "AIFF")
+    with pytest.raises(AudioError, match="unsupported container AIFF"):
+        decode_container(data, **LIMITS)
+
+
+def test_truncated_wav_body_decodes_what_is_there() -> None:
+    data = _encode(_tone(16_000, 1.0), 16_000, "WAV", "PCM_16")
+    audio = decode_container(data[: len(data) // 2], **LIMITS)
+    assert 0 < audio.size < SAMPLE_RATE
+
+
+def test_bounds_are_enforced() -> None:
+    data = _encode(_tone(16_000, 2.0), 16_000, "WAV", "PCM_16")
+    with pytest.raises(AudioError, match="more than the 1 s allowed"):
+        decode_container(data, max_audio_s=1.0, max_bytes=10_000_000)
+    with pytest.raises(AudioError, match="bytes, more than"):
+        decode_container(data, max_audio_s=60.0, max_bytes=1000)
+    with pytest.raises(AudioError, match="more than the 1 s allowed"):
+        decode_pcm(b"\0\0" * 32_000, sample_rate=16_000, channels=1, max_audio_s=1.0)
+
+
+def test_pcm_partial_frames_and_bad_formats() -> None:
+    with pytest.raises(AudioError, match="whole number"):
+        pcm16_to_float(b"\0\0\0", 1)
+    with pytest.raises(AudioError, match="whole number"):
+        pcm16_to_float(b"\0\0", 2)
+    with pytest.raises(AudioError, match="sample_rate"):
+        decode_pcm(b"\0\0", sample_rate=100, channels=1, max_audio_s=1)
+    with pytest.raises(AudioError, match="channels"):
+        decode_pcm(b"\0\0", sample_rate=16_000, channels=0, max_audio_s=1)
+    with pytest.raises(AudioError, match="empty"):
+        decode_pcm(b"", sample_rate=16_000, channels=1, max_audio_s=1)
+
+
+def test_missing_file_is_an_audio_error(tmp_path: Path) -> None:
+    with pytest.raises(AudioError, match="cannot read"):
+        decode_container(tmp_path / "nope.wav", **LIMITS)

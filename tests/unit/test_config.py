@@ -1,0 +1,58 @@
+"""Config: defaults, TOML, environment, overrides, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from katydid.config import Config
+from katydid.errors import ConfigError
+
+
+def test_precedence_file_env_override(tmp_path: Path) -> None:
+    toml = tmp_path / "k.toml"
+    toml.write_text('model = "base"\nengine_threads = 2\nlanguage = "de"\n', encoding="utf-8")
+    cfg = Config.load(
+        toml,
+        environ={"KATYDID_ENGINE_THREADS": "3", "KATYDID_WORD_TIMESTAMPS": "yes"},
+        overrides={"language": "fr", "model": None},
+    )
+    assert (cfg.model, cfg.engine_threads, cfg.language, cfg.word_timestamps) == (
+        "base",
+        3,
+        "fr",
+        True,
+    )
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    toml = tmp_path / "k.toml"
+    toml.write_text(f'model_dir = "{tmp_path}"\n', encoding="utf-8")
+    assert Config.load(environ={"KATYDID_CONFIG": str(toml)}).model_dir == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"KATYDID_ENGINE_THREADS": "many"}, "engine_threads"),
+        ({"KATYDID_ENGINE_THREADS": "0"}, "engine_threads must be"),
+        ({"KATYDID_WORD_TIMESTAMPS": "maybe"}, "word_timestamps"),
+        ({"KATYDID_LOG_FORMAT": "xml"}, "log_format"),
+    ],
+)
+def test_invalid_values_are_config_errors(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.load(environ=environ)
+
+
+def test_unknown_keys_and_bad_files(tmp_path: Path) -> None:
+    toml = tmp_path / "k.toml"
+    toml.write_text("no_such_setting = 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="no_such_setting"):
+        Config.load(toml, environ={})
+    toml.write_text("model = \n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="cannot read"):
+        Config.load(toml, environ={})
+    with pytest.raises(ConfigError, match="engine_threads"):
+        Config.load(environ={}, overrides={"engine_threads": True})

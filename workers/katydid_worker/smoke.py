@@ -1,0 +1,30 @@
+"""Child-process smoke check of a ggml model: load it and transcribe one second of audio.
+
+Run as ``python -m katydid_worker.smoke PATH``. Exit 0 means the file loads and decodes; a corrupt
+file makes whisper.cpp crash this process, not its parent.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from katydid_worker.engine import SAMPLE_RATE, Engine
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m katydid_worker.smoke MODEL.bin", file=sys.stderr)
+        return 2
+    engine = Engine(Path(argv[0]))
+    t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
+    tone = (0.1 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
+    engine.transcribe(tone)
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
