@@ -53,12 +53,35 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--local", action="store_true", help="use the engine in this process (no server)"
     )
-    tr.add_argument("--json", action="store_true", help="one JSON object per file (segments)")
+    tr.add_argument("--json", action="store_true", help="JSON output (with --url: event lines)")
+    tr.add_argument("--url", default="ws://127.0.0.1:8765", help="gateway URL (%(default)s)")
+    tr.add_argument("--realtime", action="store_true", help="pace audio like a microphone")
 
     ev = sub.add_parser("eval", help="WER and speed on a manifest of clips with references")
     ev.add_argument("manifest", type=Path)
     ev.add_argument(
         "--json", action="store_true", help="print the summary as JSON on the last line"
+    )
+    ev.add_argument("--url", help="evaluate through a running server instead of the local engine")
+
+    def server_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--host", help="listen address (default 127.0.0.1)")
+        sp.add_argument("--port", type=int, help="WebSocket port (default 8765; 0 = a free port)")
+        sp.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
+
+    sv = sub.add_parser("serve", help="run everything: embedded nats-server, gateway, workers")
+    server_flags(sv)
+    sv.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    sv.add_argument("--data-dir", type=Path, help="data directory (NATS store)")
+    server_flags(sub.add_parser("gateway", help="run the WebSocket gateway alone (needs NATS)"))
+    wk = sub.add_parser("worker", help="run one whisper.cpp worker process (needs NATS)")
+    wk.add_argument("--nats-url")
+    wk.add_argument("--worker-id")
+    nats = sub.add_parser("nats", help="NATS administration").add_subparsers(
+        dest="nats_command", required=True, metavar="ACTION"
+    )
+    nats.add_parser("setup", help="create or update the job stream and consumers").add_argument(
+        "--nats-url"
     )
     return p
 
@@ -72,6 +95,10 @@ def _config(args: argparse.Namespace) -> Config:
             "engine_threads": args.engine_threads,
             "log_format": args.log_format,
             "log_level": args.log_level,
+            **{
+                k: getattr(args, k, None)
+                for k in ("host", "port", "nats_url", "workers", "data_dir")
+            },
         },
     )
 
@@ -127,7 +154,9 @@ def _transcribe_file(engine: Engine, cfg: Config, path: Path) -> Transcript:
 
 def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
     if not args.local:
-        raise KatydidError("only --local transcription is available in this version")
+        from katydid.cli_remote import transcribe_remote
+
+        return transcribe_remote(args.files, args.url, realtime=args.realtime, as_json=args.json)
     engine = _engine(cfg)
     failed = 0
     for path in args.files:
@@ -166,6 +195,14 @@ def _cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
     from katydid.evaluation import Clip, Heard, dumps_summary, evaluate, read_manifest
 
     clips = read_manifest(args.manifest)
+    if args.url:
+        from katydid.cli_remote import remote_heard
+
+        report = evaluate(clips, lambda clip: remote_heard(args.url, clip))
+        print(report.table())
+        if args.json:
+            print(dumps_summary(report))
+        return 0
     engine = _engine(cfg)
 
     def run(clip: Clip) -> Heard:
@@ -194,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_transcribe(cfg, args)
         if args.command == "eval":
             return _cmd_eval(cfg, args)
+        if args.command in ("serve", "gateway", "worker", "nats"):
+            from katydid import cli_remote
+
+            return cli_remote.run_server_command(cfg, args)
     except KatydidError as exc:
         print(f"katydid: error: {exc}", file=sys.stderr)
         return 1

@@ -48,6 +48,50 @@ class Config:
     data_dir: Path = field(default_factory=_default_data_dir)
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
+    log_sample_burst: int = 5  # lines per repeating event per window
+    log_sample_window_s: float = 10.0
+    # Gateway (no connection-count limit exists, by design)
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_frame_bytes: int = 1024 * 1024  # one WebSocket message
+    max_session_s: float = 4 * 3600.0  # audio per session
+    max_jobs_in_flight: int = (
+        64  # unanswered chunks per session; beyond it the gateway stops reading
+    )
+    handshake_timeout_s: float = 10.0
+    start_timeout_s: float = 30.0  # connect → start message
+    idle_timeout_s: float = 120.0  # no frame while streaming
+    result_timeout_s: float = 900.0  # stop → last final
+    send_timeout_s: float = 30.0  # a client that does not read
+    shutdown_grace_s: float = 30.0
+    queue_poll_s: float = 1.0
+    default_max_wait_s: float = 600.0  # queue ETA above which a session is told 'overloaded'
+    # Chunker
+    chunk_min_s: float = 5.0  # live audio: earliest cut at a pause (3 s cost 1.4 WER points)
+    file_chunk_min_s: float = 12.0  # uploaded files: longer chunks decode better
+    chunk_max_s: float = 30.0
+    chunk_silence_s: float = 0.3
+    bulk_min_audio_s: float = 60.0  # files at least this long go to the bulk lane
+    # NATS / JetStream
+    nats_url: str = ""  # empty: `katydid serve` embeds a nats-server
+    nats_port: int = 0  # embedded server; 0 = a free port
+    nats_monitor_port: int = 0
+    nats_connect_timeout_s: float = 10.0
+    nats_request_timeout_s: float = 5.0
+    stream_max_bytes: int = 1024 * 1024 * 1024
+    stream_max_msgs: int = 100_000
+    stream_max_msg_bytes: int = 2 * 1024 * 1024
+    stream_duplicate_window_s: float = 120.0
+    stream_replicas: int = 1
+    consumer_ack_wait_s: float = 30.0
+    consumer_max_deliver: int = 4
+    consumer_max_ack_pending: int = 1000
+    job_deadline_s: float = 3600.0  # a job not started by then is answered 'expired'
+    # Workers
+    workers: int = 0  # 0 = one per core
+    worker_heartbeat_s: float = 2.0
+    worker_restart_max_backoff_s: float = 30.0
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if self.engine_threads < 1:
@@ -58,6 +102,18 @@ class Config:
             raise ConfigError("max_audio_s and max_file_bytes must be positive")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("log_format must be auto, json or console")
+        if not 0 < self.chunk_min_s <= self.file_chunk_min_s <= self.chunk_max_s <= 30.0:
+            raise ConfigError("need 0 < chunk_min_s <= file_chunk_min_s <= chunk_max_s <= 30")
+        for name in (
+            "max_frame_bytes",
+            "max_jobs_in_flight",
+            "stream_max_bytes",
+            "stream_max_msgs",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.stream_max_msg_bytes < 1_000_000:
+            raise ConfigError("stream_max_msg_bytes must hold a 30 s chunk (>= 1000000)")
 
     @classmethod
     def load(

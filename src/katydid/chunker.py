@@ -1,0 +1,143 @@
+"""Utterance chunker: 16 kHz mono float32 in, chunks of at most ``max_s`` out, cut at pauses.
+
+Energy-based voice activity on 30 ms frames. A frame is silent when its RMS is below a threshold
+derived from the loudest recent frames (26 dB down) and the quietest (3× the noise floor). A chunk
+is cut in the middle of the first pause of at least ``silence_s`` once it is ``min_s`` long; if no
+pause comes by ``max_s``, it is cut at the quietest frame of its last third, so a word is split
+only where the speaker left no pause at all.
+
+Rule 1: per-frame cost is constant. RMS is computed once per new 30 ms frame and kept; a feed
+of 100 ms of audio does not rescan the buffer in Python.
+Rule 2: memory is bounded by ``max_s`` of audio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+FRAME = 480  # 30 ms
+_PEAK_DECAY = 0.999  # per frame: the loudness reference forgets over ~30 s
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    seq: int
+    offset_s: float  # start within the session
+    audio: np.ndarray  # float32, 16 kHz mono
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.size / SAMPLE_RATE
+
+
+class Chunker:
+    """Cut a stream into utterance chunks.
+
+    Args:
+        min_s: earliest cut at a pause.
+        max_s: hard maximum chunk length (≤ 30 s, Whisper's window).
+        silence_s: pause length that counts as a cut point.
+    """
+
+    def __init__(self, *, min_s: float = 3.0, max_s: float = 30.0, silence_s: float = 0.3) -> None:
+        self._min_frames = max(1, int(min_s * SAMPLE_RATE) // FRAME)
+        self._max = (int(max_s * SAMPLE_RATE) // FRAME) * FRAME
+        self._silence_frames = max(1, round(silence_s * SAMPLE_RATE / FRAME))
+        self._buf = np.zeros(self._max + FRAME, dtype=np.float32)  # fixed; never reallocated
+        self._n = 0  # samples held
+        self._rms = np.zeros(self._max // FRAME + 1)  # per complete frame held
+        self._offset = 0  # samples already emitted
+        self._seq = 0
+        self._floor = np.inf
+        self._peak = 0.0
+
+    @property
+    def chunks_emitted(self) -> int:
+        return self._seq
+
+    @property
+    def buffered_s(self) -> float:
+        return self._n / SAMPLE_RATE
+
+    def feed(self, audio: np.ndarray) -> list[Chunk]:
+        """Add samples; return the chunks that are now complete."""
+        out: list[Chunk] = []
+        pos = 0
+        while pos < audio.size:
+            take = min(self._max - self._n, audio.size - pos)
+            before = self._n // FRAME
+            self._buf[self._n : self._n + take] = audio[pos : pos + take]
+            self._n += take
+            pos += take
+            self._measure(before, self._n // FRAME)
+            out.extend(self._cut())
+        return out
+
+    def flush(self) -> list[Chunk]:
+        """End of stream: return what remains, skipping trailing pure silence."""
+        out = self._cut()
+        if self._n:
+            frames = self._n // FRAME
+            voiced = frames and bool((self._rms[:frames] > self._threshold()).any())
+            tail = self._buf[frames * FRAME : self._n]
+            if voiced or (tail.size and float(np.abs(tail).max()) > 1e-3 and frames == 0):
+                out.append(self._emit(self._n))
+            else:
+                self._offset += self._n
+                self._n = 0
+        return out
+
+    def _measure(self, start: int, end: int) -> None:
+        if end <= start:
+            return
+        frames = self._buf[start * FRAME : end * FRAME].reshape(end - start, FRAME)
+        rms = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1) + 1e-12)
+        self._rms[start:end] = rms
+        self._floor = min(self._floor, float(rms.min()))
+        self._peak = max(self._peak * _PEAK_DECAY ** (end - start), float(rms.max()))
+
+    def _threshold(self) -> float:
+        return max(self._peak * 0.05, self._floor * 3.0, 3e-4)
+
+    def _cut(self) -> list[Chunk]:
+        out: list[Chunk] = []
+        while self._n // FRAME >= self._min_frames:
+            frames = self._n // FRAME
+            rms = self._rms[:frames]
+            cut = self._pause_cut(rms <= self._threshold())
+            if cut is None:
+                if self._n < self._max:
+                    break
+                start = (2 * frames) // 3
+                cut = (start + int(np.argmin(rms[start:]))) * FRAME
+                cut = cut or self._max
+            out.append(self._emit(cut))
+        return out
+
+    def _pause_cut(self, silent: np.ndarray) -> int | None:
+        """Sample index in the middle of the first long-enough pause ending after min_s."""
+        padded = np.concatenate(([False], silent, [False]))
+        edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
+        starts, ends = edges[0::2], edges[1::2]  # runs of silence: [start, end)
+        for s, e in zip(starts, ends, strict=True):
+            if e - s < self._silence_frames or e < self._min_frames:
+                continue
+            if e == silent.size:
+                return None  # the pause may go on: wait for more audio
+            return int((s + e) // 2) * FRAME
+        return None
+
+    def _emit(self, n: int) -> Chunk:
+        chunk = Chunk(self._seq, self._offset / SAMPLE_RATE, self._buf[:n].copy())
+        rest = self._n - n
+        self._buf[:rest] = self._buf[n : self._n]
+        frames_dropped = n // FRAME
+        kept = self._n // FRAME - frames_dropped
+        self._rms[:kept] = self._rms[frames_dropped : frames_dropped + kept]
+        self._n = rest
+        self._seq += 1
+        self._offset += n
+        return chunk

@@ -1,0 +1,141 @@
+"""The ``katydid`` subcommands that talk to a server or run one (serve, gateway, worker, nats)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from katydid import client
+from katydid.audio import decode_container, sniff_container
+from katydid.config import Config
+from katydid.errors import KatydidError
+from katydid.evaluation import Clip, Heard
+
+_FILE_FRAME_BYTES = 64 * 1024
+_PCM_FRAME_BYTES = 3200  # 100 ms of 16 kHz mono s16le
+
+
+def file_format(path: Path, data: bytes) -> str:
+    fmt = sniff_container(data[:16])
+    if fmt is None:
+        raise KatydidError(f"{path}: not a WAV, FLAC, OGG or MP3 file")
+    return fmt
+
+
+def transcribe_remote(files: list[Path], url: str, *, realtime: bool, as_json: bool) -> int:
+    """Stream each file to the gateway and print finals as they arrive."""
+    failed = 0
+    tty = sys.stderr.isatty()
+    for path in files:
+        try:
+            data = path.read_bytes()
+            fmt = file_format(path, data)
+        except (OSError, KatydidError) as exc:
+            print(f"katydid: {path}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if realtime:
+            # Paced like a microphone: decode here and send 100 ms PCM frames in real time.
+            audio = decode_container(data, max_audio_s=4 * 3600, max_bytes=len(data))
+            data, fmt = (audio * 32767).astype("<i2").tobytes(), "pcm_s16le"
+
+        def show(event: dict[str, Any], path: Path = path) -> None:
+            kind = event.get("type")
+            if as_json:
+                print(json.dumps(event, ensure_ascii=False), flush=True)
+            elif kind == "final":
+                print(event.get("text", ""), flush=True)
+            elif kind == "queued" and tty:
+                print(
+                    f"\rqueued: position {event['position']}, ETA {event['eta_s']} s",
+                    end="",
+                    file=sys.stderr,
+                )
+            elif kind == "error":
+                print(
+                    f"katydid: {path}: {event.get('code')}: {event.get('message')}", file=sys.stderr
+                )
+
+        frame = _PCM_FRAME_BYTES if fmt == "pcm_s16le" else _FILE_FRAME_BYTES
+        try:
+            result = trio.run(
+                lambda: client.transcribe(
+                    url, data, fmt=fmt, frame_bytes=frame, realtime=realtime, on_event=show
+                )
+            )
+        except client.ClientError as exc:
+            print(f"katydid: {path}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        failed += result.done is None
+    return 1 if failed else 0
+
+
+def remote_heard(url: str, clip: Clip) -> Heard:
+    """Transcribe one evaluation clip through a running server."""
+    data = clip.path.read_bytes()
+    fmt = file_format(clip.path, data)
+    result = trio.run(lambda: client.transcribe(url, data, fmt=fmt, frame_bytes=_FILE_FRAME_BYTES))
+    if result.done is None:
+        raise KatydidError(f"{clip.name}: session failed: {result.error}")
+    return Heard(result.text, float(result.done["audio_s"]), result.total_s)
+
+
+def _require_nats(cfg: Config) -> None:
+    if not cfg.nats_url:
+        raise KatydidError("no NATS URL: pass --nats-url or set KATYDID_NATS_URL")
+
+
+async def _gateway_alone(cfg: Config) -> None:
+    from katydid.gateway import Gateway
+
+    gateway = Gateway(cfg)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(gateway.run)
+        print(f"gateway:  ws://{cfg.host}:{port}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+        await gateway.drain()
+        nursery.cancel_scope.cancel()
+
+
+def _nats_setup(cfg: Config) -> None:
+    import asyncio
+
+    from katydid.natsio import connect, ensure_stream
+
+    async def go() -> None:
+        nc = await connect(cfg, "katydid-setup")
+        try:
+            await ensure_stream(nc.jetstream(), cfg)
+        finally:
+            await nc.drain()
+
+    asyncio.run(go())
+    print("stream KATYDID_JOBS and consumers workers-interactive, workers-bulk are in place")
+
+
+def run_server_command(cfg: Config, args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from katydid.serve import serve
+
+        trio.run(lambda: serve(cfg, announce=lambda line: print(line, flush=True)))
+        return 0
+    _require_nats(cfg)
+    if args.command == "gateway":
+        trio.run(_gateway_alone, cfg)
+    elif args.command == "worker":
+        from katydid_worker import models
+        from katydid_worker.worker import run_worker
+
+        run_worker(cfg, models.resolve(cfg.model_dir, cfg.model), args.worker_id)
+    else:
+        _nats_setup(cfg)
+    return 0

@@ -1,0 +1,157 @@
+"""A small client for protocol v1 (used by ``katydid transcribe --url``, tests and the load tester).
+
+Two ways to send: a container file as-is (the gateway decodes it), or raw ``pcm_s16le`` frames,
+as fast as allowed or paced in real time like a microphone. Receiving runs concurrently with
+sending, so queue updates and finals arrive while audio is still going out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    DisconnectionTimeout,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from katydid.errors import KatydidError
+
+
+class ClientError(KatydidError):
+    """The server could not be reached, or the session ended without ``done``."""
+
+
+@dataclass(slots=True)
+class SessionResult:
+    session_id: str = ""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    connect_s: float = 0.0
+    total_s: float = 0.0
+    first_final_s: float | None = None
+    close_code: int | None = None
+
+    @property
+    def finals(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("type") == "final"]
+
+    @property
+    def text(self) -> str:
+        return " ".join(f["text"] for f in self.finals if f.get("text")).strip()
+
+    @property
+    def done(self) -> dict[str, Any] | None:
+        return next((e for e in self.events if e.get("type") == "done"), None)
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        return next((e for e in self.events if e.get("type") == "error" and "seq" not in e), None)
+
+    @property
+    def queued(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("type") == "queued"]
+
+
+async def transcribe(
+    url: str,
+    audio: bytes,
+    *,
+    fmt: str = "pcm_s16le",
+    sample_rate: int = 16_000,
+    channels: int = 1,
+    frame_bytes: int = 3200,
+    realtime: bool = False,
+    options: dict[str, Any] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    connect_timeout_s: float = 10.0,
+    session_timeout_s: float = 900.0,
+    send_stop: bool = True,
+) -> SessionResult:
+    """Run one session: start, audio frames, stop; collect events until ``done`` or close.
+
+    Args:
+        url: ``ws://host:port``.
+        audio: PCM bytes (``fmt="pcm_s16le"``) or a whole container file.
+        frame_bytes: bytes per binary frame (3200 = 100 ms of 16 kHz mono PCM).
+        realtime: pace PCM frames at their duration, like a microphone.
+        options: extra ``start`` fields (language, partials, max_wait_s, ...).
+        on_event: called with each server event as it arrives.
+        send_stop: False leaves the stream open (for tests of abandoned sessions).
+
+    Raises:
+        ClientError: connect or handshake failure, or the session timed out.
+    """
+    result = SessionResult()
+    started = time.monotonic()
+    start = {
+        "type": "start",
+        "format": fmt,
+        "sample_rate": sample_rate,
+        "channels": channels,
+        **(options or {}),
+    }
+    bytes_per_s = 2 * channels * sample_rate
+
+    async def sender(ws: WebSocketConnection) -> None:
+        await ws.send_message(json.dumps(start))
+        t0 = trio.current_time()
+        sent = 0
+        for i in range(0, len(audio), frame_bytes):
+            frame = audio[i : i + frame_bytes]
+            await ws.send_message(frame)
+            sent += len(frame)
+            if realtime and fmt == "pcm_s16le":
+                await trio.sleep_until(t0 + sent / bytes_per_s)
+        if send_stop:
+            await ws.send_message(json.dumps({"type": "stop"}))
+
+    async def receiver(ws: WebSocketConnection) -> None:
+        while True:
+            try:
+                raw = await ws.get_message()
+            except ConnectionClosed as exc:
+                result.close_code = exc.reason.code if exc.reason else None
+                return
+            event = json.loads(raw)
+            result.events.append(event)
+            kind = event.get("type")
+            if kind == "ready":
+                result.session_id = event.get("session_id", "")
+            elif kind == "final" and result.first_final_s is None:
+                result.first_final_s = time.monotonic() - started
+            if on_event is not None:
+                on_event(event)
+            if kind == "done":
+                return
+
+    try:
+        with trio.fail_after(connect_timeout_s + session_timeout_s):
+            async with open_websocket_url(
+                url, connect_timeout=connect_timeout_s, disconnect_timeout=2
+            ) as ws:
+                result.connect_s = time.monotonic() - started
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_guard_closed, sender, ws)
+                    await receiver(ws)
+                    nursery.cancel_scope.cancel()
+    except (OSError, HandshakeError, DisconnectionTimeout) as exc:
+        raise ClientError(f"cannot connect to {url}: {exc!r}") from exc
+    except trio.TooSlowError as exc:
+        raise ClientError(f"session did not finish within {session_timeout_s:.0f} s") from exc
+    result.total_s = time.monotonic() - started
+    return result
+
+
+async def _guard_closed(fn: Callable[[WebSocketConnection], Any], ws: WebSocketConnection) -> None:
+    # The server may close mid-send (an error event explains why): the receiver reports it.
+    try:
+        await fn(ws)
+    except ConnectionClosed:
+        pass

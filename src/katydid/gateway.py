@@ -1,0 +1,432 @@
+"""The gateway: trio + trio-websocket, one nursery per connection, no connection-count limit.
+
+It accepts every connection, runs the sans-IO protocol (``protocol.py``), publishes one JetStream
+job per utterance chunk through the NATS bridge, and streams results back in order, with queue
+position and ETA while the client waits.
+
+Rule 1: the gateway never waits on inference and never refuses a connection because of a count.
+Its bounds are per session (frame size, audio length, chunks in flight, timeouts) and the
+stream's size; each ends the offending session with a coded error, others carry on.
+Rule 2: all sends to one client go through its outbox and one writer task, so a slow reader
+blocks only itself (and is cut off after ``send_timeout_s``).
+Rule 3: queue state is polled once per ``queue_poll_s`` for all sessions, never per session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from katydid.audio import decode_container
+from katydid.chunker import Chunk
+from katydid.config import Config
+from katydid.errors import AudioError, ErrorCode, ProtocolError
+from katydid.log import SampledLogger
+from katydid.messages import Job, JobOptions, JobResult, MessageError
+from katydid.natsio import LaneStats, NatsBridge, NatsError, StreamFull
+from katydid.protocol import Done, ErrorEvent, Limits, Queued, Ready, ServerEvent, ServerProtocol
+
+log = structlog.get_logger("katydid.gateway")
+_DEFAULT_JOB_S = 2.0  # assumed compute per job before any worker has reported
+
+
+@dataclass(slots=True)
+class Session:
+    proto: ServerProtocol
+    outbox_send: trio.MemorySendChannel[ServerEvent | JobResult]
+    outbox_recv: trio.MemoryReceiveChannel[ServerEvent | JobResult]
+    slots: trio.Semaphore
+    stream_seqs: dict[int, int] = field(default_factory=dict)  # chunk seq -> stream seq, unanswered
+    last_queued: tuple[int, int] | None = None
+    published: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    seen: float
+    busy: bool
+    avg_compute_s: float | None
+
+
+class Gateway:
+    """The WebSocket gateway.
+
+    Args:
+        cfg: configuration; ``cfg.nats_url`` must point at a NATS server with JetStream.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.gateway_id = uuid.uuid4().hex[:12]
+        self.limits = Limits(
+            max_frame_bytes=cfg.max_frame_bytes,
+            max_session_s=cfg.max_session_s,
+            max_file_bytes=cfg.max_file_bytes,
+            chunk_min_s=cfg.chunk_min_s,
+            file_chunk_min_s=cfg.file_chunk_min_s,
+            chunk_max_s=cfg.chunk_max_s,
+            chunk_silence_s=cfg.chunk_silence_s,
+            bulk_min_audio_s=cfg.bulk_min_audio_s,
+            default_max_wait_s=cfg.default_max_wait_s,
+        )
+        self.bridge = NatsBridge(
+            cfg, self.gateway_id, on_result=self._on_result, on_worker=self._on_worker
+        )
+        self.sessions: dict[str, Session] = {}
+        self.workers: dict[str, WorkerInfo] = {}
+        self.lanes: dict[str, LaneStats] = {}
+        self.sampled = SampledLogger(
+            log, burst=cfg.log_sample_burst, window_s=cfg.log_sample_window_s
+        )
+        self.counters: dict[str, int] = {"duplicate_results": 0, "orphan_results": 0}
+        self.peak_sessions = 0
+        self.port: int | None = None
+        self._accepting: trio.CancelScope | None = None
+        self._sessions_scope: trio.CancelScope | None = None
+
+    # --- lifecycle ---
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect to NATS, listen, serve until cancelled. ``started`` gets the bound port."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.bridge.run)
+            nursery.start_soon(self._poll_queue)
+            async with trio.open_nursery() as handlers:
+                self._sessions_scope = handlers.cancel_scope
+                with trio.CancelScope() as accepting:
+                    self._accepting = accepting
+                    server = await handlers.start(
+                        lambda task_status: serve_websocket(
+                            self._handle,
+                            self.cfg.host,
+                            self.cfg.port,
+                            None,
+                            handler_nursery=handlers,
+                            max_message_size=self.cfg.max_frame_bytes,
+                            connect_timeout=self.cfg.handshake_timeout_s,
+                            disconnect_timeout=5,
+                            task_status=task_status,
+                        )
+                    )
+                    self.port = int(server.port)
+                    log.info(
+                        "gateway_listening",
+                        host=self.cfg.host,
+                        port=self.port,
+                        gateway=self.gateway_id,
+                    )
+                    task_status.started(self.port)
+                    await trio.sleep_forever()
+            nursery.cancel_scope.cancel()
+
+    async def drain(self) -> None:
+        """Stop accepting, then wait (bounded by ``shutdown_grace_s``) for sessions to finish."""
+        self.shutdown()
+        with trio.move_on_after(self.cfg.shutdown_grace_s):
+            while self.sessions:
+                await trio.sleep(0.1)
+
+    def shutdown(self) -> None:
+        """Stop accepting; let sessions finish until ``shutdown_grace_s``; then everything stops."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._sessions_scope is not None:
+            self._sessions_scope.deadline = trio.current_time() + self.cfg.shutdown_grace_s
+
+    # --- callbacks from the NATS thread (run on the trio thread, must not raise) ---
+
+    def _on_result(self, data: bytes) -> None:
+        try:
+            result = JobResult.from_json(data)
+        except MessageError as exc:
+            self.sampled.warning("bad_result", error=str(exc))
+            return
+        session = self.sessions.get(result.session)
+        if session is None:
+            self.counters["orphan_results"] += 1  # the client left; its cancel crossed this result
+            return
+        try:
+            session.outbox_send.send_nowait(result)
+        except trio.WouldBlock:
+            # Results are bounded by jobs in flight, so only duplicates can overflow the outbox.
+            self.counters["duplicate_results"] += 1
+        except trio.BrokenResourceError:
+            self.counters["orphan_results"] += 1
+
+    def _on_worker(self, data: bytes) -> None:
+        try:
+            d = json.loads(data)
+            avg = d.get("avg_compute_s")
+            self.workers[str(d["id"])] = WorkerInfo(
+                time.monotonic(), bool(d.get("busy")), float(avg) if avg else None
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            self.sampled.warning("bad_worker_heartbeat", error=str(exc))
+
+    # --- queue state, for all sessions at once ---
+
+    def live_workers(self) -> int:
+        horizon = time.monotonic() - 3 * self.cfg.worker_heartbeat_s
+        return sum(1 for w in self.workers.values() if w.seen >= horizon)
+
+    def job_seconds(self) -> float:
+        known = [w.avg_compute_s for w in self.workers.values() if w.avg_compute_s]
+        return sum(known) / len(known) if known else _DEFAULT_JOB_S
+
+    def eta_s(self, jobs_ahead: int) -> float:
+        workers = max(1, self.live_workers())
+        return (jobs_ahead // workers + 1) * self.job_seconds()
+
+    def backlog_eta_s(self, lane: str = "interactive") -> float:
+        stats = self.lanes.get(lane)
+        ahead = stats.pending + stats.in_progress if stats else 0
+        if lane == "bulk" and "interactive" in self.lanes:
+            ahead += self.lanes["interactive"].pending  # workers always serve interactive first
+        return self.eta_s(ahead)
+
+    async def _poll_queue(self) -> None:
+        while True:
+            try:
+                self.lanes = await self.bridge.lane_stats()
+            except NatsError as exc:
+                self.sampled.warning("queue_poll_failed", error=str(exc))
+            for session in list(self.sessions.values()):
+                self._update_position(session)
+            await trio.sleep(self.cfg.queue_poll_s)
+
+    def _update_position(self, session: Session) -> None:
+        if not session.stream_seqs:
+            return
+        stats = self.lanes.get(session.proto.lane)
+        if stats is None:
+            return
+        oldest = min(session.stream_seqs.values())
+        position = max(0, min(stats.pending, oldest - stats.delivered_stream_seq - 1))
+        eta = self.eta_s(position)
+        key = (position, int(eta))
+        if key == session.last_queued:
+            return
+        session.last_queued = key
+        try:
+            session.outbox_send.send_nowait(Queued(position, eta))
+        except (trio.WouldBlock, trio.BrokenResourceError):
+            pass  # a status update; the next poll sends a fresh one
+
+    # --- one connection ---
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        session_id = uuid.uuid4().hex
+        send, recv = trio.open_memory_channel[ServerEvent | JobResult](
+            self.cfg.max_jobs_in_flight + 16
+        )
+        session = Session(
+            ServerProtocol(session_id, self.limits),
+            send,
+            recv,
+            trio.Semaphore(self.cfg.max_jobs_in_flight),
+        )
+        self.sessions[session_id] = session
+        self.peak_sessions = max(self.peak_sessions, len(self.sessions))
+        bound = log.bind(session_id=session_id)
+        outcome = "ok"
+        fatal: ProtocolError | None = None
+        try:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, ws, session, nursery.cancel_scope)
+                    await self._reader(ws, session)
+            except* ProtocolError as group:
+                fatal = next(e for e in group.exceptions if isinstance(e, ProtocolError))
+            except* ConnectionClosed:
+                outcome = "client_gone"
+            if fatal is not None:
+                outcome = str(fatal.code)
+                await self._fail(ws, fatal)
+        finally:
+            del self.sessions[session_id]
+            unanswered = len(session.stream_seqs)
+            if unanswered:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    try:
+                        await self.bridge.publish_cancel(session_id)
+                    except NatsError as exc:
+                        self.sampled.warning("cancel_publish_failed", error=str(exc))
+            line = {
+                "outcome": outcome,
+                "chunks": session.proto.chunks_total,
+                "answered": session.proto.chunks_answered,
+                "cancelled_jobs": unanswered,
+                "audio_s": round(session.proto.done_event().audio_s, 2),
+                "duration_s": round(time.monotonic() - session.started, 2),
+            }
+            if outcome in ("ok",):
+                bound.info("session", **line)
+            else:
+                self.sampled.info("session", session_id=session_id, **line)
+
+    async def _fail(self, ws: WebSocketConnection, exc: ProtocolError) -> None:
+        with trio.move_on_after(2):
+            try:
+                await ws.send_message(
+                    ErrorEvent(exc.code, exc.message, exc.retry_after_s).to_json()
+                )
+                await ws.aclose(exc.close_code, exc.code.value)
+            except ConnectionClosed:
+                pass
+
+    async def _receive(self, ws: WebSocketConnection, timeout_s: float) -> str | bytes:
+        try:
+            with trio.fail_after(timeout_s):
+                return await ws.get_message()
+        except trio.TooSlowError:
+            raise ProtocolError(ErrorCode.TIMEOUT, f"no message for {timeout_s:.0f} s") from None
+
+    async def _reader(self, ws: WebSocketConnection, session: Session) -> None:
+        proto = session.proto
+        while True:
+            waiting_start = proto.options is None
+            msg = await self._receive(
+                ws, self.cfg.start_timeout_s if waiting_start else self.cfg.idle_timeout_s
+            )
+            if isinstance(msg, bytes):
+                for chunk in proto.receive_bytes(msg):
+                    await self._publish(session, chunk)
+                continue
+            action = proto.receive_text(msg)
+            if action == "start":
+                self._admit(session)
+                await session.outbox_send.send(Ready(proto.session_id))
+            elif action == "stop":
+                break
+        if proto.options is not None and proto.options.format != "pcm_s16le":
+            data = proto.take_file()
+            try:
+                audio: np.ndarray = await trio.to_thread.run_sync(
+                    lambda: decode_container(
+                        data, max_audio_s=self.cfg.max_session_s, max_bytes=self.cfg.max_file_bytes
+                    )
+                )
+            except AudioError as exc:
+                raise ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc)) from None
+            chunks = proto.receive_decoded(audio)
+        else:
+            chunks = proto.flush()
+        for chunk in chunks:
+            await self._publish(session, chunk)
+        self._check_done(session)
+        # The writer finishes the session; the reader waits for results, bounded.
+        with trio.move_on_after(self.cfg.result_timeout_s) as scope:
+            await trio.sleep_forever()
+        if scope.cancelled_caught:
+            raise ProtocolError(
+                ErrorCode.TIMEOUT, f"results not complete within {self.cfg.result_timeout_s:.0f} s"
+            )
+
+    def _admit(self, session: Session) -> None:
+        """At start: refuse (with a retry-after) only if the backlog already exceeds max_wait_s."""
+        assert session.proto.options is not None
+        eta = self.backlog_eta_s()
+        if eta > session.proto.options.max_wait_s:
+            raise ProtocolError(
+                ErrorCode.OVERLOADED,
+                f"queue ETA {eta:.0f} s exceeds max_wait_s {session.proto.options.max_wait_s:.0f}",
+                retry_after_s=max(1.0, eta - session.proto.options.max_wait_s),
+            )
+
+    async def _publish(self, session: Session, chunk: Chunk) -> None:
+        proto = session.proto
+        assert proto.options is not None
+        await session.slots.acquire()  # backpressure: the reader waits while too many are in flight
+        pcm = (np.clip(chunk.audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        job = Job(
+            job_id=f"{proto.session_id}-{chunk.seq}",
+            session_id=proto.session_id,
+            seq=chunk.seq,
+            offset_ms=round(chunk.offset_s * 1000),
+            reply_subject=self.bridge.results_subject,
+            deadline_unix_ms=int((time.time() + self.cfg.job_deadline_s) * 1000),
+            options=JobOptions(
+                language=proto.options.language,
+                word_timestamps=proto.options.word_timestamps,
+                prompt=proto.options.prompt,
+            ),
+        )
+        try:
+            stream_seq = await self.bridge.publish_job(proto.lane, job, pcm)
+        except StreamFull:
+            session.slots.release()
+            raise ProtocolError(
+                ErrorCode.OVERLOADED,
+                "the job queue is full",
+                retry_after_s=max(1.0, self.backlog_eta_s(proto.lane)),
+            ) from None
+        except NatsError as exc:
+            session.slots.release()
+            raise ProtocolError(
+                ErrorCode.OVERLOADED, f"queue unavailable: {exc}", retry_after_s=5.0
+            ) from None
+        session.stream_seqs[chunk.seq] = stream_seq
+        session.published += 1
+        self._update_position(session)
+
+    def _check_done(self, session: Session) -> None:
+        if session.proto.done:
+            try:
+                session.outbox_send.send_nowait(session.proto.done_event())
+            except trio.WouldBlock:
+                pass  # the writer checks again after draining
+
+    async def _writer(
+        self, ws: WebSocketConnection, session: Session, scope: trio.CancelScope
+    ) -> None:
+        proto = session.proto
+        async for item in session.outbox_recv:
+            if isinstance(item, JobResult):
+                if item.kind == "final" and item.seq in session.stream_seqs:
+                    del session.stream_seqs[item.seq]
+                    session.slots.release()
+                events = proto.receive_result(item)
+            else:
+                events = [item]
+            for event in events:
+                await self._send(ws, event)
+                if isinstance(event, Done):
+                    with trio.move_on_after(2):
+                        await ws.aclose(1000, "done")
+                    scope.cancel()
+                    return
+            if isinstance(item, JobResult) and proto.done:
+                await self._send(ws, proto.done_event())
+                with trio.move_on_after(2):
+                    await ws.aclose(1000, "done")
+                scope.cancel()
+                return
+
+    async def _send(self, ws: WebSocketConnection, event: ServerEvent) -> None:
+        try:
+            with trio.fail_after(self.cfg.send_timeout_s):
+                await ws.send_message(event.to_json())
+        except trio.TooSlowError:
+            raise ProtocolError(ErrorCode.TIMEOUT, "client does not read its results") from None
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "sessions": len(self.sessions),
+            "peak_sessions": self.peak_sessions,
+            "workers": self.live_workers(),
+            "lanes": {k: dataclasses.asdict(v) for k, v in self.lanes.items()},
+            "job_s": self.job_seconds() if self.workers else math.nan,
+            **self.counters,
+        }

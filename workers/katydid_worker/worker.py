@@ -1,0 +1,274 @@
+"""The worker process: pull one job, transcribe it, publish the result, then ack.
+
+anyio on the asyncio backend with nats-py (no trio here). One process holds one model.
+
+Rule 1: a job is acked only after its result is published and flushed, so a crash before that
+means redelivery, never loss.
+Rule 2: the interactive lane is always tried first, so a 3 s clip never waits behind a long file.
+Rule 3: while whisper.cpp runs in a thread, the event loop keeps the job alive with
+``in_progress()`` and watches for the session's cancellation (whisper.cpp's abort callback).
+Rule 4: every job ends in exactly one result: final, or an error (``cancelled``, ``expired``,
+``bad_job``, ``internal``). Deliveries are bounded by the consumer's max_deliver.
+Rule 5: SIGTERM/SIGINT: finish the current job, stop fetching, unsubscribe, drain, exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats.errors
+import numpy as np
+import structlog
+
+from katydid.audio import pcm16_to_float
+from katydid.config import Config
+from katydid.errors import AudioError, KatydidError
+from katydid.messages import (
+    CANCEL_SUBJECT,
+    LANES,
+    STREAM,
+    WORKERS_SUBJECT,
+    Job,
+    JobResult,
+    MessageError,
+    ResultSegment,
+    consumer_name,
+)
+from katydid.natsio import connect, ensure_stream
+from katydid_worker.engine import Engine, EngineOptions
+
+log = structlog.get_logger("katydid.worker")
+_FETCH_INTERACTIVE_S = 0.5
+_FETCH_BULK_S = 0.05
+_CANCELLED_MAX = 10_000  # sessions remembered as cancelled (oldest forgotten first)
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    worker_id: str
+    model: str
+    busy: bool = False
+    jobs_done: int = 0
+    jobs_skipped: int = 0
+    jobs_failed: int = 0
+    audio_s: float = 0.0
+    compute_s: float = 0.0
+    started_unix: float = field(default_factory=time.time)
+
+    def to_json(self) -> bytes:
+        avg = self.compute_s / self.jobs_done if self.jobs_done else None
+        return json.dumps(
+            {
+                "id": self.worker_id,
+                "model": self.model,
+                "busy": self.busy,
+                "jobs_done": self.jobs_done,
+                "jobs_skipped": self.jobs_skipped,
+                "jobs_failed": self.jobs_failed,
+                "avg_compute_s": avg,
+                "rtf": self.compute_s / self.audio_s if self.audio_s else None,
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started_unix, 1),
+            }
+        ).encode()
+
+
+class Worker:
+    def __init__(self, cfg: Config, model_path: Path, worker_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.engine = Engine(
+            model_path,
+            EngineOptions(
+                language=cfg.language, threads=cfg.engine_threads, beam_size=cfg.beam_size
+            ),
+        )
+        self.stats = WorkerStats(self.worker_id, cfg.model)
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._stopping = anyio.Event()
+        self._nc: Any = None
+
+    def stop(self) -> None:
+        """Finish the current job, then exit (what SIGTERM does)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        self._nc = await connect(self.cfg, f"katydid-worker-{self.worker_id}")
+        js = self._nc.jetstream()
+        await ensure_stream(js, self.cfg)
+        subs = {
+            lane: await js.pull_subscribe_bind(durable=consumer_name(lane), stream=STREAM)
+            for lane in LANES
+        }
+        await self._nc.subscribe(CANCEL_SUBJECT, cb=self._on_cancel)
+        log.info("worker_ready", worker=self.worker_id, model=self.cfg.model)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat)
+                tg.start_soon(self._watch_signals)
+                while not self._stopping.is_set():
+                    msg = await self._next(subs)
+                    if msg is not None:
+                        with anyio.CancelScope(shield=True):  # a started job always finishes
+                            await self._handle(msg)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                try:
+                    for sub in subs.values():
+                        await sub.unsubscribe()  # before drain: see natsio Rule 4
+                    await self._nc.drain()
+                except (nats.errors.Error, OSError) as exc:
+                    log.warning("drain_failed", error=repr(exc))
+                    await self._nc.close()
+            log.info("worker_stopped", worker=self.worker_id, jobs_done=self.stats.jobs_done)
+
+    async def _next(self, subs: dict[str, Any]) -> Any:
+        for lane, timeout in (("interactive", _FETCH_INTERACTIVE_S), ("bulk", _FETCH_BULK_S)):
+            try:
+                msgs = await subs[lane].fetch(1, timeout=timeout)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.Error, OSError) as exc:
+                log.warning("fetch_failed", lane=lane, error=repr(exc))
+                await anyio.sleep(1.0)  # NATS reconnecting; bounded pace, no spin
+                return None
+            if msgs:
+                return msgs[0]
+        return None
+
+    async def _on_cancel(self, msg: Any) -> None:
+        self._cancelled[msg.data.decode(errors="replace")] = None
+        while len(self._cancelled) > _CANCELLED_MAX:
+            self._cancelled.popitem(last=False)
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                log.info("worker_stopping", worker=self.worker_id)
+                self.stop()
+                return
+
+    async def _heartbeat(self) -> None:
+        subject = f"{WORKERS_SUBJECT}.{self.worker_id}"
+        while True:
+            try:
+                await self._nc.publish(subject, self.stats.to_json())
+            except nats.errors.Error:
+                pass  # reconnecting; the next beat will do
+            await anyio.sleep(self.cfg.worker_heartbeat_s)
+
+    async def _handle(self, msg: Any) -> None:
+        started = time.time()
+        try:
+            job = Job.from_headers(msg.headers)
+        except MessageError as exc:
+            log.warning("bad_job", error=str(exc))
+            await msg.term()  # no reply subject to answer; never redeliver garbage
+            return
+        queue_s = (
+            max(0.0, started - msg.metadata.timestamp.timestamp())
+            if msg.metadata.timestamp
+            else 0.0
+        )
+        bound = structlog.get_logger("katydid.worker").bind(
+            job_id=job.job_id, session_id=job.session_id, seq=job.seq
+        )
+
+        def error(code: str, message: str, audio_s: float = 0.0) -> JobResult:
+            return JobResult(
+                job.job_id, job.session_id, job.seq, job.options.kind, "", (), job.options.language,
+                audio_s, 0.0, queue_s, self.worker_id, {"code": code, "message": message},
+            )  # fmt: skip
+
+        if job.session_id in self._cancelled:
+            result = error("cancelled", "the client left")
+        elif time.time() * 1000 > job.deadline_unix_ms:
+            result = error("expired", "the job waited past its deadline")
+        else:
+            try:
+                audio = pcm16_to_float(bytes(msg.data))
+            except AudioError as exc:
+                result = error("bad_job", str(exc))
+            else:
+                result = await self._transcribe(job, msg, audio, queue_s)
+        if result.error:
+            self.stats.jobs_skipped += result.error["code"] in ("cancelled", "expired")
+            self.stats.jobs_failed += result.error["code"] not in ("cancelled", "expired")
+        try:
+            await self._nc.publish(job.reply_subject, result.to_json())
+            await self._nc.flush(timeout=self.cfg.nats_request_timeout_s)
+            await msg.ack()
+        except (nats.errors.Error, OSError) as exc:
+            # Not acked: JetStream redelivers after ack_wait, the gateway ignores a duplicate.
+            bound.warning("publish_failed", error=repr(exc))
+            return
+        bound.info(
+            "job",
+            outcome=result.error["code"] if result.error else "ok",
+            audio_s=round(result.audio_s, 2),
+            compute_s=round(result.compute_s, 3),
+            queue_s=round(queue_s, 3),
+            deliveries=msg.metadata.num_delivered,
+        )
+
+    async def _transcribe(self, job: Job, msg: Any, audio: np.ndarray, queue_s: float) -> JobResult:
+        self.stats.busy = True
+        offset_s = job.offset_ms / 1000.0
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_alive, msg)
+                try:
+                    tr = await anyio.to_thread.run_sync(
+                        lambda: self.engine.transcribe(
+                            audio, should_abort=lambda: job.session_id in self._cancelled
+                        )
+                    )
+                finally:
+                    tg.cancel_scope.cancel()
+        except KatydidError as exc:
+            return JobResult(
+                job.job_id, job.session_id, job.seq, job.options.kind, "", (), job.options.language,
+                audio.size / 16_000, 0.0, queue_s, self.worker_id, {"code": "internal", "message": str(exc)},
+            )  # fmt: skip
+        finally:
+            self.stats.busy = False
+        if job.session_id in self._cancelled:
+            return JobResult(
+                job.job_id, job.session_id, job.seq, job.options.kind, "", (), job.options.language,
+                tr.audio_s, tr.compute_s, queue_s, self.worker_id, {"code": "cancelled", "message": "the client left"},
+            )  # fmt: skip
+        self.stats.jobs_done += 1
+        self.stats.audio_s += tr.audio_s
+        self.stats.compute_s += tr.compute_s
+        segments = tuple(
+            ResultSegment(round(s.start_s + offset_s, 2), round(s.end_s + offset_s, 2), s.text)
+            for s in tr.segments
+        )
+        return JobResult(
+            job.job_id, job.session_id, job.seq, job.options.kind, tr.text, segments, job.options.language,
+            tr.audio_s, tr.compute_s, queue_s, self.worker_id, None,
+        )  # fmt: skip
+
+    async def _keep_alive(self, msg: Any) -> None:
+        while True:
+            await anyio.sleep(max(0.5, self.cfg.consumer_ack_wait_s / 3))
+            try:
+                await msg.in_progress()
+            except nats.errors.Error:
+                pass  # reconnecting: the next beat may still make it within ack_wait
+
+
+def run_worker(cfg: Config, model_path: Path, worker_id: str | None = None) -> None:
+    """Entry point of ``katydid worker``: load the model, then serve jobs until SIGTERM."""
+    worker = Worker(cfg, model_path, worker_id)
+    anyio.run(worker.run, backend="asyncio")
