@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import sys
@@ -65,8 +66,14 @@ def transcribe_remote(files: list[Path], url: str, *, realtime: bool, as_json: b
         frame = _PCM_FRAME_BYTES if fmt == "pcm_s16le" else _FILE_FRAME_BYTES
         try:
             result = trio.run(
-                lambda: client.transcribe(
-                    url, data, fmt=fmt, frame_bytes=frame, realtime=realtime, on_event=show
+                functools.partial(
+                    client.transcribe,
+                    url,
+                    data,
+                    fmt=fmt,
+                    frame_bytes=frame,
+                    realtime=realtime,
+                    on_event=show,
                 )
             )
         except client.ClientError as exc:

@@ -94,6 +94,7 @@ class Gateway:
         self.port: int | None = None
         self._accepting: trio.CancelScope | None = None
         self._sessions_scope: trio.CancelScope | None = None
+        self._no_sessions = trio.Event()  # set when draining and the last session ended
 
     # --- lifecycle ---
 
@@ -134,8 +135,8 @@ class Gateway:
         """Stop accepting, then wait (bounded by ``shutdown_grace_s``) for sessions to finish."""
         self.shutdown()
         with trio.move_on_after(self.cfg.shutdown_grace_s):
-            while self.sessions:
-                await trio.sleep(0.1)
+            if self.sessions:
+                await self._no_sessions.wait()
 
     def shutdown(self) -> None:
         """Stop accepting; let sessions finish until ``shutdown_grace_s``; then everything stops."""
@@ -256,6 +257,8 @@ class Gateway:
                 await self._fail(ws, fatal)
         finally:
             del self.sessions[session_id]
+            if not self.sessions and self._accepting is not None and self._accepting.cancel_called:
+                self._no_sessions.set()
             unanswered = len(session.stream_seqs)
             if unanswered:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):

@@ -83,11 +83,14 @@ async def run_nats_server(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run an embedded nats-server (JetStream, loopback only) until cancelled."""
-    data_dir.mkdir(parents=True, exist_ok=True)
     conf = data_dir / "nats-server.conf"
-    conf.write_text(
-        nats_server_config(data_dir / "jetstream", port, monitor_port), encoding="utf-8"
-    )
+
+    def write_conf() -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        text = nats_server_config(data_dir / "jetstream", port, monitor_port)
+        conf.write_text(text, encoding="utf-8")
+
+    await trio.to_thread.run_sync(write_conf)
     async with trio.open_nursery() as nursery:
         proc: trio.Process = await nursery.start(
             lambda task_status: trio.run_process(  # noqa: ASYNC105 - nursery.start awaits it
