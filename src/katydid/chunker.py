@@ -100,7 +100,9 @@ class Chunker:
         self._peak = max(self._peak * _PEAK_DECAY ** (end - start), float(rms.max()))
 
     def _threshold(self) -> float:
-        return max(self._peak * 0.05, self._floor * 3.0, 3e-4)
+        # 3x the floor, but never above 10 dB under the peak: audio with no pause at all (a
+        # steady noise or tone) would otherwise make its own level the floor and look silent.
+        return max(self._peak * 0.05, min(self._floor * 3.0, self._peak * 0.3), 3e-4)
 
     def _cut(self) -> list[Chunk]:
         out: list[Chunk] = []

@@ -8,18 +8,20 @@ sending, so queue updates and finals arrive while audio is still going out.
 from __future__ import annotations
 
 import json
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import (
     ConnectionClosed,
-    DisconnectionTimeout,
     HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
+    wrap_client_stream,
 )
 
 from katydid.errors import KatydidError
@@ -57,6 +59,49 @@ class SessionResult:
     @property
     def queued(self) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("type") == "queued"]
+
+
+@asynccontextmanager
+async def connect(
+    url: str, *, connect_timeout_s: float = 10.0
+) -> AsyncIterator[WebSocketConnection]:
+    """Open a protocol v1 WebSocket to ``url`` (``ws://`` or ``wss://``).
+
+    Raises:
+        ClientError: the server cannot be reached or refuses the handshake.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ClientError(f"not a ws:// or wss:// URL: {url}")
+    host = parts.hostname
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        with trio.fail_after(connect_timeout_s):
+            if parts.scheme == "wss":
+                ctx = ssl.create_default_context()
+                stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+                    host, port, ssl_context=ctx
+                )
+            else:
+                stream = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise ClientError(f"cannot connect to {url}: {exc!r}") from exc
+    # We own the TCP stream: trio-websocket's client does not close its socket after a clean
+    # close handshake (its reader stops at EOF without closing), so `async with stream` does.
+    async with stream, trio.open_nursery() as nursery:
+        try:
+            with trio.fail_after(connect_timeout_s):
+                ws = await wrap_client_stream(nursery, stream, host, resource)  # type: ignore[arg-type]
+        except (HandshakeError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            raise ClientError(f"WebSocket handshake with {url} failed: {exc!r}") from exc
+        try:
+            yield ws
+        finally:
+            with trio.move_on_after(2) as cleanup:
+                cleanup.shield = True
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
 
 
 async def transcribe(
@@ -132,17 +177,13 @@ async def transcribe(
                 return
 
     try:
-        with trio.fail_after(connect_timeout_s + session_timeout_s):
-            async with open_websocket_url(
-                url, connect_timeout=connect_timeout_s, disconnect_timeout=2
-            ) as ws:
-                result.connect_s = time.monotonic() - started
+        async with connect(url, connect_timeout_s=connect_timeout_s) as ws:
+            result.connect_s = time.monotonic() - started
+            with trio.fail_after(session_timeout_s):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_guard_closed, sender, ws)
                     await receiver(ws)
                     nursery.cancel_scope.cancel()
-    except (OSError, HandshakeError, DisconnectionTimeout) as exc:
-        raise ClientError(f"cannot connect to {url}: {exc!r}") from exc
     except trio.TooSlowError as exc:
         raise ClientError(f"session did not finish within {session_timeout_s:.0f} s") from exc
     result.total_s = time.monotonic() - started

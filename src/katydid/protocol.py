@@ -134,6 +134,7 @@ class Final:
     text: str
     segments: tuple[dict[str, Any], ...]
     kind: str = "final"
+    worker: str = ""  # which worker transcribed it: for operators and fan-out diagnostics
 
     def to_json(self) -> str:
         return _dump(
@@ -144,6 +145,7 @@ class Final:
                 "end_s": self.end_s,
                 "text": self.text,
                 "segments": list(self.segments),
+                "worker": self.worker,
             }
         )
 
@@ -368,7 +370,7 @@ class ServerProtocol:
             start = r.segments[0].start_s if r.segments else 0.0
             end = r.segments[-1].end_s if r.segments else 0.0
             if r.text:
-                out.append(Final(r.seq, start, end, r.text, segs))
+                out.append(Final(r.seq, start, end, r.text, segs, worker=r.worker))
         return out
 
     # --- queries ---

@@ -1,0 +1,136 @@
+"""Real processes for integration tests: a nats-server on a free port with a temp store, the
+gateway and whisper.cpp workers as `katydid` subprocesses, each logging JSON to its own file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from katydid.serve import nats_server_binary, nats_server_config
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Stack:
+    """nats-server + gateway + N workers, all real processes."""
+
+    def __init__(self, root: Path, model_dir: Path, workers: int = 2, **settings: Any) -> None:
+        self.root = root
+        self.env = os.environ | {
+            "KATYDID_MODEL_DIR": str(model_dir),
+            "KATYDID_LOG_FORMAT": "json",
+            "KATYDID_WORKER_HEARTBEAT_S": "0.25",
+            "KATYDID_QUEUE_POLL_S": "0.25",
+            "KATYDID_CONSUMER_ACK_WAIT_S": "3",
+        }
+        self.env |= {f"KATYDID_{k.upper()}": str(v) for k, v in settings.items()}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        nats_port, monitor = free_port(), free_port()
+        conf = root / "nats.conf"
+        conf.write_text(nats_server_config(root / "js", nats_port, monitor), encoding="utf-8")
+        self._spawn([nats_server_binary(), "-c", str(conf)], "nats")
+        wait_until(lambda: port_open(nats_port), 10, "nats-server")
+        self.nats_url = f"nats://127.0.0.1:{nats_port}"
+        self.env["KATYDID_NATS_URL"] = self.nats_url
+        self.port = free_port()
+        self.gateway = self._spawn(
+            [sys.executable, "-m", "katydid", "gateway", "--port", str(self.port)], "gateway"
+        )
+        wait_until(lambda: port_open(self.port), STARTUP_TIMEOUT_S, "gateway")
+        self.url = f"ws://127.0.0.1:{self.port}"
+        for i in range(workers):
+            self.start_worker(i)
+        for i in range(workers):
+            wait_until(
+                lambda i=i: "worker_ready" in self.log(f"worker{i}"),
+                STARTUP_TIMEOUT_S,
+                f"worker {i}",
+            )
+
+    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
+        with (self.root / f"{name}.log").open("ab") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.procs.append(proc)
+        return proc
+
+    def start_worker(self, i: int) -> subprocess.Popen[bytes]:
+        proc = self._spawn(
+            [sys.executable, "-m", "katydid", "worker", "--worker-id", f"test-w{i}"], f"worker{i}"
+        )
+        self.workers[i] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+
+    def log_events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log(name).splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def busy_worker_pid(nats_url: str, timeout_s: float) -> int:
+    """Watch worker heartbeats until one reports it is transcribing; return its pid."""
+    import nats
+
+    async def watch() -> int:
+        nc = await nats.connect(nats_url)
+        found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def on_beat(msg: Any) -> None:
+            beat = json.loads(msg.data)
+            if beat.get("busy") and not found.done():
+                found.set_result(int(beat["pid"]))
+
+        await nc.subscribe("katydid.workers.>", cb=on_beat)
+        try:
+            return await asyncio.wait_for(found, timeout_s)
+        finally:
+            await nc.close()
+
+    return asyncio.run(watch())

@@ -1,0 +1,278 @@
+"""The whole pipeline for real: nats-server, gateway and whisper.cpp workers as processes,
+tiny.en, real speech, clients over real WebSockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from katydid import client
+from katydid.audio import decode_container
+from katydid.evaluation import Clip, read_manifest, wer, word_errors
+from katydid_worker.engine import Engine
+from tests.integration.stack import Stack, busy_worker_pid
+
+pytestmark = pytest.mark.integration
+LIMITS: dict[str, Any] = {"max_audio_s": 600.0, "max_bytes": 100_000_000}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("stack"), model_dir, workers=2, max_frame_bytes=262_144)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def clips(speech_dir: Path) -> list[Clip]:
+    return read_manifest(speech_dir / "manifest.tsv")
+
+
+@pytest.fixture(scope="module")
+def short_clips(clips: list[Clip]) -> list[Clip]:
+    return [c for c in clips if c.path.parent.name != "long"]
+
+
+@pytest.fixture(scope="module")
+def long_clip(clips: list[Clip]) -> Clip:
+    return next(c for c in clips if c.path.parent.name == "long")
+
+
+@pytest.fixture(scope="module")
+def engine(model_path: Path) -> Engine:
+    return Engine(model_path)
+
+
+@pytest.fixture(scope="module")
+def local_texts(engine: Engine, short_clips: list[Clip]) -> dict[str, str]:
+    """What the engine alone says of each short clip, with no pipeline."""
+    return {c.name: engine.transcribe(decode_container(c.path, **LIMITS)).text for c in short_clips}
+
+
+def _pcm(clip: Clip) -> bytes:
+    audio = decode_container(clip.path, **LIMITS)
+    return (audio * 32767).astype("<i2").tobytes()
+
+
+async def _events_until_close(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], int | None]:
+    """Read server events until the server closes; return them and the close code."""
+    events = []
+    with trio.fail_after(30):
+        while True:
+            try:
+                events.append(json.loads(await ws.get_message()))
+            except ConnectionClosed as exc:
+                return events, exc.reason.code if exc.reason else None
+
+
+def _pooled(pairs: list[tuple[str, str]]) -> float:
+    errors = words = 0
+    for ref, hyp in pairs:
+        e, w = word_errors(ref, hyp)
+        errors, words = errors + e, words + w
+    return errors / words
+
+
+async def test_jfk_streamed_in_100ms_frames(stack: Stack, clips: list[Clip]) -> None:
+    jfk = next(c for c in clips if c.name == "jfk.wav")
+    res = await client.transcribe(stack.url, _pcm(jfk), frame_bytes=3200)
+    assert res.done is not None, res.events
+    assert res.events[0]["type"] == "ready"
+    assert wer(jfk.reference, res.text) <= 0.05
+    assert [f["seq"] for f in res.finals] == sorted(f["seq"] for f in res.finals)
+
+
+async def test_short_clips_match_the_local_engine(
+    stack: Stack, short_clips: list[Clip], local_texts: dict[str, str]
+) -> None:
+    results: dict[str, str] = {}
+
+    async def one(clip: Clip) -> None:
+        data = clip.path.read_bytes()
+        res = await client.transcribe(stack.url, data, fmt="wav", frame_bytes=65_536)
+        assert res.done is not None, (clip.name, res.events)
+        results[clip.name] = res.text
+
+    async with trio.open_nursery() as nursery:
+        for clip in short_clips:
+            nursery.start_soon(one, clip)
+    pipeline_wer = _pooled([(c.reference, results[c.name]) for c in short_clips])
+    local_wer = _pooled([(c.reference, local_texts[c.name]) for c in short_clips])
+    assert abs(pipeline_wer - local_wer) <= 0.005, (pipeline_wer, local_wer)
+
+
+async def test_long_file_fans_out_over_both_workers_in_order(
+    stack: Stack, long_clip: Clip, engine: Engine
+) -> None:
+    res = await client.transcribe(
+        stack.url, long_clip.path.read_bytes(), fmt="wav", frame_bytes=65_536
+    )
+    assert res.done is not None, res.events
+    finals = res.finals
+    assert res.done["chunks"] >= 4
+    assert len({f["worker"] for f in finals}) == 2  # both workers transcribed chunks
+    assert [f["seq"] for f in finals] == sorted(f["seq"] for f in finals)
+    starts = [f["start_s"] for f in finals]
+    assert starts == sorted(starts)
+    assert finals[-1]["end_s"] > 90
+    direct = engine.transcribe(decode_container(long_clip.path, **LIMITS)).text
+    assert wer(long_clip.reference, res.text) <= wer(long_clip.reference, direct) + 0.01
+
+
+async def test_twenty_concurrent_clients_get_their_own_transcripts(
+    stack: Stack, short_clips: list[Clip], local_texts: dict[str, str]
+) -> None:
+    chosen = [short_clips[i % len(short_clips)] for i in range(20)]
+    results: list[client.SessionResult | None] = [None] * 20
+
+    async def one(i: int) -> None:
+        results[i] = await client.transcribe(
+            stack.url, chosen[i].path.read_bytes(), fmt="wav", frame_bytes=65_536
+        )
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(one, i)
+    for clip, res in zip(chosen, results, strict=True):
+        assert res is not None
+        assert res.done is not None, (clip.name, res.events)
+        # Each session hears its own clip, as the engine alone does: no cross-talk.
+        assert wer(local_texts[clip.name], res.text) <= 0.1, (clip.name, res.text)
+    assert len({r.session_id for r in results if r}) == 20
+    waited = [r for r in results if r and r.queued]
+    # Two workers, twenty clients: most sessions were told where they stand while waiting.
+    assert len(waited) >= 10
+    assert any(q["position"] > 0 for r in waited for q in r.queued)
+
+
+async def test_worker_killed_mid_job_loses_nothing(stack: Stack, long_clip: Clip) -> None:
+    pcm = _pcm(long_clip)[: 32_000 * 40]  # 40 s as live PCM: several chunks
+    async with trio.open_nursery() as nursery:
+        result: list[client.SessionResult] = []
+
+        async def session() -> None:
+            result.append(await client.transcribe(stack.url, pcm, frame_bytes=3200))
+
+        nursery.start_soon(session)
+        pid = await trio.to_thread.run_sync(busy_worker_pid, stack.nats_url, 30.0)
+        os.kill(pid, signal.SIGKILL)
+        victim = next(i for i, p in stack.workers.items() if p.pid == pid)
+        await trio.to_thread.run_sync(stack.workers[victim].wait)
+        stack.start_worker(victim)
+    res = result[0]
+    assert res.done is not None, res.events
+    assert res.done["failed_chunks"] == 0
+    assert [f["seq"] for f in res.finals] == list(range(len(res.finals)))
+    assert len(res.finals) == res.done["chunks"]
+    redelivered = [
+        e
+        for i in stack.workers
+        for e in stack.log_events(f"worker{i}")
+        if e.get("deliveries", 1) > 1
+    ]
+    assert redelivered, "the killed worker's job was not redelivered"
+
+
+async def test_client_leaving_mid_stream_cancels_its_jobs(
+    stack: Stack, long_clip: Clip, clips: list[Clip]
+) -> None:
+    jfk = next(c for c in clips if c.name == "jfk.wav")
+    before = sum(
+        1
+        for i in stack.workers
+        for e in stack.log_events(f"worker{i}")
+        if e.get("outcome") == "cancelled"
+    )
+    pcm = _pcm(long_clip)
+    async with trio.open_nursery() as nursery:
+        other: list[client.SessionResult] = []
+
+        async def bystander() -> None:
+            await trio.sleep(0.5)
+            other.append(
+                await client.transcribe(
+                    stack.url, jfk.path.read_bytes(), fmt="wav", frame_bytes=65_536
+                )
+            )
+
+        nursery.start_soon(bystander)
+        # Send 100 s of live audio as fast as possible, then vanish without 'stop'.
+        async with client.connect(stack.url) as ws:
+            await ws.send_message(json.dumps({"type": "start", "format": "pcm_s16le"}))
+            for i in range(0, len(pcm), 32_000):
+                await ws.send_message(pcm[i : i + 32_000])
+            await trio.sleep(0.5)
+    assert other[0].done is not None
+    assert wer(jfk.reference, other[0].text) <= 0.05
+
+    def cancelled() -> int:
+        return sum(
+            1
+            for i in stack.workers
+            for e in stack.log_events(f"worker{i}")
+            if e.get("outcome") == "cancelled"
+        )
+
+    with trio.fail_after(60):
+        while cancelled() <= before:  # noqa: ASYNC110 - polls another process's log file
+            await trio.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    ("messages", "code", "close"),
+    [
+        (["this is not json"], "bad_message", 1008),
+        ([b"\x00\x01"], "bad_message", 1008),
+        (['{"type": "start", "format": "aiff"}'], "unsupported_audio", 1003),
+        (
+            [
+                '{"type": "start", "format": "wav"}',
+                b"garbage, not a wav file" * 10,
+                '{"type": "stop"}',
+            ],
+            "unsupported_audio",
+            1003,
+        ),
+        (['{"type": "start"}', b"\x01\x02\x03", '{"type": "stop"}'], "bad_message", 1008),
+    ],
+)
+async def test_bad_input_gets_a_coded_error_and_close(
+    stack: Stack, messages: list[str | bytes], code: str, close: int
+) -> None:
+    async with client.connect(stack.url) as ws:
+        for m in messages:
+            await ws.send_message(m)
+        events, close_code = await _events_until_close(ws)
+    assert close_code == close
+    errors = [e for e in events if e["type"] == "error"]
+    assert errors
+    assert errors[-1]["code"] == code
+
+
+async def test_oversized_frame_closes_only_that_session(stack: Stack, clips: list[Clip]) -> None:
+    jfk = next(c for c in clips if c.name == "jfk.wav")
+    async with client.connect(stack.url) as ws:
+        await ws.send_message('{"type": "start"}')
+        await ws.send_message(b"\0" * 300_000)  # over max_frame_bytes = 262,144
+        _, close_code = await _events_until_close(ws)
+    assert close_code == 1009
+    res = await client.transcribe(stack.url, jfk.path.read_bytes(), fmt="wav", frame_bytes=65_536)
+    assert wer(jfk.reference, res.text) <= 0.05
+
+
+async def test_pure_silence_ends_with_done_and_no_final(stack: Stack) -> None:
+    silence = np.zeros(16_000 * 3, dtype="<i2").tobytes()
+    res = await client.transcribe(stack.url, silence)
+    assert res.done is not None
+    assert res.finals == []

@@ -1,0 +1,58 @@
+"""The utterance chunker: cuts at pauses, never over max_s, bounded, incremental."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from katydid.chunker import SAMPLE_RATE, Chunker
+
+
+def _voiced(seconds: float) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+
+
+def _silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
+
+
+def _feed_all(chunker: Chunker, audio: np.ndarray, frame: int = 1600) -> list[np.ndarray]:
+    out = []
+    for i in range(0, audio.size, frame):
+        out += [c.audio for c in chunker.feed(audio[i : i + frame])]
+    return out + [c.audio for c in chunker.flush()]
+
+
+def test_cuts_in_pauses_after_min_length() -> None:
+    audio = np.concatenate([_voiced(2.0), _silence(0.6), _voiced(2.0), _silence(0.6), _voiced(1.0)])
+    chunks = _feed_all(Chunker(min_s=3.0, max_s=30.0, silence_s=0.3), audio)
+    # The first pause comes before min_s: no cut there; the second one is the cut.
+    assert len(chunks) == 2
+    first = chunks[0].size / SAMPLE_RATE
+    assert 4.6 < first < 5.2  # in the middle of the second pause
+    assert sum(c.size for c in chunks) == audio.size
+
+
+def test_no_pause_means_a_cut_at_max_length() -> None:
+    audio = _voiced(25.0)
+    chunks = _feed_all(Chunker(min_s=3.0, max_s=10.0), audio)
+    assert all(c.size <= 10 * SAMPLE_RATE for c in chunks)
+    assert sum(c.size for c in chunks) == audio.size
+
+
+def test_trailing_silence_is_dropped_and_offsets_continue() -> None:
+    chunker = Chunker(min_s=1.0, max_s=10.0)
+    out = chunker.feed(np.concatenate([_voiced(1.5), _silence(1.0), _voiced(1.5)]))
+    out += chunker.feed(_silence(2.0))
+    out += chunker.flush()
+    assert [c.seq for c in out] == list(range(len(out)))
+    assert out[0].offset_s == 0.0
+    assert out[-1].offset_s + out[-1].duration_s <= 6.0
+    assert Chunker().flush() == []
+
+
+def test_frame_size_does_not_change_the_cuts() -> None:
+    audio = np.concatenate([_voiced(3.5), _silence(0.5), _voiced(4.0), _silence(0.5), _voiced(2.0)])
+    a = [c.size for c in _feed_all(Chunker(min_s=3.0), audio, frame=1600)]
+    b = [c.size for c in _feed_all(Chunker(min_s=3.0), audio, frame=7777)]
+    assert a == b
