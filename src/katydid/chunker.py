@@ -62,6 +62,10 @@ class Chunker:
     def buffered_s(self) -> float:
         return self._n / SAMPLE_RATE
 
+    def pending_audio(self) -> np.ndarray:
+        """A copy of the audio of the chunk in progress (for a partial result)."""
+        return self._buf[: self._n].copy()
+
     def feed(self, audio: np.ndarray) -> list[Chunk]:
         """Add samples; return the chunks that are now complete."""
         out: list[Chunk] = []

@@ -65,6 +65,8 @@ class Config:
     send_timeout_s: float = 30.0  # a client that does not read
     shutdown_grace_s: float = 30.0
     queue_poll_s: float = 1.0
+    partial_interval_s: float = 1.0  # new audio between two partial results of a session
+    partial_deadline_s: float = 5.0  # a partial job not started by then is skipped
     default_max_wait_s: float = 600.0  # queue ETA above which a session is told 'overloaded'
     # Chunker
     chunk_min_s: float = 5.0  # live audio: earliest cut at a pause (3 s cost 1.4 WER points)

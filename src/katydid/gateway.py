@@ -49,7 +49,13 @@ class Session:
     stream_seqs: dict[int, int] = field(default_factory=dict)  # chunk seq -> stream seq, unanswered
     last_queued: tuple[int, int] | None = None
     published: int = 0
+    partials: int = 0
     started: float = field(default_factory=time.monotonic)
+
+
+def _to_pcm(audio: np.ndarray) -> bytes:
+    pcm: bytes = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    return pcm
 
 
 @dataclass(slots=True)
@@ -79,6 +85,7 @@ class Gateway:
             chunk_silence_s=cfg.chunk_silence_s,
             bulk_min_audio_s=cfg.bulk_min_audio_s,
             default_max_wait_s=cfg.default_max_wait_s,
+            partial_interval_s=cfg.partial_interval_s,
         )
         self.bridge = NatsBridge(
             cfg, self.gateway_id, on_result=self._on_result, on_worker=self._on_worker
@@ -306,6 +313,9 @@ class Gateway:
             if isinstance(msg, bytes):
                 for chunk in proto.receive_bytes(msg):
                     await self._publish(session, chunk)
+                partial = proto.take_partial(allowed=self._partials_allowed())
+                if partial is not None:
+                    await self._publish_partial(session, *partial)
                 continue
             action = proto.receive_text(msg)
             if action == "start":
@@ -352,7 +362,7 @@ class Gateway:
         proto = session.proto
         assert proto.options is not None
         await session.slots.acquire()  # backpressure: the reader waits while too many are in flight
-        pcm = (np.clip(chunk.audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        pcm = _to_pcm(chunk.audio)
         job = Job(
             job_id=f"{proto.session_id}-{chunk.seq}",
             session_id=proto.session_id,
@@ -383,6 +393,29 @@ class Gateway:
         session.stream_seqs[chunk.seq] = stream_seq
         session.published += 1
         self._update_position(session)
+
+    def _partials_allowed(self) -> bool:
+        """Partials only while the interactive queue is not backed up (finals come first)."""
+        stats = self.lanes.get("interactive")
+        return stats is not None and stats.pending < max(1, self.live_workers())
+
+    async def _publish_partial(self, session: Session, seq: int, audio: np.ndarray) -> None:
+        proto = session.proto
+        assert proto.options is not None
+        session.partials += 1
+        job = Job(
+            job_id=f"{proto.session_id}-{seq}-p{session.partials}",
+            session_id=proto.session_id,
+            seq=seq,
+            offset_ms=0,
+            reply_subject=self.bridge.results_subject,
+            deadline_unix_ms=int((time.time() + self.cfg.partial_deadline_s) * 1000),
+            options=JobOptions(language=proto.options.language, kind="partial"),
+        )
+        try:
+            await self.bridge.publish_job("interactive", job, _to_pcm(audio))
+        except NatsError:
+            proto.partial_dropped()  # best effort: the final for this audio will come anyway
 
     def _check_done(self, session: Session) -> None:
         if session.proto.done:

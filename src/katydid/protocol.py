@@ -42,6 +42,7 @@ class Limits:
     chunk_silence_s: float = 0.3
     bulk_min_audio_s: float = 60.0
     default_max_wait_s: float = 600.0
+    partial_interval_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +204,8 @@ class ServerProtocol:
     _failed: int = 0
     _lane: str = "interactive"
     _flushed: bool = False
+    _partial_in_flight: bool = False
+    _partial_at_s: float = 0.0  # buffered audio when the last partial was taken
     _resampler: Any = None  # soxr.ResampleStream for live PCM not at 16 kHz
 
     # --- client input ---
@@ -335,13 +338,50 @@ class ServerProtocol:
                 ErrorCode.TOO_LARGE, f"session audio exceeds {self.limits.max_session_s:.0f} s"
             )
         assert self._chunker is not None
-        return self._chunker.feed(audio)
+        chunks = self._chunker.feed(audio)
+        if chunks:
+            self._partial_at_s = 0.0  # a new utterance starts: partials restart from it
+        return chunks
+
+    # --- partial results ---
+
+    def take_partial(self, *, allowed: bool) -> tuple[int, np.ndarray] | None:
+        """Audio of the utterance in progress, if a partial result is due.
+
+        At most one partial is in flight per session, one per ``partial_interval_s`` of new audio;
+        ``allowed=False`` (the queue is backed up) skips this one without changing state.
+
+        Returns:
+            ``(seq, audio)`` of the chunk in progress, or None.
+        """
+        if (
+            not allowed
+            or self._partial_in_flight
+            or self.options is None
+            or not self.options.partials
+        ):
+            return None
+        if self._chunker is None or self.state is not State.STREAMING:
+            return None
+        buffered = self._chunker.buffered_s
+        if buffered < 1.0 or buffered - self._partial_at_s < self.limits.partial_interval_s:
+            return None
+        self._partial_in_flight = True
+        self._partial_at_s = buffered
+        return self._chunker.chunks_emitted, self._chunker.pending_audio()
+
+    def partial_dropped(self) -> None:
+        """The partial job could not be queued: the next one may go."""
+        self._partial_in_flight = False
 
     # --- worker results ---
 
     def receive_result(self, result: JobResult) -> list[ServerEvent]:
         """A worker's result; returns the finals (and chunk errors) now deliverable, in order."""
         if result.kind == "partial":
+            self._partial_in_flight = False
+            if result.error or not result.text:
+                return []
             return (
                 [Final(result.seq, 0.0, 0.0, result.text, (), kind="partial")]
                 if result.seq >= self._next_seq

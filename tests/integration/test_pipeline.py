@@ -93,6 +93,17 @@ async def test_jfk_streamed_in_100ms_frames(stack: Stack, clips: list[Clip]) -> 
     assert [f["seq"] for f in res.finals] == sorted(f["seq"] for f in res.finals)
 
 
+async def test_live_stream_with_partials(stack: Stack, clips: list[Clip]) -> None:
+    jfk = next(c for c in clips if c.name == "jfk.wav")
+    res = await client.transcribe(stack.url, _pcm(jfk), realtime=True, options={"partials": True})
+    assert res.done is not None, res.events
+    kinds = [e["type"] for e in res.events]
+    assert "partial" in kinds
+    # A partial arrives while the speaker is still talking, before the first final.
+    assert kinds.index("partial") < kinds.index("final")
+    assert wer(jfk.reference, res.text) <= 0.05
+
+
 async def test_short_clips_match_the_local_engine(
     stack: Stack, short_clips: list[Clip], local_texts: dict[str, str]
 ) -> None:

@@ -172,3 +172,33 @@ def test_long_files_go_to_the_bulk_lane() -> None:
     assert proto.lane == "bulk"
     assert chunks
     assert proto.chunks_total == len(chunks)
+
+
+def test_partials_one_in_flight_per_interval_and_only_when_allowed() -> None:
+    proto = ServerProtocol(
+        "s1", Limits(chunk_min_s=5.0, file_chunk_min_s=5.0, partial_interval_s=1.0)
+    )
+    proto.receive_text('{"type": "start", "partials": true}')
+    second = _speech_like(1.0, pause_every_s=10.0)  # one voiced second, no pause
+    proto.receive_bytes(second[:16_000])  # 0.5 s: too little audio for a partial
+    assert proto.take_partial(allowed=True) is None
+    proto.receive_bytes(second[16_000:])
+    assert proto.take_partial(allowed=False) is None  # queue backed up: skipped, no state change
+    taken = proto.take_partial(allowed=True)
+    assert taken is not None
+    seq, audio = taken
+    assert seq == 0
+    assert audio.size == 16_000
+    proto.receive_bytes(second)
+    assert proto.take_partial(allowed=True) is None  # one already in flight
+    out = proto.receive_result(
+        JobResult("p", "s1", 0, "partial", "so far", (), "en", 1, 0.1, 0, "w", None)
+    )
+    assert [(e.kind, e.text) for e in out if isinstance(e, Final)] == [("partial", "so far")]
+    assert proto.take_partial(allowed=True) is not None  # 2 s buffered, 1 s new since the last
+
+
+def test_no_partials_unless_asked() -> None:
+    proto = _started()
+    proto.receive_bytes(_speech_like(3.0, pause_every_s=10.0))
+    assert proto.take_partial(allowed=True) is None

@@ -1,0 +1,108 @@
+"""`katydid serve` as a user runs it: one command, then `katydid transcribe` and `katydid eval`
+against it, then SIGTERM drains and stops everything it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from katydid.evaluation import wer
+from tests.integration.stack import free_port, port_open, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _children_of(pid: int) -> set[int]:
+    out = subprocess.run(
+        ["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True
+    ).stdout
+    pairs = [tuple(map(int, line.split())) for line in out.splitlines() if line.strip()]
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, pp in pairs if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_serve_transcribe_eval_and_drain(model_dir: Path, speech_dir: Path, tmp_path: Path) -> None:
+    env = os.environ | {"KATYDID_MODEL_DIR": str(model_dir), "KATYDID_LOG_FORMAT": "json"}
+    port = free_port()
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "katydid",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    try:
+        wait_until(lambda: port_open(port), 60, "katydid serve")
+        url = f"ws://127.0.0.1:{port}"
+        children = _children_of(serve.pid)
+        assert len(children) >= 2  # nats-server and one worker
+        jfk = speech_dir / "jfk.wav"
+        reference = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+        out = subprocess.run(
+            [sys.executable, "-m", "katydid", "transcribe", str(jfk), "--url", url],
+            capture_output=True, text=True, env=env, timeout=120, check=True,
+        )  # fmt: skip
+        assert wer(reference, out.stdout) <= 0.05
+        lines = (speech_dir / "manifest.tsv").read_text(encoding="utf-8").splitlines()
+        manifest = tmp_path / "three.tsv"
+        picked = [
+            ln
+            for ln in lines[1:]
+            if ln.split("\t")[0] in ("jfk.wav", "ls_61-70968-0000.wav", "cmu_goforward.wav")
+        ]
+        manifest.write_text(
+            "\n".join(
+                [
+                    lines[0],
+                    *(
+                        str(speech_dir / ln.split("\t", 1)[0]) + "\t" + ln.split("\t", 1)[1]
+                        for ln in picked
+                    ),
+                ]
+            )
+            + "\n"
+        )
+        ev = subprocess.run(
+            [sys.executable, "-m", "katydid", "eval", str(manifest), "--url", url, "--json"],
+            capture_output=True, text=True, env=env, timeout=300, check=True,
+        )  # fmt: skip
+        summary = json.loads(ev.stdout.strip().splitlines()[-1])
+        assert len(summary["clips"]) == 3
+        assert summary["wer"] <= 0.05
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            stdout, _ = serve.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.communicate()
+            raise
+    assert serve.returncode == 0
+    assert f"ws://127.0.0.1:{port}" in stdout
+    assert "nats://127.0.0.1:" in stdout
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in children if Path(f"/proc/{p}").exists()], "serve left processes behind"
