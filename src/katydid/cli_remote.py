@@ -17,6 +17,7 @@ from katydid.audio import decode_container, sniff_container
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.evaluation import Clip, Heard
+from katydid.sdnotify import notify
 
 _FILE_FRAME_BYTES = 64 * 1024
 _PCM_FRAME_BYTES = 3200  # 100 ms of 16 kHz mono s16le
@@ -106,9 +107,11 @@ async def _gateway_alone(cfg: Config) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(gateway.run)
         print(f"gateway:  ws://{cfg.host}:{port}", flush=True)
+        notify("READY=1")
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 break
+        notify("STOPPING=1")
         await gateway.drain()
         nursery.cancel_scope.cancel()
 

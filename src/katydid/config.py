@@ -93,7 +93,6 @@ class Config:
     workers: int = 0  # 0 = one per core
     worker_heartbeat_s: float = 2.0
     worker_restart_max_backoff_s: float = 30.0
-    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if self.engine_threads < 1:

@@ -25,6 +25,7 @@ import trio
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.gateway import Gateway
+from katydid.sdnotify import notify
 
 log = structlog.get_logger("katydid.serve")
 _NATS_MAX_PAYLOAD = "4MB"  # a 30 s chunk is 960,000 bytes plus headers
@@ -171,9 +172,11 @@ async def serve(
                 announce(f"gateway:  ws://{cfg.host}:{gw_port}")
                 announce(f"workers:  {workers} x {cfg.model}, {cfg.engine_threads} thread(s) each")
                 task_status.started(gw_port)
+                notify("READY=1")
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
                         log.info("shutting_down", signal=signal.Signals(signum).name)
+                        notify("STOPPING=1")
                         break
                 # Sessions finish (bounded by the grace deadline) before workers stop.
                 await gateway.drain()

@@ -44,6 +44,7 @@ from katydid.messages import (
     consumer_name,
 )
 from katydid.natsio import connect, ensure_stream
+from katydid.sdnotify import notify
 from katydid_worker.engine import Engine, EngineOptions
 
 log = structlog.get_logger("katydid.worker")
@@ -111,6 +112,7 @@ class Worker:
         }
         await self._nc.subscribe(CANCEL_SUBJECT, cb=self._on_cancel)
         log.info("worker_ready", worker=self.worker_id, model=self.cfg.model)
+        notify("READY=1")
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat)
@@ -155,6 +157,7 @@ class Worker:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 log.info("worker_stopping", worker=self.worker_id)
+                notify("STOPPING=1")
                 self.stop()
                 return
 
