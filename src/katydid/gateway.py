@@ -145,6 +145,12 @@ class Gateway:
             if self.sessions:
                 await self._no_sessions.wait()
 
+    def cut_grace(self) -> None:
+        """End the shutdown grace now: remaining sessions are cancelled."""
+        if self._sessions_scope is not None:
+            self._sessions_scope.cancel()
+        self._no_sessions.set()
+
     def shutdown(self) -> None:
         """Stop accepting; let sessions finish until ``shutdown_grace_s``; then everything stops."""
         if self._accepting is not None:
@@ -263,6 +269,20 @@ class Gateway:
                 outcome = str(fatal.code)
                 await self._fail(ws, fatal)
         finally:
+            if outcome == "ok" and not session.proto.done:
+                outcome = "incomplete"
+                if self._sessions_scope is not None and self._sessions_scope.cancel_called:
+                    # Shutdown grace over: tell the client to come back rather than just vanish.
+                    outcome = "shutdown"
+                    with trio.CancelScope(shield=True):
+                        await self._fail(
+                            ws,
+                            ProtocolError(
+                                ErrorCode.OVERLOADED,
+                                "the server is shutting down",
+                                retry_after_s=5.0,
+                            ),
+                        )
             del self.sessions[session_id]
             if not self.sessions and self._accepting is not None and self._accepting.cancel_called:
                 self._no_sessions.set()

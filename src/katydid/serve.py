@@ -116,7 +116,11 @@ async def supervise_worker(cfg: Config, index: int, argv: list[str], env: dict[s
     while True:
         started = trio.current_time()
         result = await trio.run_process(
-            argv, check=False, env=env, start_new_session=True, deliver_cancel=_terminate
+            argv,
+            check=False,
+            env=env,
+            start_new_session=True,
+            deliver_cancel=_terminate,
         )
         lived = trio.current_time() - started
         backoff = 0.5 if lived > 60 else min(cfg.worker_restart_max_backoff_s, backoff * 2)
@@ -173,13 +177,25 @@ async def serve(
                 announce(f"workers:  {workers} x {cfg.model}, {cfg.engine_threads} thread(s) each")
                 task_status.started(gw_port)
                 notify("READY=1")
+                # The receiver stays open through the whole shutdown: a second Ctrl-C must
+                # not kill serve with the default handler and orphan its children.
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
                         log.info("shutting_down", signal=signal.Signals(signum).name)
                         notify("STOPPING=1")
                         break
-                # Sessions finish (bounded by the grace deadline) before workers stop.
-                await gateway.drain()
-                inner.cancel_scope.cancel()
-            middle.cancel_scope.cancel()
+                    async with trio.open_nursery() as shutdown:
+                        shutdown.start_soon(_cut_grace_on_signal, signals, gateway)
+                        # Sessions finish (bounded by the grace deadline) before workers stop.
+                        await gateway.drain()
+                        shutdown.cancel_scope.cancel()
+                    inner.cancel_scope.cancel()
+                middle.cancel_scope.cancel()
         outer.cancel_scope.cancel()
+
+
+async def _cut_grace_on_signal(signals: Any, gateway: Gateway) -> None:
+    async for signum in signals:
+        log.warning("shutting_down_now", signal=signal.Signals(signum).name)
+        gateway.cut_grace()
+        return
