@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--host", help="listen address (default 127.0.0.1)")
         sp.add_argument("--port", type=int, help="WebSocket port (default 8765; 0 = a free port)")
         sp.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
+        sp.add_argument(
+            "--metrics-port", type=int, help="/metrics, /healthz, /readyz (0 = free, -1 = off)"
+        )
 
     sv = sub.add_parser("serve", help="run everything: embedded nats-server, gateway, workers")
     server_flags(sv)
@@ -97,7 +100,7 @@ def _config(args: argparse.Namespace) -> Config:
             "log_level": args.log_level,
             **{
                 k: getattr(args, k, None)
-                for k in ("host", "port", "nats_url", "workers", "data_dir")
+                for k in ("host", "port", "nats_url", "workers", "data_dir", "metrics_port")
             },
         },
     )

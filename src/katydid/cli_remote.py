@@ -107,6 +107,8 @@ async def _gateway_alone(cfg: Config) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(gateway.run)
         print(f"gateway:  ws://{cfg.host}:{port}", flush=True)
+        if gateway.metrics_port is not None:
+            print(f"metrics:  http://{cfg.metrics_host}:{gateway.metrics_port}/metrics", flush=True)
         notify("READY=1")
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:

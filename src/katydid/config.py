@@ -68,6 +68,9 @@ class Config:
     partial_interval_s: float = 1.0  # new audio between two partial results of a session
     partial_deadline_s: float = 5.0  # a partial job not started by then is skipped
     default_max_wait_s: float = 600.0  # queue ETA above which a session is told 'overloaded'
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # /metrics, /healthz, /readyz; 0 = a free port, -1 = off
+    ready_max_eta_s: float = 300.0  # /readyz fails while the queue ETA is longer
     # Chunker
     chunk_min_s: float = 5.0  # live audio: earliest cut at a pause (3 s cost 1.4 WER points)
     file_chunk_min_s: float = 12.0  # uploaded files: longer chunks decode better

@@ -19,20 +19,24 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import structlog
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from katydid.audio import decode_container
 from katydid.chunker import Chunk
 from katydid.config import Config
 from katydid.errors import AudioError, ErrorCode, ProtocolError
+from katydid.httpd import Response, json_response, serve_http
 from katydid.log import SampledLogger
 from katydid.messages import Job, JobOptions, JobResult, MessageError
+from katydid.metrics import GatewayMetrics
 from katydid.natsio import LaneStats, NatsBridge, NatsError, StreamFull
 from katydid.protocol import Done, ErrorEvent, Limits, Queued, Ready, ServerEvent, ServerProtocol
 
@@ -61,8 +65,12 @@ def _to_pcm(audio: np.ndarray) -> bytes:
 @dataclass(slots=True)
 class WorkerInfo:
     seen: float
-    busy: bool
-    avg_compute_s: float | None
+    beat: dict[str, Any]  # the worker's last heartbeat, as sent
+
+    @property
+    def avg_compute_s(self) -> float | None:
+        avg = self.beat.get("avg_compute_s")
+        return float(avg) if isinstance(avg, int | float) and avg > 0 else None
 
 
 class Gateway:
@@ -98,7 +106,11 @@ class Gateway:
         )
         self.counters: dict[str, int] = {"duplicate_results": 0, "orphan_results": 0}
         self.peak_sessions = 0
+        self.metrics = GatewayMetrics(lambda: {k: w.beat for k, w in self.workers.items()})
         self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._published_since_poll = 0  # counted into the backlog until the next poll sees them
+        self._lanes_polled_at = -math.inf
         self._accepting: trio.CancelScope | None = None
         self._sessions_scope: trio.CancelScope | None = None
         self._no_sessions = trio.Event()  # set when draining and the last session ended
@@ -108,6 +120,10 @@ class Gateway:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect to NATS, listen, serve until cancelled. ``started`` gets the bound port."""
         async with trio.open_nursery() as nursery:
+            if self.cfg.metrics_port >= 0:
+                self.metrics_port = await nursery.start(
+                    serve_http, self.cfg.metrics_host, self.cfg.metrics_port, self.routes()
+                )
             await nursery.start(self.bridge.run)
             nursery.start_soon(self._poll_queue)
             async with trio.open_nursery() as handlers:
@@ -166,6 +182,13 @@ class Gateway:
         except MessageError as exc:
             self.sampled.warning("bad_result", error=str(exc))
             return
+        outcome = result.error["code"] if result.error else "ok"
+        self.metrics.results.labels(result.kind, outcome).inc()
+        if outcome == "ok":
+            self.metrics.time_in_queue.observe(result.queue_s)
+            self.metrics.transcription.observe(result.compute_s)
+            if result.kind == "final":
+                self.metrics.audio_seconds.inc(result.audio_s)
         session = self.sessions.get(result.session)
         if session is None:
             self.counters["orphan_results"] += 1  # the client left; its cancel crossed this result
@@ -180,12 +203,9 @@ class Gateway:
 
     def _on_worker(self, data: bytes) -> None:
         try:
-            d = json.loads(data)
-            avg = d.get("avg_compute_s")
-            self.workers[str(d["id"])] = WorkerInfo(
-                time.monotonic(), bool(d.get("busy")), float(avg) if avg else None
-            )
-        except (ValueError, KeyError, TypeError) as exc:
+            beat = json.loads(data)
+            self.workers[str(beat["id"])] = WorkerInfo(time.monotonic(), dict(beat))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self.sampled.warning("bad_worker_heartbeat", error=str(exc))
 
     # --- queue state, for all sessions at once ---
@@ -204,20 +224,62 @@ class Gateway:
 
     def backlog_eta_s(self, lane: str = "interactive") -> float:
         stats = self.lanes.get(lane)
-        ahead = stats.pending + stats.in_progress if stats else 0
+        ahead = (stats.pending + stats.in_progress if stats else 0) + self._published_since_poll
         if lane == "bulk" and "interactive" in self.lanes:
             ahead += self.lanes["interactive"].pending  # workers always serve interactive first
         return self.eta_s(ahead)
 
     async def _poll_queue(self) -> None:
         while True:
+            published = self._published_since_poll
             try:
                 self.lanes = await self.bridge.lane_stats()
+                self._published_since_poll -= published  # the poll now counts them
+                self._lanes_polled_at = time.monotonic()
             except NatsError as exc:
                 self.sampled.warning("queue_poll_failed", error=str(exc))
+            self._export_queue()
             for session in list(self.sessions.values()):
                 self._update_position(session)
             await trio.sleep(self.cfg.queue_poll_s)
+
+    def _export_queue(self) -> None:
+        m = self.metrics
+        for lane, stats in self.lanes.items():
+            m.queue_depth.labels(lane).set(stats.pending)
+            m.queue_in_progress.labels(lane).set(stats.in_progress)
+            m.jobs_redelivered.labels(lane).set(stats.redelivered)
+        m.workers_live.set(self.live_workers())
+        m.nats_connected.set(1 if self.bridge.connected else 0)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: NATS connected, the stream answered recently, a worker seen, backlog ETA bounded."""
+        eta = self.backlog_eta_s()
+        checks = {
+            "nats_connected": self.bridge.connected,
+            "stream_present": time.monotonic() - self._lanes_polled_at
+            < 5 * self.cfg.queue_poll_s + 5,
+            "workers": self.live_workers() > 0,
+            "backlog_eta_ok": eta <= self.cfg.ready_max_eta_s,
+        }
+        return all(checks.values()), checks | {
+            "backlog_eta_s": round(eta, 1),
+            "workers_live": self.live_workers(),
+        }
+
+    def routes(self) -> dict[str, Callable[[], Response]]:
+        def metrics() -> Response:
+            return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+
+        def ready() -> Response:
+            ok, detail = self.readiness()
+            return json_response(200 if ok else 503, {"ready": ok, **detail})
+
+        return {
+            "/metrics": metrics,
+            "/healthz": lambda: json_response(200, {"alive": True, "sessions": len(self.sessions)}),
+            "/readyz": ready,
+        }
 
     def _update_position(self, session: Session) -> None:
         if not session.stream_seqs:
@@ -252,7 +314,10 @@ class Gateway:
             trio.Semaphore(self.cfg.max_jobs_in_flight),
         )
         self.sessions[session_id] = session
-        self.peak_sessions = max(self.peak_sessions, len(self.sessions))
+        self.metrics.active_connections.inc()
+        if len(self.sessions) > self.peak_sessions:
+            self.peak_sessions = len(self.sessions)
+            self.metrics.peak_connections.set(self.peak_sessions)
         bound = log.bind(session_id=session_id)
         outcome = "ok"
         fatal: ProtocolError | None = None
@@ -284,6 +349,8 @@ class Gateway:
                             ),
                         )
             del self.sessions[session_id]
+            self.metrics.active_connections.dec()
+            self.metrics.sessions.labels(outcome).inc()
             if not self.sessions and self._accepting is not None and self._accepting.cancel_called:
                 self._no_sessions.set()
             unanswered = len(session.stream_seqs)
@@ -372,6 +439,7 @@ class Gateway:
         assert session.proto.options is not None
         eta = self.backlog_eta_s()
         if eta > session.proto.options.max_wait_s:
+            self.metrics.overloaded.labels("max_wait").inc()
             raise ProtocolError(
                 ErrorCode.OVERLOADED,
                 f"queue ETA {eta:.0f} s exceeds max_wait_s {session.proto.options.max_wait_s:.0f}",
@@ -400,6 +468,7 @@ class Gateway:
             stream_seq = await self.bridge.publish_job(proto.lane, job, pcm)
         except StreamFull:
             session.slots.release()
+            self.metrics.overloaded.labels("stream_full").inc()
             raise ProtocolError(
                 ErrorCode.OVERLOADED,
                 "the job queue is full",
@@ -407,11 +476,14 @@ class Gateway:
             ) from None
         except NatsError as exc:
             session.slots.release()
+            self.metrics.overloaded.labels("nats_unavailable").inc()
             raise ProtocolError(
                 ErrorCode.OVERLOADED, f"queue unavailable: {exc}", retry_after_s=5.0
             ) from None
         session.stream_seqs[chunk.seq] = stream_seq
         session.published += 1
+        self._published_since_poll += 1
+        self.metrics.jobs_published.labels(proto.lane, "final").inc()
         self._update_position(session)
 
     def _partials_allowed(self) -> bool:
@@ -434,6 +506,7 @@ class Gateway:
         )
         try:
             await self.bridge.publish_job("interactive", job, _to_pcm(audio))
+            self.metrics.jobs_published.labels("interactive", "partial").inc()
         except NatsError:
             proto.partial_dropped()  # best effort: the final for this audio will come anyway
 

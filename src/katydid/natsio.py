@@ -133,6 +133,7 @@ class LaneStats:
     pending: int  # waiting in the queue, not yet delivered
     in_progress: int  # delivered, not yet acked
     delivered_stream_seq: int
+    redelivered: int = 0
 
 
 class NatsBridge:
@@ -259,6 +260,7 @@ class NatsBridge:
                     pending=int(info.num_pending or 0),
                     in_progress=int(info.num_ack_pending or 0),
                     delivered_stream_seq=int(info.delivered.stream_seq if info.delivered else 0),
+                    redelivered=int(info.num_redelivered or 0),
                 )
             return out
 

@@ -174,6 +174,10 @@ async def serve(
                     inner.start_soon(supervise_worker, cfg, i, worker_argv(cfg, i), env)
                 gw_port = await middle.start(gateway.run)
                 announce(f"gateway:  ws://{cfg.host}:{gw_port}")
+                if gateway.metrics_port is not None:
+                    announce(
+                        f"metrics:  http://{cfg.metrics_host}:{gateway.metrics_port}/metrics (also /healthz, /readyz)"
+                    )
                 announce(f"workers:  {workers} x {cfg.model}, {cfg.engine_threads} thread(s) each")
                 task_status.started(gw_port)
                 notify("READY=1")

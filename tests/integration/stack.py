@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,9 @@ class Stack:
         self.nats_url = f"nats://127.0.0.1:{nats_port}"
         self.env["KATYDID_NATS_URL"] = self.nats_url
         self.port = free_port()
+        self.metrics_port = free_port()
+        self.env["KATYDID_METRICS_PORT"] = str(self.metrics_port)
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         self.gateway = self._spawn(
             [sys.executable, "-m", "katydid", "gateway", "--port", str(self.port)], "gateway"
         )
@@ -112,6 +117,16 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """GET ``url``; returns (status, body) for any status."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return int(exc.code), exc.read().decode()
 
 
 def busy_worker_pid(nats_url: str, timeout_s: float) -> int:

@@ -78,9 +78,20 @@ class WorkerStats:
                 "avg_compute_s": avg,
                 "rtf": self.compute_s / self.audio_s if self.audio_s else None,
                 "pid": os.getpid(),
+                "cpu_s": round(time.process_time(), 3),
+                "rss_bytes": _rss_bytes(),
                 "uptime_s": round(time.time() - self.started_unix, 1),
             }
         ).encode()
+
+
+def _rss_bytes() -> int:
+    """Current resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class Worker:

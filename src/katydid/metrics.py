@@ -1,0 +1,158 @@
+"""Prometheus metrics of the gateway (and, from their heartbeats, of the workers).
+
+Rule 1: metrics are updated on the trio thread only, by counters and gauges that cost a dict
+lookup and an add; nothing here does I/O on the hot path. Worker figures are read from the
+latest heartbeat of each worker at scrape time (a custom collector), not pushed per job.
+Rule 2: one registry per Gateway object (tests create many); the process collector is added to
+it so that CPU seconds and resident memory of the gateway process are in the same scrape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from katydid import log
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+
+
+class WorkerCollector(Collector):
+    """Exports each worker's last heartbeat (busy, jobs by outcome, CPU, RSS) at scrape time."""
+
+    def __init__(self, heartbeats: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        self._heartbeats = heartbeats
+
+    def collect(self) -> Iterator[Any]:
+        beats = self._heartbeats()
+        busy = GaugeMetricFamily(
+            "katydid_worker_busy", "1 while the worker transcribes", labels=["worker"]
+        )
+        jobs = CounterMetricFamily(
+            "katydid_worker_jobs", "Jobs answered by outcome", labels=["worker", "outcome"]
+        )
+        cpu = CounterMetricFamily(
+            "katydid_worker_cpu_seconds", "Worker process CPU seconds", labels=["worker"]
+        )
+        rss = GaugeMetricFamily(
+            "katydid_worker_resident_memory_bytes", "Worker process RSS", labels=["worker"]
+        )
+        for worker, beat in beats.items():
+            busy.add_metric([worker], 1.0 if beat.get("busy") else 0.0)
+            for outcome, key in (
+                ("ok", "jobs_done"),
+                ("skipped", "jobs_skipped"),
+                ("failed", "jobs_failed"),
+            ):
+                jobs.add_metric([worker, outcome], float(beat.get(key) or 0))
+            cpu.add_metric([worker], float(beat.get("cpu_s") or 0.0))
+            rss.add_metric([worker], float(beat.get("rss_bytes") or 0.0))
+        yield from (busy, jobs, cpu, rss)
+
+
+class _LogCollector(Collector):
+    def collect(self) -> Iterator[Any]:
+        lines = CounterMetricFamily(
+            "katydid_log_lines", "Log lines written by this process", labels=["level"]
+        )
+        for level, n in sorted(log.lines_written.items()):
+            lines.add_metric([level], float(n))
+        yield lines
+        yield CounterMetricFamily(
+            "katydid_log_lines_suppressed",
+            "Log lines suppressed by sampling",
+            value=float(log.lines_suppressed),
+        )
+
+
+class GatewayMetrics:
+    """The gateway's metrics, in their own registry."""
+
+    def __init__(self, heartbeats: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        r.register(WorkerCollector(heartbeats))
+        self.active_connections = Gauge(
+            "katydid_active_connections", "Open client sessions", registry=r
+        )
+        self.peak_connections = Gauge(
+            "katydid_peak_connections", "Most sessions open at once since start", registry=r
+        )
+        self.sessions = Counter(
+            "katydid_sessions", "Finished sessions by outcome", ["outcome"], registry=r
+        )
+        self.jobs_published = Counter(
+            "katydid_jobs_published", "Jobs queued by lane and kind", ["lane", "kind"], registry=r
+        )
+        self.results = Counter(
+            "katydid_results",
+            "Results received by kind and outcome",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.jobs_redelivered = Gauge(
+            "katydid_jobs_redelivered",
+            "Redeliveries seen by the lane's consumer",
+            ["lane"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "katydid_queue_depth",
+            "Jobs waiting in the lane (not yet delivered)",
+            ["lane"],
+            registry=r,
+        )
+        self.queue_in_progress = Gauge(
+            "katydid_queue_in_progress", "Jobs delivered and not yet acked", ["lane"], registry=r
+        )
+        self.workers_live = Gauge(
+            "katydid_workers_live", "Workers whose heartbeat is recent", registry=r
+        )
+        self.time_in_queue = Histogram(
+            "katydid_time_in_queue_seconds",
+            "Time a job waited before a worker took it",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.transcription = Histogram(
+            "katydid_transcription_seconds",
+            "Worker compute time per job",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.audio_seconds = Counter(
+            "katydid_audio_seconds", "Audio seconds transcribed (final results)", registry=r
+        )
+        self.overloaded = Counter(
+            "katydid_overloaded",
+            "Sessions refused with 'overloaded' by reason",
+            ["reason"],
+            registry=r,
+        )
+        r.register(_LogCollector())
+        self.nats_connected = Gauge(
+            "katydid_nats_connected", "1 while the gateway is connected to NATS", registry=r
+        )
+
+
+def parse_text(text: str) -> dict[str, float]:
+    """Parse Prometheus text exposition into ``{"name{labels}": value}`` (for the load tester)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def total(samples: Mapping[str, float], name: str) -> float:
+    """Sum of every series of metric ``name`` (any labels)."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
