@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     nats.add_parser("setup", help="create or update the job stream and consumers").add_argument(
         "--nats-url"
     )
+    from katydid import cli_load
+
+    cli_load.add_parsers(sub)
     return p
 
 
@@ -238,6 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from katydid import cli_remote
 
             return cli_remote.run_server_command(cfg, args)
+        if args.command in ("load", "bench"):
+            from katydid import cli_load
+
+            return (
+                cli_load.cmd_load(cfg, args)
+                if args.command == "load"
+                else cli_load.cmd_bench(cfg, args)
+            )
     except KatydidError as exc:
         print(f"katydid: error: {exc}", file=sys.stderr)
         return 1

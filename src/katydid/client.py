@@ -28,7 +28,15 @@ from katydid.errors import KatydidError
 
 
 class ClientError(KatydidError):
-    """The server could not be reached, or the session ended without ``done``."""
+    """The server could not be reached, or the session did not finish in time.
+
+    ``kind`` says which: ``bad_url``, ``connect_refused``, ``connect_failed``,
+    ``connect_timeout``, ``handshake_timeout``, ``handshake_failed``, ``session_timeout``.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(slots=True)
@@ -72,7 +80,7 @@ async def connect(
     """
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ClientError(f"not a ws:// or wss:// URL: {url}")
+        raise ClientError("bad_url", f"not a ws:// or wss:// URL: {url}")
     host = parts.hostname
     port = parts.port or (443 if parts.scheme == "wss" else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -85,16 +93,29 @@ async def connect(
                 )
             else:
                 stream = await trio.open_tcp_stream(host, port)
-    except (OSError, trio.TooSlowError) as exc:
-        raise ClientError(f"cannot connect to {url}: {exc!r}") from exc
+    except ConnectionRefusedError as exc:
+        raise ClientError("connect_refused", f"cannot connect to {url}: {exc!r}") from exc
+    except OSError as exc:
+        raise ClientError("connect_failed", f"cannot connect to {url}: {exc!r}") from exc
+    except trio.TooSlowError as exc:
+        raise ClientError(
+            "connect_timeout", f"no TCP connection to {url} within {connect_timeout_s:.0f} s"
+        ) from exc
     # We own the TCP stream: trio-websocket's client does not close its socket after a clean
     # close handshake (its reader stops at EOF without closing), so `async with stream` does.
     async with stream, trio.open_nursery() as nursery:
         try:
             with trio.fail_after(connect_timeout_s):
                 ws = await wrap_client_stream(nursery, stream, host, resource)  # type: ignore[arg-type]
-        except (HandshakeError, trio.BrokenResourceError, trio.TooSlowError) as exc:
-            raise ClientError(f"WebSocket handshake with {url} failed: {exc!r}") from exc
+        except trio.TooSlowError as exc:
+            raise ClientError(
+                "handshake_timeout",
+                f"no WebSocket handshake with {url} within {connect_timeout_s:.0f} s",
+            ) from exc
+        except (HandshakeError, trio.BrokenResourceError) as exc:
+            raise ClientError(
+                "handshake_failed", f"WebSocket handshake with {url} failed: {exc!r}"
+            ) from exc
         try:
             yield ws
         finally:
@@ -185,7 +206,9 @@ async def transcribe(
                     await receiver(ws)
                     nursery.cancel_scope.cancel()
     except trio.TooSlowError as exc:
-        raise ClientError(f"session did not finish within {session_timeout_s:.0f} s") from exc
+        raise ClientError(
+            "session_timeout", f"session did not finish within {session_timeout_s:.0f} s"
+        ) from exc
     result.total_s = time.monotonic() - started
     return result
 

@@ -37,7 +37,7 @@ class Limits:
     max_session_s: float = 4 * 3600.0
     max_file_bytes: int = 512 * 1024 * 1024
     chunk_min_s: float = 5.0
-    file_chunk_min_s: float = 12.0
+    file_chunk_min_s: float = 20.0
     chunk_max_s: float = 30.0
     chunk_silence_s: float = 0.3
     bulk_min_audio_s: float = 60.0
@@ -136,6 +136,7 @@ class Final:
     segments: tuple[dict[str, Any], ...]
     kind: str = "final"
     worker: str = ""  # which worker transcribed it: for operators and fan-out diagnostics
+    queue_s: float = 0.0  # how long the chunk waited in the queue
 
     def to_json(self) -> str:
         return _dump(
@@ -147,6 +148,7 @@ class Final:
                 "text": self.text,
                 "segments": list(self.segments),
                 "worker": self.worker,
+                "queue_s": round(self.queue_s, 3),
             }
         )
 
@@ -307,8 +309,12 @@ class ServerProtocol:
 
     def receive_decoded(self, audio: np.ndarray) -> list[Chunk]:
         """The decoded container audio; returns all its chunks (long files go to the bulk lane)."""
-        if audio.size / SAMPLE_RATE >= self.limits.bulk_min_audio_s:
+        duration_s = audio.size / SAMPLE_RATE
+        if duration_s >= self.limits.bulk_min_audio_s:
             self._lane = "bulk"
+        if duration_s <= self.limits.chunk_max_s:
+            # A file that fits one window is one job: cutting it would cost a second encoder pass.
+            self._chunker = Chunker(min_s=self.limits.chunk_max_s, max_s=self.limits.chunk_max_s)
         return self._feed(audio) + self.flush()
 
     def flush(self) -> list[Chunk]:
@@ -410,7 +416,9 @@ class ServerProtocol:
             start = r.segments[0].start_s if r.segments else 0.0
             end = r.segments[-1].end_s if r.segments else 0.0
             if r.text:
-                out.append(Final(r.seq, start, end, r.text, segs, worker=r.worker))
+                out.append(
+                    Final(r.seq, start, end, r.text, segs, worker=r.worker, queue_s=r.queue_s)
+                )
         return out
 
     # --- queries ---

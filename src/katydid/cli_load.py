@@ -1,0 +1,267 @@
+"""``katydid load`` and ``katydid bench engine``: the load tester and the engine baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from katydid.audio import decode_container, sniff_container
+from katydid.config import Config
+from katydid.errors import KatydidError
+from katydid.evaluation import read_manifest
+from katydid.load.backoff import RetryPolicy
+from katydid.load.report import markdown, summarize, write
+from katydid.load.runner import ClipData, LoadRunner, LoadSpec, LoadStats
+
+_LONG_DIR = "long"
+
+
+def add_parsers(sub: Any) -> None:
+    ld = sub.add_parser("load", help="load-test a server with virtual clients over WebSockets")
+    ld.add_argument("--url", help="gateway URL (omit with --serve)")
+    ld.add_argument(
+        "--serve", action="store_true", help="start `katydid serve` for the run and stop it after"
+    )
+    ld.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="workers for --serve and the engine baseline",
+    )
+    ld.add_argument("--metrics-url", help="the gateway's /metrics (automatic with --serve)")
+    ld.add_argument("--mode", choices=("short", "stream", "long"), default="short")
+    ld.add_argument(
+        "--files", nargs="+", type=Path, help="audio files (default: the shared speech clips)"
+    )
+    ld.add_argument("--concurrency", type=int, default=10)
+    ld.add_argument(
+        "--duration", type=float, default=10.0, help="seconds during which sessions start"
+    )
+    ld.add_argument("--ramp", type=float, default=0.0, help="seconds over which clients start")
+    ld.add_argument("--session-timeout", type=float, default=900.0)
+    ld.add_argument(
+        "--drain",
+        type=float,
+        default=600.0,
+        help="seconds to wait for sessions in flight at the end",
+    )
+    ld.add_argument(
+        "--max-attempts", type=int, default=6, help="attempts per session (with backoff)"
+    )
+    ld.add_argument(
+        "--max-wait", type=float, help="the clients' max_wait_s (queue ETA they accept)"
+    )
+    ld.add_argument(
+        "--engine-baseline",
+        action="store_true",
+        help="measure the engine alone first, same clips and processes",
+    )
+    ld.add_argument("--baseline-duration", type=float, default=20.0)
+    ld.add_argument(
+        "--report", type=Path, help="write report.json, report.md (and report.png) here"
+    )
+    ld.add_argument(
+        "--json", action="store_true", help="print the summary as JSON on the last line"
+    )
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench_command", required=True, metavar="WHAT"
+    )
+    be = bench.add_parser(
+        "engine", help="the raw engine in N processes on the same clips (no gateway, no NATS)"
+    )
+    be.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    be.add_argument("--duration", type=float, default=20.0)
+    be.add_argument(
+        "--manifest",
+        type=Path,
+        help="clips in the evaluation manifest format (default: shared short clips)",
+    )
+    be.add_argument("--json", action="store_true")
+
+
+def find_speech_dir() -> Path:
+    for base in (Path.cwd(), *Path.cwd().parents):
+        candidate = base / "shared" / "data" / "speech"
+        if (candidate / "manifest.tsv").is_file():
+            return candidate
+        sibling = base.parent / "shared" / "data" / "speech"
+        if (sibling / "manifest.tsv").is_file():
+            return sibling
+    raise KatydidError("no speech clips found (../shared/data/speech): pass --files or --manifest")
+
+
+def default_files(mode: str) -> list[Path]:
+    clips = read_manifest(find_speech_dir() / "manifest.tsv")
+    long = [c.path for c in clips if c.path.parent.name == _LONG_DIR]
+    short = [c.path for c in clips if c.path.parent.name != _LONG_DIR]
+    return long if mode == "long" else short
+
+
+def load_clips(files: list[Path], mode: str) -> list[ClipData]:
+    out = []
+    for path in files:
+        data = path.read_bytes()
+        audio = decode_container(data, max_audio_s=4 * 3600, max_bytes=len(data) + 1)
+        if mode == "stream":
+            pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+            out.append(ClipData(path.name, pcm, "pcm_s16le", audio.size / 16_000))
+        else:
+            out.append(
+                ClipData(path.name, data, sniff_container(data[:16]) or "wav", audio.size / 16_000)
+            )
+    return out
+
+
+def _engine_baseline(
+    cfg: Config, files: list[Path], processes: int, duration_s: float
+) -> dict[str, float]:
+    from katydid_worker import models
+    from katydid_worker.bench import bench_engine
+    from katydid_worker.engine import EngineOptions
+
+    audio = [decode_container(p, max_audio_s=4 * 3600, max_bytes=1 << 30) for p in files]
+    opts = EngineOptions(language=cfg.language, threads=cfg.engine_threads, beam_size=cfg.beam_size)
+    result = bench_engine(
+        models.prepare(cfg.model_dir, cfg.model),
+        audio,
+        processes=processes,
+        duration_s=duration_s,
+        options=opts,
+    )
+    return result.as_dict()
+
+
+class _Server:
+    """`katydid serve` as a child process on free ports, for the duration of a load run."""
+
+    def __init__(self, cfg: Config, workers: int, log_path: Path) -> None:
+        from katydid.serve import free_port
+
+        self.port, self.metrics_port = free_port(), free_port()
+        argv = [
+            sys.executable, "-m", "katydid", "--model", cfg.model, "--model-dir", str(cfg.model_dir),
+            "--log-format", "json", "serve", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+            "--workers", str(workers),
+        ]  # fmt: skip
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self._wait_ready(workers, timeout_s=180)
+
+    def _wait_ready(self, workers: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        ready_url = self.metrics_url.replace("/metrics", "/readyz")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise KatydidError(f"katydid serve exited with code {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as resp:
+                    if json.load(resp).get("workers_live", 0) >= workers:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise KatydidError("katydid serve did not become ready")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _progress(stats: LoadStats, point: dict[str, float]) -> None:
+    line = (
+        f"\r t={point['t']:6.1f}s  active={int(point['active_client']):5d}  completed={int(point['completed']):6d}  "
+        f"errors={int(point['errors']):4d}  overloaded={int(point['overloaded']):4d}  "
+        f"queue={int(point.get('queue_depth', 0)):5d}"
+    )
+    print(line, end="", file=sys.stderr, flush=True)
+
+
+def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
+    files = args.files or default_files(args.mode)
+    clips = load_clips(files, args.mode)
+    command = "katydid " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    engine = None
+    if args.engine_baseline:
+        print(
+            f"engine baseline: {args.workers} processes, {args.baseline_duration:.0f} s ...",
+            file=sys.stderr,
+        )
+        engine = _engine_baseline(cfg, files, args.workers, args.baseline_duration)
+        print(f"engine baseline: {engine}", file=sys.stderr)
+    server = None
+    if args.serve:
+        server = _Server(cfg, args.workers, (args.report or Path(".")) / "serve.log")
+    try:
+        url = server.url if server else args.url
+        if not url:
+            raise KatydidError("pass --url or --serve")
+        spec = LoadSpec(
+            url=url,
+            clips=clips,
+            mode=args.mode,
+            concurrency=args.concurrency,
+            duration_s=args.duration,
+            ramp_s=args.ramp,
+            session_timeout_s=args.session_timeout,
+            drain_s=args.drain,
+            retry=RetryPolicy(max_attempts=args.max_attempts),
+            metrics_url=server.metrics_url if server else args.metrics_url,
+            max_wait_s=args.max_wait,
+        )
+        stats = trio.run(LoadRunner(spec, on_tick=_progress if sys.stderr.isatty() else None).run)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+    finally:
+        if server:
+            server.stop()
+    summary = summarize(
+        stats, command=command, engine=engine, workers=args.workers if (server or engine) else None
+    )
+    print(markdown(summary))
+    if args.report:
+        for path in write(summary, args.report):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                {k: v for k, v in summary.items() if k not in ("timeline", "latency_timeline")}
+            )
+        )
+    return 0 if summary["errors"] == 0 else 1
+
+
+def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
+    manifest = args.manifest or find_speech_dir() / "manifest.tsv"
+    clips = [c for c in read_manifest(manifest) if c.path.parent.name != _LONG_DIR or args.manifest]
+    files = [c.path for c in clips]
+    result = _engine_baseline(cfg, files, args.processes, args.duration)
+    print(
+        "| engine | processes | clips | audio s | wall s | clips/s | audio-s/s |\n|---|---:|---:|---:|---:|---:|---:|"
+    )
+    print(
+        f"| katydid (whisper.cpp {cfg.model}) | {result['processes']} | {result['clips']} | {result['audio_s']} | "
+        f"{result['wall_s']} | {result['clips_per_s']} | {result['audio_s_per_s']} |"
+    )
+    if args.json:
+        print(json.dumps({"katydid": result}))
+    return 0

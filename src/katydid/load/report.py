@@ -1,0 +1,233 @@
+"""The load report: one JSON object and a Markdown page (and a PNG plot if matplotlib is there).
+
+Everything in it was measured in this run, on this machine; the command line that produced it
+is part of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from katydid.load.runner import LoadStats
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 3)
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": round(ordered[-1], 3)}
+
+
+def _rates(timeline: Sequence[dict[str, float]], key: str) -> list[float]:
+    """Per-interval rate of a cumulative series (per second)."""
+    out = []
+    for a, b in itertools.pairwise(timeline):
+        if key in a and key in b and b["t"] > a["t"]:
+            out.append(max(0.0, (b[key] - a[key]) / (b["t"] - a["t"])))
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def summarize(
+    stats: LoadStats,
+    *,
+    command: str,
+    engine: dict[str, float] | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    spec = stats.spec
+    ok = [r for r in stats.records if r.outcome == "ok"]
+    audio_s = sum(r.audio_s for r in ok)
+    first = min((r.started_s for r in stats.records), default=0.0)
+    last = max((r.finished_s for r in ok), default=first)
+    busy_s = max(1e-9, last - first)
+    tl = stats.timeline
+    gw_cpu = [100 * r for r in _rates(tl, "gateway_cpu_s")]
+    wk_cpu = [100 * r for r in _rates(tl, "workers_cpu_s")]
+    log_rate = _rates(tl, "gateway_log_lines")
+    peak_gateway = max((p.get("gateway_peak", 0.0) for p in tl), default=0.0)
+    rss = [p["gateway_rss"] for p in tl if "gateway_rss" in p]
+    rss_idle = rss[0] if rss else None
+    rss_peak = max(rss) if rss else None
+    peak = int(peak_gateway) or stats.peak_active_client
+    throughput = audio_s / busy_s
+    return {
+        "command": command,
+        "machine": {
+            "cores": os.cpu_count(),
+            "cpu": _cpu_model(),
+            "python": platform.python_version(),
+        },
+        "mode": spec.mode,
+        "concurrency": spec.concurrency,
+        "duration_s": spec.duration_s,
+        "ramp_s": spec.ramp_s,
+        "drain_s": spec.drain_s,
+        "workers": workers,
+        "attempts": stats.attempts,
+        "sessions": len(stats.records),
+        "completed": len(ok),
+        "errors": stats.errors,
+        "errors_by_code": dict(stats.errors_by_code),
+        "errors_by_kind": dict(stats.errors_by_kind),
+        "overloaded": stats.overloaded,
+        "not_retried_after_end": stats.not_retried_after_end,
+        "peak_active_connections": peak,
+        "peak_active_connections_client": stats.peak_active_client,
+        "latency_s": {
+            "connect": percentiles([r.connect_s for r in ok]),
+            "time_in_queue": percentiles([r.queue_s for r in ok]),
+            "first_final": percentiles(
+                [r.first_final_s for r in ok if r.first_final_s is not None]
+            ),
+            "total": percentiles([r.total_s for r in ok]),
+        },
+        "throughput_sessions_per_s": round(len(ok) / busy_s, 3),
+        "throughput_audio_s_per_s": round(throughput, 3),
+        "busy_window_s": round(busy_s, 2),
+        "audio_s_transcribed": round(audio_s, 2),
+        "engine_audio_s_per_s": engine.get("audio_s_per_s") if engine else None,
+        "engine_ratio": round(throughput / engine["audio_s_per_s"], 3)
+        if engine and engine.get("audio_s_per_s")
+        else None,
+        "gateway_cpu_percent": {"mean": _mean(gw_cpu), "max": _max(gw_cpu)},
+        "gateway_rss_bytes": {"start": rss_idle, "peak": rss_peak},
+        "gateway_rss_bytes_per_connection": round((rss_peak - rss_idle) / peak, 1)
+        if rss_peak and rss_idle and peak
+        else None,
+        "workers_cpu_percent": {"mean": _mean(wk_cpu), "max": _max(wk_cpu)},
+        "gateway_log_lines_per_s": {"mean": _mean(log_rate), "max": _max(log_rate)},
+        "gateway_log_lines_suppressed": max(
+            (p.get("gateway_log_suppressed", 0.0) for p in tl), default=0.0
+        ),
+        "wall_s": round(stats.wall_s, 2),
+        "timeline": tl,
+        "latency_timeline": [[round(r.finished_s, 2), round(r.total_s, 2)] for r in ok],
+    }
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return round(sum(xs) / len(xs), 2) if xs else None
+
+
+def _max(xs: Sequence[float]) -> float | None:
+    return round(max(xs), 2) if xs else None
+
+
+def markdown(s: dict[str, Any]) -> str:
+    lat = s["latency_s"]
+
+    def row(name: str, p: dict[str, float | None]) -> str:
+        return f"| {name} | {p['p50']} | {p['p90']} | {p['p99']} | {p['max']} |"
+
+    mb = 1024 * 1024
+    rss = s["gateway_rss_bytes"]
+    lines = [
+        f"# Katydid load report: {s['mode']}, {s['concurrency']} clients, {s['duration_s']:.0f} s",
+        "",
+        f"Command: `{s['command']}`",
+        f"Machine: {s['machine']['cores']} cores, {s['machine']['cpu']}, Python {s['machine']['python']}; workers: {s['workers']}",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| attempts | {s['attempts']} |",
+        f"| sessions started | {s['sessions']} |",
+        f"| completed sessions | {s['completed']} |",
+        f"| **errors** | **{s['errors']}** |",
+        f"| errors by kind | {s['errors_by_kind'] or '-'} |",
+        f"| errors by code | {s['errors_by_code'] or '-'} |",
+        f"| overloaded (refused with retry_after, retried) | {s['overloaded']} |",
+        f"| not retried because the duration ended | {s['not_retried_after_end']} |",
+        f"| peak active connections (gateway) | {s['peak_active_connections']} |",
+        f"| throughput | {s['throughput_sessions_per_s']} sessions/s, {s['throughput_audio_s_per_s']} audio-s/s over {s['busy_window_s']} s |",
+        f"| engine alone (same processes, same clips) | {s['engine_audio_s_per_s'] or '-'} audio-s/s |",
+        f"| **throughput / engine** | **{s['engine_ratio'] if s['engine_ratio'] is not None else '-'}** |",
+        f"| gateway CPU % (mean / max) | {s['gateway_cpu_percent']['mean']} / {s['gateway_cpu_percent']['max']} |",
+        f"| gateway RSS (start / peak) | {_mb(rss['start'], mb)} / {_mb(rss['peak'], mb)} MiB |",
+        f"| gateway RSS per connection | {s['gateway_rss_bytes_per_connection'] or '-'} bytes |",
+        f"| workers CPU % (sum; mean / max) | {s['workers_cpu_percent']['mean']} / {s['workers_cpu_percent']['max']} |",
+        f"| gateway log lines/s (mean / max) | {s['gateway_log_lines_per_s']['mean']} / {s['gateway_log_lines_per_s']['max']} |",
+        f"| gateway log lines suppressed by sampling | {s['gateway_log_lines_suppressed']:.0f} |",
+        f"| wall time (incl. drain) | {s['wall_s']} s |",
+        "",
+        "Latency of completed sessions (seconds):",
+        "",
+        "| phase | p50 | p90 | p99 | max |",
+        "|---|---:|---:|---:|---:|",
+        row("connect", lat["connect"]),
+        row("time in queue", lat["time_in_queue"]),
+        row("first final", lat["first_final"]),
+        row("total", lat["total"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _mb(v: float | None, mb: int) -> str:
+    return f"{v / mb:.1f}" if v else "-"
+
+
+def plot(s: dict[str, Any], path: Path) -> bool:
+    """Write a PNG of throughput, queue depth, connections and latency; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tl = s["timeline"]
+    t = [p["t"] for p in tl]
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
+    done = [p["audio_done_s"] for p in tl]
+    axes[0].plot(
+        t[1:],
+        [
+            max(0.0, (b - a) / max(1e-9, tb - ta))
+            for a, b, ta, tb in zip(done, done[1:], t, t[1:], strict=False)
+        ],
+    )
+    axes[0].set_ylabel("audio-s/s")
+    axes[1].plot(t, [p.get("queue_depth", 0) for p in tl])
+    axes[1].set_ylabel("queue depth")
+    axes[2].plot(t, [p.get("gateway_active", p["active_client"]) for p in tl])
+    axes[2].set_ylabel("connections")
+    points = s["latency_timeline"]
+    axes[3].scatter([p[0] for p in points], [p[1] for p in points], s=4)
+    axes[3].set_ylabel("session latency s")
+    axes[3].set_xlabel("seconds since start")
+    fig.suptitle(f"{s['mode']}: {s['concurrency']} clients, {s['duration_s']:.0f} s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write(s: dict[str, Any], directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = [directory / "report.json", directory / "report.md"]
+    written[0].write_text(json.dumps(s, indent=2), encoding="utf-8")
+    written[1].write_text(markdown(s), encoding="utf-8")
+    if plot(s, directory / "report.png"):
+        written.append(directory / "report.png")
+    return written
