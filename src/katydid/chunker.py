@@ -46,7 +46,9 @@ class Chunker:
         self._min_frames = max(1, int(min_s * SAMPLE_RATE) // FRAME)
         self._max = (int(max_s * SAMPLE_RATE) // FRAME) * FRAME
         self._silence_frames = max(1, round(silence_s * SAMPLE_RATE / FRAME))
-        self._buf = np.zeros(self._max + FRAME, dtype=np.float32)  # fixed; never reallocated
+        # Grown by doubling up to max_s, released at flush: a session waiting in the queue for
+        # its results holds no audio (500 waiting sessions once held 1 GB of empty buffers).
+        self._buf = np.zeros(0, dtype=np.float32)
         self._n = 0  # samples held
         self._rms = np.zeros(self._max // FRAME + 1)  # per complete frame held
         self._offset = 0  # samples already emitted
@@ -72,6 +74,7 @@ class Chunker:
         pos = 0
         while pos < audio.size:
             take = min(self._max - self._n, audio.size - pos)
+            self._reserve(self._n + take)
             before = self._n // FRAME
             self._buf[self._n : self._n + take] = audio[pos : pos + take]
             self._n += take
@@ -92,7 +95,14 @@ class Chunker:
             else:
                 self._offset += self._n
                 self._n = 0
+        self._buf = np.zeros(0, dtype=np.float32)
         return out
+
+    def _reserve(self, size: int) -> None:
+        if size > self._buf.size:
+            grown = np.zeros(min(self._max, max(size, 2 * self._buf.size, 8 * FRAME)), dtype=np.float32)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
 
     def _measure(self, start: int, end: int) -> None:
         if end <= start:

@@ -32,6 +32,13 @@ def _children_of(pid: int) -> set[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
 def test_serve_transcribe_eval_and_drain(model_dir: Path, speech_dir: Path, tmp_path: Path) -> None:
     env = os.environ | {"KATYDID_MODEL_DIR": str(model_dir), "KATYDID_LOG_FORMAT": "json"}
     port = free_port()
@@ -91,6 +98,20 @@ def test_serve_transcribe_eval_and_drain(model_dir: Path, speech_dir: Path, tmp_
         summary = json.loads(ev.stdout.strip().splitlines()[-1])
         assert len(summary["clips"]) == 3
         assert summary["wer"] <= 0.05
+        # A crashed worker is restarted (with backoff) and the server goes on serving.
+        worker = next(p for p in children if "worker" in _cmdline(p))
+        os.kill(worker, signal.SIGKILL)
+        wait_until(
+            lambda: any("worker" in _cmdline(p) for p in _children_of(serve.pid) - {worker}),
+            30,
+            "a new worker",
+        )
+        out = subprocess.run(
+            [sys.executable, "-m", "katydid", "transcribe", str(jfk), "--url", url],
+            capture_output=True, text=True, env=env, timeout=120, check=True,
+        )  # fmt: skip
+        assert wer(reference, out.stdout) <= 0.05
+        children = _children_of(serve.pid)
     finally:
         serve.send_signal(signal.SIGTERM)
         try:
