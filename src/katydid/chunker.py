@@ -100,7 +100,9 @@ class Chunker:
 
     def _reserve(self, size: int) -> None:
         if size > self._buf.size:
-            grown = np.zeros(min(self._max, max(size, 2 * self._buf.size, 8 * FRAME)), dtype=np.float32)
+            grown = np.zeros(
+                min(self._max, max(size, 2 * self._buf.size, 8 * FRAME)), dtype=np.float32
+            )
             grown[: self._n] = self._buf[: self._n]
             self._buf = grown
 

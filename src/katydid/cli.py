@@ -133,10 +133,10 @@ def _cmd_model(cfg: Config, args: argparse.Namespace) -> int:
         path = models.prepare(cfg.model_dir, name, progress=lambda msg: print(msg, file=sys.stderr))
         print(path)
         return 0
-    print(f"{'model':<10} {'installed':<10} {'prepared':<9} path")
+    print(f"{'model':<14} {'installed':<10} {'prepared':<9} path")
     for st in models.statuses(cfg.model_dir):
         print(
-            f"{st.name:<10} {'yes' if st.installed else 'no':<10} {'yes' if st.prepared else 'no':<9} {st.path}"
+            f"{st.name:<14} {'yes' if st.installed else 'no':<10} {'yes' if st.prepared else 'no':<9} {st.path}"
         )
     return 0
 

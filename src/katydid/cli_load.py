@@ -90,6 +90,11 @@ def add_parsers(sub: Any) -> None:
         help="clips in the evaluation manifest format (default: shared short clips)",
     )
     be.add_argument("--json", action="store_true")
+    be.add_argument(
+        "--compare",
+        choices=("faster-whisper",),
+        help="side by side with faster-whisper int8, one process each",
+    )
 
 
 def find_speech_dir() -> Path:
@@ -253,15 +258,73 @@ def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     manifest = args.manifest or find_speech_dir() / "manifest.tsv"
     clips = [c for c in read_manifest(manifest) if c.path.parent.name != _LONG_DIR or args.manifest]
-    files = [c.path for c in clips]
-    result = _engine_baseline(cfg, files, args.processes, args.duration)
+    if args.compare:
+        return _compare(cfg, clips, as_json=args.json)
+    result = _engine_baseline(cfg, [c.path for c in clips], args.processes, args.duration)
+    print("| engine | processes | clips | audio s | wall s | clips/s | audio-s/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     print(
-        "| engine | processes | clips | audio s | wall s | clips/s | audio-s/s |\n|---|---:|---:|---:|---:|---:|---:|"
-    )
-    print(
-        f"| katydid (whisper.cpp {cfg.model}) | {result['processes']} | {result['clips']} | {result['audio_s']} | "
-        f"{result['wall_s']} | {result['clips_per_s']} | {result['audio_s_per_s']} |"
+        f"| katydid (whisper.cpp {cfg.model}) | {result['processes']} | {result['clips']} | "
+        f"{result['audio_s']} | {result['wall_s']} | {result['clips_per_s']} | {result['audio_s_per_s']} |"
     )
     if args.json:
         print(json.dumps({"katydid": result}))
+    return 0
+
+
+def _compare(cfg: Config, clips: list[Any], *, as_json: bool) -> int:
+    import dataclasses
+
+    from katydid_worker import models
+    from katydid_worker.compare import run_faster_whisper, run_katydid
+    from katydid_worker.engine import EngineOptions
+
+    data = [
+        (decode_container(c.path, max_audio_s=4 * 3600, max_bytes=1 << 30), c.reference)
+        for c in clips
+    ]
+    model_path = models.prepare(cfg.model_dir, cfg.model)
+    ct2_dir = models.source(cfg.model).package_dirs()[0]
+    if models.source(cfg.model).parts:
+        raise KatydidError(
+            "--compare needs a model whose CTranslate2 files are in one package (tiny.en)"
+        )
+    opts = EngineOptions(language=cfg.language, threads=cfg.engine_threads, beam_size=cfg.beam_size)
+    runs = {
+        "katydid": run_katydid(model_path, data, opts),
+        "katydid_full_context": run_katydid(
+            model_path, data, dataclasses.replace(opts, clip_context=False)
+        ),
+        "faster_whisper": run_faster_whisper(
+            ct2_dir, data, threads=cfg.engine_threads, beam_size=5
+        ),
+        "faster_whisper_greedy": run_faster_whisper(
+            ct2_dir, data, threads=cfg.engine_threads, beam_size=1
+        ),
+    }
+    k, full, fw = runs["katydid"], runs["katydid_full_context"], runs["faster_whisper"]
+    worst = max(a / b for a, b in zip(k.per_clip_s, full.per_clip_s, strict=True))
+    print(
+        f"{len(data)} clips, {sum(a.size for a, _ in data) / 16000:.1f} s of audio, {cfg.engine_threads} thread(s) each"
+    )
+    print("| engine | WER | clips/s | audio-s/s | compute s | slowest clip s | fallbacks |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for run in runs.values():
+        d = run.as_dict()
+        print(
+            f"| {d['name']} | {100 * run.wer:.2f}% | {d['clips_per_s']} | {d['audio_s_per_s']} | {d['compute_s']} | {d['worst_clip_s']} | {d['fallbacks']} |"
+        )
+    ratio = k.clips_per_s / fw.clips_per_s if fw.clips_per_s else 0.0
+    print(
+        f"katydid / faster-whisper clips/s: {ratio:.2f}x; WER difference {100 * (k.wer - fw.wer):+.2f} points"
+    )
+    print(f"slowest clip relative to its own full-context time: {worst:.2f}x")
+    if as_json:
+        out = {name: run.as_dict() for name, run in runs.items()}
+        out["ratio"] = {
+            "clips_per_s": round(ratio, 3),
+            "wer_points": round(100 * (k.wer - fw.wer), 3),
+            "worst_vs_full_context": round(worst, 3),
+        }
+        print(json.dumps(out))
     return 0

@@ -143,3 +143,42 @@ def test_cli_model_list(model_dir: Path) -> None:
     assert proc.returncode == 0
     row = next(line for line in proc.stdout.splitlines() if line.startswith("tiny.en"))
     assert row.split()[1:3] == ["yes", "yes"]
+
+
+def test_clip_context_is_used_for_short_clips_and_is_faster(
+    model_path: Path, speech_dir: Path
+) -> None:
+    clip = next(
+        c for c in read_manifest(speech_dir / "manifest.tsv") if c.name == "ls_61-70968-0000.wav"
+    )
+    audio = decode_container(clip.path, **LIMITS)
+    engine = Engine(model_path)
+    tr = engine.transcribe(audio)
+    assert tr.audio_ctx < 1500
+    assert tr.fallback is None
+    assert wer(clip.reference, tr.text) <= 0.1
+    full = Engine(model_path, EngineOptions(clip_context=False)).transcribe(audio)
+    assert full.audio_ctx == 1500
+    assert wer(clip.reference, full.text) <= 0.1
+
+
+def test_looping_clip_at_a_tight_context_falls_back_to_the_full_window(
+    model_path: Path, speech_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: at 256 positions these clips loop ("Go forward 10 meters." forty times).
+    import katydid_worker.engine as engine_module
+    from katydid_worker.guardrails import choose_audio_ctx
+
+    monkeypatch.setattr(
+        engine_module,
+        "choose_audio_ctx",
+        lambda d, margin_s: choose_audio_ctx(d, margin_s=margin_s, min_ctx=256),
+    )
+    engine = Engine(model_path)
+    clips = {c.name: c for c in read_manifest(speech_dir / "manifest.tsv")}
+    for name in ("cmu_goforward.wav", "sr_english_123.wav"):
+        tr = engine.transcribe(decode_container(clips[name].path, **LIMITS))
+        assert tr.fallback is not None, name  # the guardrail caught it
+        assert tr.audio_ctx == 1500
+        assert len(tr.text) < 40, tr.text  # the full-window answer, not the loop
+    assert engine.fallbacks == 2

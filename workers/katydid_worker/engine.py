@@ -10,6 +10,7 @@ argument is not an existing file, so the path is checked here first.
 
 from __future__ import annotations
 
+import atexit
 import math
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from katydid.errors import EngineError, ModelError
+from katydid_worker.guardrails import FULL_CTX, check_output, choose_audio_ctx, voiced_seconds
 
 SAMPLE_RATE = 16_000
 _TICK_S = 0.01  # whisper.cpp reports times in 10 ms ticks
@@ -47,6 +49,8 @@ class Transcript:
     language: str
     audio_s: float
     compute_s: float
+    audio_ctx: int = 1500  # encoder positions used by the run that produced it (1500 = 30 s)
+    fallback: str | None = None  # why the clip-sized run was discarded for a full-window one
 
     @property
     def text(self) -> str:
@@ -60,13 +64,29 @@ class Transcript:
 
 @dataclass(frozen=True, slots=True)
 class EngineOptions:
-    """Decoding options; defaults are whisper.cpp's greedy defaults, measured best per CPU second."""
+    """Decoding options. Defaults were measured on the shared clips for accuracy per CPU second
+    (see README, "Engine"): greedy, clip-sized context with guardrails, whisper.cpp's thresholds.
+    """
 
     language: str = "en"
     threads: int = 1
     beam_size: int = 0  # 0 = greedy
     word_timestamps: bool = False
     initial_prompt: str | None = None
+    clip_context: bool = True  # encoder window sized to the clip, with guardrails
+    ctx_margin_s: float = 1.0  # context beyond the clip's length
+    # Longer clips use the full window: past ~512 positions (9 s) a clip-sized run costs more
+    # than half a full one (tiny.en, 1 thread), so its budget would cut it off.
+    max_clip_ctx: int = 512
+    budget_ratio: float = 0.5  # clip-sized run's compute budget, x the full-window time
+    temperature_fallback: bool = True  # whisper.cpp's temperature retries, in full-window runs
+    entropy_thold: float = 2.4
+    logprob_thold: float = -1.0
+    no_speech_thold: float = 0.6
+
+
+def _drop_log(*_args: object) -> None:
+    return None
 
 
 class Engine:
@@ -83,7 +103,15 @@ class Engine:
     def __init__(self, model_path: Path, options: EngineOptions | None = None) -> None:
         if not model_path.is_file():
             raise ModelError(f"model file {model_path} not found; run: katydid model prepare")
+        import _pywhispercpp as pw
         from pywhispercpp.model import Model  # imported late: it loads a native library
+
+        # whisper.cpp logs to stderr from C (e.g. "failed to decode" when we abort a run on
+        # purpose); the engine never prints, so its log goes nowhere.
+        pw.whisper_log_set(_drop_log)
+        # ...but not during interpreter shutdown, when a model freed late would call back into
+        # a finalizing interpreter (a fatal error): the default logger is back by then.
+        atexit.register(pw.whisper_log_set, None)
 
         self.options = options or EngineOptions()
         self.model_path = model_path
@@ -93,6 +121,19 @@ class Engine:
             redirect_whispercpp_logs_to=None,
             **self._params(self.options),
         )
+        self.fallbacks = 0
+        # The full-window time of a near-empty clip: the encoder's fixed cost, which bounds what
+        # a clip-sized attempt may spend before we give up on it (see guardrails.py).
+        self.full_window_s = 0.0
+        if self.options.clip_context:
+            started = time.perf_counter()
+            self._run(
+                np.zeros(SAMPLE_RATE, dtype=np.float32),
+                audio_ctx=0,
+                temperature_inc=0.0,
+                abort=None,
+            )
+            self.full_window_s = time.perf_counter() - started
 
     @staticmethod
     def _params(opts: EngineOptions) -> dict[str, Any]:
@@ -104,6 +145,9 @@ class Engine:
             "print_timestamps": False,
             "no_context": True,
             "token_timestamps": opts.word_timestamps,
+            "entropy_thold": opts.entropy_thold,
+            "logprob_thold": opts.logprob_thold,
+            "no_speech_thold": opts.no_speech_thold,
         }
         if opts.initial_prompt:
             params["initial_prompt"] = opts.initial_prompt
@@ -132,17 +176,65 @@ class Engine:
             raise EngineError(f"engine needs 1-D float32 audio, got {audio.dtype} {audio.shape}")
         audio = np.ascontiguousarray(audio)
         audio_s = audio.size / SAMPLE_RATE
+        opts = self.options
         started = time.perf_counter()
+        progress = (lambda seg: on_progress(seg.t1 * _TICK_S)) if on_progress else None
+        fallback: str | None = None
+        ctx = (
+            choose_audio_ctx(audio_s, margin_s=opts.ctx_margin_s) if opts.clip_context else FULL_CTX
+        )
+        if ctx <= opts.max_clip_ctx:
+            # A loop shows as a decode that runs on: the budget stops it (whisper.cpp reports
+            # segments only at the end of a window, so text cannot be watched while it grows).
+            deadline = started + opts.budget_ratio * self.full_window_s
+
+            def over_budget() -> bool:
+                return time.perf_counter() > deadline or bool(should_abort and should_abort())
+
+            # No temperature retries here: a bad clip-sized decode goes to the full window.
+            raw = self._run(
+                audio, audio_ctx=ctx, temperature_inc=0.0, abort=over_budget, progress=progress
+            )
+            if should_abort is not None and should_abort():
+                return self._transcript(raw, audio_s, started, ctx, None)
+            if time.perf_counter() > deadline:
+                fallback = "budget"
+            else:
+                text = " ".join(s.text for s in raw)
+                fallback = check_output(text, audio_s, voiced_seconds(audio))
+            if fallback is None:
+                return self._transcript(raw, audio_s, started, ctx, None)
+            self.fallbacks += 1
+        tinc = 0.2 if opts.temperature_fallback else 0.0
+        raw = self._run(
+            audio, audio_ctx=0, temperature_inc=tinc, abort=should_abort, progress=progress
+        )
+        return self._transcript(raw, audio_s, started, FULL_CTX, fallback)
+
+    def _run(
+        self,
+        audio: np.ndarray,
+        *,
+        audio_ctx: int,
+        temperature_inc: float,
+        abort: Callable[[], bool] | None,
+        progress: Callable[[Any], None] | None = None,
+    ) -> list[Any]:
         try:
-            raw = self._model.transcribe(
+            raw: list[Any] = self._model.transcribe(
                 audio,
-                abort_callback=should_abort,
-                new_segment_callback=(lambda seg: on_progress(seg.t1 * _TICK_S))
-                if on_progress
-                else None,
+                abort_callback=abort,
+                new_segment_callback=progress,
+                audio_ctx=audio_ctx,
+                temperature_inc=temperature_inc,
             )
         except Exception as exc:  # the binding raises bare RuntimeErrors
             raise EngineError(f"whisper.cpp failed: {exc}") from exc
+        return raw
+
+    def _transcript(
+        self, raw: list[Any], audio_s: float, started: float, audio_ctx: int, fallback: str | None
+    ) -> Transcript:
         compute_s = time.perf_counter() - started
         segments = tuple(
             Segment(
@@ -158,6 +250,8 @@ class Engine:
             language=self.options.language,
             audio_s=audio_s,
             compute_s=compute_s,
+            audio_ctx=audio_ctx,
+            fallback=fallback,
         )
 
     def _words(self, segment: int) -> tuple[Word, ...]:

@@ -207,16 +207,58 @@ def _keeps_f32(name: str, arr: np.ndarray) -> bool:
     return arr.ndim < 2 or name.endswith(("conv1.bias", "conv2.bias", "positional_embedding"))
 
 
-def write_ggml(model: Ct2Model, tokens: list[bytes], out: BinaryIO) -> None:
-    """Write ``model`` as a whisper.cpp ggml (f16) file.
+# ggml tensor types and file types (ggml.h), and whisper.cpp's quantisation version marker.
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0 = 0, 1, 8
+FTYPE_F16, FTYPE_Q8_0 = 1, 7
+GGML_QNT_VERSION, GGML_QNT_VERSION_FACTOR = 2, 1000
+QK8_0 = 32
+QUANTS = ("f16", "q8_0")
+
+
+def quantize_q8_0(arr: np.ndarray) -> bytes:
+    """ggml's Q8_0: blocks of 32 values along the last axis, an f16 scale then 32 int8.
 
     Raises:
-        ModelError: the model lacks a tensor whisper.cpp needs.
+        ModelError: the last axis is not a multiple of 32.
     """
+    x = np.ascontiguousarray(arr, dtype=np.float32)
+    if x.shape[-1] % QK8_0:
+        raise ModelError(
+            f"cannot quantise a tensor whose rows ({x.shape[-1]}) are not a multiple of {QK8_0}"
+        )
+    blocks = x.reshape(-1, QK8_0)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    d = amax / 127.0
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    qs = np.rint(blocks * inv).clip(-127, 127).astype(np.int8)
+    packed = np.empty(blocks.shape[0], dtype=[("d", "<f2"), ("qs", "i1", QK8_0)])
+    packed["d"] = d[:, 0].astype("<f2")
+    packed["qs"] = qs
+    return packed.tobytes()
+
+
+def _tensor_type(name: str, arr: np.ndarray, quant: str) -> int:
+    if _keeps_f32(name, arr):
+        return GGML_TYPE_F32
+    # whisper.cpp quantises 2-D matrices only; the 3-D convolution kernels stay f16.
+    if quant == "q8_0" and arr.ndim == 2:
+        return GGML_TYPE_Q8_0
+    return GGML_TYPE_F16
+
+
+def write_ggml(model: Ct2Model, tokens: list[bytes], out: BinaryIO, *, quant: str = "f16") -> None:
+    """Write ``model`` as a whisper.cpp ggml file, f16 or with Q8_0 matrices.
+
+    Raises:
+        ModelError: the model lacks a tensor whisper.cpp needs, or ``quant`` is unknown.
+    """
+    if quant not in QUANTS:
+        raise ModelError(f"unknown quantisation {quant!r}; known: {', '.join(QUANTS)}")
     hp = hparams(model)
     out.write(struct.pack("<i", GGML_MAGIC))
     out.write(struct.pack("<10i", *hp.values()))
-    out.write(struct.pack("<i", 1))  # ftype: mostly f16
+    ftype = FTYPE_F16 if quant == "f16" else GGML_QNT_VERSION * GGML_QNT_VERSION_FACTOR + FTYPE_Q8_0
+    out.write(struct.pack("<i", ftype))
     filters = mel_filters(hp["n_mels"])
     out.write(struct.pack("<ii", *filters.shape))
     out.write(filters.astype("<f4").tobytes())
@@ -224,10 +266,15 @@ def write_ggml(model: Ct2Model, tokens: list[bytes], out: BinaryIO) -> None:
     for tok in tokens:
         out.write(struct.pack("<i", len(tok)) + tok)
     for name, value in whisper_tensors(model):
-        f32 = _keeps_f32(name, value)
-        data = np.ascontiguousarray(value, dtype="<f4" if f32 else "<f2")
+        ttype = _tensor_type(name, value, quant)
+        if ttype == GGML_TYPE_Q8_0:
+            payload = quantize_q8_0(value)
+        else:
+            payload = np.ascontiguousarray(
+                value, dtype="<f4" if ttype == GGML_TYPE_F32 else "<f2"
+            ).tobytes()
         raw_name = name.encode("utf-8")
-        out.write(struct.pack("<iii", data.ndim, len(raw_name), 0 if f32 else 1))
-        out.write(struct.pack(f"<{data.ndim}i", *reversed(data.shape)))
+        out.write(struct.pack("<iii", value.ndim, len(raw_name), ttype))
+        out.write(struct.pack(f"<{value.ndim}i", *reversed(value.shape)))
         out.write(raw_name)
-        out.write(data.tobytes())
+        out.write(payload)

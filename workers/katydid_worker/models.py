@@ -27,7 +27,7 @@ from pathlib import Path
 
 from katydid.errors import ModelError
 from katydid_worker.ct2 import read_ct2
-from katydid_worker.ggml import read_tokens, write_ggml
+from katydid_worker.ggml import QUANTS, read_tokens, write_ggml
 
 CONVERTER_VERSION = 1
 SMOKE_TIMEOUT_S = 300.0
@@ -86,11 +86,24 @@ SOURCES: dict[str, ModelSource] = {
 }
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """``"tiny.en-q8_0"`` -> ``("tiny.en", "q8_0")``; a plain name is f16."""
+    for quant in QUANTS:
+        if name.endswith(f"-{quant}"):
+            return name[: -len(quant) - 1], quant
+    return name, "f16"
+
+
+def known_names() -> list[str]:
+    return [n if q == "f16" else f"{n}-{q}" for n in SOURCES for q in QUANTS]
+
+
 def source(name: str) -> ModelSource:
+    """The source of ``name`` (a quantised variant such as ``tiny.en-q8_0`` shares its base's)."""
     try:
-        return SOURCES[name]
+        return SOURCES[split_name(name)[0]]
     except KeyError:
-        raise ModelError(f"unknown model {name!r}; known: {', '.join(SOURCES)}") from None
+        raise ModelError(f"unknown model {name!r}; known: {', '.join(known_names())}") from None
 
 
 def model_path(cache_dir: Path, name: str) -> Path:
@@ -160,14 +173,14 @@ def _ct2_dir(src: ModelSource, scratch: Path) -> Iterator[Path]:
     yield joined
 
 
-def convert(ct2_dir: Path, out_path: Path) -> None:
+def convert(ct2_dir: Path, out_path: Path, quant: str = "f16") -> None:
     """Convert a CTranslate2 Whisper directory to a ggml file at ``out_path`` (no validation)."""
     model = read_ct2(ct2_dir / "model.bin")
     if not model.spec.startswith("Whisper"):
         raise ModelError(f"{ct2_dir} holds a {model.spec}, not a Whisper model")
     tokens = read_tokens(ct2_dir)
     with out_path.open("wb") as out:
-        write_ggml(model, tokens, out)
+        write_ggml(model, tokens, out, quant=quant)
 
 
 def smoke_check(path: Path, *, timeout_s: float = SMOKE_TIMEOUT_S) -> None:
@@ -215,7 +228,7 @@ def prepare(
         tmp = scratch / final.name
         progress(f"converting {name} to {final}")
         with _ct2_dir(src, scratch) as ct2_dir:
-            convert(ct2_dir, tmp)
+            convert(ct2_dir, tmp, split_name(name)[1])
         size, sha = tmp.stat().st_size, _sha256(tmp)
         progress(f"validating {name} ({size / 1e6:.1f} MB) in a child process")
         smoke_check(tmp)
@@ -248,11 +261,11 @@ def statuses(cache_dir: Path) -> list[ModelStatus]:
     """What each known model's state is: source installed, prepared in the cache."""
     return [
         ModelStatus(
-            name=s.name,
-            installed=s.available(),
-            prepared=is_prepared(cache_dir, s.name),
-            path=model_path(cache_dir, s.name),
-            english_only=s.english_only,
+            name=name,
+            installed=source(name).available(),
+            prepared=is_prepared(cache_dir, name),
+            path=model_path(cache_dir, name),
+            english_only=source(name).english_only,
         )
-        for s in SOURCES.values()
+        for name in known_names()
     ]

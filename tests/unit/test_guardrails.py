@@ -1,0 +1,77 @@
+"""Clip-sized context choice and the output checks, on crafted transcripts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from katydid_worker.guardrails import (
+    FULL_CTX,
+    check_output,
+    choose_audio_ctx,
+    compression_ratio,
+    max_ngram_repeats,
+    voiced_seconds,
+)
+
+
+@pytest.mark.parametrize(
+    ("duration_s", "expected"),
+    [
+        (0.5, 384),
+        (2.9, 384),
+        (6.0, 384),
+        (6.6, 384),
+        (7.0, 448),
+        (11.0, 640),
+        (16.0, 896),
+        (28.0, FULL_CTX),
+        (45.0, FULL_CTX),
+    ],
+)
+def test_context_covers_the_clip_plus_margin_rounded_up(duration_s: float, expected: int) -> None:
+    ctx = choose_audio_ctx(duration_s, margin_s=1.0)
+    assert ctx == expected
+    assert ctx == FULL_CTX or (ctx % 64 == 0 and ctx >= (duration_s + 1.0) * 50)
+
+
+def test_looped_transcript_fails() -> None:
+    loop = "She had your doc suit in greasy wash for all year. " * 5
+    assert check_output(loop, duration_s=2.9, voiced_s=2.5) in (
+        "too_long",
+        "compression",
+        "repetition",
+    )
+    assert compression_ratio(loop) > 2.4
+    assert max_ngram_repeats(loop) == 5
+
+
+def test_repetition_caught_even_when_short_and_not_too_dense() -> None:
+    text = (
+        "go forward ten meters, go forward ten meters, go forward ten meters, go forward ten meters"
+    )
+    assert check_output(text, duration_s=20.0, voiced_s=10.0) in ("compression", "repetition")
+    assert max_ngram_repeats(text) == 4
+
+
+def test_empty_transcript_fails_only_for_voiced_audio() -> None:
+    assert check_output("", duration_s=5.0, voiced_s=4.0) == "empty"
+    assert check_output("  ", duration_s=5.0, voiced_s=0.2) is None
+
+
+def test_too_long_for_the_audio_fails() -> None:
+    text = "a perfectly varied sentence with many different words appearing only once in it overall"
+    assert check_output(text, duration_s=1.0, voiced_s=1.0) == "too_long"
+
+
+def test_normal_transcripts_pass() -> None:
+    jfk = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+    assert check_output(jfk, duration_s=11.0, voiced_s=9.0) is None
+    assert check_output("one two three", duration_s=2.7, voiced_s=1.5) is None
+
+
+def test_voiced_seconds_counts_loud_frames() -> None:
+    t = np.arange(32_000) / 16_000
+    audio = np.where(t < 1.0, 0.3 * np.sin(2 * np.pi * 200 * t), 0.0).astype(np.float32)
+    assert voiced_seconds(audio) == pytest.approx(1.0, abs=0.05)
+    assert voiced_seconds(np.zeros(100, dtype=np.float32)) == 0.0
