@@ -43,6 +43,37 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """Engine side by side with faster-whisper (short clips, then the long clip), then N-process throughput."""
+    session.install("-e", ".[bench]")
+    session.run("katydid", "model", "prepare")
+    session.run("katydid", "bench", "engine", "--compare", "faster-whisper", *session.posargs)
+    long_manifest = Path(session.create_tmp()) / "long.tsv"
+    lines = (SPEECH / "manifest.tsv").read_text(encoding="utf-8").splitlines()
+    rows = [f"{SPEECH}/{ln}" for ln in lines[1:] if ln.startswith("long/")]
+    long_manifest.write_text("\n".join([lines[0], *rows]) + "\n", encoding="utf-8")
+    session.run(
+        "katydid",
+        "bench",
+        "engine",
+        "--compare",
+        "faster-whisper",
+        "--manifest",
+        str(long_manifest),
+    )
+    session.run("katydid", "bench", "engine", "--duration", "20")
+
+
+@nox.session
+def load(session: nox.Session) -> None:
+    """The seed scenario: `katydid serve` (2 workers) under load, engine baseline in the same run."""
+    session.install("-e", ".[plot]")
+    session.run("katydid", "model", "prepare")
+    defaults = ["--serve", "--workers", "2", "--engine-baseline", "--report", "reports/load"]
+    session.run("katydid", "load", *defaults, *session.posargs)
+
+
+@nox.session
 def eval(session: nox.Session) -> None:
     """WER and real-time factor of the local engine on the shared speech clips."""
     session.install("-e", ".")

@@ -41,6 +41,11 @@ class WorkerCollector(Collector):
         rss = GaugeMetricFamily(
             "katydid_worker_resident_memory_bytes", "Worker process RSS", labels=["worker"]
         )
+        fallbacks = CounterMetricFamily(
+            "katydid_worker_fallbacks",
+            "Clip-sized runs redone with the full window",
+            labels=["worker"],
+        )
         for worker, beat in beats.items():
             busy.add_metric([worker], 1.0 if beat.get("busy") else 0.0)
             for outcome, key in (
@@ -51,7 +56,8 @@ class WorkerCollector(Collector):
                 jobs.add_metric([worker, outcome], float(beat.get(key) or 0))
             cpu.add_metric([worker], float(beat.get("cpu_s") or 0.0))
             rss.add_metric([worker], float(beat.get("rss_bytes") or 0.0))
-        yield from (busy, jobs, cpu, rss)
+            fallbacks.add_metric([worker], float(beat.get("fallbacks") or 0))
+        yield from (busy, jobs, cpu, rss, fallbacks)
 
 
 class _LogCollector(Collector):

@@ -64,6 +64,7 @@ class WorkerStats:
     audio_s: float = 0.0
     compute_s: float = 0.0
     started_unix: float = field(default_factory=time.time)
+    fallbacks: int = 0  # clip-sized runs redone with the full window (engine guardrails)
 
     def to_json(self) -> bytes:
         avg = self.compute_s / self.jobs_done if self.jobs_done else None
@@ -79,6 +80,7 @@ class WorkerStats:
                 "rtf": self.compute_s / self.audio_s if self.audio_s else None,
                 "pid": os.getpid(),
                 "cpu_s": round(time.process_time(), 3),
+                "fallbacks": self.fallbacks,
                 "rss_bytes": _rss_bytes(),
                 "uptime_s": round(time.time() - self.started_unix, 1),
             }
@@ -262,6 +264,7 @@ class Worker:
                 tr.audio_s, tr.compute_s, queue_s, self.worker_id, {"code": "cancelled", "message": "the client left"},
             )  # fmt: skip
         self.stats.jobs_done += 1
+        self.stats.fallbacks = self.engine.fallbacks
         self.stats.audio_s += tr.audio_s
         self.stats.compute_s += tr.compute_s
         segments = tuple(
