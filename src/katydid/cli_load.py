@@ -75,6 +75,12 @@ def add_parsers(sub: Any) -> None:
     ld.add_argument(
         "--json", action="store_true", help="print the summary as JSON on the last line"
     )
+    ld.add_argument(
+        "--nice",
+        type=int,
+        default=10,
+        help="lower the load generator's CPU priority (it shares the machine)",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench_command", required=True, metavar="WHAT"
@@ -216,6 +222,10 @@ def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
     server = None
     if args.serve:
         server = _Server(cfg, args.workers, (args.report or Path(".")) / "serve.log")
+    # The clients share this machine with the server they measure: they should take CPU only
+    # when the server does not need it (the server keeps its priority).
+    if args.nice:
+        os.nice(args.nice)
     try:
         url = server.url if server else args.url
         if not url:

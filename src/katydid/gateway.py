@@ -290,10 +290,14 @@ class Gateway:
         oldest = min(session.stream_seqs.values())
         position = max(0, min(stats.pending, oldest - stats.delivered_stream_seq - 1))
         eta = self.eta_s(position)
-        key = (position, int(eta))
-        if key == session.last_queued:
+        last = session.last_queued
+        # Far back in the queue, a step of one place is news to no one: update when the position
+        # moved by 5% (or reached the front), so 2,000 waiting clients are not 2,000 frames a second.
+        if last is not None and position and abs(position - last[0]) < max(1, last[0] // 20):
             return
-        session.last_queued = key
+        if last == (position, int(eta)):
+            return
+        session.last_queued = (position, int(eta))
         try:
             session.outbox_send.send_nowait(Queued(position, eta))
         except (trio.WouldBlock, trio.BrokenResourceError):
@@ -410,6 +414,23 @@ class Gateway:
                 await session.outbox_send.send(Ready(proto.session_id))
             elif action == "stop":
                 break
+        await self._finish_audio(session)
+        self._check_done(session)
+        # The writer finishes the session; the reader waits for results, bounded.
+        with trio.move_on_after(self.cfg.result_timeout_s) as scope:
+            await trio.sleep_forever()
+        if scope.cancelled_caught:
+            raise ProtocolError(
+                ErrorCode.TIMEOUT, f"results not complete within {self.cfg.result_timeout_s:.0f} s"
+            )
+
+    async def _finish_audio(self, session: Session) -> None:
+        """After stop: decode a file (off the event loop) and publish the last chunks.
+
+        A function of its own so that the file, its samples and the chunks are freed when it
+        returns: a session then waits for its results holding no audio at all.
+        """
+        proto = session.proto
         if proto.options is not None and proto.options.format != "pcm_s16le":
             data = proto.take_file()
             try:
@@ -425,14 +446,6 @@ class Gateway:
             chunks = proto.flush()
         for chunk in chunks:
             await self._publish(session, chunk)
-        self._check_done(session)
-        # The writer finishes the session; the reader waits for results, bounded.
-        with trio.move_on_after(self.cfg.result_timeout_s) as scope:
-            await trio.sleep_forever()
-        if scope.cancelled_caught:
-            raise ProtocolError(
-                ErrorCode.TIMEOUT, f"results not complete within {self.cfg.result_timeout_s:.0f} s"
-            )
 
     def _admit(self, session: Session) -> None:
         """At start: refuse (with a retry-after) only if the backlog already exceeds max_wait_s."""
