@@ -163,18 +163,10 @@ def test_clip_context_is_used_for_short_clips_and_is_faster(
 
 
 def test_looping_clip_at_a_tight_context_falls_back_to_the_full_window(
-    model_path: Path, speech_dir: Path, monkeypatch: pytest.MonkeyPatch
+    model_path: Path, speech_dir: Path
 ) -> None:
     # Regression: at 256 positions these clips loop ("Go forward 10 meters." forty times).
-    import katydid_worker.engine as engine_module
-    from katydid_worker.guardrails import choose_audio_ctx
-
-    monkeypatch.setattr(
-        engine_module,
-        "choose_audio_ctx",
-        lambda d, margin_s: choose_audio_ctx(d, margin_s=margin_s, min_ctx=256),
-    )
-    engine = Engine(model_path)
+    engine = Engine(model_path, EngineOptions(clip_ctx_steps=(256,)))
     clips = {c.name: c for c in read_manifest(speech_dir / "manifest.tsv")}
     for name in ("cmu_goforward.wav", "sr_english_123.wav"):
         tr = engine.transcribe(decode_container(clips[name].path, **LIMITS))

@@ -159,7 +159,11 @@ async def test_twenty_concurrent_clients_get_their_own_transcripts(
         assert res is not None
         assert res.done is not None, (clip.name, res.events)
         # Each session hears its own clip, as the engine alone does: no cross-talk.
-        assert wer(local_texts[clip.name], res.text) <= 0.1, (clip.name, res.text)
+        assert wer(local_texts[clip.name], res.text) <= 0.1, (
+            clip.name,
+            res.text,
+            local_texts[clip.name],
+        )
     assert len({r.session_id for r in results if r}) == 20
     waited = [r for r in results if r and r.queued]
     # Two workers, twenty clients: most sessions were told where they stand while waiting.
@@ -168,12 +172,14 @@ async def test_twenty_concurrent_clients_get_their_own_transcripts(
 
 
 async def test_worker_killed_mid_job_loses_nothing(stack: Stack, long_clip: Clip) -> None:
-    pcm = _pcm(long_clip)[: 32_000 * 40]  # 40 s as live PCM: several chunks
+    # The long file: ~20 s chunks, each a full-window job (over a second), so the worker that
+    # reports itself busy is still in the middle of its job when it is killed.
+    data = long_clip.path.read_bytes()
     async with trio.open_nursery() as nursery:
         result: list[client.SessionResult] = []
 
         async def session() -> None:
-            result.append(await client.transcribe(stack.url, pcm, frame_bytes=3200))
+            result.append(await client.transcribe(stack.url, data, fmt="wav", frame_bytes=65_536))
 
         nursery.start_soon(session)
         pid = await trio.to_thread.run_sync(busy_worker_pid, stack.nats_url, 30.0)

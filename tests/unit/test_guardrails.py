@@ -17,22 +17,15 @@ from katydid_worker.guardrails import (
 
 @pytest.mark.parametrize(
     ("duration_s", "expected"),
-    [
-        (0.5, 384),
-        (2.9, 384),
-        (6.0, 384),
-        (6.6, 384),
-        (7.0, 448),
-        (11.0, 640),
-        (16.0, 896),
-        (28.0, FULL_CTX),
-        (45.0, FULL_CTX),
-    ],
+    [(0.5, 384), (2.9, 384), (6.6, 384), (6.7, 512), (9.2, 512), (9.3, FULL_CTX), (28.0, FULL_CTX)],
 )
-def test_context_covers_the_clip_plus_margin_rounded_up(duration_s: float, expected: int) -> None:
+def test_context_is_the_smallest_step_holding_the_clip_plus_margin(
+    duration_s: float, expected: int
+) -> None:
     ctx = choose_audio_ctx(duration_s, margin_s=1.0)
     assert ctx == expected
-    assert ctx == FULL_CTX or (ctx % 64 == 0 and ctx >= (duration_s + 1.0) * 50)
+    assert ctx == FULL_CTX or ctx >= (duration_s + 1.0) * 50
+    assert choose_audio_ctx(5.0, margin_s=1.0, steps=(256, 1024)) == 1024
 
 
 def test_looped_transcript_fails() -> None:

@@ -75,10 +75,11 @@ class EngineOptions:
     initial_prompt: str | None = None
     clip_context: bool = True  # encoder window sized to the clip, with guardrails
     ctx_margin_s: float = 1.0  # context beyond the clip's length
-    # Longer clips use the full window: past ~512 positions (9 s) a clip-sized run costs more
-    # than half a full one (tiny.en, 1 thread), so its budget would cut it off.
-    max_clip_ctx: int = 512
-    budget_ratio: float = 0.5  # clip-sized run's compute budget, x the full-window time
+    # The context sizes a clip may get (a clip takes the smallest that holds it plus the
+    # margin). Longer clips use the full window: past ~512 positions (9 s) a clip-sized run
+    # costs more than half a full one (tiny.en, 1 thread), so its budget would cut it off.
+    clip_ctx_steps: tuple[int, ...] = (384, 512)
+    budget_ratio: float = 0.5  # clip-sized run's CPU budget, x the full-window CPU time
     temperature_fallback: bool = True  # whisper.cpp's temperature retries, in full-window runs
     entropy_thold: float = 2.4
     logprob_thold: float = -1.0
@@ -115,25 +116,28 @@ class Engine:
 
         self.options = options or EngineOptions()
         self.model_path = model_path
-        self._model = Model(
-            str(model_path),
-            params_sampling_strategy=1 if self.options.beam_size > 0 else 0,
-            redirect_whispercpp_logs_to=None,
-            **self._params(self.options),
-        )
+        # One whisper.cpp context per encoder size. Measured: a context that ran with one
+        # audio_ctx gives different text at another (stale cross-attention state: after a full
+        # window, "dog suit" became "duck suit"), so each size keeps its own, and results do not
+        # depend on what the worker transcribed before. Contexts are created on first use.
+        self._models: dict[int, Any] = {}
+        self._model_class = Model
+        self._model_for(FULL_CTX)  # fail now, not at the first job, if the model is bad
         self.fallbacks = 0
-        # The full-window time of a near-empty clip: the encoder's fixed cost, which bounds what
-        # a clip-sized attempt may spend before we give up on it (see guardrails.py).
+        # The full-window cost of a near-empty clip (the encoder's fixed cost), which bounds what
+        # a clip-sized attempt may spend before we give up on it (see guardrails.py). Measured
+        # and budgeted in CPU seconds of this process, not wall time: a busy machine must not
+        # turn good clip-sized runs into fallbacks (and make results depend on the load).
         self.full_window_s = 0.0
         if self.options.clip_context:
-            started = time.perf_counter()
+            started = time.process_time()
             self._run(
                 np.zeros(SAMPLE_RATE, dtype=np.float32),
-                audio_ctx=0,
+                audio_ctx=FULL_CTX,
                 temperature_inc=0.0,
                 abort=None,
             )
-            self.full_window_s = time.perf_counter() - started
+            self.full_window_s = time.process_time() - started
 
     @staticmethod
     def _params(opts: EngineOptions) -> dict[str, Any]:
@@ -181,15 +185,17 @@ class Engine:
         progress = (lambda seg: on_progress(seg.t1 * _TICK_S)) if on_progress else None
         fallback: str | None = None
         ctx = (
-            choose_audio_ctx(audio_s, margin_s=opts.ctx_margin_s) if opts.clip_context else FULL_CTX
+            choose_audio_ctx(audio_s, margin_s=opts.ctx_margin_s, steps=opts.clip_ctx_steps)
+            if opts.clip_context
+            else FULL_CTX
         )
-        if ctx <= opts.max_clip_ctx:
+        if ctx < FULL_CTX:
             # A loop shows as a decode that runs on: the budget stops it (whisper.cpp reports
             # segments only at the end of a window, so text cannot be watched while it grows).
-            deadline = started + opts.budget_ratio * self.full_window_s
+            deadline = time.process_time() + opts.budget_ratio * self.full_window_s
 
             def over_budget() -> bool:
-                return time.perf_counter() > deadline or bool(should_abort and should_abort())
+                return time.process_time() > deadline or bool(should_abort and should_abort())
 
             # No temperature retries here: a bad clip-sized decode goes to the full window.
             raw = self._run(
@@ -197,7 +203,7 @@ class Engine:
             )
             if should_abort is not None and should_abort():
                 return self._transcript(raw, audio_s, started, ctx, None)
-            if time.perf_counter() > deadline:
+            if time.process_time() > deadline:
                 fallback = "budget"
             else:
                 text = " ".join(s.text for s in raw)
@@ -207,9 +213,20 @@ class Engine:
             self.fallbacks += 1
         tinc = 0.2 if opts.temperature_fallback else 0.0
         raw = self._run(
-            audio, audio_ctx=0, temperature_inc=tinc, abort=should_abort, progress=progress
+            audio, audio_ctx=FULL_CTX, temperature_inc=tinc, abort=should_abort, progress=progress
         )
         return self._transcript(raw, audio_s, started, FULL_CTX, fallback)
+
+    def _model_for(self, audio_ctx: int) -> Any:
+        model = self._models.get(audio_ctx)
+        if model is None:
+            model = self._models[audio_ctx] = self._model_class(
+                str(self.model_path),
+                params_sampling_strategy=1 if self.options.beam_size > 0 else 0,
+                redirect_whispercpp_logs_to=None,
+                **self._params(self.options),
+            )
+        return model
 
     def _run(
         self,
@@ -221,11 +238,11 @@ class Engine:
         progress: Callable[[Any], None] | None = None,
     ) -> list[Any]:
         try:
-            raw: list[Any] = self._model.transcribe(
+            raw: list[Any] = self._model_for(audio_ctx).transcribe(
                 audio,
                 abort_callback=abort,
                 new_segment_callback=progress,
-                audio_ctx=audio_ctx,
+                audio_ctx=0 if audio_ctx >= FULL_CTX else audio_ctx,
                 temperature_inc=temperature_inc,
             )
         except Exception as exc:  # the binding raises bare RuntimeErrors
@@ -241,7 +258,7 @@ class Engine:
                 start_s=round(s.t0 * _TICK_S, 2),
                 end_s=round(min(s.t1 * _TICK_S, audio_s), 2),
                 text=s.text.strip(),
-                words=self._words(i) if self.options.word_timestamps else (),
+                words=self._words(audio_ctx, i) if self.options.word_timestamps else (),
             )
             for i, s in enumerate(raw)
         )
@@ -254,11 +271,11 @@ class Engine:
             fallback=fallback,
         )
 
-    def _words(self, segment: int) -> tuple[Word, ...]:
+    def _words(self, audio_ctx: int, segment: int) -> tuple[Word, ...]:
         # Tokens that start with a space begin a new word; special tokens ([_BEG_], <|...|>) are skipped.
         import _pywhispercpp as pw
 
-        ctx = self._model._ctx  # type: ignore[attr-defined]  # the binding exposes no accessor
+        ctx = self._model_for(audio_ctx)._ctx  # the binding exposes no accessor
         eot = pw.whisper_token_eot(ctx)
         words: list[list[Any]] = []
         for j in range(pw.whisper_full_n_tokens(ctx, segment)):

@@ -33,19 +33,19 @@ MIN_VOICED_S_FOR_TEXT = 1.0  # this much voiced audio should give some text
 
 
 def choose_audio_ctx(
-    duration_s: float, *, margin_s: float = 1.0, granularity: int = 64, min_ctx: int = 384
+    duration_s: float, *, margin_s: float = 1.0, steps: tuple[int, ...] = (384, 512)
 ) -> int:
-    """Encoder context for a clip: its length plus a margin, rounded up, bounded.
+    """Encoder context for a clip: the smallest of ``steps`` that holds it plus a margin.
 
     Measured on the shared clips (tiny.en): below 384 positions (7.7 s) clips of 2-3 s loop
     ("Go forward 10 meters." forty times); at 384 they do not, and cost ~0.3 s instead of ~1.3 s.
+    A few fixed sizes, because each size keeps its own whisper.cpp context (see engine.py).
 
     Returns:
-        Positions for ``audio_ctx``; ``FULL_CTX`` (i.e. no shrinking) for clips near 30 s.
+        Positions for ``audio_ctx``, or ``FULL_CTX`` when no step holds the clip.
     """
     needed = math.ceil((max(0.0, duration_s) + margin_s) * POSITIONS_PER_S)
-    ctx = max(min_ctx, math.ceil(needed / granularity) * granularity)
-    return FULL_CTX if ctx >= FULL_CTX - granularity else ctx
+    return next((step for step in sorted(steps) if step >= needed), FULL_CTX)
 
 
 def compression_ratio(text: str) -> float:

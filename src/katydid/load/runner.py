@@ -141,9 +141,16 @@ class LoadRunner:
         while trio.current_time() < end:
             clip = spec.clips[n % len(spec.clips)]
             n += 1
-            await self._session(clip, rng, end)
+            pause = await self._session(clip, rng, end)
+            # A session that failed (or gave up) is followed by a wait, never by an immediate
+            # new attempt: no spin loop, even across sessions; none starts after the end.
+            if pause:
+                if trio.current_time() + pause >= end:
+                    return
+                await trio.sleep(pause)
 
-    async def _session(self, clip: ClipData, rng: random.Random, end: float) -> None:
+    async def _session(self, clip: ClipData, rng: random.Random, end: float) -> float:
+        """One session, retried per the policy; returns the wait before the client's next one."""
         spec, st = self.spec, self.stats
         record = SessionRecord(
             started_s=self._now(), attempts=0, outcome="pending", audio_s=clip.audio_s
@@ -185,7 +192,7 @@ class LoadRunner:
                         (float(f.get("queue_s", 0.0)) for f in res.finals), default=0.0
                     )
                     record.finished_s = self._now()
-                    return
+                    return 0.0
             finally:
                 st.active -= 1
             if outcome == "overloaded":
@@ -202,15 +209,12 @@ class LoadRunner:
                 st.errors_by_kind[record.outcome] += 1
                 if code:
                     st.errors_by_code[code] += 1
-                if not retryable:
-                    # A broken session still waits before the next one: never a spin loop.
-                    await trio.sleep(spec.retry.delay_s(1, rng=rng))
-                return
+                return spec.retry.delay_s(record.attempts, retry_after_s=retry_after, rng=rng)
             wait = spec.retry.delay_s(record.attempts, retry_after_s=retry_after, rng=rng)
             if trio.current_time() + wait >= end:
                 record.outcome = "not_retried_after_end"
                 st.not_retried_after_end += 1
-                return
+                return wait
             await trio.sleep(wait)
 
     async def _sample_forever(self) -> None:
