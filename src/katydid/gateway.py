@@ -52,7 +52,6 @@ class Session:
     slots: trio.Semaphore
     stream_seqs: dict[int, int] = field(default_factory=dict)  # chunk seq -> stream seq, unanswered
     last_queued: tuple[int, int] | None = None
-    published: int = 0
     partials: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -494,7 +493,6 @@ class Gateway:
                 ErrorCode.OVERLOADED, f"queue unavailable: {exc}", retry_after_s=5.0
             ) from None
         session.stream_seqs[chunk.seq] = stream_seq
-        session.published += 1
         self._published_since_poll += 1
         self.metrics.jobs_published.labels(proto.lane, "final").inc()
         self._update_position(session)
