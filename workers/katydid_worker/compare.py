@@ -76,7 +76,10 @@ def run_katydid(
     model_path: Path, clips: Sequence[tuple[np.ndarray, str]], options: EngineOptions
 ) -> EngineRun:
     engine = Engine(model_path, options)
-    run = _measure(f"katydid ({model_path.name})", lambda a: engine.transcribe(a).text, clips)
+    window = "clip-sized window" if options.clip_context else "full window"
+    run = _measure(
+        f"katydid ({model_path.name}, {window})", lambda a: engine.transcribe(a).text, clips
+    )
     run.fallbacks = engine.fallbacks
     return run
 
