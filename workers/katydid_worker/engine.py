@@ -122,7 +122,10 @@ class Engine:
         # depend on what the worker transcribed before. Contexts are created on first use.
         self._models: dict[int, Any] = {}
         self._model_class = Model
-        self._model_for(FULL_CTX)  # fail now, not at the first job, if the model is bad
+        # All contexts load now: a bad model fails here, not at the first job, and no job pays
+        # for a model load (nor does a benchmark's timed window).
+        for size in (FULL_CTX, *(self.options.clip_ctx_steps if self.options.clip_context else ())):
+            self._model_for(size)
         self.fallbacks = 0
         # The full-window cost of a near-empty clip (the encoder's fixed cost), which bounds what
         # a clip-sized attempt may spend before we give up on it (see guardrails.py). Measured
