@@ -41,8 +41,17 @@ async def test_metrics_present_and_moving(stack: Stack, speech_dir: Path) -> Non
         stack.url, (speech_dir / "jfk.wav").read_bytes(), fmt="wav", frame_bytes=65_536
     )
     assert res.done is not None
+    # The gateway counts the session when its handler ends, just after the client saw 'done'.
+    sessions_before = total(before, "katydid_sessions_total")
+    await trio.to_thread.run_sync(
+        lambda: wait_until(
+            lambda: total(_scrape(stack), "katydid_sessions_total") > sessions_before,
+            10,
+            "session count",
+        )
+    )
     after = await trio.to_thread.run_sync(_scrape, stack)
-    assert total(after, "katydid_sessions_total") == total(before, "katydid_sessions_total") + 1
+    assert total(after, "katydid_sessions_total") == sessions_before + 1
     assert after['katydid_sessions_total{outcome="ok"}'] >= 1
     assert total(after, "katydid_jobs_published_total") > total(
         before, "katydid_jobs_published_total"
