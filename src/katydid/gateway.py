@@ -209,6 +209,13 @@ class Gateway:
 
     # --- queue state, for all sessions at once ---
 
+    def _forget_gone_workers(self) -> None:
+        # Worker ids change when a worker restarts (pid in the id): forget the silent ones, so
+        # the table (and the metrics labels) stay bounded by the workers really running.
+        horizon = time.monotonic() - 30 * self.cfg.worker_heartbeat_s
+        for worker_id in [k for k, w in self.workers.items() if w.seen < horizon]:
+            del self.workers[worker_id]
+
     def live_workers(self) -> int:
         horizon = time.monotonic() - 3 * self.cfg.worker_heartbeat_s
         return sum(1 for w in self.workers.values() if w.seen >= horizon)
@@ -237,6 +244,7 @@ class Gateway:
                 self._lanes_polled_at = time.monotonic()
             except NatsError as exc:
                 self.sampled.warning("queue_poll_failed", error=str(exc))
+            self._forget_gone_workers()
             self._export_queue()
             for session in list(self.sessions.values()):
                 self._update_position(session)

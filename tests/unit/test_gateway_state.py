@@ -1,0 +1,39 @@
+"""Gateway bookkeeping that needs no sockets: worker table, ETA and queue-position estimates."""
+
+from __future__ import annotations
+
+import json
+
+from katydid.config import Config
+from katydid.gateway import Gateway
+from katydid.natsio import LaneStats
+
+
+def _beat(worker: str, avg: float | None = 0.5) -> bytes:
+    return json.dumps({"id": worker, "busy": False, "avg_compute_s": avg}).encode()
+
+
+def test_worker_table_forgets_silent_workers_and_counts_live_ones() -> None:
+    gw = Gateway(Config(worker_heartbeat_s=1.0))
+    gw._on_worker(_beat("a"))
+    gw._on_worker(_beat("b", avg=1.5))
+    gw._on_worker(b"not json")  # a bad heartbeat is logged (sampled), never raised
+    assert gw.live_workers() == 2
+    assert gw.job_seconds() == 1.0
+    gw.workers["b"].seen -= 3.5  # silent for longer than 3 heartbeats: not live
+    assert gw.live_workers() == 1
+    gw._forget_gone_workers()
+    assert set(gw.workers) == {"a", "b"}
+    gw.workers["b"].seen -= 60.0  # silent for 30 heartbeats: forgotten
+    gw._forget_gone_workers()
+    assert set(gw.workers) == {"a"}
+
+
+def test_backlog_eta_counts_jobs_published_since_the_last_poll() -> None:
+    gw = Gateway(Config(worker_heartbeat_s=1.0))
+    gw._on_worker(_beat("a", avg=2.0))
+    gw._on_worker(_beat("b", avg=2.0))
+    gw.lanes = {"interactive": LaneStats(pending=10, in_progress=2, delivered_stream_seq=100)}
+    assert gw.backlog_eta_s() == (12 // 2 + 1) * 2.0
+    gw._published_since_poll = 8
+    assert gw.backlog_eta_s() == (20 // 2 + 1) * 2.0
