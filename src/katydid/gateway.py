@@ -14,7 +14,6 @@ Rule 3: queue state is polled once per ``queue_poll_s`` for all sessions, never 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -82,18 +81,7 @@ class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.gateway_id = uuid.uuid4().hex[:12]
-        self.limits = Limits(
-            max_frame_bytes=cfg.max_frame_bytes,
-            max_session_s=cfg.max_session_s,
-            max_file_bytes=cfg.max_file_bytes,
-            chunk_min_s=cfg.chunk_min_s,
-            file_chunk_min_s=cfg.file_chunk_min_s,
-            chunk_max_s=cfg.chunk_max_s,
-            chunk_silence_s=cfg.chunk_silence_s,
-            bulk_min_audio_s=cfg.bulk_min_audio_s,
-            default_max_wait_s=cfg.default_max_wait_s,
-            partial_interval_s=cfg.partial_interval_s,
-        )
+        self.limits = Limits.from_config(cfg)
         self.bridge = NatsBridge(
             cfg, self.gateway_id, on_result=self._on_result, on_worker=self._on_worker
         )
@@ -568,13 +556,3 @@ class Gateway:
                 await ws.send_message(event.to_json())
         except trio.TooSlowError:
             raise ProtocolError(ErrorCode.TIMEOUT, "client does not read its results") from None
-
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "sessions": len(self.sessions),
-            "peak_sessions": self.peak_sessions,
-            "workers": self.live_workers(),
-            "lanes": {k: dataclasses.asdict(v) for k, v in self.lanes.items()},
-            "job_s": self.job_seconds() if self.workers else math.nan,
-            **self.counters,
-        }

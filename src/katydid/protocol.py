@@ -14,10 +14,11 @@ States: AWAIT_START --start--> STREAMING --stop--> STOPPED --(all chunks answere
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import soxr
@@ -26,6 +27,9 @@ from katydid.audio import CONTAINERS, SAMPLE_RATE, check_pcm_format, pcm16_to_fl
 from katydid.chunker import Chunk, Chunker
 from katydid.errors import AudioError, ErrorCode, ProtocolError
 from katydid.messages import JobResult
+
+if TYPE_CHECKING:
+    from katydid.config import Config
 
 PROTOCOL_VERSION = 1
 FORMATS = ("pcm_s16le", *CONTAINERS)
@@ -43,6 +47,11 @@ class Limits:
     bulk_min_audio_s: float = 60.0
     default_max_wait_s: float = 600.0
     partial_interval_s: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Limits:
+        """The session bounds out of the configuration (same names, same units)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)

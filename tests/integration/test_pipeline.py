@@ -216,7 +216,6 @@ async def test_client_leaving_mid_stream_cancels_its_jobs(
         other: list[client.SessionResult] = []
 
         async def bystander() -> None:
-            await trio.sleep(0.5)
             other.append(
                 await client.transcribe(
                     stack.url, jfk.path.read_bytes(), fmt="wav", frame_bytes=65_536
@@ -229,7 +228,11 @@ async def test_client_leaving_mid_stream_cancels_its_jobs(
             await ws.send_message(json.dumps({"type": "start", "format": "pcm_s16le"}))
             for i in range(0, len(pcm), 32_000):
                 await ws.send_message(pcm[i : i + 32_000])
-            await trio.sleep(0.5)
+            # Vanish once the gateway has queued chunks (it says so with 'queued'), not after a
+            # guessed delay.
+            with trio.fail_after(30):
+                while json.loads(await ws.get_message()).get("type") != "queued":
+                    pass
     assert other[0].done is not None
     assert wer(jfk.reference, other[0].text) <= 0.05
 

@@ -202,3 +202,10 @@ def test_no_partials_unless_asked() -> None:
     proto = _started()
     proto.receive_bytes(_speech_like(3.0, pause_every_s=10.0))
     assert proto.take_partial(allowed=True) is None
+
+
+def test_limits_from_config_carry_the_same_defaults() -> None:
+    from katydid.config import Config
+
+    assert Limits.from_config(Config()) == Limits()
+    assert Limits.from_config(Config(max_frame_bytes=4096)).max_frame_bytes == 4096
