@@ -14,6 +14,10 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_venv = "yes"
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 SPEECH = Path(__file__).resolve().parent.parent / "shared" / "data" / "speech"
+# whisper.cpp is compiled here, for this CPU, with llamafile's matrix kernels: PyPI's wheel of
+# pywhispercpp is a portable AVX2 build without them, measured ~1.4x slower on the shared clips
+# (README, "Engine build"). pywhispercpp's setup.py hands its environment to CMake as -D flags.
+ENGINE_BUILD = {"PIP_NO_BINARY": "pywhispercpp", "GGML_NATIVE": "ON", "GGML_LLAMAFILE": "ON"}
 
 
 def _group(name: str) -> list[str]:
@@ -23,7 +27,7 @@ def _group(name: str) -> list[str]:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the unit and integration tests (real model, real speech)."""
-    session.install("-e", ".", *_group("test"))
+    session.install("-e", ".", *_group("test"), env=ENGINE_BUILD)
     session.run("pytest", *session.posargs)
 
 
@@ -38,14 +42,14 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Check types with mypy (strict)."""
-    session.install("-e", ".", *_group("typecheck"), *_group("test"))
+    session.install("-e", ".", *_group("typecheck"), *_group("test"), env=ENGINE_BUILD)
     session.run("mypy", *session.posargs)
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Engine side by side with faster-whisper (short clips, then the long clip), then N-process throughput."""
-    session.install("-e", ".[bench]")
+    session.install("-e", ".[bench]", env=ENGINE_BUILD)
     session.run("katydid", "model", "prepare")
     session.run("katydid", "bench", "engine", "--compare", "faster-whisper", *session.posargs)
     long_manifest = Path(session.create_tmp()) / "long.tsv"
@@ -67,7 +71,7 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def load(session: nox.Session) -> None:
     """The seed scenario: `katydid serve` (2 workers) under load, engine baseline in the same run."""
-    session.install("-e", ".[plot]")
+    session.install("-e", ".[plot]", env=ENGINE_BUILD)
     session.run("katydid", "model", "prepare")
     defaults = ["--serve", "--workers", "2", "--engine-baseline", "--report", "reports/load"]
     session.run("katydid", "load", *defaults, *session.posargs)
@@ -76,7 +80,7 @@ def load(session: nox.Session) -> None:
 @nox.session
 def eval(session: nox.Session) -> None:
     """WER and real-time factor of the local engine on the shared speech clips."""
-    session.install("-e", ".")
+    session.install("-e", ".", env=ENGINE_BUILD)
     session.run("katydid", "model", "prepare")
     manifest = session.posargs or [str(SPEECH / "manifest.tsv")]
     session.run("katydid", "eval", *manifest)

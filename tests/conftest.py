@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from katydid.config import DEFAULT_MODEL
+
 SPEECH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
 
 
@@ -19,11 +21,11 @@ def speech_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache directory holding tiny.en, prepared by the real pipeline (convert + validate)."""
+    """A cache directory holding the default model (tiny.en, Q8_0), prepared by the real pipeline (convert + validate)."""
     from katydid_worker import models
 
     cache = tmp_path_factory.mktemp("models")
-    models.prepare(cache, "tiny.en")
+    models.prepare(cache, DEFAULT_MODEL)
     return cache
 
 
@@ -31,4 +33,4 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_path(model_dir: Path) -> Path:
     from katydid_worker import models
 
-    return models.resolve(model_dir, "tiny.en")
+    return models.resolve(model_dir, DEFAULT_MODEL)

@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="katydid", description="Katydid speech-to-text server.")
     p.add_argument("--version", action="version", version=f"katydid {__version__}")
     p.add_argument("--config", type=Path, help="TOML config file (default: $KATYDID_CONFIG)")
-    p.add_argument("--model", help="model name or ggml file (default: config 'model', tiny.en)")
+    p.add_argument(
+        "--model", help="model name or ggml file (default: config 'model', tiny.en-q8_0)"
+    )
     p.add_argument("--model-dir", type=Path, help="prepared-model cache directory")
     p.add_argument("--threads", type=int, dest="engine_threads", help="engine threads per model")
     p.add_argument("--log-format", choices=("auto", "json", "console"))

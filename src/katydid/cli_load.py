@@ -287,7 +287,7 @@ def _compare(cfg: Config, clips: list[Any], *, as_json: bool) -> int:
 
     from katydid_worker import models
     from katydid_worker.compare import run_faster_whisper, run_katydid
-    from katydid_worker.engine import EngineOptions
+    from katydid_worker.engine import EngineOptions, build_info
 
     data = [
         (decode_container(c.path, max_audio_s=4 * 3600, max_bytes=1 << 30), c.reference)
@@ -317,6 +317,7 @@ def _compare(cfg: Config, clips: list[Any], *, as_json: bool) -> int:
     print(
         f"{len(data)} clips, {sum(a.size for a, _ in data) / 16000:.1f} s of audio, {cfg.engine_threads} thread(s) each"
     )
+    print(f"model {model_path.name}; whisper.cpp build: {build_info()}")
     print("| engine | WER | clips/s | audio-s/s | compute s | slowest clip s | fallbacks |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for run in runs.values():
@@ -336,5 +337,6 @@ def _compare(cfg: Config, clips: list[Any], *, as_json: bool) -> int:
             "wer_points": round(100 * (k.wer - fw.wer), 3),
             "worst_vs_full_context": round(worst, 3),
         }
+        out["engine_build"] = {"model": model_path.name, "whisper_cpp": build_info()}
         print(json.dumps(out))
     return 0

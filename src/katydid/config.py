@@ -30,12 +30,17 @@ def _default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("katydid"))
 
 
+# Q8_0 weights: measured faster than f16 at equal or better WER on the shared clips (README,
+# "Engine"), and 44 MB instead of 78 MB. ``tiny.en`` names the f16 model.
+DEFAULT_MODEL = "tiny.en-q8_0"
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """All of Katydid's settings. Field names carry their units."""
 
     # Model and engine
-    model: str = "tiny.en"
+    model: str = DEFAULT_MODEL
     model_dir: Path = field(default_factory=_default_cache_dir)
     language: str = "en"
     engine_threads: int = 1

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from katydid.audio import decode_container
+from katydid.config import DEFAULT_MODEL
 from katydid.errors import ModelError
 from katydid.evaluation import read_manifest, wer
 from katydid_worker import models
@@ -36,18 +37,18 @@ def _katydid(*args: str, model_dir: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_prepare_is_idempotent_and_recorded(model_dir: Path) -> None:
-    path = models.model_path(model_dir, "tiny.en")
+    path = models.model_path(model_dir, DEFAULT_MODEL)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["size"] == path.stat().st_size
     mtime = path.stat().st_mtime_ns
-    assert models.prepare(model_dir, "tiny.en") == path
+    assert models.prepare(model_dir, DEFAULT_MODEL) == path
     assert path.stat().st_mtime_ns == mtime
-    assert models.is_prepared(model_dir, "tiny.en", verify_hash=True)
+    assert models.is_prepared(model_dir, DEFAULT_MODEL, verify_hash=True)
 
 
 def test_unprepared_or_missing_model_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"katydid model prepare tiny\.en"):
-        models.resolve(tmp_path, "tiny.en")
+        models.resolve(tmp_path, DEFAULT_MODEL)
     with pytest.raises(ModelError, match="unknown model"):
         models.resolve(tmp_path, "huge")
     with pytest.raises(ModelError, match="does not exist"):
@@ -141,7 +142,7 @@ def test_cli_transcribe_local_reports_bad_files_and_goes_on(
 def test_cli_model_list(model_dir: Path) -> None:
     proc = _katydid("model", "list", model_dir=model_dir)
     assert proc.returncode == 0
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("tiny.en"))
+    row = next(line for line in proc.stdout.splitlines() if line.startswith(DEFAULT_MODEL))
     assert row.split()[1:3] == ["yes", "yes"]
 
 

@@ -90,6 +90,19 @@ def _drop_log(*_args: object) -> None:
     return None
 
 
+def build_info() -> str:
+    """whisper.cpp's own account of how it was compiled (SIMD levels, LLAMAFILE, OPENMP...)."""
+    import _pywhispercpp as pw
+
+    return str(pw.whisper_print_system_info()).strip()
+
+
+def has_fast_kernels(info: str) -> bool:
+    """True when whisper.cpp has llamafile's matrix kernels: without them (PyPI's portable wheel)
+    the engine measured ~1.4x slower on the shared clips; README, "Engine build", has the fix."""
+    return "LLAMAFILE = 1" in info
+
+
 class Engine:
     """One loaded whisper.cpp model.
 

@@ -45,7 +45,7 @@ from katydid.messages import (
 )
 from katydid.natsio import connect, ensure_stream
 from katydid.sdnotify import notify
-from katydid_worker.engine import Engine, EngineOptions
+from katydid_worker.engine import Engine, EngineOptions, build_info, has_fast_kernels
 
 log = structlog.get_logger("katydid.worker")
 _FETCH_INTERACTIVE_S = 0.5
@@ -124,7 +124,14 @@ class Worker:
             for lane in LANES
         }
         await self._nc.subscribe(CANCEL_SUBJECT, cb=self._on_cancel)
-        log.info("worker_ready", worker=self.worker_id, model=self.cfg.model)
+        info = build_info()
+        log.info("worker_ready", worker=self.worker_id, model=self.cfg.model, engine_build=info)
+        if not has_fast_kernels(info):
+            log.warning(
+                "engine_build_slow",
+                worker=self.worker_id,
+                hint="whisper.cpp lacks llamafile kernels; see README, 'Engine build'",
+            )
         notify("READY=1")
         try:
             async with anyio.create_task_group() as tg:
