@@ -16,8 +16,16 @@ PYPROJECT = nox.project.load_toml("pyproject.toml")
 SPEECH = Path(__file__).resolve().parent.parent / "shared" / "data" / "speech"
 # whisper.cpp is compiled here, for this CPU, with llamafile's matrix kernels: PyPI's wheel of
 # pywhispercpp is a portable AVX2 build without them, measured ~1.4x slower on the shared clips
-# (README, "Engine build"). pywhispercpp's setup.py hands its environment to CMake as -D flags.
-ENGINE_BUILD = {"PIP_NO_BINARY": "pywhispercpp", "GGML_NATIVE": "ON", "GGML_LLAMAFILE": "ON"}
+# (README, "Engine build"). pywhispercpp's setup.py hands its environment to CMake as -D flags;
+# the RPATH ones make its extension find its libraries where the wheel puts them (it otherwise
+# points at the deleted build directory).
+ENGINE_BUILD = {
+    "PIP_NO_BINARY": "pywhispercpp",
+    "GGML_NATIVE": "ON",
+    "GGML_LLAMAFILE": "ON",
+    "CMAKE_INSTALL_RPATH": "$ORIGIN",
+    "CMAKE_BUILD_WITH_INSTALL_RPATH": "ON",
+}
 
 
 def _group(name: str) -> list[str]:
