@@ -175,3 +175,19 @@ def test_looping_clip_at_a_tight_context_falls_back_to_the_full_window(
         assert tr.audio_ctx == 1500
         assert len(tr.text) < 40, tr.text  # the full-window answer, not the loop
     assert engine.fallbacks == 2
+
+
+@pytest.mark.parametrize("name", ["tiny.en", "tiny.en-q4_0"])
+def test_other_weight_formats_prepare_and_transcribe(
+    name: str, model_dir: Path, speech_dir: Path
+) -> None:
+    # The default (Q8_0) runs through every other test; f16 and Q4_0 are choices in the config.
+    path = models.prepare(model_dir, name)
+    assert path.name == f"ggml-{name}.bin"
+    engine = Engine(path)
+    clips = [c for c in read_manifest(speech_dir / "manifest.tsv") if not c.name.startswith("long")]
+    refs, hyps = [], []
+    for clip in clips[:6]:
+        refs.append(clip.reference)
+        hyps.append(engine.transcribe(decode_container(clip.path, **LIMITS)).text)
+    assert wer(" ".join(refs), " ".join(hyps)) <= 0.08

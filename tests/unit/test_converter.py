@@ -6,15 +6,31 @@ import io
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from katydid.errors import ModelError
 from katydid_worker.ct2 import read_ct2, write_ct2
-from katydid_worker.ggml import GGML_MAGIC, mel_filters, read_tokens, whisper_tensors, write_ggml
+from katydid_worker.ggml import (
+    GGML_MAGIC,
+    mel_filters,
+    quantize_q4_0,
+    quantize_q8_0,
+    read_tokens,
+    whisper_tensors,
+    write_ggml,
+)
 
-D, HEADS, MELS, VOCAB, AUDIO_CTX, TEXT_CTX = 8, 2, 80, 300, 12, 6
+D, HEADS, MELS, VOCAB, AUDIO_CTX, TEXT_CTX = (
+    32,
+    2,
+    80,
+    300,
+    12,
+    6,
+)  # D: a multiple of 32, to quantise
 
 
 def _synthetic_whisper(rng: np.random.Generator, layers: int = 2) -> dict[str, np.ndarray]:
@@ -63,6 +79,9 @@ def _synthetic_whisper(rng: np.random.Generator, layers: int = 2) -> dict[str, n
     return v
 
 
+QUANT_BLOCK_BYTES = {8: 34, 2: 18}  # ggml type -> bytes per block of 32 (Q8_0, Q4_0)
+
+
 def _read_ggml(
     data: bytes,
 ) -> tuple[list[int], np.ndarray, list[bytes], dict[str, tuple[int, np.ndarray]]]:
@@ -81,9 +100,12 @@ def _read_ggml(
         n_dims, name_len, ftype = struct.unpack("<iii", head)
         dims = i32(n_dims)
         name = buf.read(name_len).decode()
-        dtype = np.dtype("<f4" if ftype == 0 else "<f2")
         count = int(np.prod(dims))
-        arr = np.frombuffer(buf.read(count * dtype.itemsize), dtype=dtype).reshape(dims[::-1])
+        if ftype in QUANT_BLOCK_BYTES:  # quantised: kept as the raw blocks
+            arr = np.frombuffer(buf.read(count // 32 * QUANT_BLOCK_BYTES[ftype]), dtype=np.uint8)
+        else:
+            dtype = np.dtype("<f4" if ftype == 0 else "<f2")
+            arr = np.frombuffer(buf.read(count * dtype.itemsize), dtype=dtype).reshape(dims[::-1])
         tensors[name] = (ftype, arr)
     return header, filters, tokens, tensors
 
@@ -184,3 +206,57 @@ def test_mel_filters_shape_and_slaney_normalisation() -> None:
     bin_hz = 8000 / 200
     areas = f.sum(axis=1) * bin_hz
     np.testing.assert_allclose(areas[45:], 1.0, rtol=0.05)
+
+
+def _dequantize_q8_0(raw: bytes) -> np.ndarray:
+    # ggml's dequantize_row_q8_0, written out independently of the quantiser.
+    blocks = np.frombuffer(raw, dtype=[("d", "<f2"), ("qs", "i1", 32)])
+    return (blocks["qs"].astype(np.float32) * blocks["d"].astype(np.float32)[:, None]).ravel()
+
+
+def _dequantize_q4_0(raw: bytes) -> np.ndarray:
+    # ggml's dequantize_row_q4_0: byte j holds value j (low nibble) and value j + 16 (high).
+    blocks = np.frombuffer(raw, dtype=[("d", "<f2"), ("qs", "u1", 16)])
+    low = (blocks["qs"] & 0x0F).astype(np.float32) - 8
+    high = (blocks["qs"] >> 4).astype(np.float32) - 8
+    d = blocks["d"].astype(np.float32)[:, None]
+    return np.concatenate([low * d, high * d], axis=1).ravel()
+
+
+@pytest.mark.parametrize(
+    ("quantize", "dequantize", "bytes_per_block", "max_error_in_steps"),
+    # Half a step for rounding (a whole one for Q4_0's value opposite the block's extreme, as its
+    # 16 levels are asymmetric), plus the scale's own f16 rounding (2^-11 relative, x the levels).
+    [(quantize_q8_0, _dequantize_q8_0, 34, 0.57), (quantize_q4_0, _dequantize_q4_0, 18, 1.01)],
+)
+def test_quantisers_match_ggml_block_layout(
+    quantize: Any, dequantize: Any, bytes_per_block: int, max_error_in_steps: float
+) -> None:
+    x = np.random.default_rng(3).normal(0, 0.05, size=(6, 64)).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero block must not divide by zero
+    raw = quantize(x)
+    assert len(raw) == x.size // 32 * bytes_per_block
+    back = dequantize(raw).reshape(x.shape)
+    np.testing.assert_array_equal(back[0, :32], 0.0)
+    blocks, restored = x.reshape(-1, 32), back.reshape(-1, 32)
+    levels = 127.0 if bytes_per_block == 34 else 8.0
+    step = np.abs(blocks).max(axis=1, keepdims=True) / levels
+    assert np.all(np.abs(restored - blocks) <= max_error_in_steps * step + 1e-7)
+
+
+def test_quantiser_rejects_rows_not_a_multiple_of_32() -> None:
+    with pytest.raises(ModelError, match="multiple of 32"):
+        quantize_q4_0(np.ones((2, 48), dtype=np.float32))
+
+
+def test_quantised_ggml_marks_file_and_matrix_types(ct2_dir: Path) -> None:
+    model = read_ct2(ct2_dir / "model.bin")
+    for quant, ftype, matrix_type in (("q8_0", 2007, 8), ("q4_0", 2002, 2)):
+        out = io.BytesIO()
+        write_ggml(model, read_tokens(ct2_dir), out, quant=quant)
+        header = struct.unpack_from("<12i", out.getvalue())
+        assert header[-1] == ftype
+        _, _, _, tensors = _read_ggml(out.getvalue())
+        assert tensors["encoder.blocks.0.mlp.0.weight"][0] == matrix_type
+        assert tensors["encoder.conv1.weight"][0] == 1  # convolution kernels stay f16
+        assert tensors["decoder.ln.weight"][0] == 0

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -208,46 +209,85 @@ def _keeps_f32(name: str, arr: np.ndarray) -> bool:
 
 
 # ggml tensor types and file types (ggml.h), and whisper.cpp's quantisation version marker.
-GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0 = 0, 1, 8
-FTYPE_F16, FTYPE_Q8_0 = 1, 7
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0 = 0, 1, 2, 8
+FTYPE_F16, FTYPE_Q4_0, FTYPE_Q8_0 = 1, 2, 7
 GGML_QNT_VERSION, GGML_QNT_VERSION_FACTOR = 2, 1000
-QK8_0 = 32
-QUANTS = ("f16", "q8_0")
+QK = 32  # values per block, for both quantisations
+
+
+def _blocks(arr: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(arr, dtype=np.float32)
+    if x.shape[-1] % QK:
+        raise ModelError(
+            f"cannot quantise a tensor whose rows ({x.shape[-1]}) are not a multiple of {QK}"
+        )
+    return x.reshape(-1, QK)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    inv: np.ndarray = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    return inv
 
 
 def quantize_q8_0(arr: np.ndarray) -> bytes:
-    """ggml's Q8_0: blocks of 32 values along the last axis, an f16 scale then 32 int8.
+    """ggml's Q8_0: blocks of 32 values along the last axis, an f16 scale then 32 int8
+    (value = q * d, d = max|x| / 127).
 
     Raises:
         ModelError: the last axis is not a multiple of 32.
     """
-    x = np.ascontiguousarray(arr, dtype=np.float32)
-    if x.shape[-1] % QK8_0:
-        raise ModelError(
-            f"cannot quantise a tensor whose rows ({x.shape[-1]}) are not a multiple of {QK8_0}"
-        )
-    blocks = x.reshape(-1, QK8_0)
-    amax = np.abs(blocks).max(axis=1, keepdims=True)
-    d = amax / 127.0
-    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
-    qs = np.rint(blocks * inv).clip(-127, 127).astype(np.int8)
-    packed = np.empty(blocks.shape[0], dtype=[("d", "<f2"), ("qs", "i1", QK8_0)])
+    blocks = _blocks(arr)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / 127.0
+    qs = np.rint(blocks * _inverse(d)).clip(-127, 127).astype(np.int8)
+    packed = np.empty(blocks.shape[0], dtype=[("d", "<f2"), ("qs", "i1", QK)])
     packed["d"] = d[:, 0].astype("<f2")
     packed["qs"] = qs
     return packed.tobytes()
+
+
+def quantize_q4_0(arr: np.ndarray) -> bytes:
+    """ggml's Q4_0: blocks of 32 values, an f16 scale then 16 bytes of 4-bit codes
+    (value = (q - 8) * d, d = -x_m / 8 where x_m is the value of largest magnitude; byte j holds
+    value j in its low nibble and value j + 16 in its high one), as ggml's reference quantiser.
+
+    Raises:
+        ModelError: the last axis is not a multiple of 32.
+    """
+    blocks = _blocks(arr)
+    extreme = blocks[np.arange(blocks.shape[0]), np.abs(blocks).argmax(axis=1)]
+    d = (extreme / -8.0)[:, None]
+    q = np.minimum(15, np.trunc(blocks * _inverse(d) + 8.5)).astype(np.uint8)
+    packed = np.empty(blocks.shape[0], dtype=[("d", "<f2"), ("qs", "u1", QK // 2)])
+    packed["d"] = d[:, 0].astype("<f2")
+    packed["qs"] = q[:, : QK // 2] | (q[:, QK // 2 :] << 4)
+    return packed.tobytes()
+
+
+@dataclass(frozen=True, slots=True)
+class _Quant:
+    tensor_type: int
+    file_type: int
+    pack: Callable[[np.ndarray], bytes]
+
+
+_QUANTISED = {
+    "q8_0": _Quant(GGML_TYPE_Q8_0, FTYPE_Q8_0, quantize_q8_0),
+    "q4_0": _Quant(GGML_TYPE_Q4_0, FTYPE_Q4_0, quantize_q4_0),
+}
+QUANTS = ("f16", *_QUANTISED)
 
 
 def _tensor_type(name: str, arr: np.ndarray, quant: str) -> int:
     if _keeps_f32(name, arr):
         return GGML_TYPE_F32
     # whisper.cpp quantises 2-D matrices only; the 3-D convolution kernels stay f16.
-    if quant == "q8_0" and arr.ndim == 2:
-        return GGML_TYPE_Q8_0
+    if quant in _QUANTISED and arr.ndim == 2:
+        return _QUANTISED[quant].tensor_type
     return GGML_TYPE_F16
 
 
 def write_ggml(model: Ct2Model, tokens: list[bytes], out: BinaryIO, *, quant: str = "f16") -> None:
-    """Write ``model`` as a whisper.cpp ggml file, f16 or with Q8_0 matrices.
+    """Write ``model`` as a whisper.cpp ggml file, f16 or with Q8_0 or Q4_0 matrices.
 
     Raises:
         ModelError: the model lacks a tensor whisper.cpp needs, or ``quant`` is unknown.
@@ -257,7 +297,11 @@ def write_ggml(model: Ct2Model, tokens: list[bytes], out: BinaryIO, *, quant: st
     hp = hparams(model)
     out.write(struct.pack("<i", GGML_MAGIC))
     out.write(struct.pack("<10i", *hp.values()))
-    ftype = FTYPE_F16 if quant == "f16" else GGML_QNT_VERSION * GGML_QNT_VERSION_FACTOR + FTYPE_Q8_0
+    ftype = (
+        FTYPE_F16
+        if quant == "f16"
+        else GGML_QNT_VERSION * GGML_QNT_VERSION_FACTOR + _QUANTISED[quant].file_type
+    )
     out.write(struct.pack("<i", ftype))
     filters = mel_filters(hp["n_mels"])
     out.write(struct.pack("<ii", *filters.shape))
@@ -267,8 +311,8 @@ def write_ggml(model: Ct2Model, tokens: list[bytes], out: BinaryIO, *, quant: st
         out.write(struct.pack("<i", len(tok)) + tok)
     for name, value in whisper_tensors(model):
         ttype = _tensor_type(name, value, quant)
-        if ttype == GGML_TYPE_Q8_0:
-            payload = quantize_q8_0(value)
+        if ttype in (GGML_TYPE_Q8_0, GGML_TYPE_Q4_0):
+            payload = _QUANTISED[quant].pack(value)
         else:
             payload = np.ascontiguousarray(
                 value, dtype="<f4" if ttype == GGML_TYPE_F32 else "<f2"
