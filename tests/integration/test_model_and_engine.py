@@ -18,7 +18,7 @@ from katydid.config import DEFAULT_MODEL
 from katydid.errors import ModelError
 from katydid.evaluation import read_manifest, wer
 from katydid_worker import models
-from katydid_worker.engine import Engine, EngineOptions
+from katydid_worker.engine import Engine, EngineOptions, build_info, has_fast_kernels
 
 pytestmark = pytest.mark.integration
 LIMITS: dict[str, Any] = {"max_audio_s": 600.0, "max_bytes": 100_000_000}
@@ -191,3 +191,11 @@ def test_other_weight_formats_prepare_and_transcribe(
         refs.append(clip.reference)
         hyps.append(engine.transcribe(decode_container(clip.path, **LIMITS)).text)
     assert wer(" ".join(refs), " ".join(hyps)) <= 0.08
+
+
+def test_engine_build_is_reported_and_has_fast_kernels_under_nox() -> None:
+    info = build_info()
+    assert "AVX" in info  # whisper.cpp's own system line, as workers log it
+    if os.environ.get("KATYDID_EXPECT_FAST_ENGINE") != "1":
+        pytest.skip("not run by nox, which installs whisper.cpp compiled with llamafile kernels")
+    assert has_fast_kernels(info), info
