@@ -129,10 +129,12 @@ class Engine:
 
         self.options = options or EngineOptions()
         self.model_path = model_path
-        # One whisper.cpp context per encoder size. Measured: a context that ran with one
-        # audio_ctx gives different text at another (stale cross-attention state: after a full
-        # window, "dog suit" became "duck suit"), so each size keeps its own, and results do not
-        # depend on what the worker transcribed before. Contexts are created on first use.
+        # One whisper.cpp context per encoder size, so that results do not depend on what the
+        # worker transcribed before. Why: with flash attention the decoder attends, unmasked, to
+        # GGML_PAD(audio_ctx, 256) cross-attention positions, laid out per layer at that padded
+        # stride, of which this run's encoder wrote audio_ctx; the rest hold what an earlier run
+        # at another size left (measured: 384 after a full window turned "dog suit" into "ducks
+        # suit"; the full window after a 512 run changed 4 of the 16 short clips).
         self._models: dict[int, Any] = {}
         self._model_class = Model
         # All contexts load now: a bad model fails here, not at the first job, and no job pays
