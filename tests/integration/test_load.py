@@ -53,6 +53,7 @@ async def test_a_few_clients_for_a_few_seconds(stack: Stack, speech_dir: Path) -
     assert summary["latency_s"]["total"]["p50"] is not None
     assert summary["gateway_rss_bytes"]["peak"] > 0
     assert summary["gateway_log_lines_per_s"]["max"] is not None
+    assert summary["queued_updates_per_session"]["max"] >= 1  # every session is told its place
     for key in (
         "attempts",
         "completed",

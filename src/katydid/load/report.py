@@ -117,6 +117,10 @@ def summarize(
         else None,
         "workers_cpu_percent": {"mean": _mean(wk_cpu), "max": _max(wk_cpu)},
         "gateway_log_lines_per_s": {"mean": _mean(log_rate), "max": _max(log_rate)},
+        "queued_updates_per_session": {
+            "mean": _mean([float(r.status_updates) for r in ok]),
+            "max": _max([float(r.status_updates) for r in ok]),
+        },
         "gateway_log_lines_suppressed": max(
             (p.get("gateway_log_suppressed", 0.0) for p in tl), default=0.0
         ),
@@ -168,6 +172,7 @@ def markdown(s: dict[str, Any]) -> str:
         f"| workers CPU % (sum; mean / max) | {s['workers_cpu_percent']['mean']} / {s['workers_cpu_percent']['max']} |",
         f"| gateway log lines/s (mean / max) | {s['gateway_log_lines_per_s']['mean']} / {s['gateway_log_lines_per_s']['max']} |",
         f"| gateway log lines suppressed by sampling | {s['gateway_log_lines_suppressed']:.0f} |",
+        f"| `queued` updates per completed session (mean / max) | {s['queued_updates_per_session']['mean']} / {s['queued_updates_per_session']['max']} |",
         f"| wall time (incl. drain) | {s['wall_s']} s |",
         "",
         "Latency of completed sessions (seconds):",

@@ -60,6 +60,7 @@ class SessionRecord:
     queue_s: float = 0.0
     audio_s: float = 0.0
     finished_s: float = 0.0
+    status_updates: int = 0  # `queued` events received while waiting
 
 
 @dataclass(slots=True)
@@ -192,6 +193,7 @@ class LoadRunner:
                         (float(f.get("queue_s", 0.0)) for f in res.finals), default=0.0
                     )
                     record.finished_s = self._now()
+                    record.status_updates = len(res.queued)
                     return 0.0
             finally:
                 st.active -= 1
