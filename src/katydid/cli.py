@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the summary as JSON on the last line"
     )
     ev.add_argument("--url", help="evaluate through a running server instead of the local engine")
+    ev.add_argument(
+        "--snr-db",
+        type=float,
+        help="add white noise at this signal-to-noise ratio (dB) to every clip (local engine)",
+    )
 
     def server_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--host", help="listen address (default 127.0.0.1)")
@@ -200,9 +205,11 @@ def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
 
 def _cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
     from katydid.audio import decode_container
-    from katydid.evaluation import Clip, Heard, dumps_summary, evaluate, read_manifest
+    from katydid.evaluation import Clip, Heard, add_noise, dumps_summary, evaluate, read_manifest
 
     clips = read_manifest(args.manifest)
+    if args.url and args.snr_db is not None:
+        raise KatydidError("--snr-db works with the local engine, not with --url")
     if args.url:
         from katydid.cli_remote import remote_heard
 
@@ -217,6 +224,8 @@ def _cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
         audio = decode_container(
             clip.path, max_audio_s=cfg.max_audio_s, max_bytes=cfg.max_file_bytes
         )
+        if args.snr_db is not None:
+            audio = add_noise(audio, args.snr_db, seed=clip.name)
         tr = engine.transcribe(audio)
         return Heard(tr.text, tr.audio_s, tr.compute_s)
 

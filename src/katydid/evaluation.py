@@ -8,12 +8,15 @@ before scoring, so casing, punctuation and spelled-out numbers do not count as e
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
+
+import numpy as np
 
 from katydid.errors import KatydidError
 
@@ -130,6 +133,16 @@ def _normalizer() -> Callable[[str], str]:
 def normalize(text: str) -> str:
     """Whisper's English normalisation (case, punctuation, numbers, spellings)."""
     return " ".join(_normalizer()(text).split())
+
+
+def add_noise(samples: np.ndarray, snr_db: float, *, seed: str) -> np.ndarray:
+    """``samples`` plus white Gaussian noise at ``snr_db`` (signal power over noise power), clipped
+    to [-1, 1]. The noise depends only on ``seed`` (e.g. the clip's name), so runs compare.
+    """
+    rng = np.random.default_rng(list(hashlib.sha256(seed.encode()).digest()))
+    power = float(np.mean(np.square(samples, dtype=np.float64))) if samples.size else 0.0
+    noise = rng.standard_normal(samples.size) * math.sqrt(power / 10 ** (snr_db / 10))
+    return np.clip(samples + noise, -1.0, 1.0).astype(np.float32)
 
 
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from katydid.evaluation import Clip, Heard, evaluate, read_manifest, wer, word_errors
+from katydid.evaluation import (
+    Clip,
+    Heard,
+    add_noise,
+    evaluate,
+    read_manifest,
+    wer,
+    word_errors,
+)
 
 
 def test_normalisation_ignores_case_punctuation_and_spelling() -> None:
@@ -43,3 +52,34 @@ def test_pooled_wer_weights_by_words(tmp_path: Path) -> None:
     summary = report.summary()
     assert set(summary) >= {"wer", "audio_s", "compute_s", "rtf", "clips"}
     assert "**20.00%**" in report.table()
+
+
+def test_add_noise_hits_the_snr_and_depends_only_on_the_seed() -> None:
+    t = np.arange(16_000 * 3) / 16_000
+    clean = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    for snr_db in (20.0, 10.0, 0.0):
+        noisy = add_noise(clean, snr_db, seed="jfk.wav")
+        assert noisy.dtype == np.float32
+        assert noisy.shape == clean.shape
+        noise = noisy.astype(np.float64) - clean
+        measured = 10 * np.log10(np.mean(clean.astype(np.float64) ** 2) / np.mean(noise**2))
+        assert measured == pytest.approx(snr_db, abs=0.2)
+    np.testing.assert_array_equal(
+        add_noise(clean, 10.0, seed="a.wav"), add_noise(clean, 10.0, seed="a.wav")
+    )
+    assert not np.array_equal(
+        add_noise(clean, 10.0, seed="a.wav"), add_noise(clean, 10.0, seed="b.wav")
+    )
+    assert np.abs(add_noise(clean, -20.0, seed="a.wav")).max() <= 1.0  # clipped, never out of range
+    np.testing.assert_array_equal(add_noise(np.zeros(0, np.float32), 10.0, seed="x"), [])
+
+
+def test_eval_noise_is_refused_through_a_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from katydid.cli import main
+
+    (tmp_path / "m.tsv").write_text("file\tduration_s\ttranscript\na.wav\t1.0\thello\n")
+    argv = ["eval", str(tmp_path / "m.tsv"), "--url", "ws://127.0.0.1:1", "--snr-db", "10"]
+    assert main(argv) == 1
+    assert "--snr-db works with the local engine" in capsys.readouterr().err
