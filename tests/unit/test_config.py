@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,18 @@ def test_unknown_keys_and_bad_files(tmp_path: Path) -> None:
         Config.load(toml, environ={})
     with pytest.raises(ConfigError, match="engine_threads"):
         Config.load(environ={}, overrides={"engine_threads": True})
+
+
+def test_readme_lists_every_field_with_its_default() -> None:
+    # The README's configuration table is what operators read; it must not drift from the code.
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", readme.read_text(encoding="utf-8"), re.M)
+    table = {name: default for name, default in rows if name in Config.__dataclass_fields__}
+    assert set(table) == set(Config.__dataclass_fields__)
+    defaults = Config()
+    for name, text in table.items():
+        if text.startswith("user "):  # platform directories, named in words
+            continue
+        # The table shows each default as Python source (e.g. `4 * 3600.0`); evaluate it.
+        value = eval(text, {"__builtins__": {}})
+        assert value == getattr(defaults, name), name
