@@ -74,12 +74,17 @@ def test_add_noise_hits_the_snr_and_depends_only_on_the_seed() -> None:
     np.testing.assert_array_equal(add_noise(np.zeros(0, np.float32), 10.0, seed="x"), [])
 
 
-def test_eval_noise_is_refused_through_a_server(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from katydid.cli import main
+def test_eval_noise_is_refused_through_a_server(tmp_path: Path) -> None:
+    # Called below main() so that this test leaves the process's logging configuration alone.
+    import argparse
+
+    from katydid.cli import _cmd_eval
+    from katydid.config import Config
+    from katydid.errors import KatydidError
 
     (tmp_path / "m.tsv").write_text("file\tduration_s\ttranscript\na.wav\t1.0\thello\n")
-    argv = ["eval", str(tmp_path / "m.tsv"), "--url", "ws://127.0.0.1:1", "--snr-db", "10"]
-    assert main(argv) == 1
-    assert "--snr-db works with the local engine" in capsys.readouterr().err
+    args = argparse.Namespace(
+        manifest=tmp_path / "m.tsv", url="ws://127.0.0.1:1", snr_db=10.0, json=False
+    )
+    with pytest.raises(KatydidError, match="--snr-db works with the local engine"):
+        _cmd_eval(Config(), args)
