@@ -83,7 +83,15 @@ class Gateway:
         self.gateway_id = uuid.uuid4().hex[:12]
         self.limits = Limits.from_config(cfg)
         self.bridge = NatsBridge(
-            cfg, self.gateway_id, on_result=self._on_result, on_worker=self._on_worker
+            cfg,
+            self.gateway_id,
+            on_result=self._on_result,
+            on_worker=self._on_worker,
+            on_dead_job=self._on_dead_job,
+        )
+        # Jobs JetStream gave up on, to delete from the stream (bounded like the unacked jobs).
+        self._dead_send, self._dead_recv = trio.open_memory_channel[int](
+            cfg.consumer_max_ack_pending
         )
         self.sessions: dict[str, Session] = {}
         self.workers: dict[str, WorkerInfo] = {}
@@ -113,6 +121,7 @@ class Gateway:
                 )
             await nursery.start(self.bridge.run)
             nursery.start_soon(self._poll_queue)
+            nursery.start_soon(self._delete_dead_jobs)
             async with trio.open_nursery() as handlers:
                 self._sessions_scope = handlers.cancel_scope
                 with trio.CancelScope() as accepting:
@@ -176,6 +185,9 @@ class Gateway:
             self.metrics.transcription.observe(result.compute_s)
             if result.kind == "final":
                 self.metrics.audio_seconds.inc(result.audio_s)
+        self._deliver(result)
+
+    def _deliver(self, result: JobResult) -> None:
         session = self.sessions.get(result.session)
         if session is None:
             self.counters["orphan_results"] += 1  # the client left; its cancel crossed this result
@@ -187,6 +199,55 @@ class Gateway:
             self.counters["duplicate_results"] += 1
         except trio.BrokenResourceError:
             self.counters["orphan_results"] += 1
+
+    def _on_dead_job(self, stream_seq: int, deliveries: int) -> None:
+        """JetStream will not deliver this job again (every delivery ended without an ack: a
+        worker crashed on it each time). Its session hears so now, as that chunk's error,
+        instead of waiting out ``result_timeout_s``; the job leaves the stream."""
+        owner = next(
+            (
+                (session_id, seq)
+                for session_id, session in self.sessions.items()
+                for seq, sseq in session.stream_seqs.items()
+                if sseq == stream_seq
+            ),
+            None,
+        )
+        if owner is None:
+            return  # another gateway's job, or a session already gone
+        session_id, seq = owner
+        self.sampled.warning("job_dead", session=session_id, seq=seq, deliveries=deliveries)
+        message = f"chunk {seq}: no worker finished it in {deliveries} deliveries"
+        self._deliver(
+            JobResult(
+                job=f"{session_id}-{seq}",
+                session=session_id,
+                seq=seq,
+                kind="final",
+                text="",
+                segments=(),
+                language="",
+                audio_s=0.0,
+                compute_s=0.0,
+                queue_s=0.0,
+                worker="",
+                error={"code": ErrorCode.INTERNAL.value, "message": message},
+            )
+        )
+        self.metrics.results.labels("final", ErrorCode.INTERNAL.value).inc()
+        try:
+            self._dead_send.send_nowait(stream_seq)
+        except trio.WouldBlock:
+            self.sampled.warning("dead_job_left_in_stream", stream_seq=stream_seq)
+
+    async def _delete_dead_jobs(self) -> None:
+        async for stream_seq in self._dead_recv:
+            try:
+                await self.bridge.delete_job(stream_seq)
+            except NatsError as exc:
+                self.sampled.warning(
+                    "dead_job_delete_failed", stream_seq=stream_seq, error=str(exc)
+                )
 
     def _on_worker(self, data: bytes) -> None:
         try:

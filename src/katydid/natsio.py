@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -144,6 +145,8 @@ class NatsBridge:
         gateway_id: names the results subject ``katydid.results.<gateway_id>``.
         on_result: called on the trio thread with each result message body.
         on_worker: called on the trio thread with each worker heartbeat body.
+        on_dead_job: called on the trio thread with ``(stream_seq, deliveries)`` when JetStream
+            gives up on a job after ``consumer_max_deliver`` deliveries (its advisory).
     """
 
     def __init__(
@@ -153,12 +156,14 @@ class NatsBridge:
         *,
         on_result: Callable[[bytes], None],
         on_worker: Callable[[bytes], None],
+        on_dead_job: Callable[[int, int], None],
     ) -> None:
         self._cfg = cfg
         self.gateway_id = gateway_id
         self.results_subject = f"{RESULTS_PREFIX}.{gateway_id}"
         self._on_result = on_result
         self._on_worker = on_worker
+        self._on_dead_job = on_dead_job
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._nc: Any = None
@@ -239,6 +244,18 @@ class NatsBridge:
 
         return await self._call(go)
 
+    async def delete_job(self, stream_seq: int) -> None:
+        """Remove a job from the stream (one JetStream gave up on: it would sit there unacked).
+
+        Raises:
+            NatsError: NATS is unreachable, timed out, or the message is already gone.
+        """
+
+        async def go() -> None:
+            await self._js.delete_msg(STREAM, stream_seq)
+
+        await self._call(go)
+
     async def publish_cancel(self, session_id: str) -> None:
         """Tell workers to skip the queued jobs of a session whose client left."""
 
@@ -283,12 +300,12 @@ class NatsBridge:
         finally:
             loop.close()
 
-    def _to_trio(self, fn: Callable[[bytes], None], data: bytes) -> None:
+    def _to_trio(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._token is not None
 
         def guarded() -> None:
             try:
-                fn(data)
+                fn(*args)
             except Exception:  # a raise inside run_sync_soon would crash the trio run
                 log.exception("nats_callback_failed")
 
@@ -316,6 +333,15 @@ class NatsBridge:
         async def on_worker(msg: Any) -> None:
             self._to_trio(self._on_worker, msg.data)
 
+        async def on_max_deliveries(msg: Any) -> None:
+            try:
+                advisory = json.loads(msg.data)
+                stream_seq, deliveries = int(advisory["stream_seq"]), int(advisory["deliveries"])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("bad_advisory", subject=msg.subject, error=repr(exc))
+                return
+            self._to_trio(self._on_dead_job, stream_seq, deliveries)
+
         self._nc = await connect(
             self._cfg,
             f"katydid-gateway-{self.gateway_id}",
@@ -327,6 +353,10 @@ class NatsBridge:
         await ensure_stream(self._js, self._cfg)
         await self._nc.subscribe(self.results_subject, cb=on_result)
         await self._nc.subscribe(f"{WORKERS_SUBJECT}.>", cb=on_worker)
+        # Every gateway hears every such advisory; the one whose session owns the job answers.
+        await self._nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.*", cb=on_max_deliveries
+        )
         self.connected = True
 
     async def _stop_loop(self) -> None:
