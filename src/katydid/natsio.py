@@ -129,6 +129,36 @@ async def connect(cfg: Config, name: str, **callbacks: Any) -> Any:
     )
 
 
+def purge_jobs(cfg: Config) -> int:
+    """Drop every job in the stream; returns how many there were (blocking; runs its own loop).
+
+    For ``katydid serve``'s embedded NATS only: whatever its store holds at start was queued by a
+    gateway that no longer exists, so transcribing it would only delay new clients.
+
+    Raises:
+        NatsError: NATS is unreachable or refused.
+    """
+
+    async def go() -> int:
+        nc = await connect(cfg, "katydid-serve")
+        try:
+            js = nc.jetstream()
+            try:
+                stale = int((await js.stream_info(STREAM)).state.messages)
+            except nats.js.errors.NotFoundError:
+                return 0
+            if stale:
+                await js.purge_stream(STREAM)
+            return stale
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(go())
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
+        raise translate(exc) from exc
+
+
 @dataclass(frozen=True, slots=True)
 class LaneStats:
     pending: int  # waiting in the queue, not yet delivered

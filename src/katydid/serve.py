@@ -25,6 +25,7 @@ import trio
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.gateway import Gateway
+from katydid.natsio import purge_jobs
 from katydid.sdnotify import notify
 
 log = structlog.get_logger("katydid.serve")
@@ -166,6 +167,13 @@ async def serve(
             monitor = cfg.nats_monitor_port or free_port()
             nats_url = await outer.start(run_nats_server, cfg.data_dir / "nats", port, monitor)
             announce(f"nats:     {nats_url} (monitoring http://127.0.0.1:{monitor})")
+            # Jobs left in the embedded store belong to a gateway that died with the last run:
+            # their clients are gone, so transcribing them would only delay new ones.
+            stale = await trio.to_thread.run_sync(
+                purge_jobs, dataclasses.replace(cfg, nats_url=nats_url)
+            )
+            if stale:
+                log.info("stale_jobs_purged", jobs=stale)
         cfg = dataclasses.replace(cfg, nats_url=nats_url)
         async with trio.open_nursery() as middle:
             gateway = Gateway(cfg)

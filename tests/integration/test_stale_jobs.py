@@ -1,0 +1,65 @@
+"""`katydid serve` purges what its embedded JetStream store kept from the last run: those jobs'
+gateway and clients are gone. Checked against a real nats-server with a persisted store."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from katydid.config import Config
+from katydid.messages import lane_subject
+from katydid.natsio import connect, ensure_stream, purge_jobs
+from katydid.serve import nats_server_binary, nats_server_config
+from tests.integration.stack import free_port, port_open, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _start_nats(store: Path, port: int) -> subprocess.Popen[bytes]:
+    conf = store.parent / "nats.conf"
+    conf.write_text(nats_server_config(store, port, free_port()), encoding="utf-8")
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stderr=subprocess.DEVNULL)
+    wait_until(lambda: port_open(port), 10, "nats-server")
+    return proc
+
+
+def test_jobs_kept_across_a_restart_are_purged(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = Config(nats_url=f"nats://127.0.0.1:{port}")
+
+    async def queue_three_jobs() -> None:
+        nc = await connect(cfg, "test")
+        try:
+            js = nc.jetstream()
+            await ensure_stream(js, cfg)
+            for i in range(3):
+                await js.publish(lane_subject("interactive"), b"\0\0" * 160, headers={"n": str(i)})
+        finally:
+            await nc.close()
+
+    nats = _start_nats(tmp_path / "js", port)
+    try:
+        asyncio.run(queue_three_jobs())
+    finally:
+        nats.kill()  # as if serve died: the store keeps the jobs
+        nats.wait()
+    nats = _start_nats(tmp_path / "js", port)
+    try:
+        assert purge_jobs(cfg) == 3
+        assert purge_jobs(cfg) == 0
+    finally:
+        nats.terminate()
+        nats.wait()
+
+
+def test_purge_without_a_stream_is_a_no_op(tmp_path: Path) -> None:
+    port = free_port()
+    nats = _start_nats(tmp_path / "js", port)
+    try:
+        assert purge_jobs(Config(nats_url=f"nats://127.0.0.1:{port}")) == 0
+    finally:
+        nats.terminate()
+        nats.wait()
