@@ -317,7 +317,8 @@ def _compare(cfg: Config, clips: list[Any], *, as_json: bool) -> int:
     print(
         f"{len(data)} clips, {sum(a.size for a, _ in data) / 16000:.1f} s of audio, {cfg.engine_threads} thread(s) each"
     )
-    print(f"model {model_path.name}; whisper.cpp build: {build_info()}")
+    build = build_info()
+    print(f"model {model_path.name}; whisper.cpp build: {build}")
     print("| engine | WER | clips/s | audio-s/s | compute s | slowest clip s | fallbacks |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for run in runs.values():
@@ -337,6 +338,6 @@ def _compare(cfg: Config, clips: list[Any], *, as_json: bool) -> int:
             "wer_points": round(100 * (k.wer - fw.wer), 3),
             "worst_vs_full_context": round(worst, 3),
         }
-        out["engine_build"] = {"model": model_path.name, "whisper_cpp": build_info()}
+        out["engine_build"] = {"model": model_path.name, "whisper_cpp": build}
         print(json.dumps(out))
     return 0

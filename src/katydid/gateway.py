@@ -106,6 +106,9 @@ class Gateway:
         self.metrics_port: int | None = None
         self._published_since_poll = 0  # counted into the backlog until the next poll sees them
         self._lanes_polled_at = -math.inf
+        # Partials only while the interactive queue is not backed up (finals come first); set
+        # by each queue poll.
+        self._partials_allowed = False
         self._accepting: trio.CancelScope | None = None
         self._sessions_scope: trio.CancelScope | None = None
         self._no_sessions = trio.Event()  # set when draining and the last session ended
@@ -178,6 +181,11 @@ class Gateway:
         except MessageError as exc:
             self.sampled.warning("bad_result", error=str(exc))
             return
+        self._accept(result)
+
+    def _accept(self, result: JobResult) -> None:
+        """Count a result (a worker's, or one the gateway answers itself) and hand it to its
+        session's writer."""
         outcome = result.error["code"] if result.error else "ok"
         self.metrics.results.labels(result.kind, outcome).inc()
         if outcome == "ok":
@@ -185,9 +193,6 @@ class Gateway:
             self.metrics.transcription.observe(result.compute_s)
             if result.kind == "final":
                 self.metrics.audio_seconds.inc(result.audio_s)
-        self._deliver(result)
-
-    def _deliver(self, result: JobResult) -> None:
         session = self.sessions.get(result.session)
         if session is None:
             self.counters["orphan_results"] += 1  # the client left; its cancel crossed this result
@@ -218,7 +223,7 @@ class Gateway:
         session_id, seq = owner
         self.sampled.warning("job_dead", session=session_id, seq=seq, deliveries=deliveries)
         message = f"chunk {seq}: no worker finished it in {deliveries} deliveries"
-        self._deliver(
+        self._accept(
             JobResult(
                 job=f"{session_id}-{seq}",
                 session=session_id,
@@ -234,7 +239,6 @@ class Gateway:
                 error={"code": ErrorCode.INTERNAL.value, "message": message},
             )
         )
-        self.metrics.results.labels("final", ErrorCode.INTERNAL.value).inc()
         try:
             self._dead_send.send_nowait(stream_seq)
         except trio.WouldBlock:
@@ -273,9 +277,15 @@ class Gateway:
         known = [w.avg_compute_s for w in self.workers.values() if w.avg_compute_s]
         return sum(known) / len(known) if known else _DEFAULT_JOB_S
 
-    def eta_s(self, jobs_ahead: int) -> float:
-        workers = max(1, self.live_workers())
-        return (jobs_ahead // workers + 1) * self.job_seconds()
+    def capacity(self) -> tuple[int, float]:
+        """``(live workers, mean seconds per job)``, what every ETA is made of."""
+        return self.live_workers(), self.job_seconds()
+
+    def eta_s(self, jobs_ahead: int, capacity: tuple[int, float] | None = None) -> float:
+        """Seconds until ``jobs_ahead`` queued jobs are done; pass ``capacity`` when estimating
+        for many sessions at once, so the worker table is read once, not once per session."""
+        workers, job_s = capacity if capacity is not None else self.capacity()
+        return (jobs_ahead // max(1, workers) + 1) * job_s
 
     def backlog_eta_s(self, lane: str = "interactive") -> float:
         stats = self.lanes.get(lane)
@@ -295,8 +305,15 @@ class Gateway:
                 self.sampled.warning("queue_poll_failed", error=str(exc))
             self._forget_gone_workers()
             self._export_queue()
+            capacity = self.capacity()
+            # Read per audio frame by every streaming session: decided here, once per poll
+            # (the lane figures it depends on change only here).
+            interactive = self.lanes.get("interactive")
+            self._partials_allowed = interactive is not None and interactive.pending < max(
+                1, capacity[0]
+            )
             for session in list(self.sessions.values()):
-                self._update_position(session)
+                self._update_position(session, capacity)
             await trio.sleep(self.cfg.queue_poll_s)
 
     def _export_queue(self) -> None:
@@ -337,7 +354,7 @@ class Gateway:
             "/readyz": ready,
         }
 
-    def _update_position(self, session: Session) -> None:
+    def _update_position(self, session: Session, capacity: tuple[int, float] | None = None) -> None:
         if not session.stream_seqs:
             return
         stats = self.lanes.get(session.proto.lane)
@@ -345,7 +362,7 @@ class Gateway:
             return
         oldest = min(session.stream_seqs.values())
         position = max(0, min(stats.pending, oldest - stats.delivered_stream_seq - 1))
-        eta = self.eta_s(position)
+        eta = self.eta_s(position, capacity)
         last = session.last_queued
         # Far back in the queue, a step of one place is news to no one: update when the position
         # moved by 5% (or reached the front), so 2,000 waiting clients are not 2,000 frames a second.
@@ -460,7 +477,7 @@ class Gateway:
             if isinstance(msg, bytes):
                 for chunk in proto.receive_bytes(msg):
                     await self._publish(session, chunk)
-                partial = proto.take_partial(allowed=self._partials_allowed())
+                partial = proto.take_partial(allowed=self._partials_allowed)
                 if partial is not None:
                     await self._publish_partial(session, *partial)
                 continue
@@ -553,11 +570,6 @@ class Gateway:
         self._published_since_poll += 1
         self.metrics.jobs_published.labels(proto.lane, "final").inc()
         self._update_position(session)
-
-    def _partials_allowed(self) -> bool:
-        """Partials only while the interactive queue is not backed up (finals come first)."""
-        stats = self.lanes.get("interactive")
-        return stats is not None and stats.pending < max(1, self.live_workers())
 
     async def _publish_partial(self, session: Session, seq: int, audio: np.ndarray) -> None:
         proto = session.proto

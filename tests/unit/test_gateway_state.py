@@ -37,3 +37,6 @@ def test_backlog_eta_counts_jobs_published_since_the_last_poll() -> None:
     assert gw.backlog_eta_s() == (12 // 2 + 1) * 2.0
     gw._published_since_poll = 8
     assert gw.backlog_eta_s() == (20 // 2 + 1) * 2.0
+    # One reading of the worker table, reused across sessions, gives the same estimate.
+    assert gw.capacity() == (2, 2.0)
+    assert gw.eta_s(20, gw.capacity()) == gw.eta_s(20) == (20 // 2 + 1) * 2.0

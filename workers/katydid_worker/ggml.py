@@ -309,10 +309,11 @@ def write_ggml(model: Ct2Model, tokens: list[bytes], out: BinaryIO, *, quant: st
     out.write(struct.pack("<i", len(tokens)))
     for tok in tokens:
         out.write(struct.pack("<i", len(tok)) + tok)
+    quantised = _QUANTISED.get(quant)
     for name, value in whisper_tensors(model):
         ttype = _tensor_type(name, value, quant)
-        if ttype in (GGML_TYPE_Q8_0, GGML_TYPE_Q4_0):
-            payload = _QUANTISED[quant].pack(value)
+        if quantised is not None and ttype == quantised.tensor_type:
+            payload = quantised.pack(value)
         else:
             payload = np.ascontiguousarray(
                 value, dtype="<f4" if ttype == GGML_TYPE_F32 else "<f2"
