@@ -55,6 +55,20 @@ class Stack:
         self.env |= {f"KATYDID_{k.upper()}": str(v) for k, v in settings.items()}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        try:
+            self._start(workers)
+        except BaseException:
+            self.close()  # a part that failed to start must not leave the others running
+            raise
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self, workers: int) -> None:
+        root = self.root
         nats_port, monitor = free_port(), free_port()
         conf = root / "nats.conf"
         conf.write_text(nats_server_config(root / "js", nats_port, monitor), encoding="utf-8")

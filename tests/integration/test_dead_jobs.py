@@ -37,8 +37,7 @@ async def test_a_job_every_delivery_of_which_dies_is_a_chunk_error(
 ) -> None:
     # One delivery allowed, one worker, killed in the middle of its first job: JetStream will not
     # redeliver that job once its ack wait (3 s in the stack) runs out.
-    stack = Stack(tmp_path, model_dir, workers=1, consumer_max_deliver=1)
-    try:
+    with Stack(tmp_path, model_dir, workers=1, consumer_max_deliver=1) as stack:
         data = (speech_dir / "long" / "long_ljspeech_LJ001-0001-0016.wav").read_bytes()
         result: list[client.SessionResult] = []
         async with trio.open_nursery() as nursery:
@@ -65,6 +64,8 @@ async def test_a_job_every_delivery_of_which_dies_is_a_chunk_error(
         assert done["failed_chunks"] == 1
         # Every other chunk still got its final, in order around the failed one.
         assert len(res.finals) == done["chunks"] - 1
+        final_seqs = [f["seq"] for f in res.finals]
+        assert final_seqs == sorted(final_seqs)
         answered = sorted([f["seq"] for f in res.finals] + [errors[0]["seq"]])
         assert answered == list(range(done["chunks"]))
         # Answered within seconds of the ack wait, not after result_timeout_s (900 s).
@@ -72,5 +73,3 @@ async def test_a_job_every_delivery_of_which_dies_is_a_chunk_error(
         # The dead job no longer sits in the work queue.
         assert await trio.to_thread.run_sync(_stream_messages, stack.nats_url) == 0
         assert "job_dead" in stack.log("gateway")
-    finally:
-        stack.close()

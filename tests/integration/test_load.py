@@ -18,11 +18,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("load"), model_dir, workers=2)
-    try:
+    with Stack(tmp_path_factory.mktemp("load"), model_dir, workers=2) as s:
         yield s
-    finally:
-        s.close()
 
 
 def _clips(speech_dir: Path, mode: str = "short") -> list[ClipData]:

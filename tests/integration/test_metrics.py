@@ -18,11 +18,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("metrics"), model_dir, workers=1)
-    try:
+    with Stack(tmp_path_factory.mktemp("metrics"), model_dir, workers=1) as s:
         yield s
-    finally:
-        s.close()
 
 
 def _scrape(stack: Stack) -> dict[str, float]:
@@ -91,13 +88,10 @@ def test_health_and_readiness(stack: Stack) -> None:
 
 
 def test_readyz_is_false_without_workers(tmp_path: Path, model_dir: Path) -> None:
-    lonely = Stack(tmp_path, model_dir, workers=0)
-    try:
+    with Stack(tmp_path, model_dir, workers=0) as lonely:
         status, body = http_get(lonely.metrics_url + "/readyz")
-        assert status == 503
-        detail = json.loads(body)
-        assert detail["ready"] is False
-        assert detail["workers"] is False
-        assert detail["nats_connected"] is True
-    finally:
-        lonely.close()
+    assert status == 503
+    detail = json.loads(body)
+    assert detail["ready"] is False
+    assert detail["workers"] is False
+    assert detail["nats_connected"] is True

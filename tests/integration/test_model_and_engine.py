@@ -195,7 +195,7 @@ def test_other_weight_formats_prepare_and_transcribe(
 
 def test_engine_build_is_reported_and_has_fast_kernels_under_nox() -> None:
     info = build_info()
-    assert "AVX" in info  # whisper.cpp's own system line, as workers log it
+    assert "CPU :" in info  # whisper.cpp's own system line, as workers log it
     if os.environ.get("KATYDID_EXPECT_FAST_ENGINE") != "1":
         pytest.skip("not run by nox, which installs whisper.cpp compiled with llamafile kernels")
     assert has_fast_kernels(info), info

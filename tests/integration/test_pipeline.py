@@ -27,11 +27,10 @@ LIMITS: dict[str, Any] = {"max_audio_s": 600.0, "max_bytes": 100_000_000}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("stack"), model_dir, workers=2, max_frame_bytes=262_144)
-    try:
+    with Stack(
+        tmp_path_factory.mktemp("stack"), model_dir, workers=2, max_frame_bytes=262_144
+    ) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")
