@@ -209,6 +209,13 @@ class Gateway:
         """JetStream will not deliver this job again (every delivery ended without an ack: a
         worker crashed on it each time). Its session hears so now, as that chunk's error,
         instead of waiting out ``result_timeout_s``; the job leaves the stream."""
+        # Deleted whoever owns it: a job whose session (or gateway) is gone would otherwise sit
+        # in the stream for good, counting against its limits. Every gateway hears the
+        # advisory and tries; the owner answers its session from its own records either way.
+        try:
+            self._dead_send.send_nowait(stream_seq)
+        except trio.WouldBlock:
+            self.sampled.warning("dead_job_left_in_stream", stream_seq=stream_seq)
         owner = next(
             (
                 (session_id, seq)
@@ -219,6 +226,7 @@ class Gateway:
             None,
         )
         if owner is None:
+            self.sampled.info("dead_job_unowned", stream_seq=stream_seq, deliveries=deliveries)
             return  # another gateway's job, or a session already gone
         session_id, seq = owner
         self.sampled.warning("job_dead", session=session_id, seq=seq, deliveries=deliveries)
@@ -239,15 +247,12 @@ class Gateway:
                 error={"code": ErrorCode.INTERNAL.value, "message": message},
             )
         )
-        try:
-            self._dead_send.send_nowait(stream_seq)
-        except trio.WouldBlock:
-            self.sampled.warning("dead_job_left_in_stream", stream_seq=stream_seq)
 
     async def _delete_dead_jobs(self) -> None:
         async for stream_seq in self._dead_recv:
             try:
-                await self.bridge.delete_job(stream_seq)
+                if await self.bridge.delete_job(stream_seq):
+                    self.sampled.info("dead_job_deleted", stream_seq=stream_seq)
             except NatsError as exc:
                 self.sampled.warning(
                     "dead_job_delete_failed", stream_seq=stream_seq, error=str(exc)
@@ -489,9 +494,22 @@ class Gateway:
                 break
         await self._finish_audio(session)
         self._check_done(session)
-        # The writer finishes the session; the reader waits for results, bounded.
+        # The writer finishes the session; the reader waits for results, bounded, and keeps
+        # reading: a client that leaves now is noticed at once (and its queued jobs cancelled),
+        # not at the next message sent to it, which may be its last result. Anything it sends
+        # after stop is out of order.
         with trio.move_on_after(self.cfg.result_timeout_s) as scope:
-            await trio.sleep_forever()
+            while True:
+                try:
+                    msg = await ws.get_message()
+                except ConnectionClosed:
+                    if proto.done:
+                        return  # the writer sent done and is closing; it ends the session
+                    raise
+                if isinstance(msg, bytes):
+                    proto.receive_bytes(msg)  # raises: audio after stop
+                else:
+                    proto.receive_text(msg)  # raises: start or stop again, or garbage
         if scope.cancelled_caught:
             raise ProtocolError(
                 ErrorCode.TIMEOUT, f"results not complete within {self.cfg.result_timeout_s:.0f} s"

@@ -51,6 +51,7 @@ from katydid.messages import (
 
 log = structlog.get_logger("katydid.nats")
 T = TypeVar("T")
+_NO_MESSAGE_FOUND = 10037  # JetStream's error code for deleting a sequence no longer stored
 
 
 class NatsError(KatydidError):
@@ -274,17 +275,26 @@ class NatsBridge:
 
         return await self._call(go)
 
-    async def delete_job(self, stream_seq: int) -> None:
+    async def delete_job(self, stream_seq: int) -> bool:
         """Remove a job from the stream (one JetStream gave up on: it would sit there unacked).
 
+        Returns:
+            False when the job was already gone (every gateway deletes dead jobs; one wins).
+
         Raises:
-            NatsError: NATS is unreachable, timed out, or the message is already gone.
+            NatsError: NATS is unreachable or timed out.
         """
 
-        async def go() -> None:
-            await self._js.delete_msg(STREAM, stream_seq)
+        async def go() -> bool:
+            try:
+                await self._js.delete_msg(STREAM, stream_seq)
+            except nats.js.errors.NotFoundError as exc:
+                if exc.err_code != _NO_MESSAGE_FOUND:
+                    raise  # the stream itself is gone: not ours to hide
+                return False
+            return True
 
-        await self._call(go)
+        return await self._call(go)
 
     async def publish_cancel(self, session_id: str) -> None:
         """Tell workers to skip the queued jobs of a session whose client left."""

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from katydid.messages import STREAM
 from katydid.serve import nats_server_binary, nats_server_config
 
 STARTUP_TIMEOUT_S = 60.0
@@ -163,3 +164,18 @@ def busy_worker_pid(nats_url: str, timeout_s: float) -> int:
             await nc.close()
 
     return asyncio.run(watch())
+
+
+def stream_messages(nats_url: str) -> int:
+    """Messages (jobs) now stored in the work-queue stream."""
+    import nats
+
+    async def count() -> int:
+        nc = await nats.connect(nats_url)
+        try:
+            info = await nc.jetstream().stream_info(STREAM)
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())

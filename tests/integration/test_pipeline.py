@@ -248,6 +248,10 @@ async def test_client_leaving_mid_stream_cancels_its_jobs(
             await trio.sleep(0.2)
 
 
+# One second of a loud 440 Hz tone, 16 kHz PCM: enough signal for the chunker to make a job.
+_TONE = (np.sin(2 * np.pi * 440 * np.arange(16_000) / 16_000) * 16_000).astype("<i2").tobytes()
+
+
 @pytest.mark.parametrize(
     ("messages", "code", "close"),
     [
@@ -264,6 +268,9 @@ async def test_client_leaving_mid_stream_cancels_its_jobs(
             1003,
         ),
         (['{"type": "start"}', b"\x01\x02\x03", '{"type": "stop"}'], "bad_message", 1008),
+        # After stop the gateway still reads (to notice a client that leaves): a second stop
+        # is out of order, even while the session's job is being transcribed.
+        (['{"type": "start"}', _TONE, '{"type": "stop"}', '{"type": "stop"}'], "bad_message", 1008),
     ],
 )
 async def test_bad_input_gets_a_coded_error_and_close(
