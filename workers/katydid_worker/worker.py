@@ -32,6 +32,7 @@ import structlog
 from katydid.audio import pcm16_to_float
 from katydid.config import Config
 from katydid.errors import AudioError, KatydidError
+from katydid.log import SampledLogger
 from katydid.messages import (
     CANCEL_SUBJECT,
     LANES,
@@ -110,6 +111,10 @@ class Worker:
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._stopping = anyio.Event()
         self._nc: Any = None
+        # Garbage on the job subject is taken and dropped as fast as it arrives: sampled.
+        self._sampled = SampledLogger(
+            log, burst=cfg.log_sample_burst, window_s=cfg.log_sample_window_s
+        )
 
     def stop(self) -> None:
         """Finish the current job, then exit (what SIGTERM does)."""
@@ -195,7 +200,7 @@ class Worker:
         try:
             job = Job.from_headers(msg.headers)
         except MessageError as exc:
-            log.warning("bad_job", error=str(exc))
+            self._sampled.warning("bad_job", error=str(exc))
             await msg.term()  # no reply subject to answer; never redeliver garbage
             return
         queue_s = (

@@ -1,0 +1,58 @@
+"""Garbage on the job subjects (no headers, not a Katydid job): the worker drops each one
+without redelivery, logs it sampled (a flood must not become a log storm), and keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import trio
+
+from katydid import client
+from katydid.evaluation import read_manifest, wer
+from katydid.messages import lane_subject
+from tests.integration.stack import Stack, stream_messages, wait_until
+
+pytestmark = pytest.mark.integration
+
+_GARBAGE = 40
+_BURST = 3
+
+
+def _publish_garbage(nats_url: str) -> None:
+    import nats
+
+    async def go() -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            for i in range(_GARBAGE):
+                await js.publish(lane_subject(("bulk", "interactive")[i % 2]), b"\xff" * 100)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+async def test_garbage_jobs_are_dropped_with_sampled_logs(
+    tmp_path: Path, model_dir: Path, speech_dir: Path
+) -> None:
+    with Stack(
+        tmp_path, model_dir, workers=1, log_sample_burst=_BURST, log_sample_window_s=600
+    ) as stack:
+        await trio.to_thread.run_sync(_publish_garbage, stack.nats_url)
+        await trio.to_thread.run_sync(
+            lambda: wait_until(
+                lambda: stream_messages(stack.nats_url) == 0, 60, "the garbage to be dropped"
+            )
+        )
+        bad = [e for e in stack.log_events("worker0") if e.get("event") == "bad_job"]
+        assert len(bad) == _BURST, bad
+        # The worker is still there and still transcribes.
+        res = await client.transcribe(
+            stack.url, (speech_dir / "jfk.wav").read_bytes(), fmt="wav", frame_bytes=65_536
+        )
+        assert res.done is not None
+        jfk = next(c for c in read_manifest(speech_dir / "manifest.tsv") if c.name == "jfk.wav")
+        assert wer(jfk.reference, res.text) <= 0.05
