@@ -177,6 +177,23 @@ def test_looping_clip_at_a_tight_context_falls_back_to_the_full_window(
     assert engine.fallbacks == 2
 
 
+def test_a_transcript_does_not_depend_on_what_the_engine_ran_before(
+    model_path: Path, speech_dir: Path
+) -> None:
+    # Clip-sized windows of every size share one whisper.cpp context (engine.py says why that
+    # is safe without flash attention); the full window has its own. Each clip must come out
+    # the same from a fresh engine as after runs at every other size.
+    clips = [c for c in read_manifest(speech_dir / "manifest.tsv") if not c.name.startswith("long")]
+    audio = {c.name: decode_container(c.path, **LIMITS) for c in clips}
+    shared = Engine(model_path)
+    sizes = {shared.transcribe(a).audio_ctx for a in audio.values()}
+    assert len(sizes) >= 4, sizes  # several clip sizes and the full window took part
+    for name in ("ldc93s1_timit.wav", "librivox_ss01_0870.wav", "jfk.wav"):
+        fresh = Engine(model_path).transcribe(audio[name])
+        again = shared.transcribe(audio[name])
+        assert (again.text, again.audio_ctx) == (fresh.text, fresh.audio_ctx), name
+
+
 @pytest.mark.parametrize("name", ["tiny.en", "tiny.en-q4_0"])
 def test_other_weight_formats_prepare_and_transcribe(
     name: str, model_dir: Path, speech_dir: Path

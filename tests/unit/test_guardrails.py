@@ -17,7 +17,18 @@ from katydid_worker.guardrails import (
 
 @pytest.mark.parametrize(
     ("duration_s", "expected"),
-    [(0.5, 384), (2.9, 384), (6.6, 384), (6.7, 512), (9.2, 512), (9.3, FULL_CTX), (28.0, FULL_CTX)],
+    [
+        (0.5, 384),
+        (2.9, 384),
+        (6.6, 384),
+        (6.7, 448),
+        (7.9, 448),
+        (8.0, 512),
+        (9.3, 576),
+        (11.8, 640),
+        (11.9, FULL_CTX),
+        (28.0, FULL_CTX),
+    ],
 )
 def test_context_is_the_smallest_step_holding_the_clip_plus_margin(
     duration_s: float, expected: int

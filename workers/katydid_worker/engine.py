@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,13 @@ from typing import Any
 import numpy as np
 
 from katydid.errors import EngineError, ModelError
-from katydid_worker.guardrails import FULL_CTX, check_output, choose_audio_ctx, voiced_seconds
+from katydid_worker.guardrails import (
+    CLIP_CTX_STEPS,
+    FULL_CTX,
+    check_output,
+    choose_audio_ctx,
+    voiced_seconds,
+)
 
 SAMPLE_RATE = 16_000
 _TICK_S = 0.01  # whisper.cpp reports times in 10 ms ticks
@@ -76,9 +83,9 @@ class EngineOptions:
     clip_context: bool = True  # encoder window sized to the clip, with guardrails
     ctx_margin_s: float = 1.0  # context beyond the clip's length
     # The context sizes a clip may get (a clip takes the smallest that holds it plus the
-    # margin). Longer clips use the full window: past ~512 positions (9 s) a clip-sized run
-    # costs more than half a full one (tiny.en, 1 thread), so its budget would cut it off.
-    clip_ctx_steps: tuple[int, ...] = (384, 512)
+    # margin); guardrails.py has the measurements. Longer clips use the full window: past 640
+    # positions a clip-sized run would come too close to its budget (half a full window).
+    clip_ctx_steps: tuple[int, ...] = CLIP_CTX_STEPS
     budget_ratio: float = 0.5  # clip-sized run's CPU budget, x the full-window CPU time
     temperature_fallback: bool = True  # whisper.cpp's temperature retries, in full-window runs
     entropy_thold: float = 2.4
@@ -129,18 +136,25 @@ class Engine:
 
         self.options = options or EngineOptions()
         self.model_path = model_path
-        # One whisper.cpp context per encoder size, so that results do not depend on what the
-        # worker transcribed before. Why: with flash attention the decoder attends, unmasked, to
-        # GGML_PAD(audio_ctx, 256) cross-attention positions, laid out per layer at that padded
-        # stride, of which this run's encoder wrote audio_ctx; the rest hold what an earlier run
-        # at another size left (measured: 384 after a full window turned "dog suit" into "ducks
-        # suit"; the full window after a 512 run changed 4 of the 16 short clips).
-        self._models: dict[int, Any] = {}
+        # Two whisper.cpp contexts: the full window with flash attention, every clip-sized
+        # window in one context without it. Why:
+        # - Speed: flash attention is faster at 1,500 positions (encoder 807 ms against 1,098)
+        #   and slower at clip sizes (384: 137 against 109 ms; 16 short clips 7% faster).
+        # - Results must not depend on what the worker transcribed before. With flash attention
+        #   the decoder attends, unmasked, to GGML_PAD(audio_ctx, 256) cross-attention positions,
+        #   laid out per layer at that padded stride, of which this run's encoder wrote
+        #   audio_ctx; the rest hold what an earlier run at another size left (measured: 384
+        #   after a full window turned "dog suit" into "ducks suit"). The full window only ever
+        #   runs at one size. Without flash attention the decoder reads exactly audio_ctx
+        #   positions, so clip sizes can share a context: every short clip transcribed the same
+        #   from a fresh context and from one shared with all other sizes, in any order.
+        self._models: dict[bool, Any] = {}
         self._model_class = Model
-        # All contexts load now: a bad model fails here, not at the first job, and no job pays
+        # Both contexts load now: a bad model fails here, not at the first job, and no job pays
         # for a model load (nor does a benchmark's timed window).
-        for size in (FULL_CTX, *(self.options.clip_ctx_steps if self.options.clip_context else ())):
-            self._model_for(size)
+        self._model_for(FULL_CTX)
+        if self.options.clip_context:
+            self._model_for(min(self.options.clip_ctx_steps))
         self.fallbacks = 0
         # The full-window cost of a near-empty clip (the encoder's fixed cost), which bounds what
         # a clip-sized attempt may spend before we give up on it (see guardrails.py). Measured
@@ -148,14 +162,20 @@ class Engine:
         # turn good clip-sized runs into fallbacks (and make results depend on the load).
         self.full_window_s = 0.0
         if self.options.clip_context:
-            started = time.process_time()
+            silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
+            # The clip context's first run, at its largest size, sets up its buffers here rather
+            # than inside the first job's budget.
             self._run(
-                np.zeros(SAMPLE_RATE, dtype=np.float32),
-                audio_ctx=FULL_CTX,
-                temperature_inc=0.0,
-                abort=None,
+                silence, audio_ctx=max(self.options.clip_ctx_steps), temperature_inc=0.0, abort=None
             )
-            self.full_window_s = time.process_time() - started
+            # Median of three: one noisy measurement would set this worker's budget for good
+            # (this machine's speed varies by 10-30% from one second to the next).
+            samples = []
+            for _ in range(3):
+                started = time.process_time()
+                self._run(silence, audio_ctx=FULL_CTX, temperature_inc=0.0, abort=None)
+                samples.append(time.process_time() - started)
+            self.full_window_s = statistics.median(samples)
 
     @staticmethod
     def _params(opts: EngineOptions) -> dict[str, Any]:
@@ -236,12 +256,14 @@ class Engine:
         return self._transcript(raw, audio_s, started, FULL_CTX, fallback)
 
     def _model_for(self, audio_ctx: int) -> Any:
-        model = self._models.get(audio_ctx)
+        full = audio_ctx >= FULL_CTX
+        model = self._models.get(full)
         if model is None:
-            model = self._models[audio_ctx] = self._model_class(
+            model = self._models[full] = self._model_class(
                 str(self.model_path),
                 params_sampling_strategy=1 if self.options.beam_size > 0 else 0,
                 redirect_whispercpp_logs_to=None,
+                context_params={"flash_attn": full},
                 **self._params(self.options),
             )
         return model

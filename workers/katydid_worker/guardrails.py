@@ -32,14 +32,21 @@ MAX_NGRAM_REPEATS = 3  # the same 3-word sequence more than this many times
 MIN_VOICED_S_FOR_TEXT = 1.0  # this much voiced audio should give some text
 
 
+# Encoder sizes a clip may get, measured (tiny.en Q8_0, 1 thread, flash attention off; encoder
+# ms): 256: 73, 320: 207, 384: 128, 448: 132, 512: 164, 576: 181, 640: 205, 704: 494, 768: 293,
+# 832: 633, full window (flash on): 847. Some sizes hit slow kernels at 2-3x their neighbours'
+# cost, so the steps are a measured list, not a stride. Below 384 clips of 2-3 s loop; past 640
+# (11.8 s of clip) encoder plus decoding no longer fits safely in the budget (engine.py).
+CLIP_CTX_STEPS = (384, 448, 512, 576, 640)
+
+
 def choose_audio_ctx(
-    duration_s: float, *, margin_s: float = 1.0, steps: tuple[int, ...] = (384, 512)
+    duration_s: float, *, margin_s: float = 1.0, steps: tuple[int, ...] = CLIP_CTX_STEPS
 ) -> int:
     """Encoder context for a clip: the smallest of ``steps`` that holds it plus a margin.
 
     Measured on the shared clips (tiny.en): below 384 positions (7.7 s) clips of 2-3 s loop
-    ("Go forward 10 meters." forty times); at 384 they do not, and cost ~0.3 s instead of ~1.3 s.
-    A few fixed sizes, because each size keeps its own whisper.cpp context (see engine.py).
+    ("Go forward 10 meters." forty times); at 384 they do not, and cost ~0.2 s instead of ~1 s.
 
     Returns:
         Positions for ``audio_ctx``, or ``FULL_CTX`` when no step holds the clip.
