@@ -99,7 +99,13 @@ def add_parsers(sub: Any) -> None:
     be.add_argument(
         "--compare",
         choices=("faster-whisper",),
-        help="side by side with faster-whisper int8, one process each",
+        help="side by side with faster-whisper int8, same process, interleaved clip by clip",
+    )
+    be.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="with --compare: passes over the clips; each clip's time is its median (1-20)",
     )
 
 
@@ -269,7 +275,9 @@ def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     manifest = args.manifest or find_speech_dir() / "manifest.tsv"
     clips = [c for c in read_manifest(manifest) if c.path.parent.name != _LONG_DIR or args.manifest]
     if args.compare:
-        return _compare(cfg, clips, as_json=args.json)
+        if not 1 <= args.passes <= 20:
+            raise KatydidError(f"--passes must be between 1 and 20, got {args.passes}")
+        return _compare(cfg, clips, passes=args.passes, as_json=args.json)
     result = _engine_baseline(cfg, [c.path for c in clips], args.processes, args.duration)
     print("| engine | processes | clips | audio s | wall s | clips/s | audio-s/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -282,11 +290,10 @@ def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare(cfg: Config, clips: list[Any], *, as_json: bool) -> int:
+def _compare(cfg: Config, clips: list[Any], *, passes: int, as_json: bool) -> int:
     import dataclasses
 
-    from katydid_worker import models
-    from katydid_worker.compare import run_faster_whisper, run_katydid
+    from katydid_worker import compare, models
     from katydid_worker.engine import EngineOptions, build_info
 
     data = [
@@ -300,22 +307,18 @@ def _compare(cfg: Config, clips: list[Any], *, as_json: bool) -> int:
             "--compare needs a model whose CTranslate2 files are in one package (tiny.en)"
         )
     opts = EngineOptions(language=cfg.language, threads=cfg.engine_threads, beam_size=cfg.beam_size)
-    runs = {
-        "katydid": run_katydid(model_path, data, opts),
-        "katydid_full_context": run_katydid(
-            model_path, data, dataclasses.replace(opts, clip_context=False)
-        ),
-        "faster_whisper": run_faster_whisper(
-            ct2_dir, data, threads=cfg.engine_threads, beam_size=5
-        ),
-        "faster_whisper_greedy": run_faster_whisper(
-            ct2_dir, data, threads=cfg.engine_threads, beam_size=1
-        ),
-    }
+    contenders = [
+        compare.katydid(model_path, opts),
+        compare.katydid(model_path, dataclasses.replace(opts, clip_context=False)),
+        *compare.faster_whisper(ct2_dir, threads=cfg.engine_threads, beam_sizes=(5, 1)),
+    ]
+    names = ("katydid", "katydid_full_context", "faster_whisper", "faster_whisper_greedy")
+    runs = dict(zip(names, compare.measure(contenders, data, passes=passes), strict=True))
     k, full, fw = runs["katydid"], runs["katydid_full_context"], runs["faster_whisper"]
     worst = max(a / b for a, b in zip(k.per_clip_s, full.per_clip_s, strict=True))
     print(
-        f"{len(data)} clips, {sum(a.size for a, _ in data) / 16000:.1f} s of audio, {cfg.engine_threads} thread(s) each"
+        f"{len(data)} clips, {sum(a.size for a, _ in data) / 16000:.1f} s of audio, {cfg.engine_threads} thread(s) each, "
+        f"engines interleaved clip by clip, median of {passes} pass(es) per clip"
     )
     build = build_info()
     print(f"model {model_path.name}; whisper.cpp build: {build}")

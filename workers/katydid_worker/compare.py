@@ -7,6 +7,7 @@ CTranslate2 weights that Katydid converts, so both engines run the same model.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,41 +53,27 @@ class EngineRun:
         }
 
 
-def _measure(
-    name: str, transcribe: Callable[[np.ndarray], str], clips: Sequence[tuple[np.ndarray, str]]
-) -> EngineRun:
-    run = EngineRun(name)
-    transcribe(clips[0][0][:SAMPLE_RATE])  # warm-up, not timed
-    for audio, reference in clips:
-        started = time.perf_counter()
-        text = transcribe(audio)
-        took = time.perf_counter() - started
-        errors, words = word_errors(reference, text)
-        run.clips += 1
-        run.audio_s += audio.size / SAMPLE_RATE
-        run.compute_s += took
-        run.errors += errors
-        run.words += words
-        run.worst_clip_s = max(run.worst_clip_s, took)
-        run.per_clip_s.append(took)
-    return run
+@dataclass(frozen=True, slots=True)
+class Contender:
+    """One engine set-up in the comparison: a name and a loaded model's transcribe call."""
+
+    name: str
+    transcribe: Callable[[np.ndarray], str]
+    fallbacks: Callable[[], int] = lambda: 0
 
 
-def run_katydid(
-    model_path: Path, clips: Sequence[tuple[np.ndarray, str]], options: EngineOptions
-) -> EngineRun:
+def katydid(model_path: Path, options: EngineOptions) -> Contender:
     engine = Engine(model_path, options)
     window = "clip-sized window" if options.clip_context else "full window"
-    run = _measure(
-        f"katydid ({model_path.name}, {window})", lambda a: engine.transcribe(a).text, clips
+    return Contender(
+        f"katydid ({model_path.name}, {window})",
+        lambda a: engine.transcribe(a).text,
+        lambda: engine.fallbacks,
     )
-    run.fallbacks = engine.fallbacks
-    return run
 
 
-def run_faster_whisper(
-    ct2_dir: Path, clips: Sequence[tuple[np.ndarray, str]], *, threads: int, beam_size: int
-) -> EngineRun:
+def faster_whisper(ct2_dir: Path, *, threads: int, beam_sizes: Sequence[int]) -> list[Contender]:
+    """faster-whisper int8 on the same CTranslate2 weights, one contender per beam size."""
     try:
         from faster_whisper import WhisperModel
     except ImportError:
@@ -95,8 +82,47 @@ def run_faster_whisper(
         ) from None
     model = WhisperModel(str(ct2_dir), device="cpu", compute_type="int8", cpu_threads=threads)
 
-    def transcribe(audio: np.ndarray) -> str:
-        segments, _ = model.transcribe(audio, language="en", beam_size=beam_size)
-        return " ".join(s.text for s in segments)
+    def contender(beam_size: int) -> Contender:
+        def transcribe(audio: np.ndarray) -> str:
+            segments, _ = model.transcribe(audio, language="en", beam_size=beam_size)
+            return " ".join(s.text for s in segments)
 
-    return _measure(f"faster-whisper int8 beam {beam_size}", transcribe, clips)
+        return Contender(f"faster-whisper int8 beam {beam_size}", transcribe)
+
+    return [contender(b) for b in beam_sizes]
+
+
+def measure(
+    contenders: Sequence[Contender], clips: Sequence[tuple[np.ndarray, str]], *, passes: int = 1
+) -> list[EngineRun]:
+    """Time every contender on every clip, interleaved: clip by clip, each contender in turn,
+    the order rotating from clip to clip and pass to pass. This machine's speed drifts by 10-30%
+    over a minute; run one after the other, a ratio between engines measured that drift too.
+
+    A clip's time is its median over ``passes``; WER comes from the first pass (both engines
+    decode deterministically).
+    """
+    for c in contenders:
+        c.transcribe(clips[0][0][:SAMPLE_RATE])  # warm-up, not timed
+    times: dict[str, list[list[float]]] = {c.name: [[] for _ in clips] for c in contenders}
+    runs = {c.name: EngineRun(c.name) for c in contenders}
+    for p in range(passes):
+        for i, (audio, reference) in enumerate(clips):
+            turn = (i + p) % len(contenders)
+            for c in [*contenders[turn:], *contenders[:turn]]:
+                started = time.perf_counter()
+                text = c.transcribe(audio)
+                times[c.name][i].append(time.perf_counter() - started)
+                if p == 0:
+                    errors, words = word_errors(reference, text)
+                    runs[c.name].errors += errors
+                    runs[c.name].words += words
+    for c in contenders:
+        run = runs[c.name]
+        run.per_clip_s = [statistics.median(t) for t in times[c.name]]
+        run.clips = len(clips)
+        run.audio_s = sum(audio.size for audio, _ in clips) / SAMPLE_RATE
+        run.compute_s = sum(run.per_clip_s)
+        run.worst_clip_s = max(run.per_clip_s)
+        run.fallbacks = c.fallbacks()
+    return [runs[c.name] for c in contenders]
