@@ -120,6 +120,14 @@ async def test_short_clips_match_the_local_engine(
     pipeline_wer = _pooled([(c.reference, results[c.name]) for c in short_clips])
     local_wer = _pooled([(c.reference, local_texts[c.name]) for c in short_clips])
     assert abs(pipeline_wer - local_wer) <= 0.005, (pipeline_wer, local_wer)
+    # Each job's log line says how the engine ran it (operators count fallbacks from it).
+    jobs = [
+        e for i in stack.workers for e in stack.log_events(f"worker{i}") if e.get("event") == "job"
+    ]
+    ran = [e for e in jobs if e.get("outcome") == "ok"]
+    assert ran
+    assert all("fallback" in e for e in ran)
+    assert any(e["audio_ctx"] < 1500 for e in ran)  # short clips got clip-sized windows
 
 
 async def test_long_file_fans_out_over_both_workers_in_order(

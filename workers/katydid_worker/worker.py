@@ -218,6 +218,7 @@ class Worker:
                 audio_s, 0.0, queue_s, self.worker_id, {"code": code, "message": message},
             )  # fmt: skip
 
+        engine: dict[str, Any] = {}  # how the engine ran it, for the log line
         if job.session_id in self._cancelled:
             result = error("cancelled", "the client left")
         elif time.time() * 1000 > job.deadline_unix_ms:
@@ -228,7 +229,7 @@ class Worker:
             except AudioError as exc:
                 result = error("bad_job", str(exc))
             else:
-                result = await self._transcribe(job, msg, audio, queue_s)
+                result, engine = await self._transcribe(job, msg, audio, queue_s)
         if result.error:
             self.stats.jobs_skipped += result.error["code"] in ("cancelled", "expired")
             self.stats.jobs_failed += result.error["code"] not in ("cancelled", "expired")
@@ -247,9 +248,12 @@ class Worker:
             compute_s=round(result.compute_s, 3),
             queue_s=round(queue_s, 3),
             deliveries=msg.metadata.num_delivered,
+            **engine,
         )
 
-    async def _transcribe(self, job: Job, msg: Any, audio: np.ndarray, queue_s: float) -> JobResult:
+    async def _transcribe(
+        self, job: Job, msg: Any, audio: np.ndarray, queue_s: float
+    ) -> tuple[JobResult, dict[str, Any]]:
         self.stats.busy = True
         offset_s = job.offset_ms / 1000.0
         try:
@@ -267,14 +271,15 @@ class Worker:
             return JobResult(
                 job.job_id, job.session_id, job.seq, job.options.kind, "", (), job.options.language,
                 audio.size / 16_000, 0.0, queue_s, self.worker_id, {"code": "internal", "message": str(exc)},
-            )  # fmt: skip
+            ), {}  # fmt: skip
         finally:
             self.stats.busy = False
+        engine = {"audio_ctx": tr.audio_ctx, "fallback": tr.fallback}
         if job.session_id in self._cancelled:
             return JobResult(
                 job.job_id, job.session_id, job.seq, job.options.kind, "", (), job.options.language,
                 tr.audio_s, tr.compute_s, queue_s, self.worker_id, {"code": "cancelled", "message": "the client left"},
-            )  # fmt: skip
+            ), engine  # fmt: skip
         self.stats.jobs_done += 1
         self.stats.fallbacks = self.engine.fallbacks
         self.stats.audio_s += tr.audio_s
@@ -286,7 +291,7 @@ class Worker:
         return JobResult(
             job.job_id, job.session_id, job.seq, job.options.kind, tr.text, segments, job.options.language,
             tr.audio_s, tr.compute_s, queue_s, self.worker_id, None,
-        )  # fmt: skip
+        ), engine  # fmt: skip
 
     async def _keep_alive(self, msg: Any) -> None:
         while True:
