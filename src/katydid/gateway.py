@@ -89,10 +89,9 @@ class Gateway:
             on_worker=self._on_worker,
             on_dead_job=self._on_dead_job,
         )
-        # Jobs JetStream gave up on, to delete from the stream (bounded like the unacked jobs).
-        self._dead_send, self._dead_recv = trio.open_memory_channel[int](
-            cfg.consumer_max_ack_pending
-        )
+        # Jobs to delete from the stream: ones JetStream gave up on, and the queued jobs of
+        # sessions whose client left. Bounded by what the stream itself may hold.
+        self._delete_send, self._delete_recv = trio.open_memory_channel[int](cfg.stream_max_msgs)
         self.sessions: dict[str, Session] = {}
         self.workers: dict[str, WorkerInfo] = {}
         self.lanes: dict[str, LaneStats] = {}
@@ -124,7 +123,7 @@ class Gateway:
                 )
             await nursery.start(self.bridge.run)
             nursery.start_soon(self._poll_queue)
-            nursery.start_soon(self._delete_dead_jobs)
+            nursery.start_soon(self._delete_jobs)
             async with trio.open_nursery() as handlers:
                 self._sessions_scope = handlers.cancel_scope
                 with trio.CancelScope() as accepting:
@@ -212,10 +211,7 @@ class Gateway:
         # Deleted whoever owns it: a job whose session (or gateway) is gone would otherwise sit
         # in the stream for good, counting against its limits. Every gateway hears the
         # advisory and tries; the owner answers its session from its own records either way.
-        try:
-            self._dead_send.send_nowait(stream_seq)
-        except trio.WouldBlock:
-            self.sampled.warning("dead_job_left_in_stream", stream_seq=stream_seq)
+        self._delete_job(stream_seq)
         owner = next(
             (
                 (session_id, seq)
@@ -248,15 +244,19 @@ class Gateway:
             )
         )
 
-    async def _delete_dead_jobs(self) -> None:
-        async for stream_seq in self._dead_recv:
+    def _delete_job(self, stream_seq: int) -> None:
+        try:
+            self._delete_send.send_nowait(stream_seq)
+        except trio.WouldBlock:
+            self.sampled.warning("job_left_in_stream", stream_seq=stream_seq)
+
+    async def _delete_jobs(self) -> None:
+        async for stream_seq in self._delete_recv:
             try:
                 if await self.bridge.delete_job(stream_seq):
-                    self.sampled.info("dead_job_deleted", stream_seq=stream_seq)
+                    self.sampled.info("job_deleted", stream_seq=stream_seq)
             except NatsError as exc:
-                self.sampled.warning(
-                    "dead_job_delete_failed", stream_seq=stream_seq, error=str(exc)
-                )
+                self.sampled.warning("job_delete_failed", stream_seq=stream_seq, error=str(exc))
 
     def _on_worker(self, data: bytes) -> None:
         try:
@@ -436,6 +436,11 @@ class Gateway:
             if not self.sessions and self._accepting is not None and self._accepting.cancel_called:
                 self._no_sessions.set()
             unanswered = len(session.stream_seqs)
+            # Its jobs leave the work queue now: a worker that never heard the cancel below (one
+            # started since, say) would otherwise transcribe them for nobody, and they would take
+            # stream space until then. The cancel still stops the jobs workers already hold.
+            for stream_seq in session.stream_seqs.values():
+                self._delete_job(stream_seq)
             if unanswered:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     try:

@@ -3,14 +3,19 @@ session hears it at once as that chunk's error instead of waiting out ``result_t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trio
 
 from katydid import client
+from katydid.audio import decode_container
+from katydid.messages import Job, lane_subject
 from tests.integration.stack import Stack, busy_worker_pid, stream_messages, wait_until
 
 pytestmark = pytest.mark.integration
@@ -59,33 +64,78 @@ async def test_a_job_every_delivery_of_which_dies_is_a_chunk_error(
         assert "job_dead" in stack.log("gateway")
 
 
-async def test_a_dead_job_whose_client_left_is_still_deleted(
+def _publish_foreign_job(nats_url: str, pcm: bytes) -> None:
+    """A job as another gateway (since gone) would have queued it: no session here owns it."""
+    import nats
+
+    job = Job(
+        job_id="elsewhere-0",
+        session_id="elsewhere",
+        seq=0,
+        offset_ms=0,
+        reply_subject="katydid.results.gone-gateway",
+        deadline_unix_ms=int((time.time() + 600) * 1000),
+    )
+
+    async def go() -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            await nc.jetstream().publish(lane_subject("bulk"), pcm, headers=job.headers())
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+async def test_a_dead_job_no_session_here_owns_is_still_deleted(
     tmp_path: Path, model_dir: Path, speech_dir: Path
 ) -> None:
-    # Same crash, but the client vanishes before JetStream gives up: no session owns the job
-    # any more, and it must not stay in the work queue for good (it counts against the limits).
+    # Same crash, on a job whose gateway is gone: no session owns it, and it must not stay in
+    # the work queue for good (it counts against the stream's limits). Any gateway deletes it.
+    audio = decode_container(
+        speech_dir / "long" / "long_ljspeech_LJ001-0001-0016.wav",
+        max_audio_s=600.0,
+        max_bytes=100_000_000,
+    )
+    pcm = (np.clip(audio[: 30 * 16_000], -1, 1) * 32767).astype("<i2").tobytes()
     with Stack(tmp_path, model_dir, workers=1, consumer_max_deliver=1) as stack:
-        data = (speech_dir / "long" / "long_ljspeech_LJ001-0001-0016.wav").read_bytes()
-        async with trio.open_nursery() as nursery:
-
-            async def session() -> None:
-                await client.transcribe(
-                    stack.url, data, fmt="wav", frame_bytes=65_536, session_timeout_s=180
-                )
-
-            nursery.start_soon(session)
-            pid = await trio.to_thread.run_sync(busy_worker_pid, stack.nats_url, 60.0)
-            os.kill(pid, signal.SIGKILL)
-            nursery.cancel_scope.cancel()  # the client goes away mid-session
+        await trio.to_thread.run_sync(_publish_foreign_job, stack.nats_url, pcm)
+        pid = await trio.to_thread.run_sync(busy_worker_pid, stack.nats_url, 60.0)
+        os.kill(pid, signal.SIGKILL)
         await trio.to_thread.run_sync(stack.workers[0].wait)
-        stack.start_worker(0)
-        # The restarted worker drains what the gone session left queued; the dead job is
-        # deleted once its ack wait runs out. Bounded wait: a job left behind fails the test.
+        # Deleted once its ack wait runs out. Bounded wait: a job left behind fails the test.
         await trio.to_thread.run_sync(
             lambda: wait_until(
-                lambda: stream_messages(stack.nats_url) == 0, 120, "the work queue to empty"
+                lambda: stream_messages(stack.nats_url) == 0, 60, "the dead job to be deleted"
             )
         )
         log = stack.log("gateway")
         assert "dead_job_unowned" in log
-        assert "dead_job_deleted" in log
+        assert "job_deleted" in log
+
+
+async def test_a_client_that_leaves_after_stop_takes_its_jobs_off_the_queue(
+    tmp_path: Path, model_dir: Path, speech_dir: Path
+) -> None:
+    # No worker is running: the jobs can only leave the stream because the gateway deletes
+    # them, at once, when it notices the client has gone while waiting for its results.
+    with Stack(tmp_path, model_dir, workers=0) as stack:
+        data = (speech_dir / "long" / "long_ljspeech_LJ001-0001-0016.wav").read_bytes()
+        async with client.connect(stack.url) as ws:
+            await ws.send_message('{"type": "start", "format": "wav"}')
+            for i in range(0, len(data), 65_536):
+                await ws.send_message(data[i : i + 65_536])
+            await ws.send_message('{"type": "stop"}')
+            await trio.to_thread.run_sync(
+                lambda: wait_until(
+                    lambda: stream_messages(stack.nats_url) >= 4, 30, "the file's jobs queued"
+                )
+            )
+        await trio.to_thread.run_sync(
+            lambda: wait_until(
+                lambda: stream_messages(stack.nats_url) == 0, 10, "the gone client's jobs deleted"
+            )
+        )
+        sessions = [e for e in stack.log_events("gateway") if e.get("event") == "session"]
+        assert [e["outcome"] for e in sessions] == ["client_gone"]
+        assert sessions[0]["cancelled_jobs"] >= 4
