@@ -205,7 +205,12 @@ async def transcribe(
                     nursery.start_soon(_guard_closed, sender, ws)
                     await receiver(ws)
                     nursery.cancel_scope.cancel()
-    except trio.TooSlowError as exc:
+    except (trio.TooSlowError, BaseExceptionGroup) as exc:
+        # The deadline fires inside connect()'s nursery, which hands it on wrapped in a group.
+        if isinstance(exc, BaseExceptionGroup):
+            timeouts, rest = exc.split(trio.TooSlowError)
+            if timeouts is None or rest is not None:
+                raise
         raise ClientError(
             "session_timeout", f"session did not finish within {session_timeout_s:.0f} s"
         ) from exc

@@ -51,7 +51,9 @@ from katydid.messages import (
 
 log = structlog.get_logger("katydid.nats")
 T = TypeVar("T")
-_NO_MESSAGE_FOUND = 10037  # JetStream's error code for deleting a sequence no longer stored
+# JetStream's answers to deleting a sequence it no longer stores (seen: 10043 and 10057 when a
+# worker had acked the job just before; 10037 is the plain "no message found").
+_GONE_CODES = (10037, 10043, 10057)
 
 
 class NatsError(KatydidError):
@@ -74,6 +76,18 @@ def translate(exc: BaseException) -> NatsError:
     if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
         return NatsError("JetStream did not answer (no stream or server down)")
     return NatsError(f"NATS error: {exc!r}")
+
+
+async def delete_job(js: Any, stream_seq: int) -> bool:
+    """Delete one job from the stream; False if it was already gone (acked, or deleted by
+    another gateway). Other refusals raise (a missing stream is not ours to hide)."""
+    try:
+        await js.delete_msg(STREAM, stream_seq)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code in _GONE_CODES and "found" in (exc.description or "").lower():
+            return False
+        raise
+    return True
 
 
 def stream_config(cfg: Config) -> StreamConfig:
@@ -285,16 +299,7 @@ class NatsBridge:
             NatsError: NATS is unreachable or timed out.
         """
 
-        async def go() -> bool:
-            try:
-                await self._js.delete_msg(STREAM, stream_seq)
-            except nats.js.errors.NotFoundError as exc:
-                if exc.err_code != _NO_MESSAGE_FOUND:
-                    raise  # the stream itself is gone: not ours to hide
-                return False
-            return True
-
-        return await self._call(go)
+        return await self._call(lambda: delete_job(self._js, stream_seq))
 
     async def publish_cancel(self, session_id: str) -> None:
         """Tell workers to skip the queued jobs of a session whose client left."""

@@ -139,3 +139,18 @@ async def test_a_client_that_leaves_after_stop_takes_its_jobs_off_the_queue(
         sessions = [e for e in stack.log_events("gateway") if e.get("event") == "session"]
         assert [e["outcome"] for e in sessions] == ["client_gone"]
         assert sessions[0]["cancelled_jobs"] >= 4
+
+
+async def test_a_session_past_its_client_timeout_is_a_client_error(
+    tmp_path: Path, model_dir: Path, speech_dir: Path
+) -> None:
+    # No worker: the session cannot finish; the client's deadline is a ClientError (the load
+    # generator counts it), not a crash; the gateway then takes the job off the queue.
+    with Stack(tmp_path, model_dir, workers=0) as stack:
+        data = (speech_dir / "jfk.wav").read_bytes()
+        with pytest.raises(client.ClientError) as caught:
+            await client.transcribe(stack.url, data, fmt="wav", session_timeout_s=2)
+        assert caught.value.kind == "session_timeout"
+        await trio.to_thread.run_sync(
+            lambda: wait_until(lambda: stream_messages(stack.nats_url) == 0, 10, "an empty queue")
+        )

@@ -11,7 +11,7 @@ import pytest
 
 from katydid.config import Config
 from katydid.messages import lane_subject
-from katydid.natsio import connect, ensure_stream, purge_jobs
+from katydid.natsio import connect, delete_job, ensure_stream, purge_jobs
 from katydid.serve import nats_server_binary, nats_server_config
 from tests.integration.stack import free_port, port_open, wait_until
 
@@ -60,6 +60,35 @@ def test_purge_without_a_stream_is_a_no_op(tmp_path: Path) -> None:
     nats = _start_nats(tmp_path / "js", port)
     try:
         assert purge_jobs(Config(nats_url=f"nats://127.0.0.1:{port}")) == 0
+    finally:
+        nats.terminate()
+        nats.wait()
+
+
+def test_deleting_a_job_already_gone_says_so(tmp_path: Path) -> None:
+    # Gateways delete jobs that may have just been acked (a worker answered 'cancelled') or
+    # deleted by another gateway: that is "already gone", not an error.
+    port = free_port()
+    cfg = Config(nats_url=f"nats://127.0.0.1:{port}")
+
+    async def check() -> list[bool]:
+        nc = await connect(cfg, "test")
+        try:
+            js = nc.jetstream()
+            await ensure_stream(js, cfg)
+            seqs = [(await js.publish(lane_subject("bulk"), b"\0\0" * 160)).seq for _ in range(3)]
+            return [
+                await delete_job(js, seqs[1]),
+                await delete_job(js, seqs[1]),  # gone from the middle of the stream
+                await delete_job(js, seqs[0]),
+                await delete_job(js, seqs[0]),  # gone from before its first sequence
+            ]
+        finally:
+            await nc.close()
+
+    nats = _start_nats(tmp_path / "js", port)
+    try:
+        assert asyncio.run(check()) == [True, False, True, False]
     finally:
         nats.terminate()
         nats.wait()
