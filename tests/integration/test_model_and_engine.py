@@ -185,11 +185,15 @@ def test_a_transcript_does_not_depend_on_what_the_engine_ran_before(
     # the same from a fresh engine as after runs at every other size.
     clips = [c for c in read_manifest(speech_dir / "manifest.tsv") if not c.name.startswith("long")]
     audio = {c.name: decode_container(c.path, **LIMITS) for c in clips}
-    shared = Engine(model_path)
+    # No CPU budget: a busy machine must not turn a run into a fallback here (that is timing,
+    # tested elsewhere); this test is about state left behind.
+    unbudgeted = EngineOptions(budget_ratio=1000.0)
+    shared = Engine(model_path, unbudgeted)
     sizes = {shared.transcribe(a).audio_ctx for a in audio.values()}
     assert len(sizes) >= 4, sizes  # several clip sizes and the full window took part
+    assert shared.fallbacks == 0
     for name in ("ldc93s1_timit.wav", "librivox_ss01_0870.wav", "jfk.wav"):
-        fresh = Engine(model_path).transcribe(audio[name])
+        fresh = Engine(model_path, unbudgeted).transcribe(audio[name])
         again = shared.transcribe(audio[name])
         assert (again.text, again.audio_ctx) == (fresh.text, fresh.audio_ctx), name
 

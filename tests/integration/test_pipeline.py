@@ -106,28 +106,32 @@ async def test_live_stream_with_partials(stack: Stack, clips: list[Clip]) -> Non
 async def test_short_clips_match_the_local_engine(
     stack: Stack, short_clips: list[Clip], local_texts: dict[str, str]
 ) -> None:
-    results: dict[str, str] = {}
+    results: dict[str, client.SessionResult] = {}
 
     async def one(clip: Clip) -> None:
         data = clip.path.read_bytes()
         res = await client.transcribe(stack.url, data, fmt="wav", frame_bytes=65_536)
         assert res.done is not None, (clip.name, res.events)
-        results[clip.name] = res.text
+        results[clip.name] = res
 
     async with trio.open_nursery() as nursery:
         for clip in short_clips:
             nursery.start_soon(one, clip)
-    pipeline_wer = _pooled([(c.reference, results[c.name]) for c in short_clips])
-    local_wer = _pooled([(c.reference, local_texts[c.name]) for c in short_clips])
-    assert abs(pipeline_wer - local_wer) <= 0.005, (pipeline_wer, local_wer)
     # Each job's log line says how the engine ran it (operators count fallbacks from it).
     jobs = [
         e for i in stack.workers for e in stack.log_events(f"worker{i}") if e.get("event") == "job"
     ]
-    ran = [e for e in jobs if e.get("outcome") == "ok"]
-    assert ran
-    assert all("fallback" in e for e in ran)
-    assert any(e["audio_ctx"] < 1500 for e in ran)  # short clips got clip-sized windows
+    ran = {e["session_id"]: e for e in jobs if e.get("outcome") == "ok"}
+    assert all("fallback" in e for e in ran.values())
+    assert any(e["audio_ctx"] < 1500 for e in ran.values())  # clip-sized windows were used
+    # A clip-sized run can overrun its CPU budget on a busy machine (16 sessions at once on
+    # 2 cores) and fall back to the full window, a different decode: those clips are compared
+    # on neither side. The rest must score as the local engine does.
+    same = [c for c in short_clips if not ran.get(results[c.name].session_id, {}).get("fallback")]
+    assert len(same) >= len(short_clips) - 3, len(same)
+    pipeline_wer = _pooled([(c.reference, results[c.name].text) for c in same])
+    local_wer = _pooled([(c.reference, local_texts[c.name]) for c in same])
+    assert abs(pipeline_wer - local_wer) <= 0.005, (pipeline_wer, local_wer)
 
 
 async def test_long_file_fans_out_over_both_workers_in_order(
