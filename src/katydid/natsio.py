@@ -290,10 +290,12 @@ class NatsBridge:
         return await self._call(go)
 
     async def delete_job(self, stream_seq: int) -> bool:
-        """Remove a job from the stream (one JetStream gave up on: it would sit there unacked).
+        """Remove a job from the stream: one JetStream gave up on (it would sit there unacked),
+        or one of a session that ended without needing it.
 
         Returns:
-            False when the job was already gone (every gateway deletes dead jobs; one wins).
+            False when the job was already gone (a worker acked it first, or another gateway
+            deleted it: every gateway deletes dead jobs).
 
         Raises:
             NatsError: NATS is unreachable or timed out.
