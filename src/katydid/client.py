@@ -103,26 +103,42 @@ async def connect(
         ) from exc
     # We own the TCP stream: trio-websocket's client does not close its socket after a clean
     # close handshake (its reader stops at EOF without closing), so `async with stream` does.
-    async with stream, trio.open_nursery() as nursery:
-        try:
-            with trio.fail_after(connect_timeout_s):
-                ws = await wrap_client_stream(nursery, stream, host, resource)  # type: ignore[arg-type]
-        except trio.TooSlowError as exc:
+    handshaken = False
+    try:
+        async with stream, trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(connect_timeout_s):
+                    ws = await wrap_client_stream(nursery, stream, host, resource)  # type: ignore[arg-type]
+            except trio.TooSlowError as exc:
+                raise ClientError(
+                    "handshake_timeout",
+                    f"no WebSocket handshake with {url} within {connect_timeout_s:.0f} s",
+                ) from exc
+            except (HandshakeError, trio.BrokenResourceError) as exc:
+                raise ClientError(
+                    "handshake_failed", f"WebSocket handshake with {url} failed: {exc!r}"
+                ) from exc
+            handshaken = True
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(2) as cleanup:
+                    cleanup.shield = True
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery runs only trio-websocket's reader, yet wraps what the handshake or the
+        # caller's block raised in a group: hand a lone exception on as itself, so that callers
+        # catch the ClientError or deadline they expect.
+        if len(group.exceptions) != 1:
+            raise
+        lone = group.exceptions[0]
+        if not handshaken and isinstance(lone, Exception) and not isinstance(lone, ClientError):
+            # The reader task choked on what the server answered (not a WebSocket server).
             raise ClientError(
-                "handshake_timeout",
-                f"no WebSocket handshake with {url} within {connect_timeout_s:.0f} s",
-            ) from exc
-        except (HandshakeError, trio.BrokenResourceError) as exc:
-            raise ClientError(
-                "handshake_failed", f"WebSocket handshake with {url} failed: {exc!r}"
-            ) from exc
-        try:
-            yield ws
-        finally:
-            with trio.move_on_after(2) as cleanup:
-                cleanup.shield = True
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
+                "handshake_failed", f"WebSocket handshake with {url} failed: {lone!r}"
+            ) from lone
+        raise lone from lone.__cause__
 
 
 async def transcribe(
@@ -205,12 +221,7 @@ async def transcribe(
                     nursery.start_soon(_guard_closed, sender, ws)
                     await receiver(ws)
                     nursery.cancel_scope.cancel()
-    except (trio.TooSlowError, BaseExceptionGroup) as exc:
-        # The deadline fires inside connect()'s nursery, which hands it on wrapped in a group.
-        if isinstance(exc, BaseExceptionGroup):
-            timeouts, rest = exc.split(trio.TooSlowError)
-            if timeouts is None or rest is not None:
-                raise
+    except trio.TooSlowError as exc:
         raise ClientError(
             "session_timeout", f"session did not finish within {session_timeout_s:.0f} s"
         ) from exc
