@@ -42,6 +42,12 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     return out
 
 
+def float_to_pcm16(samples: np.ndarray) -> bytes:
+    """float samples in [-1, 1] (clipped) to s16le bytes: the inverse of ``pcm16_to_float``."""
+    pcm: bytes = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    return pcm
+
+
 def pcm16_to_float(data: bytes, channels: int = 1) -> np.ndarray:
     """Interleaved s16le bytes to float32 ``(frames, channels)`` (or ``(frames,)`` for mono).
 

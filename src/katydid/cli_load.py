@@ -14,10 +14,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import trio
 
-from katydid.audio import decode_container, sniff_container
+from katydid.audio import decode_container, float_to_pcm16, sniff_container
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.evaluation import read_manifest
@@ -133,8 +132,7 @@ def load_clips(files: list[Path], mode: str) -> list[ClipData]:
         data = path.read_bytes()
         audio = decode_container(data, max_audio_s=4 * 3600, max_bytes=len(data) + 1)
         if mode == "stream":
-            pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-            out.append(ClipData(path.name, pcm, "pcm_s16le", audio.size / 16_000))
+            out.append(ClipData(path.name, float_to_pcm16(audio), "pcm_s16le", audio.size / 16_000))
         else:
             out.append(
                 ClipData(path.name, data, sniff_container(data[:16]) or "wav", audio.size / 16_000)

@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from katydid import client
-from katydid.audio import decode_container, sniff_container
+from katydid.audio import decode_container, float_to_pcm16, sniff_container
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.evaluation import Clip, Heard
@@ -45,7 +45,7 @@ def transcribe_remote(files: list[Path], url: str, *, realtime: bool, as_json: b
         if realtime:
             # Paced like a microphone: decode here and send 100 ms PCM frames in real time.
             audio = decode_container(data, max_audio_s=4 * 3600, max_bytes=len(data))
-            data, fmt = (audio * 32767).astype("<i2").tobytes(), "pcm_s16le"
+            data, fmt = float_to_pcm16(audio), "pcm_s16le"
 
         def show(event: dict[str, Any], path: Path = path) -> None:
             kind = event.get("type")

@@ -28,7 +28,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from katydid.audio import decode_container
+from katydid.audio import decode_container, float_to_pcm16
 from katydid.chunker import Chunk
 from katydid.config import Config
 from katydid.errors import AudioError, ErrorCode, ProtocolError
@@ -53,11 +53,6 @@ class Session:
     last_queued: tuple[int, int] | None = None
     partials: int = 0
     started: float = field(default_factory=time.monotonic)
-
-
-def _to_pcm(audio: np.ndarray) -> bytes:
-    pcm: bytes = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-    return pcm
 
 
 @dataclass(slots=True)
@@ -559,7 +554,7 @@ class Gateway:
         proto = session.proto
         assert proto.options is not None
         await session.slots.acquire()  # backpressure: the reader waits while too many are in flight
-        pcm = _to_pcm(chunk.audio)
+        pcm = float_to_pcm16(chunk.audio)
         job = Job(
             job_id=f"{proto.session_id}-{chunk.seq}",
             session_id=proto.session_id,
@@ -608,7 +603,7 @@ class Gateway:
             options=JobOptions(language=proto.options.language, kind="partial"),
         )
         try:
-            await self.bridge.publish_job("interactive", job, _to_pcm(audio))
+            await self.bridge.publish_job("interactive", job, float_to_pcm16(audio))
             self.metrics.jobs_published.labels("interactive", "partial").inc()
         except NatsError:
             proto.partial_dropped()  # best effort: the final for this audio will come anyway

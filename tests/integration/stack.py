@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,20 @@ def stream_messages(nats_url: str) -> int:
             await nc.close()
 
     return asyncio.run(count())
+
+
+def publish_jobs(nats_url: str, jobs: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> None:
+    """Publish ``(subject, body, headers)`` messages straight into the job stream, as another
+    gateway (or something that is not one) would."""
+    import nats
+
+    async def go() -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            for subject, body, headers in jobs:
+                await js.publish(subject, body, headers=headers)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())

@@ -3,20 +3,24 @@ session hears it at once as that chunk's error instead of waiting out ``result_t
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import trio
 
 from katydid import client
-from katydid.audio import decode_container
+from katydid.audio import decode_container, float_to_pcm16
 from katydid.messages import Job, lane_subject
-from tests.integration.stack import Stack, busy_worker_pid, stream_messages, wait_until
+from tests.integration.stack import (
+    Stack,
+    busy_worker_pid,
+    publish_jobs,
+    stream_messages,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -64,11 +68,9 @@ async def test_a_job_every_delivery_of_which_dies_is_a_chunk_error(
         assert "job_dead" in stack.log("gateway")
 
 
-def _publish_foreign_job(nats_url: str, pcm: bytes) -> None:
+def _foreign_job() -> Job:
     """A job as another gateway (since gone) would have queued it: no session here owns it."""
-    import nats
-
-    job = Job(
+    return Job(
         job_id="elsewhere-0",
         session_id="elsewhere",
         seq=0,
@@ -76,15 +78,6 @@ def _publish_foreign_job(nats_url: str, pcm: bytes) -> None:
         reply_subject="katydid.results.gone-gateway",
         deadline_unix_ms=int((time.time() + 600) * 1000),
     )
-
-    async def go() -> None:
-        nc = await nats.connect(nats_url)
-        try:
-            await nc.jetstream().publish(lane_subject("bulk"), pcm, headers=job.headers())
-        finally:
-            await nc.close()
-
-    asyncio.run(go())
 
 
 async def test_a_dead_job_no_session_here_owns_is_still_deleted(
@@ -97,9 +90,10 @@ async def test_a_dead_job_no_session_here_owns_is_still_deleted(
         max_audio_s=600.0,
         max_bytes=100_000_000,
     )
-    pcm = (np.clip(audio[: 30 * 16_000], -1, 1) * 32767).astype("<i2").tobytes()
+    pcm = float_to_pcm16(audio[: 30 * 16_000])
     with Stack(tmp_path, model_dir, workers=1, consumer_max_deliver=1) as stack:
-        await trio.to_thread.run_sync(_publish_foreign_job, stack.nats_url, pcm)
+        job = (lane_subject("bulk"), pcm, _foreign_job().headers())
+        await trio.to_thread.run_sync(publish_jobs, stack.nats_url, [job])
         pid = await trio.to_thread.run_sync(busy_worker_pid, stack.nats_url, 60.0)
         os.kill(pid, signal.SIGKILL)
         await trio.to_thread.run_sync(stack.workers[0].wait)

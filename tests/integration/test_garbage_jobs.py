@@ -3,7 +3,6 @@ without redelivery, logs it sampled (a flood must not become a log storm), and k
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -12,27 +11,12 @@ import trio
 from katydid import client
 from katydid.evaluation import read_manifest, wer
 from katydid.messages import lane_subject
-from tests.integration.stack import Stack, stream_messages, wait_until
+from tests.integration.stack import Stack, publish_jobs, stream_messages, wait_until
 
 pytestmark = pytest.mark.integration
 
 _GARBAGE = 40
 _BURST = 3
-
-
-def _publish_garbage(nats_url: str) -> None:
-    import nats
-
-    async def go() -> None:
-        nc = await nats.connect(nats_url)
-        try:
-            js = nc.jetstream()
-            for i in range(_GARBAGE):
-                await js.publish(lane_subject(("bulk", "interactive")[i % 2]), b"\xff" * 100)
-        finally:
-            await nc.close()
-
-    asyncio.run(go())
 
 
 async def test_garbage_jobs_are_dropped_with_sampled_logs(
@@ -41,7 +25,11 @@ async def test_garbage_jobs_are_dropped_with_sampled_logs(
     with Stack(
         tmp_path, model_dir, workers=1, log_sample_burst=_BURST, log_sample_window_s=600
     ) as stack:
-        await trio.to_thread.run_sync(_publish_garbage, stack.nats_url)
+        garbage = [
+            (lane_subject(("bulk", "interactive")[i % 2]), b"\xff" * 100, None)
+            for i in range(_GARBAGE)
+        ]
+        await trio.to_thread.run_sync(publish_jobs, stack.nats_url, garbage)
         await trio.to_thread.run_sync(
             lambda: wait_until(
                 lambda: stream_messages(stack.nats_url) == 0, 60, "the garbage to be dropped"

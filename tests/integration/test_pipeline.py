@@ -16,7 +16,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from katydid import client
-from katydid.audio import decode_container
+from katydid.audio import decode_container, float_to_pcm16
 from katydid.evaluation import Clip, read_manifest, wer, word_errors
 from katydid_worker.engine import Engine
 from tests.integration.stack import Stack, busy_worker_pid, stream_messages, wait_until
@@ -61,7 +61,7 @@ def local_texts(engine: Engine, short_clips: list[Clip]) -> dict[str, str]:
 
 def _pcm(clip: Clip) -> bytes:
     audio = decode_container(clip.path, **LIMITS)
-    return (audio * 32767).astype("<i2").tobytes()
+    return float_to_pcm16(audio)
 
 
 async def _events_until_close(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], int | None]:

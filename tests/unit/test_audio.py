@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from katydid.audio import SAMPLE_RATE, decode_container, decode_pcm, pcm16_to_float, sniff_container
+from katydid.audio import (
+    SAMPLE_RATE,
+    decode_container,
+    decode_pcm,
+    float_to_pcm16,
+    pcm16_to_float,
+    sniff_container,
+)
 from katydid.errors import AudioError
 
 LIMITS: dict[str, Any] = {"max_audio_s": 60.0, "max_bytes": 10_000_000}
@@ -114,3 +121,11 @@ def test_pcm_partial_frames_and_bad_formats() -> None:
 def test_missing_file_is_an_audio_error(tmp_path: Path) -> None:
     with pytest.raises(AudioError, match="cannot read"):
         decode_container(tmp_path / "nope.wav", **LIMITS)
+
+
+def test_float_to_pcm16_is_the_inverse_of_pcm16_to_float_and_clips() -> None:
+    samples = np.array([0.0, 0.5, -0.5, 0.999, -0.999], dtype=np.float32)
+    back = pcm16_to_float(float_to_pcm16(samples))
+    assert np.max(np.abs(back - samples)) < 1e-4
+    loud = pcm16_to_float(float_to_pcm16(np.array([2.0, -2.0], dtype=np.float32)))
+    assert np.allclose(loud, [32767 / 32768, -32767 / 32768])
