@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from katydid.errors import ModelError
+from katydid.exits import describe_exit
 from katydid_worker.ct2 import read_ct2
 from katydid_worker.ggml import QUANTS, read_tokens, write_ggml
 
@@ -202,7 +203,8 @@ def smoke_check(path: Path, *, timeout_s: float = SMOKE_TIMEOUT_S) -> None:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise ModelError(
-            f"model {path} failed its smoke check (exit {proc.returncode}): {' | '.join(tail)}"
+            f"model {path} failed its smoke check ({describe_exit(proc.returncode)})"
+            + (f": {' | '.join(tail)}" if tail else "")
         )
 
 
