@@ -43,8 +43,13 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def float_to_pcm16(samples: np.ndarray) -> bytes:
-    """float samples in [-1, 1] (clipped) to s16le bytes: the inverse of ``pcm16_to_float``."""
-    pcm: bytes = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    """float samples in [-1, 1] (clipped) to s16le bytes: the inverse of ``pcm16_to_float``.
+
+    Rounded at the same scale (32768) that ``pcm16_to_float`` divides by, so 16-bit audio
+    survives the trip to the worker bit-exact (×32767 with truncation turned 1000 into 999).
+    """
+    scaled = np.rint(np.asarray(samples, dtype=np.float32) * np.float32(32768.0))
+    pcm: bytes = np.clip(scaled, -32768.0, 32767.0).astype("<i2").tobytes()
     return pcm
 
 

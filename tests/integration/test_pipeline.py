@@ -16,7 +16,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from katydid import client
-from katydid.audio import decode_container, float_to_pcm16
+from katydid.audio import decode_container, float_to_pcm16, pcm16_to_float
 from katydid.evaluation import Clip, read_manifest, wer, word_errors
 from katydid_worker.engine import Engine
 from tests.integration.stack import Stack, busy_worker_pid, stream_messages, wait_until
@@ -55,8 +55,14 @@ def engine(model_path: Path) -> Engine:
 
 @pytest.fixture(scope="module")
 def local_texts(engine: Engine, short_clips: list[Clip]) -> dict[str, str]:
-    """What the engine alone says of each short clip, with no pipeline."""
-    return {c.name: engine.transcribe(decode_container(c.path, **LIMITS)).text for c in short_clips}
+    """What the engine alone says of each short clip, with no pipeline, from the samples a
+    worker gets: decoded and resampled to 16 kHz, then 16-bit, as the job carries them."""
+    return {
+        c.name: engine.transcribe(
+            pcm16_to_float(float_to_pcm16(decode_container(c.path, **LIMITS)))
+        ).text
+        for c in short_clips
+    }
 
 
 def _pcm(clip: Clip) -> bytes:

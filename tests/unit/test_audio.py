@@ -128,4 +128,15 @@ def test_float_to_pcm16_is_the_inverse_of_pcm16_to_float_and_clips() -> None:
     back = pcm16_to_float(float_to_pcm16(samples))
     assert np.max(np.abs(back - samples)) < 1e-4
     loud = pcm16_to_float(float_to_pcm16(np.array([2.0, -2.0], dtype=np.float32)))
-    assert np.allclose(loud, [32767 / 32768, -32767 / 32768])
+    assert np.allclose(loud, [32767 / 32768, -1.0])
+
+
+def test_16_bit_audio_survives_the_trip_to_the_worker_bit_exact() -> None:
+    # Every int16 value: s16le -> float (gateway decode) -> s16le (job body) -> float (worker).
+    pcm = np.arange(-32768, 32768, dtype="<i2").tobytes()
+    once = pcm16_to_float(pcm)
+    assert float_to_pcm16(once) == pcm
+    assert np.array_equal(pcm16_to_float(float_to_pcm16(once)), once)
+    assert float_to_pcm16(np.array([1000 / 32768], dtype=np.float32)) == (1000).to_bytes(
+        2, "little"
+    )
