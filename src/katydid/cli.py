@@ -29,7 +29,11 @@ _PROGRESS_MIN_AUDIO_S = 30.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="katydid", description="Katydid speech-to-text server.")
+    # allow_abbrev=False: with prefix matching, a subcommand's option (`load --mode`) was taken
+    # for an abbreviation of a top-level one (`--model`, `--model-dir`) and refused.
+    p = argparse.ArgumentParser(
+        prog="katydid", description="Katydid speech-to-text server.", allow_abbrev=False
+    )
     p.add_argument("--version", action="version", version=f"katydid {__version__}")
     p.add_argument("--config", type=Path, help="TOML config file (default: $KATYDID_CONFIG)")
     p.add_argument(
@@ -81,7 +85,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="run everything: embedded nats-server, gateway, workers")
     server_flags(sv)
-    sv.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    sv.add_argument(
+        "--workers",
+        type=_workers_flag,
+        help="worker processes: N of the default model (default: one per core), or"
+        " MODEL=N,MODEL=N (e.g. tiny.en-q8_0=2,base=1)",
+    )
     sv.add_argument("--data-dir", type=Path, help="data directory (NATS store)")
     server_flags(sub.add_parser("gateway", help="run the WebSocket gateway alone (needs NATS)"))
     wk = sub.add_parser("worker", help="run one whisper.cpp worker process (needs NATS)")
@@ -99,7 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _workers_flag(value: str) -> int | str:
+    """``--workers 2`` or ``--workers tiny.en-q8_0=2,base=1`` (checked by Config)."""
+    return int(value) if value.strip().isdigit() else value
+
+
 def _config(args: argparse.Namespace) -> Config:
+    workers = getattr(args, "workers", None)
     return Config.load(
         args.config,
         overrides={
@@ -110,8 +125,10 @@ def _config(args: argparse.Namespace) -> Config:
             "log_level": args.log_level,
             **{
                 k: getattr(args, k, None)
-                for k in ("host", "port", "nats_url", "workers", "data_dir", "metrics_port")
+                for k in ("host", "port", "nats_url", "data_dir", "metrics_port")
             },
+            "workers": workers if isinstance(workers, int) else None,
+            "worker_models": workers if isinstance(workers, str) else None,
         },
     )
 

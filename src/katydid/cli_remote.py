@@ -121,17 +121,21 @@ async def _gateway_alone(cfg: Config) -> None:
 def _nats_setup(cfg: Config) -> None:
     import asyncio
 
+    from katydid.catalog import served_name
+    from katydid.messages import LANES, STREAM, consumer_name
     from katydid.natsio import connect, ensure_stream
 
     async def go() -> None:
         nc = await connect(cfg, "katydid-setup")
         try:
-            await ensure_stream(nc.jetstream(), cfg)
+            await ensure_stream(nc.jetstream(), cfg, [model])
         finally:
             await nc.drain()
 
+    model = served_name(cfg.model)
     asyncio.run(go())
-    print("stream KATYDID_JOBS and consumers workers-interactive, workers-bulk are in place")
+    names = ", ".join(consumer_name(model, lane) for lane in LANES)
+    print(f"stream {STREAM} and consumers {names} (model {model}) are in place")
 
 
 def run_server_command(cfg: Config, args: argparse.Namespace) -> int:

@@ -73,6 +73,9 @@ class Config:
     partial_interval_s: float = 1.0  # new audio between two partial results of a session
     partial_deadline_s: float = 5.0  # a partial job not started by then is skipped
     default_max_wait_s: float = 600.0  # queue ETA above which a session is told 'overloaded'
+    # start.prompt, UTF-8 bytes (it travels in a NATS header); whisper uses at most 224 tokens
+    # of it, about 1 KB of English text
+    max_prompt_bytes: int = 1024
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # /metrics, /healthz, /readyz; 0 = a free port, -1 = off
     ready_max_eta_s: float = 300.0  # /readyz fails while the queue ETA is longer
@@ -102,6 +105,8 @@ class Config:
     job_deadline_s: float = 3600.0  # a job not started by then is answered 'expired'
     # Workers
     workers: int = 0  # 0 = one per core
+    # `katydid serve`'s workers per model, "MODEL=N,MODEL=N"; empty: `workers` x `model`
+    worker_models: str = ""
     worker_heartbeat_s: float = 2.0
     worker_restart_max_backoff_s: float = 30.0
 
@@ -117,6 +122,7 @@ class Config:
         if not 0 < self.chunk_min_s <= self.file_chunk_min_s <= self.chunk_max_s <= 30.0:
             raise ConfigError("need 0 < chunk_min_s <= file_chunk_min_s <= chunk_max_s <= 30")
         for name in (
+            "max_prompt_bytes",
             "max_frame_bytes",
             "max_jobs_in_flight",
             "stream_max_bytes",
@@ -124,8 +130,29 @@ class Config:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        self.worker_plan()  # raises on a malformed worker_models
         if self.stream_max_msg_bytes < 1_000_000:
             raise ConfigError("stream_max_msg_bytes must hold a 30 s chunk (>= 1000000)")
+
+    def worker_plan(self, cores: int = 1) -> list[tuple[str, int]]:
+        """``[(model, processes)]`` for ``katydid serve``: ``worker_models``, or ``workers``
+        (0: ``cores``) of ``model``.
+
+        Raises:
+            ConfigError: ``worker_models`` is not ``MODEL=N,...`` with N >= 1.
+        """
+        if not self.worker_models.strip():
+            return [(self.model, self.workers or cores)]
+        plan: dict[str, int] = {}
+        for item in self.worker_models.split(","):
+            name, sep, count = item.strip().partition("=")
+            if not sep or not name.strip() or not count.strip().isdigit() or int(count) < 1:
+                raise ConfigError(
+                    f"worker_models item {item.strip()!r} is not MODEL=N (N >= 1), e.g."
+                    " tiny.en-q8_0=2,base=1"
+                )
+            plan[name.strip()] = plan.get(name.strip(), 0) + int(count)
+        return list(plan.items())
 
     @classmethod
     def load(

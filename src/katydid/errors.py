@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
+    UNSUPPORTED_OPTION = "unsupported_option"
 
 
 # WebSocket close codes (RFC 6455 §7.4.1 and the 4000-4999 private range).
@@ -34,6 +35,7 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.OVERLOADED: 1013,  # try again later
     ErrorCode.TIMEOUT: 4008,
     ErrorCode.INTERNAL: 1011,
+    ErrorCode.UNSUPPORTED_OPTION: 1003,  # unsupported data: the model cannot do what was asked
 }
 
 

@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from katydid.audio import decode_container, float_to_pcm16
+from katydid.catalog import ModelOffer, check_options, choose_model, offers_from, served_name
 from katydid.chunker import Chunk
 from katydid.config import Config
 from katydid.errors import AudioError, ErrorCode, ProtocolError
@@ -53,6 +54,7 @@ class Session:
     last_queued: tuple[int, int] | None = None
     partials: int = 0
     started: float = field(default_factory=time.monotonic)
+    model: str = ""  # set at start: the model its jobs go to
 
 
 @dataclass(slots=True)
@@ -89,7 +91,10 @@ class Gateway:
         self._delete_send, self._delete_recv = trio.open_memory_channel[int](cfg.stream_max_msgs)
         self.sessions: dict[str, Session] = {}
         self.workers: dict[str, WorkerInfo] = {}
-        self.lanes: dict[str, LaneStats] = {}
+        # Queue state per (model, lane), from the last poll; the default model's is always
+        # polled, others' while a worker serves them.
+        self.lanes: dict[tuple[str, str], LaneStats] = {}
+        self.default_model = served_name(cfg.model)
         self.sampled = SampledLogger(
             log, burst=cfg.log_sample_burst, window_s=cfg.log_sample_window_s
         )
@@ -98,11 +103,12 @@ class Gateway:
         self.metrics = GatewayMetrics(lambda: {k: w.beat for k, w in self.workers.items()})
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self._published_since_poll = 0  # counted into the backlog until the next poll sees them
+        # Per model: counted into its backlog until the next poll sees them.
+        self._published_since_poll: dict[str, int] = {}
         self._lanes_polled_at = -math.inf
-        # Partials only while the interactive queue is not backed up (finals come first); set
-        # by each queue poll.
-        self._partials_allowed = False
+        # Partials only while the model's interactive queue is not backed up (finals come
+        # first); set by each queue poll.
+        self._partials_allowed: dict[str, bool] = {}
         self._accepting: trio.CancelScope | None = None
         self._sessions_scope: trio.CancelScope | None = None
         self._no_sessions = trio.Event()  # set when draining and the last session ended
@@ -269,59 +275,73 @@ class Gateway:
         for worker_id in [k for k, w in self.workers.items() if w.seen < horizon]:
             del self.workers[worker_id]
 
-    def live_workers(self) -> int:
-        horizon = time.monotonic() - 3 * self.cfg.worker_heartbeat_s
-        return sum(1 for w in self.workers.values() if w.seen >= horizon)
+    def _serving(self, model: str | None) -> list[WorkerInfo]:
+        """Workers of ``model`` (None: all), by their heartbeats."""
+        return [w for w in self.workers.values() if model is None or w.beat.get("model") == model]
 
-    def job_seconds(self) -> float:
-        known = [w.avg_compute_s for w in self.workers.values() if w.avg_compute_s]
+    def live_workers(self, model: str | None = None) -> int:
+        horizon = time.monotonic() - 3 * self.cfg.worker_heartbeat_s
+        return sum(1 for w in self._serving(model) if w.seen >= horizon)
+
+    def job_seconds(self, model: str | None = None) -> float:
+        known = [w.avg_compute_s for w in self._serving(model) if w.avg_compute_s]
         return sum(known) / len(known) if known else _DEFAULT_JOB_S
 
-    def capacity(self) -> tuple[int, float]:
-        """``(live workers, mean seconds per job)``, what every ETA is made of."""
-        return self.live_workers(), self.job_seconds()
+    def capacity(self, model: str | None = None) -> tuple[int, float]:
+        """``(live workers, mean seconds per job)`` of ``model``'s workers (None: all), what
+        every ETA is made of: a model's queue moves only as fast as its own workers."""
+        return self.live_workers(model), self.job_seconds(model)
 
-    def eta_s(self, jobs_ahead: int, capacity: tuple[int, float] | None = None) -> float:
+    def eta_s(
+        self, jobs_ahead: int, capacity: tuple[int, float] | None = None, model: str | None = None
+    ) -> float:
         """Seconds until ``jobs_ahead`` queued jobs are done; pass ``capacity`` when estimating
         for many sessions at once, so the worker table is read once, not once per session."""
-        workers, job_s = capacity if capacity is not None else self.capacity()
+        workers, job_s = capacity if capacity is not None else self.capacity(model)
         return (jobs_ahead // max(1, workers) + 1) * job_s
 
-    def backlog_eta_s(self, lane: str = "interactive") -> float:
-        stats = self.lanes.get(lane)
-        ahead = (stats.pending + stats.in_progress if stats else 0) + self._published_since_poll
-        if lane == "bulk" and "interactive" in self.lanes:
-            ahead += self.lanes["interactive"].pending  # workers always serve interactive first
-        return self.eta_s(ahead)
+    def backlog_eta_s(self, model: str | None = None, lane: str = "interactive") -> float:
+        """ETA of a job queued now for ``model`` (default: the server's default model)."""
+        model = model or self.default_model
+        stats = self.lanes.get((model, lane))
+        ahead = stats.pending + stats.in_progress if stats else 0
+        ahead += self._published_since_poll.get(model, 0)
+        interactive = self.lanes.get((model, "interactive"))
+        if lane == "bulk" and interactive is not None:
+            ahead += interactive.pending  # workers always serve interactive first
+        return self.eta_s(ahead, model=model)
 
     async def _poll_queue(self) -> None:
         while True:
-            published = self._published_since_poll
+            published = dict(self._published_since_poll)
+            models = {self.default_model, *self.offers()}
             try:
-                self.lanes = await self.bridge.lane_stats()
-                self._published_since_poll -= published  # the poll now counts them
+                self.lanes = await self.bridge.lane_stats(sorted(models))
+                for model, n in published.items():  # the poll now counts them
+                    self._published_since_poll[model] -= n
                 self._lanes_polled_at = time.monotonic()
             except NatsError as exc:
                 self.sampled.warning("queue_poll_failed", error=str(exc))
             self._forget_gone_workers()
             self._export_queue()
-            capacity = self.capacity()
+            capacities = {model: self.capacity(model) for model in models}
             # Read per audio frame by every streaming session: decided here, once per poll
             # (the lane figures it depends on change only here).
-            interactive = self.lanes.get("interactive")
-            self._partials_allowed = interactive is not None and interactive.pending < max(
-                1, capacity[0]
-            )
+            for model, (workers, _) in capacities.items():
+                interactive = self.lanes.get((model, "interactive"))
+                self._partials_allowed[model] = interactive is not None and (
+                    interactive.pending < max(1, workers)
+                )
             for session in list(self.sessions.values()):
-                self._update_position(session, capacity)
+                self._update_position(session, capacities.get(session.model))
             await trio.sleep(self.cfg.queue_poll_s)
 
     def _export_queue(self) -> None:
         m = self.metrics
-        for lane, stats in self.lanes.items():
-            m.queue_depth.labels(lane).set(stats.pending)
-            m.queue_in_progress.labels(lane).set(stats.in_progress)
-            m.jobs_redelivered.labels(lane).set(stats.redelivered)
+        for (model, lane), stats in self.lanes.items():
+            m.queue_depth.labels(model, lane).set(stats.pending)
+            m.queue_in_progress.labels(model, lane).set(stats.in_progress)
+            m.jobs_redelivered.labels(model, lane).set(stats.redelivered)
         m.workers_live.set(self.live_workers())
         m.nats_connected.set(1 if self.bridge.connected else 0)
 
@@ -357,12 +377,14 @@ class Gateway:
     def _update_position(self, session: Session, capacity: tuple[int, float] | None = None) -> None:
         if not session.stream_seqs:
             return
-        stats = self.lanes.get(session.proto.lane)
+        stats = self.lanes.get((session.model, session.proto.lane))
         if stats is None:
             return
         oldest = min(session.stream_seqs.values())
+        # Stream sequences are shared by all models' subjects, so this counts other models'
+        # jobs between too: an upper bound, exact when one model is served.
         position = max(0, min(stats.pending, oldest - stats.delivered_stream_seq - 1))
-        eta = self.eta_s(position, capacity)
+        eta = self.eta_s(position, capacity, model=session.model)
         last = session.last_queued
         # Far back in the queue, a step of one place is news to no one: update when the position
         # moved by 5% (or reached the front), so 2,000 waiting clients are not 2,000 frames a second.
@@ -482,14 +504,22 @@ class Gateway:
             if isinstance(msg, bytes):
                 for chunk in proto.receive_bytes(msg):
                     await self._publish(session, chunk)
-                partial = proto.take_partial(allowed=self._partials_allowed)
+                partial = proto.take_partial(
+                    allowed=self._partials_allowed.get(session.model, False)
+                )
                 if partial is not None:
                     await self._publish_partial(session, *partial)
                 continue
             action = proto.receive_text(msg)
             if action == "start":
-                self._admit(session)
-                await session.outbox_send.send(Ready(proto.session_id))
+                offers = self._admit(session)
+                await session.outbox_send.send(
+                    Ready(
+                        proto.session_id,
+                        session.model,
+                        tuple(o.to_dict() for o in offers.values()),
+                    )
+                )
             elif action == "stop":
                 break
         await self._finish_audio(session)
@@ -538,17 +568,37 @@ class Gateway:
         for chunk in chunks:
             await self._publish(session, chunk)
 
-    def _admit(self, session: Session) -> None:
-        """At start: refuse (with a retry-after) only if the backlog already exceeds max_wait_s."""
-        assert session.proto.options is not None
-        eta = self.backlog_eta_s()
-        if eta > session.proto.options.max_wait_s:
+    def offers(self) -> dict[str, ModelOffer]:
+        """The models live workers serve (from their heartbeats)."""
+        horizon = time.monotonic() - 3 * self.cfg.worker_heartbeat_s
+        return offers_from(
+            (
+                str(w.beat.get("model", "")),
+                w.beat["multilingual"] if isinstance(w.beat.get("multilingual"), bool) else None,
+            )
+            for w in self.workers.values()
+            if w.seen >= horizon and w.beat.get("model")
+        )
+
+    def _admit(self, session: Session) -> dict[str, ModelOffer]:
+        """At start: the session's model, if it can honour the options (else
+        ``unsupported_option``); then refuse (with a retry-after) only if the backlog already
+        exceeds max_wait_s. Returns what the server offers, for ``ready``."""
+        opts = session.proto.options
+        assert opts is not None
+        offers = self.offers()
+        offer = choose_model(offers, opts.model, self.default_model)
+        check_options(offer, offers, language=opts.language, task=opts.task)
+        session.model = offer.name
+        eta = self.backlog_eta_s(offer.name)
+        if eta > opts.max_wait_s:
             self.metrics.overloaded.labels("max_wait").inc()
             raise ProtocolError(
                 ErrorCode.OVERLOADED,
-                f"queue ETA {eta:.0f} s exceeds max_wait_s {session.proto.options.max_wait_s:.0f}",
-                retry_after_s=max(1.0, eta - session.proto.options.max_wait_s),
+                f"queue ETA {eta:.0f} s exceeds max_wait_s {opts.max_wait_s:.0f}",
+                retry_after_s=max(1.0, eta - opts.max_wait_s),
             )
+        return offers
 
     async def _publish(self, session: Session, chunk: Chunk) -> None:
         proto = session.proto
@@ -566,17 +616,18 @@ class Gateway:
                 language=proto.options.language,
                 word_timestamps=proto.options.word_timestamps,
                 prompt=proto.options.prompt,
+                task=proto.options.task,
             ),
         )
         try:
-            stream_seq = await self.bridge.publish_job(proto.lane, job, pcm)
+            stream_seq = await self.bridge.publish_job(session.model, proto.lane, job, pcm)
         except StreamFull:
             session.slots.release()
             self.metrics.overloaded.labels("stream_full").inc()
             raise ProtocolError(
                 ErrorCode.OVERLOADED,
                 "the job queue is full",
-                retry_after_s=max(1.0, self.backlog_eta_s(proto.lane)),
+                retry_after_s=max(1.0, self.backlog_eta_s(session.model, proto.lane)),
             ) from None
         except NatsError as exc:
             session.slots.release()
@@ -585,7 +636,9 @@ class Gateway:
                 ErrorCode.OVERLOADED, f"queue unavailable: {exc}", retry_after_s=5.0
             ) from None
         session.stream_seqs[chunk.seq] = stream_seq
-        self._published_since_poll += 1
+        self._published_since_poll[session.model] = (
+            self._published_since_poll.get(session.model, 0) + 1
+        )
         self.metrics.jobs_published.labels(proto.lane, "final").inc()
         self._update_position(session)
 
@@ -600,10 +653,15 @@ class Gateway:
             offset_ms=0,
             reply_subject=self.bridge.results_subject,
             deadline_unix_ms=int((time.time() + self.cfg.partial_deadline_s) * 1000),
-            options=JobOptions(language=proto.options.language, kind="partial"),
+            options=JobOptions(
+                language=proto.options.language,
+                prompt=proto.options.prompt,
+                task=proto.options.task,
+                kind="partial",
+            ),
         )
         try:
-            await self.bridge.publish_job("interactive", job, float_to_pcm16(audio))
+            await self.bridge.publish_job(session.model, "interactive", job, float_to_pcm16(audio))
             self.metrics.jobs_published.labels("interactive", "partial").inc()
         except NatsError:
             proto.partial_dropped()  # best effort: the final for this audio will come anyway

@@ -7,6 +7,7 @@ Pure value types, validated at construction and built from the wire by named con
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,30 +27,57 @@ class MessageError(KatydidError):
     """A job or result on the wire is malformed."""
 
 
-def lane_subject(lane: str) -> str:
+STREAM_SUBJECTS = f"{SUBJECT_PREFIX}.>"
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def model_token(model: str) -> str:
+    """A model name as one NATS subject token and consumer-name part: ``.`` separates tokens
+    there and may not appear in a consumer name, so ``tiny.en-q8_0`` -> ``tiny_en-q8_0``."""
+    if not _MODEL_NAME.fullmatch(model):
+        raise MessageError(f"model name {model!r} is not a plain name")
+    return model.replace(".", "_")
+
+
+def lane_subject(model: str, lane: str) -> str:
+    """Jobs for ``model`` in ``lane``: ``katydid.jobs.<model>.<lane>``. Each model has its own
+    subjects and consumers, so a job never reaches a worker of another model."""
     if lane not in LANES:
         raise MessageError(f"unknown lane {lane!r}")
-    return f"{SUBJECT_PREFIX}.{lane}"
+    return f"{SUBJECT_PREFIX}.{model_token(model)}.{lane}"
 
 
-def consumer_name(lane: str) -> str:
-    return f"workers-{lane}"
+def consumer_name(model: str, lane: str) -> str:
+    """The durable pull consumer the workers of ``model`` share for ``lane``."""
+    if lane not in LANES:
+        raise MessageError(f"unknown lane {lane!r}")
+    return f"workers-{model_token(model)}-{lane}"
+
+
+TASKS = ("transcribe", "translate")
 
 
 @dataclass(frozen=True, slots=True)
 class JobOptions:
-    language: str = "en"
+    """What the worker's engine applies to this job alone (the gateway validated them at start
+    against the model's abilities)."""
+
+    language: str = "en"  # a Whisper language code, or "auto" (detect)
     word_timestamps: bool = False
-    prompt: str | None = None
+    prompt: str | None = None  # whisper's initial prompt; bounded in bytes at start
     kind: str = "final"  # final | partial
+    task: str = "transcribe"  # transcribe | translate (into English)
 
     def to_json(self) -> str:
+        # ASCII on purpose: a NATS header is not the place for raw UTF-8. The prompt's bound is
+        # in bytes, so even escaped (up to 6 bytes per character) the header stays small.
         return json.dumps(
             {
                 "language": self.language,
                 "word_timestamps": self.word_timestamps,
                 "prompt": self.prompt,
                 "kind": self.kind,
+                "task": self.task,
             },
             separators=(",", ":"),
         )
@@ -63,11 +91,14 @@ class JobOptions:
                 word_timestamps=bool(d.get("word_timestamps", False)),
                 prompt=d.get("prompt") if isinstance(d.get("prompt"), str) else None,
                 kind=str(d.get("kind") or "final"),
+                task=str(d.get("task") or "transcribe"),
             )
         except (ValueError, AttributeError) as exc:
             raise MessageError(f"bad Katydid-Options header: {exc}") from exc
         if opts.kind not in ("final", "partial"):
             raise MessageError(f"bad job kind {opts.kind!r}")
+        if opts.task not in TASKS:
+            raise MessageError(f"bad job task {opts.task!r}")
         return opts
 
 
@@ -126,10 +157,39 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class ResultWord:
+    word: str
+    start_s: float  # session-relative, like its segment's times
+    end_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"word": self.word, "start_s": self.start_s, "end_s": self.end_s}
+
+
+@dataclass(frozen=True, slots=True)
 class ResultSegment:
     start_s: float
     end_s: float
     text: str
+    words: tuple[ResultWord, ...] = ()  # only when the job asked for word timestamps
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"start_s": self.start_s, "end_s": self.end_s, "text": self.text}
+        if self.words:
+            d["words"] = [w.to_dict() for w in self.words]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ResultSegment:
+        return cls(
+            float(d["start_s"]),
+            float(d["end_s"]),
+            str(d["text"]),
+            tuple(
+                ResultWord(str(w["word"]), float(w["start_s"]), float(w["end_s"]))
+                for w in d.get("words", ())
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +216,7 @@ class JobResult:
             "seq": self.seq,
             "kind": self.kind,
             "text": self.text,
-            "segments": [
-                {"start_s": s.start_s, "end_s": s.end_s, "text": s.text} for s in self.segments
-            ],
+            "segments": [s.to_dict() for s in self.segments],
             "language": self.language,
             "audio_s": round(self.audio_s, 3),
             "compute_s": round(self.compute_s, 3),
@@ -184,10 +242,7 @@ class JobResult:
                 seq=int(d["seq"]),
                 kind=str(d.get("kind", "final")),
                 text=str(d.get("text", "")),
-                segments=tuple(
-                    ResultSegment(float(s["start_s"]), float(s["end_s"]), str(s["text"]))
-                    for s in d.get("segments", [])
-                ),
+                segments=tuple(ResultSegment.from_dict(s) for s in d.get("segments", [])),
                 language=str(d.get("language", "")),
                 audio_s=float(d.get("audio_s", 0.0)),
                 compute_s=float(d.get("compute_s", 0.0)),

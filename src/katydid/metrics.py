@@ -102,18 +102,21 @@ class GatewayMetrics:
         )
         self.jobs_redelivered = Gauge(
             "katydid_jobs_redelivered",
-            "Redeliveries seen by the lane's consumer",
-            ["lane"],
+            "Redeliveries seen by the consumer of the model's lane",
+            ["model", "lane"],
             registry=r,
         )
         self.queue_depth = Gauge(
             "katydid_queue_depth",
-            "Jobs waiting in the lane (not yet delivered)",
-            ["lane"],
+            "Jobs waiting in the model's lane (not yet delivered)",
+            ["model", "lane"],
             registry=r,
         )
         self.queue_in_progress = Gauge(
-            "katydid_queue_in_progress", "Jobs delivered and not yet acked", ["lane"], registry=r
+            "katydid_queue_in_progress",
+            "Jobs delivered and not yet acked",
+            ["model", "lane"],
+            registry=r,
         )
         self.workers_live = Gauge(
             "katydid_workers_live", "Workers whose heartbeat is recent", registry=r

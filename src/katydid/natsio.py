@@ -18,7 +18,7 @@ import asyncio
 import concurrent.futures
 import json
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,6 +36,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from katydid.catalog import served_name
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.messages import (
@@ -43,6 +44,7 @@ from katydid.messages import (
     LANES,
     RESULTS_PREFIX,
     STREAM,
+    STREAM_SUBJECTS,
     WORKERS_SUBJECT,
     Job,
     consumer_name,
@@ -93,7 +95,7 @@ async def delete_job(js: Any, stream_seq: int) -> bool:
 def stream_config(cfg: Config) -> StreamConfig:
     return StreamConfig(
         name=STREAM,
-        subjects=[lane_subject(lane) for lane in LANES],
+        subjects=[STREAM_SUBJECTS],  # katydid.jobs.<model>.<lane>
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         max_bytes=cfg.stream_max_bytes,
@@ -105,10 +107,10 @@ def stream_config(cfg: Config) -> StreamConfig:
     )
 
 
-def consumer_config(cfg: Config, lane: str) -> ConsumerConfig:
+def consumer_config(cfg: Config, model: str, lane: str) -> ConsumerConfig:
     return ConsumerConfig(
-        durable_name=consumer_name(lane),
-        filter_subject=lane_subject(lane),
+        durable_name=consumer_name(model, lane),
+        filter_subject=lane_subject(model, lane),
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=cfg.consumer_ack_wait_s,
         max_deliver=cfg.consumer_max_deliver,
@@ -116,8 +118,10 @@ def consumer_config(cfg: Config, lane: str) -> ConsumerConfig:
     )
 
 
-async def ensure_stream(js: Any, cfg: Config) -> None:
-    """Create or update the job stream and its consumers (idempotent; asyncio side)."""
+async def ensure_stream(js: Any, cfg: Config, models: Iterable[str] = ()) -> None:
+    """Create or update the job stream, and the consumers of ``models`` (idempotent; asyncio
+    side). Workers create their model's; the gateway its default model's, so its queue can be
+    watched (and jobs wait in it) before any worker of it has started."""
     conf = stream_config(cfg)
     try:
         await js.stream_info(STREAM)
@@ -127,8 +131,9 @@ async def ensure_stream(js: Any, cfg: Config) -> None:
             await js.add_stream(conf)
         except nats.js.errors.BadRequestError:
             await js.update_stream(conf)  # another process created it meanwhile
-    for lane in LANES:
-        await js.add_consumer(STREAM, consumer_config(cfg, lane))
+    for model in models:
+        for lane in LANES:
+            await js.add_consumer(STREAM, consumer_config(cfg, model, lane))
 
 
 async def connect(cfg: Config, name: str, **callbacks: Any) -> Any:
@@ -272,14 +277,15 @@ class NatsBridge:
         except Exception as exc:
             raise translate(exc) from exc
 
-    async def publish_job(self, lane: str, job: Job, pcm: bytes) -> int:
-        """Publish one chunk as a JetStream job; returns its stream sequence.
+    async def publish_job(self, model: str, lane: str, job: Job, pcm: bytes) -> int:
+        """Publish one chunk as a JetStream job for ``model``'s workers; returns its stream
+        sequence.
 
         Raises:
             StreamFull: the stream is at a configured bound.
             NatsError: NATS is unreachable or timed out.
         """
-        subject, headers = lane_subject(lane), job.headers()
+        subject, headers = lane_subject(model, lane), job.headers()
 
         async def go() -> int:
             ack = await self._js.publish(
@@ -311,16 +317,22 @@ class NatsBridge:
 
         await self._call(go)
 
-    async def lane_stats(self) -> dict[str, LaneStats]:
-        """Consumer state of each lane (one request per lane, for all sessions at once)."""
+    async def lane_stats(self, models: Iterable[str]) -> dict[tuple[str, str], LaneStats]:
+        """Consumer state of each model's lanes, keyed ``(model, lane)`` (one request per
+        consumer, for all sessions at once); a model whose consumers do not exist yet (no worker
+        of it ever started) is left out."""
+        wanted = [(m, lane) for m in models for lane in LANES]
 
-        async def go() -> dict[str, LaneStats]:
+        async def go() -> dict[tuple[str, str], LaneStats]:
             out = {}
-            for lane in LANES:
-                info = await self._js.consumer_info(
-                    STREAM, consumer_name(lane), timeout=self._cfg.nats_request_timeout_s
-                )
-                out[lane] = LaneStats(
+            for model, lane in wanted:
+                try:
+                    info = await self._js.consumer_info(
+                        STREAM, consumer_name(model, lane), timeout=self._cfg.nats_request_timeout_s
+                    )
+                except nats.js.errors.NotFoundError:
+                    continue
+                out[model, lane] = LaneStats(
                     pending=int(info.num_pending or 0),
                     in_progress=int(info.num_ack_pending or 0),
                     delivered_stream_seq=int(info.delivered.stream_seq if info.delivered else 0),
@@ -397,7 +409,7 @@ class NatsBridge:
             error_cb=error,
         )
         self._js = self._nc.jetstream()
-        await ensure_stream(self._js, self._cfg)
+        await ensure_stream(self._js, self._cfg, [served_name(self._cfg.model)])
         await self._nc.subscribe(self.results_subject, cb=on_result)
         await self._nc.subscribe(f"{WORKERS_SUBJECT}.>", cb=on_worker)
         # Every gateway hears every such advisory; the one whose session owns the job answers.

@@ -26,7 +26,7 @@ import soxr
 from katydid.audio import CONTAINERS, SAMPLE_RATE, check_pcm_format, pcm16_to_float, to_mono_16k
 from katydid.chunker import Chunk, Chunker
 from katydid.errors import AudioError, ErrorCode, ProtocolError
-from katydid.messages import JobResult
+from katydid.messages import TASKS, JobResult
 
 if TYPE_CHECKING:
     from katydid.config import Config
@@ -47,6 +47,7 @@ class Limits:
     bulk_min_audio_s: float = 60.0
     default_max_wait_s: float = 600.0
     partial_interval_s: float = 1.0
+    max_prompt_bytes: int = 1024
 
     @classmethod
     def from_config(cls, cfg: Config) -> Limits:
@@ -64,6 +65,8 @@ class StartOptions:
     word_timestamps: bool
     max_wait_s: float
     prompt: str | None
+    model: str | None = None  # None: the server's default model
+    task: str = "transcribe"
 
     @classmethod
     def from_message(cls, msg: dict[str, Any], limits: Limits) -> StartOptions:
@@ -95,6 +98,8 @@ class StartOptions:
             word_timestamps=field_of("word_timestamps", bool, False),
             max_wait_s=float(field_of("max_wait_s", (int, float), limits.default_max_wait_s)),
             prompt=field_of("prompt", (str, type(None)), None),
+            model=field_of("model", (str, type(None)), None),
+            task=field_of("task", str, "transcribe"),
         )
         if fmt == "pcm_s16le":
             try:
@@ -103,6 +108,20 @@ class StartOptions:
                 raise ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc)) from None
         if not 1 <= len(opts.language) <= 8:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "start.language must be a language code")
+        if opts.task not in TASKS:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"start.task must be one of {', '.join(TASKS)}"
+            )
+        if opts.model is not None and not 1 <= len(opts.model) <= 64:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "start.model must be a model name")
+        # Bytes, not characters: the prompt travels in a NATS header, where size is bytes.
+        if opts.prompt is not None:
+            size = len(opts.prompt.encode("utf-8", "surrogatepass"))
+            if size > limits.max_prompt_bytes:
+                raise ProtocolError(
+                    ErrorCode.TOO_LARGE,
+                    f"start.prompt is {size} bytes (UTF-8); at most {limits.max_prompt_bytes}",
+                )
         return opts
 
 
@@ -122,9 +141,19 @@ def _dump(d: dict[str, Any]) -> str:
 @dataclass(frozen=True, slots=True)
 class Ready:
     session_id: str
+    model: str = ""  # the model this session's audio goes to
+    models: tuple[dict[str, Any], ...] = ()  # what the server offers: name, languages, workers
 
     def to_json(self) -> str:
-        return _dump({"type": "ready", "session_id": self.session_id, "protocol": PROTOCOL_VERSION})
+        return _dump(
+            {
+                "type": "ready",
+                "session_id": self.session_id,
+                "protocol": PROTOCOL_VERSION,
+                "model": self.model,
+                "models": list(self.models),
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +175,7 @@ class Final:
     kind: str = "final"
     worker: str = ""  # which worker transcribed it: for operators and fan-out diagnostics
     queue_s: float = 0.0  # how long the chunk waited in the queue
+    language: str = ""  # what the chunk was decoded as (the detected one with "auto")
 
     def to_json(self) -> str:
         return _dump(
@@ -156,6 +186,7 @@ class Final:
                 "end_s": self.end_s,
                 "text": self.text,
                 "segments": list(self.segments),
+                "language": self.language,
                 "worker": self.worker,
                 "queue_s": round(self.queue_s, 3),
             }
@@ -419,14 +450,21 @@ class ServerProtocol:
                     )
                 )
                 continue
-            segs = tuple(
-                {"start_s": s.start_s, "end_s": s.end_s, "text": s.text} for s in r.segments
-            )
+            segs = tuple(s.to_dict() for s in r.segments)
             start = r.segments[0].start_s if r.segments else 0.0
             end = r.segments[-1].end_s if r.segments else 0.0
             if r.text:
                 out.append(
-                    Final(r.seq, start, end, r.text, segs, worker=r.worker, queue_s=r.queue_s)
+                    Final(
+                        r.seq,
+                        start,
+                        end,
+                        r.text,
+                        segs,
+                        worker=r.worker,
+                        queue_s=r.queue_s,
+                        language=r.language,
+                    )
                 )
         return out
 

@@ -22,8 +22,10 @@ from typing import Any
 import structlog
 import trio
 
+from katydid.catalog import served_name
 from katydid.config import Config
 from katydid.errors import KatydidError
+from katydid.exits import describe_exit
 from katydid.gateway import Gateway
 from katydid.natsio import purge_jobs
 from katydid.sdnotify import notify
@@ -125,17 +127,23 @@ async def supervise_worker(cfg: Config, index: int, argv: list[str], env: dict[s
         )
         lived = trio.current_time() - started
         backoff = 0.5 if lived > 60 else min(cfg.worker_restart_max_backoff_s, backoff * 2)
-        log.warning("worker_exited", worker=index, code=result.returncode, restart_in_s=backoff)
+        log.warning(
+            "worker_exited",
+            worker=index,
+            code=result.returncode,
+            reason=describe_exit(result.returncode),
+            restart_in_s=backoff,
+        )
         await trio.sleep(backoff)
 
 
-def worker_argv(cfg: Config, index: int) -> list[str]:
+def worker_argv(cfg: Config, index: int, model: str | None = None) -> list[str]:
     return [
         sys.executable,
         "-m",
         "katydid",
         "--model",
-        cfg.model,
+        model or cfg.model,
         "--model-dir",
         str(cfg.model_dir),
         "worker",
@@ -155,10 +163,14 @@ async def serve(
     """Run the whole server until SIGINT/SIGTERM."""
     from katydid_worker import models
 
-    await trio.to_thread.run_sync(
-        lambda: models.prepare(cfg.model_dir, cfg.model) if "/" not in cfg.model else None
-    )
-    workers = cfg.workers or os.cpu_count() or 1
+    plan = cfg.worker_plan(os.cpu_count() or 1)
+    for name, _ in plan:
+        if "/" not in name and not name.endswith(".bin"):
+            await trio.to_thread.run_sync(models.prepare, cfg.model_dir, name)
+    served = [served_name(name) for name, _ in plan]
+    if served_name(cfg.model) not in served:
+        # Sessions that name no model get the default: make it one that has workers.
+        cfg = dataclasses.replace(cfg, model=plan[0][0])
     env = dict(os.environ)
     async with trio.open_nursery() as outer:
         nats_url = cfg.nats_url
@@ -178,15 +190,23 @@ async def serve(
         async with trio.open_nursery() as middle:
             gateway = Gateway(cfg)
             async with trio.open_nursery() as inner:
-                for i in range(workers):
-                    inner.start_soon(supervise_worker, cfg, i, worker_argv(cfg, i), env)
+                index = 0
+                for name, count in plan:
+                    for _ in range(count):
+                        argv = worker_argv(cfg, index, name)
+                        inner.start_soon(supervise_worker, cfg, index, argv, env)
+                        index += 1
                 gw_port = await middle.start(gateway.run)
                 announce(f"gateway:  ws://{cfg.host}:{gw_port}")
                 if gateway.metrics_port is not None:
                     announce(
                         f"metrics:  http://{cfg.metrics_host}:{gateway.metrics_port}/metrics (also /healthz, /readyz)"
                     )
-                announce(f"workers:  {workers} x {cfg.model}, {cfg.engine_threads} thread(s) each")
+                mix = ", ".join(f"{count} x {name}" for name, count in plan)
+                announce(
+                    f"workers:  {mix}, {cfg.engine_threads} thread(s) each"
+                    f" (default model {served_name(cfg.model)})"
+                )
                 task_status.started(gw_port)
                 notify("READY=1")
                 # The receiver stays open through the whole shutdown: a second Ctrl-C must

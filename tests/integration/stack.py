@@ -45,8 +45,14 @@ def port_open(port: int) -> bool:
 class Stack:
     """nats-server + gateway + N workers, all real processes."""
 
-    def __init__(self, root: Path, model_dir: Path, workers: int = 2, **settings: Any) -> None:
+    def __init__(
+        self, root: Path, model_dir: Path, workers: int | Sequence[str] = 2, **settings: Any
+    ) -> None:
+        """``workers``: how many of the default model, or one model name per worker."""
         self.root = root
+        self.models: dict[int, str | None] = (
+            dict.fromkeys(range(workers)) if isinstance(workers, int) else dict(enumerate(workers))
+        )
         self.env = os.environ | {
             "KATYDID_MODEL_DIR": str(model_dir),
             "KATYDID_LOG_FORMAT": "json",
@@ -58,7 +64,7 @@ class Stack:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         try:
-            self._start(workers)
+            self._start(len(self.models))
         except BaseException:
             self.close()  # a part that failed to start must not leave the others running
             raise
@@ -103,8 +109,18 @@ class Stack:
         return proc
 
     def start_worker(self, i: int) -> subprocess.Popen[bytes]:
+        model = self.models.get(i)
         proc = self._spawn(
-            [sys.executable, "-m", "katydid", "worker", "--worker-id", f"test-w{i}"], f"worker{i}"
+            [
+                sys.executable,
+                "-m",
+                "katydid",
+                *(("--model", model) if model else ()),
+                "worker",
+                "--worker-id",
+                f"test-w{i}",
+            ],
+            f"worker{i}",
         )
         self.workers[i] = proc
         return proc

@@ -13,6 +13,7 @@ import trio
 
 from katydid import client
 from katydid.audio import decode_container, float_to_pcm16
+from katydid.config import DEFAULT_MODEL
 from katydid.messages import Job, lane_subject
 from tests.integration.stack import (
     Stack,
@@ -92,7 +93,7 @@ async def test_a_dead_job_no_session_here_owns_is_still_deleted(
     )
     pcm = float_to_pcm16(audio[: 30 * 16_000])
     with Stack(tmp_path, model_dir, workers=1, consumer_max_deliver=1) as stack:
-        job = (lane_subject("bulk"), pcm, _foreign_job().headers())
+        job = (lane_subject(DEFAULT_MODEL, "bulk"), pcm, _foreign_job().headers())
         await trio.to_thread.run_sync(publish_jobs, stack.nats_url, [job])
         pid = await trio.to_thread.run_sync(busy_worker_pid, stack.nats_url, 60.0)
         os.kill(pid, signal.SIGKILL)

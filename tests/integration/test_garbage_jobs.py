@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from katydid import client
+from katydid.config import DEFAULT_MODEL
 from katydid.evaluation import read_manifest, wer
 from katydid.messages import lane_subject
 from tests.integration.stack import Stack, publish_jobs, stream_messages, wait_until
@@ -26,7 +27,7 @@ async def test_garbage_jobs_are_dropped_with_sampled_logs(
         tmp_path, model_dir, workers=1, log_sample_burst=_BURST, log_sample_window_s=600
     ) as stack:
         garbage = [
-            (lane_subject(("bulk", "interactive")[i % 2]), b"\xff" * 100, None)
+            (lane_subject(DEFAULT_MODEL, ("bulk", "interactive")[i % 2]), b"\xff" * 100, None)
             for i in range(_GARBAGE)
         ]
         await trio.to_thread.run_sync(publish_jobs, stack.nats_url, garbage)

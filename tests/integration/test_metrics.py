@@ -65,7 +65,7 @@ async def test_metrics_present_and_moving(stack: Stack, speech_dir: Path) -> Non
     assert after["katydid_workers_live"] == 1
     assert total(after, "katydid_log_lines_total") > 0
     assert "katydid_log_lines_suppressed_total" in after
-    assert 'katydid_queue_depth{lane="interactive"}' in after
+    assert 'katydid_queue_depth{lane="interactive",model="tiny.en-q8_0"}' in after
     assert after["process_resident_memory_bytes"] > 0
     # The worker's own figures arrive with its next heartbeat.
     key = 'katydid_worker_jobs_total{outcome="ok",worker="test-w0"}'

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from katydid.config import Config
+from katydid.config import DEFAULT_MODEL, Config
 from katydid.messages import lane_subject
 from katydid.natsio import connect, delete_job, ensure_stream, purge_jobs
 from katydid.serve import nats_server_binary, nats_server_config
@@ -36,7 +36,9 @@ def test_jobs_kept_across_a_restart_are_purged(tmp_path: Path) -> None:
             js = nc.jetstream()
             await ensure_stream(js, cfg)
             for i in range(3):
-                await js.publish(lane_subject("interactive"), b"\0\0" * 160, headers={"n": str(i)})
+                await js.publish(
+                    lane_subject(DEFAULT_MODEL, "interactive"), b"\0\0" * 160, headers={"n": str(i)}
+                )
         finally:
             await nc.close()
 
@@ -76,7 +78,10 @@ def test_deleting_a_job_already_gone_says_so(tmp_path: Path) -> None:
         try:
             js = nc.jetstream()
             await ensure_stream(js, cfg)
-            seqs = [(await js.publish(lane_subject("bulk"), b"\0\0" * 160)).seq for _ in range(3)]
+            seqs = [
+                (await js.publish(lane_subject(DEFAULT_MODEL, "bulk"), b"\0\0" * 160)).seq
+                for _ in range(3)
+            ]
             return [
                 await delete_job(js, seqs[1]),
                 await delete_job(js, seqs[1]),  # gone from the middle of the stream

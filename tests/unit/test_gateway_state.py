@@ -9,8 +9,8 @@ from katydid.gateway import Gateway
 from katydid.natsio import LaneStats
 
 
-def _beat(worker: str, avg: float | None = 0.5) -> bytes:
-    return json.dumps({"id": worker, "busy": False, "avg_compute_s": avg}).encode()
+def _beat(worker: str, avg: float | None = 0.5, model: str = "tiny.en-q8_0") -> bytes:
+    return json.dumps({"id": worker, "model": model, "busy": False, "avg_compute_s": avg}).encode()
 
 
 def test_worker_table_forgets_silent_workers_and_counts_live_ones() -> None:
@@ -33,10 +33,36 @@ def test_backlog_eta_counts_jobs_published_since_the_last_poll() -> None:
     gw = Gateway(Config(worker_heartbeat_s=1.0))
     gw._on_worker(_beat("a", avg=2.0))
     gw._on_worker(_beat("b", avg=2.0))
-    gw.lanes = {"interactive": LaneStats(pending=10, in_progress=2, delivered_stream_seq=100)}
+    gw.lanes = {
+        ("tiny.en-q8_0", "interactive"): LaneStats(
+            pending=10, in_progress=2, delivered_stream_seq=100
+        )
+    }
     assert gw.backlog_eta_s() == (12 // 2 + 1) * 2.0
-    gw._published_since_poll = 8
+    gw._published_since_poll = {"tiny.en-q8_0": 8}
     assert gw.backlog_eta_s() == (20 // 2 + 1) * 2.0
     # One reading of the worker table, reused across sessions, gives the same estimate.
     assert gw.capacity() == (2, 2.0)
     assert gw.eta_s(20, gw.capacity()) == gw.eta_s(20) == (20 // 2 + 1) * 2.0
+
+
+def test_each_model_has_its_own_queue_and_workers() -> None:
+    gw = Gateway(Config(worker_heartbeat_s=1.0))
+    gw._on_worker(_beat("a", avg=2.0))
+    gw._on_worker(_beat("b", avg=2.0))
+    gw._on_worker(_beat("c", avg=6.0, model="base"))
+    gw.lanes = {
+        ("tiny.en-q8_0", "interactive"): LaneStats(10, 0, 100),
+        ("base", "interactive"): LaneStats(3, 1, 90),
+        ("base", "bulk"): LaneStats(5, 0, 80),
+    }
+    assert gw.capacity("base") == (1, 6.0)
+    assert gw.capacity("tiny.en-q8_0") == (2, 2.0)
+    assert gw.backlog_eta_s() == (10 // 2 + 1) * 2.0  # the default model
+    assert gw.backlog_eta_s("base") == (4 + 1) * 6.0
+    assert gw.backlog_eta_s("base", "bulk") == (5 + 3 + 1) * 6.0  # behind base's interactive
+    offers = gw.offers()
+    assert [(o.name, o.multilingual, o.workers) for o in offers.values()] == [
+        ("base", True, 1),
+        ("tiny.en-q8_0", False, 2),
+    ]

@@ -11,6 +11,7 @@ argument is not an existing file, so the path is checked here first.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import math
 import statistics
 import time
@@ -32,6 +33,8 @@ from katydid_worker.guardrails import (
 
 SAMPLE_RATE = 16_000
 _TICK_S = 0.01  # whisper.cpp reports times in 10 ms ticks
+_HOP = 160  # samples per mel frame; an encoder position covers two frames (20 ms)
+DETECT_CTX = 384  # encoder positions language detection looks at: the first 7.68 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,20 @@ class EngineOptions:
     no_speech_thold: float = 0.6
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    """What one call asks for, applied without reloading the model: a job's options.
+
+    ``language`` is a Whisper language code or ``"auto"`` (detect; multilingual models);
+    ``translate`` turns the speech into English text (multilingual models).
+    """
+
+    language: str = "en"
+    prompt: str | None = None
+    word_timestamps: bool = False
+    translate: bool = False
+
+
 def _drop_log(*_args: object) -> None:
     return None
 
@@ -150,11 +167,24 @@ class Engine:
         #   from a fresh context and from one shared with all other sizes, in any order.
         self._models: dict[bool, Any] = {}
         self._model_class = Model
+        self.default_decode = DecodeOptions(
+            language=self.options.language,
+            prompt=self.options.initial_prompt,
+            word_timestamps=self.options.word_timestamps,
+        )
+        self._decode = self.default_decode
+        self._detector: Any = None  # the language-detection context, made on first use
         # Both contexts load now: a bad model fails here, not at the first job, and no job pays
         # for a model load (nor does a benchmark's timed window).
         self._model_for(FULL_CTX)
         if self.options.clip_context:
             self._model_for(min(self.options.clip_ctx_steps))
+        self.multilingual = bool(pw.whisper_is_multilingual(self._model_for(FULL_CTX)._ctx))
+        if not self.multilingual and self.default_decode.language not in ("en", "auto"):
+            raise ModelError(
+                f"language {self.options.language!r} needs a multilingual model; {model_path.name}"
+                " is English-only"
+            )
         self.fallbacks = 0
         # The full-window cost of a near-empty clip (the encoder's fixed cost), which bounds what
         # a clip-sized attempt may spend before we give up on it (see guardrails.py). Measured
@@ -181,18 +211,14 @@ class Engine:
     def _params(opts: EngineOptions) -> dict[str, Any]:
         params: dict[str, Any] = {
             "n_threads": opts.threads,
-            "language": opts.language,
             "print_progress": False,
             "print_realtime": False,
             "print_timestamps": False,
             "no_context": True,
-            "token_timestamps": opts.word_timestamps,
             "entropy_thold": opts.entropy_thold,
             "logprob_thold": opts.logprob_thold,
             "no_speech_thold": opts.no_speech_thold,
         }
-        if opts.initial_prompt:
-            params["initial_prompt"] = opts.initial_prompt
         if opts.beam_size > 0:
             params["beam_search"] = {"beam_size": opts.beam_size, "patience": -1.0}
         return params
@@ -201,6 +227,7 @@ class Engine:
         self,
         audio: np.ndarray,
         *,
+        decode: DecodeOptions | None = None,
         should_abort: Callable[[], bool] | None = None,
         on_progress: Callable[[float], None] | None = None,
     ) -> Transcript:
@@ -208,6 +235,8 @@ class Engine:
 
         Args:
             audio: 1-D float32 samples in [-1, 1] at 16 kHz.
+            decode: this call's language, prompt, word timestamps and task (default: the
+                engine options').
             should_abort: polled by whisper.cpp between decode steps; True stops early.
             on_progress: called (on the transcribing thread) with the audio seconds done so far.
 
@@ -219,6 +248,21 @@ class Engine:
         audio = np.ascontiguousarray(audio)
         audio_s = audio.size / SAMPLE_RATE
         opts = self.options
+        decode = decode or self.default_decode
+        if decode.language == "auto":
+            # English-only: nothing to detect. Otherwise detected up front, in a context of its
+            # own (see _detect).
+            language = self._detect(audio) if self.multilingual else "en"
+            decode = dataclasses.replace(decode, language=language)
+        if (decode.translate or decode.language != "en") and not self.multilingual:
+            # whisper.cpp would quietly decode English: say so instead (the gateway refuses
+            # such a session at start; this guards every other caller).
+            raise EngineError(
+                f"language {decode.language!r}"
+                + (" and translation need" if decode.translate else " needs")
+                + " a multilingual model"
+            )
+        self._decode = decode
         started = time.perf_counter()
         progress = (lambda seg: on_progress(seg.t1 * _TICK_S)) if on_progress else None
         fallback: str | None = None
@@ -284,6 +328,12 @@ class Engine:
                 new_segment_callback=progress,
                 audio_ctx=0 if audio_ctx >= FULL_CTX else audio_ctx,
                 temperature_inc=temperature_inc,
+                # Every call sets all of them: the binding keeps a call's params for the next.
+                language=self._decode.language,
+                detect_language=False,
+                translate=self._decode.translate,
+                initial_prompt=self._decode.prompt or "",
+                token_timestamps=self._decode.word_timestamps,
             )
         except Exception as exc:  # the binding raises bare RuntimeErrors
             raise EngineError(f"whisper.cpp failed: {exc}") from exc
@@ -293,26 +343,71 @@ class Engine:
         self, raw: list[Any], audio_s: float, started: float, audio_ctx: int, fallback: str | None
     ) -> Transcript:
         compute_s = time.perf_counter() - started
-        segments = tuple(
-            Segment(
-                start_s=round(s.t0 * _TICK_S, 2),
-                end_s=round(min(s.t1 * _TICK_S, audio_s), 2),
-                text=s.text.strip(),
-                words=self._words(audio_ctx, i) if self.options.word_timestamps else (),
+        segments = []
+        for i, s in enumerate(raw):
+            start_s = round(s.t0 * _TICK_S, 2)
+            end_s = round(max(start_s, min(s.t1 * _TICK_S, audio_s)), 2)
+            words = (
+                self._words(audio_ctx, i, start_s, end_s) if self._decode.word_timestamps else ()
             )
-            for i, s in enumerate(raw)
-        )
+            segments.append(Segment(start_s, end_s, s.text.strip(), words))
         return Transcript(
             segments=tuple(s for s in segments if s.text),
-            language=self.options.language,
+            language=self._decode.language,
             audio_s=audio_s,
             compute_s=compute_s,
             audio_ctx=audio_ctx,
             fallback=fallback,
         )
 
-    def _words(self, audio_ctx: int, segment: int) -> tuple[Word, ...]:
-        # Tokens that start with a space begin a new word; special tokens ([_BEG_], <|...|>) are skipped.
+    def _detect(self, audio: np.ndarray) -> str:
+        """The spoken language: a multilingual model's guess from the first DETECT_CTX positions
+        (7.7 s) of the audio.
+
+        whisper.cpp's own "auto" detects before it applies the run's ``audio_ctx``, i.e. at the
+        size of the context's previous run: in the shared clip context the detected language
+        would depend on the previous job, and in the full-window one it costs a whole 30 s
+        encoder pass (base: 2.7 CPU s, twice its 1.2 s transcription of a short clip). So a
+        third context, made on first use, runs one warm-up at DETECT_CTX and then detection
+        only (which returns before it would change the size): always the same size, at about
+        a quarter of the full window's cost.
+
+        Raises:
+            EngineError: whisper.cpp could not tell.
+        """
+        import _pywhispercpp as pw
+
+        if self._detector is None:
+            self._detector = self._model_class(
+                str(self.model_path),
+                params_sampling_strategy=0,
+                redirect_whispercpp_logs_to=None,
+                context_params={"flash_attn": False},
+                **self._params(self.options),
+            )
+            warm_up = np.zeros(SAMPLE_RATE, dtype=np.float32)
+            self._detector.transcribe(warm_up, language="en", audio_ctx=DETECT_CTX)
+        try:
+            self._detector.transcribe(
+                audio[: DETECT_CTX * 2 * _HOP],
+                language="auto",
+                detect_language=True,  # whisper.cpp stops after detection
+                audio_ctx=DETECT_CTX,
+            )
+        except Exception as exc:  # the binding raises bare RuntimeErrors
+            raise EngineError(f"whisper.cpp language detection failed: {exc}") from exc
+        lang_id = int(pw.whisper_full_lang_id(self._detector._ctx))  # no accessor in the binding
+        if lang_id < 0:
+            raise EngineError("whisper.cpp could not detect the language")
+        return str(pw.whisper_lang_str(lang_id))
+
+    def _words(
+        self, audio_ctx: int, segment: int, seg_start: float, seg_end: float
+    ) -> tuple[Word, ...]:
+        # Tokens that start with a space begin a new word; special tokens ([_BEG_], <|...|>) are
+        # skipped. whisper.cpp's token times can overlap or fall outside their segment: each word
+        # is clamped into the segment and to start where the previous one ended, so times are
+        # monotonic.
         import _pywhispercpp as pw
 
         ctx = self._model_for(audio_ctx)._ctx  # the binding exposes no accessor
@@ -330,6 +425,13 @@ class Engine:
                 words[-1][1] = data.t1 * _TICK_S
                 words[-1][2] += text
                 words[-1][3].append(data.p)
-        return tuple(
-            Word(round(w[0], 2), round(w[1], 2), w[2], float(np.mean(w[3]))) for w in words if w[2]
-        )
+        out: list[Word] = []
+        floor = seg_start
+        for t0, t1, text, probs in words:
+            if not text:
+                continue
+            start = min(max(t0, floor), seg_end)
+            end = min(max(t1, start), seg_end)
+            out.append(Word(round(start, 2), round(end, 2), text, float(np.mean(probs))))
+            floor = end
+        return tuple(out)

@@ -30,6 +30,7 @@ import numpy as np
 import structlog
 
 from katydid.audio import pcm16_to_float
+from katydid.catalog import served_name
 from katydid.config import Config
 from katydid.errors import AudioError, KatydidError
 from katydid.log import SampledLogger
@@ -42,11 +43,20 @@ from katydid.messages import (
     JobResult,
     MessageError,
     ResultSegment,
+    ResultWord,
     consumer_name,
 )
 from katydid.natsio import connect, ensure_stream
 from katydid.sdnotify import notify
-from katydid_worker.engine import Engine, EngineOptions, build_info, has_fast_kernels
+from katydid_worker.engine import (
+    SAMPLE_RATE,
+    DecodeOptions,
+    Engine,
+    EngineOptions,
+    Transcript,
+    build_info,
+    has_fast_kernels,
+)
 
 log = structlog.get_logger("katydid.worker")
 _FETCH_INTERACTIVE_S = 0.5
@@ -58,6 +68,7 @@ _CANCELLED_MAX = 10_000  # sessions remembered as cancelled (oldest forgotten fi
 class WorkerStats:
     worker_id: str
     model: str
+    multilingual: bool = False
     busy: bool = False
     jobs_done: int = 0
     jobs_skipped: int = 0
@@ -73,6 +84,7 @@ class WorkerStats:
             {
                 "id": self.worker_id,
                 "model": self.model,
+                "multilingual": self.multilingual,
                 "busy": self.busy,
                 "jobs_done": self.jobs_done,
                 "jobs_skipped": self.jobs_skipped,
@@ -97,6 +109,51 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _answer(
+    job: Job,
+    worker: str,
+    queue_s: float,
+    *,
+    error: tuple[str, str] | None = None,
+    audio_s: float = 0.0,
+    compute_s: float = 0.0,
+    text: str = "",
+    segments: tuple[ResultSegment, ...] = (),
+    language: str | None = None,
+) -> JobResult:
+    """The one result a job gets: a transcript, or ``error`` = (code, message)."""
+    return JobResult(
+        job=job.job_id,
+        session=job.session_id,
+        seq=job.seq,
+        kind=job.options.kind,
+        text=text,
+        segments=segments,
+        language=language or job.options.language,
+        audio_s=audio_s,
+        compute_s=compute_s,
+        queue_s=queue_s,
+        worker=worker,
+        error={"code": error[0], "message": error[1]} if error else None,
+    )
+
+
+def _segments(tr: Transcript, offset_s: float) -> tuple[ResultSegment, ...]:
+    """The transcript's segments (and words) in session time."""
+    return tuple(
+        ResultSegment(
+            round(s.start_s + offset_s, 2),
+            round(s.end_s + offset_s, 2),
+            s.text,
+            tuple(
+                ResultWord(w.text, round(w.start_s + offset_s, 2), round(w.end_s + offset_s, 2))
+                for w in s.words
+            ),
+        )
+        for s in tr.segments
+    )
+
+
 class Worker:
     def __init__(self, cfg: Config, model_path: Path, worker_id: str | None = None) -> None:
         self.cfg = cfg
@@ -107,7 +164,8 @@ class Worker:
                 language=cfg.language, threads=cfg.engine_threads, beam_size=cfg.beam_size
             ),
         )
-        self.stats = WorkerStats(self.worker_id, cfg.model)
+        self.model = served_name(cfg.model)  # the jobs it takes are routed by this name
+        self.stats = WorkerStats(self.worker_id, self.model, self.engine.multilingual)
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._stopping = anyio.Event()
         self._nc: Any = None
@@ -123,14 +181,16 @@ class Worker:
     async def run(self) -> None:
         self._nc = await connect(self.cfg, f"katydid-worker-{self.worker_id}")
         js = self._nc.jetstream()
-        await ensure_stream(js, self.cfg)
+        await ensure_stream(js, self.cfg, [self.model])
         subs = {
-            lane: await js.pull_subscribe_bind(durable=consumer_name(lane), stream=STREAM)
+            lane: await js.pull_subscribe_bind(
+                durable=consumer_name(self.model, lane), stream=STREAM
+            )
             for lane in LANES
         }
         await self._nc.subscribe(CANCEL_SUBJECT, cb=self._on_cancel)
         info = build_info()
-        log.info("worker_ready", worker=self.worker_id, model=self.cfg.model, engine_build=info)
+        log.info("worker_ready", worker=self.worker_id, model=self.model, engine_build=info)
         if not has_fast_kernels(info):
             log.warning(
                 "engine_build_slow",
@@ -212,11 +272,8 @@ class Worker:
             job_id=job.job_id, session_id=job.session_id, seq=job.seq
         )
 
-        def error(code: str, message: str, audio_s: float = 0.0) -> JobResult:
-            return JobResult(
-                job.job_id, job.session_id, job.seq, job.options.kind, "", (), job.options.language,
-                audio_s, 0.0, queue_s, self.worker_id, {"code": code, "message": message},
-            )  # fmt: skip
+        def error(code: str, message: str) -> JobResult:
+            return _answer(job, self.worker_id, queue_s, error=(code, message))
 
         engine: dict[str, Any] = {}  # how the engine ran it, for the log line
         if job.session_id in self._cancelled:
@@ -255,43 +312,56 @@ class Worker:
         self, job: Job, msg: Any, audio: np.ndarray, queue_s: float
     ) -> tuple[JobResult, dict[str, Any]]:
         self.stats.busy = True
-        offset_s = job.offset_ms / 1000.0
+        decode = DecodeOptions(
+            language=job.options.language,
+            prompt=job.options.prompt,
+            word_timestamps=job.options.word_timestamps,
+            translate=job.options.task == "translate",
+        )
+        audio_s = audio.size / SAMPLE_RATE
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep_alive, msg)
                 try:
                     tr = await anyio.to_thread.run_sync(
                         lambda: self.engine.transcribe(
-                            audio, should_abort=lambda: job.session_id in self._cancelled
+                            audio,
+                            decode=decode,
+                            should_abort=lambda: job.session_id in self._cancelled,
                         )
                     )
                 finally:
                     tg.cancel_scope.cancel()
         except KatydidError as exc:
-            return JobResult(
-                job.job_id, job.session_id, job.seq, job.options.kind, "", (), job.options.language,
-                audio.size / 16_000, 0.0, queue_s, self.worker_id, {"code": "internal", "message": str(exc)},
-            ), {}  # fmt: skip
+            return _answer(
+                job, self.worker_id, queue_s, error=("internal", str(exc)), audio_s=audio_s
+            ), {}
         finally:
             self.stats.busy = False
         engine = {"audio_ctx": tr.audio_ctx, "fallback": tr.fallback}
         if job.session_id in self._cancelled:
-            return JobResult(
-                job.job_id, job.session_id, job.seq, job.options.kind, "", (), job.options.language,
-                tr.audio_s, tr.compute_s, queue_s, self.worker_id, {"code": "cancelled", "message": "the client left"},
-            ), engine  # fmt: skip
+            return _answer(
+                job,
+                self.worker_id,
+                queue_s,
+                error=("cancelled", "the client left"),
+                audio_s=tr.audio_s,
+                compute_s=tr.compute_s,
+            ), engine
         self.stats.jobs_done += 1
         self.stats.fallbacks = self.engine.fallbacks
         self.stats.audio_s += tr.audio_s
         self.stats.compute_s += tr.compute_s
-        segments = tuple(
-            ResultSegment(round(s.start_s + offset_s, 2), round(s.end_s + offset_s, 2), s.text)
-            for s in tr.segments
-        )
-        return JobResult(
-            job.job_id, job.session_id, job.seq, job.options.kind, tr.text, segments, job.options.language,
-            tr.audio_s, tr.compute_s, queue_s, self.worker_id, None,
-        ), engine  # fmt: skip
+        return _answer(
+            job,
+            self.worker_id,
+            queue_s,
+            audio_s=tr.audio_s,
+            compute_s=tr.compute_s,
+            text=tr.text,
+            segments=_segments(tr, job.offset_ms / 1000.0),
+            language=tr.language,
+        ), engine
 
     async def _keep_alive(self, msg: Any) -> None:
         while True:
