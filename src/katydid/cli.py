@@ -22,7 +22,7 @@ from katydid.errors import KatydidError
 from katydid.log import configure_logging
 
 if TYPE_CHECKING:
-    from katydid_worker.engine import Engine, Transcript
+    from katydid_worker.engine import DecodeOptions, Engine, Transcript
 
 log = structlog.get_logger("katydid.cli")
 _PROGRESS_MIN_AUDIO_S = 30.0
@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="JSON output (with --url: event lines)")
     tr.add_argument("--url", default="ws://127.0.0.1:8765", help="gateway URL (%(default)s)")
     tr.add_argument("--realtime", action="store_true", help="pace audio like a microphone")
+    tr.add_argument("--language", help="a language code, or auto (multilingual models)")
+    tr.add_argument("--prompt", help="initial prompt: spellings, names, style")
+    tr.add_argument("--task", choices=("transcribe", "translate"), help="translate: into English")
+    tr.add_argument("--word-timestamps", action="store_true", help="words with times (--json)")
 
     ev = sub.add_parser("eval", help="WER and speed on a manifest of clips with references")
     ev.add_argument("manifest", type=Path)
@@ -157,15 +161,18 @@ def _cmd_model(cfg: Config, args: argparse.Namespace) -> int:
         path = models.prepare(cfg.model_dir, name, progress=lambda msg: print(msg, file=sys.stderr))
         print(path)
         return 0
-    print(f"{'model':<14} {'installed':<10} {'prepared':<9} path")
+    print(f"{'model':<14} {'installed':<10} {'prepared':<9} {'languages':<10} path")
     for st in models.statuses(cfg.model_dir):
+        langs = "en" if st.english_only else "99"
         print(
-            f"{st.name:<14} {'yes' if st.installed else 'no':<10} {'yes' if st.prepared else 'no':<9} {st.path}"
+            f"{st.name:<14} {'yes' if st.installed else 'no':<10} {'yes' if st.prepared else 'no':<9} {langs:<10} {st.path}"
         )
     return 0
 
 
-def _transcribe_file(engine: Engine, cfg: Config, path: Path) -> Transcript:
+def _transcribe_file(
+    engine: Engine, cfg: Config, path: Path, decode: DecodeOptions | None = None
+) -> Transcript:
     from katydid.audio import decode_container
 
     audio = decode_container(path, max_audio_s=cfg.max_audio_s, max_bytes=cfg.max_file_bytes)
@@ -178,20 +185,42 @@ def _transcribe_file(engine: Engine, cfg: Config, path: Path) -> Transcript:
             def advance(done_s: float) -> None:
                 bar.update(round(min(done_s, duration_s) - bar.n, 1))
 
-            return engine.transcribe(audio, on_progress=advance)
-    return engine.transcribe(audio)
+            return engine.transcribe(audio, decode=decode, on_progress=advance)
+    return engine.transcribe(audio, decode=decode)
 
 
 def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
     if not args.local:
         from katydid.cli_remote import transcribe_remote
 
-        return transcribe_remote(args.files, args.url, realtime=args.realtime, as_json=args.json)
+        # The session's options; --model names the server's model (default: the server's).
+        options = {
+            k: v
+            for k, v in (
+                ("model", args.model),
+                ("language", args.language),
+                ("prompt", args.prompt),
+                ("task", args.task),
+                ("word_timestamps", args.word_timestamps or None),
+            )
+            if v is not None
+        }
+        return transcribe_remote(
+            args.files, args.url, realtime=args.realtime, as_json=args.json, options=options
+        )
+    from katydid_worker.engine import DecodeOptions
+
     engine = _engine(cfg)
+    decode = DecodeOptions(
+        language=args.language or cfg.language,
+        prompt=args.prompt,
+        word_timestamps=args.word_timestamps or cfg.word_timestamps,
+        translate=args.task == "translate",
+    )
     failed = 0
     for path in args.files:
         try:
-            tr = _transcribe_file(engine, cfg, path)
+            tr = _transcribe_file(engine, cfg, path, decode)
         except KatydidError as exc:
             # One bad file does not stop the others; the exit code reports it.
             print(f"katydid: {path}: {exc}", file=sys.stderr)

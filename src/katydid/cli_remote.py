@@ -30,7 +30,14 @@ def file_format(path: Path, data: bytes) -> str:
     return fmt
 
 
-def transcribe_remote(files: list[Path], url: str, *, realtime: bool, as_json: bool) -> int:
+def transcribe_remote(
+    files: list[Path],
+    url: str,
+    *,
+    realtime: bool,
+    as_json: bool,
+    options: dict[str, Any] | None = None,
+) -> int:
     """Stream each file to the gateway and print finals as they arrive."""
     failed = 0
     tty = sys.stderr.isatty()
@@ -75,6 +82,7 @@ def transcribe_remote(files: list[Path], url: str, *, realtime: bool, as_json: b
                     frame_bytes=frame,
                     realtime=realtime,
                     on_event=show,
+                    options=options,
                 )
             )
         except client.ClientError as exc:

@@ -108,6 +108,11 @@ class StartOptions:
                 raise ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc)) from None
         if not 1 <= len(opts.language) <= 8:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "start.language must be a language code")
+        # "EN", "en-US" and "en_GB" mean Whisper's "en" (whether it exists is the model's call,
+        # at admission).
+        language = opts.language.lower().replace("_", "-").split("-", 1)[0]
+        if language != opts.language:
+            opts = dataclasses.replace(opts, language=language)
         if opts.task not in TASKS:
             raise ProtocolError(
                 ErrorCode.BAD_MESSAGE, f"start.task must be one of {', '.join(TASKS)}"

@@ -175,12 +175,14 @@ async def test_twenty_concurrent_clients_get_their_own_transcripts(
     for clip, res in zip(chosen, results, strict=True):
         assert res is not None
         assert res.done is not None, (clip.name, res.events)
-        # Each session hears its own clip, as the engine alone does: no cross-talk.
-        assert wer(local_texts[clip.name], res.text) <= 0.1, (
-            clip.name,
-            res.text,
-            local_texts[clip.name],
-        )
+        # Each session hears its own clip: no cross-talk. Its text is nearest to what the engine
+        # alone says of that clip, far from every other clip's. (Not an exact match: under this
+        # load a clip-sized run can overrun its CPU budget and be redone with the full window,
+        # a different decode: seen on an AVX2-only host for the ljspeech clip.)
+        own = wer(local_texts[clip.name], res.text)
+        others = [wer(t, res.text) for name, t in local_texts.items() if name != clip.name]
+        assert own <= 0.2, (clip.name, res.text, local_texts[clip.name])
+        assert own < min(others), (clip.name, res.text)
     assert len({r.session_id for r in results if r}) == 20
     waited = [r for r in results if r and r.queued]
     # Two workers, twenty clients: most sessions were told where they stand while waiting.

@@ -57,7 +57,7 @@ def test_check_options() -> None:
     assert message.startswith("language 'de' needs a multilingual model; tiny.en-q8_0 knows")
     assert "base (99 languages)" in message
     assert "translate" in _refused(check_options, tiny, OFFERS, language="en", task="translate")
-    for bad in ("xx", "yue", "EN"):
+    for bad in ("xx", "yue", "english"):
         assert "unknown language" in _refused(
             check_options, base, OFFERS, language=bad, task="transcribe"
         )
@@ -78,6 +78,14 @@ def test_start_option_types_and_bounds(start: dict[str, object], code: ErrorCode
     with pytest.raises(ProtocolError) as info:
         proto.receive_text(json.dumps({"type": "start", **start}))
     assert info.value.code is code
+
+
+@pytest.mark.parametrize(("given", "used"), [("EN", "en"), ("en-US", "en"), ("pt_BR", "pt")])
+def test_language_tags_are_read_as_whisper_codes(given: str, used: str) -> None:
+    proto = ServerProtocol("s1")
+    proto.receive_text(json.dumps({"type": "start", "language": given}))
+    assert proto.options is not None
+    assert proto.options.language == used
 
 
 def test_prompt_at_its_byte_bound_fits_a_small_header() -> None:

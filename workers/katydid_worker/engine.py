@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from katydid.errors import EngineError, ModelError
+from katydid.languages import WHISPER_LANGUAGES
 from katydid_worker.guardrails import (
     CLIP_CTX_STEPS,
     FULL_CTX,
@@ -249,6 +250,9 @@ class Engine:
         audio_s = audio.size / SAMPLE_RATE
         opts = self.options
         decode = decode or self.default_decode
+        if decode.language != "auto" and decode.language not in WHISPER_LANGUAGES:
+            # The binding would quietly turn an unknown code into "detect".
+            raise EngineError(f"unknown language {decode.language!r}")
         if decode.language == "auto":
             # English-only: nothing to detect. Otherwise detected up front, in a context of its
             # own (see _detect).
