@@ -88,6 +88,9 @@ class Config:
     chunk_max_s: float = 30.0
     chunk_silence_s: float = 0.3
     bulk_min_audio_s: float = 60.0  # files at least this long go to the bulk lane
+    # A worker takes every Nth job from bulk when it has any, however busy interactive is
+    # (0 = strict priority, which let 3 live clients starve uploads for minutes)
+    bulk_every: int = 4
     # NATS / JetStream
     nats_url: str = ""  # empty: `katydid serve` embeds a nats-server
     nats_port: int = 0  # embedded server; 0 = a free port
@@ -131,6 +134,8 @@ class Config:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         self.worker_plan()  # raises on a malformed worker_models
+        if self.bulk_every < 0:
+            raise ConfigError("bulk_every must be >= 0 (0 = interactive strictly first)")
         if self.stream_max_msg_bytes < 1_000_000:
             raise ConfigError("stream_max_msg_bytes must hold a 30 s chunk (>= 1000000)")
 

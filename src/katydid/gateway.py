@@ -37,7 +37,7 @@ from katydid.httpd import Response, json_response, serve_http
 from katydid.log import SampledLogger
 from katydid.messages import Job, JobOptions, JobResult, MessageError
 from katydid.metrics import GatewayMetrics
-from katydid.natsio import LaneStats, NatsBridge, NatsError, StreamFull
+from katydid.natsio import JobTooLarge, LaneStats, NatsBridge, NatsError, StreamFull
 from katydid.protocol import Done, ErrorEvent, Limits, Queued, Ready, ServerEvent, ServerProtocol
 
 log = structlog.get_logger("katydid.gateway")
@@ -308,7 +308,9 @@ class Gateway:
         ahead += self._published_since_poll.get(model, 0)
         interactive = self.lanes.get((model, "interactive"))
         if lane == "bulk" and interactive is not None:
-            ahead += interactive.pending  # workers always serve interactive first
+            # Interactive jobs go first, but at most bulk_every - 1 of them per bulk job.
+            share = self.cfg.bulk_every - 1 if self.cfg.bulk_every > 0 else interactive.pending
+            ahead += min(interactive.pending, share * (ahead + 1))
         return self.eta_s(ahead, model=model)
 
     async def _poll_queue(self) -> None:
@@ -621,6 +623,9 @@ class Gateway:
         )
         try:
             stream_seq = await self.bridge.publish_job(session.model, proto.lane, job, pcm)
+        except JobTooLarge as exc:
+            session.slots.release()
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"chunk {chunk.seq}: {exc}") from None
         except StreamFull:
             session.slots.release()
             self.metrics.overloaded.labels("stream_full").inc()

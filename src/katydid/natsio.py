@@ -66,13 +66,28 @@ class StreamFull(NatsError):
     """The job stream is at a configured bound (discard=new): the caller should retry later."""
 
 
+class JobTooLarge(NatsError):
+    """One job is over the stream's or server's size limit (body or headers): retrying the same
+    job can never succeed."""
+
+
+# JetStream error codes (nats-server's errors.json), matched by code, not by text: a header too
+# large also says "maximum", and was once reported to clients as a full queue.
+_STORE_FAILED = 10077  # JSStreamStoreFailedF: with discard=new, "maximum messages/bytes exceeded"
+_STORAGE_EXHAUSTED = 10047  # JSStorageResourcesExceededErr: the server's disk allowance
+_TOO_LARGE = (10054, 10097)  # JSStreamMessageExceedsMaximumErr, JSStreamHeaderExceedsMaximumErr
+
+
 def translate(exc: BaseException) -> NatsError:
     """Map a nats-py exception to Katydid's error tree."""
     if isinstance(exc, nats.js.errors.APIError):
-        text = f"{exc.description or ''}".lower()
-        if "maximum" in text or "exceeded" in text or exc.err_code in (10077, 10078):
+        if exc.err_code in _TOO_LARGE:
+            return JobTooLarge(f"job too large for the stream: {exc.description}")
+        if exc.err_code in (_STORE_FAILED, _STORAGE_EXHAUSTED):
             return StreamFull(f"job stream is full: {exc.description}")
         return NatsError(f"JetStream error {exc.err_code}: {exc.description}")
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return JobTooLarge(f"job too large for the server: {exc!r}")
     if isinstance(exc, nats.errors.TimeoutError | asyncio.TimeoutError | TimeoutError):
         return NatsError("NATS request timed out")
     if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):

@@ -66,3 +66,18 @@ def test_each_model_has_its_own_queue_and_workers() -> None:
         ("base", True, 1),
         ("tiny.en-q8_0", False, 2),
     ]
+
+
+def test_bulk_eta_counts_the_bulk_share() -> None:
+    gw = Gateway(Config(worker_heartbeat_s=1.0, bulk_every=4))
+    gw._on_worker(_beat("a", avg=1.0))
+    gw.lanes = {
+        ("tiny.en-q8_0", "interactive"): LaneStats(100, 0, 0),
+        ("tiny.en-q8_0", "bulk"): LaneStats(1, 0, 0),
+    }
+    # 1 bulk job ahead; 3 interactive jobs per bulk job: 1 + 3 * 2 ahead, not all 100.
+    assert gw.backlog_eta_s(lane="bulk") == (1 + 6 + 1) * 1.0
+    strict = Gateway(Config(worker_heartbeat_s=1.0, bulk_every=0))
+    strict._on_worker(_beat("a", avg=1.0))
+    strict.lanes = gw.lanes
+    assert strict.backlog_eta_s(lane="bulk") == (1 + 100 + 1) * 1.0

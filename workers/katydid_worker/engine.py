@@ -401,9 +401,12 @@ class Engine:
         except Exception as exc:  # the binding raises bare RuntimeErrors
             raise EngineError(f"whisper.cpp language detection failed: {exc}") from exc
         lang_id = int(pw.whisper_full_lang_id(self._detector._ctx))  # no accessor in the binding
-        if lang_id < 0:
-            raise EngineError("whisper.cpp could not detect the language")
-        return str(pw.whisper_lang_str(lang_id))
+        language = str(pw.whisper_lang_str(lang_id)) if lang_id >= 0 else ""
+        # whisper.cpp's table ends with large-v3's "yue", whose token id is the translate
+        # token's in every other model: a detection can land there, but it is not a language.
+        if language not in WHISPER_LANGUAGES:
+            raise EngineError(f"whisper.cpp could not detect the language (got {language!r})")
+        return language
 
     def _words(
         self, audio_ctx: int, segment: int, seg_start: float, seg_end: float

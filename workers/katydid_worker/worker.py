@@ -4,7 +4,8 @@ anyio on the asyncio backend with nats-py (no trio here). One process holds one 
 
 Rule 1: a job is acked only after its result is published and flushed, so a crash before that
 means redelivery, never loss.
-Rule 2: the interactive lane is always tried first, so a 3 s clip never waits behind a long file.
+Rule 2: the interactive lane is tried first, so a 3 s clip never waits behind a long file; every
+``bulk_every``-th job comes from bulk when it has any, so uploads are never starved.
 Rule 3: while whisper.cpp runs in a thread, the event loop keeps the job alive with
 ``in_progress()`` and watches for the session's cancellation (whisper.cpp's abort callback).
 Rule 4: every job ends in exactly one result: final, or an error (``cancelled``, ``expired``,
@@ -109,6 +110,15 @@ def _rss_bytes() -> int:
         return 0
 
 
+def lane_order(interactive_streak: int, bulk_every: int) -> tuple[str, str]:
+    """Which lane a worker tries first: interactive (a 3 s clip never waits behind a long file),
+    except that after ``bulk_every - 1`` interactive jobs in a row the next try is bulk, so a
+    steady stream of live sessions cannot starve uploads (0: strict priority)."""
+    if bulk_every > 0 and interactive_streak >= bulk_every - 1:
+        return ("bulk", "interactive")
+    return ("interactive", "bulk")
+
+
 def _answer(
     job: Job,
     worker: str,
@@ -167,6 +177,7 @@ class Worker:
         self.model = served_name(cfg.model)  # the jobs it takes are routed by this name
         self.stats = WorkerStats(self.worker_id, self.model, self.engine.multilingual)
         self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._interactive_streak = 0  # interactive jobs taken since the last bulk one
         self._stopping = anyio.Event()
         self._nc: Any = None
         # Garbage on the job subject is taken and dropped as fast as it arrives: sampled.
@@ -220,7 +231,8 @@ class Worker:
             log.info("worker_stopped", worker=self.worker_id, jobs_done=self.stats.jobs_done)
 
     async def _next(self, subs: dict[str, Any]) -> Any:
-        for lane, timeout in (("interactive", _FETCH_INTERACTIVE_S), ("bulk", _FETCH_BULK_S)):
+        for lane in lane_order(self._interactive_streak, self.cfg.bulk_every):
+            timeout = _FETCH_INTERACTIVE_S if lane == "interactive" else _FETCH_BULK_S
             try:
                 msgs = await subs[lane].fetch(1, timeout=timeout)
             except nats.errors.TimeoutError:
@@ -230,6 +242,9 @@ class Worker:
                 await anyio.sleep(1.0)  # NATS reconnecting; bounded pace, no spin
                 return None
             if msgs:
+                self._interactive_streak = (
+                    self._interactive_streak + 1 if lane == "interactive" else 0
+                )
                 return msgs[0]
         return None
 
