@@ -14,8 +14,11 @@ Rule 3: queue state is polled once per ``queue_poll_s`` for all sessions, never 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -98,7 +101,12 @@ class Gateway:
         self.sampled = SampledLogger(
             log, burst=cfg.log_sample_burst, window_s=cfg.log_sample_window_s
         )
-        self.counters: dict[str, int] = {"duplicate_results": 0, "orphan_results": 0}
+        self.counters: dict[str, int] = {
+            "duplicate_results": 0,
+            "orphan_results": 0,
+            "forged_results": 0,
+        }
+        self._token_key = secrets.token_bytes(32)
         self.peak_sessions = 0
         self.metrics = GatewayMetrics(lambda: {k: w.beat for k, w in self.workers.items()})
         self.port: int | None = None
@@ -175,11 +183,21 @@ class Gateway:
 
     # --- callbacks from the NATS thread (run on the trio thread, must not raise) ---
 
+    def job_token(self, job_id: str) -> str:
+        """This gateway's proof for a job it publishes (HMAC of the job id under a key made at
+        start): no per-job state, and nobody without the key can make one for a job."""
+        return hmac.new(self._token_key, job_id.encode(), hashlib.sha256).hexdigest()[:32]
+
     def _on_result(self, data: bytes) -> None:
         try:
             result = JobResult.from_json(data)
         except MessageError as exc:
             self.sampled.warning("bad_result", error=str(exc))
+            return
+        if not hmac.compare_digest(result.token, self.job_token(result.job)):
+            # Published on our results subject by something that never held the job.
+            self.counters["forged_results"] += 1
+            self.sampled.warning("forged_result", session=result.session, seq=result.seq)
             return
         self._accept(result)
 
@@ -607,8 +625,9 @@ class Gateway:
         assert proto.options is not None
         await session.slots.acquire()  # backpressure: the reader waits while too many are in flight
         pcm = float_to_pcm16(chunk.audio)
+        job_id = f"{proto.session_id}-{chunk.seq}"
         job = Job(
-            job_id=f"{proto.session_id}-{chunk.seq}",
+            job_id=job_id,
             session_id=proto.session_id,
             seq=chunk.seq,
             offset_ms=round(chunk.offset_s * 1000),
@@ -620,6 +639,7 @@ class Gateway:
                 prompt=proto.options.prompt,
                 task=proto.options.task,
             ),
+            token=self.job_token(job_id),
         )
         try:
             stream_seq = await self.bridge.publish_job(session.model, proto.lane, job, pcm)
@@ -651,8 +671,9 @@ class Gateway:
         proto = session.proto
         assert proto.options is not None
         session.partials += 1
+        job_id = f"{proto.session_id}-{seq}-p{session.partials}"
         job = Job(
-            job_id=f"{proto.session_id}-{seq}-p{session.partials}",
+            job_id=job_id,
             session_id=proto.session_id,
             seq=seq,
             offset_ms=0,
@@ -664,6 +685,7 @@ class Gateway:
                 task=proto.options.task,
                 kind="partial",
             ),
+            token=self.job_token(job_id),
         )
         try:
             await self.bridge.publish_job(session.model, "interactive", job, float_to_pcm16(audio))

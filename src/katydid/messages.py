@@ -113,6 +113,9 @@ class Job:
     reply_subject: str
     deadline_unix_ms: int
     options: JobOptions = field(default_factory=JobOptions)
+    # The publishing gateway's proof for this job, echoed in its result: a result without the
+    # right token did not come from a worker that took this job (a forged transcript).
+    token: str = ""
 
     def __post_init__(self) -> None:
         if self.seq < 0 or self.offset_ms < 0:
@@ -130,6 +133,7 @@ class Job:
             "Katydid-Reply": self.reply_subject,
             "Katydid-Deadline": str(self.deadline_unix_ms),
             "Katydid-Options": self.options.to_json(),
+            "Katydid-Token": self.token,
         }
 
     @classmethod
@@ -149,6 +153,7 @@ class Job:
                 reply_subject=h["Katydid-Reply"],
                 deadline_unix_ms=int(h["Katydid-Deadline"]),
                 options=JobOptions.from_json(h.get("Katydid-Options", "")),
+                token=h.get("Katydid-Token", ""),
             )
         except KeyError as exc:
             raise MessageError(f"job lacks header {exc.args[0]}") from None
@@ -208,6 +213,7 @@ class JobResult:
     queue_s: float
     worker: str
     error: Mapping[str, str] | None = None
+    token: str = ""  # the job's Katydid-Token, echoed
 
     def to_json(self) -> bytes:
         d: dict[str, Any] = {
@@ -223,6 +229,7 @@ class JobResult:
             "queue_s": round(self.queue_s, 3),
             "worker": self.worker,
             "error": dict(self.error) if self.error else None,
+            "token": self.token,
         }
         return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -251,6 +258,7 @@ class JobResult:
                 error={"code": str(err["code"]), "message": str(err.get("message", ""))}
                 if err
                 else None,
+                token=str(d.get("token", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MessageError(f"malformed result: {exc}") from exc

@@ -145,6 +145,7 @@ def _answer(
         queue_s=queue_s,
         worker=worker,
         error={"code": error[0], "message": error[1]} if error else None,
+        token=job.token,
     )
 
 
