@@ -542,24 +542,26 @@ class Gateway:
                 )
             elif action == "stop":
                 break
-        await self._finish_audio(session)
-        self._check_done(session)
         # The writer finishes the session; the reader waits for results, bounded, and keeps
-        # reading: a client that leaves now is noticed at once (and its queued jobs cancelled),
-        # not at the next message sent to it, which may be its last result. Anything it sends
-        # after stop is out of order.
+        # reading, even while the last chunks are still being decoded and published (a long
+        # file's publishing waits on the in-flight bound for minutes): a client that leaves now
+        # is noticed at once (and its queued jobs cancelled), not at the next message sent to
+        # it, which may be its last result. Anything it sends after stop is out of order.
         with trio.move_on_after(self.cfg.result_timeout_s) as scope:
-            while True:
-                try:
-                    msg = await ws.get_message()
-                except ConnectionClosed:
-                    if proto.done:
-                        return  # the writer sent done and is closing; it ends the session
-                    raise
-                if isinstance(msg, bytes):
-                    proto.receive_bytes(msg)  # raises: audio after stop
-                else:
-                    proto.receive_text(msg)  # raises: start or stop again, or garbage
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._finish_audio, session)
+                while True:
+                    try:
+                        msg = await ws.get_message()
+                    except ConnectionClosed:
+                        if proto.done:
+                            nursery.cancel_scope.cancel()
+                            return  # the writer sent done and is closing; it ends the session
+                        raise
+                    if isinstance(msg, bytes):
+                        proto.receive_bytes(msg)  # raises: audio after stop
+                    else:
+                        proto.receive_text(msg)  # raises: start or stop again, or garbage
         if scope.cancelled_caught:
             raise ProtocolError(
                 ErrorCode.TIMEOUT, f"results not complete within {self.cfg.result_timeout_s:.0f} s"
@@ -575,10 +577,13 @@ class Gateway:
         if proto.options is not None and proto.options.format != "pcm_s16le":
             data = proto.take_file()
             try:
+                # Abandoned if the session ends meanwhile (its client left): the thread's
+                # result is dropped instead of holding the session open until it finishes.
                 audio: np.ndarray = await trio.to_thread.run_sync(
                     lambda: decode_container(
                         data, max_audio_s=self.cfg.max_session_s, max_bytes=self.cfg.max_file_bytes
-                    )
+                    ),
+                    abandon_on_cancel=True,
                 )
             except AudioError as exc:
                 raise ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc)) from None
@@ -587,6 +592,7 @@ class Gateway:
             chunks = proto.flush()
         for chunk in chunks:
             await self._publish(session, chunk)
+        self._check_done(session)
 
     def offers(self) -> dict[str, ModelOffer]:
         """The models live workers serve (from their heartbeats)."""
@@ -642,7 +648,12 @@ class Gateway:
             token=self.job_token(job_id),
         )
         try:
-            stream_seq = await self.bridge.publish_job(session.model, proto.lane, job, pcm)
+            # Shielded (the bridge bounds it by nats_request_timeout_s): a job the server may
+            # already hold must have its stream sequence recorded, or a session cancelled
+            # meanwhile (its client left) could not delete it, and it would be transcribed for
+            # nobody.
+            with trio.CancelScope(shield=True):
+                stream_seq = await self.bridge.publish_job(session.model, proto.lane, job, pcm)
         except JobTooLarge as exc:
             session.slots.release()
             raise ProtocolError(ErrorCode.TOO_LARGE, f"chunk {chunk.seq}: {exc}") from None

@@ -136,6 +136,44 @@ async def test_a_client_that_leaves_after_stop_takes_its_jobs_off_the_queue(
         assert sessions[0]["cancelled_jobs"] >= 4
 
 
+async def test_a_client_that_leaves_while_its_file_is_still_being_queued_is_noticed(
+    tmp_path: Path, model_dir: Path, speech_dir: Path
+) -> None:
+    # Two chunks in flight at most and no worker: publishing the file's later chunks waits for
+    # slots that never free. The gateway still reads the socket meanwhile, so the reset is
+    # noticed at once, publishing stops, and the queued jobs leave the stream.
+    with Stack(tmp_path, model_dir, workers=0, max_jobs_in_flight=2) as stack:
+        data = (speech_dir / "long" / "long_ljspeech_LJ001-0001-0016.wav").read_bytes()
+        async with client.connect(stack.url) as ws:
+            await ws.send_message('{"type": "start", "format": "wav"}')
+            for i in range(0, len(data), 65_536):
+                await ws.send_message(data[i : i + 65_536])
+            await ws.send_message('{"type": "stop"}')
+            await trio.to_thread.run_sync(
+                lambda: wait_until(
+                    lambda: stream_messages(stack.nats_url) == 2, 30, "two chunks queued"
+                )
+            )
+        left = time.monotonic()
+
+        def session_lines() -> list[dict[str, object]]:
+            return [e for e in stack.log_events("gateway") if e.get("event") == "session"]
+
+        await trio.to_thread.run_sync(
+            lambda: wait_until(lambda: session_lines() != [], 10, "the session to end")
+        )
+        assert time.monotonic() - left < 10
+        (line,) = session_lines()
+        assert line["outcome"] == "client_gone"
+        assert line["cancelled_jobs"] == 2
+        assert line["chunks"] > 2  # the rest was never published
+        await trio.to_thread.run_sync(
+            lambda: wait_until(
+                lambda: stream_messages(stack.nats_url) == 0, 10, "the gone client's jobs deleted"
+            )
+        )
+
+
 async def test_a_session_past_its_client_timeout_is_a_client_error(
     tmp_path: Path, model_dir: Path, speech_dir: Path
 ) -> None:
