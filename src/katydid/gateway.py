@@ -50,8 +50,8 @@ _DEFAULT_JOB_S = 2.0  # assumed compute per job before any worker has reported
 @dataclass(slots=True)
 class Session:
     proto: ServerProtocol
-    outbox_send: trio.MemorySendChannel[ServerEvent | JobResult]
-    outbox_recv: trio.MemoryReceiveChannel[ServerEvent | JobResult]
+    outbox_send: trio.MemorySendChannel[ServerEvent | JobResult | ProtocolError]
+    outbox_recv: trio.MemoryReceiveChannel[ServerEvent | JobResult | ProtocolError]
     slots: trio.Semaphore
     stream_seqs: dict[int, int] = field(default_factory=dict)  # chunk seq -> stream seq, unanswered
     last_queued: tuple[int, int] | None = None
@@ -88,6 +88,7 @@ class Gateway:
             on_result=self._on_result,
             on_worker=self._on_worker,
             on_dead_job=self._on_dead_job,
+            on_lost=self._on_nats_lost,
         )
         # Jobs to delete from the stream: ones JetStream gave up on, and the queued jobs of
         # sessions whose client left. Bounded by what the stream itself may hold.
@@ -263,6 +264,22 @@ class Gateway:
             )
         )
 
+    def _on_nats_lost(self) -> None:
+        """The NATS connection closed for good (the bridge is replacing it): results workers
+        published meanwhile went nowhere, so sessions waiting for some end now with a coded
+        retry instead of waiting out result_timeout_s in silence."""
+        lost = ProtocolError(
+            ErrorCode.OVERLOADED,
+            "the gateway lost its connection to the job queue; results may be lost",
+            retry_after_s=5.0,
+        )
+        for session in self.sessions.values():
+            if session.stream_seqs:
+                try:
+                    session.outbox_send.send_nowait(lost)
+                except (trio.WouldBlock, trio.BrokenResourceError):
+                    pass  # its outbox is full of results: it is being answered anyway
+
     def _delete_job(self, stream_seq: int) -> None:
         try:
             self._delete_send.send_nowait(stream_seq)
@@ -390,7 +407,14 @@ class Gateway:
 
         return {
             "/metrics": metrics,
-            "/healthz": lambda: json_response(200, {"alive": True, "sessions": len(self.sessions)}),
+            "/healthz": lambda: json_response(
+                503 if self.bridge.lost else 200,
+                {
+                    "alive": not self.bridge.lost,
+                    "sessions": len(self.sessions),
+                    "nats": "closed, being replaced" if self.bridge.lost else "ok",
+                },
+            ),
             "/readyz": ready,
         }
 
@@ -423,7 +447,7 @@ class Gateway:
     async def _handle(self, request: WebSocketRequest) -> None:
         ws = await request.accept()
         session_id = uuid.uuid4().hex
-        send, recv = trio.open_memory_channel[ServerEvent | JobResult](
+        send, recv = trio.open_memory_channel[ServerEvent | JobResult | ProtocolError](
             self.cfg.max_jobs_in_flight + 16
         )
         session = Session(
@@ -716,6 +740,8 @@ class Gateway:
     ) -> None:
         proto = session.proto
         async for item in session.outbox_recv:
+            if isinstance(item, ProtocolError):
+                raise item  # the session ends with this coded error
             if isinstance(item, JobResult):
                 if item.kind == "final" and item.seq in session.stream_seqs:
                     del session.stream_seqs[item.seq]

@@ -222,8 +222,10 @@ class NatsBridge:
         on_result: Callable[[bytes], None],
         on_worker: Callable[[bytes], None],
         on_dead_job: Callable[[int, int], None],
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._cfg = cfg
+        self._on_lost = on_lost
         self.gateway_id = gateway_id
         self.results_subject = f"{RESULTS_PREFIX}.{gateway_id}"
         self._on_result = on_result
@@ -235,6 +237,13 @@ class NatsBridge:
         self._js: Any = None
         self.connected = False
         self.reconnects = 0
+        # nats-py reconnects by itself after a network failure, but some server errors (a
+        # message over max_payload) close its connection for good: then the bridge replaces it.
+        self.replacements = 0
+        self.lost = False  # closed for good, not yet replaced
+        self._lost = trio.Event()
+        self._stopping = False
+        self._generation = 0  # which connection is current (asyncio side)
 
     # --- trio side ---
 
@@ -252,8 +261,11 @@ class NatsBridge:
         try:
             await self._call(self._connect)
             task_status.started(self)
-            await trio.sleep_forever()
+            while True:
+                await self._lost.wait()
+                await self._replace()
         finally:
+            self._stopping = True
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 try:
                     await self._call(self._close)
@@ -263,6 +275,26 @@ class NatsBridge:
             asyncio.run_coroutine_threadsafe(self._stop_loop(), self._loop)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(thread.join, 5)
+
+    async def _replace(self) -> None:
+        """A new connection for one nats-py closed for good, with capped backoff, forever."""
+        self._lost = trio.Event()
+        self.lost = True
+        log.error("nats_connection_closed", action="replacing it")
+        self._on_lost()  # results published meanwhile are gone: sessions waiting must hear
+        backoff = 0.5
+        while True:
+            try:
+                await self._call(self._connect)
+            except NatsError as exc:
+                log.warning("nats_connect_failed", error=str(exc), retry_in_s=backoff)
+                await trio.sleep(backoff)
+                backoff = min(self._cfg.nats_connect_timeout_s * 3, backoff * 2)
+                continue
+            self.lost = False
+            self.replacements += 1
+            log.info("nats_connection_replaced", replacements=self.replacements)
+            return
 
     async def _call(self, factory: Callable[[], Awaitable[T]]) -> T:
         assert self._loop is not None
@@ -401,6 +433,15 @@ class NatsBridge:
         async def error(exc: Exception) -> None:
             log.warning("nats_error", error=repr(exc))
 
+        self._generation += 1
+        generation = self._generation
+
+        async def closed() -> None:
+            # Only the current connection's end matters (not one a failed attempt left).
+            if generation == self._generation and not self._stopping:
+                self.connected = False
+                self._to_trio(self._lost.set)
+
         async def on_result(msg: Any) -> None:
             self._to_trio(self._on_result, msg.data)
 
@@ -422,15 +463,22 @@ class NatsBridge:
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             error_cb=error,
+            closed_cb=closed,
         )
-        self._js = self._nc.jetstream()
-        await ensure_stream(self._js, self._cfg, [served_name(self._cfg.model)])
-        await self._nc.subscribe(self.results_subject, cb=on_result)
-        await self._nc.subscribe(f"{WORKERS_SUBJECT}.>", cb=on_worker)
-        # Every gateway hears every such advisory; the one whose session owns the job answers.
-        await self._nc.subscribe(
-            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.*", cb=on_max_deliveries
-        )
+        try:
+            self._js = self._nc.jetstream()
+            await ensure_stream(self._js, self._cfg, [served_name(self._cfg.model)])
+            await self._nc.subscribe(self.results_subject, cb=on_result)
+            await self._nc.subscribe(f"{WORKERS_SUBJECT}.>", cb=on_worker)
+            # Every gateway hears every such advisory; the one whose session owns the job
+            # answers.
+            await self._nc.subscribe(
+                f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.*", cb=on_max_deliveries
+            )
+        except BaseException:
+            self._generation += 1  # this half-made connection's end is not news
+            await self._nc.close()
+            raise
         self.connected = True
 
     async def _stop_loop(self) -> None:

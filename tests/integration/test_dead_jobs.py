@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -156,7 +157,7 @@ async def test_a_client_that_leaves_while_its_file_is_still_being_queued_is_noti
             )
         left = time.monotonic()
 
-        def session_lines() -> list[dict[str, object]]:
+        def session_lines() -> list[dict[str, Any]]:
             return [e for e in stack.log_events("gateway") if e.get("event") == "session"]
 
         await trio.to_thread.run_sync(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from katydid.config import Config
 from katydid.gateway import Gateway
 from katydid.natsio import LaneStats
@@ -81,3 +83,32 @@ def test_bulk_eta_counts_the_bulk_share() -> None:
     strict._on_worker(_beat("a", avg=1.0))
     strict.lanes = gw.lanes
     assert strict.backlog_eta_s(lane="bulk") == (1 + 100 + 1) * 1.0
+
+
+async def test_a_lost_nats_connection_ends_waiting_sessions_and_fails_healthz() -> None:
+    import trio
+
+    from katydid.errors import ErrorCode, ProtocolError
+    from katydid.gateway import Session
+    from katydid.protocol import ServerProtocol
+
+    gw = Gateway(Config())
+    channels = [trio.open_memory_channel[object](8) for _ in range(2)]
+    waiting, idle = (
+        Session(ServerProtocol(f"s{i}"), send, recv, trio.Semaphore(4))  # type: ignore[arg-type]
+        for i, (send, recv) in enumerate(channels)
+    )
+    waiting.stream_seqs[0] = 17  # one job out, its result not yet back
+    gw.sessions = {"s0": waiting, "s1": idle}
+    assert gw.routes()["/healthz"]().status == 200
+    gw.bridge.lost = True  # what the bridge sets when nats-py closed its connection for good
+    gw._on_nats_lost()
+    told = channels[0][1].receive_nowait()
+    assert isinstance(told, ProtocolError)
+    assert told.code is ErrorCode.OVERLOADED
+    assert told.retry_after_s == 5.0
+    with pytest.raises(trio.WouldBlock):
+        channels[1][1].receive_nowait()  # a session with nothing in flight has nothing to lose
+    health = gw.routes()["/healthz"]()
+    assert health.status == 503
+    assert json.loads(health.body)["nats"] == "closed, being replaced"
