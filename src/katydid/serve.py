@@ -98,7 +98,8 @@ async def run_nats_server(
     async with trio.open_nursery() as nursery:
         proc: trio.Process = await nursery.start(
             lambda task_status: trio.run_process(  # noqa: ASYNC105 - nursery.start awaits it
-                [nats_server_binary(), "-c", str(conf)],
+                # Watched by a small parent that stops it if serve is killed outright.
+                [*with_parent_argv(), nats_server_binary(), "-c", str(conf)],
                 stdout=subprocess.DEVNULL,
                 check=False,
                 start_new_session=True,  # Ctrl-C reaches serve only; serve stops NATS last
@@ -111,6 +112,11 @@ async def run_nats_server(
         await proc.wait()
         await trio.lowlevel.checkpoint()  # if we are being cancelled, the exit was ours
         raise KatydidError(f"nats-server exited with code {proc.returncode}")
+
+
+def with_parent_argv() -> list[str]:
+    """The prefix that makes a command end when this process does (``katydid.with_parent``)."""
+    return [sys.executable, "-m", "katydid.with_parent", str(os.getpid()), "--"]
 
 
 async def supervise_worker(cfg: Config, index: int, argv: list[str], env: dict[str, str]) -> None:
@@ -164,6 +170,9 @@ async def serve(
     from katydid_worker import models
 
     plan = cfg.worker_plan(os.cpu_count() or 1)
+    # Workers watch this process and stop when it is gone (killed outright, say): they run in
+    # sessions of their own, so nothing else would stop them.
+    env_parent = {"KATYDID_PARENT_PID": str(os.getpid())}
     for name, _ in plan:
         if "/" not in name and not name.endswith(".bin"):
             await trio.to_thread.run_sync(models.prepare, cfg.model_dir, name)
@@ -171,7 +180,7 @@ async def serve(
     if served_name(cfg.model) not in served:
         # Sessions that name no model get the default: make it one that has workers.
         cfg = dataclasses.replace(cfg, model=plan[0][0])
-    env = dict(os.environ)
+    env = dict(os.environ) | env_parent
     async with trio.open_nursery() as outer:
         nats_url = cfg.nats_url
         if not nats_url:

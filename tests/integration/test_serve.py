@@ -127,3 +127,43 @@ def test_serve_transcribe_eval_and_drain(model_dir: Path, speech_dir: Path, tmp_
     while any(Path(f"/proc/{p}").exists() for p in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in children if Path(f"/proc/{p}").exists()], "serve left processes behind"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper that never comes is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_serve_killed_outright_leaves_no_children(model_dir: Path, tmp_path: Path) -> None:
+    # Its nats-server and workers run in sessions of their own (Ctrl-C reaches serve alone):
+    # they watch serve and stop when it is gone, even after a SIGKILL it cannot handle.
+    env = os.environ | {"KATYDID_MODEL_DIR": str(model_dir), "KATYDID_LOG_FORMAT": "json"}
+    port = free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "katydid", "serve", "--port", str(port), "--workers", "1",
+         "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: port_open(port), 60, "katydid serve")
+        wait_until(
+            lambda: (
+                any("nats-server" in _cmdline(p) for p in _children_of(serve.pid))
+                and any(" worker " in _cmdline(p) for p in _children_of(serve.pid))
+            ),
+            30,
+            "nats-server and a worker",
+        )
+        children = _children_of(serve.pid)
+    finally:
+        serve.kill()
+        serve.wait()
+    wait_until(
+        lambda: not [p for p in children if _alive(p)],
+        20,
+        f"serve's children to stop: {[_cmdline(p) for p in children if _alive(p)]}",
+    )

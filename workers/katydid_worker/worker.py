@@ -191,7 +191,30 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        self._nc = await connect(self.cfg, f"katydid-worker-{self.worker_id}")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_parent, tg.cancel_scope)
+            await self._serve()
+            tg.cancel_scope.cancel()
+
+    async def _serve(self) -> None:
+        # nats-py's default callbacks print multi-line tracebacks (through logging) for every
+        # failed reconnect during an outage: one structured line each instead, sampled.
+        async def error(exc: Exception) -> None:
+            self._sampled.warning("nats_error", worker=self.worker_id, error=repr(exc))
+
+        async def disconnected() -> None:
+            self._sampled.warning("nats_disconnected", worker=self.worker_id)
+
+        async def reconnected() -> None:
+            log.info("nats_reconnected", worker=self.worker_id)
+
+        self._nc = await connect(
+            self.cfg,
+            f"katydid-worker-{self.worker_id}",
+            error_cb=error,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+        )
         js = self._nc.jetstream()
         await ensure_stream(js, self.cfg, [self.model])
         subs = {
@@ -261,6 +284,21 @@ class Worker:
                 notify("STOPPING=1")
                 self.stop()
                 return
+
+    async def _watch_parent(self, scope: anyio.CancelScope) -> None:
+        """Under ``katydid serve`` (which sets KATYDID_PARENT_PID): stop when serve is gone, as
+        on SIGTERM (the current job finishes; a worker still connecting gives up at once). The
+        worker runs in a session of its own, so a serve killed outright (SIGKILL) would
+        otherwise leave it running for good."""
+        parent = os.environ.get("KATYDID_PARENT_PID", "")
+        if not parent.isdigit():
+            return
+        while os.getppid() == int(parent):  # noqa: ASYNC110 - no event for a parent death
+            await anyio.sleep(0.5)
+        log.warning("worker_parent_gone", worker=self.worker_id, parent=int(parent))
+        self.stop()
+        if self._nc is None or not self._nc.is_connected:
+            scope.cancel()  # not serving (yet, or any more): nothing to finish
 
     async def _heartbeat(self) -> None:
         subject = f"{WORKERS_SUBJECT}.{self.worker_id}"
