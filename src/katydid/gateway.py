@@ -45,6 +45,7 @@ from katydid.protocol import Done, ErrorEvent, Limits, Queued, Ready, ServerEven
 
 log = structlog.get_logger("katydid.gateway")
 _DEFAULT_JOB_S = 2.0  # assumed compute per job before any worker has reported
+_CLEANUP_S = 10.0  # at shutdown: for deleting the ended sessions' unanswered jobs
 
 
 @dataclass(slots=True)
@@ -121,46 +122,79 @@ class Gateway:
         self._accepting: trio.CancelScope | None = None
         self._sessions_scope: trio.CancelScope | None = None
         self._no_sessions = trio.Event()  # set when draining and the last session ended
+        self._deletes_pending = 0  # queued job deletions not yet done
+        self._infrastructure_stop = trio.Event()
 
     # --- lifecycle ---
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect to NATS, listen, serve until cancelled. ``started`` gets the bound port."""
-        async with trio.open_nursery() as nursery:
-            if self.cfg.metrics_port >= 0:
-                self.metrics_port = await nursery.start(
-                    serve_http, self.cfg.metrics_host, self.cfg.metrics_port, self.routes()
+        """Connect to NATS, listen, serve until cancelled. ``started`` gets the bound port.
+
+        Shutdown order, however it is cancelled: stop accepting and end the sessions (each
+        queues the deletion of its unanswered jobs and announces its cancel), then delete those
+        jobs, then close NATS. The NATS side runs shielded until then: cancelled together with
+        the sessions, it closed first and the cleanup went nowhere (jobs transcribed for
+        nobody after a SIGTERM).
+        """
+        async with trio.open_nursery() as outer:
+            await outer.start(self._infrastructure)
+            try:
+                await self._serve(task_status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(_CLEANUP_S) as scope:
+                        await self._deletions_done()
+                    if scope.cancelled_caught:
+                        log.warning("shutdown_cleanup_unfinished", jobs=self._deletes_pending)
+                    self._infrastructure_stop.set()
+
+    async def _infrastructure(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """NATS bridge, queue polls, job deletions and the HTTP endpoints, shielded from the
+        cancellation that ends the sessions: they stop when ``run`` says its cleanup is done."""
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                if self.cfg.metrics_port >= 0:
+                    self.metrics_port = await nursery.start(
+                        serve_http, self.cfg.metrics_host, self.cfg.metrics_port, self.routes()
+                    )
+                await nursery.start(self.bridge.run)
+                nursery.start_soon(self._poll_queue)
+                nursery.start_soon(self._delete_jobs)
+                task_status.started()
+                await self._infrastructure_stop.wait()
+                nursery.cancel_scope.cancel()
+
+    async def _serve(self, task_status: trio.TaskStatus[int]) -> None:
+        async with trio.open_nursery() as handlers:
+            self._sessions_scope = handlers.cancel_scope
+            with trio.CancelScope() as accepting:
+                self._accepting = accepting
+                server = await handlers.start(
+                    lambda task_status: serve_websocket(
+                        self._handle,
+                        self.cfg.host,
+                        self.cfg.port,
+                        None,
+                        handler_nursery=handlers,
+                        max_message_size=self.cfg.max_frame_bytes,
+                        connect_timeout=self.cfg.handshake_timeout_s,
+                        disconnect_timeout=5,
+                        task_status=task_status,
+                    )
                 )
-            await nursery.start(self.bridge.run)
-            nursery.start_soon(self._poll_queue)
-            nursery.start_soon(self._delete_jobs)
-            async with trio.open_nursery() as handlers:
-                self._sessions_scope = handlers.cancel_scope
-                with trio.CancelScope() as accepting:
-                    self._accepting = accepting
-                    server = await handlers.start(
-                        lambda task_status: serve_websocket(
-                            self._handle,
-                            self.cfg.host,
-                            self.cfg.port,
-                            None,
-                            handler_nursery=handlers,
-                            max_message_size=self.cfg.max_frame_bytes,
-                            connect_timeout=self.cfg.handshake_timeout_s,
-                            disconnect_timeout=5,
-                            task_status=task_status,
-                        )
-                    )
-                    self.port = int(server.port)
-                    log.info(
-                        "gateway_listening",
-                        host=self.cfg.host,
-                        port=self.port,
-                        gateway=self.gateway_id,
-                    )
-                    task_status.started(self.port)
-                    await trio.sleep_forever()
-            nursery.cancel_scope.cancel()
+                self.port = int(server.port)
+                log.info(
+                    "gateway_listening",
+                    host=self.cfg.host,
+                    port=self.port,
+                    gateway=self.gateway_id,
+                )
+                task_status.started(self.port)
+                await trio.sleep_forever()
+
+    async def _deletions_done(self) -> None:
+        while self._deletes_pending:  # noqa: ASYNC110 - a counter the delete task lowers
+            await trio.sleep(0.05)
 
     async def drain(self) -> None:
         """Stop accepting, then wait (bounded by ``shutdown_grace_s``) for sessions to finish."""
@@ -285,6 +319,8 @@ class Gateway:
             self._delete_send.send_nowait(stream_seq)
         except trio.WouldBlock:
             self.sampled.warning("job_left_in_stream", stream_seq=stream_seq)
+            return
+        self._deletes_pending += 1
 
     async def _delete_jobs(self) -> None:
         async for stream_seq in self._delete_recv:
@@ -293,6 +329,8 @@ class Gateway:
                     self.sampled.info("job_deleted", stream_seq=stream_seq)
             except NatsError as exc:
                 self.sampled.warning("job_delete_failed", stream_seq=stream_seq, error=str(exc))
+            finally:
+                self._deletes_pending -= 1
 
     def _on_worker(self, data: bytes) -> None:
         try:

@@ -299,6 +299,8 @@ class NatsBridge:
     async def _call(self, factory: Callable[[], Awaitable[T]]) -> T:
         assert self._loop is not None
         assert self._token is not None
+        if self._loop.is_closed():
+            raise NatsError("the NATS bridge has stopped")
         fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(factory(), self._loop)  # type: ignore[arg-type]
         done = trio.Event()
         token = self._token
