@@ -14,6 +14,7 @@ Rule 3: queue state is polled once per ``queue_poll_s`` for all sessions, never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -70,6 +71,17 @@ class WorkerInfo:
     def avg_compute_s(self) -> float | None:
         avg = self.beat.get("avg_compute_s")
         return float(avg) if isinstance(avg, int | float) and avg > 0 else None
+
+
+def _first(group: BaseExceptionGroup[Any], kind: type[ProtocolError]) -> ProtocolError:
+    """The first ``kind`` in a group, however deeply nested (nurseries nest their groups)."""
+    for exc in group.exceptions:
+        if isinstance(exc, kind):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            with contextlib.suppress(LookupError):
+                return _first(exc, kind)
+    raise LookupError(f"no {kind.__name__} in {group!r}")
 
 
 class Gateway:
@@ -176,7 +188,10 @@ class Gateway:
                         self.cfg.port,
                         None,
                         handler_nursery=handlers,
-                        max_message_size=self.cfg.max_frame_bytes,
+                        # Twice the bound: a frame over max_frame_bytes reaches the protocol,
+                        # which answers too_large before closing with 1009; past twice it, the
+                        # WebSocket layer closes with 1009 before it has read the frame whole.
+                        max_message_size=2 * self.cfg.max_frame_bytes,
                         connect_timeout=self.cfg.handshake_timeout_s,
                         disconnect_timeout=5,
                         task_status=task_status,
@@ -508,9 +523,14 @@ class Gateway:
                     nursery.start_soon(self._writer, ws, session, nursery.cancel_scope)
                     await self._reader(ws, session)
             except* ProtocolError as group:
-                fatal = next(e for e in group.exceptions if isinstance(e, ProtocolError))
+                fatal = _first(group, ProtocolError)
             except* ConnectionClosed:
                 outcome = "client_gone"
+            except* Exception as group:
+                # A bug must end this session, never the gateway (a handler's exception would
+                # reach the listener's nursery and stop every session).
+                self.sampled.log("error", "session_failed", session_id=session_id, exc_info=group)
+                fatal = ProtocolError(ErrorCode.INTERNAL, "the gateway failed on this session")
             if fatal is not None:
                 outcome = str(fatal.code)
                 await self._fail(ws, fatal)

@@ -112,3 +112,15 @@ async def test_a_lost_nats_connection_ends_waiting_sessions_and_fails_healthz() 
     health = gw.routes()["/healthz"]()
     assert health.status == 503
     assert json.loads(health.body)["nats"] == "closed, being replaced"
+
+
+def test_the_protocol_error_is_found_however_nested() -> None:
+    from katydid.errors import ErrorCode, ProtocolError
+    from katydid.gateway import _first
+
+    wanted = ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, "not audio")
+    # A session's reader nursery inside its handler nursery: a group within a group.
+    nested = ExceptionGroup("handler", [ExceptionGroup("reader", [wanted])])
+    assert _first(nested, ProtocolError) is wanted
+    with pytest.raises(LookupError):
+        _first(ExceptionGroup("other", [ValueError()]), ProtocolError)
