@@ -121,7 +121,12 @@ class StartOptions:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "start.model must be a model name")
         # Bytes, not characters: the prompt travels in a NATS header, where size is bytes.
         if opts.prompt is not None:
-            size = len(opts.prompt.encode("utf-8", "surrogatepass"))
+            try:
+                size = len(opts.prompt.encode("utf-8"))
+            except UnicodeEncodeError:  # JSON can carry lone surrogates ("\ud800")
+                raise ProtocolError(
+                    ErrorCode.BAD_MESSAGE, "start.prompt is not valid Unicode text"
+                ) from None
             if size > limits.max_prompt_bytes:
                 raise ProtocolError(
                     ErrorCode.TOO_LARGE,

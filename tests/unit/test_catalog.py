@@ -71,6 +71,7 @@ def test_check_options() -> None:
         ({"model": 3}, ErrorCode.BAD_MESSAGE),
         ({"model": ""}, ErrorCode.BAD_MESSAGE),
         ({"prompt": "é" * 513}, ErrorCode.TOO_LARGE),  # 1,026 bytes: the bound counts bytes
+        ({"prompt": "\ud800"}, ErrorCode.BAD_MESSAGE),  # a lone surrogate: not text
     ],
 )
 def test_start_option_types_and_bounds(start: dict[str, object], code: ErrorCode) -> None:
