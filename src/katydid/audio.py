@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import soundfile as sf
@@ -95,51 +96,120 @@ def check_pcm_format(sample_rate: int, channels: int) -> None:
         raise AudioError(f"channels must be an integer in 1..{_MAX_CHANNELS}, got {channels!r}")
 
 
+class DecodedStream:
+    """A container file decoded block by block to 16 kHz mono float32.
+
+    What a session holds while a long upload is decoded and cut is one block (and the resampler's
+    state), not the whole file's samples: 100 MB of WAV decodes to ~200 MB of float32.
+
+    Args:
+        source: the file (a path, or a seekable binary file object such as the gateway's spooled
+            upload).
+        max_audio_s: longer audio is an AudioError (checked from the header, and again as
+            samples arrive, for containers whose header does not say).
+        block_s: audio read per block.
+
+    Raises:
+        AudioError: not audio, of another format, too long, or truncated.
+    """
+
+    def __init__(
+        self, source: Path | IO[bytes], *, max_audio_s: float, block_s: float = 10.0
+    ) -> None:
+        self._max_audio_s = max_audio_s
+        try:
+            self._file = sf.SoundFile(source)
+        except Exception as exc:  # libsndfile reports garbage as LibsndfileError, RuntimeError...
+            raise AudioError(
+                f"not a decodable audio file ({', '.join(CONTAINERS)}): {exc}".rstrip(": ")
+            ) from exc
+        f = self._file
+        if f.format not in _SF_FORMATS:
+            f.close()
+            raise AudioError(
+                f"unsupported container {f.format}; supported: {', '.join(CONTAINERS)}"
+            )
+        self.rate = int(f.samplerate)
+        # From the header; 0 when the container does not say (some MP3 and OGG files).
+        self.duration_s = f.frames / f.samplerate if f.frames > 0 else 0.0
+        if self.duration_s > max_audio_s:
+            f.close()
+            raise AudioError(
+                f"audio lasts {self.duration_s:.0f} s, more than the {max_audio_s:.0f} s allowed"
+            )
+        self._block = max(1, int(block_s * self.rate))
+        self._resampler = (
+            soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+            if self.rate != SAMPLE_RATE
+            else None
+        )
+        self._frames_read = 0
+        self._done = False
+
+    def __enter__(self) -> DecodedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def next_block(self) -> np.ndarray | None:
+        """The next block of 16 kHz mono float32 samples (possibly empty), or None at the end.
+
+        Raises:
+            AudioError: the file is truncated or corrupt past its header, holds no samples, or
+                lasts longer than allowed.
+        """
+        if self._done:
+            return None
+        try:
+            samples = self._file.read(self._block, dtype="float32", always_2d=True)
+        except Exception as exc:
+            raise AudioError(f"audio file is corrupt or truncated: {exc}") from exc
+        self._frames_read += samples.shape[0]
+        if self._frames_read / self.rate > self._max_audio_s:
+            raise AudioError(f"audio lasts more than the {self._max_audio_s:.0f} s allowed")
+        last = samples.shape[0] < self._block
+        if last:
+            self._done = True
+            if self._frames_read == 0:
+                raise AudioError("audio file holds no samples")
+        mono = np.asarray(samples.mean(axis=1), dtype=np.float32)
+        if self._resampler is not None:
+            mono = self._resampler.resample_chunk(mono, last=last)
+        out: np.ndarray = np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)
+        return out
+
+
 def decode_container(data: bytes | Path, *, max_audio_s: float, max_bytes: int) -> np.ndarray:
-    """Decode a WAV, FLAC, OGG or MP3 file (bytes or a path) to 16 kHz mono float32.
+    """Decode a WAV, FLAC, OGG or MP3 file (bytes or a path) to 16 kHz mono float32, whole.
+
+    The same decoder as the gateway's block by block one (``DecodedStream``), so a file gives
+    the same samples either way.
 
     Raises:
         AudioError: the input is too large, empty, not audio, of another format, or too long.
     """
     if isinstance(data, Path):
-        path = data
         try:
-            size = path.stat().st_size
-            if size > max_bytes:
-                raise AudioError(f"file is {size} bytes, more than the {max_bytes} allowed")
-            data = path.read_bytes()
+            size = data.stat().st_size
         except OSError as exc:
-            raise AudioError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if not data:
+            raise AudioError(f"cannot read {data}: {exc.strerror or exc}") from exc
+        source: Path | IO[bytes] = data
+    else:
+        size = len(data)
+        source = io.BytesIO(data)
+    if size == 0:
         raise AudioError("audio is empty")
-    if len(data) > max_bytes:
-        raise AudioError(f"file is {len(data)} bytes, more than the {max_bytes} allowed")
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            if f.format not in _SF_FORMATS:
-                raise AudioError(
-                    f"unsupported container {f.format}; supported: {', '.join(CONTAINERS)}"
-                )
-            if f.frames > 0 and f.frames / f.samplerate > max_audio_s:
-                raise AudioError(
-                    f"audio lasts {f.frames / f.samplerate:.0f} s, "
-                    f"more than the {max_audio_s:.0f} s allowed"
-                )
-            rate = f.samplerate
-            samples = f.read(dtype="float32", always_2d=True)
-    except AudioError:
-        raise
-    except (
-        Exception
-    ) as exc:  # libsndfile reports garbage as LibsndfileError, RuntimeError, TypeError...
-        raise AudioError(
-            f"not a decodable audio file ({', '.join(CONTAINERS)}): {exc}".rstrip(": ")
-        ) from exc
-    if samples.shape[0] == 0:
-        raise AudioError("audio file holds no samples")
-    if samples.shape[0] / rate > max_audio_s:
-        raise AudioError(f"audio lasts more than the {max_audio_s:.0f} s allowed")
-    return to_mono_16k(samples, rate)
+    if size > max_bytes:
+        raise AudioError(f"file is {size} bytes, more than the {max_bytes} allowed")
+    blocks = []
+    with DecodedStream(source, max_audio_s=max_audio_s) as stream:
+        while (block := stream.next_block()) is not None:
+            blocks.append(block)
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
 
 
 def sniff_container(head: bytes) -> str | None:

@@ -49,6 +49,9 @@ class Config:
     # Audio input
     max_audio_s: float = 4 * 3600.0
     max_file_bytes: int = 512 * 1024 * 1024
+    # An uploaded file is held in memory up to this, the rest in a temporary file, until it is
+    # decoded (block by block) after stop
+    upload_memory_bytes: int = 4 * 1024 * 1024
     # Processes
     data_dir: Path = field(default_factory=_default_data_dir)
     log_format: str = "auto"  # auto | json | console
@@ -125,6 +128,7 @@ class Config:
         if not 0 < self.chunk_min_s <= self.file_chunk_min_s <= self.chunk_max_s <= 30.0:
             raise ConfigError("need 0 < chunk_min_s <= file_chunk_min_s <= chunk_max_s <= 30")
         for name in (
+            "upload_memory_bytes",
             "max_prompt_bytes",
             "max_frame_bytes",
             "max_jobs_in_flight",

@@ -20,6 +20,7 @@ import hmac
 import json
 import math
 import secrets
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -32,7 +33,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from katydid.audio import decode_container, float_to_pcm16
+from katydid.audio import DecodedStream, float_to_pcm16
 from katydid.catalog import ModelOffer, check_options, choose_model, offers_from, served_name
 from katydid.chunker import Chunk
 from katydid.config import Config
@@ -549,6 +550,7 @@ class Gateway:
                                 retry_after_s=5.0,
                             ),
                         )
+            session.proto.upload.close()  # a spooled upload's disk file goes with it
             del self.sessions[session_id]
             self.metrics.active_connections.dec()
             self.metrics.sessions.labels(outcome).inc()
@@ -614,6 +616,11 @@ class Gateway:
                 continue
             action = proto.receive_text(msg)
             if action == "start":
+                if proto.options is not None and proto.options.format != "pcm_s16le":
+                    # An upload waits here until stop: memory up to a bound, then disk.
+                    proto.upload = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed with the session
+                        max_size=self.cfg.upload_memory_bytes, prefix="katydid-upload-"
+                    )
                 offers = self._admit(session)
                 await session.outbox_send.send(
                     Ready(
@@ -650,29 +657,37 @@ class Gateway:
             )
 
     async def _finish_audio(self, session: Session) -> None:
-        """After stop: decode a file (off the event loop) and publish the last chunks.
+        """After stop: decode a file block by block (off the event loop), publishing its chunks
+        as they are cut, then the last ones.
 
-        A function of its own so that the file, its samples and the chunks are freed when it
-        returns: a session then waits for its results holding no audio at all.
+        The session holds one decoded block and the chunk being cut, never the file's samples;
+        the upload itself waits in a spooled file (``upload_memory_bytes`` in memory, the rest
+        on disk). A long file's publishing waits on the in-flight bound, so decoding goes at
+        the pace of the workers.
         """
         proto = session.proto
         if proto.options is not None and proto.options.format != "pcm_s16le":
-            data = proto.take_file()
+            upload = proto.take_file()
             try:
-                # Abandoned if the session ends meanwhile (its client left): the thread's
-                # result is dropped instead of holding the session open until it finishes.
-                audio: np.ndarray = await trio.to_thread.run_sync(
-                    lambda: decode_container(
-                        data, max_audio_s=self.cfg.max_session_s, max_bytes=self.cfg.max_file_bytes
-                    ),
-                    abandon_on_cancel=True,
+                stream = await trio.to_thread.run_sync(
+                    lambda: DecodedStream(upload, max_audio_s=self.cfg.max_session_s)
                 )
             except AudioError as exc:
                 raise ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc)) from None
-            chunks = proto.receive_decoded(audio)
-        else:
-            chunks = proto.flush()
-        for chunk in chunks:
+            with stream:
+                proto.begin_decoded(stream.duration_s)
+                while True:
+                    # Not abandoned on cancel: the block's thread must be done with the
+                    # decoder before it is closed (a 10 s block decodes in milliseconds).
+                    try:
+                        block = await trio.to_thread.run_sync(stream.next_block)
+                    except AudioError as exc:
+                        raise ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc)) from None
+                    if block is None:
+                        break
+                    for chunk in proto.receive_decoded(block):
+                        await self._publish(session, chunk)
+        for chunk in proto.flush():
             await self._publish(session, chunk)
         self._check_done(session)
 

@@ -15,10 +15,11 @@ States: AWAIT_START --start--> STREAMING --stop--> STOPPED --(all chunks answere
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import soxr
@@ -248,7 +249,10 @@ class ServerProtocol:
     state: State = State.AWAIT_START
     options: StartOptions | None = None
     _chunker: Chunker | None = None
-    _file: bytearray = field(default_factory=bytearray)
+    # Where an uploaded file's bytes go until stop: the adapter's spooled file (memory up to a
+    # bound, then disk), or memory when none is given (tests).
+    upload: IO[bytes] = field(default_factory=io.BytesIO)
+    _upload_bytes: int = 0
     _pcm_tail: bytes = b""
     _audio_samples: int = 0
     _next_seq: int = 0  # next final to deliver
@@ -323,11 +327,12 @@ class ServerProtocol:
                 f"frame of {len(data)} bytes exceeds {self.limits.max_frame_bytes}",
             )
         if self.options.format != "pcm_s16le":
-            if len(self._file) + len(data) > self.limits.max_file_bytes:
+            if self._upload_bytes + len(data) > self.limits.max_file_bytes:
                 raise ProtocolError(
                     ErrorCode.TOO_LARGE, f"file exceeds {self.limits.max_file_bytes} bytes"
                 )
-            self._file += data
+            self.upload.write(data)
+            self._upload_bytes += len(data)
             return []
         frame_bytes = 2 * self.options.channels
         data = self._pcm_tail + data
@@ -352,20 +357,26 @@ class ServerProtocol:
         )
         return out
 
-    def take_file(self) -> bytes:
-        """After stop, for container formats: the bytes to decode (off the event loop)."""
-        data, self._file = bytes(self._file), bytearray()
-        return data
+    def take_file(self) -> IO[bytes]:
+        """After stop, for container formats: the uploaded file, rewound, to decode (off the
+        event loop); the caller closes it."""
+        if not self._upload_bytes:
+            raise ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, "audio is empty")
+        self.upload.seek(0)
+        return self.upload
 
-    def receive_decoded(self, audio: np.ndarray) -> list[Chunk]:
-        """The decoded container audio; returns all its chunks (long files go to the bulk lane)."""
-        duration_s = audio.size / SAMPLE_RATE
+    def begin_decoded(self, duration_s: float) -> None:
+        """The file's length from its header (0 if unknown): long files go to the bulk lane,
+        and a file that fits one window is one job (cutting it would cost a second encoder
+        pass)."""
         if duration_s >= self.limits.bulk_min_audio_s:
             self._lane = "bulk"
-        if duration_s <= self.limits.chunk_max_s:
-            # A file that fits one window is one job: cutting it would cost a second encoder pass.
+        if 0 < duration_s <= self.limits.chunk_max_s:
             self._chunker = Chunker(min_s=self.limits.chunk_max_s, max_s=self.limits.chunk_max_s)
-        return self._feed(audio) + self.flush()
+
+    def receive_decoded(self, audio: np.ndarray) -> list[Chunk]:
+        """A block of the decoded file; returns the chunks it completes (``flush`` ends it)."""
+        return self._feed(audio)
 
     def flush(self) -> list[Chunk]:
         """After stop: the remaining chunks.

@@ -166,9 +166,11 @@ def test_long_files_go_to_the_bulk_lane() -> None:
     proto.receive_text('{"type": "start", "format": "wav"}')
     proto.receive_bytes(b"RIFF....")
     proto.receive_text('{"type": "stop"}')
-    assert proto.take_file() == b"RIFF...."
+    assert proto.take_file().read() == b"RIFF...."
     audio = np.frombuffer(_speech_like(6.0), dtype="<i2").astype(np.float32) / 32768
-    chunks = proto.receive_decoded(audio)
+    proto.begin_decoded(6.0)
+    chunks = proto.receive_decoded(audio[:50_000]) + proto.receive_decoded(audio[50_000:])
+    chunks += proto.flush()
     assert proto.lane == "bulk"
     assert chunks
     assert proto.chunks_total == len(chunks)
