@@ -8,6 +8,7 @@ bounds with ``max_bytes``, and by ``max_audio_s``).
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import IO
 
@@ -120,8 +121,10 @@ class DecodedStream:
         try:
             self._file = sf.SoundFile(source)
         except Exception as exc:  # libsndfile reports garbage as LibsndfileError, RuntimeError...
+            # "Error opening <_io.BytesIO object at 0x...>: Format not recognised." -> the cause.
+            cause = re.sub(r"^Error opening .*?: ", "", str(exc))
             raise AudioError(
-                f"not a decodable audio file ({', '.join(CONTAINERS)}): {exc}".rstrip(": ")
+                f"not a decodable audio file ({', '.join(CONTAINERS)}): {cause}".rstrip(": ")
             ) from exc
         f = self._file
         if f.format not in _SF_FORMATS:

@@ -113,6 +113,9 @@ class Gateway:
         # polled, others' while a worker serves them.
         self.lanes: dict[tuple[str, str], LaneStats] = {}
         self.default_model = served_name(cfg.model)
+        # What /readyz waits for: the models of worker_models (as `katydid serve --workers
+        # MODEL=N,...` sets it), else the default model.
+        self.expected_models = {served_name(m) for m, _ in cfg.worker_plan()}
         self.sampled = SampledLogger(
             log, burst=cfg.log_sample_burst, window_s=cfg.log_sample_window_s
         )
@@ -439,16 +442,22 @@ class Gateway:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready: NATS connected, the stream answered recently, a worker seen, backlog ETA bounded."""
         eta = self.backlog_eta_s()
+        offered = self.offers()
+        missing = sorted(m for m in self.expected_models if m not in offered)
         checks = {
             "nats_connected": self.bridge.connected,
             "stream_present": time.monotonic() - self._lanes_polled_at
             < 5 * self.cfg.queue_poll_s + 5,
             "workers": self.live_workers() > 0,
+            # Every model this deployment is configured to serve has a live worker: a client
+            # that waits for /readyz and then names one must not be refused.
+            "models_served": not missing,
             "backlog_eta_ok": eta <= self.cfg.ready_max_eta_s,
         }
         return all(checks.values()), checks | {
             "backlog_eta_s": round(eta, 1),
             "workers_live": self.live_workers(),
+            "models_missing": missing,
         }
 
     def routes(self) -> dict[str, Callable[[], Response]]:
@@ -525,8 +534,10 @@ class Gateway:
                     await self._reader(ws, session)
             except* ProtocolError as group:
                 fatal = _first(group, ProtocolError)
-            except* ConnectionClosed:
-                outcome = "client_gone"
+            except* ConnectionClosed as group:
+                # A frame past the WebSocket layer's own limit closes there with 1009.
+                reason = getattr(group.exceptions[0], "reason", None)
+                outcome = "too_large" if getattr(reason, "code", None) == 1009 else "client_gone"
             except* Exception as group:
                 # A bug must end this session, never the gateway (a handler's exception would
                 # reach the listener's nursery and stop every session).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from katydid import client
 from katydid.audio import decode_container, float_to_pcm16, pcm16_to_float
 from katydid.evaluation import Clip, read_manifest, wer, word_errors
 from katydid_worker.engine import Engine
-from tests.integration.stack import Stack, busy_worker_pid, stream_messages, wait_until
+from tests.integration.stack import Stack, busy_worker_pid, http_get, stream_messages, wait_until
 
 pytestmark = pytest.mark.integration
 LIMITS: dict[str, Any] = {"max_audio_s": 600.0, "max_bytes": 100_000_000}
@@ -310,8 +311,15 @@ async def test_bad_input_gets_a_coded_error_and_close(
     assert errors[-1]["code"] == code
 
 
+def _sessions_ended(stack: Stack, outcome: str) -> float:
+    _, text = http_get(f"{stack.metrics_url}/metrics")
+    found = re.search(rf'^katydid_sessions_total{{outcome="{outcome}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 async def test_oversized_frame_closes_only_that_session(stack: Stack, clips: list[Clip]) -> None:
     jfk = next(c for c in clips if c.name == "jfk.wav")
+    too_large_before = _sessions_ended(stack, "too_large")
     other: list[client.SessionResult] = []
     async with trio.open_nursery() as nursery:
 
@@ -342,6 +350,8 @@ async def test_oversized_frame_closes_only_that_session(stack: Stack, clips: lis
     (res,) = other
     assert res.done is not None, res.events
     assert wer(jfk.reference, res.text) <= 0.05
+    # Both are counted as what they were, the one the WebSocket layer closed included.
+    assert _sessions_ended(stack, "too_large") == too_large_before + 2
 
 
 async def test_pure_silence_ends_with_done_and_no_final(stack: Stack) -> None:

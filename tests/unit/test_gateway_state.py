@@ -124,3 +124,14 @@ def test_the_protocol_error_is_found_however_nested() -> None:
     assert _first(nested, ProtocolError) is wanted
     with pytest.raises(LookupError):
         _first(ExceptionGroup("other", [ValueError()]), ProtocolError)
+
+
+def test_readyz_waits_for_every_configured_model() -> None:
+    gw = Gateway(Config(worker_heartbeat_s=1.0, worker_models="tiny.en-q8_0=2,base-q8_0=1"))
+    gw._on_worker(_beat("a"))
+    ready, detail = gw.readiness()
+    assert not ready
+    assert detail["models_served"] is False
+    assert detail["models_missing"] == ["base-q8_0"]
+    gw._on_worker(_beat("b", model="base-q8_0"))
+    assert gw.readiness()[1]["models_served"] is True
