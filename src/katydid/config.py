@@ -61,6 +61,8 @@ class Config:
     # Gateway (no connection-count limit exists, by design)
     host: str = "127.0.0.1"
     port: int = 8765
+    # SO_REUSEPORT on the WebSocket port: several gateway processes on one host share it
+    reuse_port: bool = False
     max_frame_bytes: int = 1024 * 1024  # one WebSocket message
     max_session_s: float = 4 * 3600.0  # audio per session
     max_jobs_in_flight: int = (

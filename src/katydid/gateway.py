@@ -20,6 +20,7 @@ import hmac
 import json
 import math
 import secrets
+import socket
 import tempfile
 import time
 import uuid
@@ -31,7 +32,12 @@ import numpy as np
 import structlog
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+)
 
 from katydid.audio import DecodedStream, float_to_pcm16
 from katydid.catalog import ModelOffer, check_options, choose_model, offers_from, served_name
@@ -185,22 +191,18 @@ class Gateway:
             self._sessions_scope = handlers.cancel_scope
             with trio.CancelScope() as accepting:
                 self._accepting = accepting
-                server = await handlers.start(
-                    lambda task_status: serve_websocket(
-                        self._handle,
-                        self.cfg.host,
-                        self.cfg.port,
-                        None,
-                        handler_nursery=handlers,
-                        # Twice the bound: a frame over max_frame_bytes reaches the protocol,
-                        # which answers too_large before closing with 1009; past twice it, the
-                        # WebSocket layer closes with 1009 before it has read the frame whole.
-                        max_message_size=2 * self.cfg.max_frame_bytes,
-                        connect_timeout=self.cfg.handshake_timeout_s,
-                        disconnect_timeout=5,
-                        task_status=task_status,
-                    )
+                server = WebSocketServer(
+                    self._handle,
+                    await self._listeners(),
+                    handler_nursery=handlers,
+                    # Twice the bound: a frame over max_frame_bytes reaches the protocol,
+                    # which answers too_large before closing with 1009; past twice it, the
+                    # WebSocket layer closes with 1009 before it has read the frame whole.
+                    max_message_size=2 * self.cfg.max_frame_bytes,
+                    connect_timeout=self.cfg.handshake_timeout_s,
+                    disconnect_timeout=5,
                 )
+                await handlers.start(server.run)
                 self.port = int(server.port)
                 log.info(
                     "gateway_listening",
@@ -210,6 +212,24 @@ class Gateway:
                 )
                 task_status.started(self.port)
                 await trio.sleep_forever()
+
+    async def _listeners(self) -> list[trio.SocketListener]:
+        """The listening sockets; with ``reuse_port``, bound with SO_REUSEPORT, so that several
+        gateway processes on one host share the port (the kernel spreads connections)."""
+        if not self.cfg.reuse_port:
+            return await trio.open_tcp_listeners(self.cfg.port, host=self.cfg.host)
+        listeners = []
+        infos = await trio.socket.getaddrinfo(
+            self.cfg.host, self.cfg.port, type=trio.socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in infos:
+            sock = trio.socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            await sock.bind(address)
+            sock.listen(socket.SOMAXCONN)
+            listeners.append(trio.SocketListener(sock))
+        return listeners
 
     async def _deletions_done(self) -> None:
         while self._deletes_pending:  # noqa: ASYNC110 - a counter the delete task lowers
