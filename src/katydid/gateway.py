@@ -438,6 +438,7 @@ class Gateway:
                 self.sampled.warning("queue_poll_failed", error=str(exc))
             self._forget_gone_workers()
             self._export_queue()
+            self.sampled.flush()
             capacities = {model: self.capacity(model) for model in models}
             # Read per audio frame by every streaming session: decided here, once per poll
             # (the lane figures it depends on change only here).

@@ -93,6 +93,7 @@ class SampledLogger:
             str, tuple[float, int, int]
         ] = {}  # event -> (start, written, suppressed)
         self.suppressed_total = 0
+        self._levels: dict[str, str] = {}  # event -> level of its last line, for flush()
 
     def _admit(self, event: str) -> tuple[bool, int]:
         now = self._clock()
@@ -109,8 +110,28 @@ class SampledLogger:
             lines_suppressed += 1
             return False, 0
 
+    def flush(self) -> int:
+        """Report the lines suppressed in windows that have ended (one line per event, with
+        ``suppressed: N``), so a burst followed by silence is still counted in the log, not only
+        by the next line of that event; returns how many lines it wrote. Call it periodically."""
+        now = self._clock()
+        with self._lock:
+            ended = [
+                (event, suppressed)
+                for event, (start, _, suppressed) in self._windows.items()
+                if suppressed and now - start >= self._window_s
+            ]
+            for event, _ in ended:
+                del self._windows[event]
+        for event, suppressed in ended:
+            getattr(self._logger, self._levels.get(event, "warning"))(
+                event, suppressed=suppressed, summary=True
+            )
+        return len(ended)
+
     def log(self, level: str, event: str, **kw: Any) -> bool:
         """Log ``event`` at ``level`` if its budget allows; returns whether a line was written."""
+        self._levels[event] = level
         ok, suppressed = self._admit(event)
         if ok:
             if suppressed:

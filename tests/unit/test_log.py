@@ -28,3 +28,18 @@ def test_burst_then_suppression_then_report() -> None:
     assert log.warning("client_gone", n=1000)
     assert rec.lines[-1] == ("client_gone", {"n": 1000, "suppressed": 997})
     assert len(rec.lines) == 5
+
+
+def test_a_burst_followed_by_silence_is_reported_when_its_window_ends() -> None:
+    now = [0.0]
+    rec = _Recorder()
+    log = SampledLogger(rec, burst=2, window_s=10.0, clock=lambda: now[0])
+    for i in range(50):
+        log.warning("session", n=i)
+    assert log.flush() == 0  # the window is still open
+    now[0] = 10.0
+    assert log.flush() == 1
+    assert rec.lines[-1] == ("session", {"suppressed": 48, "summary": True})
+    assert log.flush() == 0  # reported once
+    assert log.warning("session", n=50)  # a new window, a new budget
+    assert rec.lines[-1] == ("session", {"n": 50})

@@ -307,6 +307,7 @@ class Worker:
                 await self._nc.publish(subject, self.stats.to_json())
             except nats.errors.Error:
                 pass  # reconnecting; the next beat will do
+            self._sampled.flush()
             await anyio.sleep(self.cfg.worker_heartbeat_s)
 
     async def _handle(self, msg: Any) -> None:
