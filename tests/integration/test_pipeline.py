@@ -136,9 +136,15 @@ async def test_short_clips_match_the_local_engine(
     # on neither side. The rest must score as the local engine does.
     same = [c for c in short_clips if not ran.get(results[c.name].session_id, {}).get("fallback")]
     assert len(same) >= len(short_clips) - 3, len(same)
+    # Nearly every clip reads exactly as the engine alone reads it. Not every one: a full-window
+    # run that needs whisper.cpp's temperature fallback samples with decoder 0's RNG, seeded
+    # once per context and never again (whisper.cpp src/whisper.cpp, "decoders[0].rng"), so its
+    # outcome depends on what that context sampled before: a worker's history is not ours.
+    differ = [c.name for c in same if word_errors(local_texts[c.name], results[c.name].text)[0]]
+    assert len(differ) <= 2, [(n, results[n].text, local_texts[n]) for n in differ]
     pipeline_wer = _pooled([(c.reference, results[c.name].text) for c in same])
     local_wer = _pooled([(c.reference, local_texts[c.name]) for c in same])
-    assert abs(pipeline_wer - local_wer) <= 0.005, (pipeline_wer, local_wer)
+    assert abs(pipeline_wer - local_wer) <= 0.01, (pipeline_wer, local_wer)
 
 
 async def test_long_file_fans_out_over_both_workers_in_order(
