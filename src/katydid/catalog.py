@@ -28,8 +28,10 @@ def served_name(model: str) -> str:
     ggml file (``--model /models/ggml-base-q8_0.bin``) its stem without ``ggml-``."""
     if "/" not in model and not model.endswith(".bin"):
         return model
-    stem = model.rstrip("/").rsplit("/", 1)[-1].removesuffix(".bin")
-    return stem.removeprefix("ggml-") or "custom"
+    stem = model.rstrip("/").rsplit("/", 1)[-1].removesuffix(".bin").removeprefix("ggml-")
+    # Any file name must route: what a subject token cannot hold becomes "_".
+    routable = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-")[:64]
+    return routable or "custom"
 
 
 def english_only(name: str) -> bool:

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import structlog
@@ -46,12 +46,13 @@ from katydid.config import Config
 from katydid.errors import AudioError, ErrorCode, ProtocolError
 from katydid.httpd import Response, json_response, serve_http
 from katydid.log import SampledLogger
-from katydid.messages import Job, JobOptions, JobResult, MessageError
+from katydid.messages import Job, JobOptions, JobResult, MessageError, is_model_name
 from katydid.metrics import GatewayMetrics
 from katydid.natsio import JobTooLarge, LaneStats, NatsBridge, NatsError, StreamFull
 from katydid.protocol import Done, ErrorEvent, Limits, Queued, Ready, ServerEvent, ServerProtocol
 
 log = structlog.get_logger("katydid.gateway")
+E = TypeVar("E", bound=BaseException)
 _DEFAULT_JOB_S = 2.0  # assumed compute per job before any worker has reported
 _CLEANUP_S = 10.0  # at shutdown: for deleting the ended sessions' unanswered jobs
 
@@ -80,7 +81,7 @@ class WorkerInfo:
         return float(avg) if isinstance(avg, int | float) and avg > 0 else None
 
 
-def _first(group: BaseExceptionGroup[Any], kind: type[ProtocolError]) -> ProtocolError:
+def _first(group: BaseExceptionGroup[Any], kind: type[E]) -> E:
     """The first ``kind`` in a group, however deeply nested (nurseries nest their groups)."""
     for exc in group.exceptions:
         if isinstance(exc, kind):
@@ -341,13 +342,14 @@ class Gateway:
         """The NATS connection closed for good (the bridge is replacing it): results workers
         published meanwhile went nowhere, so sessions waiting for some end now with a coded
         retry instead of waiting out result_timeout_s in silence."""
-        lost = ProtocolError(
-            ErrorCode.OVERLOADED,
-            "the gateway lost its connection to the job queue; results may be lost",
-            retry_after_s=5.0,
-        )
         for session in self.sessions.values():
             if session.stream_seqs:
+                # One exception per session: each is raised in its own task (and traceback).
+                lost = ProtocolError(
+                    ErrorCode.OVERLOADED,
+                    "the gateway lost its connection to the job queue; results may be lost",
+                    retry_after_s=5.0,
+                )
                 try:
                     session.outbox_send.send_nowait(lost)
                 except (trio.WouldBlock, trio.BrokenResourceError):
@@ -374,6 +376,11 @@ class Gateway:
     def _on_worker(self, data: bytes) -> None:
         try:
             beat = json.loads(data)
+            model = beat.get("model", "")
+            if not isinstance(model, str) or not is_model_name(model):
+                # Anything on NATS can publish here; a name no subject can hold would make
+                # every queue poll fail.
+                raise ValueError(f"model {model!r} is not a routable name")
             self.workers[str(beat["id"])] = WorkerInfo(time.monotonic(), dict(beat))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self.sampled.warning("bad_worker_heartbeat", error=str(exc))
@@ -557,7 +564,7 @@ class Gateway:
                 fatal = _first(group, ProtocolError)
             except* ConnectionClosed as group:
                 # A frame past the WebSocket layer's own limit closes there with 1009.
-                reason = getattr(group.exceptions[0], "reason", None)
+                reason = _first(group, ConnectionClosed).reason
                 outcome = "too_large" if getattr(reason, "code", None) == 1009 else "client_gone"
             except* Exception as group:
                 # A bug must end this session, never the gateway (a handler's exception would
@@ -755,26 +762,42 @@ class Gateway:
             )
         return offers
 
+    def _job(
+        self, session: Session, job_id: str, seq: int, offset_ms: int, deadline_s: float, kind: str
+    ) -> Job:
+        """A job of this session: its options (words only for finals), this gateway's reply
+        subject and token, a deadline ``deadline_s`` from now."""
+        opts = session.proto.options
+        assert opts is not None
+        return Job(
+            job_id=job_id,
+            session_id=session.proto.session_id,
+            seq=seq,
+            offset_ms=offset_ms,
+            reply_subject=self.bridge.results_subject,
+            deadline_unix_ms=int((time.time() + deadline_s) * 1000),
+            options=JobOptions(
+                language=opts.language,
+                word_timestamps=opts.word_timestamps and kind == "final",
+                prompt=opts.prompt,
+                task=opts.task,
+                kind=kind,
+            ),
+            token=self.job_token(job_id),
+        )
+
     async def _publish(self, session: Session, chunk: Chunk) -> None:
         proto = session.proto
         assert proto.options is not None
         await session.slots.acquire()  # backpressure: the reader waits while too many are in flight
         pcm = float_to_pcm16(chunk.audio)
-        job_id = f"{proto.session_id}-{chunk.seq}"
-        job = Job(
-            job_id=job_id,
-            session_id=proto.session_id,
-            seq=chunk.seq,
-            offset_ms=round(chunk.offset_s * 1000),
-            reply_subject=self.bridge.results_subject,
-            deadline_unix_ms=int((time.time() + self.cfg.job_deadline_s) * 1000),
-            options=JobOptions(
-                language=proto.options.language,
-                word_timestamps=proto.options.word_timestamps,
-                prompt=proto.options.prompt,
-                task=proto.options.task,
-            ),
-            token=self.job_token(job_id),
+        job = self._job(
+            session,
+            f"{proto.session_id}-{chunk.seq}",
+            chunk.seq,
+            round(chunk.offset_s * 1000),
+            self.cfg.job_deadline_s,
+            "final",
         )
         try:
             # Shielded (the bridge bounds it by nats_request_timeout_s): a job the server may
@@ -811,21 +834,13 @@ class Gateway:
         proto = session.proto
         assert proto.options is not None
         session.partials += 1
-        job_id = f"{proto.session_id}-{seq}-p{session.partials}"
-        job = Job(
-            job_id=job_id,
-            session_id=proto.session_id,
-            seq=seq,
-            offset_ms=0,
-            reply_subject=self.bridge.results_subject,
-            deadline_unix_ms=int((time.time() + self.cfg.partial_deadline_s) * 1000),
-            options=JobOptions(
-                language=proto.options.language,
-                prompt=proto.options.prompt,
-                task=proto.options.task,
-                kind="partial",
-            ),
-            token=self.job_token(job_id),
+        job = self._job(
+            session,
+            f"{proto.session_id}-{seq}-p{session.partials}",
+            seq,
+            0,
+            self.cfg.partial_deadline_s,
+            "partial",
         )
         try:
             await self.bridge.publish_job(session.model, "interactive", job, float_to_pcm16(audio))

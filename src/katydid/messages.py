@@ -31,10 +31,15 @@ STREAM_SUBJECTS = f"{SUBJECT_PREFIX}.>"
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def is_model_name(name: str) -> bool:
+    """A name jobs can be routed by: letters, digits, ``.``, ``_``, ``-``; at most 64."""
+    return _MODEL_NAME.fullmatch(name) is not None
+
+
 def model_token(model: str) -> str:
     """A model name as one NATS subject token and consumer-name part: ``.`` separates tokens
     there and may not appear in a consumer name, so ``tiny.en-q8_0`` -> ``tiny_en-q8_0``."""
-    if not _MODEL_NAME.fullmatch(model):
+    if not is_model_name(model):
         raise MessageError(f"model name {model!r} is not a plain name")
     return model.replace(".", "_")
 

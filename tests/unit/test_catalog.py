@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from katydid.catalog import ModelOffer, check_options, choose_model, english_only, offers_from
+from katydid.catalog import (
+    ModelOffer,
+    check_options,
+    choose_model,
+    english_only,
+    offers_from,
+    served_name,
+)
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.languages import WHISPER_LANGUAGES
 from katydid.messages import Job, JobOptions, JobResult, ResultSegment, ResultWord
@@ -125,3 +132,19 @@ def test_language_table_matches_whisper_cpp() -> None:
     pw = pytest.importorskip("_pywhispercpp")
     ours = [pw.whisper_lang_str(i) for i in range(len(WHISPER_LANGUAGES))]
     assert tuple(ours) == WHISPER_LANGUAGES
+
+
+@pytest.mark.parametrize(
+    ("configured", "served"),
+    [
+        ("tiny.en-q8_0", "tiny.en-q8_0"),
+        ("/models/ggml-base-q8_0.bin", "base-q8_0"),
+        ("/models/my model (v2).bin", "my_model__v2_"),
+        ("/models/ggml-.bin", "custom"),
+    ],
+)
+def test_a_model_file_is_served_under_a_routable_name(configured: str, served: str) -> None:
+    from katydid.messages import is_model_name
+
+    assert served_name(configured) == served
+    assert is_model_name(served)

@@ -135,3 +135,13 @@ def test_readyz_waits_for_every_configured_model() -> None:
     assert detail["models_missing"] == ["base-q8_0"]
     gw._on_worker(_beat("b", model="base-q8_0"))
     assert gw.readiness()[1]["models_served"] is True
+
+
+def test_a_heartbeat_with_an_unroutable_model_name_is_refused() -> None:
+    # Anything on NATS can publish a heartbeat; a name no subject can hold would make every
+    # queue poll (one consumer request per offered model) fail.
+    gw = Gateway(Config(worker_heartbeat_s=1.0))
+    gw._on_worker(_beat("a", model="tiny model/../x"))
+    gw._on_worker(_beat("b", model="base.en"))
+    assert set(gw.workers) == {"b"}
+    assert set(gw.offers()) == {"base.en"}

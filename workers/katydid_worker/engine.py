@@ -371,10 +371,10 @@ class Engine:
         whisper.cpp's own "auto" detects before it applies the run's ``audio_ctx``, i.e. at the
         size of the context's previous run: in the shared clip context the detected language
         would depend on the previous job, and in the full-window one it costs a whole 30 s
-        encoder pass (base: 2.7 CPU s, twice its 1.2 s transcription of a short clip). So a
-        third context, made on first use, runs one warm-up at DETECT_CTX and then detection
-        only (which returns before it would change the size): always the same size, at about
-        a quarter of the full window's cost.
+        encoder pass (base on an AMD EPYC with AVX2: 2.7 CPU s, twice its 1.2 s transcription of
+        a short clip). So a third context, made on first use, runs one warm-up at DETECT_CTX and
+        then detection only (which returns before it would change the size): always the same
+        size, at about a quarter of the full window's cost.
 
         Raises:
             EngineError: whisper.cpp could not tell.
