@@ -44,15 +44,28 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     return out
 
 
-def float_to_pcm16(samples: np.ndarray) -> bytes:
-    """float samples in [-1, 1] (clipped) to s16le bytes: the inverse of ``pcm16_to_float``.
-
-    Rounded at the same scale (32768) that ``pcm16_to_float`` divides by, so 16-bit audio
-    survives the trip to the worker bit-exact (×32767 with truncation turned 1000 into 999).
-    """
+def float_to_int16(samples: np.ndarray) -> np.ndarray:
+    """float samples in [-1, 1] (clipped) to int16, rounded at the scale (32768) that
+    ``pcm16_to_float`` divides by: the two are exact inverses on 16-bit audio."""
     scaled = np.rint(np.asarray(samples, dtype=np.float32) * np.float32(32768.0))
-    pcm: bytes = np.clip(scaled, -32768.0, 32767.0).astype("<i2").tobytes()
-    return pcm
+    out: np.ndarray = np.clip(scaled, -32768.0, 32767.0).astype(np.int16)
+    return out
+
+
+def float_to_pcm16(samples: np.ndarray) -> bytes:
+    """float samples in [-1, 1] (clipped) to s16le bytes: the inverse of ``pcm16_to_float``."""
+    return float_to_int16(samples).astype("<i2", copy=False).tobytes()
+
+
+def pcm16_mono(data: bytes, channels: int = 1) -> np.ndarray:
+    """Interleaved s16le bytes (a whole number of frames) to mono int16: the channels' mean,
+    rounded; mono audio is only reinterpreted, never converted."""
+    samples = np.frombuffer(data, dtype="<i2")
+    if channels == 1:
+        return samples.astype(np.int16, copy=False)
+    mixed = samples.reshape(-1, channels).astype(np.int32).sum(axis=1)
+    out: np.ndarray = np.rint(mixed / channels).astype(np.int16)
+    return out
 
 
 def pcm16_to_float(data: bytes, channels: int = 1) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Utterance chunker: 16 kHz mono float32 in, chunks of at most ``max_s`` out, cut at pauses.
+"""Utterance chunker: 16 kHz mono s16 in, chunks of at most ``max_s`` out, cut at pauses.
 
 Energy-based voice activity on 30 ms frames. A frame is silent when its RMS is below a threshold
 derived from the loudest recent frames (26 dB down) and the quietest (3× the noise floor). A chunk
@@ -9,6 +9,7 @@ only where the speaker left no pause at all.
 Rule 1: per-frame cost is constant. RMS is computed once per new 30 ms frame and kept; a feed
 of 100 ms of audio does not rescan the buffer in Python.
 Rule 2: memory is bounded by ``max_s`` of audio.
+Rule 3: samples are int16 from the gateway's edge to the job's body: cut, never converted.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _PEAK_DECAY = 0.999  # per frame: the loudness reference forgets over ~30 s
 class Chunk:
     seq: int
     offset_s: float  # start within the session
-    audio: np.ndarray  # float32, 16 kHz mono
+    audio: np.ndarray  # int16, 16 kHz mono
 
     @property
     def duration_s(self) -> float:
@@ -48,7 +49,7 @@ class Chunker:
         self._silence_frames = max(1, round(silence_s * SAMPLE_RATE / FRAME))
         # Grown by doubling up to max_s, released at flush: a session waiting in the queue for
         # its results holds no audio (500 waiting sessions once held 1 GB of empty buffers).
-        self._buf = np.zeros(0, dtype=np.float32)
+        self._buf = np.zeros(0, dtype=np.int16)
         self._n = 0  # samples held
         self._rms = np.zeros(self._max // FRAME + 1)  # per complete frame held
         self._offset = 0  # samples already emitted
@@ -69,7 +70,7 @@ class Chunker:
         return self._buf[: self._n].copy()
 
     def feed(self, audio: np.ndarray) -> list[Chunk]:
-        """Add samples; return the chunks that are now complete."""
+        """Add int16 samples; return the chunks that are now complete."""
         out: list[Chunk] = []
         pos = 0
         while pos < audio.size:
@@ -90,18 +91,19 @@ class Chunker:
             frames = self._n // FRAME
             voiced = frames and bool((self._rms[:frames] > self._threshold()).any())
             tail = self._buf[frames * FRAME : self._n]
-            if voiced or (tail.size and float(np.abs(tail).max()) > 1e-3 and frames == 0):
+            loud_tail = tail.size and int(np.abs(tail.astype(np.int32)).max()) > 32  # > 1e-3
+            if voiced or (loud_tail and frames == 0):
                 out.append(self._emit(self._n))
             else:
                 self._offset += self._n
                 self._n = 0
-        self._buf = np.zeros(0, dtype=np.float32)
+        self._buf = np.zeros(0, dtype=np.int16)
         return out
 
     def _reserve(self, size: int) -> None:
         if size > self._buf.size:
             grown = np.zeros(
-                min(self._max, max(size, 2 * self._buf.size, 8 * FRAME)), dtype=np.float32
+                min(self._max, max(size, 2 * self._buf.size, 8 * FRAME)), dtype=np.int16
             )
             grown[: self._n] = self._buf[: self._n]
             self._buf = grown
@@ -110,7 +112,9 @@ class Chunker:
         if end <= start:
             return
         frames = self._buf[start * FRAME : end * FRAME].reshape(end - start, FRAME)
-        rms = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1) + 1e-12)
+        # On the [-1, 1) scale, as the thresholds are written.
+        power = np.mean(np.square(frames, dtype=np.float64), axis=1) / 32768.0**2
+        rms = np.sqrt(power + 1e-12)
         self._rms[start:end] = rms
         self._floor = min(self._floor, float(rms.min()))
         self._peak = max(self._peak * _PEAK_DECAY ** (end - start), float(rms.max()))

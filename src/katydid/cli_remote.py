@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,41 +108,24 @@ def _require_nats(cfg: Config) -> None:
 
 
 async def _gateway_alone(cfg: Config) -> None:
-    from katydid.gateway import Gateway
+    from katydid.gateway import GatewayService
+    from katydid.lifecycle import until_signalled
 
-    gateway = Gateway(cfg)
+    gateway = GatewayService(cfg)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(gateway.run)
         print(f"gateway:  ws://{cfg.host}:{port}", flush=True)
         if gateway.metrics_port is not None:
             print(f"metrics:  http://{cfg.metrics_host}:{gateway.metrics_port}/metrics", flush=True)
         notify("READY=1")
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                break
-        notify("STOPPING=1")
-        await gateway.drain()
+        await until_signalled(gateway.drain, gateway.cut_grace, name="gateway")
         nursery.cancel_scope.cancel()
 
 
 def _nats_setup(cfg: Config) -> None:
-    import asyncio
+    from katydid.bus.nats import set_up_stream
 
-    from katydid.catalog import served_name
-    from katydid.messages import LANES, STREAM, consumer_name
-    from katydid.natsio import connect, ensure_stream
-
-    async def go() -> None:
-        nc = await connect(cfg, "katydid-setup")
-        try:
-            await ensure_stream(nc.jetstream(), cfg, [model])
-        finally:
-            await nc.drain()
-
-    model = served_name(cfg.model)
-    asyncio.run(go())
-    names = ", ".join(consumer_name(model, lane) for lane in LANES)
-    print(f"stream {STREAM} and consumers {names} (model {model}) are in place")
+    print(set_up_stream(cfg))
 
 
 def run_server_command(cfg: Config, args: argparse.Namespace) -> int:

@@ -5,6 +5,10 @@
     ├── ModelError               model missing, corrupt or not convertible (names the fix)
     ├── AudioError               audio that cannot be decoded: garbage, truncated, empty, unsupported
     ├── EngineError              the recogniser failed on valid audio
+    ├── MessageError             a NATS message (job, result, heartbeat) is malformed
+    ├── NatsError                NATS unreachable, timed out, or refused a request
+    │   ├── StreamFull           the job stream is at a configured bound: retry later
+    │   └── JobTooLarge          one job is over a size limit: retrying cannot succeed
     └── ProtocolError            a client broke protocol v1; carries a client error code and close code
 
 Error codes sent to clients form a closed set (``ErrorCode``); each maps to a WebSocket close code.
@@ -75,3 +79,20 @@ class ProtocolError(KatydidError):
     @property
     def close_code(self) -> int:
         return CLOSE_CODES[self.code]
+
+
+class MessageError(KatydidError):
+    """A job, result or other NATS message is malformed."""
+
+
+class NatsError(KatydidError):
+    """NATS is unreachable, timed out, or refused a request."""
+
+
+class StreamFull(NatsError):
+    """The job stream is at a configured bound (discard=new): the caller should retry later."""
+
+
+class JobTooLarge(NatsError):
+    """One job is over the stream's or server's size limit (body or headers): retrying the same
+    job can never succeed."""

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from katydid.errors import KatydidError
+from katydid.errors import MessageError
 
 SUBJECT_PREFIX = "katydid.jobs"
 LANES = ("interactive", "bulk")
@@ -21,10 +21,6 @@ CANCEL_SUBJECT = "katydid.cancel"
 WORKERS_SUBJECT = "katydid.workers"
 RESULTS_PREFIX = "katydid.results"
 BYTES_PER_S = 32_000  # s16le, 16 kHz, mono
-
-
-class MessageError(KatydidError):
-    """A job or result on the wire is malformed."""
 
 
 STREAM_SUBJECTS = f"{SUBJECT_PREFIX}.>"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,12 +21,13 @@ from typing import Any
 import structlog
 import trio
 
+from katydid.bus.nats import purge_jobs
 from katydid.catalog import served_name
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.exits import describe_exit
-from katydid.gateway import Gateway
-from katydid.natsio import purge_jobs
+from katydid.gateway import GatewayService
+from katydid.lifecycle import until_signalled
 from katydid.sdnotify import notify
 
 log = structlog.get_logger("katydid.serve")
@@ -197,7 +197,7 @@ async def serve(
                 log.info("stale_jobs_purged", jobs=stale)
         cfg = dataclasses.replace(cfg, nats_url=nats_url)
         async with trio.open_nursery() as middle:
-            gateway = Gateway(cfg)
+            gateway = GatewayService(cfg)
             async with trio.open_nursery() as inner:
                 index = 0
                 for name, count in plan:
@@ -218,25 +218,8 @@ async def serve(
                 )
                 task_status.started(gw_port)
                 notify("READY=1")
-                # The receiver stays open through the whole shutdown: a second Ctrl-C must
-                # not kill serve with the default handler and orphan its children.
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("shutting_down", signal=signal.Signals(signum).name)
-                        notify("STOPPING=1")
-                        break
-                    async with trio.open_nursery() as shutdown:
-                        shutdown.start_soon(_cut_grace_on_signal, signals, gateway)
-                        # Sessions finish (bounded by the grace deadline) before workers stop.
-                        await gateway.drain()
-                        shutdown.cancel_scope.cancel()
-                    inner.cancel_scope.cancel()
-                middle.cancel_scope.cancel()
+                # Sessions finish (bounded by the grace deadline) before workers stop.
+                await until_signalled(gateway.drain, gateway.cut_grace, name="serve")
+                inner.cancel_scope.cancel()
+            middle.cancel_scope.cancel()
         outer.cancel_scope.cancel()
-
-
-async def _cut_grace_on_signal(signals: Any, gateway: Gateway) -> None:
-    async for signum in signals:
-        log.warning("shutting_down_now", signal=signal.Signals(signum).name)
-        gateway.cut_grace()
-        return

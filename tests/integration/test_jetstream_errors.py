@@ -9,9 +9,10 @@ from pathlib import Path
 import nats.js.errors
 import pytest
 
+from katydid.bus.nats import connect, ensure_stream, translate
 from katydid.config import DEFAULT_MODEL, Config
+from katydid.errors import JobTooLarge, NatsError, StreamFull
 from katydid.messages import lane_subject
-from katydid.natsio import JobTooLarge, NatsError, StreamFull, connect, ensure_stream, translate
 from tests.integration.stack import free_port
 from tests.integration.test_stale_jobs import _start_nats
 

@@ -11,8 +11,10 @@ import nats
 import pytest
 import trio
 
+from katydid.bus import BusHandlers
+from katydid.bus.nats import NatsBridge
 from katydid.config import Config
-from katydid.natsio import NatsBridge, NatsError
+from katydid.errors import NatsError
 from tests.integration.stack import free_port
 from tests.integration.test_stale_jobs import _start_nats
 
@@ -32,13 +34,14 @@ async def test_a_connection_closed_for_good_is_replaced(tmp_path: Path) -> None:
     cfg = Config(nats_url=f"nats://127.0.0.1:{port}")
     results: list[bytes] = []
     lost: list[bool] = []
-    bridge = NatsBridge(
-        cfg,
-        "g1",
-        on_result=results.append,
-        on_worker=lambda _: None,
-        on_dead_job=lambda *_: None,
-        on_lost=lambda: lost.append(True),
+    bridge = NatsBridge(cfg, "g1")
+    bridge.attach(
+        BusHandlers(
+            on_result=results.append,
+            on_worker=lambda _: None,
+            on_dead_job=lambda *_: None,
+            on_lost=lambda: lost.append(True),
+        )
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from katydid.bus.nats import connect, delete_job, ensure_stream, purge_jobs
 from katydid.config import DEFAULT_MODEL, Config
 from katydid.messages import lane_subject
-from katydid.natsio import connect, delete_job, ensure_stream, purge_jobs
 from katydid.serve import nats_server_binary, nats_server_config
 from tests.integration.stack import free_port, port_open, wait_until
 

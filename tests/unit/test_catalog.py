@@ -15,9 +15,11 @@ from katydid.catalog import (
     served_name,
 )
 from katydid.errors import ErrorCode, ProtocolError
+from katydid.gateway.events import Final, Ready
+from katydid.gateway.options import Limits, StartOptions
+from katydid.gateway.session import JobStamp, Publish, Send, Session
 from katydid.languages import WHISPER_LANGUAGES
 from katydid.messages import Job, JobOptions, JobResult, ResultSegment, ResultWord
-from katydid.protocol import Final, Limits, Ready, ServerProtocol
 
 OFFERS = offers_from(
     [("tiny.en-q8_0", False), ("tiny.en-q8_0", False), ("base", True), ("small", None)]
@@ -82,26 +84,22 @@ def test_check_options() -> None:
     ],
 )
 def test_start_option_types_and_bounds(start: dict[str, object], code: ErrorCode) -> None:
-    proto = ServerProtocol("s1", Limits(max_prompt_bytes=1024))
     with pytest.raises(ProtocolError) as info:
-        proto.receive_text(json.dumps({"type": "start", **start}))
+        StartOptions.from_message({"type": "start", **start}, Limits.default(max_prompt_bytes=1024))
     assert info.value.code is code
 
 
 @pytest.mark.parametrize(("given", "used"), [("EN", "en"), ("en-US", "en"), ("pt_BR", "pt")])
 def test_language_tags_are_read_as_whisper_codes(given: str, used: str) -> None:
-    proto = ServerProtocol("s1")
-    proto.receive_text(json.dumps({"type": "start", "language": given}))
-    assert proto.options is not None
-    assert proto.options.language == used
+    opts = StartOptions.from_message({"type": "start", "language": given}, Limits.default())
+    assert opts.language == used
 
 
 def test_prompt_at_its_byte_bound_fits_a_small_header() -> None:
-    proto = ServerProtocol("s1", Limits(max_prompt_bytes=1024))
-    proto.receive_text(json.dumps({"type": "start", "prompt": "é" * 512, "task": "translate"}))
-    assert proto.options is not None
-    assert proto.options.task == "translate"
-    options = JobOptions(prompt=proto.options.prompt, task="translate")
+    start = {"type": "start", "prompt": "é" * 512, "task": "translate"}
+    opts = StartOptions.from_message(start, Limits.default(max_prompt_bytes=1024))
+    assert opts.task == "translate"
+    options = JobOptions(prompt=opts.prompt, task="translate")
     header = Job("s-0", "s", 0, 0, "r", 1, options).headers()["Katydid-Options"]
     assert len(header.encode()) < 4 * 1024  # escaped: 6 bytes per character at most
     assert Job.from_headers(Job("s-0", "s", 0, 0, "r", 1, options).headers()).options == options
@@ -113,9 +111,14 @@ def test_words_and_language_travel_to_the_client() -> None:
     )
     result = JobResult("s1-0", "s1", 0, "final", "Hello there.", (seg,), "de", 1.0, 0.1, 0.0, "w0")
     assert JobResult.from_json(result.to_json()) == result
-    proto = ServerProtocol("s1")
-    proto.receive_text('{"type": "start"}')
-    (final,) = proto.receive_result(result)
+    session = Session("s1", Limits.default(), JobStamp("r", lambda _: "t", lambda: 0.0), now=0.0)
+    session.receive_text('{"type": "start"}', 0.0)
+    session.admitted("base", ())
+    session.receive_bytes(b"\x10\x00" * 16_000, 0.0)
+    jobs = [o for o in session.receive_text('{"type": "stop"}', 0.0) if isinstance(o, Publish)]
+    assert [p.job.seq for p in jobs] == [0]
+    sent = session.receive_result(result)
+    final = sent[0].event if isinstance(sent[0], Send) else None
     assert isinstance(final, Final)
     event = json.loads(final.to_json())
     assert event["language"] == "de"

@@ -9,11 +9,11 @@ from katydid.chunker import SAMPLE_RATE, Chunker
 
 def _voiced(seconds: float) -> np.ndarray:
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    return (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    return np.rint(0.3 * 32767 * np.sin(2 * np.pi * 200 * t)).astype(np.int16)
 
 
 def _silence(seconds: float) -> np.ndarray:
-    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
+    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.int16)
 
 
 def _feed_all(chunker: Chunker, audio: np.ndarray, frame: int = 1600) -> list[np.ndarray]:
@@ -36,18 +36,26 @@ def test_cuts_in_pauses_after_min_length() -> None:
 def test_no_pause_means_a_cut_at_max_length() -> None:
     audio = _voiced(25.0)
     chunks = _feed_all(Chunker(min_s=3.0, max_s=10.0), audio)
-    assert all(c.size <= 10 * SAMPLE_RATE for c in chunks)
+    # No pause at all: each chunk but the last is cut in its last third, never past max_s.
+    sizes = [c.size / SAMPLE_RATE for c in chunks]
+    assert all(10.0 * 2 / 3 - 0.03 <= s <= 10.0 for s in sizes[:-1]), sizes
+    assert 3 <= len(chunks) <= 4
     assert sum(c.size for c in chunks) == audio.size
+    assert all(np.array_equal(c, audio[: c.size]) for c in chunks[:1])  # samples untouched
 
 
-def test_trailing_silence_is_dropped_and_offsets_continue() -> None:
+def test_cuts_and_offsets_follow_the_audio_and_silence_alone_is_dropped() -> None:
     chunker = Chunker(min_s=1.0, max_s=10.0)
     out = chunker.feed(np.concatenate([_voiced(1.5), _silence(1.0), _voiced(1.5)]))
-    out += chunker.feed(_silence(2.0))
+    out += chunker.feed(_silence(0.5))
     out += chunker.flush()
-    assert [c.seq for c in out] == list(range(len(out)))
+    assert [c.seq for c in out] == [0, 1]
     assert out[0].offset_s == 0.0
-    assert out[-1].offset_s + out[-1].duration_s <= 6.0
+    assert 1.95 <= out[0].duration_s <= 2.05  # cut in the middle of the pause
+    assert out[1].offset_s == out[0].duration_s
+    assert out[1].offset_s + out[1].duration_s == 4.5  # to the end of what was fed
+    silent = Chunker(min_s=1.0, max_s=10.0)
+    assert silent.feed(_silence(3.0)) + silent.flush() == []  # no voice: no job
     assert Chunker().flush() == []
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from katydid.messages import Job, JobOptions, JobResult, MessageError, ResultSegment
+from katydid.errors import MessageError
+from katydid.messages import Job, JobOptions, JobResult, ResultSegment
 
 
 def test_job_headers_round_trip() -> None:

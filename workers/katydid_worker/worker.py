@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import time
 from collections import OrderedDict
@@ -31,9 +30,11 @@ import numpy as np
 import structlog
 
 from katydid.audio import pcm16_to_float
+from katydid.bus.nats import connect, ensure_stream
 from katydid.catalog import served_name
 from katydid.config import Config
-from katydid.errors import AudioError, KatydidError
+from katydid.errors import AudioError, KatydidError, MessageError
+from katydid.lifecycle import until_signalled
 from katydid.log import SampledLogger
 from katydid.messages import (
     CANCEL_SUBJECT,
@@ -42,12 +43,10 @@ from katydid.messages import (
     WORKERS_SUBJECT,
     Job,
     JobResult,
-    MessageError,
     ResultSegment,
     ResultWord,
     consumer_name,
 )
-from katydid.natsio import connect, ensure_stream
 from katydid.sdnotify import notify
 from katydid_worker.engine import (
     SAMPLE_RATE,
@@ -247,7 +246,7 @@ class Worker:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 try:
                     for sub in subs.values():
-                        await sub.unsubscribe()  # before drain: see natsio Rule 4
+                        await sub.unsubscribe()  # before drain: see katydid.bus.nats Rule 4
                     await self._nc.drain()
                 except (nats.errors.Error, OSError) as exc:
                     log.warning("drain_failed", error=repr(exc))
@@ -278,12 +277,12 @@ class Worker:
             self._cancelled.popitem(last=False)
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                log.info("worker_stopping", worker=self.worker_id)
-                notify("STOPPING=1")
-                self.stop()
-                return
+        async def drain() -> None:
+            log.info("worker_stopping", worker=self.worker_id)
+            self.stop()  # the job in hand finishes; the serve loop then ends this task
+            await anyio.sleep_forever()
+
+        await until_signalled(drain, name=f"worker {self.worker_id}")
 
     async def _watch_parent(self, scope: anyio.CancelScope) -> None:
         """Under ``katydid serve`` (which sets KATYDID_PARENT_PID): stop when serve is gone, as

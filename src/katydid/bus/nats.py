@@ -19,7 +19,6 @@ import concurrent.futures
 import json
 import threading
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats
@@ -36,9 +35,10 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from katydid.bus import BusHandlers, LaneStats
 from katydid.catalog import served_name
 from katydid.config import Config
-from katydid.errors import KatydidError
+from katydid.errors import JobTooLarge, NatsError, StreamFull
 from katydid.messages import (
     CANCEL_SUBJECT,
     LANES,
@@ -56,19 +56,6 @@ T = TypeVar("T")
 # JetStream's answers to deleting a sequence it no longer stores (seen: 10043 and 10057 when a
 # worker had acked the job just before; 10037 is the plain "no message found").
 _GONE_CODES = (10037, 10043, 10057)
-
-
-class NatsError(KatydidError):
-    """NATS is unreachable, timed out, or refused a request."""
-
-
-class StreamFull(NatsError):
-    """The job stream is at a configured bound (discard=new): the caller should retry later."""
-
-
-class JobTooLarge(NatsError):
-    """One job is over the stream's or server's size limit (body or headers): retrying the same
-    job can never succeed."""
 
 
 # JetStream error codes (nats-server's errors.json), matched by code, not by text: a header too
@@ -164,6 +151,30 @@ async def connect(cfg: Config, name: str, **callbacks: Any) -> Any:
     )
 
 
+def set_up_stream(cfg: Config) -> str:
+    """Create the job stream and the default model's consumers (``katydid nats setup``);
+    returns what is in place, in words (blocking; runs its own loop).
+
+    Raises:
+        NatsError: NATS is unreachable or refused.
+    """
+    model = served_name(cfg.model)
+
+    async def go() -> None:
+        nc = await connect(cfg, "katydid-setup")
+        try:
+            await ensure_stream(nc.jetstream(), cfg, [model])
+        finally:
+            await nc.drain()
+
+    try:
+        asyncio.run(go())
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
+        raise translate(exc) from exc
+    names = ", ".join(consumer_name(model, lane) for lane in LANES)
+    return f"stream {STREAM} and consumers {names} (model {model}) are in place"
+
+
 def purge_jobs(cfg: Config) -> int:
     """Drop every job in the stream; returns how many there were (blocking; runs its own loop).
 
@@ -194,43 +205,27 @@ def purge_jobs(cfg: Config) -> int:
         raise translate(exc) from exc
 
 
-@dataclass(frozen=True, slots=True)
-class LaneStats:
-    pending: int  # waiting in the queue, not yet delivered
-    in_progress: int  # delivered, not yet acked
-    delivered_stream_seq: int
-    redelivered: int = 0
-
-
 class NatsBridge:
     """nats-py on uvloop in a dedicated thread, used from trio.
 
     Args:
         cfg: configuration (URL, timeouts, stream bounds).
         gateway_id: names the results subject ``katydid.results.<gateway_id>``.
-        on_result: called on the trio thread with each result message body.
-        on_worker: called on the trio thread with each worker heartbeat body.
-        on_dead_job: called on the trio thread with ``(stream_seq, deliveries)`` when JetStream
-            gives up on a job after ``consumer_max_deliver`` deliveries (its advisory).
+
+    ``attach`` says where results, heartbeats, dead jobs (JetStream's advisory after
+    ``consumer_max_deliver`` deliveries) and a lost connection go, on the trio thread.
     """
 
-    def __init__(
-        self,
-        cfg: Config,
-        gateway_id: str,
-        *,
-        on_result: Callable[[bytes], None],
-        on_worker: Callable[[bytes], None],
-        on_dead_job: Callable[[int, int], None],
-        on_lost: Callable[[], None] = lambda: None,
-    ) -> None:
+    def __init__(self, cfg: Config, gateway_id: str) -> None:
         self._cfg = cfg
-        self._on_lost = on_lost
         self.gateway_id = gateway_id
         self.results_subject = f"{RESULTS_PREFIX}.{gateway_id}"
-        self._on_result = on_result
-        self._on_worker = on_worker
-        self._on_dead_job = on_dead_job
+        self._handlers = BusHandlers(
+            on_result=lambda _: None,
+            on_worker=lambda _: None,
+            on_dead_job=lambda _s, _d: None,
+            on_lost=lambda: None,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._nc: Any = None
@@ -245,11 +240,12 @@ class NatsBridge:
         self._stopping = False
         self._generation = 0  # which connection is current (asyncio side)
 
+    def attach(self, handlers: BusHandlers) -> None:
+        self._handlers = handlers
+
     # --- trio side ---
 
-    async def run(
-        self, *, task_status: trio.TaskStatus[NatsBridge] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the asyncio thread, connect, set up the stream; run until cancelled, then drain."""
         self._token = trio.lowlevel.current_trio_token()
         ready = threading.Event()
@@ -281,7 +277,7 @@ class NatsBridge:
         self._lost = trio.Event()
         self.lost = True
         log.error("nats_connection_closed", action="replacing it")
-        self._on_lost()  # results published meanwhile are gone: sessions waiting must hear
+        self._handlers.on_lost()  # results published meanwhile are gone: sessions waiting must hear
         backoff = 0.5
         while True:
             try:
@@ -445,10 +441,10 @@ class NatsBridge:
                 self._to_trio(self._lost.set)
 
         async def on_result(msg: Any) -> None:
-            self._to_trio(self._on_result, msg.data)
+            self._to_trio(self._handlers.on_result, msg.data)
 
         async def on_worker(msg: Any) -> None:
-            self._to_trio(self._on_worker, msg.data)
+            self._to_trio(self._handlers.on_worker, msg.data)
 
         async def on_max_deliveries(msg: Any) -> None:
             try:
@@ -457,7 +453,7 @@ class NatsBridge:
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("bad_advisory", subject=msg.subject, error=repr(exc))
                 return
-            self._to_trio(self._on_dead_job, stream_seq, deliveries)
+            self._to_trio(self._handlers.on_dead_job, stream_seq, deliveries)
 
         self._nc = await connect(
             self._cfg,

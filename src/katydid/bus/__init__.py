@@ -1,0 +1,63 @@
+"""The job bus: what the gateway needs from the queue, as an interface.
+
+``JobBus`` is the gateway's whole view of NATS: publish a job, delete one, announce a cancel,
+read the queue's state, and hear results, heartbeats, dead jobs and a lost connection through
+``BusHandlers``. ``katydid.bus.nats.NatsBridge`` is the one implementation that talks to NATS
+(the only module that imports nats-py); ``katydid.bus.memory.MemoryBus`` is an in-memory one
+that tests drive (under ``trio.testing.MockClock``) and answer by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from katydid.messages import Job
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStats:
+    pending: int  # waiting in the queue, not yet delivered
+    in_progress: int  # delivered, not yet acked
+    delivered_stream_seq: int
+    redelivered: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BusHandlers:
+    """Called on the trio thread; none may raise."""
+
+    on_result: Callable[[bytes], None]  # a result message body
+    on_worker: Callable[[bytes], None]  # a worker heartbeat body
+    on_dead_job: Callable[[int, int], None]  # (stream_seq, deliveries): JetStream gave up
+    on_lost: Callable[[], None]  # the connection closed for good (being replaced)
+
+
+class JobBus(Protocol):
+    """The queue as the gateway sees it. Errors are ``katydid.errors.NatsError`` and its
+    subclasses (``StreamFull``, ``JobTooLarge``)."""
+
+    results_subject: str  # where workers answer this gateway's jobs
+    connected: bool
+    lost: bool  # closed for good, not yet replaced
+
+    def attach(self, handlers: BusHandlers) -> None:
+        """Where results, heartbeats, dead jobs and a lost connection go (before ``run``)."""
+
+    async def run(self, *, task_status: trio.TaskStatus[object] = ...) -> None:
+        """Connect and serve until cancelled; ``started`` once it can publish."""
+
+    async def publish_job(self, model: str, lane: str, job: Job, pcm: bytes) -> int:
+        """Queue a job; returns its stream sequence."""
+
+    async def delete_job(self, stream_seq: int) -> bool:
+        """Remove a queued job; False if it was already gone."""
+
+    async def publish_cancel(self, session_id: str) -> None:
+        """Tell workers to abort this session's running jobs."""
+
+    async def lane_stats(self, models: Iterable[str]) -> dict[tuple[str, str], LaneStats]:
+        """Queue state per (model, lane)."""

@@ -1,0 +1,134 @@
+"""An in-memory ``JobBus`` for tests: a job queue with no NATS, answered by hand.
+
+Tests publish through it as the gateway does, then play the workers: ``take`` a job, ``answer``
+it (or let JetStream ``give_up`` on it), send heartbeats, ``lose`` the connection. It keeps what
+happened (``published``, ``deleted``, ``cancels``) for assertions; it never sleeps, so tests run
+it under ``trio.testing.MockClock``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from katydid.bus import BusHandlers, LaneStats
+from katydid.errors import NatsError
+from katydid.messages import Job, JobResult, ResultSegment
+
+
+@dataclass(slots=True)
+class QueuedJob:
+    stream_seq: int
+    model: str
+    lane: str
+    job: Job
+    pcm: bytes
+    taken: bool = False  # delivered to a (pretend) worker
+
+
+@dataclass(slots=True)
+class MemoryBus:
+    results_subject: str = "katydid.results.memory"
+    connected: bool = True
+    lost: bool = False
+    queue: dict[int, QueuedJob] = field(default_factory=dict)  # in the stream, by stream seq
+    published: list[QueuedJob] = field(default_factory=list)  # every job ever published
+    deleted: list[int] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+    fail_publish: NatsError | None = None  # the next publishes raise this while set
+    _seqs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _delivered: dict[tuple[str, str], int] = field(default_factory=dict)
+    _handlers: BusHandlers | None = None
+
+    def attach(self, handlers: BusHandlers) -> None:
+        self._handlers = handlers
+
+    async def run(self, *, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(self)
+        await trio.sleep_forever()
+
+    async def publish_job(self, model: str, lane: str, job: Job, pcm: bytes) -> int:
+        await trio.lowlevel.checkpoint()
+        if self.fail_publish is not None:
+            raise self.fail_publish
+        queued = QueuedJob(next(self._seqs), model, lane, job, pcm)
+        self.queue[queued.stream_seq] = queued
+        self.published.append(queued)
+        return queued.stream_seq
+
+    async def delete_job(self, stream_seq: int) -> bool:
+        await trio.lowlevel.checkpoint()
+        self.deleted.append(stream_seq)
+        return self.queue.pop(stream_seq, None) is not None
+
+    async def publish_cancel(self, session_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.cancels.append(session_id)
+
+    async def lane_stats(self, models: Iterable[str]) -> dict[tuple[str, str], LaneStats]:
+        await trio.lowlevel.checkpoint()
+        out = {}
+        for model in models:
+            for lane in ("interactive", "bulk"):
+                jobs = [q for q in self.queue.values() if (q.model, q.lane) == (model, lane)]
+                out[model, lane] = LaneStats(
+                    pending=sum(not q.taken for q in jobs),
+                    in_progress=sum(q.taken for q in jobs),
+                    delivered_stream_seq=self._delivered.get((model, lane), 0),
+                )
+        return out
+
+    # --- the test plays the workers ---
+
+    def finals(self, session_id: str | None = None) -> list[QueuedJob]:
+        """Final jobs published (of one session), in publishing order."""
+        return [
+            q
+            for q in self.published
+            if q.job.options.kind == "final" and session_id in (None, q.job.session_id)
+        ]
+
+    def take(self, stream_seq: int) -> QueuedJob:
+        """A worker takes this job (it stays in the stream until answered)."""
+        queued = self.queue[stream_seq]
+        queued.taken = True
+        key = (queued.model, queued.lane)
+        self._delivered[key] = max(self._delivered.get(key, 0), stream_seq)
+        return queued
+
+    def answer(
+        self, queued: QueuedJob, text: str = "", *, error: dict[str, str] | None = None
+    ) -> None:
+        """A worker's result for this job (acked: it leaves the stream)."""
+        self.queue.pop(queued.stream_seq, None)
+        job = queued.job
+        audio_s = len(queued.pcm) / 32_000
+        result = JobResult(
+            job=job.job_id, session=job.session_id, seq=job.seq, kind=job.options.kind,
+            text=text, segments=(ResultSegment(0.0, audio_s, text),) if text else (),
+            language="en", audio_s=audio_s, compute_s=0.1, queue_s=0.0, worker="memory-0",
+            error=error, token=job.token,
+        )  # fmt: skip
+        self._deliver(lambda h: h.on_result(result.to_json()))
+
+    def heartbeat(self, worker: str, model: str, *, avg_compute_s: float = 1.0) -> None:
+        beat = {"id": worker, "model": model, "busy": False, "avg_compute_s": avg_compute_s}
+        self._deliver(lambda h: h.on_worker(json.dumps(beat).encode()))
+
+    def give_up(self, stream_seq: int, deliveries: int = 4) -> None:
+        """JetStream's max-deliveries advisory for this job."""
+        self._deliver(lambda h: h.on_dead_job(stream_seq, deliveries))
+
+    def lose(self) -> None:
+        """The connection closes for good (and is being replaced)."""
+        self.lost = True
+        self.connected = False
+        self._deliver(lambda h: h.on_lost())
+
+    def _deliver(self, call: Callable[[BusHandlers], None]) -> None:
+        assert self._handlers is not None, "attach() first"
+        call(self._handlers)

@@ -1,0 +1,460 @@
+"""The gateway: the sessions of every front door, seated on one job bus.
+
+It holds the live sessions and routes what the bus reports (results, dead jobs, a lost
+connection, queue state) to them; it admits sessions, publishes their jobs, deletes and cancels
+the jobs of sessions that ended, serves the operator endpoints, and shuts down in order. The
+front doors are adapters (``websocket.py``) that turn their wire into session inputs.
+
+Rule 1: the gateway never waits on inference and never refuses a connection because of a count.
+Its bounds are per session (``Limits``) and the stream's size; each ends the offending session
+with a coded error, others carry on.
+Rule 2: bus callbacks run on the trio thread and never block or raise: they hand inputs to the
+session's inbox, which its adapter applies.
+Rule 3: queue state is polled once per ``queue_poll_s`` for all sessions, never per session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from katydid.bus import BusHandlers, JobBus
+from katydid.config import Config
+from katydid.errors import (
+    ErrorCode,
+    JobTooLarge,
+    MessageError,
+    NatsError,
+    ProtocolError,
+    StreamFull,
+)
+from katydid.gateway.admission import Admission
+from katydid.gateway.options import Limits
+from katydid.gateway.session import (
+    Admit,
+    CancelJobs,
+    JobStamp,
+    Output,
+    Publish,
+    Session,
+)
+from katydid.httpd import Response, json_response
+from katydid.log import SampledLogger
+from katydid.messages import JobResult
+from katydid.metrics import GatewayMetrics
+
+log = structlog.get_logger("katydid.gateway")
+_CLEANUP_S = 10.0  # at shutdown: for deleting the ended sessions' unanswered jobs
+
+
+@dataclass(frozen=True, slots=True)
+class DeadJob:
+    stream_seq: int
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLost:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    position: int
+    eta_s: float
+
+
+Inbound = JobResult | DeadJob | QueueLost | Position
+
+
+def apply(session: Session, item: Inbound) -> list[Output]:
+    """What the bus reported, as the session's input."""
+    if isinstance(item, JobResult):
+        return session.receive_result(item)
+    if isinstance(item, DeadJob):
+        return session.dead_job(item.stream_seq, item.deliveries)
+    if isinstance(item, QueueLost):
+        return session.queue_lost()
+    return session.queue_status(item.position, item.eta_s)
+
+
+@dataclass(slots=True)
+class Live:
+    """A session being served: the sans-IO core plus the channel the bus feeds it through."""
+
+    session: Session
+    inbox_send: trio.MemorySendChannel[Inbound]
+    inbox: trio.MemoryReceiveChannel[Inbound]
+    started: float = field(default_factory=time.monotonic)
+    progress: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+
+    async def wait_for_room(self) -> None:
+        """Until the session is below its in-flight bound (results free room)."""
+        while not self.session.wants_audio and not self.session.closed:
+            await self.progress.park()
+
+
+def _clock() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # outside trio.run (unit tests of the bookkeeping)
+        return time.monotonic()
+
+
+class Gateway:
+    """The sessions and their bus.
+
+    Args:
+        cfg: configuration.
+        bus: the job bus; by default a ``NatsBridge`` to ``cfg.nats_url``.
+    """
+
+    def __init__(self, cfg: Config, *, bus: JobBus | None = None) -> None:
+        self.cfg = cfg
+        self.gateway_id = uuid.uuid4().hex[:12]
+        self.limits = Limits.from_config(cfg)
+        if bus is None:
+            from katydid.bus.nats import NatsBridge
+
+            bus = NatsBridge(cfg, self.gateway_id)
+        self.bus: JobBus = bus
+        bus.attach(BusHandlers(self._on_result, self._on_worker, self._on_dead_job, self._on_lost))
+        self.admission = Admission(cfg, _clock)
+        self._token_key = secrets.token_bytes(32)
+        self.stamp = JobStamp(bus.results_subject, self.job_token, time.time)
+        # Jobs to delete from the stream: ones JetStream gave up on, and the unanswered jobs of
+        # sessions that ended. Bounded by what the stream itself may hold.
+        self._delete_send, self._delete_recv = trio.open_memory_channel[int](cfg.stream_max_msgs)
+        self._cancel_send, self._cancel_recv = trio.open_memory_channel[str](cfg.stream_max_msgs)
+        self._cleanup_pending = 0  # deletions and cancels queued, not yet done
+        self._cleanup_done = trio.Event()
+        self.sessions: dict[str, Live] = {}
+        self.sampled = SampledLogger(
+            log, burst=cfg.log_sample_burst, window_s=cfg.log_sample_window_s
+        )
+        self.counters = {"duplicate_results": 0, "orphan_results": 0, "forged_results": 0}
+        self.peak_sessions = 0
+        self.metrics = GatewayMetrics(
+            lambda: {k: w.beat for k, w in self.admission.workers.items()}
+        )
+        self.stopping = False  # no new sessions: the server is shutting down
+        self._no_sessions = trio.Event()  # set when stopping and the last session ended
+
+    # --- the bus side, run by the server around its doors ---
+
+    async def run_bus(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The bus, queue polls and the cleanup of ended sessions' jobs, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.bus.run)
+            nursery.start_soon(self._poll_queue)
+            nursery.start_soon(self._delete_jobs)
+            nursery.start_soon(self._announce_cancels)
+            task_status.started()
+
+    async def cleanup_done(self, timeout_s: float = _CLEANUP_S) -> None:
+        """At shutdown, after the sessions ended: until their jobs are deleted and cancelled."""
+        with trio.move_on_after(timeout_s) as scope:
+            while self._cleanup_pending:
+                self._cleanup_done = trio.Event()
+                await self._cleanup_done.wait()
+        if scope.cancelled_caught:
+            log.warning("shutdown_cleanup_unfinished", jobs=self._cleanup_pending)
+
+    def _cleaned(self) -> None:
+        self._cleanup_pending -= 1
+        if not self._cleanup_pending:
+            self._cleanup_done.set()
+
+    async def _delete_jobs(self) -> None:
+        async for stream_seq in self._delete_recv:
+            try:
+                if await self.bus.delete_job(stream_seq):
+                    self.sampled.info("job_deleted", stream_seq=stream_seq)
+            except NatsError as exc:
+                self.sampled.warning("job_delete_failed", stream_seq=stream_seq, error=str(exc))
+            finally:
+                self._cleaned()
+
+    async def _announce_cancels(self) -> None:
+        async for session_id in self._cancel_recv:
+            try:
+                with trio.move_on_after(self.cfg.nats_request_timeout_s):
+                    await self.bus.publish_cancel(session_id)
+            except NatsError as exc:
+                self.sampled.warning("cancel_publish_failed", error=str(exc))
+            finally:
+                self._cleaned()
+
+    def _delete_job(self, stream_seq: int) -> None:
+        try:
+            self._delete_send.send_nowait(stream_seq)
+        except trio.WouldBlock:
+            self.sampled.warning("job_left_in_stream", stream_seq=stream_seq)
+            return
+        self._cleanup_pending += 1
+
+    def cancel_jobs(self, cancel: CancelJobs) -> None:
+        """A session ended with jobs unanswered: they leave the work queue now (a worker that
+        never heard the cancel would transcribe them for nobody, and they would take stream
+        space until then); the cancel stops the ones workers already hold."""
+        for stream_seq in cancel.stream_seqs:
+            self._delete_job(stream_seq)
+        try:
+            self._cancel_send.send_nowait(cancel.session_id)
+            self._cleanup_pending += 1
+        except trio.WouldBlock:
+            self.sampled.warning("cancel_not_announced", session_id=cancel.session_id)
+
+    # --- bus callbacks (trio thread; must not raise) ---
+
+    def job_token(self, job_id: str) -> str:
+        """This gateway's proof for a job it publishes (HMAC of the job id under a key made at
+        start): no per-job state, and nobody without the key can make one for a job."""
+        return hmac.new(self._token_key, job_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _on_result(self, data: bytes) -> None:
+        try:
+            result = JobResult.from_json(data)
+        except MessageError as exc:
+            self.sampled.warning("bad_result", error=str(exc))
+            return
+        if not hmac.compare_digest(result.token, self.job_token(result.job)):
+            # Published on our results subject by something that never held the job.
+            self.counters["forged_results"] += 1
+            self.sampled.warning("forged_result", session=result.session, seq=result.seq)
+            return
+        outcome = result.error["code"] if result.error else "ok"
+        self.metrics.results.labels(result.kind, outcome).inc()
+        if outcome == "ok":
+            self.metrics.time_in_queue.observe(result.queue_s)
+            self.metrics.transcription.observe(result.compute_s)
+            if result.kind == "final":
+                self.metrics.audio_seconds.inc(result.audio_s)
+        live = self.sessions.get(result.session)
+        if live is None:
+            self.counters["orphan_results"] += 1  # the client left; its cancel crossed this result
+            return
+        if not self._route(live, result):
+            # Results are bounded by jobs in flight, so only duplicates can overflow the inbox.
+            self.counters["duplicate_results"] += 1
+
+    def _route(self, live: Live, item: Inbound) -> bool:
+        try:
+            live.inbox_send.send_nowait(item)
+        except (trio.WouldBlock, trio.BrokenResourceError):
+            return False
+        return True
+
+    def _on_dead_job(self, stream_seq: int, deliveries: int) -> None:
+        """JetStream will not deliver this job again (every delivery ended without an ack: a
+        worker crashed on it each time). Its session hears so now; the job leaves the stream,
+        deleted by every gateway that hears the advisory (a job whose session, or gateway, is
+        gone would otherwise sit in the stream for good)."""
+        self._delete_job(stream_seq)
+        for session_id, live in self.sessions.items():
+            if live.session.seq_of(stream_seq) is not None:
+                self.sampled.warning("job_dead", session=session_id, deliveries=deliveries)
+                self._route(live, DeadJob(stream_seq, deliveries))
+                return
+        self.sampled.info("dead_job_unowned", stream_seq=stream_seq, deliveries=deliveries)
+
+    def _on_lost(self) -> None:
+        for live in self.sessions.values():
+            if live.session.in_flight:
+                self._route(live, QueueLost())
+
+    def _on_worker(self, data: bytes) -> None:
+        try:
+            self.admission.heartbeat(data)
+        except ValueError as exc:
+            self.sampled.warning("bad_worker_heartbeat", error=str(exc))
+
+    # --- queue state, for all sessions at once ---
+
+    async def _poll_queue(self) -> None:
+        adm = self.admission
+        while True:
+            counted = dict(adm.published_since_poll)
+            try:
+                adm.polled(await self.bus.lane_stats(adm.polled_models()), counted)
+            except NatsError as exc:
+                self.sampled.warning("queue_poll_failed", error=str(exc))
+            adm.forget_gone_workers()
+            self._export_queue()
+            self.sampled.flush()
+            capacities = adm.capacities()
+            for live in list(self.sessions.values()):
+                s = live.session
+                oldest = s.oldest_stream_seq
+                if oldest is None:
+                    continue
+                where = adm.position(s.model, s.lane, oldest, capacities.get(s.model))
+                if where is not None and not self._route(live, Position(*where)):
+                    s.last_queued = None  # a status update; the next poll sends a fresh one
+            await trio.sleep(self.cfg.queue_poll_s)
+
+    def _export_queue(self) -> None:
+        m = self.metrics
+        for (model, lane), stats in self.admission.lanes.items():
+            m.queue_depth.labels(model, lane).set(stats.pending)
+            m.queue_in_progress.labels(model, lane).set(stats.in_progress)
+            m.jobs_redelivered.labels(model, lane).set(stats.redelivered)
+        m.workers_live.set(self.admission.live_workers())
+        m.nats_connected.set(1 if self.bus.connected else 0)
+
+    # --- what the doors call ---
+
+    def open_session(self) -> Live:
+        """A new session, registered to hear its results."""
+        session_id = uuid.uuid4().hex
+        send, recv = trio.open_memory_channel[Inbound](2 * self.cfg.max_jobs_in_flight + 16)
+        live = Live(Session(session_id, self.limits, self.stamp, _clock()), send, recv)
+        self.sessions[session_id] = live
+        self.metrics.active_connections.inc()
+        if len(self.sessions) > self.peak_sessions:
+            self.peak_sessions = len(self.sessions)
+            self.metrics.peak_connections.set(self.peak_sessions)
+        return live
+
+    def close_session(self, live: Live) -> None:
+        """The session is over (its adapter carried out its last outputs): forget it, count it,
+        log it (sampled unless it went well)."""
+        s = live.session
+        self.sessions.pop(s.session_id, None)
+        live.inbox_send.close()
+        if s.intake is not None:
+            s.intake.upload.close()  # a spooled upload's disk file goes with it
+        outcome = s.outcome or "incomplete"
+        if self.stopping and not self.sessions:
+            self._no_sessions.set()
+        self.metrics.active_connections.dec()
+        self.metrics.sessions.labels(outcome).inc()
+        line = {
+            "outcome": outcome,
+            "chunks": s.chunks_total,
+            "answered": s.chunks_answered,
+            "cancelled_jobs": s.cancelled_jobs,
+            "audio_s": round(s.audio_s, 2),
+            "duration_s": round(time.monotonic() - live.started, 2),
+        }
+        if outcome == "ok":
+            log.info("session", session_id=s.session_id, **line)
+        else:
+            self.sampled.info("session", session_id=s.session_id, **line)
+
+    def carry_out(self, live: Live, outputs: list[Output]) -> list[Output]:
+        """Do the outputs that need no I/O (admission, cancels); returns the rest, for the
+        adapter, in order."""
+        rest: list[Output] = []
+        for out in outputs:
+            if isinstance(out, Admit):
+                rest += self.carry_out(live, self._admit(live.session, out))
+            elif isinstance(out, CancelJobs):
+                self.cancel_jobs(out)
+            else:
+                rest.append(out)
+        return rest
+
+    def _admit(self, session: Session, admit: Admit) -> list[Output]:
+        if self.stopping:
+            return session.shutdown()
+        try:
+            model, offers = self.admission.admit(admit.options)
+        except ProtocolError as exc:
+            if exc.code is ErrorCode.OVERLOADED:
+                self.metrics.overloaded.labels("max_wait").inc()
+            return session.fail(exc)
+        # An upload waits until stop: memory up to a bound, then disk.
+        upload = (
+            tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed with the session
+                max_size=self.cfg.upload_memory_bytes, prefix="katydid-upload-"
+            )
+            if admit.options.is_file
+            else None
+        )
+        return session.admitted(model, tuple(o.to_dict() for o in offers.values()), upload)
+
+    async def publish(self, live: Live, publish: Publish) -> list[Output]:
+        """Queue a session's job; returns what the session says next (outputs for the adapter)."""
+        s = live.session
+        job = publish.job
+        try:
+            # Shielded (the bus bounds it by nats_request_timeout_s): a job the server may
+            # already hold must have its stream sequence recorded, or a session that ended
+            # meanwhile could not delete it, and it would be transcribed for nobody.
+            with trio.CancelScope(shield=True):
+                stream_seq = await self.bus.publish_job(
+                    publish.model, publish.lane, job, publish.pcm
+                )
+        except JobTooLarge as exc:
+            error = ProtocolError(ErrorCode.TOO_LARGE, f"chunk {job.seq}: {exc}")
+        except StreamFull:
+            self.metrics.overloaded.labels("stream_full").inc()
+            retry = max(1.0, self.admission.backlog_eta_s(publish.model, publish.lane))
+            error = ProtocolError(
+                ErrorCode.OVERLOADED, "the job queue is full", retry_after_s=retry
+            )
+        except NatsError as exc:
+            self.metrics.overloaded.labels("nats_unavailable").inc()
+            error = ProtocolError(
+                ErrorCode.OVERLOADED, f"queue unavailable: {exc}", retry_after_s=5.0
+            )
+        else:
+            kind = job.options.kind
+            self.metrics.jobs_published.labels(publish.lane, kind).inc()
+            if kind == "partial":
+                return []
+            self.admission.published(publish.model)
+            return self.carry_out(live, s.published(job.seq, stream_seq))
+        return self.carry_out(live, s.publish_failed(job, error))
+
+    def stop(self) -> None:
+        """No new sessions (one admitted from now on is told the server is shutting down)."""
+        self.stopping = True
+        if not self.sessions:
+            self._no_sessions.set()
+
+    async def sessions_ended(self) -> None:
+        """After ``stop``: until the last session ended."""
+        await self._no_sessions.wait()
+
+    def partials_allowed(self, model: str) -> bool:
+        return self.admission.partials_allowed.get(model, False)
+
+    # --- operators ---
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        return self.admission.readiness(self.bus.connected)
+
+    def routes(self) -> dict[str, Callable[[], Response]]:
+        def metrics() -> Response:
+            return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+
+        def ready() -> Response:
+            ok, detail = self.readiness()
+            return json_response(200 if ok else 503, {"ready": ok, **detail})
+
+        def health() -> Response:
+            lost = self.bus.lost
+            return json_response(
+                503 if lost else 200,
+                {
+                    "alive": not lost,
+                    "sessions": len(self.sessions),
+                    "nats": "closed, being replaced" if lost else "ok",
+                },
+            )
+
+        return {"/metrics": metrics, "/healthz": health, "/readyz": ready}

@@ -1,0 +1,71 @@
+"""A gateway with its doors and operator endpoints, as ``katydid gateway`` and ``katydid serve``
+run it, and its one shutdown order.
+
+Shutdown, however it comes: stop accepting and admitting → sessions finish, bounded by
+``shutdown_grace_s`` (``drain``; ``cut_grace`` ends it early) → the rest are told ``shutdown``
+and their unanswered jobs are deleted and cancelled → the bus closes. The bus side runs shielded
+until its cleanup is done: cancelled together with the sessions, it closed first and the cleanup
+went nowhere (jobs transcribed for nobody after a SIGTERM).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from katydid.bus import JobBus
+from katydid.config import Config
+from katydid.gateway.server import Gateway
+from katydid.gateway.websocket import WebSocketDoor
+from katydid.httpd import serve_http
+
+
+class GatewayService:
+    def __init__(self, cfg: Config, *, bus: JobBus | None = None) -> None:
+        self.cfg = cfg
+        self.gateway = Gateway(cfg, bus=bus)
+        self.websocket = WebSocketDoor(self.gateway)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._infrastructure_stop = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect the bus, open the doors, serve until cancelled; ``started`` gets the
+        WebSocket port."""
+        async with trio.open_nursery() as outer:
+            await outer.start(self._infrastructure)
+            try:
+                async with trio.open_nursery() as doors:
+                    self.port = await doors.start(self.websocket.run)
+                    task_status.started(self.port)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.gateway.cleanup_done()
+                    self._infrastructure_stop.set()
+
+    async def _infrastructure(self, *, task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                if self.cfg.metrics_port >= 0:
+                    self.metrics_port = await nursery.start(
+                        serve_http,
+                        self.cfg.metrics_host,
+                        self.cfg.metrics_port,
+                        self.gateway.routes(),
+                    )
+                await nursery.start(self.gateway.run_bus)
+                task_status.started()
+                await self._infrastructure_stop.wait()
+                nursery.cancel_scope.cancel()
+
+    async def drain(self) -> None:
+        """Stop accepting; sessions finish within ``shutdown_grace_s``; the rest are ended."""
+        self.gateway.stop()
+        self.websocket.stop_accepting()
+        with trio.move_on_after(self.cfg.shutdown_grace_s):
+            await self.gateway.sessions_ended()
+        self.websocket.end_sessions()
+
+    def cut_grace(self) -> None:
+        """End the shutdown grace now (a second signal)."""
+        self.gateway.stop()
+        self.websocket.end_sessions()

@@ -1,0 +1,491 @@
+"""One client session, sans-IO (h11-style): typed inputs in, typed outputs out.
+
+The adapters (``websocket.py``; the HTTP doors later) feed a ``Session`` what happened — a client
+frame, a decoded block of an upload, a job's result, the clock, the queue's state — and carry out
+what it returns: ``Send`` an event, ``Publish`` a job, ``Decode`` an upload, ``CancelJobs``,
+``Close``. It owns option validation, chunking, job building, the in-flight bookkeeping, in-order
+delivery and completion; it imports neither trio nor nats, and time is an input (``now``), so its
+whole life is unit-tested without sockets or sleeps.
+
+Rule 1: finals leave in chunk order. A result that arrives early waits in ``_early`` (bounded by
+the chunks in flight); a duplicate (a redelivered job answered twice) is ignored.
+Rule 2: every bound ends the session with a coded ``ErrorEvent`` and a ``Close``; nothing is
+dropped silently. An input never raises: a ``ProtocolError`` becomes those outputs.
+Rule 3: a session that ends with jobs unanswered says which (``CancelJobs``), however it ends.
+
+Phases: AWAIT_START --start--> ADMITTING --admitted--> STREAMING --stop--> STOPPED
+--(every chunk answered)--> CLOSED (also reached from any phase by an error or the client leaving).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import IO, Any
+
+import numpy as np
+
+from katydid.chunker import Chunk
+from katydid.errors import ErrorCode, ProtocolError
+from katydid.gateway.events import Done, ErrorEvent, Final, Queued, Ready
+from katydid.gateway.intake import AudioIntake
+from katydid.gateway.options import Limits, StartOptions
+from katydid.gateway.outputs import (
+    Admit,
+    CancelJobs,
+    Close,
+    Decode,
+    JobStamp,
+    Output,
+    Publish,
+    Send,
+    error_code,
+)
+from katydid.messages import Job, JobOptions, JobResult
+
+__all__ = [
+    "Admit",
+    "CancelJobs",
+    "Close",
+    "Decode",
+    "JobStamp",
+    "Output",
+    "Phase",
+    "Publish",
+    "Send",
+    "Session",
+]
+
+
+class Phase(Enum):
+    AWAIT_START = "await_start"
+    ADMITTING = "admitting"
+    STREAMING = "streaming"
+    STOPPED = "stopped"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class Session:
+    """The state of one client session; ``now`` is any monotonic clock, in seconds."""
+
+    session_id: str
+    limits: Limits
+    stamp: JobStamp
+    now: float  # when the connection was accepted
+    phase: Phase = Phase.AWAIT_START
+    options: StartOptions | None = None
+    model: str = ""  # set at admission: the model its jobs go to
+    outcome: str = ""  # set when CLOSED: ok, a client error code, client_gone, shutdown
+    last_queued: tuple[int, int] | None = None
+    cancelled_jobs: int = 0  # jobs it ended without, cancelled
+    intake: AudioIntake | None = None  # from start on
+    _last_input: float = 0.0
+    _stopped_at: float = 0.0
+    _flushed: bool = False
+    _in_flight: set[int] = field(default_factory=set)  # chunk seqs published, not yet answered
+    _stream_seqs: dict[int, int] = field(default_factory=dict)  # of those: seq -> stream seq
+    _next_seq: int = 0  # next final to deliver
+    _early: dict[int, JobResult] = field(default_factory=dict)
+    _failed: int = 0
+    _partials: int = 0
+    _partial_in_flight: bool = False
+
+    def __post_init__(self) -> None:
+        self._last_input = self.now
+
+    # --- client input ---
+
+    def receive_text(self, text: str, now: float) -> list[Output]:
+        """A text frame: ``start`` or ``stop`` (anything else is an error)."""
+        self._last_input = now
+        try:
+            return self._text(text, now)
+        except ProtocolError as exc:
+            return self.fail(exc)
+
+    def _text(self, text: str, now: float) -> list[Output]:
+        if self.phase is Phase.CLOSED:
+            return []
+        if len(text) > self.limits.max_frame_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, "control message too large")
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, "control message is not valid JSON"
+            ) from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, "control message must be an object with a string 'type'"
+            )
+        kind = msg["type"]
+        if kind == "start":
+            if self.phase is not Phase.AWAIT_START:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "start sent twice")
+            self.options = StartOptions.from_message(msg, self.limits)
+            self.intake = AudioIntake(self.limits, self.options)
+            self.phase = Phase.ADMITTING
+            return [Admit(self.options)]
+        if kind == "stop":
+            if self.phase is not Phase.STREAMING:
+                raise ProtocolError(
+                    ErrorCode.BAD_MESSAGE, f"stop not allowed in state {self.phase.value}"
+                )
+            self.phase = Phase.STOPPED
+            self._stopped_at = now
+            assert self.options is not None
+            assert self.intake is not None
+            if self.options.is_file:
+                return [Decode(self.intake.stored_upload())]
+            return self._finish()
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown message type {kind!r}")
+
+    def admitted(
+        self, model: str, offers: tuple[dict[str, Any], ...], upload: IO[bytes] | None = None
+    ) -> list[Output]:
+        """Admission chose ``model``; the client hears ``ready`` and may send audio. ``upload``:
+        where a file's bytes wait until stop (default: memory)."""
+        if self.phase is not Phase.ADMITTING or self.intake is None:
+            return []
+        if upload is not None:
+            self.intake.upload = upload
+        self.model = model
+        self.phase = Phase.STREAMING
+        return [Send(Ready(self.session_id, model, offers))]
+
+    def receive_bytes(
+        self, data: bytes, now: float, *, partials_allowed: bool = False
+    ) -> list[Output]:
+        """A binary audio frame: live PCM is cut into chunks (published at once), a file's bytes
+        are kept until ``stop``. ``partials_allowed``: the queue has room for a partial now."""
+        self._last_input = now
+        try:
+            return self._bytes(data, partials_allowed)
+        except ProtocolError as exc:
+            return self.fail(exc)
+
+    def _bytes(self, data: bytes, partials_allowed: bool) -> list[Output]:
+        if self.phase is Phase.CLOSED:
+            return []
+        if self.phase is not Phase.STREAMING:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, "audio is only allowed between start and stop"
+            )
+        assert self.intake is not None
+        out = self._jobs(self.intake.frame(data))
+        if partials_allowed:
+            out += self._partial()
+        return out
+
+    # --- an upload, decoded by the adapter after stop ---
+
+    def decoding(self, duration_s: float) -> None:
+        """The file's length from its header (0 if unknown)."""
+        assert self.intake is not None
+        self.intake.file_length(duration_s)
+
+    def decoded(self, audio: np.ndarray) -> list[Output]:
+        """A block of the decoded file (16 kHz mono float32): the chunks it completes."""
+        if self.phase is not Phase.STOPPED or self.intake is None:
+            return []
+        try:
+            return self._jobs(self.intake.block(audio))
+        except ProtocolError as exc:
+            return self.fail(exc)
+
+    def decoded_end(self) -> list[Output]:
+        """The whole file is decoded: the last chunks."""
+        try:
+            return self._finish() if self.phase is Phase.STOPPED else []
+        except ProtocolError as exc:
+            return self.fail(exc)
+
+    def _finish(self) -> list[Output]:
+        assert self.intake is not None
+        self._flushed = True
+        return self._jobs(self.intake.end()) + self._completion()
+
+    def _jobs(self, chunks: list[Chunk]) -> list[Output]:
+        out: list[Output] = []
+        for chunk in chunks:
+            self._in_flight.add(chunk.seq)
+            job = self._job(
+                f"{self.session_id}-{chunk.seq}",
+                chunk.seq,
+                round(chunk.offset_s * 1000),
+                self.limits.job_deadline_s,
+                "final",
+            )
+            out.append(Publish(job, _body(chunk.audio), self.model, self.lane))
+        return out
+
+    def _job(self, job_id: str, seq: int, offset_ms: int, deadline_s: float, kind: str) -> Job:
+        """A job of this session: its options (words only for finals), the gateway's reply
+        subject and token, a deadline ``deadline_s`` from now."""
+        opts = self.options
+        assert opts is not None
+        return Job(
+            job_id=job_id,
+            session_id=self.session_id,
+            seq=seq,
+            offset_ms=offset_ms,
+            reply_subject=self.stamp.reply_subject,
+            deadline_unix_ms=int((self.stamp.unix_now() + deadline_s) * 1000),
+            options=JobOptions(
+                language=opts.language,
+                word_timestamps=opts.word_timestamps and kind == "final",
+                prompt=opts.prompt,
+                task=opts.task,
+                kind=kind,
+            ),
+            token=self.stamp.token(job_id),
+        )
+
+    # --- partial results ---
+
+    def _partial(self) -> list[Output]:
+        """A partial job for the utterance in progress, if one is due: at most one in flight per
+        session (and none unless the client asked)."""
+        opts = self.options
+        if self._partial_in_flight or opts is None or not opts.partials or self.intake is None:
+            return []
+        due = self.intake.partial_audio()
+        if due is None:
+            return []
+        seq, samples = due
+        self._partial_in_flight = True
+        self._partials += 1
+        job_id = f"{self.session_id}-{seq}-p{self._partials}"
+        job = self._job(job_id, seq, 0, self.limits.partial_deadline_s, "partial")
+        return [Publish(job, _body(samples), self.model, "interactive")]
+
+    # --- what became of a publish ---
+
+    def published(self, seq: int, stream_seq: int) -> list[Output]:
+        """A final's job is in the stream at ``stream_seq``. If the session ended meanwhile (or
+        the result already came), the job is cancelled/forgotten at once."""
+        if seq not in self._in_flight:
+            return []  # answered before its publish was acknowledged
+        if self.phase is Phase.CLOSED:
+            self._in_flight.discard(seq)
+            self.cancelled_jobs += 1
+            return [CancelJobs(self.session_id, (stream_seq,))]
+        self._stream_seqs[seq] = stream_seq
+        return []
+
+    def publish_failed(self, job: Job, exc: ProtocolError) -> list[Output]:
+        """A job could not be queued: a partial is skipped (its final will come anyway), a
+        final ends the session with ``exc``."""
+        if job.options.kind == "partial":
+            self._partial_in_flight = False
+            return []
+        self._in_flight.discard(job.seq)
+        return self.fail(exc)
+
+    # --- worker results ---
+
+    def receive_result(self, result: JobResult) -> list[Output]:
+        """A worker's result: the finals (and chunk errors) now deliverable, in order; ``done``
+        and the close once every chunk is answered."""
+        if self.phase is Phase.CLOSED:
+            return []
+        if result.kind == "partial":
+            self._partial_in_flight = False
+            if result.error or not result.text or result.seq < self._next_seq:
+                return []
+            return [Send(Final(result.seq, 0.0, 0.0, result.text, (), kind="partial"))]
+        if result.seq not in self._in_flight:
+            return []  # a duplicate from a redelivered job, or not a job of this session
+        self._in_flight.discard(result.seq)
+        self._stream_seqs.pop(result.seq, None)
+        self._early[result.seq] = result
+        out: list[Output] = []
+        while self._next_seq in self._early:
+            r = self._early.pop(self._next_seq)
+            self._next_seq += 1
+            if r.error:
+                self._failed += 1
+                code = error_code(r.error.get("code", ""))
+                message = r.error.get("message", "chunk failed")
+                out.append(Send(ErrorEvent(code, message, seq=r.seq)))
+            elif r.text:
+                segs = tuple(s.to_dict() for s in r.segments)
+                start = r.segments[0].start_s if r.segments else 0.0
+                end = r.segments[-1].end_s if r.segments else 0.0
+                final = Final(
+                    r.seq, start, end, r.text, segs, worker=r.worker, queue_s=r.queue_s,
+                    language=r.language,
+                )  # fmt: skip
+                out.append(Send(final))
+        return out + self._completion()
+
+    def dead_job(self, stream_seq: int, deliveries: int) -> list[Output]:
+        """JetStream gave up on one of this session's jobs: its chunk fails now (instead of
+        waiting out ``result_timeout_s``)."""
+        seq = self.seq_of(stream_seq)
+        if seq is None:
+            return []
+        message = f"chunk {seq}: no worker finished it in {deliveries} deliveries"
+        return self.receive_result(
+            JobResult(
+                job=f"{self.session_id}-{seq}", session=self.session_id, seq=seq, kind="final",
+                text="", segments=(), language="", audio_s=0.0, compute_s=0.0, queue_s=0.0,
+                worker="", error={"code": ErrorCode.INTERNAL.value, "message": message},
+            )
+        )  # fmt: skip
+
+    def _completion(self) -> list[Output]:
+        if not (self.phase is Phase.STOPPED and self._flushed and not self._in_flight):
+            return []
+        if self._next_seq < self.chunks_total:
+            return []
+        self.phase = Phase.CLOSED
+        self.outcome = "ok"
+        return [Send(self.done_event()), Close(1000, "done", "ok")]
+
+    # --- the clock, the queue, and endings from outside ---
+
+    @property
+    def deadline(self) -> float:
+        """When this session times out if nothing happens (compare with the same clock as
+        ``now``): no start, no frame while streaming, or results not complete."""
+        limits = self.limits
+        if self.phase in (Phase.AWAIT_START, Phase.ADMITTING):
+            return self.now + limits.start_timeout_s
+        if self.phase is Phase.STREAMING:
+            if not self.wants_audio:
+                # The adapter is not reading: our backpressure, not the client's silence (jobs
+                # still end, at worst 'expired' after job_deadline_s, and free room).
+                return float("inf")
+            return self._last_input + limits.idle_timeout_s
+        if self.phase is Phase.STOPPED:
+            return self._stopped_at + limits.result_timeout_s
+        return float("inf")
+
+    def resumed(self, now: float) -> None:
+        """The adapter reads again after waiting for room: idle time counts from now."""
+        self._last_input = max(self._last_input, now)
+
+    def tick(self, now: float) -> list[Output]:
+        """The clock says ``now``: a session past its deadline ends with ``timeout`` (4008)."""
+        if now < self.deadline:
+            return []
+        if self.phase in (Phase.AWAIT_START, Phase.ADMITTING):
+            message = f"no start message within {self.limits.start_timeout_s:.0f} s"
+        elif self.phase is Phase.STREAMING:
+            message = f"no message for {self.limits.idle_timeout_s:.0f} s"
+        else:
+            message = f"results not complete within {self.limits.result_timeout_s:.0f} s"
+        return self.fail(ProtocolError(ErrorCode.TIMEOUT, message))
+
+    def queue_status(self, position: int, eta_s: float) -> list[Output]:
+        """Where the oldest unanswered job stands; sent when it is news. Far back in the
+        queue a step of one place is news to no one: updated when the position moved by 5%
+        (or reached the front), so 2,000 waiting clients are not 2,000 frames a second."""
+        if not self._stream_seqs or self.phase is Phase.CLOSED:
+            return []
+        last = self.last_queued
+        if last is not None and position and abs(position - last[0]) < max(1, last[0] // 20):
+            return []
+        if last == (position, int(eta_s)):
+            return []
+        self.last_queued = (position, int(eta_s))
+        return [Send(Queued(position, eta_s))]
+
+    def fail(self, exc: ProtocolError) -> list[Output]:
+        """End the session with a coded error (sent, then the close code); its unanswered jobs
+        are cancelled."""
+        if self.phase is Phase.CLOSED:
+            return []
+        out: list[Output] = [Send(ErrorEvent(exc.code, exc.message, exc.retry_after_s))]
+        return out + self._close(exc.close_code, exc.code.value, str(exc.code))
+
+    def client_gone(self, *, too_large: bool = False) -> list[Output]:
+        """The connection is gone (closed, reset, or over the transport's frame limit)."""
+        if self.phase is Phase.CLOSED:
+            return []
+        outcome = "too_large" if too_large else "client_gone"
+        return [o for o in self._close(1000, outcome, outcome) if not isinstance(o, Close)]
+
+    def shutdown(self) -> list[Output]:
+        """The server stops before this session finished: the client is told to come back."""
+        out = self.fail(
+            ProtocolError(ErrorCode.OVERLOADED, "the server is shutting down", retry_after_s=5.0)
+        )
+        self.outcome = "shutdown"
+        return out
+
+    def queue_lost(self) -> list[Output]:
+        """The gateway lost its NATS connection: results workers published meanwhile went
+        nowhere, so a session waiting for some ends with a coded retry instead of silence."""
+        if not self._in_flight:
+            return []
+        return self.fail(
+            ProtocolError(
+                ErrorCode.OVERLOADED,
+                "the gateway lost its connection to the job queue; results may be lost",
+                retry_after_s=5.0,
+            )
+        )
+
+    def _close(self, code: int, reason: str, outcome: str) -> list[Output]:
+        self.phase = Phase.CLOSED
+        self.outcome = outcome
+        out: list[Output] = []
+        if self._stream_seqs:
+            self.cancelled_jobs += len(self._stream_seqs)
+            out.append(CancelJobs(self.session_id, tuple(self._stream_seqs.values())))
+        # Jobs whose publish is still unacknowledged are cancelled when it is (``published``).
+        self._in_flight.difference_update(self._stream_seqs)
+        self._stream_seqs.clear()
+        return [*out, Close(code, reason, outcome)]
+
+    # --- queries ---
+
+    @property
+    def lane(self) -> str:
+        return self.intake.lane if self.intake is not None else "interactive"
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    @property
+    def in_flight(self) -> int:
+        """Finals published (or being published) and not yet answered."""
+        return len(self._in_flight)
+
+    @property
+    def wants_audio(self) -> bool:
+        """Below the in-flight bound: the adapter may read (or decode) more audio. The bound is
+        checked before each frame, so it is exceeded by at most one frame's chunks."""
+        return len(self._in_flight) < self.limits.max_jobs_in_flight
+
+    @property
+    def oldest_stream_seq(self) -> int | None:
+        return min(self._stream_seqs.values()) if self._stream_seqs else None
+
+    def seq_of(self, stream_seq: int) -> int | None:
+        return next((s for s, ss in self._stream_seqs.items() if ss == stream_seq), None)
+
+    @property
+    def chunks_total(self) -> int:
+        return self.intake.chunker.chunks_emitted if self.intake else 0
+
+    @property
+    def chunks_answered(self) -> int:
+        return self._next_seq
+
+    @property
+    def audio_s(self) -> float:
+        return self.intake.audio_s if self.intake else 0.0
+
+    def done_event(self) -> Done:
+        return Done(self.chunks_total, self.audio_s, self._failed)
+
+
+def _body(samples: np.ndarray) -> bytes:
+    """A job's body: the int16 samples as s16le."""
+    return samples.astype("<i2", copy=False).tobytes()

@@ -1,0 +1,365 @@
+"""The gateway and its WebSocket door over an in-memory job bus, under trio's MockClock.
+
+Real trio-websocket on both ends of an in-memory stream, the real gateway and session core; the
+bus is ``MemoryBus``, played by the test as the workers. Time is the mock clock (autojump: a
+test that waits for a 120 s timeout takes milliseconds), so timeouts are tested, not slept.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    wrap_client_stream,
+    wrap_server_stream,
+)
+
+from katydid.bus.memory import MemoryBus
+from katydid.config import Config
+from katydid.errors import NatsError, StreamFull
+from katydid.gateway import Gateway
+from katydid.gateway.websocket import serve_connection
+from katydid.metrics import parse_text
+
+MODEL = "tiny.en-q8_0"
+
+
+def _speech_like(seconds: float, pause_every_s: float = 1.5, pause_s: float = 0.5) -> bytes:
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    voiced = (t % (pause_every_s + pause_s)) < pause_every_s
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * voiced * 32767).astype("<i2").tobytes()
+
+
+def _config(**overrides: Any) -> Config:
+    base: dict[str, Any] = {
+        "chunk_min_s": 2.0,
+        "file_chunk_min_s": 2.0,
+        "chunk_max_s": 10.0,
+        "worker_heartbeat_s": 1.0e6,  # heartbeats stay fresh however far the mock clock jumps
+        "metrics_port": -1,
+    }
+    return Config(**(base | overrides))
+
+
+@dataclass
+class Rig:
+    gateway: Gateway
+    bus: MemoryBus
+    nursery: trio.Nursery
+    sessions: trio.Nursery  # the connections' handlers (cancelled = the grace is over)
+
+    async def connect(self) -> WebSocketConnection:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+
+        async def serve() -> None:
+            request = await wrap_server_stream(self.nursery, server_stream)
+            await serve_connection(self.gateway, await request.accept())
+
+        self.sessions.start_soon(serve)
+        # trio-websocket's annotation names socket streams; any trio Stream works.
+        return await wrap_client_stream(
+            self.nursery,
+            client_stream,  # type: ignore[arg-type]
+            "katydid.test",
+            "/",
+        )
+
+
+@asynccontextmanager
+async def rig(cfg: Config | None = None) -> AsyncIterator[Rig]:
+    bus = MemoryBus()
+    gateway = Gateway(cfg or _config(), bus=bus)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.run_bus)
+        bus.heartbeat("w0", MODEL)
+        async with trio.open_nursery() as sessions:
+            yield Rig(gateway, bus, nursery, sessions)
+            sessions.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
+async def _eventually(condition: Any, within_s: float = 600.0) -> None:
+    """Until ``condition()`` holds, on the mock clock: fails (not hangs) after ``within_s``."""
+    with trio.fail_after(within_s):
+        while not condition():  # noqa: ASYNC110 - conditions on plain state, on the mock clock
+            await trio.sleep(0.05)
+
+
+async def _next(ws: WebSocketConnection, *skip: str) -> dict[str, Any]:
+    """The next event from the server (skipping types in ``skip``)."""
+    while True:
+        event = json.loads(await ws.get_message())
+        if event["type"] not in skip:
+            return dict(event)
+
+
+async def _closed(ws: WebSocketConnection) -> int:
+    """The close code, once the server has closed (skipping what arrives before it)."""
+    while True:
+        try:
+            await ws.get_message()
+        except ConnectionClosed as exc:
+            code = exc.reason.code if exc.reason is not None else None
+            assert isinstance(code, int)
+            return code
+
+
+async def _stream(ws: WebSocketConnection, seconds: float = 9.0, **start: Any) -> str:
+    await ws.send_message(json.dumps({"type": "start", **start}))
+    ready = await _next(ws)
+    assert (ready["type"], ready["model"]) == ("ready", MODEL)
+    await ws.send_message(_speech_like(seconds))
+    return str(ready["session_id"])
+
+
+async def test_results_arrive_in_order_then_done_and_close_1000(autojump_clock: Any) -> None:
+    async with rig() as r:
+        ws = await r.connect()
+        session_id = await _stream(ws)
+        await ws.send_message('{"type": "stop"}')
+        await _eventually(lambda: len(r.bus.finals()) >= 4)
+        await trio.testing.wait_all_tasks_blocked()
+        jobs = r.bus.finals(session_id)
+        assert [q.job.seq for q in jobs] == list(range(len(jobs)))
+        for q in reversed(jobs):  # answered last first: delivered first first
+            r.bus.take(q.stream_seq)
+            r.bus.answer(q, f"text {q.job.seq}")
+        finals = [await _next(ws, "queued") for _ in jobs]
+        assert [f["text"] for f in finals] == [f"text {q.job.seq}" for q in jobs]
+        done = await _next(ws, "queued")
+        assert (done["type"], done["chunks"]) == ("done", len(jobs))
+        assert await _closed(ws) == 1000
+        await _eventually(lambda: not r.gateway.sessions)
+        assert (r.bus.deleted, r.bus.cancels) == ([], [])
+
+
+@pytest.mark.parametrize("when", ["mid_stream", "after_stop"])
+async def test_a_client_that_leaves_has_its_unanswered_jobs_deleted_and_cancelled(
+    autojump_clock: Any, when: str
+) -> None:
+    async with rig() as r:
+        ws = await r.connect()
+        session_id = await _stream(ws)
+        if when == "after_stop":
+            await ws.send_message('{"type": "stop"}')
+        await _eventually(lambda: len(r.bus.finals()) >= 3)
+        await trio.testing.wait_all_tasks_blocked()
+        jobs = r.bus.finals(session_id)
+        r.bus.take(jobs[0].stream_seq)
+        r.bus.answer(jobs[0], "first")
+        assert (await _next(ws, "queued"))["text"] == "first"
+        await ws.aclose()
+        await _eventually(lambda: bool(r.bus.cancels))
+        await trio.testing.wait_all_tasks_blocked()
+        assert r.bus.cancels == [session_id]
+        assert sorted(r.bus.deleted) == [q.stream_seq for q in jobs[1:]]
+        assert not r.bus.queue  # nothing left for a worker to transcribe for nobody
+        assert r.gateway.sessions == {}
+
+
+@pytest.mark.parametrize(
+    ("send_start", "message"),
+    [(False, "no start message within 30 s"), (True, "no message for 120 s")],
+)
+async def test_start_and_idle_timeouts_close_4008(
+    autojump_clock: Any, send_start: bool, message: str
+) -> None:
+    cfg = _config(start_timeout_s=30.0, idle_timeout_s=120.0)
+    async with rig(cfg) as r:
+        ws = await r.connect()
+        began = trio.current_time()
+        if send_start:
+            await ws.send_message('{"type": "start"}')
+            assert (await _next(ws))["type"] == "ready"
+        error = await _next(ws)
+        assert (error["type"], error["code"], error["message"]) == ("error", "timeout", message)
+        assert await _closed(ws) == 4008
+        assert trio.current_time() - began == pytest.approx(120.0 if send_start else 30.0)
+
+
+async def test_result_timeout_after_stop(autojump_clock: Any) -> None:
+    async with rig(_config(result_timeout_s=900.0)) as r:
+        ws = await r.connect()
+        session_id = await _stream(ws)
+        await ws.send_message('{"type": "stop"}')
+        error = await _next(ws, "queued")
+        assert error["code"] == "timeout"
+        assert "900 s" in error["message"]
+        assert await _closed(ws) == 4008
+        await _eventually(lambda: bool(r.bus.cancels))
+        assert r.bus.cancels == [session_id]
+
+
+async def test_forged_unknown_and_orphan_results_change_nothing(autojump_clock: Any) -> None:
+    async with rig() as r:
+        ws = await r.connect()
+        session_id = await _stream(ws)
+        await _eventually(lambda: len(r.bus.finals()) >= 2)
+        first = r.bus.finals(session_id)[0]
+        forged = {"job": first.job.job_id, "session": session_id, "seq": 0, "text": "forged"}
+        r.gateway._on_result(json.dumps(forged | {"token": "0" * 32}).encode())
+        assert r.gateway.counters["forged_results"] == 1
+        gone = {"job": "gone-0", "session": "gone", "seq": 0, "text": "x"}
+        r.gateway._on_result(json.dumps(gone | {"token": r.gateway.job_token("gone-0")}).encode())
+        assert r.gateway.counters["orphan_results"] == 1
+        r.bus.answer(first, "real")
+        assert (await _next(ws, "queued"))["text"] == "real"
+
+
+async def test_a_dead_job_fails_its_chunk_and_the_session_goes_on(autojump_clock: Any) -> None:
+    async with rig() as r:
+        ws = await r.connect()
+        session_id = await _stream(ws)
+        await ws.send_message('{"type": "stop"}')
+        await _eventually(lambda: len(r.bus.finals()) >= 3)
+        await trio.testing.wait_all_tasks_blocked()
+        jobs = r.bus.finals(session_id)
+        r.bus.give_up(jobs[0].stream_seq, deliveries=4)
+        error = await _next(ws, "queued")
+        assert (error["type"], error["code"], error["seq"]) == ("error", "internal", 0)
+        for q in jobs[1:]:
+            r.bus.answer(q, "ok")
+        events = [await _next(ws, "queued") for _ in jobs]
+        assert [e["type"] for e in events] == ["final"] * (len(jobs) - 1) + ["done"]
+        assert events[-1]["failed_chunks"] == 1
+        assert jobs[0].stream_seq in r.bus.deleted
+
+
+async def test_shutdown_with_sessions_in_flight(autojump_clock: Any) -> None:
+    async with rig() as r:
+        sockets = [await r.connect() for _ in range(3)]
+        ids = [await _stream(ws) for ws in sockets]
+        await _eventually(lambda: len({q.job.session_id for q in r.bus.finals()}) == 3)
+        await trio.testing.wait_all_tasks_blocked()
+        r.gateway.stop()
+        late = await r.connect()  # accepted, but not admitted: told to come back
+        await late.send_message('{"type": "start"}')
+        told = await _next(late)
+        assert (told["code"], told["retry_after_s"]) == ("overloaded", 5.0)
+        r.sessions.cancel_scope.cancel()  # the grace is over
+        for ws in sockets:
+            error = await _next(ws, "queued")
+            assert (error["code"], error["message"]) == (
+                "overloaded",
+                "the server is shutting down",
+            )
+            assert await _closed(ws) == 1013
+        await r.gateway.cleanup_done()
+        assert sorted(r.bus.cancels) == sorted(ids)
+        assert not r.bus.queue
+        assert _metric(r.gateway, "katydid_sessions_total", outcome="shutdown") == 4
+
+
+def _metric(gateway: Gateway, name: str, **labels: str) -> float:
+    """One series of the gateway's /metrics, by name and labels (a subset of them)."""
+    found = 0.0
+    for key, value in parse_text(gateway.routes()["/metrics"]().body.decode()).items():
+        series, _, rest = key.partition("{")
+        if series == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            found += value
+    return found
+
+
+async def test_in_flight_bound_holds_back_reading(autojump_clock: Any) -> None:
+    async with rig(_config(max_jobs_in_flight=2)) as r:
+        ws = await r.connect()
+        await ws.send_message('{"type": "start"}')
+        await _next(ws)
+        frames = [_speech_like(4.0) for _ in range(6)]  # 24 s: about a dozen chunks
+        sender = trio.CancelScope()
+
+        async def send_all() -> None:
+            with sender:
+                for frame in frames:
+                    await ws.send_message(frame)
+                await ws.send_message('{"type": "stop"}')
+
+        r.nursery.start_soon(send_all)
+        answered = 0
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            open_jobs = [q for q in r.bus.finals() if q.stream_seq in r.bus.queue]
+            if not open_jobs:
+                break
+            # One frame's chunks may go over the bound (it is checked between frames).
+            assert len(open_jobs) <= 2 + 2
+            for q in open_jobs:
+                r.bus.answer(q, "x")
+                answered += 1
+        assert answered >= 10
+        events = []
+        while (event := await _next(ws, "queued"))["type"] != "done":
+            events.append(event)
+        assert len(events) == answered
+
+
+async def test_overloaded_when_the_queue_is_full_or_unreachable(autojump_clock: Any) -> None:
+    for failure, reason, retry in [
+        (StreamFull("job stream is full"), "stream_full", None),
+        (NatsError("NATS request timed out"), "nats_unavailable", 5.0),
+    ]:
+        async with rig() as r:
+            r.bus.fail_publish = failure
+            ws = await r.connect()
+            await _stream(ws)
+            error = await _next(ws)
+            assert error["code"] == "overloaded"
+            assert error["retry_after_s"] >= 1.0
+            if retry is not None:
+                assert error["retry_after_s"] == retry
+            assert await _closed(ws) == 1013
+            await _eventually(lambda r=r: not r.gateway.sessions)
+            assert _metric(r.gateway, "katydid_overloaded_total", reason=reason) == 1
+
+
+async def test_refused_at_start_when_the_queue_eta_exceeds_max_wait(autojump_clock: Any) -> None:
+    async with rig() as r:
+        r.bus.heartbeat("w0", MODEL, avg_compute_s=1000.0)  # one job takes 1,000 s
+        ws = await r.connect()
+        await ws.send_message('{"type": "start", "max_wait_s": 60}')
+        error = await _next(ws)
+        assert (error["code"], error["retry_after_s"]) == ("overloaded", 940.0)
+        assert await _closed(ws) == 1013
+        assert _metric(r.gateway, "katydid_overloaded_total", reason="max_wait") == 1
+
+
+async def test_a_lost_queue_connection_ends_waiting_sessions(autojump_clock: Any) -> None:
+    async with rig() as r:
+        waiting, idle = await r.connect(), await r.connect()
+        await _stream(waiting)
+        await idle.send_message('{"type": "start"}')
+        await _next(idle)
+        await _eventually(lambda: bool(r.bus.finals()))
+        await trio.testing.wait_all_tasks_blocked()
+        r.bus.lose()
+        error = await _next(waiting, "queued")
+        assert (error["code"], error["retry_after_s"]) == ("overloaded", 5.0)
+        assert await _closed(waiting) == 1013
+        health = r.gateway.routes()["/healthz"]()
+        assert health.status == 503
+        assert json.loads(health.body)["nats"] == "closed, being replaced"
+        await idle.send_message(_speech_like(1.0))  # the idle session carries on
+        assert len(r.gateway.sessions) == 1
+
+
+async def test_waiting_clients_hear_their_queue_position(autojump_clock: Any) -> None:
+    async with rig(_config(queue_poll_s=1.0)) as r:
+        ahead = await r.connect()
+        await _stream(ahead, seconds=20.0)
+        await _eventually(lambda: len(r.bus.finals()) >= 5)
+        ws = await r.connect()
+        await _stream(ws)
+        queued = await _next(ws)
+        assert queued["type"] == "queued"
+        assert queued["position"] >= 5  # behind the first session's jobs
+        assert queued["eta_s"] > 0
