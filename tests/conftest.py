@@ -9,14 +9,25 @@ import pytest
 
 from katydid.config import DEFAULT_MODEL
 
-SPEECH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
+SPEECH_DIR = Path(
+    os.environ.get("KATYDID_SPEECH_DIR")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
+)
 
 
 @pytest.fixture(scope="session")
 def speech_dir() -> Path:
-    """``../shared/data/speech``; tests that need real speech skip where it is absent."""
+    """The real speech clips (``../shared/data/speech``, or ``KATYDID_SPEECH_DIR``). Under nox
+    (``KATYDID_REQUIRE_SPEECH=1``) their absence fails every test that needs them: a suite
+    that skipped its end-to-end tests would pass with a broken server. Elsewhere they skip."""
     if not (SPEECH_DIR / "manifest.tsv").is_file():
-        pytest.skip(f"real speech clips not found at {SPEECH_DIR}")
+        message = (
+            f"real speech clips not found at {SPEECH_DIR} (README, 'Tests': how to get them, "
+            "or point KATYDID_SPEECH_DIR at a folder with a manifest.tsv)"
+        )
+        if os.environ.get("KATYDID_REQUIRE_SPEECH"):
+            pytest.fail(message)
+        pytest.skip(message)
     return SPEECH_DIR
 
 

@@ -17,8 +17,8 @@ import soundfile as sf
 import soxr
 
 from katydid.errors import AudioError
+from katydid.messages import SAMPLE_RATE
 
-SAMPLE_RATE = 16_000
 CONTAINERS = ("wav", "flac", "ogg", "mp3")
 # libsndfile's format names for the containers we accept.
 _SF_FORMATS = {

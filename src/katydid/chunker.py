@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from katydid.messages import SAMPLE_RATE
+
 FRAME = 480  # 30 ms
 _PEAK_DECAY = 0.999  # per frame: the loudness reference forgets over ~30 s
 

@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from katydid.errors import MessageError
@@ -20,7 +21,8 @@ STREAM = "KATYDID_JOBS"
 CANCEL_SUBJECT = "katydid.cancel"
 WORKERS_SUBJECT = "katydid.workers"
 RESULTS_PREFIX = "katydid.results"
-BYTES_PER_S = 32_000  # s16le, 16 kHz, mono
+SAMPLE_RATE = 16_000  # every job body: s16le, 16 kHz, mono
+BYTES_PER_S = 2 * SAMPLE_RATE
 
 
 STREAM_SUBJECTS = f"{SUBJECT_PREFIX}.>"
@@ -56,6 +58,20 @@ def consumer_name(model: str, lane: str) -> str:
 
 
 TASKS = ("transcribe", "translate")
+
+
+class ResultError(StrEnum):
+    """The error codes a worker puts in a result (``JobResult.error["code"]``)."""
+
+    CANCELLED = "cancelled"  # the session's client left (``katydid.cancel``)
+    EXPIRED = "expired"  # the job waited past its deadline
+    BAD_JOB = "bad_job"  # the body is not PCM
+    INTERNAL = "internal"  # the engine failed on it
+
+    @property
+    def skipped(self) -> bool:
+        """Not transcribed on purpose (nobody wants it), not a failure."""
+        return self in (ResultError.CANCELLED, ResultError.EXPIRED)
 
 
 @dataclass(frozen=True, slots=True)

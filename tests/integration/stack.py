@@ -161,22 +161,41 @@ def http_get(url: str) -> tuple[int, str]:
             return int(exc.code), exc.read().decode()
 
 
-def busy_worker_pid(nats_url: str, timeout_s: float) -> int:
-    """Watch worker heartbeats until one reports it is transcribing; return its pid."""
+def frozen_busy_worker(nats_url: str, timeout_s: float) -> int:
+    """A worker in the middle of a job, frozen there (SIGSTOP): its pid.
+
+    Watches heartbeats for a busy worker, stops it, and checks that the job it reported is
+    still in the work-queue stream (unacked: a finished job would have left it). A worker that
+    finished in between is let go (SIGCONT) and the watch goes on. So the caller's SIGKILL lands
+    mid-job for certain, not by timing.
+    """
     import nats
+    import nats.js.errors
 
     async def watch() -> int:
         nc = await nats.connect(nats_url)
-        found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        beats: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
         async def on_beat(msg: Any) -> None:
-            beat = json.loads(msg.data)
-            if beat.get("busy") and not found.done():
-                found.set_result(int(beat["pid"]))
+            beats.put_nowait(json.loads(msg.data))
 
         await nc.subscribe("katydid.workers.>", cb=on_beat)
+        js = nc.jetstream()
         try:
-            return await asyncio.wait_for(found, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    beat = await beats.get()
+                    seq = beat.get("job_stream_seq")
+                    if not beat.get("busy") or seq is None:
+                        continue
+                    pid = int(beat["pid"])
+                    os.kill(pid, signal.SIGSTOP)
+                    try:
+                        await js.get_msg(STREAM, seq)
+                    except nats.js.errors.NotFoundError:
+                        os.kill(pid, signal.SIGCONT)  # done meanwhile: not mid-job any more
+                        continue
+                    return pid
         finally:
             await nc.close()
 

@@ -21,7 +21,7 @@ from katydid.config import DEFAULT_MODEL
 from katydid.messages import Job, lane_subject
 from tests.integration.stack import (
     Stack,
-    busy_worker_pid,
+    frozen_busy_worker,
     publish_jobs,
     stream_messages,
     wait_until,
@@ -48,7 +48,7 @@ async def test_a_job_every_delivery_of_which_dies_is_a_chunk_error(
                 )
 
             nursery.start_soon(session)
-            pid = await trio.to_thread.run_sync(busy_worker_pid, stack.nats_url, 60.0)
+            pid = await trio.to_thread.run_sync(frozen_busy_worker, stack.nats_url, 60.0)
             os.kill(pid, signal.SIGKILL)
             await trio.to_thread.run_sync(stack.workers[0].wait)
             stack.start_worker(0)
@@ -107,7 +107,7 @@ async def test_a_dead_job_no_session_here_owns_is_still_deleted(
     with Stack(tmp_path, model_dir, workers=1, consumer_max_deliver=1) as stack:
         job = (lane_subject(DEFAULT_MODEL, "bulk"), pcm, _foreign_job().headers())
         await trio.to_thread.run_sync(publish_jobs, stack.nats_url, [job])
-        pid = await trio.to_thread.run_sync(busy_worker_pid, stack.nats_url, 60.0)
+        pid = await trio.to_thread.run_sync(frozen_busy_worker, stack.nats_url, 60.0)
         os.kill(pid, signal.SIGKILL)
         await trio.to_thread.run_sync(stack.workers[0].wait)
         # Deleted once its ack wait runs out. Bounded wait: a job left behind fails the test.

@@ -85,3 +85,10 @@ async def test_overloaded_clients_back_off_and_are_not_errors_until_they_give_up
     # Bounded: never more attempts than sessions x max_attempts, and retries waited (no spin).
     assert stats.attempts <= len(stats.records) * 3
     assert stats.attempts < 3 * 4.0 / 0.2 * 3
+    # The server's retry_after_s (at least 1 s) was honoured: three attempts take two waits of
+    # at least that, where backoff alone (0.2 s, then 0.4 s) would have taken under 0.6 s.
+    gave_up = [r for r in stats.records if r.attempts == 3]
+    assert gave_up
+    assert all(r.finished_s - r.started_s >= 2.0 for r in gave_up), [
+        round(r.finished_s - r.started_s, 2) for r in gave_up
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -82,20 +83,25 @@ def test_jfk_with_word_timestamps(model_path: Path, speech_dir: Path) -> None:
 def test_engine_releases_the_gil_while_transcribing(model_path: Path, speech_dir: Path) -> None:
     engine = Engine(model_path)
     audio = decode_container(speech_dir / "jfk.wav", **LIMITS)
-    done = threading.Event()
-    ticks = 0
+    span: list[float] = []
 
     def work() -> None:
+        span.append(time.monotonic())
         engine.transcribe(audio)
-        done.set()
+        span.append(time.monotonic())
 
+    ticks: list[float] = []
     t = threading.Thread(target=work)
     t.start()
-    while not done.is_set():
-        ticks += 1  # pure Python: only advances while the transcribing thread does not hold the GIL
+    while t.is_alive():
+        ticks.append(time.monotonic())  # pure Python: runs only while the engine lets go of the GIL
         time.sleep(0.001)
     t.join()
-    assert ticks > 100
+    start, end = span
+    inside = [start, *(x for x in ticks if start < x < end), end]
+    longest_gap = max(b - a for a, b in itertools.pairwise(inside))
+    # Held for the whole call, the GIL would leave one gap as long as the transcription.
+    assert longest_gap < 0.5 * (end - start), (longest_gap, end - start)
 
 
 def test_cli_eval_json_on_short_clips(model_dir: Path, speech_dir: Path, tmp_path: Path) -> None:
@@ -112,7 +118,10 @@ def test_cli_eval_json_on_short_clips(model_dir: Path, speech_dir: Path, tmp_pat
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(summary["clips"]) == 16
     assert summary["wer"] <= 0.05
-    assert 0 < summary["rtf"] < 2
+    durations = [float(ln.split("\t")[1]) for ln in short[1:]]
+    assert summary["audio_s"] == pytest.approx(sum(durations), abs=0.1)
+    assert summary["compute_s"] > 0
+    assert summary["rtf"] == pytest.approx(summary["compute_s"] / summary["audio_s"], rel=1e-3)
     assert "| **pooled** (16 clips)" in proc.stdout
 
 
@@ -146,9 +155,7 @@ def test_cli_model_list(model_dir: Path) -> None:
     assert row.split()[1:3] == ["yes", "yes"]
 
 
-def test_clip_context_is_used_for_short_clips_and_is_faster(
-    model_path: Path, speech_dir: Path
-) -> None:
+def test_clip_context_is_used_for_short_clips(model_path: Path, speech_dir: Path) -> None:
     clip = next(
         c for c in read_manifest(speech_dir / "manifest.tsv") if c.name == "ls_61-70968-0000.wav"
     )
@@ -161,6 +168,7 @@ def test_clip_context_is_used_for_short_clips_and_is_faster(
     full = Engine(model_path, EngineOptions(clip_context=False)).transcribe(audio)
     assert full.audio_ctx == 1500
     assert wer(clip.reference, full.text) <= 0.1
+    # What the smaller window buys is measured by `nox -s bench`, not here.
 
 
 def test_looping_clip_at_a_tight_context_falls_back_to_the_full_window(
@@ -173,7 +181,8 @@ def test_looping_clip_at_a_tight_context_falls_back_to_the_full_window(
         tr = engine.transcribe(decode_container(clips[name].path, **LIMITS))
         assert tr.fallback is not None, name  # the guardrail caught it
         assert tr.audio_ctx == 1500
-        assert len(tr.text) < 40, tr.text  # the full-window answer, not the loop
+        # The answer, not the loop (forty repeats), and not nothing.
+        assert 1 <= len(tr.text.split()) <= 2 * len(clips[name].reference.split()), tr.text
     assert engine.fallbacks == 2
 
 

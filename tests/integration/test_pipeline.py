@@ -20,7 +20,7 @@ from katydid import client
 from katydid.audio import decode_container, float_to_pcm16, pcm16_to_float
 from katydid.evaluation import Clip, read_manifest, wer, word_errors
 from katydid_worker.engine import Engine
-from tests.integration.stack import Stack, busy_worker_pid, http_get, stream_messages, wait_until
+from tests.integration.stack import Stack, frozen_busy_worker, http_get, stream_messages, wait_until
 
 pytestmark = pytest.mark.integration
 LIMITS: dict[str, Any] = {"max_audio_s": 600.0, "max_bytes": 100_000_000}
@@ -198,8 +198,7 @@ async def test_twenty_concurrent_clients_get_their_own_transcripts(
 
 
 async def test_worker_killed_mid_job_loses_nothing(stack: Stack, long_clip: Clip) -> None:
-    # The long file: ~20 s chunks, each a full-window job (over a second), so the worker that
-    # reports itself busy is still in the middle of its job when it is killed.
+    # A worker frozen in the middle of a job (its job still unacked in the stream) is killed.
     data = long_clip.path.read_bytes()
     async with trio.open_nursery() as nursery:
         result: list[client.SessionResult] = []
@@ -208,7 +207,7 @@ async def test_worker_killed_mid_job_loses_nothing(stack: Stack, long_clip: Clip
             result.append(await client.transcribe(stack.url, data, fmt="wav", frame_bytes=65_536))
 
         nursery.start_soon(session)
-        pid = await trio.to_thread.run_sync(busy_worker_pid, stack.nats_url, 30.0)
+        pid = await trio.to_thread.run_sync(frozen_busy_worker, stack.nats_url, 30.0)
         os.kill(pid, signal.SIGKILL)
         victim = next(i for i, p in stack.workers.items() if p.pid == pid)
         await trio.to_thread.run_sync(stack.workers[victim].wait)
@@ -327,16 +326,24 @@ async def test_oversized_frame_closes_only_that_session(stack: Stack, clips: lis
     jfk = next(c for c in clips if c.name == "jfk.wav")
     too_large_before = _sessions_ended(stack, "too_large")
     other: list[client.SessionResult] = []
+    bystander_ready = trio.Event()
     async with trio.open_nursery() as nursery:
 
-        async def bystander() -> None:  # a session running while the other is cut off
+        async def bystander() -> None:  # a live session running while the others are cut off
             other.append(
                 await client.transcribe(
-                    stack.url, _pcm(jfk), frame_bytes=3200, options={"partials": False}
+                    stack.url,
+                    _pcm(jfk),
+                    frame_bytes=3200,
+                    realtime=True,  # 11 s of audio at its own pace: it spans the cut-offs
+                    options={"partials": False},
+                    on_event=lambda e: bystander_ready.set() if e["type"] == "ready" else None,
                 )
             )
 
         nursery.start_soon(bystander)
+        with trio.fail_after(30):
+            await bystander_ready.wait()
         for size in (300_000, 600_000):  # over max_frame_bytes (262,144); the second over 2x
             events: list[dict[str, Any]] = []
             async with client.connect(stack.url) as ws:
@@ -353,6 +360,7 @@ async def test_oversized_frame_closes_only_that_session(stack: Stack, clips: lis
                 # WebSocket layer closes by itself, before the frame is read whole).
                 assert [e["type"] for e in events] == ["ready", "error"], events
                 assert events[-1]["code"] == "too_large"
+        assert not other  # both were cut off while the bystander was still streaming
     (res,) = other
     assert res.done is not None, res.events
     assert wer(jfk.reference, res.text) <= 0.05

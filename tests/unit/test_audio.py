@@ -11,7 +11,6 @@ import pytest
 import soundfile as sf
 
 from katydid.audio import (
-    SAMPLE_RATE,
     decode_container,
     decode_pcm,
     float_to_pcm16,
@@ -19,6 +18,7 @@ from katydid.audio import (
     sniff_container,
 )
 from katydid.errors import AudioError
+from katydid.messages import SAMPLE_RATE
 
 LIMITS: dict[str, Any] = {"max_audio_s": 60.0, "max_bytes": 10_000_000}
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from katydid.chunker import SAMPLE_RATE, Chunker
+from katydid.chunker import Chunker
+from katydid.messages import SAMPLE_RATE
 
 
 def _voiced(seconds: float) -> np.ndarray:

@@ -96,22 +96,25 @@ async def _eventually(condition: Any, within_s: float = 600.0) -> None:
 
 
 async def _next(ws: WebSocketConnection, *skip: str) -> dict[str, Any]:
-    """The next event from the server (skipping types in ``skip``)."""
-    while True:
-        event = json.loads(await ws.get_message())
-        if event["type"] not in skip:
-            return dict(event)
+    """The next event from the server (skipping types in ``skip``); a server that says nothing
+    fails the test within an hour of mock time (milliseconds), instead of hanging it."""
+    with trio.fail_after(3600):
+        while True:
+            event = json.loads(await ws.get_message())
+            if event["type"] not in skip:
+                return dict(event)
 
 
 async def _closed(ws: WebSocketConnection) -> int:
     """The close code, once the server has closed (skipping what arrives before it)."""
-    while True:
-        try:
-            await ws.get_message()
-        except ConnectionClosed as exc:
-            code = exc.reason.code if exc.reason is not None else None
-            assert isinstance(code, int)
-            return code
+    with trio.fail_after(3600):
+        while True:
+            try:
+                await ws.get_message()
+            except ConnectionClosed as exc:
+                code = exc.reason.code if exc.reason is not None else None
+                assert isinstance(code, int)
+                return code
 
 
 async def _stream(ws: WebSocketConnection, seconds: float = 9.0, **start: Any) -> str:
@@ -363,3 +366,62 @@ async def test_waiting_clients_hear_their_queue_position(autojump_clock: Any) ->
         assert queued["type"] == "queued"
         assert queued["position"] >= 5  # behind the first session's jobs
         assert queued["eta_s"] > 0
+
+
+async def test_a_client_that_never_reads_is_cut_off_after_send_timeout(autojump_clock: Any) -> None:
+    # A lockstep stream: the server's sends wait until the client's side reads the bytes, and
+    # this client stops reading at all (its WebSocket's small message queue fills up).
+    async with rig(_config(send_timeout_s=30.0)) as r:
+        client_stream, server_stream = trio.testing.lockstep_stream_pair()
+
+        async def serve() -> None:
+            request = await wrap_server_stream(r.nursery, server_stream)
+            await serve_connection(r.gateway, await request.accept())
+
+        r.sessions.start_soon(serve)
+        ws = await wrap_client_stream(
+            r.nursery,
+            client_stream,  # type: ignore[arg-type]
+            "katydid.test",
+            "/",
+            message_queue_size=1,
+        )
+        session_id = await _stream(ws, partials=False)
+        await _eventually(lambda: len(r.bus.finals(session_id)) >= 3)
+        await trio.testing.wait_all_tasks_blocked()
+        began = trio.current_time()
+        for q in r.bus.finals(session_id):  # results the client never reads
+            r.bus.answer(q, "x" * 60_000)
+        await _eventually(lambda: not r.gateway.sessions)
+        assert trio.current_time() - began >= 30.0
+        assert _metric(r.gateway, "katydid_sessions_total", outcome="timeout") == 1
+
+
+async def test_queue_and_worker_metrics_follow_the_bus(autojump_clock: Any) -> None:
+    async with rig(_config(queue_poll_s=1.0)) as r:
+        r.bus.heartbeat("w0", MODEL, busy=True, fallbacks=3)
+        ws = await r.connect()
+        session_id = await _stream(ws)
+        await _eventually(lambda: len(r.bus.finals(session_id)) >= 3)
+        jobs = r.bus.finals(session_id)
+        r.bus.take(jobs[0].stream_seq)
+        r.bus.take(jobs[0].stream_seq)  # delivered again: a redelivery
+        await trio.sleep(2.0)  # two queue polls, on the mock clock
+        m = r.gateway
+        lane = {"model": MODEL, "lane": "interactive"}
+        assert _metric(m, "katydid_queue_in_progress", **lane) == 1
+        assert _metric(m, "katydid_queue_depth", **lane) == len(jobs) - 1
+        assert _metric(m, "katydid_jobs_redelivered", **lane) == 1
+        assert _metric(m, "katydid_worker_busy", worker="w0") == 1
+        assert _metric(m, "katydid_worker_fallbacks_total", worker="w0") == 3
+        assert _metric(m, "katydid_nats_connected") == 1
+        r.bus.answer(jobs[0], "zero")
+        assert (await _next(ws, "queued"))["text"] == "zero"
+        assert _metric(m, "katydid_results_total", kind="final", outcome="ok") == 1
+        assert _metric(m, "katydid_time_in_queue_seconds_count") == 1
+        assert _metric(m, "katydid_jobs_published_total", lane="interactive", kind="final") == len(
+            r.bus.finals(session_id)
+        )
+        r.bus.lose()
+        await trio.sleep(1.5)
+        assert _metric(m, "katydid_nats_connected") == 0

@@ -115,3 +115,26 @@ def test_a_heartbeat_with_an_unroutable_model_name_is_refused() -> None:
     gw._beat(_beat("b", model="base.en"))
     assert set(gw.workers) == {"b"}
     assert set(gw.offers()) == {"base.en"}
+
+
+def test_readyz_names_each_reason_it_fails() -> None:
+    clock = [1000.0]
+    gw = Admission(
+        Config(worker_heartbeat_s=1.0, queue_poll_s=1.0, ready_max_eta_s=60.0), lambda: clock[0]
+    )
+    ready, detail = gw.readiness(True)
+    assert not ready
+    assert (detail["workers"], detail["stream_present"]) == (False, False)  # never polled
+    gw.heartbeat(_beat("a", avg=1.0))
+    gw.polled({("tiny.en-q8_0", "interactive"): LaneStats(0, 0, 0)}, {})
+    assert gw.readiness(True) == (True, gw.readiness(True)[1])
+    assert gw.readiness(False)[1]["nats_connected"] is False
+    assert not gw.readiness(False)[0]
+    gw.polled({("tiny.en-q8_0", "interactive"): LaneStats(100, 0, 0)}, {})  # 101 s of work
+    ready, detail = gw.readiness(True)
+    assert (ready, detail["backlog_eta_ok"], detail["backlog_eta_s"]) == (False, False, 101.0)
+    gw.polled({("tiny.en-q8_0", "interactive"): LaneStats(0, 0, 0)}, {})
+    clock[0] += 11.0  # no poll answered for more than 5 polls + 5 s
+    gw.heartbeat(_beat("a", avg=1.0))
+    ready, detail = gw.readiness(True)
+    assert (ready, detail["stream_present"]) == (False, False)

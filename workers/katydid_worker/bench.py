@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from katydid_worker.engine import SAMPLE_RATE, Engine, EngineOptions
+from katydid.messages import SAMPLE_RATE
+from katydid_worker.engine import Engine, EngineOptions
 
 
 @dataclass(frozen=True, slots=True)

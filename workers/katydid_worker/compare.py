@@ -17,7 +17,8 @@ import numpy as np
 
 from katydid.errors import KatydidError
 from katydid.evaluation import word_errors
-from katydid_worker.engine import SAMPLE_RATE, Engine, EngineOptions
+from katydid.messages import SAMPLE_RATE
+from katydid_worker.engine import Engine, EngineOptions
 
 
 @dataclass(slots=True)

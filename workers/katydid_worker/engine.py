@@ -24,6 +24,7 @@ import numpy as np
 
 from katydid.errors import EngineError, ModelError
 from katydid.languages import WHISPER_LANGUAGES
+from katydid.messages import SAMPLE_RATE
 from katydid_worker.guardrails import (
     CLIP_CTX_STEPS,
     FULL_CTX,
@@ -32,7 +33,6 @@ from katydid_worker.guardrails import (
     voiced_seconds,
 )
 
-SAMPLE_RATE = 16_000
 _TICK_S = 0.01  # whisper.cpp reports times in 10 ms ticks
 _HOP = 160  # samples per mel frame; an encoder position covers two frames (20 ms)
 DETECT_CTX = 384  # encoder positions language detection looks at: the first 7.68 s

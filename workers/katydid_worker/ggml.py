@@ -27,10 +27,10 @@ from typing import BinaryIO
 import numpy as np
 
 from katydid.errors import ModelError
+from katydid.messages import SAMPLE_RATE
 from katydid_worker.ct2 import Ct2Model, iter_layers
 
 GGML_MAGIC = 0x67676D6C
-SAMPLE_RATE = 16_000
 N_FFT = 400
 
 

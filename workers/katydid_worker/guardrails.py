@@ -17,9 +17,10 @@ from collections import Counter
 
 import numpy as np
 
+from katydid.messages import SAMPLE_RATE
+
 FULL_CTX = 1500  # encoder positions in a 30 s window
 POSITIONS_PER_S = 50
-SAMPLE_RATE = 16_000
 _FRAME = 480  # 30 ms, for the voiced-audio estimate
 
 # Speech rarely exceeds ~4 words/s or ~25 characters/s; Whisper's own fallback uses a gzip

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from katydid_worker.engine import SAMPLE_RATE, Engine
+from katydid.messages import SAMPLE_RATE
+from katydid_worker.engine import Engine
 
 
 def main(argv: list[str]) -> int:

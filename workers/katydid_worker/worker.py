@@ -39,17 +39,18 @@ from katydid.log import SampledLogger
 from katydid.messages import (
     CANCEL_SUBJECT,
     LANES,
+    SAMPLE_RATE,
     STREAM,
     WORKERS_SUBJECT,
     Job,
     JobResult,
+    ResultError,
     ResultSegment,
     ResultWord,
     consumer_name,
 )
 from katydid.sdnotify import notify
 from katydid_worker.engine import (
-    SAMPLE_RATE,
     DecodeOptions,
     Engine,
     EngineOptions,
@@ -70,6 +71,7 @@ class WorkerStats:
     model: str
     multilingual: bool = False
     busy: bool = False
+    job_stream_seq: int | None = None  # the job in hand (its stream sequence) while busy
     jobs_done: int = 0
     jobs_skipped: int = 0
     jobs_failed: int = 0
@@ -86,6 +88,7 @@ class WorkerStats:
                 "model": self.model,
                 "multilingual": self.multilingual,
                 "busy": self.busy,
+                "job_stream_seq": self.job_stream_seq,
                 "jobs_done": self.jobs_done,
                 "jobs_skipped": self.jobs_skipped,
                 "jobs_failed": self.jobs_failed,
@@ -123,7 +126,7 @@ def _answer(
     worker: str,
     queue_s: float,
     *,
-    error: tuple[str, str] | None = None,
+    error: tuple[ResultError, str] | None = None,
     audio_s: float = 0.0,
     compute_s: float = 0.0,
     text: str = "",
@@ -143,7 +146,7 @@ def _answer(
         compute_s=compute_s,
         queue_s=queue_s,
         worker=worker,
-        error={"code": error[0], "message": error[1]} if error else None,
+        error={"code": error[0].value, "message": error[1]} if error else None,
         token=job.token,
     )
 
@@ -326,24 +329,25 @@ class Worker:
             job_id=job.job_id, session_id=job.session_id, seq=job.seq
         )
 
-        def error(code: str, message: str) -> JobResult:
+        def error(code: ResultError, message: str) -> JobResult:
             return _answer(job, self.worker_id, queue_s, error=(code, message))
 
         engine: dict[str, Any] = {}  # how the engine ran it, for the log line
         if job.session_id in self._cancelled:
-            result = error("cancelled", "the client left")
+            result = error(ResultError.CANCELLED, "the client left")
         elif time.time() * 1000 > job.deadline_unix_ms:
-            result = error("expired", "the job waited past its deadline")
+            result = error(ResultError.EXPIRED, "the job waited past its deadline")
         else:
             try:
                 audio = pcm16_to_float(bytes(msg.data))
             except AudioError as exc:
-                result = error("bad_job", str(exc))
+                result = error(ResultError.BAD_JOB, str(exc))
             else:
                 result, engine = await self._transcribe(job, msg, audio, queue_s)
         if result.error:
-            self.stats.jobs_skipped += result.error["code"] in ("cancelled", "expired")
-            self.stats.jobs_failed += result.error["code"] not in ("cancelled", "expired")
+            skipped = ResultError(result.error["code"]).skipped
+            self.stats.jobs_skipped += skipped
+            self.stats.jobs_failed += not skipped
         try:
             await self._nc.publish(job.reply_subject, result.to_json())
             await self._nc.flush(timeout=self.cfg.nats_request_timeout_s)
@@ -366,6 +370,7 @@ class Worker:
         self, job: Job, msg: Any, audio: np.ndarray, queue_s: float
     ) -> tuple[JobResult, dict[str, Any]]:
         self.stats.busy = True
+        self.stats.job_stream_seq = msg.metadata.sequence.stream
         decode = DecodeOptions(
             language=job.options.language,
             prompt=job.options.prompt,
@@ -388,17 +393,22 @@ class Worker:
                     tg.cancel_scope.cancel()
         except KatydidError as exc:
             return _answer(
-                job, self.worker_id, queue_s, error=("internal", str(exc)), audio_s=audio_s
+                job,
+                self.worker_id,
+                queue_s,
+                error=(ResultError.INTERNAL, str(exc)),
+                audio_s=audio_s,
             ), {}
         finally:
             self.stats.busy = False
+            self.stats.job_stream_seq = None
         engine = {"audio_ctx": tr.audio_ctx, "fallback": tr.fallback}
         if job.session_id in self._cancelled:
             return _answer(
                 job,
                 self.worker_id,
                 queue_s,
-                error=("cancelled", "the client left"),
+                error=(ResultError.CANCELLED, "the client left"),
                 audio_s=tr.audio_s,
                 compute_s=tr.compute_s,
             ), engine

@@ -28,6 +28,7 @@ class QueuedJob:
     job: Job
     pcm: bytes
     taken: bool = False  # delivered to a (pretend) worker
+    deliveries: int = 0
 
 
 @dataclass(slots=True)
@@ -79,6 +80,7 @@ class MemoryBus:
                     pending=sum(not q.taken for q in jobs),
                     in_progress=sum(q.taken for q in jobs),
                     delivered_stream_seq=self._delivered.get((model, lane), 0),
+                    redelivered=sum(q.deliveries > 1 for q in jobs),
                 )
         return out
 
@@ -96,6 +98,7 @@ class MemoryBus:
         """A worker takes this job (it stays in the stream until answered)."""
         queued = self.queue[stream_seq]
         queued.taken = True
+        queued.deliveries += 1
         key = (queued.model, queued.lane)
         self._delivered[key] = max(self._delivered.get(key, 0), stream_seq)
         return queued
@@ -115,8 +118,12 @@ class MemoryBus:
         )  # fmt: skip
         self._deliver(lambda h: h.on_result(result.to_json()))
 
-    def heartbeat(self, worker: str, model: str, *, avg_compute_s: float = 1.0) -> None:
+    def heartbeat(
+        self, worker: str, model: str, *, avg_compute_s: float = 1.0, **fields: object
+    ) -> None:
+        """A worker's heartbeat (``fields``: what else it reports, e.g. busy, fallbacks)."""
         beat = {"id": worker, "model": model, "busy": False, "avg_compute_s": avg_compute_s}
+        beat |= fields
         self._deliver(lambda h: h.on_worker(json.dumps(beat).encode()))
 
     def give_up(self, stream_seq: int, deliveries: int = 4) -> None:

@@ -14,10 +14,11 @@ from typing import IO, Any
 import numpy as np
 import soxr
 
-from katydid.audio import SAMPLE_RATE, float_to_int16, pcm16_mono
+from katydid.audio import float_to_int16, pcm16_mono
 from katydid.chunker import Chunk, Chunker
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.options import Limits, StartOptions
+from katydid.messages import SAMPLE_RATE
 
 
 @dataclass(slots=True)

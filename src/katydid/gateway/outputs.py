@@ -10,7 +10,7 @@ from typing import IO
 from katydid.errors import ErrorCode
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.options import StartOptions
-from katydid.messages import Job
+from katydid.messages import Job, ResultError
 
 # --- outputs: what the adapter must do ----------------------------------------------------------
 
@@ -81,7 +81,7 @@ class JobStamp:
 
 def error_code(raw: str) -> ErrorCode:
     """A worker's error code as a client code (``expired``/``cancelled`` are timeouts)."""
-    if raw in ("expired", "cancelled"):
+    if raw in (ResultError.EXPIRED, ResultError.CANCELLED):
         return ErrorCode.TIMEOUT
     try:
         return ErrorCode(raw)

@@ -208,6 +208,7 @@ class LoadRunner:
             )
             if not retryable or not spec.retry.may_retry(record.attempts):
                 record.outcome = outcome if outcome != "overloaded" else "overloaded_gave_up"
+                record.finished_s = self._now()
                 st.errors_by_kind[record.outcome] += 1
                 if code:
                     st.errors_by_code[code] += 1
