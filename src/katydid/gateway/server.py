@@ -301,8 +301,9 @@ class Gateway:
                 if oldest is None:
                     continue
                 where = adm.position(s.model, s.lane, oldest, capacities.get(s.model))
-                if where is not None and not self._route(live, Position(*where)):
-                    s.last_queued = None  # a status update; the next poll sends a fresh one
+                # Only news wakes the session's writer (most polls change nothing for most).
+                if where is not None and s.queue_news(*where):
+                    self._route(live, Position(*where))  # full inbox: the next poll retries
             await trio.sleep(self.cfg.queue_poll_s)
 
     def _export_queue(self) -> None:

@@ -380,16 +380,20 @@ class Session:
             message = f"results not complete within {self.limits.result_timeout_s:.0f} s"
         return self.fail(ProtocolError(ErrorCode.TIMEOUT, message))
 
-    def queue_status(self, position: int, eta_s: float) -> list[Output]:
-        """Where the oldest unanswered job stands; sent when it is news. Far back in the
-        queue a step of one place is news to no one: updated when the position moved by 5%
-        (or reached the front), so 2,000 waiting clients are not 2,000 frames a second."""
+    def queue_news(self, position: int, eta_s: float) -> bool:
+        """Whether this queue state is news to the client. Far back in the queue a step of one
+        place is news to no one: news when the position moved by 5% (or reached the front), so
+        2,000 waiting clients are not 2,000 frames a second."""
         if not self._stream_seqs or self.phase is Phase.CLOSED:
-            return []
+            return False
         last = self.last_queued
         if last is not None and position and abs(position - last[0]) < max(1, last[0] // 20):
-            return []
-        if last == (position, int(eta_s)):
+            return False
+        return last != (position, int(eta_s))
+
+    def queue_status(self, position: int, eta_s: float) -> list[Output]:
+        """Where the oldest unanswered job stands: ``queued`` when it is news."""
+        if not self.queue_news(position, eta_s):
             return []
         self.last_queued = (position, int(eta_s))
         return [Send(Queued(position, eta_s))]
