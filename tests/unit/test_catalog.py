@@ -17,7 +17,8 @@ from katydid.catalog import (
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.events import Final, Ready
 from katydid.gateway.options import Limits, StartOptions
-from katydid.gateway.session import JobStamp, Publish, Send, Session
+from katydid.gateway.outputs import JobStamp, Publish, Send
+from katydid.gateway.session import Session
 from katydid.languages import WHISPER_LANGUAGES
 from katydid.messages import Job, JobOptions, JobResult, ResultSegment, ResultWord
 

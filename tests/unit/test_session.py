@@ -12,18 +12,17 @@ import pytest
 from katydid.errors import ErrorCode
 from katydid.gateway.events import Done, ErrorEvent, Final, Queued, Ready
 from katydid.gateway.options import Limits
-from katydid.gateway.session import (
+from katydid.gateway.outputs import (
     Admit,
     CancelJobs,
     Close,
     Decode,
     JobStamp,
     Output,
-    Phase,
     Publish,
     Send,
-    Session,
 )
+from katydid.gateway.session import Phase, Session
 from katydid.messages import JobResult, ResultSegment
 
 STAMP = JobStamp("katydid.results.test", lambda job_id: f"token-{job_id}", lambda: 1_000.0)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -136,3 +137,27 @@ class StartOptions:
                     f"start.prompt is {size} bytes (UTF-8); at most {limits.max_prompt_bytes}",
                 )
         return opts
+
+
+def parse_control(text: str, limits: Limits) -> tuple[str, StartOptions | None]:
+    """A client's text frame: ``("start", options)`` or ``("stop", None)``.
+
+    Raises:
+        ProtocolError: too large, not JSON, not a message, an unknown type, or a bad ``start``.
+    """
+    if len(text) > limits.max_frame_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, "control message too large")
+    try:
+        msg = json.loads(text)
+    except ValueError:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "control message is not valid JSON") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, "control message must be an object with a string 'type'"
+        )
+    kind = msg["type"]
+    if kind == "start":
+        return kind, StartOptions.from_message(msg, limits)
+    if kind == "stop":
+        return kind, None
+    raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown message type {kind!r}")

@@ -10,7 +10,7 @@ from typing import IO
 from katydid.errors import ErrorCode
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.options import StartOptions
-from katydid.messages import Job, ResultError
+from katydid.messages import Job, JobOptions, ResultError
 
 # --- outputs: what the adapter must do ----------------------------------------------------------
 
@@ -77,6 +77,35 @@ class JobStamp:
     reply_subject: str
     token: Callable[[str], str]
     unix_now: Callable[[], float]
+
+    def job(
+        self,
+        session_id: str,
+        opts: StartOptions,
+        job_id: str,
+        seq: int,
+        offset_ms: int,
+        deadline_s: float,
+        kind: str,
+    ) -> Job:
+        """A job of a session: its options (words only for finals), the reply subject and
+        token, a deadline ``deadline_s`` from now."""
+        return Job(
+            job_id=job_id,
+            session_id=session_id,
+            seq=seq,
+            offset_ms=offset_ms,
+            reply_subject=self.reply_subject,
+            deadline_unix_ms=int((self.unix_now() + deadline_s) * 1000),
+            options=JobOptions(
+                language=opts.language,
+                word_timestamps=opts.word_timestamps and kind == "final",
+                prompt=opts.prompt,
+                task=opts.task,
+                kind=kind,
+            ),
+            token=self.token(job_id),
+        )
 
 
 def error_code(raw: str) -> ErrorCode:

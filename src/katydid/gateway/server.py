@@ -39,15 +39,10 @@ from katydid.errors import (
     StreamFull,
 )
 from katydid.gateway.admission import Admission
+from katydid.gateway.cleanup import JobCleanup
 from katydid.gateway.options import Limits
-from katydid.gateway.session import (
-    Admit,
-    CancelJobs,
-    JobStamp,
-    Output,
-    Publish,
-    Session,
-)
+from katydid.gateway.outputs import Admit, CancelJobs, JobStamp, Output, Publish
+from katydid.gateway.session import Session
 from katydid.httpd import Response, json_response
 from katydid.log import SampledLogger
 from katydid.messages import JobResult
@@ -132,16 +127,11 @@ class Gateway:
         self.admission = Admission(cfg, _clock)
         self._token_key = secrets.token_bytes(32)
         self.stamp = JobStamp(bus.results_subject, self.job_token, time.time)
-        # Jobs to delete from the stream: ones JetStream gave up on, and the unanswered jobs of
-        # sessions that ended. Bounded by what the stream itself may hold.
-        self._delete_send, self._delete_recv = trio.open_memory_channel[int](cfg.stream_max_msgs)
-        self._cancel_send, self._cancel_recv = trio.open_memory_channel[str](cfg.stream_max_msgs)
-        self._cleanup_pending = 0  # deletions and cancels queued, not yet done
-        self._cleanup_done = trio.Event()
         self.sessions: dict[str, Live] = {}
         self.sampled = SampledLogger(
             log, burst=cfg.log_sample_burst, window_s=cfg.log_sample_window_s
         )
+        self.cleanup = JobCleanup(bus, cfg, self.sampled)
         self.counters = {"duplicate_results": 0, "orphan_results": 0, "forged_results": 0}
         self.peak_sessions = 0
         self.metrics = GatewayMetrics(
@@ -159,63 +149,15 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.bus.run)
             nursery.start_soon(self._poll_queue)
-            nursery.start_soon(self._delete_jobs)
-            nursery.start_soon(self._announce_cancels)
+            nursery.start_soon(self.cleanup.run)
             task_status.started()
 
-    async def cleanup_done(self, timeout_s: float = _CLEANUP_S) -> None:
+    async def cleanup_done(self) -> None:
         """At shutdown, after the sessions ended: until their jobs are deleted and cancelled."""
-        with trio.move_on_after(timeout_s) as scope:
-            while self._cleanup_pending:
-                self._cleanup_done = trio.Event()
-                await self._cleanup_done.wait()
-        if scope.cancelled_caught:
-            log.warning("shutdown_cleanup_unfinished", jobs=self._cleanup_pending)
-
-    def _cleaned(self) -> None:
-        self._cleanup_pending -= 1
-        if not self._cleanup_pending:
-            self._cleanup_done.set()
-
-    async def _delete_jobs(self) -> None:
-        async for stream_seq in self._delete_recv:
-            try:
-                if await self.bus.delete_job(stream_seq):
-                    self.sampled.info("job_deleted", stream_seq=stream_seq)
-            except NatsError as exc:
-                self.sampled.warning("job_delete_failed", stream_seq=stream_seq, error=str(exc))
-            finally:
-                self._cleaned()
-
-    async def _announce_cancels(self) -> None:
-        async for session_id in self._cancel_recv:
-            try:
-                with trio.move_on_after(self.cfg.nats_request_timeout_s):
-                    await self.bus.publish_cancel(session_id)
-            except NatsError as exc:
-                self.sampled.warning("cancel_publish_failed", error=str(exc))
-            finally:
-                self._cleaned()
-
-    def _delete_job(self, stream_seq: int) -> None:
-        try:
-            self._delete_send.send_nowait(stream_seq)
-        except trio.WouldBlock:
-            self.sampled.warning("job_left_in_stream", stream_seq=stream_seq)
-            return
-        self._cleanup_pending += 1
+        await self.cleanup.done(_CLEANUP_S)
 
     def cancel_jobs(self, cancel: CancelJobs) -> None:
-        """A session ended with jobs unanswered: they leave the work queue now (a worker that
-        never heard the cancel would transcribe them for nobody, and they would take stream
-        space until then); the cancel stops the ones workers already hold."""
-        for stream_seq in cancel.stream_seqs:
-            self._delete_job(stream_seq)
-        try:
-            self._cancel_send.send_nowait(cancel.session_id)
-            self._cleanup_pending += 1
-        except trio.WouldBlock:
-            self.sampled.warning("cancel_not_announced", session_id=cancel.session_id)
+        self.cleanup.cancel(cancel)
 
     # --- bus callbacks (trio thread; must not raise) ---
 
@@ -262,7 +204,7 @@ class Gateway:
         worker crashed on it each time). Its session hears so now; the job leaves the stream,
         deleted by every gateway that hears the advisory (a job whose session, or gateway, is
         gone would otherwise sit in the stream for good)."""
-        self._delete_job(stream_seq)
+        self.cleanup.delete(stream_seq)
         for session_id, live in self.sessions.items():
             if live.session.seq_of(stream_seq) is not None:
                 self.sampled.warning("job_dead", session=session_id, deliveries=deliveries)

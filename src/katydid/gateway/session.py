@@ -7,8 +7,7 @@ what it returns: ``Send`` an event, ``Publish`` a job, ``Decode`` an upload, ``C
 delivery and completion; it imports neither trio nor nats, and time is an input (``now``), so its
 whole life is unit-tested without sockets or sleeps.
 
-Rule 1: finals leave in chunk order. A result that arrives early waits in ``_early`` (bounded by
-the chunks in flight); a duplicate (a redelivered job answered twice) is ignored.
+Rule 1: finals leave in chunk order (``ledger.py`` keeps the jobs in flight and the order).
 Rule 2: every bound ends the session with a coded ``ErrorEvent`` and a ``Close``; nothing is
 dropped silently. An input never raises: a ``ProtocolError`` becomes those outputs.
 Rule 3: a session that ends with jobs unanswered says which (``CancelJobs``), however it ends.
@@ -19,7 +18,6 @@ Phases: AWAIT_START --start--> ADMITTING --admitted--> STREAMING --stop--> STOPP
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import IO, Any
@@ -30,7 +28,8 @@ from katydid.chunker import Chunk
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.events import Done, ErrorEvent, Final, Queued, Ready
 from katydid.gateway.intake import AudioIntake
-from katydid.gateway.options import Limits, StartOptions
+from katydid.gateway.ledger import JobLedger
+from katydid.gateway.options import Limits, StartOptions, parse_control
 from katydid.gateway.outputs import (
     Admit,
     CancelJobs,
@@ -42,20 +41,7 @@ from katydid.gateway.outputs import (
     Send,
     error_code,
 )
-from katydid.messages import Job, JobOptions, JobResult
-
-__all__ = [
-    "Admit",
-    "CancelJobs",
-    "Close",
-    "Decode",
-    "JobStamp",
-    "Output",
-    "Phase",
-    "Publish",
-    "Send",
-    "Session",
-]
+from katydid.messages import Job, JobResult
 
 
 class Phase(Enum):
@@ -84,11 +70,7 @@ class Session:
     _last_input: float = 0.0
     _stopped_at: float = 0.0
     _flushed: bool = False
-    _in_flight: set[int] = field(default_factory=set)  # chunk seqs published, not yet answered
-    _stream_seqs: dict[int, int] = field(default_factory=dict)  # of those: seq -> stream seq
-    _next_seq: int = 0  # next final to deliver
-    _early: dict[int, JobResult] = field(default_factory=dict)
-    _failed: int = 0
+    _jobs_out: JobLedger = field(default_factory=JobLedger)
     _partials: int = 0
     _partial_in_flight: bool = False
 
@@ -108,23 +90,11 @@ class Session:
     def _text(self, text: str, now: float) -> list[Output]:
         if self.phase is Phase.CLOSED:
             return []
-        if len(text) > self.limits.max_frame_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE, "control message too large")
-        try:
-            msg = json.loads(text)
-        except ValueError:
-            raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, "control message is not valid JSON"
-            ) from None
-        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-            raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, "control message must be an object with a string 'type'"
-            )
-        kind = msg["type"]
-        if kind == "start":
+        kind, start = parse_control(text, self.limits)
+        if start is not None:
             if self.phase is not Phase.AWAIT_START:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "start sent twice")
-            self.options = StartOptions.from_message(msg, self.limits)
+            self.options = start
             self.intake = AudioIntake(self.limits, self.options)
             self.phase = Phase.ADMITTING
             return [Admit(self.options)]
@@ -140,7 +110,7 @@ class Session:
             if self.options.is_file:
                 return [Decode(self.intake.stored_upload())]
             return self._finish()
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown message type {kind!r}")
+        raise AssertionError(kind)  # parse_control knows only start and stop
 
     def admitted(
         self, model: str, offers: tuple[dict[str, Any], ...], upload: IO[bytes] | None = None
@@ -210,7 +180,7 @@ class Session:
     def _jobs(self, chunks: list[Chunk]) -> list[Output]:
         out: list[Output] = []
         for chunk in chunks:
-            self._in_flight.add(chunk.seq)
+            self._jobs_out.sent(chunk.seq)
             job = self._job(
                 f"{self.session_id}-{chunk.seq}",
                 chunk.seq,
@@ -222,25 +192,9 @@ class Session:
         return out
 
     def _job(self, job_id: str, seq: int, offset_ms: int, deadline_s: float, kind: str) -> Job:
-        """A job of this session: its options (words only for finals), the gateway's reply
-        subject and token, a deadline ``deadline_s`` from now."""
-        opts = self.options
-        assert opts is not None
-        return Job(
-            job_id=job_id,
-            session_id=self.session_id,
-            seq=seq,
-            offset_ms=offset_ms,
-            reply_subject=self.stamp.reply_subject,
-            deadline_unix_ms=int((self.stamp.unix_now() + deadline_s) * 1000),
-            options=JobOptions(
-                language=opts.language,
-                word_timestamps=opts.word_timestamps and kind == "final",
-                prompt=opts.prompt,
-                task=opts.task,
-                kind=kind,
-            ),
-            token=self.stamp.token(job_id),
+        assert self.options is not None
+        return self.stamp.job(
+            self.session_id, self.options, job_id, seq, offset_ms, deadline_s, kind
         )
 
     # --- partial results ---
@@ -264,15 +218,14 @@ class Session:
     # --- what became of a publish ---
 
     def published(self, seq: int, stream_seq: int) -> list[Output]:
-        """A final's job is in the stream at ``stream_seq``. If the session ended meanwhile (or
-        the result already came), the job is cancelled/forgotten at once."""
-        if seq not in self._in_flight:
+        """A final's job is in the stream at ``stream_seq``. If the session ended meanwhile, the
+        job is cancelled at once."""
+        if not self._jobs_out.stored(seq, stream_seq):
             return []  # answered before its publish was acknowledged
         if self.phase is Phase.CLOSED:
-            self._in_flight.discard(seq)
+            self._jobs_out.abandon()
             self.cancelled_jobs += 1
             return [CancelJobs(self.session_id, (stream_seq,))]
-        self._stream_seqs[seq] = stream_seq
         return []
 
     def publish_failed(self, job: Job, exc: ProtocolError) -> list[Output]:
@@ -281,7 +234,7 @@ class Session:
         if job.options.kind == "partial":
             self._partial_in_flight = False
             return []
-        self._in_flight.discard(job.seq)
+        self._jobs_out.not_sent(job.seq)
         return self.fail(exc)
 
     # --- worker results ---
@@ -293,20 +246,12 @@ class Session:
             return []
         if result.kind == "partial":
             self._partial_in_flight = False
-            if result.error or not result.text or result.seq < self._next_seq:
+            if result.error or not result.text or result.seq < self._jobs_out.next_seq:
                 return []
             return [Send(Final(result.seq, 0.0, 0.0, result.text, (), kind="partial"))]
-        if result.seq not in self._in_flight:
-            return []  # a duplicate from a redelivered job, or not a job of this session
-        self._in_flight.discard(result.seq)
-        self._stream_seqs.pop(result.seq, None)
-        self._early[result.seq] = result
         out: list[Output] = []
-        while self._next_seq in self._early:
-            r = self._early.pop(self._next_seq)
-            self._next_seq += 1
+        for r in self._jobs_out.answered(result):
             if r.error:
-                self._failed += 1
                 code = error_code(r.error.get("code", ""))
                 message = r.error.get("message", "chunk failed")
                 out.append(Send(ErrorEvent(code, message, seq=r.seq)))
@@ -337,9 +282,9 @@ class Session:
         )  # fmt: skip
 
     def _completion(self) -> list[Output]:
-        if not (self.phase is Phase.STOPPED and self._flushed and not self._in_flight):
+        if not (self.phase is Phase.STOPPED and self._flushed and not self._jobs_out.in_flight):
             return []
-        if self._next_seq < self.chunks_total:
+        if self._jobs_out.next_seq < self.chunks_total:
             return []
         self.phase = Phase.CLOSED
         self.outcome = "ok"
@@ -384,7 +329,7 @@ class Session:
         """Whether this queue state is news to the client. Far back in the queue a step of one
         place is news to no one: news when the position moved by 5% (or reached the front), so
         2,000 waiting clients are not 2,000 frames a second."""
-        if not self._stream_seqs or self.phase is Phase.CLOSED:
+        if not self._jobs_out.stream_seqs or self.phase is Phase.CLOSED:
             return False
         last = self.last_queued
         if last is not None and position and abs(position - last[0]) < max(1, last[0] // 20):
@@ -424,7 +369,7 @@ class Session:
     def queue_lost(self) -> list[Output]:
         """The gateway lost its NATS connection: results workers published meanwhile went
         nowhere, so a session waiting for some ends with a coded retry instead of silence."""
-        if not self._in_flight:
+        if not self._jobs_out.in_flight:
             return []
         return self.fail(
             ProtocolError(
@@ -438,12 +383,10 @@ class Session:
         self.phase = Phase.CLOSED
         self.outcome = outcome
         out: list[Output] = []
-        if self._stream_seqs:
-            self.cancelled_jobs += len(self._stream_seqs)
-            out.append(CancelJobs(self.session_id, tuple(self._stream_seqs.values())))
-        # Jobs whose publish is still unacknowledged are cancelled when it is (``published``).
-        self._in_flight.difference_update(self._stream_seqs)
-        self._stream_seqs.clear()
+        abandoned = self._jobs_out.abandon()
+        if abandoned:
+            self.cancelled_jobs += len(abandoned)
+            out.append(CancelJobs(self.session_id, abandoned))
         return [*out, Close(code, reason, outcome)]
 
     # --- queries ---
@@ -459,20 +402,20 @@ class Session:
     @property
     def in_flight(self) -> int:
         """Finals published (or being published) and not yet answered."""
-        return len(self._in_flight)
+        return len(self._jobs_out.in_flight)
 
     @property
     def wants_audio(self) -> bool:
         """Below the in-flight bound: the adapter may read (or decode) more audio. The bound is
         checked before each frame, so it is exceeded by at most one frame's chunks."""
-        return len(self._in_flight) < self.limits.max_jobs_in_flight
+        return len(self._jobs_out.in_flight) < self.limits.max_jobs_in_flight
 
     @property
     def oldest_stream_seq(self) -> int | None:
-        return min(self._stream_seqs.values()) if self._stream_seqs else None
+        return self._jobs_out.oldest_stream_seq
 
     def seq_of(self, stream_seq: int) -> int | None:
-        return next((s for s, ss in self._stream_seqs.items() if ss == stream_seq), None)
+        return self._jobs_out.seq_of(stream_seq)
 
     @property
     def chunks_total(self) -> int:
@@ -480,14 +423,14 @@ class Session:
 
     @property
     def chunks_answered(self) -> int:
-        return self._next_seq
+        return self._jobs_out.next_seq
 
     @property
     def audio_s(self) -> float:
         return self.intake.audio_s if self.intake else 0.0
 
     def done_event(self) -> Done:
-        return Done(self.chunks_total, self.audio_s, self._failed)
+        return Done(self.chunks_total, self.audio_s, self._jobs_out.failed)
 
 
 def _body(samples: np.ndarray) -> bytes:

@@ -22,8 +22,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from katydid.audio import DecodedStream
 from katydid.config import Config
 from katydid.errors import AudioError, ErrorCode, ProtocolError
+from katydid.gateway.outputs import Close, Decode, Output, Publish, Send
 from katydid.gateway.server import Gateway, Live, apply
-from katydid.gateway.session import Close, Decode, Output, Phase, Publish, Send
+from katydid.gateway.session import Phase
 
 log = structlog.get_logger("katydid.gateway")
 _LAST_WORDS_S = 2.0  # for the error and close frames of a session that is ending anyway
