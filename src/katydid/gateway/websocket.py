@@ -12,22 +12,22 @@ Rule 2: a client that does not read blocks only its own sends, and is cut off af
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from typing import IO
 
 import structlog
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
-from katydid.audio import DecodedStream
 from katydid.config import Config
-from katydid.errors import AudioError, ErrorCode, ProtocolError
-from katydid.gateway.outputs import Close, Decode, Output, Publish, Send
-from katydid.gateway.server import Gateway, Live, apply
+from katydid.errors import ErrorCode, ProtocolError
+from katydid.gateway.driver import ClientGone, SessionDriver
+from katydid.gateway.events import ServerEvent
+from katydid.gateway.outputs import Close
+from katydid.gateway.server import Gateway, Live
 from katydid.gateway.session import Phase
 
 log = structlog.get_logger("katydid.gateway")
-_LAST_WORDS_S = 2.0  # for the error and close frames of a session that is ending anyway
 
 
 class WebSocketDoor:
@@ -112,14 +112,20 @@ async def serve_connection(gateway: Gateway, ws: WebSocketConnection) -> None:
         gateway.close_session(live)
 
 
-class _Connection:
+class _Connection(SessionDriver):
     def __init__(self, gateway: Gateway, ws: WebSocketConnection, live: Live) -> None:
-        self.gateway = gateway
+        super().__init__(gateway, live)
         self.ws = ws
-        self.live = live
-        self.session = live.session
-        self.send_timeout_s = gateway.cfg.send_timeout_s
-        self.nursery: trio.Nursery | None = None
+
+    async def deliver(self, event: ServerEvent) -> None:
+        try:
+            await self.ws.send_message(event.to_json())
+        except ConnectionClosed:
+            raise ClientGone from None
+
+    async def hang_up(self, close: Close) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.aclose(close.code, close.reason)
 
     async def serve(self) -> None:
         s = self.session
@@ -127,7 +133,7 @@ class _Connection:
             try:
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
-                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self.pump)
                     await self._reader()
             except* Exception as group:
                 # A bug must end this session, never the gateway (a handler's exception would
@@ -136,60 +142,9 @@ class _Connection:
                     "error", "session_failed", session_id=s.session_id, exc_info=group
                 )
                 failed = ProtocolError(ErrorCode.INTERNAL, "the gateway failed on this session")
-                await self._last_words(s.fail(failed))
+                await self.last_words(s.fail(failed))
         finally:
-            if not s.closed:
-                # Cancelled from outside: the server is stopping (its grace is over).
-                await self._last_words(s.shutdown() if self.gateway.stopping else s.client_gone())
-
-    async def _last_words(self, outputs: list[Output]) -> None:
-        """Outputs of a session that is ending anyway: bounded, shielded, best effort."""
-        with trio.CancelScope(shield=True), trio.move_on_after(_LAST_WORDS_S):
-            for out in self.gateway.carry_out(self.live, outputs):
-                try:
-                    if isinstance(out, Send):
-                        await self.ws.send_message(out.event.to_json())
-                    elif isinstance(out, Close):
-                        await self.ws.aclose(out.code, out.reason)
-                except ConnectionClosed:
-                    return
-
-    def _end(self) -> None:
-        assert self.nursery is not None
-        self.nursery.cancel_scope.cancel()
-
-    async def _emit(self, outputs: list[Output]) -> None:
-        """Carry out a session's outputs, in order."""
-        for out in self.gateway.carry_out(self.live, outputs):
-            if isinstance(out, Send):
-                await self._send(out.event.to_json())
-            elif isinstance(out, Publish):
-                await self._emit(await self.gateway.publish(self.live, out))
-            elif isinstance(out, Decode):
-                assert self.nursery is not None
-                self.nursery.start_soon(self._decode, out.upload)
-            elif isinstance(out, Close):
-                with trio.move_on_after(_LAST_WORDS_S):
-                    try:
-                        await self.ws.aclose(out.code, out.reason)
-                    except ConnectionClosed:
-                        pass
-                self._end()
-                return
-            if self.session.closed and not isinstance(out, Send):
-                return
-
-    async def _send(self, text: str) -> None:
-        try:
-            with trio.fail_after(self.send_timeout_s):
-                await self.ws.send_message(text)
-        except trio.TooSlowError:
-            stuck = ProtocolError(ErrorCode.TIMEOUT, "client does not read its results")
-            await self._last_words(self.session.fail(stuck))
-            self._end()
-        except ConnectionClosed:
-            await self._last_words(self.session.client_gone())
-            self._end()
+            await self.finish()
 
     async def _reader(self) -> None:
         s = self.session
@@ -204,50 +159,14 @@ class _Connection:
                 except ConnectionClosed as exc:
                     # A frame past the WebSocket layer's own limit closes there with 1009.
                     too_large = getattr(exc.reason, "code", None) == 1009
-                    await self._last_words(s.client_gone(too_large=too_large))
-                    self._end()
+                    await self.last_words(s.client_gone(too_large=too_large))
+                    self.end()
                     return
             now = trio.current_time()
             if msg is None:
-                await self._emit(s.tick(now))
+                await self.emit(s.tick(now))
             elif isinstance(msg, bytes):
                 allowed = self.gateway.partials_allowed(s.model)
-                await self._emit(s.receive_bytes(msg, now, partials_allowed=allowed))
+                await self.emit(s.receive_bytes(msg, now, partials_allowed=allowed))
             else:
-                await self._emit(s.receive_text(msg, now))
-
-    async def _writer(self) -> None:
-        async for item in self.live.inbox:
-            outputs = apply(self.session, item)
-            self.live.progress.unpark_all()
-            await self._emit(outputs)
-
-    async def _decode(self, upload: IO[bytes]) -> None:
-        """After stop: decode the upload block by block (off the event loop), publishing its
-        chunks as they are cut. The session holds one decoded block and the chunk being cut,
-        never the file's samples; publishing waits on the in-flight bound, so decoding goes at
-        the pace of the workers."""
-        s = self.session
-        max_s = self.gateway.cfg.max_session_s
-        try:
-            stream = await trio.to_thread.run_sync(lambda: DecodedStream(upload, max_audio_s=max_s))
-        except AudioError as exc:
-            await self._emit(s.fail(ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc))))
-            return
-        with stream:
-            s.decoding(stream.duration_s)
-            while True:
-                await self.live.wait_for_room()
-                if s.closed:
-                    return
-                # Not abandoned on cancel: the block's thread must be done with the decoder
-                # before it is closed (a 10 s block decodes in milliseconds).
-                try:
-                    block = await trio.to_thread.run_sync(stream.next_block)
-                except AudioError as exc:
-                    await self._emit(s.fail(ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc))))
-                    return
-                if block is None:
-                    break
-                await self._emit(s.decoded(block))
-        await self._emit(s.decoded_end())
+                await self.emit(s.receive_text(msg, now))

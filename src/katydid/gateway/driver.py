@@ -1,0 +1,142 @@
+"""What every front door does with a session, whatever its wire: carry out the session's outputs,
+apply what the bus reports, decode an upload. A door subclasses ``SessionDriver`` and says only
+how an event and a close reach its client (``deliver``, ``hang_up``).
+
+Rule 1: one nursery per session (``nursery``): the writer (``pump``), the decoder, and the door's
+own reader run in it; a ``Close`` cancels it.
+Rule 2: an ending session's last words are bounded and shielded (``last_words``): a client that
+is gone or stuck cannot hold the gateway's cleanup.
+"""
+
+from __future__ import annotations
+
+from typing import IO
+
+import trio
+
+from katydid.audio import DecodedStream
+from katydid.errors import AudioError, ErrorCode, ProtocolError
+from katydid.gateway.events import ServerEvent
+from katydid.gateway.outputs import Close, Decode, Output, Publish, Send
+from katydid.gateway.server import Gateway, Live, apply
+
+LAST_WORDS_S = 2.0  # for the error and close of a session that is ending anyway
+
+
+class ClientGone(Exception):
+    """The door's client cannot be reached any more (raised by ``deliver``)."""
+
+
+class SessionDriver:
+    def __init__(self, gateway: Gateway, live: Live) -> None:
+        self.gateway = gateway
+        self.live = live
+        self.session = live.session
+        self.nursery: trio.Nursery | None = None
+
+    # --- what a door says ---
+
+    async def deliver(self, event: ServerEvent) -> None:
+        """Get ``event`` to the client (bounded by the door).
+
+        Raises:
+            ClientGone: the client cannot be reached.
+            trio.TooSlowError: the client does not take it within ``send_timeout_s``.
+        """
+        raise NotImplementedError
+
+    async def hang_up(self, close: Close) -> None:
+        """End the client's connection (bounded by the caller)."""
+        raise NotImplementedError
+
+    # --- the session's outputs ---
+
+    def end(self) -> None:
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
+    async def emit(self, outputs: list[Output]) -> None:
+        """Carry out a session's outputs, in order."""
+        for out in self.gateway.carry_out(self.live, outputs):
+            if isinstance(out, Send):
+                await self._send(out.event)
+            elif isinstance(out, Publish):
+                await self.emit(await self.gateway.publish(self.live, out))
+            elif isinstance(out, Decode):
+                assert self.nursery is not None
+                self.nursery.start_soon(self.decode, out.upload)
+            elif isinstance(out, Close):
+                with trio.move_on_after(LAST_WORDS_S):
+                    await self.hang_up(out)
+                self.end()
+                return
+            if self.session.closed and not isinstance(out, Send):
+                return
+
+    async def _send(self, event: ServerEvent) -> None:
+        try:
+            with trio.fail_after(self.gateway.cfg.send_timeout_s):
+                await self.deliver(event)
+        except trio.TooSlowError:
+            stuck = ProtocolError(ErrorCode.TIMEOUT, "client does not read its results")
+            await self.last_words(self.session.fail(stuck))
+            self.end()
+        except ClientGone:
+            await self.last_words(self.session.client_gone())
+            self.end()
+
+    async def last_words(self, outputs: list[Output]) -> None:
+        """Outputs of a session that is ending anyway: bounded, shielded, best effort."""
+        with trio.CancelScope(shield=True), trio.move_on_after(LAST_WORDS_S):
+            for out in self.gateway.carry_out(self.live, outputs):
+                try:
+                    if isinstance(out, Send):
+                        await self.deliver(out.event)
+                    elif isinstance(out, Close):
+                        await self.hang_up(out)
+                except ClientGone:
+                    return
+
+    async def pump(self) -> None:
+        """The writer: what the bus reports (results, dead jobs, queue state), applied."""
+        async for item in self.live.inbox:
+            outputs = apply(self.session, item)
+            self.live.progress.unpark_all()
+            await self.emit(outputs)
+
+    async def decode(self, upload: IO[bytes]) -> None:
+        """An upload, decoded block by block (off the event loop), its chunks published as they
+        are cut. The session holds one decoded block and the chunk being cut, never the file's
+        samples; publishing waits on the in-flight bound, so decoding goes at the pace of the
+        workers."""
+        s = self.session
+        max_s = self.gateway.cfg.max_session_s
+        try:
+            stream = await trio.to_thread.run_sync(lambda: DecodedStream(upload, max_audio_s=max_s))
+        except AudioError as exc:
+            await self.emit(s.fail(ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc))))
+            return
+        with stream:
+            s.decoding(stream.duration_s)
+            while True:
+                await self.live.wait_for_room()
+                if s.closed:
+                    return
+                # Not abandoned on cancel: the block's thread must be done with the decoder
+                # before it is closed (a 10 s block decodes in milliseconds).
+                try:
+                    block = await trio.to_thread.run_sync(stream.next_block)
+                except AudioError as exc:
+                    await self.emit(s.fail(ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc))))
+                    return
+                if block is None:
+                    break
+                await self.emit(s.decoded(block))
+        await self.emit(s.decoded_end())
+
+    async def finish(self) -> None:
+        """However the session's tasks ended: a session not closed by then was cut off from
+        outside (the server stopping, or the client gone)."""
+        s = self.session
+        if not s.closed:
+            await self.last_words(s.shutdown() if self.gateway.stopping else s.client_gone())
