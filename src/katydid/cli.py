@@ -84,7 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--port", type=int, help="WebSocket port (default 8765; 0 = a free port)")
         sp.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
         sp.add_argument(
-            "--metrics-port", type=int, help="/metrics, /healthz, /readyz (0 = free, -1 = off)"
+            "--http-port",
+            "--metrics-port",  # its name before the HTTP door served more than metrics
+            dest="http_port",
+            type=int,
+            help="HTTP door: OpenAI-compatible API, /metrics, /healthz, /readyz "
+            "(default: a free port, printed; -1 = off)",
         )
 
     sv = sub.add_parser("serve", help="run everything: embedded nats-server, gateway, workers")
@@ -129,7 +134,7 @@ def _config(args: argparse.Namespace) -> Config:
             "log_level": args.log_level,
             **{
                 k: getattr(args, k, None)
-                for k in ("host", "port", "nats_url", "data_dir", "metrics_port")
+                for k in ("host", "port", "nats_url", "data_dir", "http_port")
             },
             "workers": workers if isinstance(workers, int) else None,
             "worker_models": workers if isinstance(workers, str) else None,

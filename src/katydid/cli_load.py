@@ -165,17 +165,17 @@ class _Server:
     def __init__(self, cfg: Config, workers: int, log_path: Path) -> None:
         from katydid.serve import free_port
 
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.http_port = free_port(), free_port()
         argv = [
             sys.executable, "-m", "katydid", "--model", cfg.model, "--model-dir", str(cfg.model_dir),
-            "--log-format", "json", "serve", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+            "--log-format", "json", "serve", "--port", str(self.port), "--http-port", str(self.http_port),
             "--workers", str(workers),
         ]  # fmt: skip
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         self.url = f"ws://127.0.0.1:{self.port}"
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.metrics_url = f"http://127.0.0.1:{self.http_port}/metrics"
         self._wait_ready(workers, timeout_s=180)
 
     def _wait_ready(self, workers: int, timeout_s: float) -> None:

@@ -115,8 +115,12 @@ async def _gateway_alone(cfg: Config) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(gateway.run)
         print(f"gateway:  ws://{cfg.host}:{port}", flush=True)
-        if gateway.metrics_port is not None:
-            print(f"metrics:  http://{cfg.metrics_host}:{gateway.metrics_port}/metrics", flush=True)
+        if gateway.http_port is not None:
+            print(
+                f"http:     http://{cfg.http_host}:{gateway.http_port}"
+                " (OpenAI-compatible /v1/audio/transcriptions; /metrics, /healthz, /readyz)",
+                flush=True,
+            )
         notify("READY=1")
         await until_signalled(gateway.drain, gateway.cut_grace, name="gateway")
         nursery.cancel_scope.cancel()

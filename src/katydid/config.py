@@ -81,8 +81,9 @@ class Config:
     # start.prompt, UTF-8 bytes (it travels in a NATS header); whisper uses at most 224 tokens
     # of it, about 1 KB of English text
     max_prompt_bytes: int = 1024
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 0  # /metrics, /healthz, /readyz; 0 = a free port, -1 = off
+    # The HTTP door: the OpenAI-compatible API and /metrics, /healthz, /readyz (one server).
+    http_host: str = "127.0.0.1"
+    http_port: int = 0  # 0 = a free port (printed at start), -1 = off
     ready_max_eta_s: float = 300.0  # /readyz fails while the queue ETA is longer
     # Chunker
     chunk_min_s: float = 5.0  # live audio: earliest cut at a pause (3 s cost 1.4 WER points)
@@ -195,6 +196,12 @@ class Config:
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        for old, new in _RENAMED.items():  # still read under their old names
+            if old in values:
+                values.setdefault(new, values.pop(old))
+            raw_old = env.get(ENV_PREFIX + old.upper())
+            if raw_old is not None and env.get(ENV_PREFIX + new.upper()) is None:
+                values[new] = raw_old
         for name in fields:
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None:
@@ -204,6 +211,10 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
         return cls(**{k: _coerce(k, fields[k].type, v) for k, v in values.items()})
+
+
+# Settings renamed since: the old name still works, in a file and in the environment.
+_RENAMED = {"metrics_host": "http_host", "metrics_port": "http_port"}
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:

@@ -1,20 +1,20 @@
-"""A tiny HTTP/1.1 endpoint for operators: ``/metrics``, ``/healthz``, ``/readyz`` (h11 over trio).
+"""The HTTP server: hypercorn's trio worker serving an ASGI app (``katydid.gateway.http``).
 
-Rule 1: one request per connection, bounded in size and time (``Connection: close``); this
-endpoint is for Prometheus and load balancers, not for clients.
+hypercorn because it runs on trio natively (the gateway's event loop, no second loop or thread)
+and is maintained (HTTP/1.1 and h2, keep-alive, bounded header sizes, graceful close).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass
+from typing import Any
 
-import h11
 import trio
-
-MAX_REQUEST_BYTES = 16 * 1024
-REQUEST_TIMEOUT_S = 5.0
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,60 +24,23 @@ class Response:
     content_type: str = "application/json"
 
 
-Route = Callable[[], Response]
-
-
 def json_response(status: int, payload: object) -> Response:
     return Response(status, json.dumps(payload).encode() + b"\n")
 
 
-async def _serve_one(stream: trio.abc.Stream, routes: dict[str, Route]) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
-    with trio.move_on_after(REQUEST_TIMEOUT_S):
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = bytes(await stream.receive_some(4096))
-                    conn.receive_data(data)
-                    if not data:
-                        return
-                    continue
-                if isinstance(event, h11.Request):
-                    path = event.target.decode("ascii", "replace").split("?", 1)[0]
-                    route = routes.get(path)
-                    resp = route() if route else json_response(404, {"error": "not found"})
-                    headers = [
-                        ("content-type", resp.content_type),
-                        ("content-length", str(len(resp.body))),
-                        ("connection", "close"),
-                    ]
-                    await stream.send_all(
-                        conn.send(h11.Response(status_code=resp.status, headers=headers)) or b""
-                    )
-                    await stream.send_all(conn.send(h11.Data(data=resp.body)) or b"")
-                    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-                return
-        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        finally:
-            await trio.aclose_forcefully(stream)
-
-
 async def serve_http(
+    app: Any,
     host: str,
     port: int,
-    routes: dict[str, Route],
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``routes`` until cancelled; ``started`` gets the bound port."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = int(listeners[0].socket.getsockname()[1])
-
-    async def handle(stream: trio.SocketStream) -> None:
-        await _serve_one(stream, routes)
-
+    """Serve ``app`` on ``host:port`` until cancelled; ``started`` gets the bound port."""
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None  # a line per request would be a log storm; the metrics count them
+    config.errorlog = logging.getLogger("katydid.http")
+    config.graceful_timeout = 2.0
     async with trio.open_nursery() as nursery:
-        task_status.started(bound)
-        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+        binds: list[str] = await nursery.start(functools.partial(serve, app, config))
+        task_status.started(int(binds[0].rsplit(":", 1)[1]))

@@ -207,9 +207,10 @@ async def serve(
                         index += 1
                 gw_port = await middle.start(gateway.run)
                 announce(f"gateway:  ws://{cfg.host}:{gw_port}")
-                if gateway.metrics_port is not None:
+                if gateway.http_port is not None:
                     announce(
-                        f"metrics:  http://{cfg.metrics_host}:{gateway.metrics_port}/metrics (also /healthz, /readyz)"
+                        f"http:     http://{cfg.http_host}:{gateway.http_port}"
+                        " (OpenAI-compatible /v1/audio/transcriptions; /metrics, /healthz, /readyz)"
                     )
                 mix = ", ".join(f"{count} x {name}" for name, count in plan)
                 announce(

@@ -85,9 +85,9 @@ class Stack:
         self.nats_url = f"nats://127.0.0.1:{nats_port}"
         self.env["KATYDID_NATS_URL"] = self.nats_url
         self.port = free_port()
-        self.metrics_port = free_port()
-        self.env["KATYDID_METRICS_PORT"] = str(self.metrics_port)
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
+        self.http_port = free_port()
+        self.env["KATYDID_HTTP_PORT"] = str(self.http_port)
+        self.metrics_url = f"http://127.0.0.1:{self.http_port}"
         self.gateway = self._spawn(
             [sys.executable, "-m", "katydid", "gateway", "--port", str(self.port)], "gateway"
         )

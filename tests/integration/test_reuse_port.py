@@ -23,7 +23,7 @@ async def test_two_gateways_share_the_port(
         c for c in read_manifest(speech_dir / "manifest.tsv") if c.name == "cmu_goforward.wav"
     )
     with Stack(tmp_path, model_dir, workers=1, reuse_port=1) as stack:
-        stack.env["KATYDID_METRICS_PORT"] = "-1"  # the first gateway has the metrics port
+        stack.env["KATYDID_HTTP_PORT"] = "-1"  # the first gateway has the metrics port
         stack._spawn(
             [sys.executable, "-m", "katydid", "gateway", "--port", str(stack.port)], "gateway2"
         )

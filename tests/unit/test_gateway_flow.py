@@ -46,7 +46,7 @@ def _config(**overrides: Any) -> Config:
         "file_chunk_min_s": 2.0,
         "chunk_max_s": 10.0,
         "worker_heartbeat_s": 1.0e6,  # heartbeats stay fresh however far the mock clock jumps
-        "metrics_port": -1,
+        "http_port": -1,
     }
     return Config(**(base | overrides))
 

@@ -78,6 +78,20 @@ class AudioIntake:
         out: np.ndarray = self._resampler.resample_chunk(samples, last=last)
         return out
 
+    def adopt(self, upload: IO[bytes], size: int) -> None:
+        """A door that received the whole file (an HTTP form) hands it over as the upload.
+
+        Raises:
+            ProtocolError: over ``max_file_bytes``.
+        """
+        if size > self.limits.max_file_bytes:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE, f"file of {size} bytes exceeds {self.limits.max_file_bytes}"
+            )
+        self.upload.close()
+        self.upload = upload
+        self._upload_bytes = size
+
     def stored_upload(self) -> IO[bytes]:
         """At stop, for a file: the upload, rewound, to decode.
 

@@ -14,6 +14,7 @@ import trio
 
 from katydid.bus import JobBus
 from katydid.config import Config
+from katydid.gateway.http import build_app
 from katydid.gateway.server import Gateway
 from katydid.gateway.websocket import WebSocketDoor
 from katydid.httpd import serve_http
@@ -25,7 +26,7 @@ class GatewayService:
         self.gateway = Gateway(cfg, bus=bus)
         self.websocket = WebSocketDoor(self.gateway)
         self.port: int | None = None
-        self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._infrastructure_stop = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -35,6 +36,15 @@ class GatewayService:
             await outer.start(self._infrastructure)
             try:
                 async with trio.open_nursery() as doors:
+                    # The HTTP door serves sessions too (and the operator routes): it stops
+                    # with the other doors, before the cleanup of their jobs.
+                    if self.cfg.http_port >= 0:
+                        self.http_port = await doors.start(
+                            serve_http,
+                            build_app(self.gateway),
+                            self.cfg.http_host,
+                            self.cfg.http_port,
+                        )
                     self.port = await doors.start(self.websocket.run)
                     task_status.started(self.port)
             finally:
@@ -45,13 +55,6 @@ class GatewayService:
     async def _infrastructure(self, *, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:
-                if self.cfg.metrics_port >= 0:
-                    self.metrics_port = await nursery.start(
-                        serve_http,
-                        self.cfg.metrics_host,
-                        self.cfg.metrics_port,
-                        self.gateway.routes(),
-                    )
                 await nursery.start(self.gateway.run_bus)
                 task_status.started()
                 await self._infrastructure_stop.wait()

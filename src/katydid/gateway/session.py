@@ -149,6 +149,20 @@ class Session:
             out += self._partial()
         return out
 
+    def receive_file(self, upload: IO[bytes], size: int, now: float) -> list[Output]:
+        """A whole file at once (a door that received it in one request): as its frames and
+        ``stop`` would be."""
+        self._last_input = now
+        try:
+            if self.phase is not Phase.STREAMING or self.options is None or self.intake is None:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "a file is only allowed after start")
+            if not self.options.is_file:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "a file needs a container format")
+            self.intake.adopt(upload, size)
+        except ProtocolError as exc:
+            return self.fail(exc)
+        return self.receive_text('{"type": "stop"}', now)
+
     # --- an upload, decoded by the adapter after stop ---
 
     def decoding(self, duration_s: float) -> None:

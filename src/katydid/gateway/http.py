@@ -1,0 +1,329 @@
+"""The HTTP door (Starlette on hypercorn's trio worker): the OpenAI-compatible transcription API
+over the same sessions as every other door, and the operator endpoints.
+
+``POST /v1/audio/transcriptions`` and ``/v1/audio/translations`` take the ``openai`` SDK's
+multipart form; the file becomes one session's upload (decoded, cut, fanned out over the
+workers like a WebSocket file session), and the answer is the transcript in the asked
+``response_format``, or with ``stream=true`` Server-Sent Events as finals arrive (queue position
+as SSE comments while it waits). Errors are ``{"error": {"message", "type", "code"}}`` with the
+HTTP status of the session's error code (429 with ``Retry-After`` for ``overloaded``).
+
+Rule 1: the upload is bounded while it streams in (``max_file_bytes`` plus the form's overhead),
+never buffered past the bound; a declared ``Content-Length`` over it is refused before reading.
+Rule 2: a client that goes away is a session's ``client_gone``: its jobs are cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from katydid.errors import ErrorCode
+from katydid.gateway.driver import ClientGone, SessionDriver
+from katydid.gateway.events import Done, ErrorEvent, Final, Queued, ServerEvent
+from katydid.gateway.formats import RESPONSE_FORMATS, full_text, render
+from katydid.gateway.outputs import Close
+from katydid.gateway.server import Gateway, Live
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_FORM_OVERHEAD = 64 * 1024  # multipart headers and the small fields beside the file
+_STATUS = {
+    ErrorCode.BAD_MESSAGE: 400,
+    ErrorCode.UNSUPPORTED_OPTION: 400,
+    ErrorCode.UNSUPPORTED_AUDIO: 415,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.OVERLOADED: 429,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.INTERNAL: 500,
+}
+# The OpenAI model names clients send by default: the server's default model.
+_DEFAULT_MODEL_ALIASES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "")
+
+
+class _UploadTooLarge(Exception):
+    pass
+
+
+def error_body(status: int, code: str, message: str) -> bytes:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 429:
+        kind = "rate_limit_error"
+    return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+
+
+def build_app(gateway: Gateway) -> Starlette:
+    """The gateway's HTTP app: OpenAI routes and the operator routes."""
+
+    def operator(path: str) -> Callable[[Request], Awaitable[Response]]:
+        route = gateway.routes()[path]
+
+        async def endpoint(_: Request) -> Response:
+            r = route()
+            return Response(r.body, r.status, media_type=r.content_type)
+
+        return endpoint
+
+    async def models(_: Request) -> Response:
+        offers = gateway.admission.offers()
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "katydid"} | o.to_dict()
+            for name, o in offers.items()
+        ]
+        return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")
+
+    return Starlette(
+        routes=[
+            Route("/metrics", operator("/metrics")),
+            Route("/healthz", operator("/healthz")),
+            Route("/readyz", operator("/readyz")),
+            Route("/v1/models", models),
+            Route("/v1/audio/transcriptions", _Transcribe(gateway, "transcribe")),
+            Route("/v1/audio/translations", _Transcribe(gateway, "translate")),
+        ]
+    )
+
+
+class _Transcribe:
+    """A raw ASGI endpoint: it streams its own answer (SSE) and watches for a disconnect."""
+
+    def __init__(self, gateway: Gateway, task: str) -> None:
+        self.gateway = gateway
+        self.task = task
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await _answer(send, 405, error_body(405, "method_not_allowed", "use POST"))
+            return
+        limit = self.gateway.cfg.max_file_bytes + _FORM_OVERHEAD
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _answer(send, 413, error_body(413, "too_large", f"upload over {limit} bytes"))
+            return
+        seen = 0
+
+        async def bounded() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _UploadTooLarge
+            return message
+
+        try:
+            form = await Request(scope, bounded).form(max_files=1, max_fields=16)
+        except _UploadTooLarge:
+            await _answer(send, 413, error_body(413, "too_large", f"upload over {limit} bytes"))
+            return
+        except Exception as exc:  # a malformed form: python-multipart's and Starlette's errors
+            await _answer(send, 400, error_body(400, "bad_message", f"not a form: {exc}"))
+            return
+        try:
+            request = _form_request(form, self.task)
+        except ValueError as exc:
+            await form.close()
+            await _answer(send, 400, error_body(400, "bad_message", str(exc)))
+            return
+        try:
+            await _HttpSession(self.gateway, send, receive, request).run()
+        finally:
+            await form.close()
+
+
+def _form_request(form: Any, task: str) -> dict[str, Any]:
+    """The transcription request's fields, checked.
+
+    Raises:
+        ValueError: a missing file or a bad field.
+    """
+    file = form.get("file")
+    if not isinstance(file, UploadFile):
+        raise ValueError("the form needs a 'file' field with the audio file")
+    fmt = str(form.get("response_format") or "json")
+    if fmt not in RESPONSE_FORMATS:
+        raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}")
+    granularities = set(form.getlist("timestamp_granularities[]")) | set(
+        form.getlist("timestamp_granularities")
+    )
+    if not granularities <= {"word", "segment"}:
+        raise ValueError("timestamp_granularities may hold 'word' and 'segment'")
+    model = str(form.get("model") or "")
+    start: dict[str, Any] = {
+        "type": "start",
+        "format": "wav",  # any container: the decoder reads what the file is
+        "task": task,
+        "word_timestamps": "word" in granularities,
+    }
+    if model not in _DEFAULT_MODEL_ALIASES:
+        start["model"] = model
+    language = form.get("language")
+    if task == "transcribe":
+        start["language"] = str(language) if language else "auto"
+    if form.get("prompt"):
+        start["prompt"] = str(form.get("prompt"))
+    stream = str(form.get("stream") or "false").lower() in ("true", "1")
+    return {"file": file, "format": fmt, "start": start, "stream": stream}
+
+
+async def _answer(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str = "application/json",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _HttpSession(SessionDriver):
+    """One transcription request as one session."""
+
+    def __init__(
+        self, gateway: Gateway, send: Send, receive: Receive, request: dict[str, Any]
+    ) -> None:
+        self.live: Live = gateway.open_session()
+        super().__init__(gateway, self.live)
+        self.send = send
+        self.receive = receive
+        self.request = request
+        self.finals: list[Final] = []
+        self.error: ErrorEvent | None = None
+        self.done: Done | None = None
+        self.streaming = False  # an SSE response has started
+        self.closed = trio.Event()
+
+    async def deliver(self, event: ServerEvent) -> None:
+        if isinstance(event, Final) and event.kind == "final":
+            self.finals.append(event)
+            if self.request["stream"]:
+                await self._sse({"type": "transcript.text.delta", "delta": event.text.strip()})
+        elif isinstance(event, ErrorEvent):
+            if event.seq is None or self.error is None:
+                self.error = event
+        elif isinstance(event, Done):
+            self.done = event
+        elif isinstance(event, Queued) and self.request["stream"]:
+            await self._sse_start()
+            await self._write(f": queued position={event.position} eta_s={event.eta_s:.1f}\n\n")
+
+    async def hang_up(self, close: Close) -> None:
+        self.closed.set()
+
+    async def _sse_start(self) -> None:
+        if not self.streaming:
+            self.streaming = True
+            await self.send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                    ],
+                }
+            )
+
+    async def _sse(self, data: dict[str, Any]) -> None:
+        await self._sse_start()
+        await self._write(f"data: {json.dumps(data, ensure_ascii=False)}\n\n")
+
+    async def _write(self, text: str) -> None:
+        try:
+            await self.send(
+                {"type": "http.response.body", "body": text.encode(), "more_body": True}
+            )
+        except OSError:
+            raise ClientGone from None
+
+    async def run(self) -> None:
+        s = self.session
+        upload = self.request["file"]
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self.pump)
+                nursery.start_soon(self._watch_disconnect)
+                now = trio.current_time()
+                await self.emit(s.receive_text(json.dumps(self.request["start"]), now))
+                if not s.closed:
+                    size = upload.size if upload.size is not None else 0
+                    upload.file.seek(0)
+                    await self.emit(s.receive_file(upload.file, size, now))
+                while not s.closed:
+                    with trio.move_on_at(s.deadline):
+                        await self.closed.wait()
+                    if not s.closed:
+                        await self.emit(s.tick(trio.current_time()))
+                nursery.cancel_scope.cancel()
+        finally:
+            await self.finish()
+            self.gateway.close_session(self.live)
+        with trio.CancelScope(shield=True):
+            await self._respond()
+
+    async def _watch_disconnect(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        await self.last_words(self.session.client_gone())
+        self.end()
+
+    async def _respond(self) -> None:
+        error = self.error
+        if self.streaming:
+            if error is not None:
+                await self._sse({"type": "error", "error": _error_dict(error)})
+            else:
+                await self._sse({"type": "transcript.text.done", "text": full_text(self.finals)})
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if error is not None:
+            status = _STATUS.get(error.code, 500)
+            if error.code is ErrorCode.OVERLOADED and not self.gateway.bus.connected:
+                status = 503
+            headers = []
+            if error.retry_after_s is not None:
+                headers.append((b"retry-after", str(max(1, round(error.retry_after_s))).encode()))
+            message = error.message if error.seq is None else f"chunk {error.seq}: {error.message}"
+            await _answer(
+                send=self.send,
+                status=status,
+                body=error_body(status, str(error.code), message),
+                headers=headers,
+            )
+            return
+        if self.done is None:
+            return  # the client is gone
+        body, content_type = render(
+            self.request["format"],
+            self.finals,
+            task=self.request["start"]["task"],
+            duration_s=self.done.audio_s,
+            words=self.request["start"]["word_timestamps"],
+        )
+        await _answer(self.send, 200, body.encode(), content_type)
+
+
+def _error_dict(error: ErrorEvent) -> dict[str, Any]:
+    return {"message": error.message, "code": str(error.code)}

@@ -1,0 +1,146 @@
+"""The OpenAI-compatible HTTP door, tried with the `openai` package itself (not our client) and
+with hostile requests written by hand. Transcripts are checked by normalised WER."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import trio
+
+from katydid.evaluation import Clip, read_manifest, wer
+from tests.integration.stack import Stack, http_get, stream_messages, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
+    with Stack(tmp_path_factory.mktemp("openai"), model_dir, workers=2) as s:
+        wait_until(lambda: http_get(s.metrics_url + "/readyz")[0] == 200, 30, "ready")
+        yield s
+
+
+@pytest.fixture(scope="module")
+def jfk(speech_dir: Path) -> Clip:
+    return next(c for c in read_manifest(speech_dir / "manifest.tsv") if c.name == "jfk.wav")
+
+
+def _client(stack: Stack) -> Any:
+    """The SDK's client (typed loosely: its overloads are not what these tests are about)."""
+    return openai.OpenAI(base_url=stack.metrics_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize("fmt", ["json", "text", "srt", "vtt", "verbose_json"])
+def test_every_response_format(stack: Stack, jfk: Clip, fmt: str) -> None:
+    with jfk.path.open("rb") as f:
+        out = _client(stack).audio.transcriptions.create(
+            model="whisper-1",
+            file=f,
+            response_format=fmt,
+        )
+    if fmt in ("json", "verbose_json"):
+        text = out.text
+    else:
+        assert isinstance(out, str)
+        lines = [ln for ln in out.splitlines() if ln and "-->" not in ln]
+        text = " ".join(ln for ln in lines if not ln.isdigit() and ln != "WEBVTT")
+        if fmt in ("srt", "vtt"):
+            assert "-->" in out
+        if fmt == "vtt":
+            assert out.startswith("WEBVTT\n")
+    assert wer(jfk.reference, text) <= 0.05, text
+
+
+def test_words_and_segments(stack: Stack, jfk: Clip) -> None:
+    with jfk.path.open("rb") as f:
+        out = _client(stack).audio.transcriptions.create(
+            model="whisper-1",
+            file=f,
+            response_format="verbose_json",
+            timestamp_granularities=["word", "segment"],
+        )
+    assert out.language == "en"
+    assert out.duration == pytest.approx(11.0, abs=0.1)
+    assert out.segments
+    assert out.words is not None
+    assert len(out.words) >= 15
+    starts = [w.start for w in out.words]
+    assert starts == sorted(starts)
+    assert all(0 <= w.start <= w.end <= 11.1 for w in out.words)
+    assert wer(jfk.reference, " ".join(w.word for w in out.words)) <= 0.1
+
+
+def test_streamed_as_server_sent_events(stack: Stack, jfk: Clip) -> None:
+    with jfk.path.open("rb") as f:
+        events = list(
+            _client(stack).audio.transcriptions.create(model="whisper-1", file=f, stream=True)
+        )
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "transcript.text.done"
+    assert kinds.count("transcript.text.done") == 1
+    assert "transcript.text.delta" in kinds
+    deltas = " ".join(e.delta for e in events if e.type == "transcript.text.delta")
+    assert wer(jfk.reference, deltas) <= 0.05
+    assert wer(jfk.reference, events[-1].text) <= 0.05
+
+
+# The SDK marks its translations call deprecated; the door still serves it.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_models_and_refusals(stack: Stack, jfk: Clip) -> None:
+    client = _client(stack)
+    assert [m.id for m in client.models.list()] == ["tiny.en-q8_0"]
+    with jfk.path.open("rb") as f, pytest.raises(openai.BadRequestError) as refused:
+        client.audio.translations.create(model="whisper-1", file=f)  # English-only model
+    assert "multilingual" in str(refused.value)
+    with jfk.path.open("rb") as f, pytest.raises(openai.BadRequestError):
+        client.audio.transcriptions.create(model="no-such-model", file=f)
+    with pytest.raises(openai.APIStatusError) as garbage:
+        client.audio.transcriptions.create(model="whisper-1", file=("x.wav", b"not audio" * 100))
+    assert garbage.value.status_code == 415
+    assert json.loads(garbage.value.response.text)["error"]["code"] == "unsupported_audio"
+
+
+def _raw(stack: Stack, request: bytes) -> tuple[int, dict[str, Any]]:
+    """Send a hand-written HTTP request; the status and the JSON error body."""
+    port = int(stack.metrics_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+async def test_hostile_requests_get_their_status_and_nothing_is_queued(
+    stack: Stack, jfk: Clip
+) -> None:
+    queued_before = await trio.to_thread.run_sync(stream_messages, stack.nats_url)
+    bomb = (
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 2147483648\r\n\r\n--b\r\n"
+    )
+    status, body = await trio.to_thread.run_sync(_raw, stack, bomb)
+    assert (status, body["error"]["code"]) == (413, "too_large")
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    truncated = head + jfk.path.read_bytes()[:5000]  # no closing boundary
+    request = (
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n"
+        + f"Content-Length: {len(truncated)}\r\n\r\n".encode()
+        + truncated
+    )
+    status, body = await trio.to_thread.run_sync(_raw, stack, request)
+    assert status == 400, body
+    assert await trio.to_thread.run_sync(stream_messages, stack.nats_url) == queued_before
+    # The door still serves.
+    with jfk.path.open("rb") as f:
+        text = _client(stack).audio.transcriptions.create(model="whisper-1", file=f).text
+    assert wer(jfk.reference, text) <= 0.05
