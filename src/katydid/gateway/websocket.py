@@ -26,6 +26,7 @@ from katydid.gateway.events import ServerEvent
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway, Live
 from katydid.gateway.session import Phase
+from katydid.gateway.vosk import serve_vosk
 
 log = structlog.get_logger("katydid.gateway")
 
@@ -100,7 +101,10 @@ class WebSocketDoor:
             ws = await request.accept()
         except ConnectionClosed:
             return
-        await serve_connection(self.gateway, ws)
+        if request.path.split("?", 1)[0].rstrip("/") == "/vosk":
+            await serve_vosk(self.gateway, ws)  # vosk-server's protocol, for its clients
+        else:
+            await serve_connection(self.gateway, ws)
 
 
 async def serve_connection(gateway: Gateway, ws: WebSocketConnection) -> None:

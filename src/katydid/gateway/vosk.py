@@ -1,0 +1,193 @@
+"""The vosk-server-compatible WebSocket door: path ``/vosk`` on the WebSocket port.
+
+vosk-server's protocol, as its clients speak it: an optional ``{"config": {"sample_rate": N}}``,
+binary PCM (s16le mono), ``{"eof": 1}`` at the end. vosk-server answers every message it
+receives with one JSON message, and its clients wait for that answer before sending the next
+frame: here each audio frame is answered at once, with a finished utterance if one came back
+since the last answer (``{"result": [{"conf", "start", "end", "word"}], "text": ...}``), else the
+utterance in progress (``{"partial": ...}``). ``eof`` is answered, once every utterance is
+transcribed, with the rest of the transcript as one result; then the server closes (1000).
+
+Errors: vosk has no error message; Katydid sends ``{"error": message, "code": code}`` and
+closes with the code's close code, as on its own protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from katydid.errors import ErrorCode, ProtocolError
+from katydid.gateway.driver import ClientGone, SessionDriver
+from katydid.gateway.events import ErrorEvent, Final, ServerEvent
+from katydid.gateway.outputs import Close
+from katydid.gateway.server import Gateway, Live
+
+
+async def serve_vosk(gateway: Gateway, ws: WebSocketConnection) -> None:
+    """Serve one accepted vosk-protocol WebSocket as one session, to its end."""
+    live = gateway.open_session()
+    try:
+        await _VoskConnection(gateway, ws, live).serve()
+    finally:
+        gateway.close_session(live)
+
+
+def _result(finals: list[Final]) -> dict[str, Any]:
+    words = [
+        {"conf": 1.0, "start": w["start_s"], "end": w["end_s"], "word": w["word"]}
+        for f in finals
+        for seg in f.segments
+        for w in seg.get("words", ())
+    ]
+    return {"result": words, "text": " ".join(f.text.strip() for f in finals).strip()}
+
+
+class _VoskConnection(SessionDriver):
+    def __init__(self, gateway: Gateway, ws: WebSocketConnection, live: Live) -> None:
+        super().__init__(gateway, live)
+        self.ws = ws
+        self.unsent: list[Final] = []  # finished utterances not yet answered
+        self.partial = ""
+        self.eof = False
+
+    async def _say(self, message: dict[str, Any]) -> None:
+        try:
+            await self.ws.send_message(json.dumps(message, ensure_ascii=False))
+        except ConnectionClosed:
+            raise ClientGone from None
+
+    async def deliver(self, event: ServerEvent) -> None:
+        if isinstance(event, Final):
+            if event.kind == "partial":
+                self.partial = event.text.strip()
+            else:
+                self.unsent.append(event)
+                self.partial = ""
+        elif isinstance(event, ErrorEvent) and event.seq is None:
+            await self._say({"error": event.message, "code": str(event.code)})
+
+    async def hang_up(self, close: Close) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            if close.code == 1000:  # done: eof's answer, the rest of the transcript
+                await self._say(_result(self.unsent))
+                self.unsent = []
+            await self.ws.aclose(close.code, close.reason)
+
+    async def serve(self) -> None:
+        s = self.session
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self.pump)
+                await self._reader()
+        except* ClientGone:
+            await self.last_words(s.client_gone())
+        except* Exception as group:  # a bug ends this session, never the gateway
+            self.gateway.sampled.log(
+                "error", "session_failed", session_id=s.session_id, exc_info=group
+            )
+            failed = ProtocolError(ErrorCode.INTERNAL, "the gateway failed on this session")
+            await self.last_words(s.fail(failed))
+        finally:
+            await self.finish()
+
+    async def _start(self, sample_rate: int) -> bool:
+        start = {
+            "type": "start",
+            "format": "pcm_s16le",
+            "sample_rate": sample_rate,
+            "partials": True,
+            "word_timestamps": True,
+        }
+        await self.emit(self.session.receive_text(json.dumps(start), trio.current_time()))
+        return not self.session.closed
+
+    async def _reader(self) -> None:
+        s = self.session
+        started = False
+        while not s.closed:
+            if started and not s.wants_audio:
+                await self.live.wait_for_room()
+                s.resumed(trio.current_time())
+            msg: str | bytes | None = None
+            with trio.move_on_at(s.deadline):
+                try:
+                    msg = await self.ws.get_message()
+                except ConnectionClosed as exc:
+                    too_large = getattr(exc.reason, "code", None) == 1009
+                    await self.last_words(s.client_gone(too_large=too_large))
+                    self.end()
+                    return
+            now = trio.current_time()
+            if msg is None:
+                await self.emit(s.tick(now))
+                continue
+            if isinstance(msg, bytes):
+                if not started:
+                    started = await self._start(16_000)
+                    if not started:
+                        return
+                allowed = self.gateway.partials_allowed(s.model)
+                await self.emit(s.receive_bytes(msg, now, partials_allowed=allowed))
+                if not s.closed:
+                    await self._answer_frame()
+                continue
+            try:
+                command = _command(msg)
+            except ProtocolError as exc:
+                await self.emit(s.fail(exc))
+                return
+            if "config" in command:
+                if started:
+                    await self.emit(
+                        s.fail(ProtocolError(ErrorCode.BAD_MESSAGE, "config after audio"))
+                    )
+                    return
+                try:
+                    rate = _sample_rate(command["config"])
+                except ProtocolError as exc:
+                    await self.emit(s.fail(exc))
+                    return
+                started = await self._start(rate)
+                if started:
+                    await self._say({"partial": ""})  # vosk-server answers every message
+            elif "eof" in command:
+                if not started:
+                    started = await self._start(16_000)
+                await self.emit(s.receive_text('{"type": "stop"}', now))
+
+    async def _answer_frame(self) -> None:
+        if self.unsent:
+            result, self.unsent = _result(self.unsent), []
+            await self._say(result)
+        else:
+            await self._say({"partial": self.partial})
+
+
+def _command(text: str) -> dict[str, Any]:
+    """A vosk text message: ``config`` or ``eof``.
+
+    Raises:
+        ProtocolError: not JSON, or neither.
+    """
+    try:
+        msg = json.loads(text)
+    except ValueError:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "message is not valid JSON") from None
+    if not isinstance(msg, dict) or not ({"config", "eof"} & msg.keys()):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, 'expected {"config": ...} or {"eof": 1}')
+    return msg
+
+
+def _sample_rate(config: Any) -> int:
+    rate = config.get("sample_rate", 16_000) if isinstance(config, dict) else None
+    if isinstance(rate, float) and rate.is_integer():
+        rate = int(rate)
+    if not isinstance(rate, int) or isinstance(rate, bool):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "config.sample_rate must be a number")
+    return rate
