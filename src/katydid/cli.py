@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
             help="HTTP door: OpenAI-compatible API, /metrics, /healthz, /readyz "
             "(default: a free port, printed; -1 = off)",
         )
+        sp.add_argument(
+            "--wyoming-port",
+            type=int,
+            help="Wyoming door for Home Assistant (usually 10300; default off; 0 = a free port)",
+        )
 
     sv = sub.add_parser("serve", help="run everything: embedded nats-server, gateway, workers")
     server_flags(sv)
@@ -134,7 +139,7 @@ def _config(args: argparse.Namespace) -> Config:
             "log_level": args.log_level,
             **{
                 k: getattr(args, k, None)
-                for k in ("host", "port", "nats_url", "data_dir", "http_port")
+                for k in ("host", "port", "nats_url", "data_dir", "http_port", "wyoming_port")
             },
             "workers": workers if isinstance(workers, int) else None,
             "worker_models": workers if isinstance(workers, str) else None,

@@ -121,6 +121,8 @@ async def _gateway_alone(cfg: Config) -> None:
                 " (OpenAI-compatible /v1/audio/transcriptions; /metrics, /healthz, /readyz)",
                 flush=True,
             )
+        if gateway.wyoming_port is not None:
+            print(f"wyoming:  tcp://{cfg.host}:{gateway.wyoming_port}", flush=True)
         notify("READY=1")
         await until_signalled(gateway.drain, gateway.cut_grace, name="gateway")
         nursery.cancel_scope.cancel()

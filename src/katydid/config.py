@@ -84,6 +84,7 @@ class Config:
     # The HTTP door: the OpenAI-compatible API and /metrics, /healthz, /readyz (one server).
     http_host: str = "127.0.0.1"
     http_port: int = 0  # 0 = a free port (printed at start), -1 = off
+    wyoming_port: int = -1  # the Wyoming door (Home Assistant; its usual port is 10300); -1 = off
     ready_max_eta_s: float = 300.0  # /readyz fails while the queue ETA is longer
     # Chunker
     chunk_min_s: float = 5.0  # live audio: earliest cut at a pause (3 s cost 1.4 WER points)

@@ -212,6 +212,8 @@ async def serve(
                         f"http:     http://{cfg.http_host}:{gateway.http_port}"
                         " (OpenAI-compatible /v1/audio/transcriptions; /metrics, /healthz, /readyz)"
                     )
+                if gateway.wyoming_port is not None:
+                    announce(f"wyoming:  tcp://{cfg.host}:{gateway.wyoming_port}")
                 mix = ", ".join(f"{count} x {name}" for name, count in plan)
                 announce(
                     f"workers:  {mix}, {cfg.engine_threads} thread(s) each"

@@ -17,6 +17,7 @@ from katydid.config import Config
 from katydid.gateway.http import build_app
 from katydid.gateway.server import Gateway
 from katydid.gateway.websocket import WebSocketDoor
+from katydid.gateway.wyoming import WyomingDoor
 from katydid.httpd import serve_http
 
 
@@ -27,6 +28,7 @@ class GatewayService:
         self.websocket = WebSocketDoor(self.gateway)
         self.port: int | None = None
         self.http_port: int | None = None
+        self.wyoming_port: int | None = None
         self._infrastructure_stop = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -45,6 +47,8 @@ class GatewayService:
                             self.cfg.http_host,
                             self.cfg.http_port,
                         )
+                    if self.cfg.wyoming_port >= 0:
+                        self.wyoming_port = await doors.start(WyomingDoor(self.gateway).run)
                     self.port = await doors.start(self.websocket.run)
                     task_status.started(self.port)
             finally:

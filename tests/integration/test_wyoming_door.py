@@ -1,0 +1,135 @@
+"""The Wyoming door, tried with the `wyoming` package's own client (as Home Assistant uses it):
+describe, then a clip in 100 ms chunks; the streamed transcript chunks and the final transcript
+are checked by normalised WER. And bytes that are not Wyoming."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soxr
+import trio
+from wyoming.asr import Transcribe, Transcript
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.info import Describe, Info
+
+from katydid.audio import decode_container
+from katydid.evaluation import Clip, read_manifest, wer
+from tests.integration.stack import Stack, free_port, stream_messages
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
+    port = free_port()
+    with Stack(tmp_path_factory.mktemp("wyoming"), model_dir, workers=2, wyoming_port=port) as s:
+        s.wyoming_port = port  # type: ignore[attr-defined]
+        yield s
+
+
+@pytest.fixture(scope="module")
+def jfk(speech_dir: Path) -> Clip:
+    return next(c for c in read_manifest(speech_dir / "manifest.tsv") if c.name == "jfk.wav")
+
+
+def _pcm(clip: Clip, rate: int, width: int, channels: int) -> bytes:
+    audio = decode_container(clip.path, max_audio_s=60, max_bytes=10**8)
+    if rate != 16_000:
+        audio = soxr.resample(audio, 16_000, rate).astype(np.float32)
+    kind, scale = {2: ("<i2", 32767), 4: ("<i4", 2**31 - 1)}[width]
+    samples = np.round(audio * scale).astype(kind)
+    return np.repeat(samples, channels).tobytes()  # interleaved: the same voice in each channel
+
+
+async def _transcribe(
+    port: int, pcm: bytes, rate: int, width: int, channels: int
+) -> tuple[Info, list[Event]]:
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(Describe().event())
+        info_event = await client.read_event()
+        assert info_event is not None
+        info = Info.from_event(info_event)
+        await client.write_event(Transcribe(language="en").event())
+        await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
+        step = rate * width * channels // 10  # 100 ms
+        for i in range(0, len(pcm), step):
+            chunk = AudioChunk(rate=rate, width=width, channels=channels, audio=pcm[i : i + step])
+            await client.write_event(chunk.event())
+        await client.write_event(AudioStop().event())
+        events = []
+        while True:
+            event = await asyncio.wait_for(client.read_event(), 120)
+            assert event is not None, "the server closed the connection"
+            events.append(event)
+            if Transcript.is_type(event.type) or Error.is_type(event.type):
+                return info, events
+
+
+@pytest.mark.parametrize(("rate", "width", "channels"), [(16_000, 2, 1), (8_000, 4, 2)])
+async def test_describe_then_a_streamed_transcript(
+    stack: Stack, jfk: Clip, rate: int, width: int, channels: int
+) -> None:
+    pcm = _pcm(jfk, rate, width, channels)
+    port = stack.wyoming_port  # type: ignore[attr-defined]
+    info, events = await trio.to_thread.run_sync(
+        lambda: asyncio.run(_transcribe(port, pcm, rate, width, channels))
+    )
+    (program,) = info.asr
+    assert program.supports_transcript_streaming
+    assert [m.name for m in program.models] == ["tiny.en-q8_0"]
+    assert program.models[0].languages == ["en"]
+    kinds = [e.type for e in events]
+    assert kinds[0] == "transcript-start"
+    assert kinds[-2:] == ["transcript-stop", "transcript"]
+    assert set(kinds[1:-2]) == {"transcript-chunk"}
+    chunks = " ".join(e.data["text"] for e in events if e.type == "transcript-chunk")
+    assert wer(jfk.reference, chunks) <= 0.1, chunks
+    final = Transcript.from_event(events[-1])
+    assert wer(jfk.reference, final.text) <= 0.1, final.text
+
+
+async def _out_of_order_then_garbage(port: int) -> tuple[Event | None, bytes]:
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(
+            AudioChunk(rate=16_000, width=2, channels=1, audio=b"\0" * 3200).event()
+        )
+        refused = await asyncio.wait_for(client.read_event(), 10)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b'{"type": "' + b"x" * (10 * 1024 * 1024) + b'"}\n')  # a 10 MB header line
+    try:
+        await writer.drain()
+    except ConnectionError:
+        pass
+    try:  # closed by the server: the end of the stream, or a reset (it left bytes unread)
+        rest = await asyncio.wait_for(reader.read(), 10)
+    except ConnectionResetError:
+        rest = b""
+    writer.close()
+    return refused, rest
+
+
+async def test_out_of_order_and_garbage(stack: Stack, jfk: Clip) -> None:
+    port = stack.wyoming_port  # type: ignore[attr-defined]
+    before = await trio.to_thread.run_sync(stream_messages, stack.nats_url)
+    refused, rest = await trio.to_thread.run_sync(
+        lambda: asyncio.run(_out_of_order_then_garbage(port))
+    )
+    assert refused is not None
+    assert Error.from_event(refused).code == "bad_message"
+    assert rest == b""
+    assert await trio.to_thread.run_sync(stream_messages, stack.nats_url) == before
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass  # still listening
+    # and still transcribing
+    _, events = await trio.to_thread.run_sync(
+        lambda: asyncio.run(_transcribe(port, _pcm(jfk, 16_000, 2, 1), 16_000, 2, 1))
+    )
+    assert wer(jfk.reference, Transcript.from_event(events[-1]).text) <= 0.1

@@ -1,0 +1,57 @@
+"""Wyoming framing against the wyoming package's own reader and writer."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from wyoming.event import Event, read_event, write_event
+
+from katydid.gateway.wyoming_wire import FramingError, WyomingEvent, WyomingReader, encode
+
+
+def _reader() -> WyomingReader:
+    return WyomingReader(max_line=1024, max_data=1024, max_payload=4096)
+
+
+def test_what_the_package_writes_is_read_byte_by_byte() -> None:
+    out = io.BytesIO()
+    write_event(
+        Event("audio-chunk", {"rate": 16000, "width": 2, "channels": 1}, b"\x01\x02" * 100), out
+    )
+    write_event(Event("describe"), out)
+    reader = _reader()
+    events = []
+    for byte in out.getvalue():  # split anywhere: headers, data and payload across reads
+        reader.feed(bytes([byte]))
+        while (event := reader.next_event()) is not None:
+            events.append(event)
+    assert events == [
+        WyomingEvent("audio-chunk", {"rate": 16000, "width": 2, "channels": 1}, b"\x01\x02" * 100),
+        WyomingEvent("describe", {}, None),
+    ]
+
+
+def test_what_we_write_the_package_reads() -> None:
+    data = encode(WyomingEvent("transcript", {"text": "Grüße", "language": "de"}))
+    event = read_event(io.BytesIO(data))
+    assert event is not None
+    assert (event.type, event.data) == ("transcript", {"text": "Grüße", "language": "de"})
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"x" * 2000,  # a line over the bound, no newline yet
+        b"not json\n",
+        b'["a list"]\n',
+        b'{"type": "audio-chunk", "payload_length": 99999}\n',
+        b'{"type": "audio-chunk", "payload_length": -1}\n',
+        b'{"type": "audio-chunk", "data_length": 4}\n[1,2',
+    ],
+)
+def test_garbage_is_a_framing_error(raw: bytes) -> None:
+    reader = _reader()
+    reader.feed(raw)
+    with pytest.raises(FramingError):
+        reader.next_event()
