@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--prompt", help="initial prompt: spellings, names, style")
     tr.add_argument("--task", choices=("transcribe", "translate"), help="translate: into English")
     tr.add_argument("--word-timestamps", action="store_true", help="words with times (--json)")
+    tr.add_argument(
+        "--format",
+        dest="out_format",
+        choices=("txt", "srt", "vtt", "json"),
+        help="print the whole transcript in this format at the end (json: as the HTTP door's"
+        " verbose_json); default: each utterance as it arrives",
+    )
 
     ev = sub.add_parser("eval", help="WER and speed on a manifest of clips with references")
     ev.add_argument("manifest", type=Path)
@@ -216,7 +223,12 @@ def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
             if v is not None
         }
         return transcribe_remote(
-            args.files, args.url, realtime=args.realtime, as_json=args.json, options=options
+            args.files,
+            args.url,
+            realtime=args.realtime,
+            as_json=args.json,
+            options=options,
+            out_format=args.out_format,
         )
     from katydid_worker.engine import DecodeOptions
 
@@ -236,7 +248,9 @@ def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
             print(f"katydid: {path}: {exc}", file=sys.stderr)
             failed += 1
             continue
-        if args.json:
+        if args.out_format:
+            print(_local_formatted(args.out_format, tr, args), end="")
+        elif args.json:
             print(
                 json.dumps(
                     {
@@ -257,6 +271,37 @@ def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
         else:
             print(tr.text if len(args.files) == 1 else f"{path}: {tr.text}")
     return 1 if failed else 0
+
+
+def _local_formatted(out_format: str, tr: Transcript, args: argparse.Namespace) -> str:
+    """A local transcript in the HTTP door's formats (one final per segment)."""
+    from katydid.cli_remote import formatted
+
+    finals = [
+        {
+            "seq": i,
+            "start_s": s.start_s,
+            "end_s": s.end_s,
+            "text": s.text,
+            "language": tr.language,
+            "segments": [
+                {"start_s": s.start_s, "end_s": s.end_s, "text": s.text}
+                | (
+                    {
+                        "words": [
+                            {"word": w.text, "start_s": w.start_s, "end_s": w.end_s}
+                            for w in s.words
+                        ]
+                    }
+                    if s.words
+                    else {}
+                )
+            ],
+        }
+        for i, s in enumerate(tr.segments)
+    ]
+    options = {"task": args.task or "transcribe", "word_timestamps": args.word_timestamps}
+    return formatted(out_format, finals, {"audio_s": tr.audio_s}, options)
 
 
 def _cmd_eval(cfg: Config, args: argparse.Namespace) -> int:

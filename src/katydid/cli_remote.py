@@ -16,6 +16,8 @@ from katydid.audio import decode_container, float_to_pcm16, sniff_container
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.evaluation import Clip, Heard
+from katydid.gateway.events import Final
+from katydid.gateway.formats import render
 from katydid.sdnotify import notify
 
 _FILE_FRAME_BYTES = 64 * 1024
@@ -29,6 +31,21 @@ def file_format(path: Path, data: bytes) -> str:
     return fmt
 
 
+def final_events(finals: list[dict[str, Any]]) -> list[Final]:
+    """Finals as the server sent them (JSON) as events, for ``formats.render``."""
+    return [
+        Final(
+            int(f["seq"]),
+            float(f["start_s"]),
+            float(f["end_s"]),
+            str(f["text"]),
+            tuple(f.get("segments", ())),
+            language=str(f.get("language", "")),
+        )
+        for f in finals
+    ]
+
+
 def transcribe_remote(
     files: list[Path],
     url: str,
@@ -36,8 +53,10 @@ def transcribe_remote(
     realtime: bool,
     as_json: bool,
     options: dict[str, Any] | None = None,
+    out_format: str | None = None,
 ) -> int:
-    """Stream each file to the gateway and print finals as they arrive."""
+    """Stream each file to the gateway and print finals as they arrive (or, with
+    ``out_format`` = txt, srt, vtt or json, the whole transcript in that format at the end)."""
     failed = 0
     tty = sys.stderr.isatty()
     for path in files:
@@ -55,10 +74,12 @@ def transcribe_remote(
 
         def show(event: dict[str, Any], path: Path = path) -> None:
             kind = event.get("type")
-            if as_json:
+            if as_json and not out_format:
                 print(json.dumps(event, ensure_ascii=False), flush=True)
-            elif kind == "final":
+            elif kind == "final" and not out_format:
                 print(event.get("text", ""), flush=True)
+            elif kind == "final" and tty:
+                print(f"\rtranscribed: {event['end_s']:.0f} s of audio", end="", file=sys.stderr)
             elif kind == "queued" and tty:
                 print(
                     f"\rqueued: position {event['position']}, ETA {event['eta_s']} s",
@@ -89,7 +110,25 @@ def transcribe_remote(
             failed += 1
             continue
         failed += result.done is None
+        if out_format and result.done is not None:
+            if tty:
+                print(file=sys.stderr)
+            print(formatted(out_format, result.finals, result.done, options or {}), end="")
     return 1 if failed else 0
+
+
+def formatted(
+    out_format: str, finals: list[dict[str, Any]], done: dict[str, Any], options: dict[str, Any]
+) -> str:
+    fmt = {"txt": "text", "json": "verbose_json"}.get(out_format, out_format)
+    body, _ = render(
+        fmt,
+        final_events(finals),
+        task=str(options.get("task", "transcribe")),
+        duration_s=float(done.get("audio_s", 0.0)),
+        words=bool(options.get("word_timestamps")),
+    )
+    return body if body.endswith("\n") else body + "\n"
 
 
 def remote_heard(url: str, clip: Clip) -> Heard:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,3 +146,24 @@ async def test_hostile_requests_get_their_status_and_nothing_is_queued(
     with jfk.path.open("rb") as f:
         text = _client(stack).audio.transcriptions.create(model="whisper-1", file=f).text
     assert wer(jfk.reference, text) <= 0.05
+
+
+@pytest.mark.parametrize("out_format", ["txt", "srt", "vtt", "json"])
+def test_the_cli_writes_the_same_formats(stack: Stack, jfk: Clip, out_format: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "katydid", "transcribe", "--url", stack.url,
+         "--format", out_format, str(jfk.path)],
+        capture_output=True, text=True, timeout=120, check=False, env=stack.env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    if out_format == "json":
+        text = json.loads(out)["text"]
+    else:
+        text = " ".join(
+            ln for ln in out.splitlines()
+            if ln and "-->" not in ln and not ln.isdigit() and ln != "WEBVTT"
+        )  # fmt: skip
+    assert wer(jfk.reference, text) <= 0.05, out
+    if out_format in ("srt", "vtt"):
+        assert out.count("-->") >= 1
