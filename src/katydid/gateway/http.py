@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -38,6 +39,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+_STATIC = Path(__file__).parent / "static"  # the browser page: no build step
 _FORM_OVERHEAD = 64 * 1024  # multipart headers and the small fields beside the file
 _STATUS = {
     ErrorCode.BAD_MESSAGE: 400,
@@ -83,8 +85,23 @@ def build_app(gateway: Gateway) -> Starlette:
         ]
         return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")
 
+    async def page(_: Request) -> Response:
+        return Response((_STATIC / "index.html").read_bytes(), media_type="text/html")
+
+    async def worklet(_: Request) -> Response:
+        body = (_STATIC / "pcm-worklet.js").read_bytes()
+        return Response(body, media_type="text/javascript")
+
+    async def page_config(_: Request) -> Response:
+        # Where the page's WebSocket goes (the port may have been chosen at start).
+        port = gateway.websocket_port or gateway.cfg.port
+        return Response(json.dumps({"websocket_port": port}), media_type="application/json")
+
     return Starlette(
         routes=[
+            Route("/", page),
+            Route("/static/pcm-worklet.js", worklet),
+            Route("/config.json", page_config),
             Route("/metrics", operator("/metrics")),
             Route("/healthz", operator("/healthz")),
             Route("/readyz", operator("/readyz")),

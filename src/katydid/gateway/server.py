@@ -138,6 +138,7 @@ class Gateway:
             lambda: {k: w.beat for k, w in self.admission.workers.items()}
         )
         self.stopping = False  # no new sessions: the server is shutting down
+        self.websocket_port: int | None = None  # set by the service once the door listens
         self._no_sessions = trio.Event()  # set when stopping and the last session ended
 
     # --- the bus side, run by the server around its doors ---

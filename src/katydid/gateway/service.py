@@ -50,6 +50,7 @@ class GatewayService:
                     if self.cfg.wyoming_port >= 0:
                         self.wyoming_port = await doors.start(WyomingDoor(self.gateway).run)
                     self.port = await doors.start(self.websocket.run)
+                    self.gateway.websocket_port = self.port
                     task_status.started(self.port)
             finally:
                 with trio.CancelScope(shield=True):

@@ -1,0 +1,116 @@
+"""The browser page in a real headless Chromium (Debian's chromium and chromium-driver, driven
+by selenium): the jfk clip fed as the microphone, and the same clip as a file upload. The test
+installs Chromium with apt where it can (root, a package registry), and skips saying why where
+it cannot."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from katydid.evaluation import Clip, read_manifest, wer
+from tests.integration.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+webdriver = pytest.importorskip("selenium.webdriver")
+
+
+def _chromium() -> tuple[str, str]:
+    """Paths of chromium and chromedriver, installed with apt if missing and possible."""
+    found = shutil.which("chromium"), shutil.which("chromedriver")
+    if all(found):
+        return found  # type: ignore[return-value]
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("Chromium is not installed and this user cannot apt-get it")
+    proc = subprocess.run(
+        ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"],
+        capture_output=True, text=True, timeout=900, check=False,
+        env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"},
+    )  # fmt: skip
+    found = shutil.which("chromium"), shutil.which("chromedriver")
+    if not all(found):
+        pytest.skip(f"apt-get could not install chromium: {proc.stderr[-500:]}")
+    return found  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def jfk(speech_dir: Path) -> Clip:
+    return next(c for c in read_manifest(speech_dir / "manifest.tsv") if c.name == "jfk.wav")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
+    with Stack(tmp_path_factory.mktemp("browser"), model_dir, workers=2) as s:
+        yield s
+
+
+@pytest.fixture
+def browser(jfk: Clip) -> Iterator[object]:
+    chromium, driver_path = _chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--use-fake-ui-for-media-stream",  # grant the microphone without asking
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={jfk.path}%noloop",  # the clip is the microphone
+        "--autoplay-policy=no-user-gesture-required",
+    ):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=driver_path)
+    drv = webdriver.Chrome(options=options, service=service)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def _wait(drv: object, condition: object, timeout_s: float, what: str) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition(drv)  # type: ignore[operator]
+        if value:
+            return str(value)
+        time.sleep(0.2)
+    status = drv.find_element("id", "status").text  # type: ignore[attr-defined]
+    raise AssertionError(f"timed out waiting for {what}; status: {status!r}")
+
+
+def _transcript(drv: object) -> str:
+    text = drv.find_element("id", "transcript").text  # type: ignore[attr-defined]
+    return re.sub(r"^\d+:\d\d\.\d\s*", "", str(text), flags=re.M)  # the time in front of each
+
+
+def _done(drv: object) -> bool:
+    return str(drv.find_element("id", "status").text).startswith("done")  # type: ignore[attr-defined]
+
+
+def test_recording_from_the_microphone(stack: Stack, browser: object, jfk: Clip) -> None:
+    drv = browser
+    drv.get(stack.metrics_url + "/")  # type: ignore[attr-defined]
+    drv.find_element("id", "record").click()  # type: ignore[attr-defined]
+    # The clip plays as the microphone once (11 s); its last words are final by about 13 s.
+    _wait(drv, lambda d: len(_transcript(d).split()) >= 18, 60, "the clip's words")
+    drv.find_element("id", "stop").click()  # type: ignore[attr-defined]
+    _wait(drv, _done, 60, "done")
+    text = _transcript(drv)
+    assert wer(jfk.reference, text) <= 0.1, text
+
+
+def test_uploading_a_file(stack: Stack, browser: object, jfk: Clip) -> None:
+    drv = browser
+    drv.get(stack.metrics_url + "/")  # type: ignore[attr-defined]
+    drv.find_element("id", "file").send_keys(str(jfk.path))  # type: ignore[attr-defined]
+    _wait(drv, _done, 60, "done")
+    text = _transcript(drv)
+    assert wer(jfk.reference, text) <= 0.05, text
