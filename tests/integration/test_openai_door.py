@@ -141,6 +141,16 @@ async def test_hostile_requests_get_their_status_and_nothing_is_queued(
     )
     status, body = await trio.to_thread.run_sync(_raw, stack, request)
     assert status == 400, body
+    no_file = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--\r\n'
+    request = (
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n"
+        + f"Content-Length: {len(no_file)}\r\n\r\n".encode()
+        + no_file
+    )
+    status, body = await trio.to_thread.run_sync(_raw, stack, request)
+    assert (status, body["error"]["code"]) == (400, "bad_message")
+    assert "file" in body["error"]["message"]
     assert await trio.to_thread.run_sync(stream_messages, stack.nats_url) == queued_before
     # The door still serves.
     with jfk.path.open("rb") as f:
