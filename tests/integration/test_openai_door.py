@@ -87,7 +87,8 @@ def test_streamed_as_server_sent_events(stack: Stack, jfk: Clip) -> None:
     assert kinds[-1] == "transcript.text.done"
     assert kinds.count("transcript.text.done") == 1
     assert "transcript.text.delta" in kinds
-    deltas = " ".join(e.delta for e in events if e.type == "transcript.text.delta")
+    deltas = "".join(e.delta for e in events if e.type == "transcript.text.delta")
+    assert deltas == events[-1].text  # joined as they come, the deltas are the final text
     assert wer(jfk.reference, deltas) <= 0.05
     assert wer(jfk.reference, events[-1].text) <= 0.05
 
@@ -177,3 +178,17 @@ def test_the_cli_writes_the_same_formats(stack: Stack, jfk: Clip, out_format: st
     assert wer(jfk.reference, text) <= 0.05, out
     if out_format in ("srt", "vtt"):
         assert out.count("-->") >= 1
+
+
+def test_a_long_file_streams_one_delta_per_utterance(stack: Stack, speech_dir: Path) -> None:
+    clip = next(
+        c for c in read_manifest(speech_dir / "manifest.tsv") if c.path.parent.name == "long"
+    )
+    with clip.path.open("rb") as f:
+        events = list(
+            _client(stack).audio.transcriptions.create(model="whisper-1", file=f, stream=True)
+        )
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert len(deltas) >= 4  # cut at pauses, fanned out, delivered in order as they came
+    assert "".join(deltas) == events[-1].text
+    assert wer(clip.reference, events[-1].text) <= 0.15

@@ -34,12 +34,11 @@ def jfk(speech_dir: Path) -> Clip:
 
 
 def _vosk_session(url: str, pcm: bytes, rate: int, frame: int) -> list[dict[str, Any]]:
-    """What vosk-server's test_ffmpeg.py/test_microphone.py do: config, then send a frame and
-    read one answer, ..., then eof and read the last answer."""
+    """What vosk-server's websocket/test.py does: config (no answer), then send a frame and read
+    one answer, ..., then eof and read the last answer: the final result."""
     answers = []
     with connect(url + "/vosk") as ws:
-        ws.send(json.dumps({"config": {"sample_rate": rate}}))
-        answers.append(json.loads(ws.recv(timeout=30)))
+        ws.send(json.dumps({"config": {"sample_rate": rate}}))  # not answered, as by vosk
         for i in range(0, len(pcm), frame):
             ws.send(pcm[i : i + frame])
             answers.append(json.loads(ws.recv(timeout=30)))

@@ -133,3 +133,43 @@ async def test_out_of_order_and_garbage(stack: Stack, jfk: Clip) -> None:
         lambda: asyncio.run(_transcribe(port, _pcm(jfk, 16_000, 2, 1), 16_000, 2, 1))
     )
     assert wer(jfk.reference, Transcript.from_event(events[-1]).text) <= 0.1
+
+
+async def _refusals(port: int, pcm: bytes) -> list[list[str]]:
+    """Transcriptions refused in different ways on one connection, each followed by its audio:
+    one error each, then a transcription that works."""
+    answers: list[list[str]] = []
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        for transcribe, start in (
+            (Transcribe(name="bogus"), AudioStart(rate=16_000, width=2, channels=1)),
+            (Transcribe(), AudioStart(rate=16_000, width=3, channels=1)),
+            (Transcribe(), None),  # audio-chunks without audio-start
+            (Transcribe(language="en"), AudioStart(rate=16_000, width=2, channels=1)),
+        ):
+            await client.write_event(transcribe.event())
+            if start is not None:
+                await client.write_event(start.event())
+            for i in range(0, len(pcm), 3200):
+                chunk = AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[i : i + 3200])
+                await client.write_event(chunk.event())
+            await client.write_event(AudioStop().event())
+            kinds = []
+            while True:
+                event = await asyncio.wait_for(client.read_event(), 120)
+                assert event is not None
+                kinds.append(event.type)
+                if event.type in ("error", "transcript"):
+                    break
+            answers.append(kinds)
+    return answers
+
+
+async def test_each_refusal_is_one_error_and_the_connection_goes_on(
+    stack: Stack, jfk: Clip
+) -> None:
+    port = stack.wyoming_port  # type: ignore[attr-defined]
+    pcm = _pcm(jfk, 16_000, 2, 1)
+    answers = await trio.to_thread.run_sync(lambda: asyncio.run(_refusals(port, pcm)))
+    assert answers[:3] == [["error"], ["error"], ["error"]]
+    assert answers[3][0] == "transcript-start"
+    assert answers[3][-1] == "transcript"

@@ -55,6 +55,8 @@ class Final:
     language: str = ""  # what the chunk was decoded as (the detected one with "auto")
 
     def to_json(self) -> str:
+        if self.kind == "partial":  # provisional: no times, segments or worker yet
+            return _dump({"type": "partial", "seq": self.seq, "text": self.text})
         return _dump(
             {
                 "type": self.kind,

@@ -97,7 +97,14 @@ def build_app(gateway: Gateway) -> Starlette:
         port = gateway.websocket_port or gateway.cfg.port
         return Response(json.dumps({"websocket_port": port}), media_type="application/json")
 
+    async def not_found(_: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        message = "no such route" if status == 404 else str(getattr(exc, "detail", exc))
+        code = "not_found" if status == 404 else "bad_message"
+        return Response(error_body(status, code, message), status, media_type="application/json")
+
     return Starlette(
+        exception_handlers={404: not_found, 405: not_found},
         routes=[
             Route("/", page),
             Route("/static/pcm-worklet.js", worklet),
@@ -108,7 +115,7 @@ def build_app(gateway: Gateway) -> Starlette:
             Route("/v1/models", models),
             Route("/v1/audio/transcriptions", _Transcribe(gateway, "transcribe")),
             Route("/v1/audio/translations", _Transcribe(gateway, "translate")),
-        ]
+        ],
     )
 
 
@@ -189,7 +196,17 @@ def _form_request(form: Any, task: str) -> dict[str, Any]:
         start["language"] = str(language) if language else "auto"
     if form.get("prompt"):
         start["prompt"] = str(form.get("prompt"))
-    stream = str(form.get("stream") or "false").lower() in ("true", "1")
+    stream_field = str(form.get("stream") or "false").lower()
+    if stream_field not in ("true", "false", "1", "0"):
+        raise ValueError("stream must be true or false")
+    stream = stream_field in ("true", "1")
+    temperature = form.get("temperature")
+    if temperature is not None:
+        try:
+            if not 0.0 <= float(str(temperature)) <= 1.0:
+                raise ValueError
+        except ValueError:
+            raise ValueError("temperature must be a number from 0 to 1") from None
     return {"file": file, "format": fmt, "start": start, "stream": stream}
 
 
@@ -233,9 +250,12 @@ class _HttpSession(SessionDriver):
 
     async def deliver(self, event: ServerEvent) -> None:
         if isinstance(event, Final) and event.kind == "final":
+            text = event.text.strip()
+            # Deltas joined as they come are the final text: a space before all but the first.
+            delta = f" {text}" if any(f.text.strip() for f in self.finals) and text else text
             self.finals.append(event)
-            if self.request["stream"]:
-                await self._sse({"type": "transcript.text.delta", "delta": event.text.strip()})
+            if self.request["stream"] and text:
+                await self._sse({"type": "transcript.text.delta", "delta": delta})
         elif isinstance(event, ErrorEvent):
             if event.seq is None or self.error is None:
                 self.error = event

@@ -117,6 +117,8 @@ class StartOptions:
         language = opts.language.lower().replace("_", "-").split("-", 1)[0]
         if language != opts.language:
             opts = dataclasses.replace(opts, language=language)
+        if not opts.max_wait_s >= 0:  # also NaN
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "start.max_wait_s must be >= 0")
         if opts.task not in TASKS:
             raise ProtocolError(
                 ErrorCode.BAD_MESSAGE, f"start.task must be one of {', '.join(TASKS)}"

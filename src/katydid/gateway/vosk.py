@@ -1,9 +1,9 @@
 """The vosk-server-compatible WebSocket door: path ``/vosk`` on the WebSocket port.
 
 vosk-server's protocol, as its clients speak it: an optional ``{"config": {"sample_rate": N}}``,
-binary PCM (s16le mono), ``{"eof": 1}`` at the end. vosk-server answers every message it
-receives with one JSON message, and its clients wait for that answer before sending the next
-frame: here each audio frame is answered at once, with a finished utterance if one came back
+binary PCM (s16le mono), ``{"eof": 1}`` at the end. vosk-server answers every audio frame and
+``eof`` with one JSON message (``config`` gets none), and its clients wait for that answer
+before sending the next frame: here each audio frame is answered at once, with a finished utterance if one came back
 since the last answer (``{"result": [{"conf", "start", "end", "word"}], "text": ...}``), else the
 utterance in progress (``{"partial": ...}``). ``eof`` is answered, once every utterance is
 transcribed, with the rest of the transcript as one result; then the server closes (1000).
@@ -153,9 +153,9 @@ class _VoskConnection(SessionDriver):
                 except ProtocolError as exc:
                     await self.emit(s.fail(exc))
                     return
+                # Not answered: vosk-server answers audio and eof, never config, and its clients
+                # read one answer per audio frame (answering config put them one behind).
                 started = await self._start(rate)
-                if started:
-                    await self._say({"partial": ""})  # vosk-server answers every message
             elif "eof" in command:
                 if not started:
                     started = await self._start(16_000)

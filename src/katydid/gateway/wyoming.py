@@ -108,7 +108,12 @@ class _Connection:
     async def _read(self, nursery: trio.Nursery) -> None:
         idle = self.gateway.cfg.idle_timeout_s
         while True:
-            current = self.current if self.current and not self.current.session.closed else None
+            current = self.current
+            if current is not None and current.session.closed:
+                # Ended (its task may not have run yet): refused or failed, the rest of its
+                # audio is ignored, not an error again per chunk.
+                self.discarding = current.session.outcome != "ok"
+                self.current = current = None
             deadline = current.session.deadline if current else trio.current_time() + idle
             event: WyomingEvent | None = None
             with trio.move_on_at(deadline) as waited:
@@ -141,6 +146,7 @@ class _Connection:
             if current is None and self.discarding:
                 return
             if current is None:
+                self.discarding = True  # one error for the whole transcription, not per chunk
                 await self._error(ErrorCode.BAD_MESSAGE, "audio-chunk before audio-start")
                 return
             try:
@@ -171,6 +177,7 @@ class _Connection:
     async def _start(self, data: dict[str, Any], nursery: trio.Nursery) -> None:
         width = data.get("width", 2)
         if width not in (1, 2, 4):
+            self.discarding = True
             await self._error(ErrorCode.UNSUPPORTED_AUDIO, f"sample width {width!r}: 1, 2 or 4")
             return
         self.width = width
@@ -263,7 +270,6 @@ class _WyomingSession(SessionDriver):
             self.gateway.close_session(self.live)
             if self.conn.current is self:
                 self.conn.current = None
-                # Refused or failed: the rest of its audio is not an error again per chunk.
                 self.conn.discarding = self.session.outcome != "ok"
 
 
