@@ -192,3 +192,15 @@ def test_a_long_file_streams_one_delta_per_utterance(stack: Stack, speech_dir: P
     assert len(deltas) >= 4  # cut at pauses, fanned out, delivered in order as they came
     assert "".join(deltas) == events[-1].text
     assert wer(clip.reference, events[-1].text) <= 0.15
+
+
+def test_overloaded_is_429_with_retry_after(tmp_path: Path, model_dir: Path, jfk: Clip) -> None:
+    # Every queue's ETA is over a wait this short: the request is refused at admission.
+    with Stack(tmp_path, model_dir, workers=1, default_max_wait_s=0.01) as busy:
+        wait_until(lambda: http_get(busy.metrics_url + "/readyz")[0] == 200, 30, "ready")
+        with jfk.path.open("rb") as f, pytest.raises(openai.RateLimitError) as refused:
+            _client(busy).audio.transcriptions.create(model="whisper-1", file=f)
+        assert refused.value.status_code == 429
+        assert int(refused.value.response.headers["retry-after"]) >= 1
+        assert json.loads(refused.value.response.text)["error"]["code"] == "overloaded"
+        assert stream_messages(busy.nats_url) == 0  # nothing queued for a refused request
