@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     nats.add_parser("setup", help="create or update the job stream and consumers").add_argument(
         "--nats-url"
     )
+    st = nats.add_parser("status", help="the job stream, its consumers and the live workers")
+    st.add_argument("--nats-url")
+    st.add_argument("--json", action="store_true", help="one JSON object")
     from katydid import cli_load
 
     cli_load.add_parsers(sub)

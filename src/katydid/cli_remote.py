@@ -187,6 +187,39 @@ def run_server_command(cfg: Config, args: argparse.Namespace) -> int:
         from katydid_worker.worker import run_worker
 
         run_worker(cfg, models.resolve(cfg.model_dir, cfg.model), args.worker_id)
+    elif args.nats_command == "status":
+        from katydid.bus.nats import queue_status
+
+        status = queue_status(cfg)
+        print(json.dumps(status) if args.json else _status_table(status))
     else:
         _nats_setup(cfg)
     return 0
+
+
+def _status_table(status: dict[str, Any]) -> str:
+    """``katydid nats status`` for a terminal: what `nats stream info` and `nats consumer
+    report` show, and the workers' heartbeats."""
+    st = status["stream"]
+    lines = [
+        f"stream {st['name']}: {st['messages']} jobs, {st['bytes']} bytes"
+        f" (bounds: {st['max_msgs']} jobs, {st['max_bytes']} bytes, {st['max_msg_size']} per job)",
+        "",
+        f"{'consumer':<36} {'model':<20} {'lane':<12} {'pending':>8} {'in progress':>12}"
+        f" {'redelivered':>12}",
+    ]
+    for c in status["consumers"]:
+        lines.append(
+            f"{c['name']:<36} {c['model']:<20} {c['lane']:<12} {c['pending']:>8}"
+            f" {c['ack_pending']:>12} {c['redelivered']:>12}"
+        )
+    lines += ["", f"{'worker':<36} {'model':<20} {'busy':<6} {'jobs':>8} {'rtf':>8}"]
+    for w in status["workers"]:
+        rtf = f"{w['rtf']:.3f}" if isinstance(w.get("rtf"), int | float) else "-"
+        lines.append(
+            f"{w['id']:<36} {w['model']:<20} {'yes' if w['busy'] else 'no':<6}"
+            f" {w['jobs_done']:>8} {rtf:>8}"
+        )
+    if not status["workers"]:
+        lines.append(f"(no heartbeat within {status['listened_s']:.1f} s)")
+    return "\n".join(lines)

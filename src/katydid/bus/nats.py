@@ -175,6 +175,93 @@ def set_up_stream(cfg: Config) -> str:
     return f"stream {STREAM} and consumers {names} (model {model}) are in place"
 
 
+def queue_status(cfg: Config) -> dict[str, Any]:
+    """The job stream's state, each consumer's, and the workers heard from within two heartbeat
+    intervals (``katydid nats status``; blocking, runs its own loop).
+
+    Raises:
+        NatsError: NATS is unreachable, or there is no job stream.
+    """
+    listen_s = 2.0 * cfg.worker_heartbeat_s + 0.5
+
+    async def quiet(_: Exception) -> None:
+        pass  # the one failure that matters is raised below, in words
+
+    async def go() -> dict[str, Any]:
+        # One attempt: an operator's command must fail at once, not reconnect forever.
+        try:
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    cfg.nats_url,
+                    name="katydid-status",
+                    connect_timeout=cfg.nats_connect_timeout_s,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=0,
+                    error_cb=quiet,
+                ),
+                cfg.nats_connect_timeout_s,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise NatsError(f"cannot reach NATS at {cfg.nats_url}: {exc!r}") from exc
+        beats: dict[str, dict[str, Any]] = {}
+
+        async def on_beat(msg: Any) -> None:
+            try:
+                beat = json.loads(msg.data)
+                beats[str(beat["id"])] = beat
+            except (ValueError, KeyError, TypeError):
+                pass  # not a heartbeat: not ours to report
+
+        try:
+            await nc.subscribe(f"{WORKERS_SUBJECT}.>", cb=on_beat)
+            js = nc.jetstream()
+            info = await js.stream_info(STREAM)
+            consumers = []
+            for c in await js.consumers_info(STREAM):
+                subject = c.config.filter_subject or ""
+                parts = subject.split(".")
+                consumers.append(
+                    {
+                        "name": c.name,
+                        "model": parts[2] if len(parts) == 4 else "",
+                        "lane": parts[3] if len(parts) == 4 else "",
+                        "pending": int(c.num_pending or 0),
+                        "ack_pending": int(c.num_ack_pending or 0),
+                        "redelivered": int(c.num_redelivered or 0),
+                    }
+                )
+            await asyncio.sleep(listen_s)
+        finally:
+            await nc.close()
+        return {
+            "stream": {
+                "name": STREAM,
+                "messages": int(info.state.messages),
+                "bytes": int(info.state.bytes),
+                "max_msgs": int(info.config.max_msgs or -1),
+                "max_bytes": int(info.config.max_bytes or -1),
+                "max_msg_size": int(info.config.max_msg_size or -1),
+            },
+            "consumers": sorted(consumers, key=lambda c: c["name"]),
+            "workers": [
+                {
+                    "id": worker,
+                    "model": str(b.get("model", "")),
+                    "busy": bool(b.get("busy")),
+                    "jobs_done": int(b.get("jobs_done") or 0),
+                    "rtf": b.get("rtf"),
+                }
+                for worker, b in sorted(beats.items())
+            ],
+            "listened_s": listen_s,
+        }
+
+    try:
+        return asyncio.run(go())
+    except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+        raise translate(exc) from exc
+
+
 def purge_jobs(cfg: Config) -> int:
     """Drop every job in the stream; returns how many there were (blocking; runs its own loop).
 
