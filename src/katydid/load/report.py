@@ -107,6 +107,10 @@ def summarize(
         "busy_window_s": round(busy_s, 2),
         "audio_s_transcribed": round(audio_s, 2),
         "engine_audio_s_per_s": engine.get("audio_s_per_s") if engine else None,
+        # Measured before and after the load (their mean is the figure above), when both were.
+        "engine_before_after": [engine["before_audio_s_per_s"], engine["after_audio_s_per_s"]]
+        if engine and "after_audio_s_per_s" in engine
+        else None,
         "engine_ratio": round(throughput / engine["audio_s_per_s"], 3)
         if engine and engine.get("audio_s_per_s")
         else None,
@@ -164,7 +168,13 @@ def markdown(s: dict[str, Any]) -> str:
         f"| not retried because the duration ended | {s['not_retried_after_end']} |",
         f"| peak active connections (gateway) | {s['peak_active_connections']} |",
         f"| throughput | {s['throughput_sessions_per_s']} sessions/s, {s['throughput_audio_s_per_s']} audio-s/s over {s['busy_window_s']} s |",
-        f"| engine alone (same processes, same clips) | {s['engine_audio_s_per_s'] or '-'} audio-s/s |",
+        f"| engine alone (same processes, same clips) | {s['engine_audio_s_per_s'] or '-'} audio-s/s"
+        + (
+            f" (mean of {s['engine_before_after'][0]} before and {s['engine_before_after'][1]} after the load)"
+            if s.get("engine_before_after")
+            else ""
+        )
+        + " |",
         f"| **throughput / engine** | **{s['engine_ratio'] if s['engine_ratio'] is not None else '-'}** |",
         f"| gateway CPU % (mean / max) | {s['gateway_cpu_percent']['mean']} / {s['gateway_cpu_percent']['max']} |",
         f"| gateway RSS (start / peak) | {_mb(rss['start'], mb)} / {_mb(rss['peak'], mb)} MiB |",
