@@ -10,7 +10,8 @@ is gone or stuck cannot hold the gateway's cleanup.
 
 from __future__ import annotations
 
-from typing import IO
+from collections.abc import Awaitable, Callable
+from typing import IO, TypeVar
 
 import trio
 
@@ -19,12 +20,20 @@ from katydid.errors import AudioError, ErrorCode, ProtocolError
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.outputs import Close, Decode, Output, Publish, Send
 from katydid.gateway.server import Gateway, Live, apply
+from katydid.gateway.session import Phase
+
+T = TypeVar("T")
 
 LAST_WORDS_S = 2.0  # for the error and close of a session that is ending anyway
 
 
 class ClientGone(Exception):
-    """The door's client cannot be reached any more (raised by ``deliver``)."""
+    """The door's client cannot be reached any more (raised by ``deliver`` and by a door's
+    receive); ``too_large``: its transport closed it for a message over its own limit."""
+
+    def __init__(self, *, too_large: bool = False) -> None:
+        super().__init__("the client is gone")
+        self.too_large = too_large
 
 
 class SessionDriver:
@@ -96,6 +105,47 @@ class SessionDriver:
                         await self.hang_up(out)
                 except ClientGone:
                     return
+
+    async def next_message(self, receive: Callable[[], Awaitable[T]]) -> T | None:
+        """The client's next message (``receive``), or None once the session's deadline passed
+        first (the session has then been ticked). While the in-flight bound holds the session
+        back, it waits for room before reading: our backpressure, not the client's silence."""
+        s = self.session
+        if s.phase is Phase.STREAMING and not s.wants_audio:
+            await self.live.wait_for_room()
+            s.resumed(trio.current_time())
+        with trio.move_on_at(s.deadline):
+            return await receive()
+        await self.emit(s.tick(trio.current_time()))
+        return None
+
+    async def gone(self, exc: ClientGone) -> None:
+        """The client went away (or its transport closed it): the session ends, jobs cancelled."""
+        await self.last_words(self.session.client_gone(too_large=exc.too_large))
+        self.end()
+
+    async def drive(self, reader: Callable[[], Awaitable[None]]) -> None:
+        """The session's tasks in one nursery: the writer (``pump``) and the door's ``reader``.
+        A bug ends this session with ``internal``, never the gateway (a handler's exception
+        would reach the listener's nursery and stop every session)."""
+        s = self.session
+        try:
+            try:
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self.pump)
+                    await reader()
+            except* ClientGone as group:
+                gone = group.exceptions[0]
+                await self.gone(gone if isinstance(gone, ClientGone) else ClientGone())
+            except* Exception as group:
+                self.gateway.sampled.log(
+                    "error", "session_failed", session_id=s.session_id, exc_info=group
+                )
+                failed = ProtocolError(ErrorCode.INTERNAL, "the gateway failed on this session")
+                await self.last_words(s.fail(failed))
+        finally:
+            await self.finish()
 
     async def pump(self) -> None:
         """The writer: what the bus reports (results, dead jobs, queue state), applied."""

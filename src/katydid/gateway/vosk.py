@@ -26,6 +26,7 @@ from katydid.gateway.driver import ClientGone, SessionDriver
 from katydid.gateway.events import ErrorEvent, Final, ServerEvent
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway, Live
+from katydid.gateway.ws_frames import receive
 
 
 async def serve_vosk(gateway: Gateway, ws: WebSocketConnection) -> None:
@@ -79,22 +80,7 @@ class _VoskConnection(SessionDriver):
             await self.ws.aclose(close.code, close.reason)
 
     async def serve(self) -> None:
-        s = self.session
-        try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(self.pump)
-                await self._reader()
-        except* ClientGone:
-            await self.last_words(s.client_gone())
-        except* Exception as group:  # a bug ends this session, never the gateway
-            self.gateway.sampled.log(
-                "error", "session_failed", session_id=s.session_id, exc_info=group
-            )
-            failed = ProtocolError(ErrorCode.INTERNAL, "the gateway failed on this session")
-            await self.last_words(s.fail(failed))
-        finally:
-            await self.finish()
+        await self.drive(self._reader)
 
     async def _start(self, sample_rate: int) -> bool:
         start = {
@@ -111,21 +97,9 @@ class _VoskConnection(SessionDriver):
         s = self.session
         started = False
         while not s.closed:
-            if started and not s.wants_audio:
-                await self.live.wait_for_room()
-                s.resumed(trio.current_time())
-            msg: str | bytes | None = None
-            with trio.move_on_at(s.deadline):
-                try:
-                    msg = await self.ws.get_message()
-                except ConnectionClosed as exc:
-                    too_large = getattr(exc.reason, "code", None) == 1009
-                    await self.last_words(s.client_gone(too_large=too_large))
-                    self.end()
-                    return
+            msg = await self.next_message(lambda: receive(self.ws))
             now = trio.current_time()
             if msg is None:
-                await self.emit(s.tick(now))
                 continue
             if isinstance(msg, bytes):
                 if not started:

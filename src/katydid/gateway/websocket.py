@@ -20,13 +20,12 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from katydid.config import Config
-from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.driver import ClientGone, SessionDriver
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway, Live
-from katydid.gateway.session import Phase
 from katydid.gateway.vosk import serve_vosk
+from katydid.gateway.ws_frames import receive
 
 log = structlog.get_logger("katydid.gateway")
 
@@ -132,44 +131,16 @@ class _Connection(SessionDriver):
             await self.ws.aclose(close.code, close.reason)
 
     async def serve(self) -> None:
-        s = self.session
-        try:
-            try:
-                async with trio.open_nursery() as nursery:
-                    self.nursery = nursery
-                    nursery.start_soon(self.pump)
-                    await self._reader()
-            except* Exception as group:
-                # A bug must end this session, never the gateway (a handler's exception would
-                # reach the listener's nursery and stop every session).
-                self.gateway.sampled.log(
-                    "error", "session_failed", session_id=s.session_id, exc_info=group
-                )
-                failed = ProtocolError(ErrorCode.INTERNAL, "the gateway failed on this session")
-                await self.last_words(s.fail(failed))
-        finally:
-            await self.finish()
+        await self.drive(self._reader)
 
     async def _reader(self) -> None:
         s = self.session
         while not s.closed:
-            if s.phase is Phase.STREAMING and not s.wants_audio:
-                await self.live.wait_for_room()
-                s.resumed(trio.current_time())
-            msg: str | bytes | None = None
-            with trio.move_on_at(s.deadline):
-                try:
-                    msg = await self.ws.get_message()
-                except ConnectionClosed as exc:
-                    # A frame past the WebSocket layer's own limit closes there with 1009.
-                    too_large = getattr(exc.reason, "code", None) == 1009
-                    await self.last_words(s.client_gone(too_large=too_large))
-                    self.end()
-                    return
+            msg = await self.next_message(lambda: receive(self.ws))
             now = trio.current_time()
             if msg is None:
-                await self.emit(s.tick(now))
-            elif isinstance(msg, bytes):
+                continue
+            if isinstance(msg, bytes):
                 allowed = self.gateway.partials_allowed(s.model)
                 await self.emit(s.receive_bytes(msg, now, partials_allowed=allowed))
             else:
