@@ -109,6 +109,18 @@ def test_models_and_refusals(stack: Stack, jfk: Clip) -> None:
     assert json.loads(garbage.value.response.text)["error"]["code"] == "unsupported_audio"
 
 
+def _multipart(body: bytes, *, declared: int | None = None) -> bytes:
+    """A hand-written transcription request (boundary ``b``) with ``body``; ``declared``: a
+    Content-Length other than the body's."""
+    length = len(body) if declared is None else declared
+    return (
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n"
+        + f"Content-Length: {length}\r\n\r\n".encode()
+        + body
+    )
+
+
 def _raw(stack: Stack, request: bytes) -> tuple[int, dict[str, Any]]:
     """Send a hand-written HTTP request; the status and the JSON error body."""
     port = int(stack.metrics_url.rsplit(":", 1)[1])
@@ -125,31 +137,15 @@ async def test_hostile_requests_get_their_status_and_nothing_is_queued(
     stack: Stack, jfk: Clip
 ) -> None:
     queued_before = await trio.to_thread.run_sync(stream_messages, stack.nats_url)
-    bomb = (
-        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"Content-Type: multipart/form-data; boundary=b\r\n"
-        b"Content-Length: 2147483648\r\n\r\n--b\r\n"
-    )
+    bomb = _multipart(b"--b\r\n", declared=2147483648)
     status, body = await trio.to_thread.run_sync(_raw, stack, bomb)
     assert (status, body["error"]["code"]) == (413, "too_large")
     head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
     truncated = head + jfk.path.read_bytes()[:5000]  # no closing boundary
-    request = (
-        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"Content-Type: multipart/form-data; boundary=b\r\n"
-        + f"Content-Length: {len(truncated)}\r\n\r\n".encode()
-        + truncated
-    )
-    status, body = await trio.to_thread.run_sync(_raw, stack, request)
+    status, body = await trio.to_thread.run_sync(_raw, stack, _multipart(truncated))
     assert status == 400, body
     no_file = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--\r\n'
-    request = (
-        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"Content-Type: multipart/form-data; boundary=b\r\n"
-        + f"Content-Length: {len(no_file)}\r\n\r\n".encode()
-        + no_file
-    )
-    status, body = await trio.to_thread.run_sync(_raw, stack, request)
+    status, body = await trio.to_thread.run_sync(_raw, stack, _multipart(no_file))
     assert (status, body["error"]["code"]) == (400, "bad_message")
     assert "file" in body["error"]["message"]
     assert await trio.to_thread.run_sync(stream_messages, stack.nats_url) == queued_before

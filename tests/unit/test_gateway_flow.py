@@ -406,9 +406,10 @@ async def test_queue_and_worker_metrics_follow_the_bus(autojump_clock: Any) -> N
         jobs = r.bus.finals(session_id)
         r.bus.take(jobs[0].stream_seq)
         r.bus.take(jobs[0].stream_seq)  # delivered again: a redelivery
-        await trio.sleep(2.0)  # two queue polls, on the mock clock
         m = r.gateway
         lane = {"model": MODEL, "lane": "interactive"}
+        # The next queue poll exports them.
+        await _eventually(lambda: _metric(m, "katydid_jobs_redelivered", **lane) == 1)
         assert _metric(m, "katydid_queue_in_progress", **lane) == 1
         assert _metric(m, "katydid_queue_depth", **lane) == len(jobs) - 1
         assert _metric(m, "katydid_jobs_redelivered", **lane) == 1
@@ -423,5 +424,4 @@ async def test_queue_and_worker_metrics_follow_the_bus(autojump_clock: Any) -> N
             r.bus.finals(session_id)
         )
         r.bus.lose()
-        await trio.sleep(1.5)
-        assert _metric(m, "katydid_nats_connected") == 0
+        await _eventually(lambda: _metric(m, "katydid_nats_connected") == 0)

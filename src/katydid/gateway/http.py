@@ -15,6 +15,7 @@ Rule 2: a client that goes away is a session's ``client_gone``: its jobs are can
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from katydid.errors import ErrorCode
-from katydid.gateway.driver import ClientGone, SessionDriver
+from katydid.gateway.driver import LAST_WORDS_S, ClientGone, SessionDriver
 from katydid.gateway.events import Done, ErrorEvent, Final, Queued, ServerEvent
 from katydid.gateway.formats import RESPONSE_FORMATS, full_text, render
 from katydid.gateway.outputs import Close
@@ -271,7 +272,7 @@ class _HttpSession(SessionDriver):
     async def _sse_start(self) -> None:
         if not self.streaming:
             self.streaming = True
-            await self.send(
+            await self._asgi_send(
                 {
                     "type": "http.response.start",
                     "status": 200,
@@ -287,11 +288,14 @@ class _HttpSession(SessionDriver):
         await self._write(f"data: {json.dumps(data, ensure_ascii=False)}\n\n")
 
     async def _write(self, text: str) -> None:
+        await self._asgi_send(
+            {"type": "http.response.body", "body": text.encode(), "more_body": True}
+        )
+
+    async def _asgi_send(self, message: Message) -> None:
         try:
-            await self.send(
-                {"type": "http.response.body", "body": text.encode(), "more_body": True}
-            )
-        except OSError:
+            await self.send(message)
+        except OSError:  # the ASGI spec's word for a client that is gone
             raise ClientGone from None
 
     async def run(self) -> None:
@@ -317,7 +321,12 @@ class _HttpSession(SessionDriver):
         finally:
             await self.finish()
             self.gateway.close_session(self.live)
-        with trio.CancelScope(shield=True):
+        # Bounded, and to a client that may be gone: nobody is left to tell otherwise.
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(LAST_WORDS_S),
+            contextlib.suppress(ClientGone, OSError),
+        ):
             await self._respond()
 
     async def _watch_disconnect(self) -> None:
@@ -333,7 +342,7 @@ class _HttpSession(SessionDriver):
                 await self._sse({"type": "error", "error": _error_dict(error)})
             else:
                 await self._sse({"type": "transcript.text.done", "text": full_text(self.finals)})
-            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._asgi_send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         if error is not None:
             status = _STATUS.get(error.code, 500)

@@ -29,15 +29,6 @@ from katydid.gateway.server import Gateway, Live
 from katydid.gateway.ws_frames import receive
 
 
-async def serve_vosk(gateway: Gateway, ws: WebSocketConnection) -> None:
-    """Serve one accepted vosk-protocol WebSocket as one session, to its end."""
-    live = gateway.open_session()
-    try:
-        await _VoskConnection(gateway, ws, live).serve()
-    finally:
-        gateway.close_session(live)
-
-
 def _result(finals: list[Final]) -> dict[str, Any]:
     words = [
         {"conf": 1.0, "start": w["start_s"], "end": w["end_s"], "word": w["word"]}
@@ -48,7 +39,7 @@ def _result(finals: list[Final]) -> dict[str, Any]:
     return {"result": words, "text": " ".join(f.text.strip() for f in finals).strip()}
 
 
-class _VoskConnection(SessionDriver):
+class VoskConnection(SessionDriver):
     def __init__(self, gateway: Gateway, ws: WebSocketConnection, live: Live) -> None:
         super().__init__(gateway, live)
         self.ws = ws

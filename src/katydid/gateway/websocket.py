@@ -24,7 +24,7 @@ from katydid.gateway.driver import ClientGone, SessionDriver
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway, Live
-from katydid.gateway.vosk import serve_vosk
+from katydid.gateway.vosk import VoskConnection
 from katydid.gateway.ws_frames import receive
 
 log = structlog.get_logger("katydid.gateway")
@@ -100,17 +100,19 @@ class WebSocketDoor:
             ws = await request.accept()
         except ConnectionClosed:
             return
-        if request.path.split("?", 1)[0].rstrip("/") == "/vosk":
-            await serve_vosk(self.gateway, ws)  # vosk-server's protocol, for its clients
-        else:
-            await serve_connection(self.gateway, ws)
+        # vosk-server's protocol, for its clients, at /vosk; Katydid's own everywhere else.
+        vosk = request.path.split("?", 1)[0].rstrip("/") == "/vosk"
+        await serve_connection(self.gateway, ws, vosk=vosk)
 
 
-async def serve_connection(gateway: Gateway, ws: WebSocketConnection) -> None:
+async def serve_connection(
+    gateway: Gateway, ws: WebSocketConnection, *, vosk: bool = False
+) -> None:
     """Serve one accepted WebSocket as one session, to its end."""
     live = gateway.open_session()
+    door = VoskConnection if vosk else _Connection
     try:
-        await _Connection(gateway, ws, live).serve()
+        await door(gateway, ws, live).serve()
     finally:
         gateway.close_session(live)
 

@@ -66,7 +66,7 @@ class _Connection:
         )
         self.send_lock = trio.StrictFIFOLock()
         self.request: dict[str, Any] = {}  # from the last `transcribe`
-        self.current: _WyomingSession | None = None
+        self.current: _WyomingSession | None = None  # cleared by the reader once it is closed
         self.width = 2
         self.discarding = False  # the audio of a transcription that already ended in an error
 
@@ -268,9 +268,8 @@ class _WyomingSession(SessionDriver):
         finally:
             await self.finish()
             self.gateway.close_session(self.live)
-            if self.conn.current is self:
-                self.conn.current = None
-                self.conn.discarding = self.session.outcome != "ok"
+            # The connection's reader sees this session closed and moves on (one place decides
+            # whether the rest of its audio is discarded).
 
 
 def _lang(language: str | None) -> dict[str, Any]:
