@@ -103,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
             type=int,
             help="Wyoming door for Home Assistant (usually 10300; default off; 0 = a free port)",
         )
+        sp.add_argument(
+            "--api-keys-file",
+            help="require API keys from this file (katydid keys add); default: open to all",
+        )
 
     sv = sub.add_parser("serve", help="run everything: embedded nats-server, gateway, workers")
     server_flags(sv)
@@ -126,9 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     st = nats.add_parser("status", help="the job stream, its consumers and the live workers")
     st.add_argument("--nats-url")
     st.add_argument("--json", action="store_true", help="one JSON object")
-    from katydid import cli_load
+    from katydid import cli_keys, cli_load
 
     cli_load.add_parsers(sub)
+    cli_keys.add_parsers(sub)
     return p
 
 
@@ -149,7 +154,15 @@ def _config(args: argparse.Namespace) -> Config:
             "log_level": args.log_level,
             **{
                 k: getattr(args, k, None)
-                for k in ("host", "port", "nats_url", "data_dir", "http_port", "wyoming_port")
+                for k in (
+                    "host",
+                    "port",
+                    "nats_url",
+                    "data_dir",
+                    "http_port",
+                    "wyoming_port",
+                    "api_keys_file",
+                )
             },
             "workers": workers if isinstance(workers, int) else None,
             "worker_models": workers if isinstance(workers, str) else None,
@@ -356,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from katydid import cli_remote
 
             return cli_remote.run_server_command(cfg, args)
+        if args.command == "keys":
+            from katydid import cli_keys
+
+            return cli_keys.cmd_keys(cfg, args)
         if args.command in ("load", "bench"):
             from katydid import cli_load
 

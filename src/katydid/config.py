@@ -8,6 +8,7 @@ has a default and a name with its unit. The object is passed down explicitly; th
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -85,6 +86,10 @@ class Config:
     http_host: str = "127.0.0.1"
     http_port: int = 0  # 0 = a free port (printed at start), -1 = off
     wyoming_port: int = -1  # the Wyoming door (Home Assistant; its usual port is 10300); -1 = off
+    # API keys (`katydid keys add`): empty = open to anyone who can reach the ports
+    api_keys_file: str = ""
+    # The Wyoming protocol has no authentication: the networks allowed to use that door
+    wyoming_allow: str = "127.0.0.0/8,::1/128"
     ready_max_eta_s: float = 300.0  # /readyz fails while the queue ETA is longer
     # Chunker
     chunk_min_s: float = 5.0  # live audio: earliest cut at a pause (3 s cost 1.4 WER points)
@@ -142,10 +147,22 @@ class Config:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         self.worker_plan()  # raises on a malformed worker_models
+        self.wyoming_networks()  # raises on a malformed wyoming_allow
         if self.bulk_every < 0:
             raise ConfigError("bulk_every must be >= 0 (0 = interactive strictly first)")
         if self.stream_max_msg_bytes < 1_000_000:
             raise ConfigError("stream_max_msg_bytes must hold a 30 s chunk (>= 1000000)")
+
+    def wyoming_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """``wyoming_allow`` as networks ("127.0.0.0/8,::1/128"; "0.0.0.0/0,::/0" is anyone)."""
+        try:
+            return [
+                ipaddress.ip_network(item.strip(), strict=False)
+                for item in self.wyoming_allow.split(",")
+                if item.strip()
+            ]
+        except ValueError as exc:
+            raise ConfigError(f"wyoming_allow: {exc}") from None
 
     def worker_plan(self, cores: int = 1) -> list[tuple[str, int]]:
         """``[(model, processes)]`` for ``katydid serve``: ``worker_models``, or ``workers``

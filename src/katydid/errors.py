@@ -29,6 +29,8 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     INTERNAL = "internal"
     UNSUPPORTED_OPTION = "unsupported_option"
+    UNAUTHORIZED = "unauthorized"  # no key, or a wrong or revoked one (keys file configured)
+    QUOTA_EXCEEDED = "quota_exceeded"  # the key's sessions or audio budget: retry later
 
 
 # WebSocket close codes (RFC 6455 §7.4.1 and the 4000-4999 private range).
@@ -40,6 +42,8 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.TIMEOUT: 4008,
     ErrorCode.INTERNAL: 1011,
     ErrorCode.UNSUPPORTED_OPTION: 1003,  # unsupported data: the model cannot do what was asked
+    ErrorCode.UNAUTHORIZED: 4401,  # HTTP's 401 in the private range
+    ErrorCode.QUOTA_EXCEEDED: 4429,  # HTTP's 429
 }
 
 

@@ -142,6 +142,22 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        # Per API key (its name; "" for a key that is not in the file): only with a keys file.
+        self.key_sessions = Counter(
+            "katydid_key_sessions", "Sessions admitted per API key", ["key"], registry=r
+        )
+        self.key_audio_seconds = Counter(
+            "katydid_key_audio_seconds", "Audio seconds queued per API key", ["key"], registry=r
+        )
+        self.key_refusals = Counter(
+            "katydid_key_refusals",
+            "Sessions refused per API key and reason (unauthorized or the quota)",
+            ["key", "reason"],
+            registry=r,
+        )
+        self.key_queued_jobs = Gauge(
+            "katydid_key_queued_jobs", "Jobs in the stream per API key", ["key"], registry=r
+        )
         r.register(_LogCollector())
         self.nats_connected = Gauge(
             "katydid_nats_connected", "1 while the gateway is connected to NATS", registry=r

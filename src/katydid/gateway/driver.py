@@ -70,7 +70,7 @@ class SessionDriver:
             if isinstance(out, Send):
                 await self._send(out.event)
             elif isinstance(out, Publish):
-                await self.emit(await self.gateway.publish(self.live, out))
+                await self.emit(await self.gateway.publish(self.live, out, self._send))
             elif isinstance(out, Decode):
                 assert self.nursery is not None
                 self.nursery.start_soon(self.decode, out.upload)

@@ -28,7 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from katydid.errors import ErrorCode
+from katydid.errors import ErrorCode, ProtocolError
+from katydid.gateway.credentials import WWW_AUTHENTICATE, bearer
 from katydid.gateway.driver import LAST_WORDS_S, ClientGone, SessionDriver
 from katydid.gateway.events import Done, ErrorEvent, Final, Queued, ServerEvent
 from katydid.gateway.formats import RESPONSE_FORMATS, full_text, render
@@ -50,6 +51,8 @@ _STATUS = {
     ErrorCode.OVERLOADED: 429,
     ErrorCode.TIMEOUT: 504,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.QUOTA_EXCEEDED: 429,
 }
 # The OpenAI model names clients send by default: the server's default model.
 _DEFAULT_MODEL_ALIASES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "")
@@ -78,7 +81,11 @@ def build_app(gateway: Gateway) -> Starlette:
 
         return endpoint
 
-    async def models(_: Request) -> Response:
+    async def models(request: Request) -> Response:
+        refused = _refusal(gateway, request.scope)
+        if refused is not None:
+            status, body, headers = refused
+            return Response(body, status, headers=headers, media_type="application/json")
         offers = gateway.admission.offers()
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "katydid"} | o.to_dict()
@@ -131,6 +138,14 @@ class _Transcribe:
         if scope["method"] != "POST":
             await _answer(send, 405, error_body(405, "method_not_allowed", "use POST"))
             return
+        # The key before the upload: nobody without one sends us 500 MB.
+        refused = _refusal(self.gateway, scope)
+        if refused is not None:
+            status, body, headers = refused
+            await _answer(
+                send, status, body, headers=[(k.encode(), v.encode()) for k, v in headers.items()]
+            )
+            return
         limit = self.gateway.cfg.max_file_bytes + _FORM_OVERHEAD
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -160,8 +175,9 @@ class _Transcribe:
             await form.close()
             await _answer(send, 400, error_body(400, "bad_message", str(exc)))
             return
+        credential = bearer(scope["headers"])
         try:
-            await _HttpSession(self.gateway, send, receive, request).run()
+            await _HttpSession(self.gateway, send, receive, request, credential).run()
         finally:
             await form.close()
 
@@ -236,9 +252,14 @@ class _HttpSession(SessionDriver):
     """One transcription request as one session."""
 
     def __init__(
-        self, gateway: Gateway, send: Send, receive: Receive, request: dict[str, Any]
+        self,
+        gateway: Gateway,
+        send: Send,
+        receive: Receive,
+        request: dict[str, Any],
+        credential: str | None,
     ) -> None:
-        self.live: Live = gateway.open_session()
+        self.live: Live = gateway.open_session("http", credential)
         super().__init__(gateway, self.live)
         self.send = send
         self.receive = receive
@@ -348,7 +369,7 @@ class _HttpSession(SessionDriver):
             status = _STATUS.get(error.code, 500)
             if error.code is ErrorCode.OVERLOADED and not self.gateway.bus.connected:
                 status = 503
-            headers = []
+            headers = [WWW_AUTHENTICATE] if error.code is ErrorCode.UNAUTHORIZED else []
             if error.retry_after_s is not None:
                 headers.append((b"retry-after", str(max(1, round(error.retry_after_s))).encode()))
             message = error.message if error.seq is None else f"chunk {error.seq}: {error.message}"
@@ -369,6 +390,18 @@ class _HttpSession(SessionDriver):
             words=self.request["start"]["word_timestamps"],
         )
         await _answer(self.send, 200, body.encode(), content_type)
+
+
+def _refusal(gateway: Gateway, scope: Scope) -> tuple[int, bytes, dict[str, str]] | None:
+    """A 401 for a request without a valid key (with a keys file configured), else None."""
+    if not gateway.tenants.required:
+        return None
+    try:
+        gateway.tenants.authenticate(bearer(scope["headers"]), "http")
+    except ProtocolError as exc:
+        body = error_body(401, str(exc.code), exc.message)
+        return 401, body, {k.decode(): v.decode() for k, v in [WWW_AUTHENTICATE]}
+    return None
 
 
 def _error_dict(error: ErrorEvent) -> dict[str, Any]:

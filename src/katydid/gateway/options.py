@@ -66,6 +66,8 @@ class StartOptions:
     prompt: str | None
     model: str | None = None  # None: the server's default model
     task: str = "transcribe"
+    # For clients that cannot set a header (browsers); never in a job, a log line or a repr
+    api_key: str | None = dataclasses.field(default=None, repr=False)
 
     @property
     def is_file(self) -> bool:
@@ -104,6 +106,7 @@ class StartOptions:
             prompt=field_of("prompt", (str, type(None)), None),
             model=field_of("model", (str, type(None)), None),
             task=field_of("task", str, "transcribe"),
+            api_key=field_of("api_key", (str, type(None)), None),
         )
         if fmt == "pcm_s16le":
             try:

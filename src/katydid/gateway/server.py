@@ -21,8 +21,9 @@ import secrets
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 import trio
@@ -40,12 +41,14 @@ from katydid.errors import (
 )
 from katydid.gateway.admission import Admission
 from katydid.gateway.cleanup import JobCleanup
+from katydid.gateway.events import Queued
 from katydid.gateway.options import Limits
 from katydid.gateway.outputs import Admit, CancelJobs, JobStamp, Output, Publish
 from katydid.gateway.session import Session
+from katydid.gateway.tenants import Tenant, Tenants
 from katydid.httpd import Response, json_response
 from katydid.log import SampledLogger
-from katydid.messages import JobResult
+from katydid.messages import SAMPLE_RATE, JobResult
 from katydid.metrics import GatewayMetrics
 
 log = structlog.get_logger("katydid.gateway")
@@ -90,6 +93,10 @@ class Live:
     session: Session
     inbox_send: trio.MemorySendChannel[Inbound]
     inbox: trio.MemoryReceiveChannel[Inbound]
+    door: str = "websocket"
+    credential: str | None = None  # the key its door was given (header or query), if any
+    tenant: Tenant | None = None  # whose session it is, from admission on (with a keys file)
+    queued: int = 0  # its jobs in the stream, as last counted into its tenant
     started: float = field(default_factory=time.monotonic)
     progress: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
 
@@ -137,8 +144,12 @@ class Gateway:
         self.metrics = GatewayMetrics(
             lambda: {k: w.beat for k, w in self.admission.workers.items()}
         )
+        keys_file = Path(cfg.api_keys_file).expanduser() if cfg.api_keys_file else None
+        self.tenants = Tenants(keys_file, self.metrics, self.sampled)
         self.stopping = False  # no new sessions: the server is shutting down
         self.websocket_port: int | None = None  # set by the service once the door listens
+        # Doors that vouch for their sessions themselves (Wyoming: by network allowlist).
+        self.trusted_doors: frozenset[str] = frozenset({"wyoming"})
         self._no_sessions = trio.Event()  # set when stopping and the last session ended
 
     # --- the bus side, run by the server around its doors ---
@@ -235,6 +246,7 @@ class Gateway:
             except NatsError as exc:
                 self.sampled.warning("queue_poll_failed", error=str(exc))
             adm.forget_gone_workers()
+            self.tenants.refresh(trio.current_time())
             self._export_queue()
             self.sampled.flush()
             capacities = adm.capacities()
@@ -260,11 +272,18 @@ class Gateway:
 
     # --- what the doors call ---
 
-    def open_session(self) -> Live:
-        """A new session, registered to hear its results."""
+    def open_session(self, door: str = "websocket", credential: str | None = None) -> Live:
+        """A new session, registered to hear its results. ``credential``: the API key its
+        door was given (a header, a query), if any; checked at admission."""
         session_id = uuid.uuid4().hex
         send, recv = trio.open_memory_channel[Inbound](2 * self.cfg.max_jobs_in_flight + 16)
-        live = Live(Session(session_id, self.limits, self.stamp, _clock()), send, recv)
+        live = Live(
+            Session(session_id, self.limits, self.stamp, _clock()),
+            send,
+            recv,
+            door=door,
+            credential=credential,
+        )
         self.sessions[session_id] = live
         self.metrics.active_connections.inc()
         if len(self.sessions) > self.peak_sessions:
@@ -278,6 +297,10 @@ class Gateway:
         s = live.session
         self.sessions.pop(s.session_id, None)
         live.inbox_send.close()
+        if live.tenant is not None:
+            self.tenants.recount(live.tenant, live.queued, 0)
+            live.queued = 0
+            self.tenants.close(live.tenant)
         if s.intake is not None:
             s.intake.upload.close()  # a spooled upload's disk file goes with it
         outcome = s.outcome or "incomplete"
@@ -304,18 +327,27 @@ class Gateway:
         rest: list[Output] = []
         for out in outputs:
             if isinstance(out, Admit):
-                rest += self.carry_out(live, self._admit(live.session, out))
+                rest += self.carry_out(live, self._admit(live, out))
             elif isinstance(out, CancelJobs):
                 self.cancel_jobs(out)
             else:
                 rest.append(out)
+        if live.tenant is not None:  # its key's share of the stream, as of now
+            queued = live.session.queued_jobs
+            self.tenants.recount(live.tenant, live.queued, queued)
+            live.queued = queued
         return rest
 
-    def _admit(self, session: Session, admit: Admit) -> list[Output]:
+    def _admit(self, live: Live, admit: Admit) -> list[Output]:
+        session = live.session
         if self.stopping:
             return session.shutdown()
         try:
+            tenant = self._tenant_of(live, admit)
             model, offers = self.admission.admit(admit.options)
+            if tenant is not None:
+                self.tenants.open(tenant, _clock())
+                live.tenant = tenant
         except ProtocolError as exc:
             if exc.code is ErrorCode.OVERLOADED:
                 self.metrics.overloaded.labels("max_wait").inc()
@@ -330,8 +362,56 @@ class Gateway:
         )
         return session.admitted(model, tuple(o.to_dict() for o in offers.values()), upload)
 
-    async def publish(self, live: Live, publish: Publish) -> list[Output]:
-        """Queue a session's job; returns what the session says next (outputs for the adapter)."""
+    def _tenant_of(self, live: Live, admit: Admit) -> Tenant | None:
+        """Whose session it is (None: the gateway is open, without a keys file).
+
+        Raises:
+            ProtocolError: ``unauthorized``.
+        """
+        if not self.tenants.required:
+            return None
+        if live.door in self.trusted_doors:
+            return self.tenants.door_tenant(live.door)
+        return self.tenants.authenticate(live.credential or admit.options.api_key, live.door)
+
+    async def publish(
+        self,
+        live: Live,
+        publish: Publish,
+        waiting: Callable[[Queued], Awaitable[None]] | None = None,
+    ) -> list[Output]:
+        """Queue a session's job; returns what the session says next (outputs for the adapter).
+        A key at its share of the stream (``max_queued_jobs``) waits here for a seat, after
+        ``waiting`` (its client) is told where it stands; its partials are skipped meanwhile."""
+        tenant = live.tenant
+        if tenant is None:
+            return await self._publish(live, publish)
+        audio_s = len(publish.pcm) / 2 / SAMPLE_RATE
+        if publish.job.options.kind == "partial":
+            return [] if tenant.full else await self._publish(live, publish)
+        if tenant.full and waiting is not None:
+            await waiting(self._seat_news(live, tenant))
+        await self.tenants.seat(tenant)
+        try:
+            live.session.resumed(_clock())  # waiting for a seat is our doing, not idleness
+            try:
+                self.tenants.check_audio(tenant, _clock())
+            except ProtocolError as exc:
+                return self.carry_out(live, live.session.publish_failed(publish.job, exc))
+            self.tenants.charge(tenant, audio_s, _clock())
+            return await self._publish(live, publish)
+        finally:
+            self.tenants.unseat(tenant)
+
+    def _seat_news(self, live: Live, tenant: Tenant) -> Queued:
+        """Where a job waiting for its key's seat stands: behind the key's jobs in the stream
+        and the others waiting, each about one job time away once it reaches a worker."""
+        s = live.session
+        ahead = tenant.queued + tenant.publishing + tenant.waiting
+        adm = self.admission
+        return Queued(ahead, adm.backlog_eta_s(s.model, s.lane) + adm.eta_s(ahead, model=s.model))
+
+    async def _publish(self, live: Live, publish: Publish) -> list[Output]:
         s = live.session
         job = publish.job
         try:

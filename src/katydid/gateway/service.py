@@ -10,6 +10,9 @@ went nowhere (jobs transcribed for nobody after a SIGTERM).
 
 from __future__ import annotations
 
+import signal
+
+import structlog
 import trio
 
 from katydid.bus import JobBus
@@ -19,6 +22,8 @@ from katydid.gateway.server import Gateway
 from katydid.gateway.websocket import WebSocketDoor
 from katydid.gateway.wyoming import WyomingDoor
 from katydid.httpd import serve_http
+
+log = structlog.get_logger("katydid.gateway")
 
 
 class GatewayService:
@@ -38,6 +43,9 @@ class GatewayService:
             await outer.start(self._infrastructure)
             try:
                 async with trio.open_nursery() as doors:
+                    self._say_who_gets_in()
+                    if self.gateway.tenants.required:
+                        doors.start_soon(self._reload_keys_on_sighup)
                     # The HTTP door serves sessions too (and the operator routes): it stops
                     # with the other doors, before the cleanup of their jobs.
                     if self.cfg.http_port >= 0:
@@ -56,6 +64,23 @@ class GatewayService:
                 with trio.CancelScope(shield=True):
                     await self.gateway.cleanup_done()
                     self._infrastructure_stop.set()
+
+    def _say_who_gets_in(self) -> None:
+        keys = self.gateway.tenants.keys
+        if keys is None:
+            log.warning(
+                "access_open",
+                detail="no api_keys_file: anyone who can reach the ports can transcribe",
+            )
+        else:
+            log.info("access_keys", keys_file=str(keys.path), keys=len(keys.names))
+        if self.cfg.wyoming_port >= 0:
+            log.info("wyoming_allow", networks=self.cfg.wyoming_allow)
+
+    async def _reload_keys_on_sighup(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+            async for _ in hangups:
+                self.gateway.tenants.reload()
 
     async def _infrastructure(self, *, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope(shield=True):

@@ -419,6 +419,11 @@ class Session:
         return len(self._jobs_out.in_flight)
 
     @property
+    def queued_jobs(self) -> int:
+        """Finals in the stream (publish acknowledged), not yet answered."""
+        return len(self._jobs_out.stream_seqs)
+
+    @property
     def wants_audio(self) -> bool:
         """Below the in-flight bound: the adapter may read (or decode) more audio. The bound is
         checked before each frame, so it is exceeded by at most one frame's chunks."""

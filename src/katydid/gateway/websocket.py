@@ -20,6 +20,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from katydid.config import Config
+from katydid.gateway.credentials import bearer, query_key
 from katydid.gateway.driver import ClientGone, SessionDriver
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.outputs import Close
@@ -102,14 +103,22 @@ class WebSocketDoor:
             return
         # vosk-server's protocol, for its clients, at /vosk; Katydid's own everywhere else.
         vosk = request.path.split("?", 1)[0].rstrip("/") == "/vosk"
-        await serve_connection(self.gateway, ws, vosk=vosk)
+        # The key: a Bearer header, else (vosk) the query, else (native) start.api_key.
+        credential = bearer(request.headers)
+        if credential is None and vosk:
+            credential = query_key(request.path)
+        await serve_connection(self.gateway, ws, vosk=vosk, credential=credential)
 
 
 async def serve_connection(
-    gateway: Gateway, ws: WebSocketConnection, *, vosk: bool = False
+    gateway: Gateway,
+    ws: WebSocketConnection,
+    *,
+    vosk: bool = False,
+    credential: str | None = None,
 ) -> None:
     """Serve one accepted WebSocket as one session, to its end."""
-    live = gateway.open_session()
+    live = gateway.open_session("vosk" if vosk else "websocket", credential)
     door = VoskConnection if vosk else _Connection
     try:
         await door(gateway, ws, live).serve()

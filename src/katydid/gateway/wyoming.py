@@ -14,6 +14,7 @@ connection (logged, sampled).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
@@ -24,7 +25,7 @@ import trio
 from katydid.catalog import choose_model
 from katydid.config import Config
 from katydid.errors import ErrorCode, ProtocolError
-from katydid.gateway.driver import ClientGone, SessionDriver
+from katydid.gateway.driver import LAST_WORDS_S, ClientGone, SessionDriver
 from katydid.gateway.events import Done, ErrorEvent, Final, ServerEvent
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway
@@ -41,6 +42,7 @@ class WyomingDoor:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.cfg: Config = gateway.cfg
+        self.networks = gateway.cfg.wyoming_networks()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.cfg.wyoming_port, host=self.cfg.host)
@@ -52,9 +54,33 @@ class WyomingDoor:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
-            await _Connection(self.gateway, stream).serve()
+            if self._allowed(stream):
+                await _Connection(self.gateway, stream).serve()
+            else:
+                refusal = WyomingEvent(
+                    "error",
+                    {"text": "this network may not use the Wyoming door", "code": "unauthorized"},
+                )
+                with trio.move_on_after(LAST_WORDS_S):
+                    await stream.send_all(encode(refusal))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
         finally:
             await trio.aclose_forcefully(stream)
+
+    def _allowed(self, stream: trio.SocketStream) -> bool:
+        """The Wyoming protocol has no authentication: a peer's address must be in
+        ``wyoming_allow`` (default: loopback only)."""
+        try:
+            peer = ipaddress.ip_address(stream.socket.getpeername()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+            peer = peer.ipv4_mapped
+        if any(peer in net for net in self.networks):
+            return True
+        self.gateway.sampled.warning("wyoming_refused", peer=str(peer))
+        return False
 
 
 class _Connection:
@@ -191,7 +217,7 @@ class _Connection:
         if self.request.get("name"):
             start["model"] = self.request["name"]
         self.request = {}
-        live = self.gateway.open_session()
+        live = self.gateway.open_session("wyoming")
         self.current = _WyomingSession(self.gateway, live, self)
         await nursery.start(self.current.run)
         await self.current.emit(
