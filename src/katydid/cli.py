@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -62,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="JSON output (with --url: event lines)")
     tr.add_argument("--url", default="ws://127.0.0.1:8765", help="gateway URL (%(default)s)")
     tr.add_argument("--realtime", action="store_true", help="pace audio like a microphone")
+    tr.add_argument(
+        "--api-key",
+        default=os.environ.get("KATYDID_API_KEY"),
+        help="the server's API key, if it needs one (default: KATYDID_API_KEY)",
+    )
     tr.add_argument("--language", help="a language code, or auto (multilingual models)")
     tr.add_argument("--prompt", help="initial prompt: spellings, names, style")
     tr.add_argument("--task", choices=("transcribe", "translate"), help="translate: into English")
@@ -235,6 +241,7 @@ def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
                 ("prompt", args.prompt),
                 ("task", args.task),
                 ("word_timestamps", args.word_timestamps or None),
+                ("api_key", args.api_key or None),
             )
             if v is not None
         }

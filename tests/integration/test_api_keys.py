@@ -343,7 +343,7 @@ async def test_fair_share_one_tenants_batch_does_not_delay_another(
     job_s = max(gaps)
     bound = (1 + A_MAX_QUEUED + 1) * job_s + 2.0  # + 2 s: queue polls and transport
     assert b_latency <= bound, (b_latency, job_s, len(finals_at))
-    assert most_queued <= A_MAX_QUEUED
+    assert 1 <= most_queued <= A_MAX_QUEUED
     assert seated > 0  # batch's waiting sessions were told where they stand
     # batch still had most of its 200 files waiting: the bound above is not trivially met.
     assert len(finals_at) < 100
