@@ -152,16 +152,9 @@ async def _gateway_alone(cfg: Config) -> None:
 
     gateway = GatewayService(cfg)
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(gateway.run)
-        print(f"gateway:  ws://{cfg.host}:{port}", flush=True)
-        if gateway.http_port is not None:
-            print(
-                f"http:     http://{cfg.http_host}:{gateway.http_port}"
-                " (OpenAI-compatible /v1/audio/transcriptions; /metrics, /healthz, /readyz)",
-                flush=True,
-            )
-        if gateway.wyoming_port is not None:
-            print(f"wyoming:  tcp://{cfg.host}:{gateway.wyoming_port}", flush=True)
+        await nursery.start(gateway.run)
+        for line in gateway.addresses():
+            print(line, flush=True)
         notify("READY=1")
         await until_signalled(gateway.drain, gateway.cut_grace, name="gateway")
         nursery.cancel_scope.cancel()

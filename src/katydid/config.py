@@ -86,6 +86,9 @@ class Config:
     http_host: str = "127.0.0.1"
     http_port: int = 0  # 0 = a free port (printed at start), -1 = off
     wyoming_port: int = -1  # the Wyoming door (Home Assistant; its usual port is 10300); -1 = off
+    # TLS for the WebSocket, HTTP and Wyoming listeners (PEM; both or neither)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     # API keys (`katydid keys add`): empty = open to anyone who can reach the ports
     api_keys_file: str = ""
     # The Wyoming protocol has no authentication: the networks allowed to use that door

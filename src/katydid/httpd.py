@@ -33,14 +33,18 @@ async def serve_http(
     host: str,
     port: int,
     *,
+    tls: tuple[str, str] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``host:port`` until cancelled; ``started`` gets the bound port."""
+    """Serve ``app`` on ``host:port`` until cancelled (``tls``: certificate and key files);
+    ``started`` gets the bound port."""
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None  # a line per request would be a log storm; the metrics count them
     config.errorlog = logging.getLogger("katydid.http")
     config.graceful_timeout = 2.0
+    if tls is not None:
+        config.certfile, config.keyfile = tls
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(functools.partial(serve, app, config))
         task_status.started(int(binds[0].rsplit(":", 1)[1]))

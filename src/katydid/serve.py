@@ -206,14 +206,8 @@ async def serve(
                         inner.start_soon(supervise_worker, cfg, index, argv, env)
                         index += 1
                 gw_port = await middle.start(gateway.run)
-                announce(f"gateway:  ws://{cfg.host}:{gw_port}")
-                if gateway.http_port is not None:
-                    announce(
-                        f"http:     http://{cfg.http_host}:{gateway.http_port}"
-                        " (OpenAI-compatible /v1/audio/transcriptions; /metrics, /healthz, /readyz)"
-                    )
-                if gateway.wyoming_port is not None:
-                    announce(f"wyoming:  tcp://{cfg.host}:{gateway.wyoming_port}")
+                for line in gateway.addresses():
+                    announce(line)
                 mix = ", ".join(f"{count} x {name}" for name, count in plan)
                 announce(
                     f"workers:  {mix}, {cfg.engine_threads} thread(s) each"

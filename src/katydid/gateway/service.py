@@ -11,6 +11,7 @@ went nowhere (jobs transcribed for nobody after a SIGTERM).
 from __future__ import annotations
 
 import signal
+from functools import partial
 
 import structlog
 import trio
@@ -22,6 +23,7 @@ from katydid.gateway.server import Gateway
 from katydid.gateway.websocket import WebSocketDoor
 from katydid.gateway.wyoming import WyomingDoor
 from katydid.httpd import serve_http
+from katydid.tls import server_context
 
 log = structlog.get_logger("katydid.gateway")
 
@@ -29,8 +31,9 @@ log = structlog.get_logger("katydid.gateway")
 class GatewayService:
     def __init__(self, cfg: Config, *, bus: JobBus | None = None) -> None:
         self.cfg = cfg
+        self.tls = server_context(cfg)  # a certificate that cannot be used stops us here
         self.gateway = Gateway(cfg, bus=bus)
-        self.websocket = WebSocketDoor(self.gateway)
+        self.websocket = WebSocketDoor(self.gateway, self.tls)
         self.port: int | None = None
         self.http_port: int | None = None
         self.wyoming_port: int | None = None
@@ -49,14 +52,16 @@ class GatewayService:
                     # The HTTP door serves sessions too (and the operator routes): it stops
                     # with the other doors, before the cleanup of their jobs.
                     if self.cfg.http_port >= 0:
+                        tls = (self.cfg.tls_cert_file, self.cfg.tls_key_file) if self.tls else None
                         self.http_port = await doors.start(
-                            serve_http,
+                            partial(serve_http, tls=tls),
                             build_app(self.gateway),
                             self.cfg.http_host,
                             self.cfg.http_port,
                         )
                     if self.cfg.wyoming_port >= 0:
-                        self.wyoming_port = await doors.start(WyomingDoor(self.gateway).run)
+                        wyoming = WyomingDoor(self.gateway, self.tls)
+                        self.wyoming_port = await doors.start(wyoming.run)
                     self.port = await doors.start(self.websocket.run)
                     self.gateway.websocket_port = self.port
                     task_status.started(self.port)
@@ -64,6 +69,19 @@ class GatewayService:
                 with trio.CancelScope(shield=True):
                     await self.gateway.cleanup_done()
                     self._infrastructure_stop.set()
+
+    def addresses(self) -> list[str]:
+        """Where its doors listen, as the lines ``serve`` and ``gateway`` print at start."""
+        cfg, tls = self.cfg, self.tls is not None
+        lines = [f"gateway:  {'wss' if tls else 'ws'}://{cfg.host}:{self.port}"]
+        if self.http_port is not None:
+            lines.append(
+                f"http:     {'https' if tls else 'http'}://{cfg.http_host}:{self.http_port}"
+                " (OpenAI-compatible /v1/audio/transcriptions; /metrics, /healthz, /readyz)"
+            )
+        if self.wyoming_port is not None:
+            lines.append(f"wyoming:  {'tls' if tls else 'tcp'}://{cfg.host}:{self.wyoming_port}")
+        return lines
 
     def _say_who_gets_in(self) -> None:
         keys = self.gateway.tenants.keys

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
+from collections.abc import Sequence
 
 import structlog
 import trio
@@ -34,9 +36,10 @@ log = structlog.get_logger("katydid.gateway")
 class WebSocketDoor:
     """Listens on ``cfg.host:cfg.port`` and serves each connection as a session."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, tls: ssl.SSLContext | None = None) -> None:
         self.gateway = gateway
         self.cfg: Config = gateway.cfg
+        self.tls = tls
         self.port: int | None = None
         self._accepting: trio.CancelScope | None = None
         self._sessions: trio.CancelScope | None = None
@@ -47,9 +50,16 @@ class WebSocketDoor:
             self._sessions = handlers.cancel_scope
             with trio.CancelScope() as accepting:
                 self._accepting = accepting
+                listeners: Sequence[trio.SSLListener[trio.SocketStream] | trio.SocketListener]
+                listeners = await self._listeners()
+                if self.tls is not None:
+                    # The TLS handshake runs inside the WebSocket handshake's timeout.
+                    listeners = [
+                        trio.SSLListener(lst, self.tls, https_compatible=True) for lst in listeners
+                    ]
                 server = WebSocketServer(
                     self._handle,
-                    await self._listeners(),
+                    listeners,
                     handler_nursery=handlers,
                     # Twice the bound: a frame over max_frame_bytes reaches the session,
                     # which answers too_large before closing with 1009; past twice it, the

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import ssl
 from typing import Any
 
 import numpy as np
@@ -39,20 +40,24 @@ _MAX_DATA = 64 * 1024
 class WyomingDoor:
     """Listens on ``cfg.host:cfg.wyoming_port``; each connection is served by ``_Connection``."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, tls: ssl.SSLContext | None = None) -> None:
         self.gateway = gateway
         self.cfg: Config = gateway.cfg
+        self.tls = tls
         self.networks = gateway.cfg.wyoming_networks()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.cfg.wyoming_port, host=self.cfg.host)
-        port = int(listeners[0].socket.getsockname()[1])
-        log.info("wyoming_listening", host=self.cfg.host, port=port)
+        tcp = await trio.open_tcp_listeners(self.cfg.wyoming_port, host=self.cfg.host)
+        port = int(tcp[0].socket.getsockname()[1])
+        log.info("wyoming_listening", host=self.cfg.host, port=port, tls=self.tls is not None)
+        listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(tcp)
+        if self.tls is not None:
+            listeners = [trio.SSLListener(lst, self.tls) for lst in tcp]
         async with trio.open_nursery() as nursery:
             task_status.started(port)
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         try:
             if self._allowed(stream):
                 await _Connection(self.gateway, stream).serve()
@@ -68,11 +73,14 @@ class WyomingDoor:
         finally:
             await trio.aclose_forcefully(stream)
 
-    def _allowed(self, stream: trio.SocketStream) -> bool:
+    def _allowed(self, stream: trio.abc.Stream) -> bool:
         """The Wyoming protocol has no authentication: a peer's address must be in
         ``wyoming_allow`` (default: loopback only)."""
+        tcp = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        if not isinstance(tcp, trio.SocketStream):
+            return False
         try:
-            peer = ipaddress.ip_address(stream.socket.getpeername()[0])
+            peer = ipaddress.ip_address(tcp.socket.getpeername()[0])
         except (OSError, ValueError, IndexError):
             return False
         if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
@@ -84,7 +92,7 @@ class WyomingDoor:
 
 
 class _Connection:
-    def __init__(self, gateway: Gateway, stream: trio.SocketStream) -> None:
+    def __init__(self, gateway: Gateway, stream: trio.abc.Stream) -> None:
         self.gateway = gateway
         self.stream = stream
         self.reader = WyomingReader(

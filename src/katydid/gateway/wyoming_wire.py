@@ -49,7 +49,7 @@ class WyomingReader:
         self._buf = bytearray()
         self._header: dict[str, Any] | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buf += data
 
     def next_event(self) -> WyomingEvent | None:
