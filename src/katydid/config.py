@@ -110,6 +110,12 @@ class Config:
     nats_url: str = ""  # empty: `katydid serve` embeds a nats-server
     nats_port: int = 0  # embedded server; 0 = a free port
     nats_monitor_port: int = 0
+    # Credentials (any one way; none: an open server). `katydid serve` makes its own.
+    nats_user: str = ""
+    nats_password: str = field(default="", repr=False)
+    nats_creds_file: str = ""  # a .creds file (JWT + nkey seed)
+    nats_nkey_seed_file: str = ""  # an nkey seed file (user nkey authentication)
+    nats_tls_ca_file: str = ""  # trust this CA for tls:// NATS URLs (else the system's)
     nats_connect_timeout_s: float = 10.0
     nats_request_timeout_s: float = 5.0
     stream_max_bytes: int = 1024 * 1024 * 1024

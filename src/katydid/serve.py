@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 import trio
 
+from katydid.bus.accounts import accounts_config, embedded_credentials, password_variable
 from katydid.bus.nats import purge_jobs
 from katydid.catalog import served_name
 from katydid.config import Config
@@ -49,13 +50,17 @@ def nats_server_binary() -> str:
     return found
 
 
-def nats_server_config(store_dir: Path, port: int, monitor_port: int) -> str:
+def nats_server_config(
+    store_dir: Path, port: int, monitor_port: int, *, accounts: bool = False
+) -> str:
+    """A loopback-only nats-server with JetStream; ``accounts``: Katydid's account and roles
+    (passwords from nats-server's environment, ``katydid.bus.accounts``)."""
     return (
         f"listen: 127.0.0.1:{port}\n"
         f"http: 127.0.0.1:{monitor_port}\n"
         f"max_payload: {_NATS_MAX_PAYLOAD}\n"
         f'jetstream {{\n  store_dir: "{store_dir}"\n}}\n'
-    )
+    ) + (accounts_config() if accounts else "")
 
 
 async def _terminate(proc: trio.Process, grace_s: float = 10.0) -> None:
@@ -83,24 +88,28 @@ async def run_nats_server(
     data_dir: Path,
     port: int,
     monitor_port: int,
+    passwords: dict[str, str],
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run an embedded nats-server (JetStream, loopback only) until cancelled."""
+    """Run an embedded nats-server (JetStream, loopback only, a user per role with
+    ``passwords``) until cancelled."""
     conf = data_dir / "nats-server.conf"
 
     def write_conf() -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        text = nats_server_config(data_dir / "jetstream", port, monitor_port)
+        text = nats_server_config(data_dir / "jetstream", port, monitor_port, accounts=True)
         conf.write_text(text, encoding="utf-8")
 
     await trio.to_thread.run_sync(write_conf)
+    env = dict(os.environ) | {password_variable(r): pw for r, pw in passwords.items()}
     async with trio.open_nursery() as nursery:
         proc: trio.Process = await nursery.start(
             lambda task_status: trio.run_process(  # noqa: ASYNC105 - nursery.start awaits it
                 # Watched by a small parent that stops it if serve is killed outright.
                 [*with_parent_argv(), nats_server_binary(), "-c", str(conf)],
                 stdout=subprocess.DEVNULL,
+                env=env,
                 check=False,
                 start_new_session=True,  # Ctrl-C reaches serve only; serve stops NATS last
                 deliver_cancel=lambda p: _terminate(p, 5),
@@ -186,15 +195,26 @@ async def serve(
         if not nats_url:
             port = cfg.nats_port or free_port()
             monitor = cfg.nats_monitor_port or free_port()
-            nats_url = await outer.start(run_nats_server, cfg.data_dir / "nats", port, monitor)
-            announce(f"nats:     {nats_url} (monitoring http://127.0.0.1:{monitor})")
+            # Its own credentials, a user per role (workers cannot publish jobs, say).
+            secrets_file = cfg.data_dir / "nats" / "credentials.json"
+            passwords = await trio.to_thread.run_sync(embedded_credentials, secrets_file)
+            nats_url = await outer.start(
+                run_nats_server, cfg.data_dir / "nats", port, monitor, passwords
+            )
+            announce(
+                f"nats:     {nats_url} (users admin, gateway, worker: passwords in"
+                f" {secrets_file}; monitoring http://127.0.0.1:{monitor})"
+            )
             # Jobs left in the embedded store belong to a gateway that died with the last run:
             # their clients are gone, so transcribing them would only delay new ones.
-            stale = await trio.to_thread.run_sync(
-                purge_jobs, dataclasses.replace(cfg, nats_url=nats_url)
+            admin = dataclasses.replace(
+                cfg, nats_url=nats_url, nats_user="admin", nats_password=passwords["admin"]
             )
+            stale = await trio.to_thread.run_sync(purge_jobs, admin)
             if stale:
                 log.info("stale_jobs_purged", jobs=stale)
+            env |= {"KATYDID_NATS_USER": "worker", "KATYDID_NATS_PASSWORD": passwords["worker"]}
+            cfg = dataclasses.replace(cfg, nats_user="gateway", nats_password=passwords["gateway"])
         cfg = dataclasses.replace(cfg, nats_url=nats_url)
         async with trio.open_nursery() as middle:
             gateway = GatewayService(cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from katydid.messages import STREAM
 from katydid.serve import nats_server_binary, nats_server_config
 
 STARTUP_TIMEOUT_S = 60.0
+INFRA = Path(__file__).resolve().parents[2] / "infra"
 
 
 def free_port() -> int:
@@ -46,10 +48,26 @@ class Stack:
     """nats-server + gateway + N workers, all real processes."""
 
     def __init__(
-        self, root: Path, model_dir: Path, workers: int | Sequence[str] = 2, **settings: Any
+        self,
+        root: Path,
+        model_dir: Path,
+        workers: int | Sequence[str] = 2,
+        *,
+        nats_accounts: bool = False,
+        **settings: Any,
     ) -> None:
-        """``workers``: how many of the default model, or one model name per worker."""
+        """``workers``: how many of the default model, or one model name per worker.
+        ``nats_accounts``: nats-server with infra/systemd/katydid-accounts.conf (a user per
+        role, ``passwords``), the gateway and workers each with its role's credentials."""
         self.root = root
+        self.passwords: dict[str, str] = {}
+        self.role_env: dict[str, dict[str, str]] = {}
+        if nats_accounts:
+            self.passwords = {role: f"test-{role}-pw" for role in ("admin", "gateway", "worker")}
+            self.role_env = {
+                role: {"KATYDID_NATS_USER": role, "KATYDID_NATS_PASSWORD": self.passwords[role]}
+                for role in ("gateway", "worker")
+            }
         self.models: dict[int, str | None] = (
             dict.fromkeys(range(workers)) if isinstance(workers, int) else dict(enumerate(workers))
         )
@@ -79,8 +97,17 @@ class Stack:
         root = self.root
         nats_port, monitor = free_port(), free_port()
         conf = root / "nats.conf"
-        conf.write_text(nats_server_config(root / "js", nats_port, monitor), encoding="utf-8")
-        self._spawn([nats_server_binary(), "-c", str(conf)], "nats")
+        text = nats_server_config(root / "js", nats_port, monitor)
+        nats_env = {}
+        if self.passwords:
+            # The operator's file itself, included as the installed nats-server.conf does.
+            shutil.copy(INFRA / "systemd" / "katydid-accounts.conf", root)
+            text += 'include "katydid-accounts.conf"\n'
+            nats_env = {
+                f"KATYDID_NATS_{role.upper()}_PASSWORD": pw for role, pw in self.passwords.items()
+            }
+        conf.write_text(text, encoding="utf-8")
+        self._spawn([nats_server_binary(), "-c", str(conf)], "nats", nats_env)
         wait_until(lambda: port_open(nats_port), 10, "nats-server")
         self.nats_url = f"nats://127.0.0.1:{nats_port}"
         self.env["KATYDID_NATS_URL"] = self.nats_url
@@ -89,7 +116,9 @@ class Stack:
         self.env["KATYDID_HTTP_PORT"] = str(self.http_port)
         self.metrics_url = f"http://127.0.0.1:{self.http_port}"
         self.gateway = self._spawn(
-            [sys.executable, "-m", "katydid", "gateway", "--port", str(self.port)], "gateway"
+            [sys.executable, "-m", "katydid", "gateway", "--port", str(self.port)],
+            "gateway",
+            self.role_env.get("gateway"),
         )
         wait_until(lambda: port_open(self.port), STARTUP_TIMEOUT_S, "gateway")
         self.url = f"ws://127.0.0.1:{self.port}"
@@ -102,9 +131,13 @@ class Stack:
                 f"worker {i}",
             )
 
-    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, argv: list[str], name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with (self.root / f"{name}.log").open("ab") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env | (env or {})
+            )
         self.procs.append(proc)
         return proc
 
@@ -121,6 +154,7 @@ class Stack:
                 f"test-w{i}",
             ],
             f"worker{i}",
+            self.role_env.get("worker"),
         )
         self.workers[i] = proc
         return proc

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
@@ -38,7 +40,7 @@ from nats.js.api import (
 from katydid.bus import BusHandlers, LaneStats
 from katydid.catalog import served_name
 from katydid.config import Config
-from katydid.errors import JobTooLarge, NatsError, StreamFull
+from katydid.errors import ConfigError, JobTooLarge, NatsError, StreamFull
 from katydid.messages import (
     CANCEL_SUBJECT,
     LANES,
@@ -138,6 +140,32 @@ async def ensure_stream(js: Any, cfg: Config, models: Iterable[str] = ()) -> Non
             await js.add_consumer(STREAM, consumer_config(cfg, model, lane))
 
 
+def credentials(cfg: Config) -> dict[str, Any]:
+    """nats-py's connect arguments for the configured credentials and TLS trust.
+
+    Raises:
+        ConfigError: a credentials or CA file that cannot be used.
+    """
+    out: dict[str, Any] = {}
+    if cfg.nats_user:
+        out |= {"user": cfg.nats_user, "password": cfg.nats_password}
+    for setting, argument in (
+        ("nats_creds_file", "user_credentials"),
+        ("nats_nkey_seed_file", "nkeys_seed"),
+    ):
+        path = getattr(cfg, setting)
+        if path:
+            if not Path(path).expanduser().is_file():
+                raise ConfigError(f"{setting}: no such file {path}")
+            out[argument] = str(Path(path).expanduser())
+    if cfg.nats_tls_ca_file:
+        try:
+            out["tls"] = ssl.create_default_context(cafile=cfg.nats_tls_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"nats_tls_ca_file {cfg.nats_tls_ca_file}: {exc}") from None
+    return out
+
+
 async def connect(cfg: Config, name: str, **callbacks: Any) -> Any:
     """Connect nats-py with Katydid's bounds: reconnect forever, bounded connect and flush."""
     return await nats.connect(
@@ -147,6 +175,7 @@ async def connect(cfg: Config, name: str, **callbacks: Any) -> Any:
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         allow_reconnect=True,
+        **credentials(cfg),
         **callbacks,
     )
 
@@ -198,6 +227,7 @@ def queue_status(cfg: Config) -> dict[str, Any]:
                     allow_reconnect=False,
                     max_reconnect_attempts=0,
                     error_cb=quiet,
+                    **credentials(cfg),
                 ),
                 cfg.nats_connect_timeout_s,
             )

@@ -1,0 +1,124 @@
+"""NATS with credentials and per-role permissions, as infra/systemd/katydid-accounts.conf sets
+them: the gateway and a worker, each with its role's user, serve a session end to end; a worker's
+credentials cannot publish a job; no credentials, no connection. And the embedded server of
+`katydid serve` makes its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+from websockets.sync.client import connect
+
+from katydid.bus.accounts import accounts_config
+from katydid.evaluation import Clip, read_manifest, wer
+from katydid.messages import STREAM, lane_subject
+from tests.integration.stack import INFRA, Stack, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
+    with Stack(tmp_path_factory.mktemp("nats-auth"), model_dir, workers=1, nats_accounts=True) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def jfk(speech_dir: Path) -> Clip:
+    return next(c for c in read_manifest(speech_dir / "manifest.tsv") if c.name == "jfk.wav")
+
+
+def test_the_infra_file_is_what_the_code_renders() -> None:
+    assert (INFRA / "systemd" / "katydid-accounts.conf").read_text() == accounts_config()
+
+
+def test_gateway_and_worker_serve_with_their_roles(
+    stack: Stack, jfk: Clip, speech_dir: Path
+) -> None:
+    clips = read_manifest(speech_dir / "manifest.tsv")
+    long_clip = next(c for c in clips if c.path.parent.name == "long")
+    finals = []
+    with connect(stack.url, max_size=2**22) as ws:
+        ws.send(json.dumps({"type": "start", "format": "wav"}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+        ws.send(jfk.path.read_bytes())
+        ws.send(json.dumps({"type": "stop"}))
+        while (event := json.loads(ws.recv(timeout=120)))["type"] != "done":
+            assert event["type"] != "error", event
+            finals.append(event.get("text", ""))
+    assert wer(jfk.reference, " ".join(finals)) <= 0.05
+    # A client that leaves with jobs queued: the gateway deletes them and announces the cancel
+    # (the stream API and the cancel subject, as the gateway's role).
+    with connect(stack.url, max_size=2**22) as ws:
+        ws.send(json.dumps({"type": "start", "format": "wav"}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+        data = long_clip.path.read_bytes()
+        for i in range(0, len(data), 512 * 1024):  # frames under max_frame_bytes
+            ws.send(data[i : i + 512 * 1024])
+        ws.send(json.dumps({"type": "stop"}))
+        while json.loads(ws.recv(timeout=120))["type"] != "final":
+            pass
+    wait_until(lambda: stream_messages_as_admin(stack) == 0, 30, "the stream to empty")
+    left = [e for e in stack.log_events("gateway") if e.get("event") == "session"][-1]
+    assert left["outcome"] == "client_gone"
+    assert left["cancelled_jobs"] >= 1
+    for name in ("gateway", "worker0", "nats"):
+        assert "violation" not in stack.log(name).lower(), name
+
+
+def stream_messages_as_admin(stack: Stack) -> int:
+    async def count() -> int:
+        nc = await nats.connect(stack.nats_url, user="admin", password=stack.passwords["admin"])
+        try:
+            return int((await nc.jetstream().stream_info(STREAM)).state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
+def test_a_worker_cannot_publish_jobs_and_strangers_cannot_connect(stack: Stack) -> None:
+    async def go() -> dict[str, Any]:
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        nc = await nats.connect(
+            stack.nats_url,
+            user="worker",
+            password=stack.passwords["worker"],
+            error_cb=on_error,
+            allow_reconnect=False,
+        )
+        try:
+            js = nc.jetstream()
+            before = (await js.stream_info(STREAM)).state.messages
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+                await js.publish(lane_subject("tiny.en-q8_0", "interactive"), b"\0\0", timeout=2)
+            await nc.flush()
+            after = (await js.stream_info(STREAM)).state.messages
+        finally:
+            await nc.close()
+        refused = None
+        try:
+            stranger = await nats.connect(
+                stack.nats_url, allow_reconnect=False, max_reconnect_attempts=0, error_cb=on_error
+            )
+            await stranger.close()
+        except (nats.errors.Error, OSError) as exc:
+            refused = exc
+        return {"before": before, "after": after, "errors": errors, "refused": refused}
+
+    out = asyncio.run(go())
+    assert out["after"] == out["before"]
+    assert any("permissions violation" in e.lower() for e in out["errors"]), out["errors"]
+    assert out["refused"] is not None
+    assert any("authorization violation" in e.lower() for e in out["errors"]), out["errors"]
