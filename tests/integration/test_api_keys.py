@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,6 +147,13 @@ def test_every_door_refuses_without_a_valid_key_and_queues_nothing(
             client.models.list()
     status, _body = http_get(stack.metrics_url + "/v1/models")
     assert status == 401
+    request = urllib.request.Request(
+        stack.metrics_url + "/v1/models", headers={"Authorization": huge}
+    )
+    with pytest.raises(urllib.error.HTTPError) as oversized:
+        urllib.request.urlopen(request, timeout=10)
+    with oversized.value:
+        assert oversized.value.code == 401
     # The vosk door: no key, a wrong one in the query.
     for path in ("/vosk", "/vosk?api_key=kd_wrong"):
         with connect(stack.url + path) as ws:
@@ -348,3 +358,17 @@ async def test_fair_share_one_tenants_batch_does_not_delay_another(
     # batch still had most of its 200 files waiting: the bound above is not trivially met.
     assert len(finals_at) < 100
     wait_until(lambda: stream_messages(stack.nats_url) == 0, 30, "batch's jobs cleaned up")
+
+
+def test_a_keys_file_with_a_bad_line_stops_the_gateway_at_start(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("alice " + "0" * 64 + " 2026\nbob not-a-hash 2026\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "katydid", "gateway", "--nats-url", "nats://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"KATYDID_API_KEYS_FILE": str(keys_file)},
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert f"{keys_file}:2: the second field must be a SHA-256" in run.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,18 +108,18 @@ def test_a_worker_cannot_publish_jobs_and_strangers_cannot_connect(stack: Stack)
             after = (await js.stream_info(STREAM)).state.messages
         finally:
             await nc.close()
-        refused = None
-        try:
-            stranger = await nats.connect(
-                stack.nats_url, allow_reconnect=False, max_reconnect_attempts=0, error_cb=on_error
-            )
-            await stranger.close()
-        except (nats.errors.Error, OSError) as exc:
-            refused = exc
-        return {"before": before, "after": after, "errors": errors, "refused": refused}
+        return {"before": before, "after": after, "errors": errors}
 
     out = asyncio.run(go())
     assert out["after"] == out["before"]
     assert any("permissions violation" in e.lower() for e in out["errors"]), out["errors"]
-    assert out["refused"] is not None
-    assert any("authorization violation" in e.lower() for e in out["errors"]), out["errors"]
+    # A client without credentials, in NATS's own words (by hand: nats-py leaves the socket of
+    # a refused connection to the garbage collector).
+    host, port = stack.nats_url.removeprefix("nats://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        assert raw.recv(4096).startswith(b"INFO ")
+        raw.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
+        answer = b""
+        while b"\r\n" not in answer and (chunk := raw.recv(4096)):
+            answer += chunk
+    assert answer.startswith(b"-ERR 'Authorization Violation'"), answer

@@ -107,11 +107,12 @@ def test_wss_and_https_with_independent_clients(
     # TLS port, fail alone; a trusting client is served after them.
     # (By hand, with sockets this test closes: a failed client connect may leave its socket
     # to the garbage collector.)
-    with (
-        socket.create_connection(("127.0.0.1", stack.port), timeout=10) as raw,
-        pytest.raises(ssl.SSLCertVerificationError),
-    ):
-        ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    raw = socket.create_connection(("127.0.0.1", stack.port), timeout=10)
+    untrusting = ssl.create_default_context().wrap_socket(  # takes raw's descriptor over
+        raw, server_hostname="127.0.0.1", do_handshake_on_connect=False
+    )
+    with untrusting, pytest.raises(ssl.SSLCertVerificationError):
+        untrusting.do_handshake()
     with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as plain:
         plain.sendall(
             b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -156,6 +157,8 @@ def test_wyoming_over_tls(stack: Stack, ca: dict[str, Path], jfk: Clip) -> None:
                     return Transcript.from_event(event).text
         finally:
             writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()  # an SSL transport needs the loop to finish closing
 
     assert wer(jfk.reference, asyncio.run(transcribe())) <= 0.1
 

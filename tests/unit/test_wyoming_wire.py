@@ -55,3 +55,32 @@ def test_garbage_is_a_framing_error(raw: bytes) -> None:
     reader.feed(raw)
     with pytest.raises(FramingError):
         reader.next_event()
+
+
+async def test_a_network_off_the_allowlist_gets_unauthorized_and_is_disconnected() -> None:
+    """The Wyoming door has no authentication: a peer outside ``wyoming_allow`` gets an error
+    event with code ``unauthorized`` and the connection ends; nothing reaches a session."""
+    import trio
+
+    from katydid.bus.memory import MemoryBus
+    from katydid.config import Config
+    from katydid.gateway.server import Gateway
+    from katydid.gateway.wyoming import WyomingDoor
+
+    cfg = Config(wyoming_port=0, wyoming_allow="10.0.0.0/8")
+    gateway = Gateway(cfg, bus=MemoryBus())
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(WyomingDoor(gateway).run)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(encode(WyomingEvent("describe", {})))
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+        await stream.aclose()
+        event = read_event(io.BytesIO(data))
+        assert event is not None
+        assert event.type == "error"
+        assert event.data["code"] == "unauthorized"
+        assert not gateway.sessions
+        nursery.cancel_scope.cancel()
