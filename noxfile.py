@@ -105,6 +105,13 @@ def load(session: nox.Session) -> None:
 
 
 @nox.session
+def chaos(session: nox.Session) -> None:
+    """Fault scenarios against real processes; writes reports/chaos/report.md and .json."""
+    session.install("-e", ".", *_group("test"), env=ENGINE_BUILD)
+    session.run("python", "-m", "tests.chaos", *session.posargs)
+
+
+@nox.session
 def eval(session: nox.Session) -> None:
     """WER and real-time factor of the local engine on the shared speech clips."""
     session.install("-e", ".", env=ENGINE_BUILD)

@@ -107,7 +107,10 @@ class Stack:
                 f"KATYDID_NATS_{role.upper()}_PASSWORD": pw for role, pw in self.passwords.items()
             }
         conf.write_text(text, encoding="utf-8")
-        self._spawn([nats_server_binary(), "-c", str(conf)], "nats", nats_env)
+        self._nats_argv = [nats_server_binary(), "-c", str(conf)]
+        self._nats_env = nats_env
+        self.nats = self._spawn(self._nats_argv, "nats", nats_env)
+        self.nats_port = nats_port
         wait_until(lambda: port_open(nats_port), 10, "nats-server")
         self.nats_url = f"nats://127.0.0.1:{nats_port}"
         self.env["KATYDID_NATS_URL"] = self.nats_url
@@ -140,6 +143,15 @@ class Stack:
             )
         self.procs.append(proc)
         return proc
+
+    def restart_nats(self, down_s: float = 0.0) -> None:
+        """Stop nats-server (SIGTERM, as an operator's restart) and start it again on the same
+        port and store after ``down_s``."""
+        self.nats.terminate()
+        self.nats.wait(timeout=15)
+        time.sleep(down_s)
+        self.nats = self._spawn(self._nats_argv, "nats", self._nats_env)
+        wait_until(lambda: port_open(self.nats_port), 10, "nats-server again")
 
     def start_worker(self, i: int) -> subprocess.Popen[bytes]:
         model = self.models.get(i)

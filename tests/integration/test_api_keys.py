@@ -145,6 +145,7 @@ def test_every_door_refuses_without_a_valid_key_and_queues_nothing(
         assert json.loads(refused.value.response.text)["error"]["code"] == "unauthorized"
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
+        client.close()
     status, _body = http_get(stack.metrics_url + "/v1/models")
     assert status == 401
     request = urllib.request.Request(
@@ -191,6 +192,7 @@ def test_a_valid_key_works_on_every_door(
     assert [m.id for m in client.models.list()]
     with jfk.path.open("rb") as f:
         out = client.audio.transcriptions.create(model="whisper-1", file=f)
+    client.close()
     assert wer(jfk.reference, out.text) <= 0.05
     # vosk: the key in the query (vosk clients often cannot set headers); never logged.
     pcm = float_to_pcm16(decode_container(jfk.path, max_audio_s=60, max_bytes=10**8))
@@ -258,6 +260,7 @@ async def test_max_sessions_is_quota_exceeded_with_a_retry(
             return e.value
 
         error = await trio.to_thread.run_sync(over)
+        client.close()
         assert int(error.response.headers["retry-after"]) >= 1
         assert json.loads(error.response.text)["error"]["code"] == "quota_exceeded"
     # Both sessions closed: the key may open sessions again.

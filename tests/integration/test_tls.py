@@ -77,6 +77,8 @@ def _https_status(url: str, context: ssl.SSLContext) -> int:
     except urllib.error.HTTPError as exc:
         with exc:
             return int(exc.code)
+    except urllib.error.URLError:
+        return 0  # not listening yet
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +126,15 @@ def test_wss_and_https_with_independent_clients(
                 answer += chunk
         assert b"101" not in answer  # no WebSocket without TLS on a TLS port
     assert wer(jfk.reference, _wss_file(url, jfk, trusted)) <= 0.05
-    client = openai.OpenAI(
-        base_url=f"https://127.0.0.1:{stack.http_port}/v1",
-        api_key="none",
-        max_retries=0,
-        http_client=openai.DefaultHttpxClient(verify=trusted),
-    )
-    with jfk.path.open("rb") as f:
+    with (
+        openai.OpenAI(
+            base_url=f"https://127.0.0.1:{stack.http_port}/v1",
+            api_key="none",
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(verify=trusted),
+        ) as client,
+        jfk.path.open("rb") as f,
+    ):
         out = client.audio.transcriptions.create(model="whisper-1", file=f)
     assert wer(jfk.reference, out.text) <= 0.05
 

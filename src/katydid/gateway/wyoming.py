@@ -68,6 +68,7 @@ class WyomingDoor:
                 )
                 with trio.move_on_after(LAST_WORDS_S):
                     await stream.send_all(encode(refusal))
+                    await _lingering_close(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -89,6 +90,17 @@ class WyomingDoor:
             return True
         self.gateway.sampled.warning("wyoming_refused", peer=str(peer))
         return False
+
+
+async def _lingering_close(stream: trio.abc.Stream) -> None:
+    """Half-close, then read (and drop) what the client already sent, up to 64 KB: closing with
+    unread input makes the kernel send a reset, which can reach the client before our last words.
+    Bounded by the caller's time limit."""
+    if isinstance(stream, trio.SocketStream):
+        await stream.send_eof()
+    drained = 0
+    while drained < 64 * 1024 and (data := await stream.receive_some(16384)):
+        drained += len(data)
 
 
 class _Connection:
