@@ -134,25 +134,29 @@ async def gateway_sigterm(root: Path, model_dir: Path, clips: dict[str, Clip]) -
 async def hostile_prompt(root: Path, model_dir: Path, clips: dict[str, Clip]) -> Tally:
     tally = Tally(
         "hostile_prompt",
-        "a start with a 2 MB prompt (1,040,000 x 'é') among 10 normal clients, then 5 more",
+        "starts with a 2 MB and a 0.8 MB prompt ('é' x 1,040,000 and x 400,000) among 10"
+        " normal clients, then 5 more",
     )
     jfk = clips["jfk.wav"].path.read_bytes()
     with await trio.to_thread.run_sync(lambda: _stack(root, model_dir)) as stack:
 
-        async def hostile() -> None:
+        async def hostile(chars: int) -> None:
             fate: Counter[str] = tally.hostile.setdefault("huge_prompt", Counter())
-            start = {"type": "start", "format": "wav", "prompt": "é" * 1_040_000}
+            start = {"type": "start", "format": "wav", "prompt": "é" * chars}
             async with open_websocket_url(stack.url, max_message_size=2**22) as ws:
                 await ws.send_message(json.dumps(start, ensure_ascii=False))
-                try:
+                try:  # its first answer: an event, or the close
                     event = json.loads(await ws.get_message())
-                    fate[f"{event['type']}:{event.get('code', '')}"] += 1
-                    await ws.get_message()
                 except ConnectionClosed as exc:
                     fate[f"close:{exc.reason.code if exc.reason else None}"] += 1
+                else:
+                    fate[f"{event['type']}:{event.get('code', '')}"] += 1
 
         async def body(nursery: trio.Nursery) -> None:
-            nursery.start_soon(hostile)
+            # 2.08 MB on the wire: over twice max_frame_bytes, closed by the WebSocket layer
+            # (1009); 0.8 MB: read, and refused as a prompt over max_prompt_bytes (too_large).
+            nursery.start_soon(hostile, 1_040_000)
+            nursery.start_soon(hostile, 400_000)
             for _ in range(10):
                 nursery.start_soon(lambda: normal_session(tally, stack.url, jfk))
 
@@ -162,9 +166,9 @@ async def hostile_prompt(root: Path, model_dir: Path, clips: dict[str, Clip]) ->
         await _orphans(tally, stack)
         tally.rss_kb["after"] = _rss(stack)
     tally.check(tally.done == 15, f"{tally.done} of 15 normal sessions done")
-    tally.check(
-        tally.hostile["huge_prompt"].get("error:too_large") == 1, "the prompt was not too_large"
-    )
+    fates = tally.hostile["huge_prompt"]
+    tally.check(fates.get("error:too_large") == 1, "the 0.8 MB prompt was not too_large")
+    tally.check(fates.get("close:1009") == 1, "the 2 MB start was not closed with 1009")
     return tally
 
 
