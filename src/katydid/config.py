@@ -117,6 +117,9 @@ class Config:
     nats_nkey_seed_file: str = ""  # an nkey seed file (user nkey authentication)
     nats_tls_ca_file: str = ""  # trust this CA for tls:// NATS URLs (else the system's)
     nats_connect_timeout_s: float = 10.0
+    # A job NATS does not take (a stream electing a leader, a reconnect) is retried this long
+    # before its session is told 'overloaded'
+    publish_retry_s: float = 15.0
     nats_request_timeout_s: float = 5.0
     stream_max_bytes: int = 1024 * 1024 * 1024
     stream_max_msgs: int = 100_000

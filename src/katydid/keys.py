@@ -117,12 +117,17 @@ def parse_keys(text: str, source: str) -> dict[str, KeyRecord]:
     return records
 
 
-def read_keys(path: Path) -> dict[str, KeyRecord]:
-    """Raises: ConfigError (unreadable or malformed)."""
+def read_keys(path: Path, *, missing_ok: bool = True) -> dict[str, KeyRecord]:
+    """Raises: ConfigError (unreadable, malformed, or missing unless ``missing_ok``)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return {}
+        if missing_ok:
+            return {}
+        raise ConfigError(
+            f"the keys file {path} does not exist (katydid keys add NAME --keys-file {path}"
+            " makes it)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the keys file {path}: {exc}") from None
     return parse_keys(text, str(path))
@@ -191,7 +196,8 @@ class KeyFile:
     """The keys a server accepts, read from ``path`` and read again when it changes (checked at
     most once per ``check_s``) or on ``reload()`` (SIGHUP).
 
-    Raises (at construction): ConfigError for a malformed file.
+    Raises (at construction): ConfigError for a missing or malformed file (a server told to
+    require keys from a file that is not there would refuse everyone).
     """
 
     def __init__(self, path: Path, *, check_s: float = 1.0) -> None:
@@ -213,7 +219,9 @@ class KeyFile:
     def _load(self, *, strict: bool) -> bool:
         stamp = self._file_stamp()
         try:
-            records = read_keys(self.path)
+            # A file that vanished while serving is an operator's slip (or an editor's swap),
+            # not "no keys": the keys loaded before stay in force.
+            records = read_keys(self.path, missing_ok=False)
         except ConfigError as exc:
             if strict:
                 raise
@@ -242,6 +250,10 @@ class KeyFile:
     @property
     def names(self) -> list[str]:
         return sorted(r.name for r in self._by_digest.values())
+
+    @property
+    def active_names(self) -> list[str]:
+        return sorted(r.name for r in self._by_digest.values() if r.revoked is None)
 
     def lookup(self, key: str) -> KeyRecord | None:
         """The record of a presented key (revoked ones included: the caller refuses them, by

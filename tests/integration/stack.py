@@ -54,12 +54,16 @@ class Stack:
         workers: int | Sequence[str] = 2,
         *,
         nats_accounts: bool = False,
+        nats_cluster: int = 0,
         **settings: Any,
     ) -> None:
         """``workers``: how many of the default model, or one model name per worker.
         ``nats_accounts``: nats-server with infra/systemd/katydid-accounts.conf (a user per
-        role, ``passwords``), the gateway and workers each with its role's credentials."""
+        role, ``passwords``), the gateway and workers each with its role's credentials.
+        ``nats_cluster``: that many clustered nats-server nodes instead of one."""
         self.root = root
+        self.nats_cluster = nats_cluster
+        self.nats_nodes: list[dict[str, Any]] = []
         self.passwords: dict[str, str] = {}
         self.role_env: dict[str, dict[str, str]] = {}
         if nats_accounts:
@@ -93,8 +97,51 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _start_cluster(self, nodes: int) -> None:
+        """``nodes`` nats-server nodes on loopback routed to each other, each with its own
+        store; returns once JetStream's meta group has a leader."""
+        ports, routes, monitors = ([free_port() for _ in range(nodes)] for _ in range(3))
+        route_list = ", ".join(f"nats-route://127.0.0.1:{r}" for r in routes)
+        for i in range(nodes):
+            conf = self.root / f"nats{i}.conf"
+            conf.write_text(
+                f"server_name: n{i}\n"
+                + nats_server_config(self.root / f"js{i}", ports[i], monitors[i])
+                + f"cluster {{\n  name: katydid\n  listen: 127.0.0.1:{routes[i]}\n"
+                f"  routes: [{route_list}]\n}}\n",
+                encoding="utf-8",
+            )
+            argv = [nats_server_binary(), "-c", str(conf)]
+            self.nats_nodes.append(
+                {"name": f"n{i}", "argv": argv, "port": ports[i], "monitor": monitors[i]}
+            )
+            self.start_node(i)
+
+        def meta_leader() -> bool:
+            status, body = http_get(f"http://127.0.0.1:{monitors[0]}/jsz")
+            return status == 200 and bool(json.loads(body).get("meta_cluster", {}).get("leader"))
+
+        wait_until(meta_leader, 60, "the JetStream cluster to elect a meta leader")
+        self.nats = self.nats_nodes[0]["proc"]
+        self.nats_port = ports[0]
+        self.nats_url = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+
+    def start_node(self, i: int) -> None:
+        node = self.nats_nodes[i]
+        node["proc"] = self._spawn(node["argv"], f"nats{i}")
+        wait_until(lambda: port_open(node["port"]), 10, f"nats-server node {i}")
+
+    def kill_node(self, i: int) -> None:
+        proc = self.nats_nodes[i]["proc"]
+        proc.kill()
+        proc.wait()
+
     def _start(self, workers: int) -> None:
         root = self.root
+        if self.nats_cluster:
+            self._start_cluster(self.nats_cluster)
+            self._start_gateway_and_workers(workers)
+            return
         nats_port, monitor = free_port(), free_port()
         conf = root / "nats.conf"
         text = nats_server_config(root / "js", nats_port, monitor)
@@ -113,6 +160,9 @@ class Stack:
         self.nats_port = nats_port
         wait_until(lambda: port_open(nats_port), 10, "nats-server")
         self.nats_url = f"nats://127.0.0.1:{nats_port}"
+        self._start_gateway_and_workers(workers)
+
+    def _start_gateway_and_workers(self, workers: int) -> None:
         self.env["KATYDID_NATS_URL"] = self.nats_url
         self.port = free_port()
         self.http_port = free_port()
@@ -219,7 +269,7 @@ def frozen_busy_worker(nats_url: str, timeout_s: float) -> int:
     import nats.js.errors
 
     async def watch() -> int:
-        nc = await nats.connect(nats_url)
+        nc = await nats.connect(nats_url.split(","))
         beats: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
         async def on_beat(msg: Any) -> None:
@@ -253,7 +303,7 @@ def stream_messages(nats_url: str) -> int:
     import nats
 
     async def count() -> int:
-        nc = await nats.connect(nats_url)
+        nc = await nats.connect(nats_url.split(","))
         try:
             info = await nc.jetstream().stream_info(STREAM)
             return int(info.state.messages)
@@ -269,7 +319,7 @@ def publish_jobs(nats_url: str, jobs: Sequence[tuple[str, bytes, dict[str, str] 
     import nats
 
     async def go() -> None:
-        nc = await nats.connect(nats_url)
+        nc = await nats.connect(nats_url.split(","))
         try:
             js = nc.jetstream()
             for subject, body, headers in jobs:

@@ -5,6 +5,7 @@ write (`websockets`, the `openai` SDK, `wyoming`) against real processes: a keys
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -101,7 +102,10 @@ def _ws_file(
     """A file session with the `websockets` client: its events and the close code."""
     events = []
     with connect(url, additional_headers=headers or {}, max_size=2**22) as ws:
-        ws.send(json.dumps({"type": "start", "format": "wav", **start}))
+        # A key in the header that is not valid is refused at connect: the server may be
+        # closing before start is sent; what it said is still read below.
+        with contextlib.suppress(ConnectionClosed):
+            ws.send(json.dumps({"type": "start", "format": "wav", **start}))
         try:
             first = json.loads(ws.recv(timeout=30))
             events.append(first)
@@ -292,6 +296,7 @@ async def test_fair_share_one_tenants_batch_does_not_delay_another(
     started = trio.Event()
     ready = 0
     readers: list[trio.CancelScope] = []
+    five_finals = trio.Event()
 
     async def tenant_a(n: int) -> None:
         nonlocal seated, ready
@@ -316,6 +321,8 @@ async def test_fair_share_one_tenants_batch_does_not_delay_another(
                             seated += 1
                         elif event["type"] == "final":
                             finals_at.append(trio.current_time())
+                            if len(finals_at) >= 5:
+                                five_finals.set()
                         elif event["type"] in ("done", "error"):
                             return
         except TrioClosed:
@@ -345,6 +352,9 @@ async def test_fair_share_one_tenants_batch_does_not_delay_another(
             )
         )
         b_latency = trio.current_time() - t0
+        # Job time, measured on batch's finals (a few more after alice's, if she was quick).
+        with trio.fail_after(120):
+            await five_finals.wait()
         gaps = [b - a for a, b in itertools.pairwise(finals_at)]
         for reading in readers:
             reading.cancel()
@@ -352,7 +362,6 @@ async def test_fair_share_one_tenants_batch_does_not_delay_another(
     assert code == 1000, events
     text = " ".join(e["text"] for e in events if e["type"] == "final")
     assert wer(b_clip.reference, text) <= 0.2, text
-    assert len(gaps) >= 2, "batch's jobs did not run while alice waited"
     job_s = max(gaps)
     bound = (1 + A_MAX_QUEUED + 1) * job_s + 2.0  # + 2 s: queue polls and transport
     assert b_latency <= bound, (b_latency, job_s, len(finals_at))

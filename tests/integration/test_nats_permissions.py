@@ -15,6 +15,7 @@ from typing import Any
 import nats
 import nats.errors
 import pytest
+from nats.js.api import SubjectTransform
 from websockets.sync.client import connect
 
 from katydid.bus.accounts import accounts_config
@@ -104,7 +105,17 @@ def test_a_worker_cannot_publish_jobs_and_strangers_cannot_connect(stack: Stack)
             before = (await js.stream_info(STREAM)).state.messages
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
                 await js.publish(lane_subject("tiny.en-q8_0", "interactive"), b"\0\0", timeout=2)
+            # Nor by the back door: a stream whose subjects (and a transform) turn another
+            # subject into a job subject.
+            config = (await js.stream_info(STREAM)).config
+            config.subjects = [*(config.subjects or []), "katydid.results.evil.>"]
+            config.subject_transform = SubjectTransform(
+                src="katydid.results.evil.>", dest="katydid.jobs.>"
+            )
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+                await nc.jetstream(timeout=2).update_stream(config)
             await nc.flush()
+            assert (await js.stream_info(STREAM)).config.subject_transform is None
             after = (await js.stream_info(STREAM)).state.messages
         finally:
             await nc.close()

@@ -218,7 +218,7 @@ class Worker:
             reconnected_cb=reconnected,
         )
         js = self._nc.jetstream()
-        await ensure_stream(js, self.cfg, [self.model])
+        await ensure_stream(js, self.cfg, [self.model], configure=False)
         subs = {
             lane: await js.pull_subscribe_bind(
                 durable=consumer_name(self.model, lane), stream=STREAM

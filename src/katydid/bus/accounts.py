@@ -4,9 +4,10 @@ a test keeps equal to ``accounts_config()``).
 
 Roles, in one account with JetStream (``KATYDID``):
 - ``gateway``: publishes jobs and cancels, runs the JetStream API (stream setup, publish acks,
-  deleting ended sessions' jobs, queue depth); hears results, heartbeats, dead-job advisories.
-- ``worker``: consumes jobs (pull requests, acks), publishes results and heartbeats, hears
-  cancels; may not publish jobs, nor delete or purge anything.
+  deleting ended sessions' jobs, queue depth) but may not delete or purge the stream or delete
+  consumers; hears results, heartbeats, dead-job advisories.
+- ``worker``: reads the stream's info, creates its model's consumers, pulls and acks jobs,
+  publishes results and heartbeats, hears cancels; nothing else (no jobs, no stream changes).
 - ``admin``: everything in the account (``katydid nats setup|status``, the ``nats`` CLI).
 
 Rule: passwords never appear in the rendered text; it names environment variables that
@@ -34,7 +35,14 @@ ROLES = ("admin", "gateway", "worker")
 
 PERMISSIONS: dict[str, dict[str, Any]] = {
     "gateway": {
-        "publish": {"allow": [STREAM_SUBJECTS, CANCEL_SUBJECT, "$JS.API.>"]},
+        "publish": {
+            "allow": [STREAM_SUBJECTS, CANCEL_SUBJECT, "$JS.API.>"],
+            "deny": [
+                f"$JS.API.STREAM.DELETE.{STREAM}",
+                f"$JS.API.STREAM.PURGE.{STREAM}",
+                f"$JS.API.CONSUMER.DELETE.{STREAM}.>",
+            ],
+        },
         "subscribe": {
             "allow": [
                 f"{RESULTS_PREFIX}.>",
@@ -44,15 +52,20 @@ PERMISSIONS: dict[str, dict[str, Any]] = {
             ]
         },
     },
+    # Only the JetStream calls a worker makes: read the stream's info, create its model's
+    # consumers, pull and ack jobs. Not STREAM.UPDATE: a stream's subjects and transforms can
+    # turn any subject into a job subject.
     "worker": {
         "publish": {
-            "allow": [f"{RESULTS_PREFIX}.>", f"{WORKERS_SUBJECT}.>", "$JS.API.>", "$JS.ACK.>"],
-            "deny": [
-                STREAM_SUBJECTS,
-                "$JS.API.STREAM.DELETE.>",
-                "$JS.API.STREAM.PURGE.>",
-                "$JS.API.STREAM.MSG.DELETE.>",
-                "$JS.API.CONSUMER.DELETE.>",
+            "allow": [
+                f"{RESULTS_PREFIX}.>",
+                f"{WORKERS_SUBJECT}.>",
+                f"$JS.API.STREAM.INFO.{STREAM}",
+                f"$JS.API.CONSUMER.CREATE.{STREAM}.>",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.>",
+                f"$JS.API.CONSUMER.INFO.{STREAM}.>",
+                f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.>",
+                f"$JS.ACK.{STREAM}.>",
             ],
         },
         "subscribe": {"allow": [CANCEL_SUBJECT, "_INBOX.>"]},

@@ -19,6 +19,7 @@ import concurrent.futures
 import json
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -122,22 +123,47 @@ def consumer_config(cfg: Config, model: str, lane: str) -> ConsumerConfig:
     )
 
 
-async def ensure_stream(js: Any, cfg: Config, models: Iterable[str] = ()) -> None:
+async def ensure_stream(
+    js: Any, cfg: Config, models: Iterable[str] = (), *, configure: bool = True
+) -> None:
     """Create or update the job stream, and the consumers of ``models`` (idempotent; asyncio
     side). Workers create their model's; the gateway its default model's, so its queue can be
-    watched (and jobs wait in it) before any worker of it has started."""
+    watched (and jobs wait in it) before any worker of it has started. ``configure=False`` (a
+    worker): the stream's settings are the gateway's (and the worker role may not change them);
+    a missing stream is created if the role allows, else waited for."""
     conf = stream_config(cfg)
     try:
         await js.stream_info(STREAM)
-        await js.update_stream(conf)
+        if configure:
+            await js.update_stream(conf)
     except nats.js.errors.NotFoundError:
-        try:
-            await js.add_stream(conf)
-        except nats.js.errors.BadRequestError:
-            await js.update_stream(conf)  # another process created it meanwhile
+        await _create_stream(js, conf, wait=not configure)
     for model in models:
         for lane in LANES:
             await js.add_consumer(STREAM, consumer_config(cfg, model, lane))
+
+
+async def _create_stream(js: Any, conf: StreamConfig, *, wait: bool) -> None:
+    while True:
+        try:
+            await js.add_stream(conf)
+            return
+        except nats.js.errors.BadRequestError:
+            if not wait:  # another process created it meanwhile: ours are the settings
+                await js.update_stream(conf)
+            return
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            if not wait:
+                raise
+        # Refused (no permission: the request goes unanswered): a gateway or `katydid nats
+        # setup` creates it; until then, look again now and then.
+        log.warning("job_stream_missing", hint="a gateway or `katydid nats setup` creates it")
+        await asyncio.sleep(5.0)
+        try:
+            await js.stream_info(STREAM)
+            return
+        except nats.js.errors.NotFoundError:
+            continue
 
 
 def credentials(cfg: Config) -> dict[str, Any]:
@@ -166,10 +192,16 @@ def credentials(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def servers(url: str) -> list[str]:
+    """``nats_url`` as nats-py's server list: one URL, or several (a cluster's nodes) separated
+    by commas. The client also learns a cluster's other nodes from the one it reaches."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 async def connect(cfg: Config, name: str, **callbacks: Any) -> Any:
     """Connect nats-py with Katydid's bounds: reconnect forever, bounded connect and flush."""
     return await nats.connect(
-        cfg.nats_url,
+        servers(cfg.nats_url),
         name=name,
         connect_timeout=cfg.nats_connect_timeout_s,
         max_reconnect_attempts=-1,
@@ -221,7 +253,7 @@ def queue_status(cfg: Config) -> dict[str, Any]:
         try:
             nc = await asyncio.wait_for(
                 nats.connect(
-                    cfg.nats_url,
+                    servers(cfg.nats_url),
                     name="katydid-status",
                     connect_timeout=cfg.nats_connect_timeout_s,
                     allow_reconnect=False,
@@ -335,6 +367,7 @@ class NatsBridge:
 
     def __init__(self, cfg: Config, gateway_id: str) -> None:
         self._cfg = cfg
+        self._last_retry_log = 0.0
         self.gateway_id = gateway_id
         self.results_subject = f"{RESULTS_PREFIX}.{gateway_id}"
         self._handlers = BusHandlers(
@@ -455,7 +488,29 @@ class NatsBridge:
             )
             return int(ack.seq)
 
-        return await self._call(go)
+        # A stream electing a new leader, or NATS reconnecting, answers nothing for seconds:
+        # retried (the Nats-Msg-Id header makes a retry of a job that did land a no-op) for up
+        # to publish_retry_s before the session hears 'overloaded'. A full stream or a job too
+        # large is final at once.
+        deadline = trio.current_time() + self._cfg.publish_retry_s
+        delay = 0.25
+        while True:
+            try:
+                return await self._call(go)
+            except (StreamFull, JobTooLarge):
+                raise
+            except NatsError as exc:
+                if trio.current_time() + delay > deadline:
+                    raise
+                self._sampled_retry(exc)
+            await trio.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+    def _sampled_retry(self, exc: NatsError) -> None:
+        now = time.monotonic()
+        if now - self._last_retry_log >= 1.0:  # at most one line a second, however many jobs
+            self._last_retry_log = now
+            log.warning("job_publish_retry", error=str(exc))
 
     async def delete_job(self, stream_seq: int) -> bool:
         """Remove a job from the stream: one JetStream gave up on (it would sit there unacked),

@@ -316,6 +316,8 @@ class Gateway:
             "audio_s": round(s.audio_s, 2),
             "duration_s": round(time.monotonic() - live.started, 2),
         }
+        if live.tenant is not None:
+            line["key_name"] = live.tenant.name
         if outcome == "ok":
             log.info("session", session_id=s.session_id, **line)
         else:
@@ -361,6 +363,19 @@ class Gateway:
             else None
         )
         return session.admitted(model, tuple(o.to_dict() for o in offers.values()), upload)
+
+    def refusal(self, live: Live) -> ProtocolError | None:
+        """At connect: ``unauthorized`` if the door was given a key (a header, a query) that is
+        not valid, so the client hears it at once rather than after its ``start``."""
+        if not self.tenants.required or live.credential is None:
+            return None
+        if live.door in self.trusted_doors:
+            return None
+        try:
+            self.tenants.authenticate(live.credential, live.door)
+        except ProtocolError as exc:
+            return exc
+        return None
 
     def _tenant_of(self, live: Live, admit: Admit) -> Tenant | None:
         """Whose session it is (None: the gateway is open, without a keys file).

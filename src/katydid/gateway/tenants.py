@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import structlog
 import trio
 
 from katydid.errors import ErrorCode, ProtocolError
@@ -29,6 +30,7 @@ from katydid.metrics import GatewayMetrics
 if TYPE_CHECKING:
     from pathlib import Path
 
+_log = structlog.get_logger("katydid.gateway")
 _BUCKET_S = 60.0  # the audio budget is counted per minute, over the last hour
 _HOUR_S = 3600.0
 
@@ -109,21 +111,29 @@ class Tenants:
 
     def refresh(self, now: float) -> None:
         """Pick up a changed keys file (called from the queue poll, once a second)."""
-        if self.keys is not None and self.keys.refresh(now) is False:
-            self.sampled.log(
-                "error", "keys_file_invalid", error=self.keys.last_error, kept="old keys"
-            )
+        if self.keys is not None:
+            self._reloaded(self.keys.refresh(now), "changed")
 
     def reload(self) -> None:
         """SIGHUP: read the keys file now."""
-        if self.keys is None:
+        if self.keys is not None:
+            self._reloaded(self.keys.reload(), "sighup")
+
+    def _reloaded(self, ok: bool | None, why: str) -> None:
+        assert self.keys is not None
+        if ok is None:
             return
-        if self.keys.reload():
-            self.sampled.info("keys_reloaded", keys=len(self.keys.names))
-        else:
+        if not ok:
             self.sampled.log(
-                "error", "keys_file_invalid", error=self.keys.last_error, kept="old keys"
+                "error", "keys_file_invalid", error=self.keys.last_error, kept="the keys before"
             )
+            return
+        active = len(self.keys.active_names)
+        # Not sampled: rare, and an operator's change must show (a file with no key left
+        # refuses everyone: a warning).
+        (_log.info if active else _log.warning)(
+            "keys_reloaded", why=why, keys=active, revoked=len(self.keys.names) - active
+        )
 
     def authenticate(self, key: str | None, door: str) -> Tenant:
         """The tenant of a presented key.
@@ -134,16 +144,17 @@ class Tenants:
         assert self.keys is not None
         record = self.keys.lookup(key) if key else None
         if record is None or record.revoked is not None:
-            reason = "missing" if not key else ("revoked" if record else "unknown")
+            reason = "missing" if key is None else ("revoked" if record else "unknown")
             name = record.name if record else ""
             self.metrics.key_refusals.labels(name, "unauthorized").inc()
             # The name only: never the key, nor any part of it.
             self.sampled.warning("unauthorized", door=door, reason=reason, key_name=name or None)
-            message = {
-                "missing": "an API key is required (Authorization: Bearer KEY)",
-                "revoked": "this API key has been revoked",
-                "unknown": "unknown API key",
-            }[reason]
+            # The client hears only "missing" or "not valid"; the log says which (revoked...).
+            message = (
+                "an API key is required (Authorization: Bearer KEY)"
+                if reason == "missing"
+                else "this API key is not valid"
+            )
             raise ProtocolError(ErrorCode.UNAUTHORIZED, message)
         tenant = self._tenants.get(record.name)
         if tenant is None:

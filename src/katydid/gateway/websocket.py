@@ -129,9 +129,13 @@ async def serve_connection(
 ) -> None:
     """Serve one accepted WebSocket as one session, to its end."""
     live = gateway.open_session("vosk" if vosk else "websocket", credential)
-    door = VoskConnection if vosk else _Connection
+    door = (VoskConnection if vosk else _Connection)(gateway, ws, live)
     try:
-        await door(gateway, ws, live).serve()
+        refused = gateway.refusal(live)
+        if refused is None:
+            await door.serve()
+        else:
+            await door.last_words(live.session.fail(refused))
     finally:
         gateway.close_session(live)
 
