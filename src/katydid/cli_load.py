@@ -63,6 +63,11 @@ def add_parsers(sub: Any) -> None:
         "--max-wait", type=float, help="the clients' max_wait_s (queue ETA they accept)"
     )
     ld.add_argument(
+        "--api-key",
+        default=os.environ.get("KATYDID_API_KEY"),
+        help="the server's API key, if it needs one (default: KATYDID_API_KEY)",
+    )
+    ld.add_argument(
         "--engine-baseline",
         action="store_true",
         help="measure the engine alone first, same clips and processes",
@@ -246,6 +251,7 @@ def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
             retry=RetryPolicy(max_attempts=args.max_attempts),
             metrics_url=server.metrics_url if server else args.metrics_url,
             max_wait_s=args.max_wait,
+            api_key=args.api_key,
         )
         stats = trio.run(LoadRunner(spec, on_tick=_progress if sys.stderr.isatty() else None).run)
         if sys.stderr.isatty():

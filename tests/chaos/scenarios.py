@@ -101,7 +101,9 @@ async def nats_restart(root: Path, model_dir: Path, clips: dict[str, Clip]) -> T
 
 async def gateway_sigterm(root: Path, model_dir: Path, clips: dict[str, Clip]) -> Tally:
     tally = Tally(
-        "gateway_sigterm", "20 live clients streaming 106 s in real time; the gateway SIGTERMed"
+        "gateway_sigterm",
+        "20 clients each streaming 106 s of PCM (as fast as allowed); the gateway SIGTERMed"
+        " with their jobs queued",
     )
     long_clip = next(c for c in clips.values() if c.path.parent.name == "long")
     pcm = float_to_pcm16(decode_container(long_clip.path, max_audio_s=600, max_bytes=10**9))
@@ -112,12 +114,14 @@ async def gateway_sigterm(root: Path, model_dir: Path, clips: dict[str, Clip]) -
         async def body(nursery: trio.Nursery) -> None:
             for _ in range(20):
                 nursery.start_soon(
-                    lambda: normal_session(
-                        tally, stack.url, pcm, fmt="pcm_s16le", realtime=True, timeout_s=60
-                    )
+                    lambda: normal_session(tally, stack.url, pcm, fmt="pcm_s16le", timeout_s=120)
                 )
-            await trio.sleep(12.0)  # chunks queued and in flight
+            # SIGTERM once the sessions have jobs waiting (the shutdown must delete them).
+            queued = await until(lambda: stream_messages(stack.nats_url) >= 30, 60)
+            tally.check(queued, "fewer than 30 jobs were ever queued")
+            waiting = await trio.to_thread.run_sync(stream_messages, stack.nats_url)
             stack.gateway.send_signal(signal.SIGTERM)
+            tally.notes.append(f"SIGTERM with {waiting} jobs in the stream")
             await trio.to_thread.run_sync(stack.gateway.wait)
             tally.notes.append(f"gateway exited {stack.gateway.returncode} after SIGTERM")
 

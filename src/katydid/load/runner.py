@@ -46,6 +46,7 @@ class LoadSpec:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     metrics_url: str | None = None
     max_wait_s: float | None = None
+    api_key: str | None = field(default=None, repr=False)  # sent in start (a keyed server)
     seed: int = 0
 
 
@@ -160,6 +161,8 @@ class LoadRunner:
         options: dict[str, Any] = {}
         if spec.max_wait_s is not None:
             options["max_wait_s"] = spec.max_wait_s
+        if spec.api_key:
+            options["api_key"] = spec.api_key
         while True:
             record.attempts += 1
             st.attempts += 1
