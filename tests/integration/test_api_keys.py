@@ -146,6 +146,9 @@ def test_every_door_refuses_without_a_valid_key_and_queues_nothing(
             client.audio.transcriptions.create(model="whisper-1", file=f)
         assert refused.value.status_code == 401
         assert refused.value.response.headers["www-authenticate"].startswith("Bearer")
+        # Refused before the upload was read: the server closes, and says so (the SDK would
+        # otherwise send its next request on a connection the server is closing).
+        assert refused.value.response.headers["connection"] == "close"
         assert json.loads(refused.value.response.text)["error"]["code"] == "unauthorized"
         with pytest.raises(openai.AuthenticationError):
             client.models.list()

@@ -42,6 +42,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _STATIC = Path(__file__).parent / "static"  # the browser page: no build step
+_CLOSE = (b"connection", b"close")
 _FORM_OVERHEAD = 64 * 1024  # multipart headers and the small fields beside the file
 _STATUS = {
     ErrorCode.BAD_MESSAGE: 400,
@@ -139,17 +140,23 @@ class _Transcribe:
             await _answer(send, 405, error_body(405, "method_not_allowed", "use POST"))
             return
         # The key before the upload: nobody without one sends us 500 MB.
+        # Answered before the body is read: the connection is closed after the answer (a
+        # client that reused it would have its next request cut off; the SDK's keep-alive did).
         refused = _refusal(self.gateway, scope)
         if refused is not None:
             status, body, headers = refused
             await _answer(
-                send, status, body, headers=[(k.encode(), v.encode()) for k, v in headers.items()]
+                send,
+                status,
+                body,
+                headers=[(k.encode(), v.encode()) for k, v in headers.items()] + [_CLOSE],
             )
             return
         limit = self.gateway.cfg.max_file_bytes + _FORM_OVERHEAD
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _answer(send, 413, error_body(413, "too_large", f"upload over {limit} bytes"))
+            body = error_body(413, "too_large", f"upload over {limit} bytes")
+            await _answer(send, 413, body, headers=[_CLOSE])
             return
         seen = 0
 
@@ -164,10 +171,12 @@ class _Transcribe:
         try:
             form = await Request(scope, bounded).form(max_files=1, max_fields=16)
         except _UploadTooLarge:
-            await _answer(send, 413, error_body(413, "too_large", f"upload over {limit} bytes"))
+            body = error_body(413, "too_large", f"upload over {limit} bytes")
+            await _answer(send, 413, body, headers=[_CLOSE])
             return
         except Exception as exc:  # a malformed form: python-multipart's and Starlette's errors
-            await _answer(send, 400, error_body(400, "bad_message", f"not a form: {exc}"))
+            body = error_body(400, "bad_message", f"not a form: {exc}")
+            await _answer(send, 400, body, headers=[_CLOSE])
             return
         try:
             request = _form_request(form, self.task)
