@@ -14,6 +14,11 @@ from katydid.config import Config
 from katydid.errors import ConfigError
 
 
+def tls_files(cfg: Config) -> tuple[str, str]:
+    """The certificate and key paths, ``~`` expanded (for servers that load them themselves)."""
+    return str(Path(cfg.tls_cert_file).expanduser()), str(Path(cfg.tls_key_file).expanduser())
+
+
 def server_context(cfg: Config) -> ssl.SSLContext | None:
     """The listeners' TLS context (TLS 1.2 or later), or None if TLS is off.
 

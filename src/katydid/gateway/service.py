@@ -23,7 +23,7 @@ from katydid.gateway.server import Gateway
 from katydid.gateway.websocket import WebSocketDoor
 from katydid.gateway.wyoming import WyomingDoor
 from katydid.httpd import serve_http
-from katydid.tls import server_context
+from katydid.tls import server_context, tls_files
 
 log = structlog.get_logger("katydid.gateway")
 
@@ -52,7 +52,7 @@ class GatewayService:
                     # The HTTP door serves sessions too (and the operator routes): it stops
                     # with the other doors, before the cleanup of their jobs.
                     if self.cfg.http_port >= 0:
-                        tls = (self.cfg.tls_cert_file, self.cfg.tls_key_file) if self.tls else None
+                        tls = tls_files(self.cfg) if self.tls else None
                         self.http_port = await doors.start(
                             partial(serve_http, tls=tls),
                             build_app(self.gateway),
@@ -91,7 +91,14 @@ class GatewayService:
                 detail="no api_keys_file: anyone who can reach the ports can transcribe",
             )
         else:
-            log.info("access_keys", keys_file=str(keys.path), keys=len(keys.names))
+            log.info(
+                "access_keys",
+                keys_file=str(keys.path),
+                keys=len(keys.active_names),
+                revoked=len(keys.names) - len(keys.active_names),
+            )
+            if not keys.active_names:
+                log.warning("access_no_keys", detail="the keys file holds no active key")
         if self.cfg.wyoming_port >= 0:
             log.info("wyoming_allow", networks=self.cfg.wyoming_allow)
 
