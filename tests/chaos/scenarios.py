@@ -25,7 +25,14 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from katydid.audio import decode_container, float_to_pcm16
 from katydid.evaluation import Clip
 from katydid.messages import STREAM
-from tests.chaos.harness import Tally, gateway_metric, normal_session, until, watch_rss
+from tests.chaos.harness import (
+    Tally,
+    gateway_metric,
+    normal_session,
+    rss_kb,
+    until,
+    watch_rss,
+)
 from tests.integration.stack import Stack, frozen_busy_worker, stream_messages
 
 Scenario = Callable[[Path, Path, dict[str, Clip]], Awaitable[Tally]]
@@ -35,10 +42,12 @@ def _stack(root: Path, model_dir: Path, workers: int = 2, **settings: Any) -> St
     return Stack(root, model_dir, workers=workers, **settings)
 
 
-async def _orphans(tally: Tally, stack: Stack, settle_s: float = 10.0) -> None:
-    """Jobs left in the stream once every session ended (waits ``settle_s`` for deletions)."""
+async def _finish(tally: Tally, stack: Stack, settle_s: float = 10.0) -> None:
+    """Once every session ended: the jobs left in the stream (after ``settle_s`` for
+    deletions) and the gateway's RSS."""
     await until(lambda: stream_messages(stack.nats_url) == 0, settle_s)
     tally.orphan_jobs = await trio.to_thread.run_sync(stream_messages, stack.nats_url)
+    tally.rss_kb["after"] = rss_kb(stack.gateway.pid)
 
 
 async def _run(tally: Tally, stack: Stack, body: Callable[[trio.Nursery], Awaitable[None]]) -> None:
@@ -67,8 +76,7 @@ async def worker_sigkill(root: Path, model_dir: Path, clips: dict[str, Clip]) ->
             tally.notes.append(f"worker {index} (pid {pid}) SIGKILLed mid-job and restarted")
 
         await _run(tally, stack, body)
-        await _orphans(tally, stack)
-        tally.rss_kb["after"] = _rss(stack)
+        await _finish(tally, stack)
     tally.check(tally.done == 30, f"{tally.done} of 30 sessions done")
     return tally
 
@@ -92,8 +100,7 @@ async def nats_restart(root: Path, model_dir: Path, clips: dict[str, Clip]) -> T
         after = Tally("after")
         await normal_session(after, stack.url, jfk)
         tally.check(after.done == 1, "a session after the restart was not served")
-        await _orphans(tally, stack)
-        tally.rss_kb["after"] = _rss(stack)
+        await _finish(tally, stack)
     # Sessions the outage cut off get a coded error (overloaded, retry), never silence.
     tally.check(tally.sessions == 20, f"{tally.sessions} of 20 sessions ended")
     return tally
@@ -168,8 +175,7 @@ async def hostile_prompt(root: Path, model_dir: Path, clips: dict[str, Clip]) ->
         await _run(tally, stack, body)
         for _ in range(5):
             await normal_session(tally, stack.url, jfk)
-        await _orphans(tally, stack)
-        tally.rss_kb["after"] = _rss(stack)
+        await _finish(tally, stack)
     tally.check(tally.done == 15, f"{tally.done} of 15 normal sessions done")
     # Each is refused as too large: by the session (too_large, then 1009) or, past twice
     # max_frame_bytes, by the WebSocket layer (1009 alone).
@@ -292,8 +298,7 @@ async def hostile_clients(root: Path, model_dir: Path, clips: dict[str, Clip]) -
         await _run(tally, stack, body)
         gone = await until(lambda: gateway_metric(stack, "katydid_active_connections") == 0, 60)
         tally.check(gone, "the gateway still holds sessions 60 s after every client ended")
-        await _orphans(tally, stack)
-        tally.rss_kb["after"] = _rss(stack)
+        await _finish(tally, stack)
     tally.check(tally.done == 20, f"{tally.done} of 20 normal sessions done")
     for kind in ("slowloris", "idle", "fuzz_bytes", "fuzz_messages"):
         tally.check(not tally.hostile.get(kind, Counter()).get("hang"), f"{kind} hung")
@@ -373,8 +378,7 @@ async def cluster_failover(root: Path, model_dir: Path, clips: dict[str, Clip]) 
             await clients(nursery)
 
         await _run(tally, stack, body)
-        await _orphans(tally, stack)
-        tally.rss_kb["after"] = _rss(stack)
+        await _finish(tally, stack)
     tally.check(tally.done == 40, f"{tally.done} of 40 sessions done")
     return tally
 
@@ -405,12 +409,6 @@ def _frame(opcode: int, payload: bytes) -> bytes:
     key = np.frombuffer(mask * (n // 4 + 1), dtype=np.uint8)[:n]
     masked = (np.frombuffer(payload, dtype=np.uint8) ^ key).tobytes()
     return head + mask + masked
-
-
-def _rss(stack: Stack) -> int:
-    from tests.chaos.harness import rss_kb
-
-    return rss_kb(stack.gateway.pid)
 
 
 SCENARIOS: dict[str, Scenario] = {

@@ -143,7 +143,11 @@ async def ensure_stream(
             await js.add_consumer(STREAM, consumer_config(cfg, model, lane))
 
 
+_STREAM_WAIT_S = 120.0  # a worker that may not create the stream waits this long for it
+
+
 async def _create_stream(js: Any, conf: StreamConfig, *, wait: bool) -> None:
+    deadline = time.monotonic() + _STREAM_WAIT_S
     while True:
         try:
             await js.add_stream(conf)
@@ -156,7 +160,13 @@ async def _create_stream(js: Any, conf: StreamConfig, *, wait: bool) -> None:
             if not wait:
                 raise
         # Refused (no permission: the request goes unanswered): a gateway or `katydid nats
-        # setup` creates it; until then, look again now and then.
+        # setup` creates it; until then, look again now and then. Bounded: the worker then
+        # exits with the cause, and its supervisor (serve, systemd) starts it again.
+        if time.monotonic() > deadline:
+            raise NatsError(
+                f"no job stream {STREAM} after {_STREAM_WAIT_S:.0f} s, and this user may not"
+                " create it: start a gateway or run `katydid nats setup`"
+            )
         log.warning("job_stream_missing", hint="a gateway or `katydid nats setup` creates it")
         await asyncio.sleep(5.0)
         try:

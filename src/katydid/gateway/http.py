@@ -85,8 +85,10 @@ def build_app(gateway: Gateway) -> Starlette:
     async def models(request: Request) -> Response:
         refused = _refusal(gateway, request.scope)
         if refused is not None:
-            status, body, headers = refused
-            return Response(body, status, headers=headers, media_type="application/json")
+            name, value = WWW_AUTHENTICATE
+            return Response(
+                refused, 401, headers={name.decode(): value.decode()}, media_type="application/json"
+            )
         offers = gateway.admission.offers()
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "katydid"} | o.to_dict()
@@ -144,13 +146,7 @@ class _Transcribe:
         # client that reused it would have its next request cut off; the SDK's keep-alive did).
         refused = _refusal(self.gateway, scope)
         if refused is not None:
-            status, body, headers = refused
-            await _answer(
-                send,
-                status,
-                body,
-                headers=[(k.encode(), v.encode()) for k, v in headers.items()] + [_CLOSE],
-            )
+            await _answer(send, 401, refused, headers=[WWW_AUTHENTICATE, _CLOSE])
             return
         limit = self.gateway.cfg.max_file_bytes + _FORM_OVERHEAD
         declared = dict(scope["headers"]).get(b"content-length")
@@ -401,15 +397,15 @@ class _HttpSession(SessionDriver):
         await _answer(self.send, 200, body.encode(), content_type)
 
 
-def _refusal(gateway: Gateway, scope: Scope) -> tuple[int, bytes, dict[str, str]] | None:
-    """A 401 for a request without a valid key (with a keys file configured), else None."""
+def _refusal(gateway: Gateway, scope: Scope) -> bytes | None:
+    """The body of a 401 (with ``WWW_AUTHENTICATE``) for a request without a valid key, with a
+    keys file configured; else None."""
     if not gateway.tenants.required:
         return None
     try:
         gateway.tenants.authenticate(bearer(scope["headers"]), "http")
     except ProtocolError as exc:
-        body = error_body(401, str(exc.code), exc.message)
-        return 401, body, {k.decode(): v.decode() for k, v in [WWW_AUTHENTICATE]}
+        return error_body(401, str(exc.code), exc.message)
     return None
 
 

@@ -403,7 +403,11 @@ class Gateway:
             return await self._publish(live, publish)
         audio_s = len(publish.pcm) / 2 / SAMPLE_RATE
         if publish.job.options.kind == "partial":
-            return [] if tenant.full else await self._publish(live, publish)
+            if not tenant.full:
+                return await self._publish(live, publish)
+            # Skipped: the session hears so (its next partial may go), as for a refused one.
+            skipped = ProtocolError(ErrorCode.OVERLOADED, "the key is at its share of the queue")
+            return self.carry_out(live, live.session.publish_failed(publish.job, skipped))
         if tenant.full and waiting is not None:
             await waiting(self._seat_news(live, tenant))
         await self.tenants.seat(tenant)
