@@ -131,8 +131,9 @@ def _normalizer() -> Callable[[str], str]:
 
 
 def normalize(text: str) -> str:
-    """Whisper's English normalisation (case, punctuation, numbers, spellings)."""
-    return " ".join(_normalizer()(text).split())
+    """Whisper's English normalisation (case, punctuation, numbers, spellings), without the
+    punctuation-only tokens it can leave (a trailing "..." became a "." that counted as a word)."""
+    return " ".join(w for w in _normalizer()(text).split() if any(c.isalnum() for c in w))
 
 
 def add_noise(samples: np.ndarray, snr_db: float, *, seed: str) -> np.ndarray:

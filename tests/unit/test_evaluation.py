@@ -12,6 +12,7 @@ from katydid.evaluation import (
     Heard,
     add_noise,
     evaluate,
+    normalize,
     read_manifest,
     wer,
     word_errors,
@@ -88,3 +89,8 @@ def test_eval_noise_is_refused_through_a_server(tmp_path: Path) -> None:
     )
     with pytest.raises(KatydidError, match="--snr-db works with the local engine"):
         _cmd_eval(Config(), args)
+
+
+def test_punctuation_left_by_the_normaliser_is_not_a_word() -> None:
+    assert normalize("In this regard...") == "in this regard"
+    assert wer("in this regard", "In this regard...") == 0.0

@@ -30,8 +30,10 @@ from katydid_worker.guardrails import (
     FULL_CTX,
     check_output,
     choose_audio_ctx,
+    strip_markers,
     voiced_seconds,
 )
+from katydid_worker.speech import Span, SpeechDetector, overlap_s
 
 _TICK_S = 0.01  # whisper.cpp reports times in 10 ms ticks
 _HOP = 160  # samples per mel frame; an encoder position covers two frames (20 ms)
@@ -95,6 +97,10 @@ class EngineOptions:
     entropy_thold: float = 2.4
     logprob_thold: float = -1.0
     no_speech_thold: float = 0.6
+    # Voice activity (speech.py): no speech, no text; the clip is trimmed to its speech plus
+    # speech_pad_s before decoding; segments outside every span of speech are dropped.
+    speech_gate: bool = True
+    speech_pad_s: float = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +193,7 @@ class Engine:
                 " is English-only"
             )
         self.fallbacks = 0
+        self._speech = SpeechDetector() if self.options.speech_gate else None
         # The full-window cost of a near-empty clip (the encoder's fixed cost), which bounds what
         # a clip-sized attempt may spend before we give up on it (see guardrails.py). Measured
         # and budgeted in CPU seconds of this process, not wall time: a busy machine must not
@@ -216,6 +223,8 @@ class Engine:
             "print_realtime": False,
             "print_timestamps": False,
             "no_context": True,
+            # Tokens that only open non-speech markers ("[", "(", "♪"...) are never decoded.
+            "suppress_nst": True,
             "entropy_thold": opts.entropy_thold,
             "logprob_thold": opts.logprob_thold,
             "no_speech_thold": opts.no_speech_thold,
@@ -246,6 +255,7 @@ class Engine:
         """
         if audio.ndim != 1 or audio.dtype != np.float32:
             raise EngineError(f"engine needs 1-D float32 audio, got {audio.dtype} {audio.shape}")
+        started = time.perf_counter()
         audio = np.ascontiguousarray(audio)
         audio_s = audio.size / SAMPLE_RATE
         opts = self.options
@@ -253,6 +263,19 @@ class Engine:
         if decode.language != "auto" and decode.language not in WHISPER_LANGUAGES:
             # The binding would quietly turn an unknown code into "detect".
             raise EngineError(f"unknown language {decode.language!r}")
+        spans: list[Span] | None = None
+        trim_s = 0.0
+        if self._speech is not None:
+            spans = self._speech.spans(audio)
+            if not spans:
+                # Nobody spoke: no text, and no decoding to pay for.
+                language = "en" if decode.language == "auto" else decode.language
+                return Transcript((), language, audio_s, time.perf_counter() - started, 0)
+            pad = opts.speech_pad_s
+            first = max(0, int((spans[0].start_s - pad) * SAMPLE_RATE))
+            last = min(audio.size, math.ceil((spans[-1].end_s + pad) * SAMPLE_RATE))
+            trim_s = first / SAMPLE_RATE
+            audio = audio[first:last]
         if decode.language == "auto":
             # English-only: nothing to detect. Otherwise detected up front, in a context of its
             # own (see _detect).
@@ -267,11 +290,11 @@ class Engine:
                 + " a multilingual model"
             )
         self._decode = decode
-        started = time.perf_counter()
-        progress = (lambda seg: on_progress(seg.t1 * _TICK_S)) if on_progress else None
+        progress = (lambda seg: on_progress(trim_s + seg.t1 * _TICK_S)) if on_progress else None
         fallback: str | None = None
+        speech_s = audio.size / SAMPLE_RATE  # what is decoded: the speech and its margins
         ctx = (
-            choose_audio_ctx(audio_s, margin_s=opts.ctx_margin_s, steps=opts.clip_ctx_steps)
+            choose_audio_ctx(speech_s, margin_s=opts.ctx_margin_s, steps=opts.clip_ctx_steps)
             if opts.clip_context
             else FULL_CTX
         )
@@ -288,20 +311,23 @@ class Engine:
                 audio, audio_ctx=ctx, temperature_inc=0.0, abort=over_budget, progress=progress
             )
             if should_abort is not None and should_abort():
-                return self._transcript(raw, audio_s, started, ctx, None)
+                return self._transcript(raw, audio_s, started, ctx, None, trim_s, spans)
             if time.process_time() > deadline:
                 fallback = "budget"
             else:
                 text = " ".join(s.text for s in raw)
-                fallback = check_output(text, audio_s, voiced_seconds(audio))
+                voiced_s = (
+                    sum(s.end_s - s.start_s for s in spans) if spans else voiced_seconds(audio)
+                )
+                fallback = check_output(text, speech_s, voiced_s)
             if fallback is None:
-                return self._transcript(raw, audio_s, started, ctx, None)
+                return self._transcript(raw, audio_s, started, ctx, None, trim_s, spans)
             self.fallbacks += 1
         tinc = 0.2 if opts.temperature_fallback else 0.0
         raw = self._run(
             audio, audio_ctx=FULL_CTX, temperature_inc=tinc, abort=should_abort, progress=progress
         )
-        return self._transcript(raw, audio_s, started, FULL_CTX, fallback)
+        return self._transcript(raw, audio_s, started, FULL_CTX, fallback, trim_s, spans)
 
     def _model_for(self, audio_ctx: int) -> Any:
         full = audio_ctx >= FULL_CTX
@@ -344,22 +370,42 @@ class Engine:
         return raw
 
     def _transcript(
-        self, raw: list[Any], audio_s: float, started: float, audio_ctx: int, fallback: str | None
+        self,
+        raw: list[Any],
+        audio_s: float,
+        started: float,
+        audio_ctx: int,
+        fallback: str | None,
+        trim_s: float = 0.0,
+        spans: list[Span] | None = None,
     ) -> Transcript:
-        compute_s = time.perf_counter() - started
+        """The run's segments in the clip's time (``trim_s``: where the decoded audio began),
+        without non-speech markers, and without segments that lie outside every span of speech
+        (text that nobody said: a hallucination over a pause)."""
         segments = []
         for i, s in enumerate(raw):
-            start_s = round(s.t0 * _TICK_S, 2)
-            end_s = round(max(start_s, min(s.t1 * _TICK_S, audio_s)), 2)
+            start_s = round(trim_s + s.t0 * _TICK_S, 2)
+            end_s = round(max(start_s, min(trim_s + s.t1 * _TICK_S, audio_s)), 2)
+            text = strip_markers(s.text.strip())
+            if not text:
+                continue
+            # Whisper's segment times are rough (a few hundred ms): a segment is kept when it
+            # touches speech widened by 0.1 s by at least 0.1 s (or all of it, if shorter).
+            if spans is not None and overlap_s(start_s, end_s, spans, 0.1) < min(
+                0.1, (end_s - start_s) / 2
+            ):
+                continue
             words = (
-                self._words(audio_ctx, i, start_s, end_s) if self._decode.word_timestamps else ()
+                self._words(audio_ctx, i, trim_s, start_s, end_s)
+                if self._decode.word_timestamps
+                else ()
             )
-            segments.append(Segment(start_s, end_s, s.text.strip(), words))
+            segments.append(Segment(start_s, end_s, text, words))
         return Transcript(
-            segments=tuple(s for s in segments if s.text),
+            segments=tuple(segments),
             language=self._decode.language,
             audio_s=audio_s,
-            compute_s=compute_s,
+            compute_s=time.perf_counter() - started,
             audio_ctx=audio_ctx,
             fallback=fallback,
         )
@@ -409,7 +455,7 @@ class Engine:
         return language
 
     def _words(
-        self, audio_ctx: int, segment: int, seg_start: float, seg_end: float
+        self, audio_ctx: int, segment: int, trim_s: float, seg_start: float, seg_end: float
     ) -> tuple[Word, ...]:
         # Tokens that start with a space begin a new word; special tokens ([_BEG_], <|...|>) are
         # skipped. whisper.cpp's token times can overlap or fall outside their segment: each word
@@ -427,14 +473,17 @@ class Engine:
             piece = pw.whisper_full_get_token_text(ctx, segment, j)
             text = piece.decode("utf-8", "replace") if isinstance(piece, bytes) else str(piece)
             if not words or text.startswith(" "):
-                words.append([data.t0 * _TICK_S, data.t1 * _TICK_S, text.strip(), [data.p]])
+                words.append(
+                    [trim_s + data.t0 * _TICK_S, trim_s + data.t1 * _TICK_S, text.strip(), [data.p]]
+                )
             else:
-                words[-1][1] = data.t1 * _TICK_S
+                words[-1][1] = trim_s + data.t1 * _TICK_S
                 words[-1][2] += text
                 words[-1][3].append(data.p)
         out: list[Word] = []
         floor = seg_start
         for t0, t1, text, probs in words:
+            text = strip_markers(text)
             if not text:
                 continue
             start = min(max(t0, floor), seg_end)

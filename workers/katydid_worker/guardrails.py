@@ -56,6 +56,20 @@ def choose_audio_ctx(
     return next((step for step in sorted(steps) if step >= needed), FULL_CTX)
 
 
+# What whisper writes for sounds that are not words: [BLANK_AUDIO], [ Silence ], (music),
+# (phone ringing), *laughs*, ♪. Decoding suppresses the tokens that open them (suppress_nst);
+# this catches what gets through. A transcript of speech has no brackets or asterisks to lose.
+_MARKER = re.compile(r"\[[^\]]*\]?|\([^)]*\)?|\*[^*]*\*|[♪♫♬]+|<\|[^|]*\|>")
+_SPACES = re.compile(r"\s{2,}")
+
+
+def strip_markers(text: str) -> str:
+    """The text without non-speech markers (bracketed, parenthesised, starred, music notes)."""
+    if not any(c in text for c in "[(*♪♫♬<"):
+        return text
+    return _SPACES.sub(" ", _MARKER.sub(" ", text)).strip()
+
+
 def compression_ratio(text: str) -> float:
     raw = text.encode("utf-8")
     return len(raw) / len(zlib.compress(raw)) if raw else 0.0
