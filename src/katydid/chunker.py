@@ -1,10 +1,16 @@
 """Utterance chunker: 16 kHz mono s16 in, chunks of at most ``max_s`` out, cut at pauses.
 
-Energy-based voice activity on 30 ms frames. A frame is silent when its RMS is below a threshold
-derived from the loudest recent frames (26 dB down) and the quietest (3× the noise floor). A chunk
-is cut in the middle of the first pause of at least ``silence_s`` once it is ``min_s`` long; if no
-pause comes by ``max_s``, it is cut at the quietest frame of its last third, so a word is split
-only where the speaker left no pause at all.
+Voice activity on 30 ms frames. A frame is silent when its RMS is below a threshold derived from
+the loudest recent frames (26 dB down) and the quietest (3× the noise floor), or, with ``vad``,
+when WebRTC's voice activity detector (a GMM over sub-band energies, C, ~5 µs per frame) hears no
+speech in it: a steady noise or hum then ends an utterance as silence does.
+
+Files (and the default): a chunk is cut in the middle of the first pause of at least
+``silence_s`` once it is ``min_s`` long. Live audio (``eager``): a chunk is cut as soon as a pause
+has lasted ``silence_s`` after ``min_s`` of audio (the speaker paused: the final should not wait
+for them to speak again), ``_TAIL`` into the pause; silence before speech is not kept beyond
+``_LEAD`` (it would only make jobs of nothing). If no pause comes by ``max_s``, a chunk is cut at
+the quietest frame of its last third, so a word is split only where the speaker left no pause.
 
 Rule 1: per-frame cost is constant. RMS is computed once per new 30 ms frame and kept; a feed
 of 100 ms of audio does not rescan the buffer in Python.
@@ -15,6 +21,7 @@ Rule 3: samples are int16 from the gateway's edge to the job's body: cut, never 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +29,9 @@ from katydid.messages import SAMPLE_RATE
 
 FRAME = 480  # 30 ms
 _PEAK_DECAY = 0.999  # per frame: the loudness reference forgets over ~30 s
+_LEAD = 10  # frames (0.3 s) of silence kept before speech in eager mode
+_TAIL = 7  # frames (0.21 s) of a pause kept at the end of an eagerly cut chunk
+_VAD_MODE = 3  # WebRTC's most aggressive: least likely to call noise speech
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +54,21 @@ class Chunker:
         silence_s: pause length that counts as a cut point.
     """
 
-    def __init__(self, *, min_s: float = 3.0, max_s: float = 30.0, silence_s: float = 0.3) -> None:
+    def __init__(
+        self,
+        *,
+        min_s: float = 3.0,
+        max_s: float = 30.0,
+        silence_s: float = 0.3,
+        eager: bool = False,
+        vad: bool = False,
+    ) -> None:
+        self._eager = eager
+        self._vad: Any = None
+        if vad:
+            import webrtcvad
+
+            self._vad = webrtcvad.Vad(_VAD_MODE)
         self._min_frames = max(1, int(min_s * SAMPLE_RATE) // FRAME)
         self._max = (int(max_s * SAMPLE_RATE) // FRAME) * FRAME
         self._silence_frames = max(1, round(silence_s * SAMPLE_RATE / FRAME))
@@ -53,6 +77,8 @@ class Chunker:
         self._buf = np.zeros(0, dtype=np.int16)
         self._n = 0  # samples held
         self._rms = np.zeros(self._max // FRAME + 1)  # per complete frame held
+        # Per frame held: did the VAD hear speech (all True without one).
+        self._speech = np.ones(self._max // FRAME + 1, dtype=bool)
         self._offset = 0  # samples already emitted
         self._seq = 0
         self._floor = np.inf
@@ -65,6 +91,11 @@ class Chunker:
     @property
     def buffered_s(self) -> float:
         return self._n / SAMPLE_RATE
+
+    def has_speech(self) -> bool:
+        """The chunk in progress has a voiced frame (a partial of it could have text)."""
+        frames = self._n // FRAME
+        return bool(self._voiced(frames).any())
 
     def pending_audio(self) -> np.ndarray:
         """A copy of the audio of the chunk in progress (for a partial result)."""
@@ -90,7 +121,7 @@ class Chunker:
         out = self._cut()
         if self._n:
             frames = self._n // FRAME
-            voiced = frames and bool((self._rms[:frames] > self._threshold()).any())
+            voiced = frames and bool(self._loud(frames).any())
             tail = self._buf[frames * FRAME : self._n]
             loud_tail = tail.size and int(np.abs(tail.astype(np.int32)).max()) > 32  # > 1e-3
             if voiced or (loud_tail and frames == 0):
@@ -119,6 +150,19 @@ class Chunker:
         self._rms[start:end] = rms
         self._floor = min(self._floor, float(rms.min()))
         self._peak = max(self._peak * _PEAK_DECAY ** (end - start), float(rms.max()))
+        if self._vad is not None:
+            is_speech = self._vad.is_speech
+            for i, frame in enumerate(frames, start):
+                self._speech[i] = is_speech(frame.tobytes(), SAMPLE_RATE)
+
+    def _loud(self, frames: int) -> np.ndarray:
+        """Frames above the energy threshold: what may be speech. Only silence by this measure
+        is ever dropped (the engine's own detector has the last word on what is speech)."""
+        return self._rms[:frames] > self._threshold()
+
+    def _voiced(self, frames: int) -> np.ndarray:
+        """Frames that are speech: loud, and heard as speech by the VAD (if any)."""
+        return self._loud(frames) & self._speech[:frames]
 
     def _threshold(self) -> float:
         # 3x the floor, but never above 10 dB under the peak: audio with no pause at all (a
@@ -127,10 +171,12 @@ class Chunker:
 
     def _cut(self) -> list[Chunk]:
         out: list[Chunk] = []
+        if self._eager:
+            self._drop_lead()
         while self._n // FRAME >= self._min_frames:
             frames = self._n // FRAME
             rms = self._rms[:frames]
-            cut = self._pause_cut(rms <= self._threshold())
+            cut = self._pause_cut(~self._voiced(frames))
             if cut is None:
                 if self._n < self._max:
                     break
@@ -141,26 +187,47 @@ class Chunker:
         return out
 
     def _pause_cut(self, silent: np.ndarray) -> int | None:
-        """Sample index in the middle of the first long-enough pause ending after min_s."""
+        """Where to cut at the first long-enough pause: in its middle once it ends after min_s
+        (files), or ``_TAIL`` into it once it starts after min_s (eager: live)."""
         padded = np.concatenate(([False], silent, [False]))
         edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
         starts, ends = edges[0::2], edges[1::2]  # runs of silence: [start, end)
         for s, e in zip(starts, ends, strict=True):
-            if e - s < self._silence_frames or e < self._min_frames:
+            if e - s < self._silence_frames:
+                continue
+            if self._eager:
+                if s >= self._min_frames:
+                    return int(min(e, s + _TAIL)) * FRAME
+                continue
+            if e < self._min_frames:
                 continue
             if e == silent.size:
                 return None  # the pause may go on: wait for more audio
             return int((s + e) // 2) * FRAME
         return None
 
+    def _drop_lead(self) -> None:
+        """Eager mode: forget silence before the first loud frame beyond ``_LEAD`` frames."""
+        frames = self._n // FRAME
+        voiced = np.flatnonzero(self._loud(frames))
+        first = int(voiced[0]) if voiced.size else frames
+        drop = first - _LEAD
+        if drop > 0:
+            self._forget(drop * FRAME)
+
     def _emit(self, n: int) -> Chunk:
         chunk = Chunk(self._seq, self._offset / SAMPLE_RATE, self._buf[:n].copy())
+        self._forget(n)
+        self._seq += 1
+        return chunk
+
+    def _forget(self, n: int) -> None:
+        """Drop the first ``n`` samples held (a multiple of FRAME, or all of them)."""
         rest = self._n - n
         self._buf[:rest] = self._buf[n : self._n]
         frames_dropped = n // FRAME
         kept = self._n // FRAME - frames_dropped
         self._rms[:kept] = self._rms[frames_dropped : frames_dropped + kept]
+        self._speech[:kept] = self._speech[frames_dropped : frames_dropped + kept]
         self._n = rest
-        self._seq += 1
         self._offset += n
-        return chunk

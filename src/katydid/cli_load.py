@@ -112,6 +112,18 @@ def add_parsers(sub: Any) -> None:
         help="with --compare: passes over the clips; each clip's time is its median (1-20)",
     )
 
+    bl = bench.add_parser(
+        "latency",
+        help="live latency: end of speech → final, partial interval, streaming vs file WER",
+    )
+    bl.add_argument("--url", help="a running gateway (default: start `katydid serve` for the run)")
+    bl.add_argument("--workers", type=int, default=2, help="workers for the server it starts")
+    bl.add_argument(
+        "--manifest", type=Path, help="clips with references (default: shared short clips)"
+    )
+    bl.add_argument("--pause-s", type=float, default=2.0, help="silence streamed after each clip")
+    bl.add_argument("--json", action="store_true")
+
 
 def find_speech_dir() -> Path:
     for base in (Path.cwd(), *Path.cwd().parents):
@@ -289,6 +301,8 @@ def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     manifest = args.manifest or find_speech_dir() / "manifest.tsv"
     clips = [c for c in read_manifest(manifest) if c.path.parent.name != _LONG_DIR or args.manifest]
+    if args.bench_command == "latency":
+        return _latency(cfg, args, clips)
     if args.compare:
         if not 1 <= args.passes <= 20:
             raise KatydidError(f"--passes must be between 1 and 20, got {args.passes}")
@@ -303,6 +317,56 @@ def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"katydid": result}))
     return 0
+
+
+def _latency(cfg: Config, args: argparse.Namespace, clips: list[Any]) -> int:
+    from katydid.load import latency
+
+    data = [
+        (c.name, decode_container(c.path, max_audio_s=4 * 3600, max_bytes=1 << 30), c.reference)
+        for c in clips
+    ]
+    server = None
+    if not args.url:
+        server = _Server(cfg, args.workers, Path("reports") / "latency" / "serve.log")
+    try:
+        url = args.url or server.url  # type: ignore[union-attr]
+        print(
+            f"streaming {len(data)} clips in real time (100 ms frames, {args.pause_s:.1f} s pause "
+            f"after each) to {url}, one at a time, then each as a file ...",
+            file=sys.stderr,
+        )
+        results = latency.run(url, data, pause_after_s=args.pause_s)
+    finally:
+        if server:
+            server.stop()
+    summary = latency.report(results)
+    print(f"model {cfg.model}; {args.workers if server else '?'} worker(s); {_host()}")
+    print(latency.markdown(results, summary))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _host() -> str:
+    """The CPU this ran on, for the report (figures mean nothing without it)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "CPU unknown"
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+        "?",
+    )
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
+    )
+    simd = [
+        f
+        for f in flags
+        if f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_int8")
+    ]
+    return f"{model} ({' '.join(simd)}), {os.cpu_count()} CPUs"
 
 
 def _compare(cfg: Config, clips: list[Any], *, passes: int, as_json: bool) -> int:

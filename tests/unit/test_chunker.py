@@ -6,6 +6,7 @@ import numpy as np
 
 from katydid.chunker import Chunker
 from katydid.messages import SAMPLE_RATE
+from tests.signals import vowel_pcm
 
 
 def _voiced(seconds: float) -> np.ndarray:
@@ -65,3 +66,40 @@ def test_frame_size_does_not_change_the_cuts() -> None:
     a = [c.size for c in _feed_all(Chunker(min_s=3.0), audio, frame=1600)]
     b = [c.size for c in _feed_all(Chunker(min_s=3.0), audio, frame=7777)]
     assert a == b
+
+
+def _live() -> Chunker:
+    return Chunker(min_s=1.0, max_s=30.0, silence_s=0.5, eager=True, vad=True)
+
+
+def test_live_cuts_once_the_pause_is_long_enough_without_waiting_for_more_speech() -> None:
+    chunker = _live()
+    assert chunker.feed(vowel_pcm(2.0)) == []
+    assert chunker.feed(_silence(0.3)) == []  # not yet a pause
+    (chunk,) = chunker.feed(_silence(0.3))  # 0.6 s of pause: the utterance is over
+    assert 2.1 <= chunk.duration_s <= 2.3  # the speech and ~0.2 s of the pause
+    assert chunk.offset_s == 0.0
+    # More silence makes no job; the next utterance starts near its speech, at the right time.
+    assert chunker.feed(_silence(5.0)) == []
+    assert chunker.buffered_s <= 0.35
+    (second,) = chunker.feed(np.concatenate([vowel_pcm(1.5), _silence(0.6)]))
+    assert 2.0 + 0.3 + 5.0 - 0.35 <= second.offset_s <= 2.0 + 0.3 + 5.0
+    assert chunker.flush() == []
+
+
+def test_live_does_not_end_an_utterance_shorter_than_min_s() -> None:
+    chunker = _live()
+    assert chunker.feed(np.concatenate([vowel_pcm(0.6), _silence(0.6)])) == []
+    (chunk,) = chunker.feed(np.concatenate([vowel_pcm(1.0), _silence(0.6)]))
+    assert chunk.duration_s >= 2.2  # both stretches of speech, one utterance
+
+
+def test_live_partials_wait_for_speech() -> None:
+    chunker = _live()
+    chunker.feed(_silence(3.0))
+    # Near-silence (no partial for it): WebRTC's detector is coarse (a steady tone or noise may
+    # pass; the engine's Silero detector gives those no text), so it gates only cheaply here.
+    chunker.feed(np.random.default_rng(1).integers(-8, 8, 2 * SAMPLE_RATE).astype(np.int16))
+    assert not chunker.has_speech()
+    chunker.feed(vowel_pcm(1.0))
+    assert chunker.has_speech()

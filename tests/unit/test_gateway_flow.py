@@ -30,19 +30,20 @@ from katydid.errors import NatsError, StreamFull
 from katydid.gateway import Gateway
 from katydid.gateway.websocket import serve_connection
 from katydid.metrics import parse_text
+from tests.signals import vowel
 
 MODEL = "tiny.en-q8_0"
 
 
-def _speech_like(seconds: float, pause_every_s: float = 1.5, pause_s: float = 0.5) -> bytes:
+def _speech_like(seconds: float, pause_every_s: float = 1.5, pause_s: float = 0.8) -> bytes:
     t = np.arange(int(seconds * 16_000)) / 16_000
     voiced = (t % (pause_every_s + pause_s)) < pause_every_s
-    return (0.3 * np.sin(2 * np.pi * 220 * t) * voiced * 32767).astype("<i2").tobytes()
+    return (vowel(seconds, 0.3) * voiced * 32767).astype("<i2").tobytes()
 
 
 def _config(**overrides: Any) -> Config:
     base: dict[str, Any] = {
-        "chunk_min_s": 2.0,
+        "chunk_min_s": 1.0,
         "file_chunk_min_s": 2.0,
         "chunk_max_s": 10.0,
         "worker_heartbeat_s": 1.0e6,  # heartbeats stay fresh however far the mock clock jumps
@@ -278,7 +279,7 @@ async def test_in_flight_bound_holds_back_reading(autojump_clock: Any) -> None:
         ws = await r.connect()
         await ws.send_message('{"type": "start"}')
         await _next(ws)
-        frames = [_speech_like(4.0) for _ in range(6)]  # 24 s: about a dozen chunks
+        frames = [_speech_like(4.0) for _ in range(12)]  # 48 s: about a dozen chunks
         sender = trio.CancelScope()
 
         async def send_all() -> None:

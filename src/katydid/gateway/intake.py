@@ -38,8 +38,18 @@ class AudioIntake:
 
     def __post_init__(self) -> None:
         lim = self.limits
-        min_s = lim.file_chunk_min_s if self.options.is_file else lim.chunk_min_s
-        self.chunker = Chunker(min_s=min_s, max_s=lim.chunk_max_s, silence_s=lim.chunk_silence_s)
+        if self.options.is_file:
+            self.chunker = Chunker(
+                min_s=lim.file_chunk_min_s, max_s=lim.chunk_max_s, silence_s=lim.chunk_silence_s
+            )
+        else:  # live: cut as soon as the speaker pauses (chunker.py)
+            self.chunker = Chunker(
+                min_s=lim.chunk_min_s,
+                max_s=lim.chunk_max_s,
+                silence_s=lim.chunk_pause_s,
+                eager=True,
+                vad=True,
+            )
 
     def frame(self, data: bytes) -> list[Chunk]:
         """A binary frame: the chunks live PCM completes (a file's bytes are kept).
@@ -150,6 +160,8 @@ class AudioIntake:
         buffered = self.chunker.buffered_s
         if buffered < 1.0 or buffered - self._partial_at_s < self.limits.partial_interval_s:
             return None
+        if not self.chunker.has_speech():
+            return None  # nobody speaks yet: a partial could only be text nobody said
         self._partial_at_s = buffered
         return self.chunker.chunks_emitted, self.chunker.pending_audio()
 

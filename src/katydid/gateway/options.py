@@ -32,6 +32,7 @@ class Limits:
     file_chunk_min_s: float
     chunk_max_s: float
     chunk_silence_s: float
+    chunk_pause_s: float
     bulk_min_audio_s: float
     default_max_wait_s: float
     partial_interval_s: float

@@ -1,0 +1,228 @@
+"""``katydid bench latency``: how soon a live speaker's words come back, and what streaming costs
+in accuracy.
+
+Each clip is streamed like a microphone (100 ms frames, each sent when its last sample has been
+"spoken", i.e. at ``t0 + (k + 1) × 0.1 s``), followed by a pause, one session at a time (an idle
+server). Where the speaker stops is found with Silero VAD on the clip (the engine's detector):
+spans of speech merged across gaps under ``pause_s`` are utterances; an utterance shorter than
+``min_utterance_s`` joins the next one (as the gateway's live chunker does). A final is matched
+to the utterance end nearest to its last segment's end; its latency is its arrival minus the
+moment that end was spoken. Partials: the gaps between consecutive results (partial or final)
+while the speaker talks. WER: the session's finals against the reference, beside the same clip
+sent as a file to the same server.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import statistics
+import time
+import wave
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import trio
+
+from katydid import client
+from katydid.audio import float_to_pcm16
+from katydid.evaluation import word_errors
+
+FRAME_S = 0.1
+SR = 16_000
+
+
+@dataclass(frozen=True, slots=True)
+class Utterance:
+    start_s: float
+    end_s: float
+
+
+@dataclass(slots=True)
+class ClipLatency:
+    name: str
+    latencies_s: list[float] = field(default_factory=list)  # utterance end → its final
+    partial_gaps_s: list[float] = field(default_factory=list)
+    unmatched_finals: int = 0
+    stream_errors: tuple[int, int] = (0, 0)  # (errors, reference words), streamed
+    file_errors: tuple[int, int] = (0, 0)  # the same clip sent as a file
+    stream_text: str = ""
+
+
+def utterances(
+    spans: list[tuple[float, float]], *, pause_s: float = 0.5, min_utterance_s: float = 1.0
+) -> list[Utterance]:
+    """Speech spans → utterances as the live chunker sees them. Pure, for tests."""
+    merged: list[list[float]] = []
+    for start, end in spans:
+        if merged and (
+            start - merged[-1][1] < pause_s or merged[-1][1] - merged[-1][0] < min_utterance_s
+        ):
+            merged[-1][1] = end
+        else:
+            merged.append([start, end])
+    return [Utterance(s, e) for s, e in merged]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _wav(audio: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SR)
+        w.writeframes(float_to_pcm16(audio))
+    return buf.getvalue()
+
+
+async def stream_clip(
+    url: str,
+    audio: np.ndarray,
+    utts: list[Utterance],
+    *,
+    pause_after_s: float = 2.0,
+    options: dict[str, Any] | None = None,
+) -> tuple[list[tuple[float, dict[str, Any]]], float]:
+    """Stream ``audio`` and a pause in real time; return ``[(arrival offset s, event)]`` (offsets
+    on the stream's clock: 0 = the first sample is spoken) and the stream's length."""
+    pcm = float_to_pcm16(np.concatenate([audio, np.zeros(int(pause_after_s * SR), np.float32)]))
+    frame_bytes = int(FRAME_S * SR) * 2
+    events: list[tuple[float, dict[str, Any]]] = []
+    start = {"type": "start", "format": "pcm_s16le", "sample_rate": SR, "partials": True}
+    async with client.connect(url) as ws:
+        await ws.send_message(json.dumps(start | (options or {})))
+        ready = json.loads(await ws.get_message())
+        if ready.get("type") != "ready":
+            raise client.ClientError("refused", f"the server answered {ready}")
+        t0 = trio.current_time()
+
+        async def send() -> None:
+            for k, i in enumerate(range(0, len(pcm), frame_bytes)):
+                await trio.sleep_until(t0 + (k + 1) * FRAME_S)  # the frame is now spoken
+                await ws.send_message(pcm[i : i + frame_bytes])
+            await ws.send_message('{"type": "stop"}')
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while True:
+                event = json.loads(await ws.get_message())
+                events.append((trio.current_time() - t0, event))
+                if event.get("type") in ("done", "error"):
+                    break
+            nursery.cancel_scope.cancel()
+    return events, len(pcm) / 2 / SR
+
+
+def score_clip(
+    name: str,
+    reference: str,
+    utts: list[Utterance],
+    events: list[tuple[float, dict[str, Any]]],
+) -> ClipLatency:
+    out = ClipLatency(name)
+    finals = [(t, e) for t, e in events if e.get("type") == "final"]
+    results = [(t, e) for t, e in events if e.get("type") in ("final", "partial")]
+    for arrived, event in finals:
+        if not utts:
+            out.unmatched_finals += 1
+            continue
+        end = float(event.get("end_s") or 0.0)
+        nearest = min(utts, key=lambda u: abs(u.end_s - end))
+        if abs(nearest.end_s - end) > 1.5:
+            out.unmatched_finals += 1
+            continue
+        out.latencies_s.append(arrived - nearest.end_s)
+    for u in utts:
+        # Results while the speaker talks (from 1.5 s in: the first partial is due at 1 s of
+        # speech and takes a moment): the gaps between them.
+        times = [t for t, _ in results if u.start_s + 1.5 <= t <= u.end_s]
+        if times:
+            marks = [u.start_s + 1.5, *times]
+            out.partial_gaps_s += [b - a for a, b in itertools.pairwise(marks)]
+            out.partial_gaps_s.append(u.end_s - times[-1])
+        elif u.end_s - u.start_s >= 2.5:
+            out.partial_gaps_s.append(u.end_s - u.start_s - 1.5)  # none at all: one long gap
+    out.stream_text = " ".join(str(e.get("text", "")) for _, e in finals).strip()
+    out.stream_errors = word_errors(reference, out.stream_text)
+    return out
+
+
+def run(
+    url: str, clips: list[tuple[str, np.ndarray, str]], *, pause_after_s: float = 2.0
+) -> list[ClipLatency]:
+    """Every clip streamed, then sent as a file, one session at a time."""
+    from katydid_worker.speech import SpeechDetector
+
+    detector = SpeechDetector()
+    out: list[ClipLatency] = []
+    for name, audio, reference in clips:
+        spans = [(s.start_s, s.end_s) for s in detector.spans(audio)]
+        utts = utterances(spans)
+        events, _ = trio.run(
+            lambda a=audio, u=utts: stream_clip(url, a, u, pause_after_s=pause_after_s)
+        )
+        scored = score_clip(name, reference, utts, events)
+        as_file = trio.run(lambda a=audio: client.transcribe(url, _wav(a), fmt="wav"))
+        scored.file_errors = word_errors(reference, as_file.text)
+        out.append(scored)
+        time.sleep(0.5)  # idle between clips
+    return out
+
+
+def report(results: list[ClipLatency]) -> dict[str, Any]:
+    lat = [x for r in results for x in r.latencies_s]
+    gaps = [x for r in results for x in r.partial_gaps_s]
+    words = sum(r.stream_errors[1] for r in results)
+    stream_wer = sum(r.stream_errors[0] for r in results) / words if words else 0.0
+    file_wer = sum(r.file_errors[0] for r in results) / words if words else 0.0
+    return {
+        "clips": len(results),
+        "finals_matched": len(lat),
+        "finals_unmatched": sum(r.unmatched_finals for r in results),
+        "end_of_speech_to_final_s": {
+            "p50": round(percentile(lat, 50), 3),
+            "p90": round(percentile(lat, 90), 3),
+            "p99": round(percentile(lat, 99), 3),
+            "max": round(max(lat), 3) if lat else None,
+        },
+        "partial_interval_s": {
+            "p50": round(percentile(gaps, 50), 3),
+            "p90": round(percentile(gaps, 90), 3),
+            "max": round(max(gaps), 3) if gaps else None,
+            "mean": round(statistics.fmean(gaps), 3) if gaps else None,
+        },
+        "wer_streaming": round(100 * stream_wer, 2),
+        "wer_file": round(100 * file_wer, 2),
+        "wer_points_streaming_minus_file": round(100 * (stream_wer - file_wer), 2),
+    }
+
+
+def markdown(results: list[ClipLatency], summary: dict[str, Any]) -> str:
+    lines = [
+        "| clip | finals | end of speech → final s (each) | longest gap between results s | WER stream | WER file |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for r in results:
+        se, sw = r.stream_errors
+        fe, _ = r.file_errors
+        lines.append(
+            f"| {r.name} | {len(r.latencies_s)} | {', '.join(f'{x:.2f}' for x in r.latencies_s)} | "
+            f"{max(r.partial_gaps_s, default=0.0):.2f} | {100 * se / max(sw, 1):.1f}% | {100 * fe / max(sw, 1):.1f}% |"
+        )
+    e2f, gap = summary["end_of_speech_to_final_s"], summary["partial_interval_s"]
+    lines += [
+        "",
+        f"end of speech → final: p50 {e2f['p50']} s, p90 {e2f['p90']} s, p99 {e2f['p99']} s "
+        f"({summary['finals_matched']} finals, {summary['finals_unmatched']} unmatched)",
+        f"gap between results while speaking: p50 {gap['p50']} s, p90 {gap['p90']} s, max {gap['max']} s",
+        f"WER streaming {summary['wer_streaming']}% vs file {summary['wer_file']}% "
+        f"({summary['wer_points_streaming_minus_file']:+} points)",
+    ]
+    return "\n".join(lines)
