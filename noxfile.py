@@ -96,6 +96,14 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def latency(session: nox.Session) -> None:
+    """Live latency on an idle `katydid serve`: the shared clips streamed in real time (~3 min)."""
+    session.install("-e", ".", env=ENGINE_BUILD)
+    session.run("katydid", "model", "prepare")
+    session.run("katydid", "bench", "latency", *session.posargs)
+
+
+@nox.session
 def load(session: nox.Session) -> None:
     """The seed scenario: `katydid serve` (2 workers) under load, engine baseline in the same run."""
     session.install("-e", ".[plot]", env=ENGINE_BUILD)

@@ -21,6 +21,7 @@ import statistics
 import time
 import wave
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -85,7 +86,6 @@ def _wav(audio: np.ndarray) -> bytes:
 async def stream_clip(
     url: str,
     audio: np.ndarray,
-    utts: list[Utterance],
     *,
     pause_after_s: float = 2.0,
     options: dict[str, Any] | None = None,
@@ -123,22 +123,27 @@ async def stream_clip(
 def score_clip(
     name: str,
     reference: str,
-    utts: list[Utterance],
+    spans: list[tuple[float, float]],
     events: list[tuple[float, dict[str, Any]]],
 ) -> ClipLatency:
+    utts = utterances(spans)
     out = ClipLatency(name)
+    ends = [u.end_s for u in utterances(spans, min_utterance_s=0.0)]
     finals = [(t, e) for t, e in events if e.get("type") == "final"]
     results = [(t, e) for t, e in events if e.get("type") in ("final", "partial")]
     for arrived, event in finals:
-        if not utts:
+        if not ends:
             out.unmatched_finals += 1
             continue
         end = float(event.get("end_s") or 0.0)
-        nearest = min(utts, key=lambda u: abs(u.end_s - end))
-        if abs(nearest.end_s - end) > 1.5:
+        # The gateway may end an utterance at a pause this grouping merged over: any pause of
+        # pause_s is a candidate end, if it was spoken before the final arrived.
+        spoken = [e for e in ends if e < arrived] or [float("inf")]
+        nearest = min(spoken, key=lambda e: abs(e - end))
+        if abs(nearest - end) > 1.5:
             out.unmatched_finals += 1
             continue
-        out.latencies_s.append(arrived - nearest.end_s)
+        out.latencies_s.append(arrived - nearest)
     for u in utts:
         # Results while the speaker talks (from 1.5 s in: the first partial is due at 1 s of
         # speech and takes a moment): the gaps between them.
@@ -164,12 +169,9 @@ def run(
     out: list[ClipLatency] = []
     for name, audio, reference in clips:
         spans = [(s.start_s, s.end_s) for s in detector.spans(audio)]
-        utts = utterances(spans)
-        events, _ = trio.run(
-            lambda a=audio, u=utts: stream_clip(url, a, u, pause_after_s=pause_after_s)
-        )
-        scored = score_clip(name, reference, utts, events)
-        as_file = trio.run(lambda a=audio: client.transcribe(url, _wav(a), fmt="wav"))
+        events, _ = trio.run(partial(stream_clip, url, audio, pause_after_s=pause_after_s))
+        scored = score_clip(name, reference, spans, events)
+        as_file = trio.run(partial(client.transcribe, url, _wav(audio), fmt="wav"))
         scored.file_errors = word_errors(reference, as_file.text)
         out.append(scored)
         time.sleep(0.5)  # idle between clips
