@@ -373,3 +373,46 @@ async def test_pure_silence_ends_with_done_and_no_final(stack: Stack) -> None:
     res = await client.transcribe(stack.url, silence)
     assert res.done is not None
     assert res.finals == []
+
+
+async def test_live_non_speech_gives_no_partial_or_final_text(
+    stack: Stack, clips: list[Clip]
+) -> None:
+    """Streamed in real time with partials (issue 15): silence, white noise at -30 dBFS and a
+    melody give no text at all; speech followed by 3 s of silence gives no more words than the
+    speech alone, and no result anywhere holds a non-speech marker."""
+    rng = np.random.default_rng(5)
+    t = np.arange(10 * 16_000) / 16_000
+    notes = 440.0 * 2 ** (rng.integers(0, 12, 40) / 12)
+    melody = 0.2 * np.sin(2 * np.pi * np.cumsum(np.repeat(notes, 4_000)) / 16_000)
+    quiet: dict[str, np.ndarray] = {
+        "silence": np.zeros(t.size, np.float32),
+        "noise": (rng.standard_normal(t.size) * 10 ** (-30 / 20)).astype(np.float32),
+        "melody": melody.astype(np.float32),
+    }
+    jfk = next(c for c in clips if c.name == "jfk.wav")
+    speech = decode_container(jfk.path, **LIMITS)
+    tail = np.concatenate([speech, np.zeros(3 * 16_000, np.float32)])
+    results: dict[str, client.SessionResult] = {}
+
+    async def one(name: str, audio: np.ndarray) -> None:
+        results[name] = await client.transcribe(
+            stack.url, float_to_pcm16(audio), realtime=True, options={"partials": True}
+        )
+
+    async with trio.open_nursery() as nursery:
+        for name, audio in [*quiet.items(), ("speech then silence", tail)]:
+            nursery.start_soon(one, name, audio)
+    for name in quiet:
+        res = results[name]
+        assert res.done is not None, (name, res.events)
+        texts = [e["text"] for e in res.events if e["type"] in ("partial", "final")]
+        assert texts == [], (name, texts)
+    res = results["speech then silence"]
+    assert res.done is not None, res.events
+    assert wer(jfk.reference, res.text) <= 0.05, res.text
+    ref_words = len(re.findall(r"\w+", jfk.reference))
+    assert len(re.findall(r"\w+", res.text)) <= ref_words, res.text
+    for r in results.values():
+        for e in r.events:
+            assert not re.search(r"[\[\]()*♪]", e.get("text", "")), e
