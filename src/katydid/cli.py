@@ -213,6 +213,7 @@ def _transcribe_file(
     engine: Engine, cfg: Config, path: Path, decode: DecodeOptions | None = None
 ) -> Transcript:
     from katydid.audio import decode_container
+    from katydid_worker.local import transcribe_recording
 
     audio = decode_container(path, max_audio_s=cfg.max_audio_s, max_bytes=cfg.max_file_bytes)
     duration_s = audio.size / 16_000
@@ -224,8 +225,8 @@ def _transcribe_file(
             def advance(done_s: float) -> None:
                 bar.update(round(min(done_s, duration_s) - bar.n, 1))
 
-            return engine.transcribe(audio, decode=decode, on_progress=advance)
-    return engine.transcribe(audio, decode=decode)
+            return transcribe_recording(engine, audio, cfg, decode=decode, on_progress=advance)
+    return transcribe_recording(engine, audio, cfg, decode=decode)
 
 
 def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
@@ -330,6 +331,7 @@ def _local_formatted(out_format: str, tr: Transcript, args: argparse.Namespace) 
 def _cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
     from katydid.audio import decode_container
     from katydid.evaluation import Clip, Heard, add_noise, dumps_summary, evaluate, read_manifest
+    from katydid_worker.local import transcribe_recording
 
     clips = read_manifest(args.manifest)
     if args.url and args.snr_db is not None:
@@ -350,7 +352,7 @@ def _cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
         )
         if args.snr_db is not None:
             audio = add_noise(audio, args.snr_db, seed=clip.name)
-        tr = engine.transcribe(audio)
+        tr = transcribe_recording(engine, audio, cfg)  # cut as the server cuts a file
         return Heard(tr.text, tr.audio_s, tr.compute_s)
 
     report = evaluate(clips, run)

@@ -232,3 +232,30 @@ def test_engine_build_is_reported_and_has_fast_kernels_under_nox() -> None:
     # ggml's AMX kernels, built by GCC 12, trap on the first Q8_0 matmul of an AMX host
     # (README, "Engine build"): the build must not contain them, whatever this host is.
     assert "AMX" not in info, info
+
+
+def test_a_long_recording_is_cut_locally_as_the_server_cuts_a_file(
+    model_path: Path, speech_dir: Path
+) -> None:
+    from katydid.config import Config
+    from katydid_worker.local import transcribe_recording
+
+    clip = next(c for c in read_manifest(speech_dir / "manifest.tsv") if c.duration_s > 60)
+    engine = Engine(model_path)
+    calls: list[float] = []
+    transcribe = engine.transcribe
+
+    def counted(audio: Any, **kwargs: Any) -> Any:
+        calls.append(audio.size / 16_000)
+        return transcribe(audio, **kwargs)
+
+    engine.transcribe = counted  # type: ignore[method-assign]
+    cfg = Config()
+    tr = transcribe_recording(engine, decode_container(clip.path, **LIMITS), cfg)
+    # Chunks of file_chunk_min_s..chunk_max_s, one engine call each, covering the recording.
+    assert len(calls) >= 4
+    assert all(s <= cfg.chunk_max_s + 0.01 for s in calls)
+    assert sum(calls) == pytest.approx(clip.duration_s, abs=0.01)
+    starts = [s.start_s for s in tr.segments]
+    assert starts == sorted(starts) and tr.segments[-1].end_s > clip.duration_s - 15
+    assert wer(clip.reference, tr.text) <= 0.04
