@@ -19,7 +19,7 @@ import trio
 from katydid.audio import decode_container, float_to_pcm16, sniff_container
 from katydid.config import Config
 from katydid.errors import KatydidError
-from katydid.evaluation import read_manifest
+from katydid.evaluation import read_manifest, word_errors
 from katydid.load.backoff import RetryPolicy
 from katydid.load.report import markdown, summarize, write
 from katydid.load.runner import ClipData, LoadRunner, LoadSpec, LoadStats
@@ -104,6 +104,12 @@ def add_parsers(sub: Any) -> None:
         "--compare",
         choices=("faster-whisper",),
         help="side by side with faster-whisper int8, same process, interleaved clip by clip",
+    )
+    be.add_argument(
+        "--mix",
+        action="store_true",
+        help="with --compare: live traffic's lengths (2-30 s; recordings over 30 s cut at pauses, "
+        "as the gateway cuts), reported per length bucket; includes the manifest's long clips",
     )
     be.add_argument(
         "--passes",
@@ -300,12 +306,18 @@ def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     manifest = args.manifest or find_speech_dir() / "manifest.tsv"
-    clips = [c for c in read_manifest(manifest) if c.path.parent.name != _LONG_DIR or args.manifest]
+    clips = [
+        c
+        for c in read_manifest(manifest)
+        if c.path.parent.name != _LONG_DIR or args.manifest or getattr(args, "mix", False)
+    ]
     if args.bench_command == "latency":
         return _latency(cfg, args, clips)
     if args.compare:
         if not 1 <= args.passes <= 20:
             raise KatydidError(f"--passes must be between 1 and 20, got {args.passes}")
+        if args.mix:
+            return _compare_mix(cfg, clips, passes=args.passes, as_json=args.json)
         return _compare(cfg, clips, passes=args.passes, as_json=args.json)
     result = _engine_baseline(cfg, [c.path for c in clips], args.processes, args.duration)
     print("| engine | processes | clips | audio s | wall s | clips/s | audio-s/s |")
@@ -369,16 +381,13 @@ def _host() -> str:
     return f"{model} ({' '.join(simd)}), {os.cpu_count()} CPUs"
 
 
-def _compare(cfg: Config, clips: list[Any], *, passes: int, as_json: bool) -> int:
+def _contenders(cfg: Config) -> tuple[Path, list[Any]]:
+    """Katydid (clip-sized and full window) and faster-whisper int8 (beam 5 and 1), same model."""
     import dataclasses
 
     from katydid_worker import compare, models
-    from katydid_worker.engine import EngineOptions, build_info
+    from katydid_worker.engine import EngineOptions
 
-    data = [
-        (decode_container(c.path, max_audio_s=4 * 3600, max_bytes=1 << 30), c.reference)
-        for c in clips
-    ]
     model_path = models.prepare(cfg.model_dir, cfg.model)
     ct2_dir = models.source(cfg.model).package_dirs()[0]
     if models.source(cfg.model).parts:
@@ -391,7 +400,94 @@ def _compare(cfg: Config, clips: list[Any], *, passes: int, as_json: bool) -> in
         compare.katydid(model_path, dataclasses.replace(opts, clip_context=False)),
         *compare.faster_whisper(ct2_dir, threads=cfg.engine_threads, beam_sizes=(5, 1)),
     ]
-    names = ("katydid", "katydid_full_context", "faster_whisper", "faster_whisper_greedy")
+    return model_path, contenders
+
+
+_NAMES = ("katydid", "katydid_full_context", "faster_whisper", "faster_whisper_greedy")
+
+
+def _compare_mix(cfg: Config, clips: list[Any], *, passes: int, as_json: bool) -> int:
+    """``--compare --mix``: per length bucket clips/s, audio-s/s and WER for each engine."""
+    from katydid_worker import compare, mix
+    from katydid_worker.engine import build_info
+
+    source = [
+        (c.name, decode_container(c.path, max_audio_s=4 * 3600, max_bytes=1 << 30), c.reference)
+        for c in clips
+    ]
+    pieces = mix.build(source)
+    refs = mix.group_references(source, pieces)
+    model_path, contenders = _contenders(cfg)
+    runs = dict(
+        zip(
+            _NAMES,
+            compare.measure(contenders, [(m.audio, m.reference) for m in pieces], passes=passes),
+            strict=True,
+        )
+    )
+    audio_s = sum(m.duration_s for m in pieces)
+    print(
+        f"mix: {len(pieces)} utterances of {min(m.duration_s for m in pieces):.1f}-"
+        f"{max(m.duration_s for m in pieces):.1f} s ({audio_s:.0f} s of audio) from {len(source)} "
+        f"recordings; {cfg.engine_threads} thread(s) each, engines interleaved clip by clip, "
+        f"median of {passes} pass(es); {_host()}"
+    )
+    print(f"model {model_path.name}; whisper.cpp build: {build_info()}")
+    print("| bucket | engine | clips | clips/s | audio-s/s | WER (whole clips) |")
+    print("|---|---|---:|---:|---:|---:|")
+    out: dict[str, Any] = {"buckets": {}, "pooled": {}}
+    for bucket, _, _ in mix.BUCKETS:
+        idx = [i for i, m in enumerate(pieces) if m.bucket == bucket]
+        if not idx:
+            continue
+        rows: dict[str, dict[str, float]] = {}
+        for key, run in runs.items():
+            t = sum(run.per_clip_s[i] for i in idx)
+            a = sum(pieces[i].duration_s for i in idx)
+            errors = words = 0
+            for i in idx:
+                if pieces[i].reference is not None:
+                    e, w = word_errors(pieces[i].reference or "", run.texts[i])
+                    errors, words = errors + e, words + w
+            rows[key] = {
+                "clips": len(idx),
+                "clips_per_s": round(len(idx) / t, 3) if t else 0.0,
+                "audio_s_per_s": round(a / t, 3) if t else 0.0,
+                "wer": round(100 * errors / words, 2) if words else float("nan"),
+            }
+            print(
+                f"| {bucket} | {run.name} | {len(idx)} | {rows[key]['clips_per_s']} | "
+                f"{rows[key]['audio_s_per_s']} | {rows[key]['wer']}% |"
+            )
+        best_fw = max(
+            rows["faster_whisper"]["clips_per_s"], rows["faster_whisper_greedy"]["clips_per_s"]
+        )
+        ratio = rows["katydid"]["clips_per_s"] / best_fw if best_fw else 0.0
+        rows["ratio_vs_faster_whisper_best"] = {"clips_per_s": round(ratio, 3)}
+        print(f"| {bucket} | **katydid / faster-whisper (faster beam)** | | **{ratio:.2f}x** | | |")
+        out["buckets"][bucket] = rows
+    print()
+    for key, run in runs.items():
+        e, w = mix.pooled_errors(pieces, run.texts, refs)
+        out["pooled"][key] = {"wer": round(100 * e / w, 2) if w else 0.0}
+        print(f"pooled WER {run.name}: {100 * e / w:.2f}% ({e}/{w} words; cut recordings joined)")
+    diff = out["pooled"]["katydid"]["wer"] - out["pooled"]["faster_whisper"]["wer"]
+    print(f"katydid - faster-whisper beam 5 pooled WER: {diff:+.2f} points")
+    if as_json:
+        print(json.dumps(out))
+    return 0
+
+
+def _compare(cfg: Config, clips: list[Any], *, passes: int, as_json: bool) -> int:
+    from katydid_worker import compare
+    from katydid_worker.engine import build_info
+
+    data = [
+        (decode_container(c.path, max_audio_s=4 * 3600, max_bytes=1 << 30), c.reference)
+        for c in clips
+    ]
+    model_path, contenders = _contenders(cfg)
+    names = _NAMES
     runs = dict(zip(names, compare.measure(contenders, data, passes=passes), strict=True))
     k, full, fw = runs["katydid"], runs["katydid_full_context"], runs["faster_whisper"]
     worst = max(a / b for a, b in zip(k.per_clip_s, full.per_clip_s, strict=True))

@@ -32,6 +32,7 @@ class EngineRun:
     worst_clip_s: float = 0.0
     fallbacks: int = 0
     per_clip_s: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # per clip, first pass
 
     @property
     def wer(self) -> float:
@@ -94,14 +95,18 @@ def faster_whisper(ct2_dir: Path, *, threads: int, beam_sizes: Sequence[int]) ->
 
 
 def measure(
-    contenders: Sequence[Contender], clips: Sequence[tuple[np.ndarray, str]], *, passes: int = 1
+    contenders: Sequence[Contender],
+    clips: Sequence[tuple[np.ndarray, str | None]],
+    *,
+    passes: int = 1,
 ) -> list[EngineRun]:
     """Time every contender on every clip, interleaved: clip by clip, each contender in turn,
     the order rotating from clip to clip and pass to pass. This machine's speed drifts by 10-30%
     over a minute; run one after the other, a ratio between engines measured that drift too.
 
     A clip's time is its median over ``passes``; WER comes from the first pass (both engines
-    decode deterministically).
+    decode deterministically), for clips with a reference (a piece cut from a longer recording
+    has none: its text is kept, in ``texts``, to be scored with the rest of the recording).
     """
     for c in contenders:
         c.transcribe(clips[0][0][:SAMPLE_RATE])  # warm-up, not timed
@@ -115,9 +120,11 @@ def measure(
                 text = c.transcribe(audio)
                 times[c.name][i].append(time.perf_counter() - started)
                 if p == 0:
-                    errors, words = word_errors(reference, text)
-                    runs[c.name].errors += errors
-                    runs[c.name].words += words
+                    runs[c.name].texts.append(text)
+                    if reference is not None:
+                        errors, words = word_errors(reference, text)
+                        runs[c.name].errors += errors
+                        runs[c.name].words += words
     for c in contenders:
         run = runs[c.name]
         run.per_clip_s = [statistics.median(t) for t in times[c.name]]

