@@ -21,4 +21,5 @@ def vowel(seconds: float, amplitude: float = 0.2) -> np.ndarray:
 
 def vowel_pcm(seconds: float, amplitude: float = 0.2) -> np.ndarray:
     """``vowel`` as int16 samples."""
-    return np.rint(vowel(seconds, amplitude) * 32767).astype(np.int16)
+    out: np.ndarray = np.rint(vowel(seconds, amplitude) * 32767).astype(np.int16)
+    return out

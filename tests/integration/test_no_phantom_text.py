@@ -54,9 +54,10 @@ def _signals() -> dict[str, np.ndarray]:
             np.float32
         ),
         "tones": _tones(10),
-        "steady chord": (
-            0.1 * sum(np.sin(2 * np.pi * f * np.arange(10 * SR) / SR) for f in (261.6, 329.6, 392))
-        ).astype(np.float32),
+        "steady chord": np.asarray(
+            0.1 * sum(np.sin(2 * np.pi * f * np.arange(10 * SR) / SR) for f in (261.6, 329.6, 392)),
+            dtype=np.float32,
+        ),
     }
 
 

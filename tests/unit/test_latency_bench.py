@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from katydid.load.latency import report, score_clip, utterances
@@ -15,7 +17,7 @@ def test_short_utterances_join_the_next_and_short_gaps_merge() -> None:
 
 def test_finals_are_timed_from_the_end_of_speech_they_carry() -> None:
     spans = [(0.5, 3.0), (4.0, 7.0)]
-    events = [
+    events: list[tuple[float, dict[str, Any]]] = [
         (2.0, {"type": "partial", "text": "hello"}),
         (3.0, {"type": "partial", "text": "hello there"}),
         (3.8, {"type": "final", "text": "hello there", "end_s": 2.9}),

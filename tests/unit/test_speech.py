@@ -68,7 +68,7 @@ def test_markers_are_stripped(text: str, expected: str) -> None:
 
 def _tone(seconds: float, freqs: list[float]) -> np.ndarray:
     t = np.arange(int(seconds * 16_000)) / 16_000
-    return (0.1 * sum(np.sin(2 * np.pi * f * t) for f in freqs)).astype(np.float32)
+    return np.asarray(0.1 * sum(np.sin(2 * np.pi * f * t) for f in freqs), dtype=np.float32)
 
 
 def test_detector_hears_nobody_in_silence_noise_or_tones() -> None:

@@ -111,7 +111,7 @@ class SpeechDetector:
         self._vad.reset()  # every clip is its own stream
         process = self._vad.process
         return np.fromiter(
-            (process(window.from_buffer(padded, i * WINDOW * 4)) for i in range(n)),
+            (process(window.from_buffer(padded.data, i * WINDOW * 4)) for i in range(n)),
             dtype=np.float32,
             count=n,
         )
