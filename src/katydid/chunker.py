@@ -64,21 +64,19 @@ class Chunker:
         vad: bool = False,
     ) -> None:
         self._eager = eager
-        self._vad: Any = None
-        if vad:
-            import webrtcvad
-
-            self._vad = webrtcvad.Vad(_VAD_MODE)
+        self._use_vad = vad
+        self._vad: Any = None  # made with the first audio: a session that sends none costs none
         self._min_frames = max(1, int(min_s * SAMPLE_RATE) // FRAME)
         self._max = (int(max_s * SAMPLE_RATE) // FRAME) * FRAME
         self._silence_frames = max(1, round(silence_s * SAMPLE_RATE / FRAME))
         # Grown by doubling up to max_s, released at flush: a session waiting in the queue for
         # its results holds no audio (500 waiting sessions once held 1 GB of empty buffers).
+        # The per-frame arrays grow with it (a session that has sent nothing holds none).
         self._buf = np.zeros(0, dtype=np.int16)
         self._n = 0  # samples held
-        self._rms = np.zeros(self._max // FRAME + 1)  # per complete frame held
+        self._rms = np.zeros(1)  # per complete frame held
         # Per frame held: did the VAD hear speech (all True without one).
-        self._speech = np.ones(self._max // FRAME + 1, dtype=bool)
+        self._speech = np.ones(1, dtype=bool)
         self._offset = 0  # samples already emitted
         self._seq = 0
         self._floor = np.inf
@@ -130,6 +128,8 @@ class Chunker:
                 self._offset += self._n
                 self._n = 0
         self._buf = np.zeros(0, dtype=np.int16)
+        self._rms = np.zeros(1)
+        self._speech = np.ones(1, dtype=bool)
         return out
 
     def _reserve(self, size: int) -> None:
@@ -139,6 +139,12 @@ class Chunker:
             )
             grown[: self._n] = self._buf[: self._n]
             self._buf = grown
+            frames = self._n // FRAME
+            rms = np.zeros(grown.size // FRAME + 1)
+            rms[:frames] = self._rms[:frames]
+            speech = np.ones(grown.size // FRAME + 1, dtype=bool)
+            speech[:frames] = self._speech[:frames]
+            self._rms, self._speech = rms, speech
 
     def _measure(self, start: int, end: int) -> None:
         if end <= start:
@@ -150,7 +156,11 @@ class Chunker:
         self._rms[start:end] = rms
         self._floor = min(self._floor, float(rms.min()))
         self._peak = max(self._peak * _PEAK_DECAY ** (end - start), float(rms.max()))
-        if self._vad is not None:
+        if self._use_vad:
+            if self._vad is None:
+                import webrtcvad
+
+                self._vad = webrtcvad.Vad(_VAD_MODE)
             is_speech = self._vad.is_speech
             for i, frame in enumerate(frames, start):
                 self._speech[i] = is_speech(frame.tobytes(), SAMPLE_RATE)

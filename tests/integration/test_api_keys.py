@@ -205,13 +205,14 @@ def test_a_valid_key_works_on_every_door(
     assert wer(jfk.reference, out.text) <= 0.05
     # vosk: the key in the query (vosk clients often cannot set headers); never logged.
     pcm = float_to_pcm16(decode_container(jfk.path, max_audio_s=60, max_bytes=10**8))
+    texts = []  # vosk answers each finished utterance as a result with "text"
     with connect(f"{stack.url}/vosk?api_key={key}") as ws:
         for i in range(0, len(pcm), 32000):
             ws.send(pcm[i : i + 32000])
-            json.loads(ws.recv(timeout=30))
+            texts.append(json.loads(ws.recv(timeout=30)).get("text", ""))
         ws.send('{"eof": 1}')
-        last = json.loads(ws.recv(timeout=120))
-    assert wer(jfk.reference, last["text"]) <= 0.1
+        texts.append(json.loads(ws.recv(timeout=120))["text"])
+    assert wer(jfk.reference, " ".join(texts)) <= 0.1
     assert key not in stack.log("gateway")
     # Wyoming: no key in its protocol; loopback is on the allowlist by default.
     port = stack.wyoming_port  # type: ignore[attr-defined]
@@ -219,7 +220,8 @@ def test_a_valid_key_works_on_every_door(
     assert wer(jfk.reference, text) <= 0.1
     m = _metrics(stack)
     assert m['katydid_key_sessions_total{key="alice"}'] >= 4
-    assert m['katydid_key_audio_seconds_total{key="alice"}'] >= 4 * 10.9
+    # Three files queue all their audio; the live vosk stream its speech, not its long pauses.
+    assert m['katydid_key_audio_seconds_total{key="alice"}'] >= 3 * 10.9 + 0.75 * 10.9
 
 
 async def _wyoming(port: int, pcm: bytes) -> str:
