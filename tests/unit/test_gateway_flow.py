@@ -426,3 +426,32 @@ async def test_queue_and_worker_metrics_follow_the_bus(autojump_clock: Any) -> N
         )
         r.bus.lose()
         await _eventually(lambda: _metric(m, "katydid_nats_connected") == 0)
+
+
+async def test_an_upload_is_released_once_decoded_not_when_its_results_come(
+    autojump_clock: Any,
+) -> None:
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes(_speech_like(3.0))
+    async with rig() as r:
+        ws = await r.connect()
+        await ws.send_message(json.dumps({"type": "start", "format": "wav"}))
+        await _next(ws)
+        await ws.send_message(buf.getvalue())
+        await ws.send_message('{"type": "stop"}')
+        await _eventually(lambda: len(r.bus.finals()) >= 1)
+        await trio.testing.wait_all_tasks_blocked()
+        (live,) = r.gateway.sessions.values()
+        assert live.session.intake is not None
+        # Waiting for its result, the session no longer holds the file's bytes.
+        assert live.session.intake.upload.closed
+        for q in r.bus.finals():
+            r.bus.answer(q, "x")
+        assert (await _next(ws, "queued"))["type"] == "final"
