@@ -60,6 +60,12 @@ def add_parsers(sub: Any) -> None:
         "--max-attempts", type=int, default=6, help="attempts per session (with backoff)"
     )
     ld.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client waits for TCP connect, then again for the handshake (%(default)s)",
+    )
+    ld.add_argument(
         "--max-wait", type=float, help="the clients' max_wait_s (queue ETA they accept)"
     )
     ld.add_argument(
@@ -265,6 +271,7 @@ def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
             duration_s=args.duration,
             ramp_s=args.ramp,
             session_timeout_s=args.session_timeout,
+            connect_timeout_s=args.connect_timeout,
             drain_s=args.drain,
             retry=RetryPolicy(max_attempts=args.max_attempts),
             metrics_url=server.metrics_url if server else args.metrics_url,

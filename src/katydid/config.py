@@ -139,8 +139,13 @@ class Config:
     worker_models: str = ""
     worker_heartbeat_s: float = 2.0
     worker_restart_max_backoff_s: float = 30.0
+    # Added to a worker's CPU niceness at start: on a shared host inference yields to the
+    # gateway, which must accept and answer thousands of clients while the workers are busy.
+    worker_nice: int = 10
 
     def __post_init__(self) -> None:
+        if not 0 <= self.worker_nice <= 19:
+            raise ConfigError("worker_nice must be between 0 and 19")
         if self.engine_threads < 1:
             raise ConfigError("engine_threads must be >= 1")
         if self.beam_size < 0:

@@ -2,7 +2,9 @@
 
 Real processes: one nats-server, two gateways sharing the WebSocket port (``reuse_port``,
 SO_REUSEPORT: the kernel spreads connections), two whisper.cpp workers; ``katydid load`` (its own
-process) runs N clients for 30 s, each sending a short clip and waiting for its transcript.
+process, at the server's CPU priority: clients are remote in life, and niced here they starved
+and timed out connecting) runs N clients for 30 s, each sending a short clip and waiting for its
+transcript; the workers run at ``worker_nice``.
 Nobody may be refused: the clients accept any queue ETA (``--max-wait``) and wait as long as the
 queue takes (``--session-timeout``, ``--drain``); the job stream is sized for N clips. Gateway
 RSS is sampled every second: RSS per started session = (peak - before) / the most sessions that
@@ -74,9 +76,9 @@ def main() -> int:
             sys.executable, "-m", "katydid", "load", "--url", stack.url,
             "--metrics-url", f"{stack.metrics_url}/metrics", "--mode", "short",
             "--files", str(clip.path), "--concurrency", str(args.clients),
-            "--duration", str(args.duration), "--ramp", "10", "--max-wait", str(wait_s),
+            "--duration", str(args.duration), "--ramp", "20", "--max-wait", str(wait_s),
             "--session-timeout", str(wait_s), "--drain", str(wait_s), "--max-attempts", "1",
-            "--report", str(args.out / "load"), "--json",
+            "--report", str(args.out / "load"), "--json", "--nice", "0",
         ]  # fmt: skip
         started = time.monotonic()
         out = subprocess.run(command, capture_output=True, text=True, check=False)

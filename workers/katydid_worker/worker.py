@@ -438,5 +438,7 @@ class Worker:
 
 def run_worker(cfg: Config, model_path: Path, worker_id: str | None = None) -> None:
     """Entry point of ``katydid worker``: load the model, then serve jobs until SIGTERM."""
+    if cfg.worker_nice:
+        os.nice(cfg.worker_nice)  # inference yields the CPU to the gateway (config.py)
     worker = Worker(cfg, model_path, worker_id)
     anyio.run(worker.run, backend="asyncio")

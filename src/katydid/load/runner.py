@@ -42,6 +42,7 @@ class LoadSpec:
     duration_s: float = 10.0
     ramp_s: float = 0.0
     session_timeout_s: float = 900.0
+    connect_timeout_s: float = 10.0  # TCP connect, then the WebSocket handshake, each
     drain_s: float = 300.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     metrics_url: str | None = None
@@ -178,6 +179,7 @@ class LoadRunner:
                     realtime=spec.mode == "stream",
                     options=options,
                     session_timeout_s=spec.session_timeout_s,
+                    connect_timeout_s=spec.connect_timeout_s,
                 )
             except client.ClientError as exc:
                 outcome, code = exc.kind, None
