@@ -7,7 +7,8 @@ and timed out connecting) runs N clients for 30 s, each sending a short clip and
 transcript; the workers run at ``worker_nice``.
 Nobody may be refused: the clients accept any queue ETA (``--max-wait``) and wait as long as the
 queue takes (``--session-timeout``, ``--drain``); the job stream is sized for N clips. Clients
-start over the 30 s, wait up to 60 s to connect and retry a failed connect with backoff (up to
+start over the first 20 of the 30 s (a client whose start falls at the end of the duration never
+starts one: at a 30 s ramp 704 of 10,000 did not), wait up to 60 s to connect and retry a failed connect with backoff (up to
 6 attempts), as the seed scenario's clients do. Gateway
 RSS is sampled every second: RSS per started session = (peak - before) / the most sessions that
 gateway held at once (its ``session`` log lines give how many it served). Writes ``scale.md`` and
@@ -82,7 +83,7 @@ def main() -> int:
             sys.executable, "-m", "katydid", "load", "--url", stack.url,
             "--metrics-url", f"{stack.metrics_url}/metrics", "--mode", "short",
             "--files", str(clip.path), "--concurrency", str(args.clients),
-            "--duration", str(args.duration), "--ramp", str(args.duration), "--max-wait", str(wait_s),
+            "--duration", str(args.duration), "--ramp", str(2 * args.duration / 3), "--max-wait", str(wait_s),
             "--session-timeout", str(wait_s), "--drain", str(wait_s), "--max-attempts", "6", "--connect-timeout", "60",
             "--report", str(args.out / "load"), "--json", "--nice", "0",
         ]  # fmt: skip
