@@ -11,6 +11,7 @@ seconds and its own elapsed time.
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from katydid.errors import EngineError
 from katydid.messages import SAMPLE_RATE
 from katydid_worker.engine import Engine, EngineOptions
+
+_START_TIMEOUT_S = 600.0  # to load the model and warm up, per process
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +58,14 @@ def _run_one(
     barrier: Any,
     out: Any,
 ) -> None:
-    engine = Engine(Path(model_path), options)
-    engine.transcribe(clips[index % len(clips)][:SAMPLE_RATE])  # warm caches before the clock
-    barrier.wait()
+    try:
+        engine = Engine(Path(model_path), options)
+        engine.transcribe(clips[index % len(clips)][:SAMPLE_RATE])  # warm before the clock
+        barrier.wait(timeout=_START_TIMEOUT_S)
+    except Exception as exc:
+        barrier.abort()  # the others stop waiting for this one
+        out.put(f"engine process {index}: {type(exc).__name__}: {exc}")
+        return
     started = time.perf_counter()
     n, audio = 0, 0.0
     i = index
@@ -67,6 +76,33 @@ def _run_one(
         audio += clip.size / SAMPLE_RATE
         i += 1
     out.put((n, audio, time.perf_counter() - started))
+
+
+def _collect(procs: list[Any], out: Any, timeout_s: float) -> list[tuple[int, float, float]]:
+    """Each process's totals; a process that failed or died is an error at once, not a wait
+    for the timeout (the load report waited 10 minutes on an engine that could not start).
+
+    Raises:
+        EngineError: a process failed, died, or did not report within ``timeout_s``.
+    """
+    results: list[tuple[int, float, float]] = []
+    deadline = time.monotonic() + timeout_s
+    while len(results) < len(procs):
+        try:
+            got = out.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise EngineError(f"an engine process died (exit code {dead[0]})") from None
+            if time.monotonic() > deadline:
+                raise EngineError(
+                    f"the engine processes did not report in {timeout_s:.0f} s"
+                ) from None
+            continue
+        if isinstance(got, str):
+            raise EngineError(f"the engine baseline failed: {got}")
+        results.append(got)
+    return results
 
 
 def bench_engine(
@@ -94,9 +130,13 @@ def bench_engine(
     ]
     for p in procs:
         p.start()
-    results = [out.get(timeout=duration_s + 600) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        results = _collect(procs, out, duration_s + _START_TIMEOUT_S)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
     return BenchResult(
         processes=processes,
         clips=sum(r[0] for r in results),
