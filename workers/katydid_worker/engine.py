@@ -28,6 +28,7 @@ from katydid.messages import SAMPLE_RATE
 from katydid_worker.guardrails import (
     CLIP_CTX_STEPS,
     FULL_CTX,
+    attempt_budget_s,
     check_output,
     choose_audio_ctx,
     strip_markers,
@@ -92,7 +93,9 @@ class EngineOptions:
     # margin); guardrails.py has the measurements. Longer clips use the full window: past 640
     # positions a clip-sized run would come too close to its budget (half a full window).
     clip_ctx_steps: tuple[int, ...] = CLIP_CTX_STEPS
-    budget_ratio: float = 0.5  # clip-sized run's CPU budget, x the full-window CPU time
+    # A clip-sized attempt's CPU budget: this much of the clip's own full-window time
+    # (guardrails.attempt_budget_s), so that attempt plus fallback stay within 1.5x of it.
+    budget_ratio: float = 0.5
     temperature_fallback: bool = True  # whisper.cpp's temperature retries, in full-window runs
     entropy_thold: float = 2.4
     logprob_thold: float = -1.0
@@ -199,21 +202,37 @@ class Engine:
         # and budgeted in CPU seconds of this process, not wall time: a busy machine must not
         # turn good clip-sized runs into fallbacks (and make results depend on the load).
         self.full_window_s = 0.0
+        self.budgets_s: dict[int, float] = {}  # a clip-sized attempt's CPU budget, per size
         if self.options.clip_context:
-            silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
-            # The clip context's first run, at its largest size, sets up its buffers here rather
-            # than inside the first job's budget.
-            self._run(
-                silence, audio_ctx=max(self.options.clip_ctx_steps), temperature_inc=0.0, abort=None
-            )
-            # Median of three: one noisy measurement would set this worker's budget for good
-            # (this machine's speed varies by 10-30% from one second to the next).
-            samples = []
-            for _ in range(3):
+            self._calibrate()
+
+    def _calibrate(self) -> None:
+        """Near-empty runs at the full window and at the smallest and largest clip size set
+        each size's budget (``attempt_budget_s``). The encoder's cost is linear in the size
+        between those two (measured: 0.169, 0.199, 0.232, 0.261, 0.294 CPU s for 384-640
+        positions on an AMD EPYC), so the sizes between are interpolated."""
+        silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
+        steps = sorted(self.options.clip_ctx_steps)
+        lo, hi = steps[0], steps[-1]
+        # The clip context's first run, at its largest size, sets up its buffers here rather
+        # than inside the first job's budget.
+        self._run(silence, audio_ctx=hi, temperature_inc=0.0, abort=None)
+        # Medians of three, interleaved: one noisy measurement would set this worker's budget
+        # for good (this machine's speed varies by 10-30% from one minute to the next).
+        samples: dict[int, list[float]] = {FULL_CTX: [], lo: [], hi: []}
+        for _ in range(3):
+            for ctx, runs in samples.items():
                 started = time.process_time()
-                self._run(silence, audio_ctx=FULL_CTX, temperature_inc=0.0, abort=None)
-                samples.append(time.process_time() - started)
-            self.full_window_s = statistics.median(samples)
+                self._run(silence, audio_ctx=ctx, temperature_inc=0.0, abort=None)
+                runs.append(time.process_time() - started)
+        cost = {ctx: statistics.median(runs) for ctx, runs in samples.items()}
+        self.full_window_s = cost[FULL_CTX]
+        for step in steps:
+            at = (step - lo) / (hi - lo) if hi > lo else 0.0
+            empty_s = cost[lo] + at * (cost[hi] - cost[lo])
+            self.budgets_s[step] = attempt_budget_s(
+                self.full_window_s, empty_s, self.options.budget_ratio
+            )
 
     @staticmethod
     def _params(opts: EngineOptions) -> dict[str, Any]:
@@ -301,7 +320,7 @@ class Engine:
         if ctx < FULL_CTX:
             # A loop shows as a decode that runs on: the budget stops it (whisper.cpp reports
             # segments only at the end of a window, so text cannot be watched while it grows).
-            deadline = time.process_time() + opts.budget_ratio * self.full_window_s
+            deadline = time.process_time() + self.budgets_s[ctx]
 
             def over_budget() -> bool:
                 return time.process_time() > deadline or bool(should_abort and should_abort())

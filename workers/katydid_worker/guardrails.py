@@ -37,8 +37,35 @@ MIN_VOICED_S_FOR_TEXT = 1.0  # this much voiced audio should give some text
 # ms): 256: 73, 320: 207, 384: 128, 448: 132, 512: 164, 576: 181, 640: 205, 704: 494, 768: 293,
 # 832: 633, full window (flash on): 847. Some sizes hit slow kernels at 2-3x their neighbours'
 # cost, so the steps are a measured list, not a stride. Below 384 clips of 2-3 s loop; past 640
-# (11.8 s of clip) encoder plus decoding no longer fits safely in the budget (engine.py).
+# (11.8 s of clip) encoder plus decoding no longer fits safely in the budget (see
+# attempt_budget_s: at 768 the encoder alone is ~0.4 of the full window's).
 CLIP_CTX_STEPS = (384, 448, 512, 576, 640)
+
+
+def attempt_budget_s(full_s: float, empty_s: float, ratio: float = 0.5) -> float:
+    """CPU seconds a clip-sized attempt may take before it is abandoned for the full window.
+
+    ``full_s``: a near-empty clip's full-window run (the encoder's fixed cost); ``empty_s``: a
+    near-empty clip's run at the attempt's size. A clip's own full-window time is ``full_s``
+    plus decoding its text, which the attempt decodes too: an attempt that has spent ``x``
+    has done ``x - empty_s`` of that decoding, so it is within ``ratio`` x its own full-window
+    time while ``x <= ratio * (full_s + x - empty_s)``, i.e. up to
+    ``ratio / (1 - ratio) * (full_s - empty_s)`` (never less than ``ratio * full_s``, the
+    bound for a clip with no text). Attempt plus fallback then stay within ``1 + ratio`` x the
+    clip's full-window time whenever the full window decodes at least the attempt's text; an
+    attempt that loops where the full window would not stops below one near-empty full window,
+    so such a clip stays under twice its full-window time.
+
+    A budget of ``ratio * full_s`` alone (the earlier rule) gave up on text-dense clips (7-11 s
+    read speech: 0.5-0.55 of a near-empty full window, 0.45-0.5 of their own) whenever this
+    host ran slower than when it was measured, and paid for both runs: 13% of the seed load's
+    jobs and a third of its engine time.
+    """
+    if ratio <= 0:
+        raise ValueError("the attempt's ratio must be positive")
+    if ratio >= 1:
+        return math.inf  # as dear as the full window or more: no reason to stop it
+    return max(ratio * full_s, ratio / (1 - ratio) * (full_s - empty_s))
 
 
 def choose_audio_ctx(
@@ -81,6 +108,17 @@ def max_ngram_repeats(text: str, n: int = 3) -> int:
     return max(grams.values(), default=0)
 
 
+def tail_repeat(text: str, max_words: int = 8) -> int:
+    """How many words the text ends with twice in a row ("In this regard, this regard."): a
+    clip-sized window's typical echo of its last phrase, 0 if none. One repeated word
+    ("very very") is speech; two or more at the very end rarely are."""
+    words = re.findall(r"[\w']+", text.lower())
+    for n in range(2, min(max_words, len(words) // 2) + 1):
+        if words[-n:] == words[-2 * n : -n]:
+            return n
+    return 0
+
+
 def voiced_seconds(audio: np.ndarray) -> float:
     """Rough voiced duration: 30 ms frames louder than both a floor and 26 dB under the peak."""
     n = audio.size // _FRAME
@@ -97,7 +135,7 @@ def check_output(text: str, duration_s: float, voiced_s: float) -> str | None:
     """Why this transcript looks wrong for this audio, or None if it passes every check.
 
     Returns:
-        ``"empty"``, ``"too_long"``, ``"compression"`` or ``"repetition"``.
+        ``"empty"``, ``"too_long"``, ``"compression"``, ``"repetition"`` or ``"tail_repeat"``.
     """
     stripped = text.strip()
     if not stripped:
@@ -111,4 +149,6 @@ def check_output(text: str, duration_s: float, voiced_s: float) -> str | None:
         return "compression"
     if max_ngram_repeats(stripped) > MAX_NGRAM_REPEATS:
         return "repetition"
+    if tail_repeat(stripped):
+        return "tail_repeat"
     return None
