@@ -198,9 +198,11 @@ def test_a_transcript_does_not_depend_on_what_the_engine_ran_before(
     # tested elsewhere); this test is about state left behind.
     unbudgeted = EngineOptions(budget_ratio=1000.0)
     shared = Engine(model_path, unbudgeted)
-    sizes = {shared.transcribe(a).audio_ctx for a in audio.values()}
+    runs = [shared.transcribe(a) for a in audio.values()]
+    sizes = {tr.audio_ctx for tr in runs}
     assert len(sizes) >= 4, sizes  # several clip sizes and the full window took part
-    assert shared.fallbacks == 0
+    # Fallbacks here come from the output checks (an echoed last phrase), never the clock.
+    assert "budget" not in {tr.fallback for tr in runs}
     for name in ("ldc93s1_timit.wav", "librivox_ss01_0870.wav", "jfk.wav"):
         fresh = Engine(model_path, unbudgeted).transcribe(audio[name])
         again = shared.transcribe(audio[name])
