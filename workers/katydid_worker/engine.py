@@ -91,7 +91,7 @@ class EngineOptions:
     ctx_margin_s: float = 1.0  # context beyond the clip's length
     # The context sizes a clip may get (a clip takes the smallest that holds it plus the
     # margin); guardrails.py has the measurements. Longer clips use the full window: past 640
-    # positions a clip-sized run would come too close to its budget (half a full window).
+    # positions a clip-sized run's encoder leaves too little of its budget for the text.
     clip_ctx_steps: tuple[int, ...] = CLIP_CTX_STEPS
     # A clip-sized attempt's CPU budget: this much of the clip's own full-window time
     # (guardrails.attempt_budget_s), so that attempt plus fallback stay within 1.5x of it.
