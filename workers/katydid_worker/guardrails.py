@@ -52,9 +52,9 @@ def attempt_budget_s(full_s: float, empty_s: float, ratio: float = 0.5) -> float
     time while ``x <= ratio * (full_s + x - empty_s)``, i.e. up to
     ``ratio / (1 - ratio) * (full_s - empty_s)`` (never less than ``ratio * full_s``, the
     bound for a clip with no text). Attempt plus fallback then stay within ``1 + ratio`` x the
-    clip's full-window time whenever the full window decodes at least the attempt's text; an
-    attempt that loops where the full window would not stops below one near-empty full window,
-    so such a clip stays under twice its full-window time.
+    clip's full-window time whenever the full window decodes at least the attempt's text. With
+    ``ratio`` 0.5 (the default) an attempt that loops where the full window would not stops
+    below one near-empty full window, so such a clip stays under twice its full-window time.
 
     A budget of ``ratio * full_s`` alone (the earlier rule) gave up on text-dense clips (7-11 s
     read speech: 0.5-0.55 of a near-empty full window, 0.45-0.5 of their own) whenever this
