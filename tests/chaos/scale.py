@@ -11,8 +11,8 @@ start over the first 20 of the 30 s (a client whose start falls at the end of th
 starts one: at a 30 s ramp 704 of 10,000 did not), wait up to 60 s to connect and retry a failed connect with backoff (up to
 6 attempts), as the seed scenario's clients do. Gateway
 RSS is sampled every second: RSS per started session = (peak - before) / the most sessions that
-gateway held at once (its ``session`` log lines give how many it served). Writes ``scale.md`` and
-``scale.json``; exits 1 on any client error.
+gateway held at once (its /metrics give how many it served). Writes ``scale.json`` (and the load
+report under ``load/``); exits 1 on any client error.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from katydid.cli_load import find_speech_dir
 from katydid.config import Config
 from katydid.evaluation import read_manifest
 from tests.chaos.__main__ import _host
@@ -41,8 +42,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=Path("reports/scale"))
     args = parser.parse_args()
-    speech = Path(__file__).resolve().parents[3] / "shared" / "data" / "speech"
-    clip = next(c for c in read_manifest(speech / "manifest.tsv") if c.name == CLIP)
+    clip = next(c for c in read_manifest(find_speech_dir() / "manifest.tsv") if c.name == CLIP)
     args.out.mkdir(parents=True, exist_ok=True)
     wait_s = 4 * 3600
     root = Path(tempfile.mkdtemp(prefix="katydid-scale-"))

@@ -7,7 +7,9 @@ test that waits for a 120 s timeout takes milliseconds), so timeouts are tested,
 
 from __future__ import annotations
 
+import io
 import json
+import wave
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -431,9 +433,6 @@ async def test_queue_and_worker_metrics_follow_the_bus(autojump_clock: Any) -> N
 async def test_an_upload_is_released_once_decoded_not_when_its_results_come(
     autojump_clock: Any,
 ) -> None:
-    import io
-    import wave
-
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)

@@ -207,31 +207,28 @@ class Engine:
             self._calibrate()
 
     def _calibrate(self) -> None:
-        """Near-empty runs at the full window and at the smallest and largest clip size set
-        each size's budget (``attempt_budget_s``). The encoder's cost is linear in the size
-        between those two (measured: 0.169, 0.199, 0.232, 0.261, 0.294 CPU s for 384-640
-        positions on an AMD EPYC), so the sizes between are interpolated."""
+        """Near-empty runs at the full window and at every clip size set each size's budget
+        (``attempt_budget_s``). Every size is measured, not interpolated: the encoder's cost is
+        linear in the size on an AMD EPYC (0.169-0.294 CPU s for 384-640 positions), but some
+        sizes hit slow kernels at 2-3x their neighbours' cost (guardrails.py), and which ones
+        depends on the CPU."""
         silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
         steps = sorted(self.options.clip_ctx_steps)
-        lo, hi = steps[0], steps[-1]
         # The clip context's first run, at its largest size, sets up its buffers here rather
         # than inside the first job's budget.
-        self._run(silence, audio_ctx=hi, temperature_inc=0.0, abort=None)
+        self._run(silence, audio_ctx=steps[-1], temperature_inc=0.0, abort=None)
         # Medians of three, interleaved: one noisy measurement would set this worker's budget
         # for good (this machine's speed varies by 10-30% from one minute to the next).
-        samples: dict[int, list[float]] = {FULL_CTX: [], lo: [], hi: []}
+        samples: dict[int, list[float]] = {ctx: [] for ctx in (FULL_CTX, *steps)}
         for _ in range(3):
             for ctx, runs in samples.items():
                 started = time.process_time()
                 self._run(silence, audio_ctx=ctx, temperature_inc=0.0, abort=None)
                 runs.append(time.process_time() - started)
-        cost = {ctx: statistics.median(runs) for ctx, runs in samples.items()}
-        self.full_window_s = cost[FULL_CTX]
+        self.full_window_s = statistics.median(samples[FULL_CTX])
         for step in steps:
-            at = (step - lo) / (hi - lo) if hi > lo else 0.0
-            empty_s = cost[lo] + at * (cost[hi] - cost[lo])
             self.budgets_s[step] = attempt_budget_s(
-                self.full_window_s, empty_s, self.options.budget_ratio
+                self.full_window_s, statistics.median(samples[step]), self.options.budget_ratio
             )
 
     @staticmethod
