@@ -53,6 +53,9 @@ class Config:
     # An uploaded file is held in memory up to this, the rest in a temporary file, until it is
     # decoded (block by block) after stop
     upload_memory_bytes: int = 4 * 1024 * 1024
+    # The gateway's buffers of at least this size are mapped apart and returned to the system
+    # when freed (glibc; heap.py); 0 = glibc's own, rising threshold
+    malloc_mmap_threshold_bytes: int = 32 * 1024
     # Processes
     data_dir: Path = field(default_factory=_default_data_dir)
     log_format: str = "auto"  # auto | json | console
@@ -170,6 +173,8 @@ class Config:
                 raise ConfigError(f"{name} must be >= 1")
         self.worker_plan()  # raises on a malformed worker_models
         self.wyoming_networks()  # raises on a malformed wyoming_allow
+        if not 0 <= self.malloc_mmap_threshold_bytes <= 32 * 1024 * 1024:
+            raise ConfigError("malloc_mmap_threshold_bytes must be 0 (glibc's own) to 32 MiB")
         if self.bulk_every < 0:
             raise ConfigError("bulk_every must be >= 0 (0 = interactive strictly first)")
         if self.stream_max_msg_bytes < 1_000_000:

@@ -22,6 +22,7 @@ from katydid.gateway.http import build_app
 from katydid.gateway.server import Gateway
 from katydid.gateway.websocket import WebSocketDoor
 from katydid.gateway.wyoming import WyomingDoor
+from katydid.heap import fix_mmap_threshold
 from katydid.httpd import serve_http
 from katydid.tls import server_context, tls_files
 
@@ -31,6 +32,11 @@ log = structlog.get_logger("katydid.gateway")
 class GatewayService:
     def __init__(self, cfg: Config, *, bus: JobBus | None = None) -> None:
         self.cfg = cfg
+        # Uploads and job bodies are large, short-lived buffers: returned when freed, not kept
+        # in the heap between the sessions still open (heap.py).
+        why_not = fix_mmap_threshold(cfg.malloc_mmap_threshold_bytes)
+        if why_not is not None:
+            log.warning("malloc_not_tuned", reason=why_not)
         self.tls = server_context(cfg)  # a certificate that cannot be used stops us here
         self.gateway = Gateway(cfg, bus=bus)
         self.websocket = WebSocketDoor(self.gateway, self.tls)
