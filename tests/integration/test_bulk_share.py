@@ -4,6 +4,7 @@ bulk lane while the interactive lane is full (strict priority left bulk untouche
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,27 @@ def test_bulk_gets_its_turn_while_interactive_is_full(
 
         wait_until(lambda: len(taken()) == 7, 120, "the worker to answer all seven jobs")
         assert taken().index("b0") == bulk_turn, taken()
+
+
+def test_queued_uploads_follow_each_other_without_a_wait_on_the_empty_interactive_lane(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    # Asking the empty interactive lane with a lingering fetch before each bulk job left the
+    # worker idle for that fetch's whole timeout (0.5 s) between uploads' jobs.
+    with Stack(tmp_path, model_dir, workers=0) as stack:
+        publish_jobs(stack.nats_url, [_job(f"b{n}", "bulk") for n in range(6)])
+        stack.start_worker(0)
+
+        def done() -> list[dict[str, object]]:
+            return [e for e in stack.log_events("worker0") if e.get("event") == "job"]
+
+        wait_until(lambda: len(done()) == 6, 120, "the worker to answer all six jobs")
+        jobs = done()
+        ends = [datetime.fromisoformat(str(e["timestamp"])).timestamp() for e in jobs]
+        # Between one job's log line and the next: the next job's engine time, and the
+        # worker's own overhead (fetch, decode, publish, ack) — no fetch timeout.
+        idle = [
+            b - a - float(str(j["compute_s"]))
+            for a, b, j in zip(ends, ends[1:], jobs[1:], strict=False)
+        ]
+        assert max(idle) < 0.25, idle

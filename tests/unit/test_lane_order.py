@@ -5,7 +5,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import anyio
-import nats.errors
 
 from katydid_worker.worker import Worker, lane_order
 
@@ -23,29 +22,53 @@ def test_lane_order() -> None:
 
 
 class _Lane:
-    """A pull subscription's ``fetch``: its queued jobs, or a timeout when it has none."""
+    """A lane as ``PullLane`` offers it: its queued jobs, asked for now or waited for."""
 
     def __init__(self, jobs: int) -> None:
         self.jobs = jobs
-        self.fetches = 0
+        self.asked = 0
+        self.waited = 0
 
-    async def fetch(self, batch: int, timeout: float) -> list[str]:  # noqa: ASYNC109 - its API
-        self.fetches += 1
+    async def take_now(self) -> str | None:
+        self.asked += 1
         if not self.jobs:
-            raise nats.errors.TimeoutError
+            return None
         self.jobs -= 1
-        return ["job"]
+        return "job"
+
+    async def take_within(self, timeout_s: float) -> str | None:
+        self.waited += 1  # a real lane would wait timeout_s here
+        return await self.take_now()
 
 
-def test_an_empty_bulk_lane_is_probed_once_per_turn_not_before_every_job() -> None:
-    # Each probe of an empty lane waits for its fetch timeout (50 ms for bulk): before every
-    # job, as it was once bulk's turn had come, that cost the seed load 13% of its workers.
-    lanes = {"interactive": _Lane(12), "bulk": _Lane(0)}
-    worker = SimpleNamespace(_interactive_streak=0, cfg=SimpleNamespace(bulk_every=4))
+def _take(lanes: dict[str, _Lane], jobs: int, bulk_every: int = 4) -> None:
+    worker = SimpleNamespace(_interactive_streak=0, cfg=SimpleNamespace(bulk_every=bulk_every))
 
     async def take_all() -> None:
-        for _ in range(12):
+        for _ in range(jobs):
             assert await Worker._next(worker, lanes) == "job"  # type: ignore[arg-type]
 
     anyio.run(take_all)
-    assert lanes["bulk"].fetches == 12 // 4  # once every 4 jobs
+
+
+def test_an_empty_bulk_lane_is_asked_once_per_turn_not_before_every_job() -> None:
+    lanes = {"interactive": _Lane(12), "bulk": _Lane(0)}
+    _take(lanes, 12)
+    assert lanes["bulk"].asked == 12 // 4  # once every 4 jobs
+    assert lanes["interactive"].waited == 0
+
+
+def test_queued_uploads_are_taken_without_waiting_on_the_empty_interactive_lane() -> None:
+    # A lingering fetch on the empty interactive lane before each bulk job left a worker idle
+    # for its whole timeout (0.5 s) per job when only uploads were queued.
+    lanes = {"interactive": _Lane(0), "bulk": _Lane(10)}
+    _take(lanes, 10)
+    assert lanes["interactive"].waited == 0
+    assert lanes["bulk"].jobs == 0
+
+
+def test_with_both_lanes_empty_the_worker_waits_on_the_interactive_lane() -> None:
+    lanes = {"interactive": _Lane(0), "bulk": _Lane(0)}
+    worker = SimpleNamespace(_interactive_streak=0, cfg=SimpleNamespace(bulk_every=4))
+    assert anyio.run(Worker._next, worker, lanes) is None  # type: ignore[arg-type]
+    assert (lanes["interactive"].waited, lanes["bulk"].asked) == (1, 1)
