@@ -56,6 +56,8 @@ class Config:
     # The gateway's buffers of at least this size are mapped apart and returned to the system
     # when freed (glibc; heap.py); 0 = glibc's own, rising threshold
     malloc_mmap_threshold_bytes: int = 32 * 1024
+    # Every this often the gateway gives the free pages inside its heap back (0 = never)
+    malloc_trim_interval_s: float = 10.0
     # Processes
     data_dir: Path = field(default_factory=_default_data_dir)
     log_format: str = "auto"  # auto | json | console
@@ -175,6 +177,8 @@ class Config:
         self.wyoming_networks()  # raises on a malformed wyoming_allow
         if not 0 <= self.malloc_mmap_threshold_bytes <= 32 * 1024 * 1024:
             raise ConfigError("malloc_mmap_threshold_bytes must be 0 (glibc's own) to 32 MiB")
+        if self.malloc_trim_interval_s < 0:
+            raise ConfigError("malloc_trim_interval_s must be >= 0 (0 = never)")
         if self.bulk_every < 0:
             raise ConfigError("bulk_every must be >= 0 (0 = interactive strictly first)")
         if self.stream_max_msg_bytes < 1_000_000:

@@ -26,6 +26,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
+from katydid import heap
 from katydid.bus.memory import MemoryBus
 from katydid.config import Config
 from katydid.errors import NatsError, StreamFull
@@ -454,3 +455,22 @@ async def test_an_upload_is_released_once_decoded_not_when_its_results_come(
         for q in r.bus.finals():
             r.bus.answer(q, "x")
         assert (await _next(ws, "queued"))["type"] == "final"
+
+
+async def test_the_gateway_gives_freed_memory_back_on_its_interval(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trims: list[bool] = []
+
+    def trim() -> bool:  # runs in a thread
+        trims.append(True)
+        return True
+
+    monkeypatch.setattr(heap, "trim", trim)
+    async with rig(_config(malloc_trim_interval_s=10.0)):
+        # (Not timed: the trim runs in a thread, whose real time the autojump clock skips.)
+        await _eventually(lambda: len(trims) >= 3)
+    trims.clear()
+    async with rig(_config(malloc_trim_interval_s=0)):
+        await trio.sleep(35)
+    assert not trims  # 0: never

@@ -29,6 +29,7 @@ import structlog
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from katydid import heap
 from katydid.bus import BusHandlers, JobBus
 from katydid.config import Config
 from katydid.errors import (
@@ -162,7 +163,16 @@ class Gateway:
             await nursery.start(self.bus.run)
             nursery.start_soon(self._poll_queue)
             nursery.start_soon(self.cleanup.run)
+            if self.cfg.malloc_trim_interval_s > 0:
+                nursery.start_soon(self._return_freed_memory)
             task_status.started()
+
+    async def _return_freed_memory(self) -> None:
+        """Every ``malloc_trim_interval_s``: the heap's free pages back to the system (heap.py),
+        in a thread (it walks the heap; the event loop goes on)."""
+        while True:
+            await trio.sleep(self.cfg.malloc_trim_interval_s)
+            await trio.to_thread.run_sync(heap.trim)
 
     async def cleanup_done(self) -> None:
         """At shutdown, after the sessions ended: until their jobs are deleted and cancelled."""
