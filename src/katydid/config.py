@@ -53,6 +53,8 @@ class Config:
     # An uploaded file is held in memory up to this, the rest in a temporary file, until it is
     # decoded (block by block) after stop
     upload_memory_bytes: int = 4 * 1024 * 1024
+    # ...and all uploads together up to this (gateway-wide); past it, uploads go to disk
+    upload_memory_total_bytes: int = 64 * 1024 * 1024
     # The gateway's buffers of at least this size are mapped apart and returned to the system
     # when freed (glibc; heap.py); 0 = glibc's own, rising threshold
     malloc_mmap_threshold_bytes: int = 32 * 1024
@@ -165,6 +167,7 @@ class Config:
             raise ConfigError("chunk_pause_s must be at least 0.03 (one frame) and < chunk_max_s")
         for name in (
             "upload_memory_bytes",
+            "upload_memory_total_bytes",
             "max_prompt_bytes",
             "max_frame_bytes",
             "max_jobs_in_flight",

@@ -162,6 +162,16 @@ class GatewayMetrics:
         self.nats_connected = Gauge(
             "katydid_nats_connected", "1 while the gateway is connected to NATS", registry=r
         )
+        self.upload_memory = Gauge(
+            "katydid_upload_memory_bytes",
+            "Bytes of uploads held in memory (bounded by upload_memory_total_bytes)",
+            registry=r,
+        )
+        self.uploads_spilled = Gauge(
+            "katydid_uploads_spilled",
+            "Uploads written to disk because upload_memory_total_bytes was reached",
+            registry=r,
+        )
 
 
 def parse_text(text: str) -> dict[str, float]:

@@ -474,3 +474,29 @@ async def test_the_gateway_gives_freed_memory_back_on_its_interval(
     async with rig(_config(malloc_trim_interval_s=0)):
         await trio.sleep(35)
     assert not trims  # 0: never
+
+
+async def test_an_upload_past_the_gateways_memory_bound_waits_on_disk_and_is_served(
+    autojump_clock: Any,
+) -> None:
+    pcm = _speech_like(3.0)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes(pcm)
+    async with rig(_config(upload_memory_total_bytes=1)) as r:
+        ws = await r.connect()
+        await ws.send_message(json.dumps({"type": "start", "format": "wav"}))
+        await _next(ws)
+        await ws.send_message(buf.getvalue())
+        await ws.send_message('{"type": "stop"}')
+        await _eventually(lambda: len(r.bus.finals()) >= 1)
+        g = r.gateway
+        assert _metric(g, "katydid_uploads_spilled") == 1
+        assert _metric(g, "katydid_upload_memory_bytes") == 0
+        assert b"".join(q.pcm for q in r.bus.finals()) == pcm  # from disk, whole
+        for q in r.bus.finals():
+            r.bus.answer(q, "x")
+        assert (await _next(ws, "queued"))["type"] == "final"

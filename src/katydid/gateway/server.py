@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -47,6 +46,7 @@ from katydid.gateway.options import Limits
 from katydid.gateway.outputs import Admit, CancelJobs, JobStamp, Output, Publish
 from katydid.gateway.session import Session
 from katydid.gateway.tenants import Tenant, Tenants
+from katydid.gateway.uploads import UploadMemory
 from katydid.httpd import Response, json_response
 from katydid.log import SampledLogger
 from katydid.messages import SAMPLE_RATE, JobResult
@@ -145,6 +145,9 @@ class Gateway:
         self.metrics = GatewayMetrics(
             lambda: {k: w.beat for k, w in self.admission.workers.items()}
         )
+        self.uploads = UploadMemory(cfg.upload_memory_total_bytes, cfg.upload_memory_bytes)
+        self.metrics.upload_memory.set_function(lambda: self.uploads.held)
+        self.metrics.uploads_spilled.set_function(lambda: self.uploads.spilled)
         keys_file = Path(cfg.api_keys_file).expanduser() if cfg.api_keys_file else None
         self.tenants = Tenants(keys_file, self.metrics, self.sampled)
         self.stopping = False  # no new sessions: the server is shutting down
@@ -364,14 +367,8 @@ class Gateway:
             if exc.code is ErrorCode.OVERLOADED:
                 self.metrics.overloaded.labels("max_wait").inc()
             return session.fail(exc)
-        # An upload waits until stop: memory up to a bound, then disk.
-        upload = (
-            tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed with the session
-                max_size=self.cfg.upload_memory_bytes, prefix="katydid-upload-"
-            )
-            if admit.options.is_file
-            else None
-        )
+        # An upload waits until stop: memory within its bound and the gateway's, then disk.
+        upload = self.uploads.upload() if admit.options.is_file else None
         return session.admitted(model, tuple(o.to_dict() for o in offers.values()), upload)
 
     def refusal(self, live: Live) -> ProtocolError | None:
