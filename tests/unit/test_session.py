@@ -3,6 +3,8 @@ No sockets, no NATS, no sleeps: time is an input."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 from typing import Any
 
@@ -409,3 +411,18 @@ def test_limits_come_from_the_configuration() -> None:
 
     assert Limits.from_config(Config()) == Limits.default()
     assert Limits.default(max_frame_bytes=4096).max_frame_bytes == 4096
+
+
+class _FullDisk(io.BytesIO):
+    def write(self, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_upload_with_no_room_on_disk_is_told_overloaded_with_a_retry() -> None:
+    s = _session()
+    s.receive_text(json.dumps({"type": "start", "format": "wav"}), 0.0)
+    s.admitted("tiny.en-q8_0", ({"name": "tiny.en-q8_0"},), _FullDisk())
+    error, close = _error_and_close(s.receive_bytes(b"RIFF....", 0.0))
+    assert (error.code, close.code) == (ErrorCode.OVERLOADED, 1013)
+    assert "No space left on device" in error.message
+    assert error.retry_after_s is not None

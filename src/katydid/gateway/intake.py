@@ -67,7 +67,14 @@ class AudioIntake:
                 raise ProtocolError(
                     ErrorCode.TOO_LARGE, f"file exceeds {self.limits.max_file_bytes} bytes"
                 )
-            self.upload.write(data)
+            try:
+                self.upload.write(data)
+            except OSError as exc:  # its temporary file: $TMPDIR full or not writable
+                raise ProtocolError(
+                    ErrorCode.OVERLOADED,
+                    f"the gateway has no room for the upload ({exc.strerror or exc})",
+                    retry_after_s=30.0,
+                ) from exc
             self._upload_bytes += len(data)
             return []
         frame_bytes = 2 * self.options.channels
