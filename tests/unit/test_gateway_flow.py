@@ -55,6 +55,16 @@ def _config(**overrides: Any) -> Config:
     return Config(**(base | overrides))
 
 
+def _wav(pcm: bytes) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes(pcm)
+    return buf.getvalue()
+
+
 @dataclass
 class Rig:
     gateway: Gateway
@@ -434,17 +444,11 @@ async def test_queue_and_worker_metrics_follow_the_bus(autojump_clock: Any) -> N
 async def test_an_upload_is_released_once_decoded_not_when_its_results_come(
     autojump_clock: Any,
 ) -> None:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16_000)
-        w.writeframes(_speech_like(3.0))
     async with rig() as r:
         ws = await r.connect()
         await ws.send_message(json.dumps({"type": "start", "format": "wav"}))
         await _next(ws)
-        await ws.send_message(buf.getvalue())
+        await ws.send_message(_wav(_speech_like(3.0)))
         await ws.send_message('{"type": "stop"}')
         await _eventually(lambda: len(r.bus.finals()) >= 1)
         await trio.testing.wait_all_tasks_blocked()
@@ -480,17 +484,11 @@ async def test_an_upload_past_the_gateways_memory_bound_waits_on_disk_and_is_ser
     autojump_clock: Any,
 ) -> None:
     pcm = _speech_like(3.0)
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16_000)
-        w.writeframes(pcm)
     async with rig(_config(upload_memory_total_bytes=1)) as r:
         ws = await r.connect()
         await ws.send_message(json.dumps({"type": "start", "format": "wav"}))
         await _next(ws)
-        await ws.send_message(buf.getvalue())
+        await ws.send_message(_wav(pcm))
         await ws.send_message('{"type": "stop"}')
         await _eventually(lambda: len(r.bus.finals()) >= 1)
         g = r.gateway
