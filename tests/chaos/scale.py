@@ -44,7 +44,10 @@ def main() -> int:
     args = parser.parse_args()
     clip = next(c for c in read_manifest(find_speech_dir() / "manifest.tsv") if c.name == CLIP)
     args.out.mkdir(parents=True, exist_ok=True)
-    wait_s = 4 * 3600
+    # Nobody may be refused: a storm of 10,000 handshakes on 2 cores starves the niced workers
+    # (1.6 s a job at first) and a gateway that is behind reads their heartbeats late, so the
+    # queue ETA overshoots for a while; at 4 h one client of 10,000 was once told overloaded.
+    wait_s = 24 * 3600
     root = Path(tempfile.mkdtemp(prefix="katydid-scale-"))
     settings = {
         "reuse_port": 1,
