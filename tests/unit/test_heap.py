@@ -13,13 +13,18 @@ from katydid.config import Config
 from katydid.errors import ConfigError
 from katydid.heap import fix_mmap_threshold
 
+# The child's resident memory in KB (pages of whatever size this host has).
+_RSS = """
+import os
+def rss_kb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+"""
+
 # 400 sessions' worth: a 220 KB upload each (freed) between small objects that stay.
 _UPLOADS = """
 import sys
 from katydid.heap import fix_mmap_threshold
-def rss_kb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4
 if sys.argv[1] == "fixed":
     assert fix_mmap_threshold(32 * 1024) is None
 big = bytearray(4 << 20); big[::4096] = b"x" * len(big[::4096]); del big  # raises glibc's own
@@ -37,9 +42,6 @@ print(rss_kb() - before)
 # stay; freed, their pages stay in the process until trimmed.
 _FRAMES = """
 from katydid.heap import fix_mmap_threshold, trim
-def rss_kb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4
 assert fix_mmap_threshold(32 * 1024) is None
 before = rss_kb()
 keep, frames = [], []
@@ -54,7 +56,11 @@ print(freed, int(trim()), rss_kb() - before)
 
 def _run(code: str, *args: str) -> list[int]:
     out = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _RSS + code, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     return [int(word) for word in out.stdout.split()]
 

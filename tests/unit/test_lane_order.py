@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import anyio
 
+from katydid.bus.nats import PullLane
 from katydid_worker.worker import Worker, lane_order
 
 
@@ -72,3 +74,40 @@ def test_with_both_lanes_empty_the_worker_waits_on_the_interactive_lane() -> Non
     worker = SimpleNamespace(_interactive_streak=0, cfg=SimpleNamespace(bulk_every=4))
     assert anyio.run(Worker._next, worker, lanes) is None  # type: ignore[arg-type]
     assert (lanes["interactive"].waited, lanes["bulk"].asked) == (1, 1)
+
+
+class _SilentNats:
+    """A NATS connection that is down: publishes are kept, nothing is answered."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+        self.cb: Any = None
+
+    def new_inbox(self) -> str:
+        return "_INBOX.test"
+
+    async def subscribe(self, subject: str, cb: Any) -> Any:
+        self.cb = cb
+        return SimpleNamespace(subject=subject)
+
+    async def publish(self, subject: str, payload: bytes, reply: str) -> None:
+        self.published.append(subject)
+
+
+def test_a_lane_keeps_one_request_out_while_nats_does_not_answer() -> None:
+    # Unanswered no_wait requests, flushed together on reconnect, would each pull a job to
+    # this worker at once.
+    clock = [100.0]
+    nc = _SilentNats()
+    lane = PullLane(nc, None, "d", request_timeout_s=0.01, clock=lambda: clock[0])
+
+    async def asks() -> list[Any]:
+        got = [await lane.take_now() for _ in range(5)]  # NATS down: none answered
+        clock[0] += 1.0  # three timeouts later: taken as lost, asked again
+        got.append(await lane.take_now())
+        await nc.cb(SimpleNamespace(headers={"Status": "404"}))  # a late "none"
+        got.append(await lane.take_now())  # that answer ends the wait: a new request
+        return got
+
+    assert anyio.run(asks) == [None] * 7
+    assert len(nc.published) == 3

@@ -235,28 +235,46 @@ class PullLane:
 
     _NO_WAIT = b'{"batch":1,"no_wait":true}'
 
-    def __init__(self, nc: Any, sub: Any, durable: str, request_timeout_s: float) -> None:
+    def __init__(
+        self,
+        nc: Any,
+        sub: Any,
+        durable: str,
+        request_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._nc = nc
+        self._clock = clock
         self._sub = sub  # the bound pull subscription: take_within's lingering fetch
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}"
         self._timeout_s = request_timeout_s
         self._answers: asyncio.Queue[Any] = asyncio.Queue()
         self._inbox: Any = None
+        self._asked_at: float | None = None  # the request still unanswered, if any
 
     async def take_now(self) -> Any | None:
         """The lane's next job if one is queued now, else None (also when JetStream did not
-        answer in time: its late answer, a job or "none", is taken by the next call)."""
+        answer in time: its late answer, a job or "none", is taken by the next call).
+
+        One request is out at a time: during a NATS outage unanswered requests would queue up
+        in nats-py and, flushed on reconnect, pull that many jobs to this one worker at once.
+        A request unanswered for three timeouts is taken as lost and asked again."""
         if self._inbox is None:
             self._inbox = await self._nc.subscribe(self._nc.new_inbox(), cb=self._answers.put)
         while not self._answers.empty():  # a late answer to an earlier request
+            self._asked_at = None
             msg = self._answers.get_nowait()
             if not _is_status(msg):
                 return msg
-        await self._nc.publish(self._next, self._NO_WAIT, reply=self._inbox.subject)
+        now = self._clock()
+        if self._asked_at is None or now - self._asked_at > 3 * self._timeout_s:
+            await self._nc.publish(self._next, self._NO_WAIT, reply=self._inbox.subject)
+            self._asked_at = now
         try:
             msg = await asyncio.wait_for(self._answers.get(), self._timeout_s)
         except TimeoutError:
             return None
+        self._asked_at = None
         return None if _is_status(msg) else msg
 
     async def take_within(self, timeout_s: float) -> Any | None:
