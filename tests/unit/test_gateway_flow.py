@@ -1,6 +1,7 @@
 """The gateway and its WebSocket door over an in-memory job bus, under trio's MockClock.
 
-Real trio-websocket on both ends of an in-memory stream, the real gateway and session core; the
+trio-websocket's client on one end of an in-memory stream, the gateway's own WebSocket server
+(``ws_transport``) on the other, the real gateway and session core; the
 bus is ``MemoryBus``, played by the test as the workers. Time is the mock clock (autojump: a
 test that waits for a 120 s timeout takes milliseconds), so timeouts are tested, not slept.
 """
@@ -23,7 +24,6 @@ from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
     wrap_client_stream,
-    wrap_server_stream,
 )
 
 from katydid import heap
@@ -31,7 +31,7 @@ from katydid.bus.memory import MemoryBus
 from katydid.config import Config
 from katydid.errors import NatsError, StreamFull
 from katydid.gateway import Gateway
-from katydid.gateway.websocket import serve_connection
+from katydid.gateway.websocket import serve_stream
 from katydid.metrics import parse_text
 from tests.signals import vowel
 
@@ -75,11 +75,7 @@ class Rig:
     async def connect(self) -> WebSocketConnection:
         client_stream, server_stream = trio.testing.memory_stream_pair()
 
-        async def serve() -> None:
-            request = await wrap_server_stream(self.nursery, server_stream)
-            await serve_connection(self.gateway, await request.accept())
-
-        self.sessions.start_soon(serve)
+        self.sessions.start_soon(serve_stream, self.gateway, server_stream)
         # trio-websocket's annotation names socket streams; any trio Stream works.
         return await wrap_client_stream(
             self.nursery,
@@ -366,6 +362,7 @@ async def test_a_lost_queue_connection_ends_waiting_sessions(autojump_clock: Any
         assert health.status == 503
         assert json.loads(health.body)["nats"] == "closed, being replaced"
         await idle.send_message(_speech_like(1.0))  # the idle session carries on
+        await trio.testing.wait_all_tasks_blocked()
         assert len(r.gateway.sessions) == 1
 
 
@@ -388,11 +385,7 @@ async def test_a_client_that_never_reads_is_cut_off_after_send_timeout(autojump_
     async with rig(_config(send_timeout_s=30.0)) as r:
         client_stream, server_stream = trio.testing.lockstep_stream_pair()
 
-        async def serve() -> None:
-            request = await wrap_server_stream(r.nursery, server_stream)
-            await serve_connection(r.gateway, await request.accept())
-
-        r.sessions.start_soon(serve)
+        r.sessions.start_soon(serve_stream, r.gateway, server_stream)
         ws = await wrap_client_stream(
             r.nursery,
             client_stream,  # type: ignore[arg-type]

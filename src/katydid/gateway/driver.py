@@ -2,8 +2,9 @@
 apply what the bus reports, decode an upload. A door subclasses ``SessionDriver`` and says only
 how an event and a close reach its client (``deliver``, ``hang_up``).
 
-Rule 1: one nursery per session (``nursery``): the writer (``pump``), the decoder, and the door's
-own reader run in it; a ``Close`` cancels it.
+Rule 1: one nursery per session (``nursery``): the writer (``_apply_inbox``, started only while
+the bus has reported something not yet applied), the decoder, and the door's own reader run in
+it; a ``Close`` cancels it.
 Rule 2: an ending session's last words are bounded and shielded (``last_words``): a client that
 is gone or stuck cannot hold the gateway's cleanup.
 """
@@ -42,6 +43,7 @@ class SessionDriver:
         self.live = live
         self.session = live.session
         self.nursery: trio.Nursery | None = None
+        self._writing = False
 
     # --- what a door says ---
 
@@ -125,15 +127,14 @@ class SessionDriver:
         self.end()
 
     async def drive(self, reader: Callable[[], Awaitable[None]]) -> None:
-        """The session's tasks in one nursery: the writer (``pump``) and the door's ``reader``.
+        """The session's tasks in one nursery: the door's ``reader``, and the writer.
         A bug ends this session with ``internal``, never the gateway (a handler's exception
         would reach the listener's nursery and stop every session)."""
         s = self.session
         try:
             try:
                 async with trio.open_nursery() as nursery:
-                    self.nursery = nursery
-                    nursery.start_soon(self.pump)
+                    self.open(nursery)
                     await reader()
             except* ClientGone as group:
                 gone = group.exceptions[0]
@@ -147,12 +148,33 @@ class SessionDriver:
         finally:
             await self.finish()
 
-    async def pump(self) -> None:
-        """The writer: what the bus reports (results, dead jobs, queue state), applied."""
-        async for item in self.live.inbox:
-            outputs = apply(self.session, item)
-            self.live.progress.unpark_all()
-            await self.emit(outputs)
+    def open(self, nursery: trio.Nursery) -> None:
+        """The session's tasks run in ``nursery`` from now on; what the bus reports is applied
+        by a writer started there when it comes."""
+        self.nursery = nursery
+        self.live.on_item = self._wake
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._writing or not self.live.inbox or self.nursery is None:
+            return
+        try:
+            self.nursery.start_soon(self._apply_inbox)
+        except RuntimeError:  # the nursery is closed: the session is ending, nothing to apply
+            return
+        self._writing = True
+
+    async def _apply_inbox(self) -> None:
+        """The writer: what the bus reported (results, dead jobs, queue state), applied in
+        order; it ends when nothing is left (the next report starts another)."""
+        inbox = self.live.inbox
+        try:
+            while inbox:
+                outputs = apply(self.session, inbox.popleft())
+                self.live.progressed()
+                await self.emit(outputs)
+        finally:
+            self._writing = False
 
     async def decode(self, upload: IO[bytes]) -> None:
         """An upload, decoded block by block (off the event loop), its chunks published as they

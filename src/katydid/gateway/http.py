@@ -329,8 +329,7 @@ class _HttpSession(SessionDriver):
         upload = self.request["file"]
         try:
             async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(self.pump)
+                self.open(nursery)
                 nursery.start_soon(self._watch_disconnect)
                 now = trio.current_time()
                 await self.emit(s.receive_text(json.dumps(self.request["start"]), now))

@@ -20,6 +20,7 @@ import hmac
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,22 +90,43 @@ def apply(session: Session, item: Inbound) -> list[Output]:
 
 @dataclass(slots=True)
 class Live:
-    """A session being served: the sans-IO core plus the channel the bus feeds it through."""
+    """A session being served: the sans-IO core plus what the bus reported to it and its door
+    has not applied yet (``inbox``, bounded by the gateway, in order)."""
 
     session: Session
-    inbox_send: trio.MemorySendChannel[Inbound]
-    inbox: trio.MemoryReceiveChannel[Inbound]
     door: str = "websocket"
     credential: str | None = None  # the key its door was given (header or query), if any
     tenant: Tenant | None = None  # whose session it is, from admission on (with a keys file)
     queued: int = 0  # its jobs in the stream, as last counted into its tenant
     started: float = field(default_factory=time.monotonic)
-    progress: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    inbox: deque[Inbound] = field(default_factory=deque)
+    over: bool = False  # closed: nothing more is delivered
+    # The door's writer, woken for each item: a door runs a writer only while there is
+    # something to write, so a session waiting in the queue is one task, not two.
+    on_item: Callable[[], None] | None = None
+    _room: trio.Event | None = None  # made by the first wait for room, set by progress
+
+    def deliver(self, item: Inbound, bound: int) -> bool:
+        """Queue ``item`` for the door; False if the session is over or ``bound`` items wait."""
+        if self.over or len(self.inbox) >= bound:
+            return False
+        self.inbox.append(item)
+        if self.on_item is not None:
+            self.on_item()
+        return True
 
     async def wait_for_room(self) -> None:
         """Until the session is below its in-flight bound (results free room)."""
         while not self.session.wants_audio and not self.session.closed:
-            await self.progress.park()
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+
+    def progressed(self) -> None:
+        """An item was applied: whoever waits for room looks again."""
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
 
 def _clock() -> float:
@@ -126,6 +148,8 @@ class Gateway:
         self.cfg = cfg
         self.gateway_id = uuid.uuid4().hex[:12]
         self.limits = Limits.from_config(cfg)
+        # Results are bounded by jobs in flight; the rest is room for queue news and duplicates.
+        self._inbox_bound = 2 * cfg.max_jobs_in_flight + 16
         if bus is None:
             from katydid.bus.nats import NatsBridge
 
@@ -218,11 +242,7 @@ class Gateway:
             self.counters["duplicate_results"] += 1
 
     def _route(self, live: Live, item: Inbound) -> bool:
-        try:
-            live.inbox_send.send_nowait(item)
-        except (trio.WouldBlock, trio.BrokenResourceError):
-            return False
-        return True
+        return live.deliver(item, self._inbox_bound)
 
     def _on_dead_job(self, stream_seq: int, deliveries: int) -> None:
         """JetStream will not deliver this job again (every delivery ended without an ack: a
@@ -289,11 +309,8 @@ class Gateway:
         """A new session, registered to hear its results. ``credential``: the API key its
         door was given (a header, a query), if any; checked at admission."""
         session_id = uuid.uuid4().hex
-        send, recv = trio.open_memory_channel[Inbound](2 * self.cfg.max_jobs_in_flight + 16)
         live = Live(
             Session(session_id, self.limits, self.stamp, _clock()),
-            send,
-            recv,
             door=door,
             credential=credential,
         )
@@ -309,7 +326,8 @@ class Gateway:
         log it (sampled unless it went well)."""
         s = live.session
         self.sessions.pop(s.session_id, None)
-        live.inbox_send.close()
+        live.over = True
+        live.inbox.clear()
         if live.tenant is not None:
             self.tenants.recount(live.tenant, live.queued, 0)
             live.queued = 0

@@ -19,14 +19,13 @@ import json
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.driver import ClientGone, SessionDriver
 from katydid.gateway.events import ErrorEvent, Final, ServerEvent
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway, Live
-from katydid.gateway.ws_frames import receive
+from katydid.gateway.ws_transport import ServerWebSocket, receive
 
 
 def _result(finals: list[Final]) -> dict[str, Any]:
@@ -40,7 +39,7 @@ def _result(finals: list[Final]) -> dict[str, Any]:
 
 
 class VoskConnection(SessionDriver):
-    def __init__(self, gateway: Gateway, ws: WebSocketConnection, live: Live) -> None:
+    def __init__(self, gateway: Gateway, ws: ServerWebSocket, live: Live) -> None:
         super().__init__(gateway, live)
         self.ws = ws
         self.unsent: list[Final] = []  # finished utterances not yet answered
@@ -48,10 +47,7 @@ class VoskConnection(SessionDriver):
         self.eof = False
 
     async def _say(self, message: dict[str, Any]) -> None:
-        try:
-            await self.ws.send_message(json.dumps(message, ensure_ascii=False))
-        except ConnectionClosed:
-            raise ClientGone from None
+        await self.ws.send_message(json.dumps(message, ensure_ascii=False))
 
     async def deliver(self, event: ServerEvent) -> None:
         if isinstance(event, Final):
@@ -64,11 +60,11 @@ class VoskConnection(SessionDriver):
             await self._say({"error": event.message, "code": str(event.code)})
 
     async def hang_up(self, close: Close) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            if close.code == 1000:  # done: eof's answer, the rest of the transcript
+        if close.code == 1000:  # done: eof's answer, the rest of the transcript
+            with contextlib.suppress(ClientGone):
                 await self._say(_result(self.unsent))
-                self.unsent = []
-            await self.ws.aclose(close.code, close.reason)
+            self.unsent = []
+        await self.ws.aclose(close.code, close.reason)
 
     async def serve(self) -> None:
         await self.drive(self._reader)
@@ -88,7 +84,7 @@ class VoskConnection(SessionDriver):
         s = self.session
         started = False
         while not s.closed:
-            msg = await self.next_message(lambda: receive(self.ws))
+            msg = await receive(self, self.ws)
             now = trio.current_time()
             if msg is None:
                 continue

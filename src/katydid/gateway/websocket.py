@@ -1,9 +1,10 @@
-"""The native WebSocket door (protocol v1): trio-websocket frames in and out of a ``Session``.
+"""The native WebSocket door (protocol v1): WebSocket messages in and out of a ``Session``.
 
-One nursery per connection: a reader (client frames, and the clock: it waits for the next frame
-until the session's deadline), a writer (what the bus reports: results, dead jobs, queue state),
-and, for an upload after ``stop``, a decoder. trio-websocket's exceptions are mapped here, at the
-edge, to session inputs (``client_gone``); nothing past this module sees them.
+Each connection is the task that accepted it: it does the handshake (``ws_transport``), then
+reads the client's messages (and the clock: it waits for the next message until the session's
+deadline); its nursery holds a writer (what the bus reports: results, dead jobs, queue state)
+and, for an upload after ``stop``, a decoder. Transport errors are mapped at the edge
+(``ws_transport``) to session inputs (``client_gone``, ``too_large``); nothing past it sees them.
 
 Rule 1: no connection-count limit; every bound is the session's.
 Rule 2: a client that does not read blocks only its own sends, and is cut off after
@@ -12,23 +13,22 @@ Rule 2: a client that does not read blocks only its own sends, and is cut off af
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
-from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import structlog
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from katydid.config import Config
 from katydid.gateway.credentials import bearer, query_key
-from katydid.gateway.driver import ClientGone, SessionDriver
+from katydid.gateway.driver import SessionDriver
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway, Live
 from katydid.gateway.vosk import VoskConnection
-from katydid.gateway.ws_frames import receive
+from katydid.gateway.ws_transport import ServerWebSocket, accept, receive
 
 log = structlog.get_logger("katydid.gateway")
 
@@ -50,26 +50,16 @@ class WebSocketDoor:
             self._sessions = handlers.cancel_scope
             with trio.CancelScope() as accepting:
                 self._accepting = accepting
-                listeners: Sequence[trio.SSLListener[trio.SocketStream] | trio.SocketListener]
-                listeners = await self._listeners()
+                listeners: list[trio.abc.Listener[Any]] = list(await self._listeners())
                 if self.tls is not None:
                     # The TLS handshake runs inside the WebSocket handshake's timeout.
                     listeners = [
                         trio.SSLListener(lst, self.tls, https_compatible=True) for lst in listeners
                     ]
-                server = WebSocketServer(
-                    self._handle,
-                    listeners,
-                    handler_nursery=handlers,
-                    # Twice the bound: a frame over max_frame_bytes reaches the session,
-                    # which answers too_large before closing with 1009; past twice it, the
-                    # WebSocket layer closes with 1009 before it has read the frame whole.
-                    max_message_size=2 * self.cfg.max_frame_bytes,
-                    connect_timeout=self.cfg.handshake_timeout_s,
-                    disconnect_timeout=5,
+                serving = await handlers.start(
+                    partial(trio.serve_listeners, self._handle, listeners, handler_nursery=handlers)
                 )
-                await handlers.start(server.run)
-                self.port = int(server.port)
+                self.port = _port(serving[0])
                 log.info(
                     "gateway_listening",
                     host=self.cfg.host,
@@ -106,23 +96,47 @@ class WebSocketDoor:
             listeners.append(trio.SocketListener(sock))
         return listeners
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        await serve_stream(self.gateway, stream)
+
+
+def _port(listener: trio.abc.Listener[Any]) -> int:
+    if isinstance(listener, trio.SSLListener):
+        listener = listener.transport_listener
+    assert isinstance(listener, trio.SocketListener)
+    return int(listener.socket.getsockname()[1])
+
+
+async def serve_stream(gateway: Gateway, stream: trio.abc.Stream) -> None:
+    """Serve one client's byte stream: the WebSocket handshake, then its session, to its end.
+    The stream is closed on the way out, whatever happened."""
+    cfg = gateway.cfg
+    try:
+        # Twice the bound: a message over max_frame_bytes reaches the session, which says how
+        # large it was; past twice it, the transport stops reading it (``MessageTooLarge``).
         try:
-            ws = await request.accept()
-        except ConnectionClosed:
+            ws = await accept(
+                stream, max_message=2 * cfg.max_frame_bytes, timeout_s=cfg.handshake_timeout_s
+            )
+        except Exception:  # a handshake nobody foresaw ends this connection, never the listener
+            gateway.sampled.log("warning", "handshake_failed", exc_info=True)
+            return
+        if ws is None:
             return
         # vosk-server's protocol, for its clients, at /vosk; Katydid's own everywhere else.
-        vosk = request.path.split("?", 1)[0].rstrip("/") == "/vosk"
+        vosk = ws.path.split("?", 1)[0].rstrip("/") == "/vosk"
         # The key: a Bearer header, else (vosk) the query, else (native) start.api_key.
-        credential = bearer(request.headers)
+        credential = bearer(ws.headers)
         if credential is None and vosk:
-            credential = query_key(request.path)
-        await serve_connection(self.gateway, ws, vosk=vosk, credential=credential)
+            credential = query_key(ws.path)
+        await serve_connection(gateway, ws, vosk=vosk, credential=credential)
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 async def serve_connection(
     gateway: Gateway,
-    ws: WebSocketConnection,
+    ws: ServerWebSocket,
     *,
     vosk: bool = False,
     credential: str | None = None,
@@ -141,19 +155,15 @@ async def serve_connection(
 
 
 class _Connection(SessionDriver):
-    def __init__(self, gateway: Gateway, ws: WebSocketConnection, live: Live) -> None:
+    def __init__(self, gateway: Gateway, ws: ServerWebSocket, live: Live) -> None:
         super().__init__(gateway, live)
         self.ws = ws
 
     async def deliver(self, event: ServerEvent) -> None:
-        try:
-            await self.ws.send_message(event.to_json())
-        except ConnectionClosed:
-            raise ClientGone from None
+        await self.ws.send_message(event.to_json())
 
     async def hang_up(self, close: Close) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.aclose(close.code, close.reason)
+        await self.ws.aclose(close.code, close.reason)
 
     async def serve(self) -> None:
         await self.drive(self._reader)
@@ -161,7 +171,7 @@ class _Connection(SessionDriver):
     async def _reader(self) -> None:
         s = self.session
         while not s.closed:
-            msg = await self.next_message(lambda: receive(self.ws))
+            msg = await receive(self, self.ws)
             now = trio.current_time()
             if msg is None:
                 continue

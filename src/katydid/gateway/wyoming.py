@@ -306,8 +306,7 @@ class _WyomingSession(SessionDriver):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(self.pump)
+                self.open(nursery)
                 task_status.started()
                 await self.over.wait()
                 nursery.cancel_scope.cancel()

@@ -1,0 +1,268 @@
+"""The server side of a WebSocket, on wsproto, with no task of its own.
+
+trio-websocket gives every connection a reader task, a message channel and the handshake's HTTP
+state for the connection's whole life: about 12 KB of Python objects per connection, a third of
+what a session waiting in the queue held. Here the connection's own task reads (a door's reader
+calls ``get_message``), the HTTP state is dropped once the handshake is done, and what a
+message is built from lives on this object, so a read cancelled by the session's deadline
+loses nothing.
+
+Errors are mapped here, at the edge: a peer that closes, resets or breaks the protocol is
+``ClientGone`` (after the close frame the protocol asks for: 1002 or 1007 for a protocol error,
+the echo of the client's own close); a message over ``max_message`` bytes is ``MessageTooLarge``
+(the door answers ``too_large`` and closes with 1009).
+
+Rule 1: every read is at most ``RECEIVE_BYTES``, a message at most ``max_message`` (counted as it
+arrives, never held past the bound), the HTTP request at h11's 16 KB.
+Rule 2: sends are serialised by one lock (the reader's pongs and the writer's events share the
+stream); a send never waits for a read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError
+
+from katydid.errors import ErrorCode, ProtocolError
+from katydid.gateway.driver import ClientGone, SessionDriver
+
+# Under the gateway's mmap threshold (``heap.py``): a read's buffer comes from the heap and is
+# shrunk in place, where a larger one would be mapped and unmapped on every read.
+RECEIVE_BYTES = 16 * 1024
+_PONG_S = 5.0  # a pong that cannot go out in this long is dropped (the client does not read)
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class MessageTooLarge(Exception):
+    """A message grew past the connection's bound; ``limit``: that bound, in bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"message of more than {limit} bytes")
+        self.limit = limit
+
+
+class ServerWebSocket:
+    """One accepted WebSocket: ``get_message``, ``send_message``, ``aclose``; ``path`` and
+    ``headers`` are the handshake request's."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        connection: Connection,
+        request: Request,
+        max_message: int,
+    ) -> None:
+        self.stream = stream
+        self.path: str = request.target
+        self.headers: list[tuple[bytes, bytes]] = [
+            (bytes(k), bytes(v)) for k, v in request.extra_headers
+        ]
+        self._conn = connection
+        self._max = max_message
+        self._send_lock = trio.StrictFIFOLock()
+        self._parts: list[str | bytes] = []  # the message being received
+        self._size = 0
+        self._reading = False  # a task is inside get_message (aclose must not read too)
+        self._closed = trio.Event()  # the close handshake is over, or the peer is gone
+
+    @property
+    def open(self) -> bool:
+        return self._conn.state is ConnectionState.OPEN
+
+    async def get_message(self) -> str | bytes:
+        """The next whole message (text or binary); pings are answered on the way.
+
+        Raises:
+            ClientGone: the peer closed, reset or broke the protocol (answered as it asks).
+            MessageTooLarge: the message passed ``max_message`` bytes.
+        """
+        self._reading = True
+        try:
+            while True:
+                message = await self._next_event_message()
+                if message is not None:
+                    return message
+        finally:
+            self._reading = False
+
+    async def _next_event_message(self) -> str | bytes | None:
+        for event in self._conn.events():
+            message = await self._handle(event)
+            if message is not None:
+                return message
+        await self._receive()
+        return None
+
+    async def _handle(self, event: Event) -> str | bytes | None:
+        if isinstance(event, (TextMessage, BytesMessage)):
+            self._size += len(event.data)
+            if self._size > self._max:
+                self._parts, self._size = [], 0
+                raise MessageTooLarge(self._max)
+            if not event.message_finished:
+                self._parts.append(event.data if isinstance(event.data, str) else bytes(event.data))
+                return None
+            return self._whole(event)
+        if isinstance(event, Ping):
+            pong = trio.CancelScope(shield=True)
+            with pong, trio.move_on_after(_PONG_S), contextlib.suppress(ClientGone):
+                await self._send(event.response())
+            return None
+        if isinstance(event, CloseConnection):
+            await self._closing(event)
+        return None  # a pong, or an event of the handshake
+
+    def _whole(self, last: TextMessage | BytesMessage) -> str | bytes:
+        parts, self._parts, self._size = self._parts, [], 0
+        if isinstance(last, TextMessage):
+            return "".join([*(p for p in parts if isinstance(p, str)), last.data])
+        if not parts:
+            return bytes(last.data)
+        return b"".join([*(p for p in parts if isinstance(p, bytes)), bytes(last.data)])
+
+    async def _closing(self, event: CloseConnection) -> None:
+        """A close frame came in, or wsproto stands for one after a protocol error (the state is
+        then still open): answer it, and the connection is over.
+
+        Raises:
+            ClientGone: always.
+        """
+        state = self._conn.state
+        if state is ConnectionState.REMOTE_CLOSING:
+            with contextlib.suppress(ClientGone):
+                await self._send(event.response())  # the echo the client waits for
+        elif state is ConnectionState.OPEN:
+            with contextlib.suppress(ClientGone):
+                await self._send(CloseConnection(event.code, event.reason))  # 1002, 1007
+        self._closed.set()
+        raise ClientGone
+
+    async def _receive(self) -> None:
+        try:
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+        except _BROKEN:
+            data = b""
+        if not data:
+            self._closed.set()
+            raise ClientGone
+        try:
+            self._conn.receive_data(bytes(data) if isinstance(data, bytearray) else data)
+        except RemoteProtocolError:  # data after the close handshake
+            self._closed.set()
+            raise ClientGone from None
+
+    async def send_message(self, message: str | bytes) -> None:
+        """Send one message.
+
+        Raises:
+            ClientGone: the connection is closing or gone.
+        """
+        if not self.open:
+            raise ClientGone
+        await self._send(
+            TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
+        )
+
+    async def _send(self, event: Event) -> None:
+        try:
+            data = self._conn.send(event)
+        except Exception:  # wsproto's LocalProtocolError: the state allows no such send
+            raise ClientGone from None
+        async with self._send_lock:
+            try:
+                await self.stream.send_all(data)
+            except _BROKEN:
+                self._closed.set()
+                raise ClientGone from None
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """Start the close handshake and wait for the client's echo (RFC 6455 7.1.1: closing TCP
+        with its frames unread could reset the connection before it reads ours). Bounded by the
+        caller; the stream itself is closed by whoever accepted it."""
+        if self.open:
+            with contextlib.suppress(ClientGone):
+                await self._send(CloseConnection(code, reason))
+        if self._reading:
+            await self._closed.wait()  # the reader sees the echo
+            return
+        while not self._closed.is_set():
+            try:
+                await self.get_message()  # what the client still sends, dropped
+            except ClientGone:
+                return
+            except MessageTooLarge:
+                continue  # the rest of the message that was too large
+
+
+async def accept(
+    stream: trio.abc.Stream, *, max_message: int, timeout_s: float
+) -> ServerWebSocket | None:
+    """Read the HTTP upgrade request and accept it, within ``timeout_s``.
+
+    Returns:
+        The connection, or None if the peer left, timed out, or sent something other than a
+        WebSocket handshake (answered with a 4xx).
+    """
+    ws = WSConnection(ConnectionType.SERVER)
+    with trio.move_on_after(timeout_s):
+        try:
+            while True:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    return None
+                try:
+                    ws.receive_data(bytes(data))
+                    request = _request(ws.events())
+                except RemoteProtocolError as exc:
+                    await stream.send_all(ws.send(exc.event_hint or RejectConnection()))
+                    return None
+                if request is not None:
+                    await stream.send_all(ws.send(AcceptConnection()))
+                    # Only the WebSocket state stays: the handshake's HTTP state goes now,
+                    # with the frames a client sent before our answer (wsproto leaves them in
+                    # h11's buffer).
+                    assert ws.connection is not None
+                    ws.connection.receive_data(_early_frames(ws))
+                    return ServerWebSocket(stream, ws.connection, request, max_message)
+        except _BROKEN:
+            return None
+    return None
+
+
+async def receive(driver: SessionDriver, ws: ServerWebSocket) -> str | bytes | None:
+    """The client's next message, or None when the session's deadline came first or the
+    message was too large (the session has then been told).
+
+    Raises:
+        ClientGone: the client left.
+    """
+    try:
+        return await driver.next_message(ws.get_message)
+    except MessageTooLarge as exc:
+        await driver.emit(driver.session.fail(ProtocolError(ErrorCode.TOO_LARGE, str(exc))))
+        return None
+
+
+def _early_frames(ws: WSConnection) -> bytes:
+    h11_connection = getattr(ws.handshake, "_h11_connection", None)
+    trailing = getattr(h11_connection, "trailing_data", (b"", False))
+    return bytes(trailing[0])
+
+
+def _request(events: Iterable[Event]) -> Request | None:
+    return next((e for e in events if isinstance(e, Request)), None)

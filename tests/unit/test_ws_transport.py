@@ -1,0 +1,232 @@
+"""The gateway's WebSocket server side (``ws_transport``) against clients it did not write:
+trio-websocket's client for what a well-behaved client does, wsproto's client and raw bytes for
+what a broken one does. In-memory streams; no sockets, no sleeps."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    Request,
+    TextMessage,
+)
+
+from katydid.gateway.driver import ClientGone
+from katydid.gateway.ws_transport import MessageTooLarge, ServerWebSocket, accept
+
+MAX = 64 * 1024
+
+
+@asynccontextmanager
+async def pair(
+    max_message: int = MAX,
+) -> AsyncIterator[tuple[ServerWebSocket, WebSocketConnection]]:
+    """An accepted server side and trio-websocket's client on the other end."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        accepted: list[ServerWebSocket | None] = []
+        done = trio.Event()
+
+        async def serve() -> None:
+            accepted.append(await accept(server_stream, max_message=max_message, timeout_s=5))
+            done.set()
+
+        nursery.start_soon(serve)
+        client = await wrap_client_stream(
+            nursery,
+            client_stream,  # type: ignore[arg-type]
+            "katydid.test",
+            "/vosk?x=1",
+            extra_headers=[(b"Authorization", b"Bearer k1")],
+        )
+        with trio.fail_after(5):
+            await done.wait()
+        server = accepted[0]
+        assert server is not None
+        yield server, client
+        nursery.cancel_scope.cancel()
+
+
+async def test_messages_go_both_ways_with_the_handshake_request_kept() -> None:
+    async with pair() as (server, client):
+        assert server.path == "/vosk?x=1"
+        assert (b"authorization", b"Bearer k1") in server.headers
+        await client.send_message('{"type": "start"}')
+        await client.send_message(b"\x01\x02" * 1000)
+        assert await server.get_message() == '{"type": "start"}'
+        assert await server.get_message() == b"\x01\x02" * 1000
+        await server.send_message('{"type": "ready"}')
+        assert await client.get_message() == '{"type": "ready"}'
+
+
+async def test_a_ping_is_answered_while_the_server_reads() -> None:
+    async with pair() as (server, client), trio.open_nursery() as nursery:
+        got: list[str | bytes] = []
+
+        async def read() -> None:
+            got.append(await server.get_message())
+
+        nursery.start_soon(read)
+        with trio.fail_after(5):
+            await client.ping(b"are you there")  # returns when the pong arrives
+        await client.send_message("after")
+    assert got == ["after"]
+
+
+async def test_a_message_over_the_bound_is_refused_as_it_arrives() -> None:
+    async with pair(max_message=10_000) as (server, client), trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_message, b"\0" * 30_000)
+        with pytest.raises(MessageTooLarge) as exc:
+            await server.get_message()
+        assert exc.value.limit == 10_000
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_read_cancelled_mid_message_loses_nothing() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = WSConnection(ConnectionType.CLIENT)
+    async with trio.open_nursery() as nursery:
+        accepted: list[ServerWebSocket | None] = []
+
+        async def serve() -> None:
+            accepted.append(await accept(server_stream, max_message=MAX, timeout_s=5))
+
+        nursery.start_soon(serve)
+        await client_stream.send_all(peer.send(Request(host="katydid.test", target="/")))
+        peer.receive_data(bytes(await client_stream.receive_some()))
+        assert any(isinstance(e, AcceptConnection) for e in peer.events())
+        await trio.testing.wait_all_tasks_blocked()
+        server = accepted[0]
+        assert server is not None
+        # Half a message, then the read is cancelled (a session's deadline), then the rest.
+        await client_stream.send_all(peer.send(BytesMessage(b"first-", message_finished=False)))
+        with trio.move_on_after(0.5):
+            await server.get_message()
+        await client_stream.send_all(peer.send(BytesMessage(b"second")))
+        assert await server.get_message() == b"first-second"
+        await client_stream.send_all(peer.send(TextMessage("é" * 3, message_finished=False)))
+        await client_stream.send_all(peer.send(TextMessage("!")))
+        assert await server.get_message() == "ééé!"
+
+
+async def test_the_clients_close_is_echoed_and_ends_the_connection() -> None:
+    async with pair() as (server, client), trio.open_nursery() as nursery:
+        nursery.start_soon(client.aclose, 4000, "bye")  # waits for the server's echo
+        with pytest.raises(ClientGone):
+            await server.get_message()
+        await trio.testing.wait_all_tasks_blocked()
+        assert client.closed is not None
+        assert client.closed.code == 4000
+
+
+async def test_aclose_from_the_writer_while_the_reader_waits() -> None:
+    async with pair() as (server, client), trio.open_nursery() as nursery:
+        ended: list[str] = []
+
+        async def reader() -> None:
+            try:
+                await server.get_message()
+            except ClientGone:
+                ended.append("reader")
+
+        async def client_reads() -> None:
+            with pytest.raises(ConnectionClosed) as exc:
+                await client.get_message()  # trio-websocket echoes the close by itself
+            assert exc.value.reason is not None
+            assert exc.value.reason.code == 1000
+
+        nursery.start_soon(reader)
+        nursery.start_soon(client_reads)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            await server.aclose(1000, "done")
+        ended.append("aclose")
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(ended) == ["aclose", "reader"]
+        with pytest.raises(ClientGone):
+            await server.send_message("too late")
+
+
+async def _raw(data: bytes, max_message: int = MAX) -> tuple[ServerWebSocket | None, bytes]:
+    """What the server answers to raw bytes sent right after its handshake (if ``data`` is an
+    upgrade request) or instead of one."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    answer = b""
+    async with trio.open_nursery() as nursery:
+        result: list[Any] = []
+
+        async def serve() -> None:
+            ws = await accept(server_stream, max_message=max_message, timeout_s=5)
+            result.append(ws)
+            if ws is not None:
+                with pytest.raises(ClientGone):
+                    await ws.get_message()
+            await server_stream.aclose()
+
+        nursery.start_soon(serve)
+        await client_stream.send_all(data)
+        with trio.fail_after(10):
+            while chunk := await client_stream.receive_some():
+                answer += chunk
+    return result[0], answer
+
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: k\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def test_a_plain_http_request_is_answered_400_and_nothing_else() -> None:
+    ws, answer = await _raw(b"GET / HTTP/1.1\r\nHost: k\r\n\r\n")
+    assert ws is None
+    assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+async def test_an_unmasked_frame_gets_a_close_frame_with_1002() -> None:
+    # Clients must mask their frames (RFC 6455 5.1): this text frame "hi" is not masked.
+    ws, answer = await _raw(HANDSHAKE + b"\x81\x02hi")
+    assert ws is not None
+    assert b" 101 " in answer.split(b"\r\n", 1)[0]
+    frames = answer.split(b"\r\n\r\n", 1)[1]
+    assert frames[0] == 0x88  # a close frame
+    assert int.from_bytes(frames[2:4], "big") == 1002
+
+
+async def test_invalid_utf8_text_gets_a_close_frame_with_1007() -> None:
+    mask = b"\0\0\0\0"  # a zero mask leaves the payload as it is
+    ws, answer = await _raw(HANDSHAKE + b"\x81\x82" + mask + b"\xc3\x28")
+    assert ws is not None
+    frames = answer.split(b"\r\n\r\n", 1)[1]
+    assert frames[0] == 0x88
+    assert int.from_bytes(frames[2:4], "big") == 1007
+
+
+async def test_a_client_that_says_nothing_is_let_go_at_the_handshake_timeout(
+    autojump_clock: Any,
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    with trio.fail_after(60):
+        assert await accept(server_stream, max_message=MAX, timeout_s=10) is None
+    await client_stream.aclose()
+
+
+async def test_a_close_from_a_client_that_breaks_off_is_not_waited_for() -> None:
+    async with pair() as (server, client):
+        await client.send_message("x")
+        assert await server.get_message() == "x"
+        await trio.aclose_forcefully(server.stream)
+        with pytest.raises(ClientGone):
+            await server.send_message("lost")
+        with trio.fail_after(5):  # nothing to read, nothing to wait for: returns at once
+            await server.aclose(1000)
+        assert not server.open
