@@ -161,6 +161,9 @@ class DecodedStream:
         )
         self._frames_read = 0
         self._done = False
+        # 16 kHz mono 16-bit PCM (what most clients send) is read as it is stored: the same
+        # samples the float path gives, without three conversions of every one of them.
+        self._native = self._resampler is None and f.channels == 1 and f.subtype == "PCM_16"
 
     def __enter__(self) -> DecodedStream:
         return self
@@ -171,6 +174,21 @@ class DecodedStream:
     def close(self) -> None:
         self._file.close()
 
+    def next_pcm16(self) -> np.ndarray | None:
+        """The next block as 16 kHz mono int16 samples (possibly empty), or None at the end.
+
+        Raises:
+            AudioError: as ``next_block``.
+        """
+        if not self._native:
+            block = self.next_block()
+            return None if block is None else float_to_int16(block)
+        if self._done:
+            return None
+        samples = self._read("int16")
+        out: np.ndarray = samples[:, 0]
+        return out
+
     def next_block(self) -> np.ndarray | None:
         """The next block of 16 kHz mono float32 samples (possibly empty), or None at the end.
 
@@ -180,23 +198,31 @@ class DecodedStream:
         """
         if self._done:
             return None
+        samples = self._read("float32")
+        mono = np.asarray(samples.mean(axis=1), dtype=np.float32)
+        if self._resampler is not None:
+            mono = self._resampler.resample_chunk(mono, last=self._done)
+        out: np.ndarray = np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)
+        return out
+
+    def _read(self, dtype: str) -> np.ndarray:
+        """The next block of frames, ``(frames, channels)``; past the last, ``_done``.
+
+        Raises:
+            AudioError: as ``next_block``.
+        """
         try:
-            samples = self._file.read(self._block, dtype="float32", always_2d=True)
+            samples: np.ndarray = self._file.read(self._block, dtype=dtype, always_2d=True)
         except Exception as exc:
             raise AudioError(f"audio file is corrupt or truncated: {exc}") from exc
         self._frames_read += samples.shape[0]
         if self._frames_read / self.rate > self._max_audio_s:
             raise AudioError(f"audio lasts more than the {self._max_audio_s:.0f} s allowed")
-        last = samples.shape[0] < self._block
-        if last:
+        if samples.shape[0] < self._block:
             self._done = True
             if self._frames_read == 0:
                 raise AudioError("audio file holds no samples")
-        mono = np.asarray(samples.mean(axis=1), dtype=np.float32)
-        if self._resampler is not None:
-            mono = self._resampler.resample_chunk(mono, last=last)
-        out: np.ndarray = np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)
-        return out
+        return samples
 
 
 def decode_container(data: bytes | Path, *, max_audio_s: float, max_bytes: int) -> np.ndarray:

@@ -197,14 +197,14 @@ class SessionDriver:
                 # Not abandoned on cancel: the block's thread must be done with the decoder
                 # before it is closed (a 10 s block decodes in milliseconds).
                 try:
-                    block = await trio.to_thread.run_sync(stream.next_block)
+                    block = await trio.to_thread.run_sync(stream.next_pcm16)
                 except AudioError as exc:
                     await self.emit(s.fail(ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc))))
                     return
                 if block is None:
                     break
                 outputs = s.decoded(block)
-                del block  # float32, twice its int16 chunks: not held while they are published
+                del block  # not held while its chunks are published
                 await self.emit(outputs)
         # Decoded and cut: the file's bytes go now, not when the last result comes back (a
         # session waiting in the queue held its whole upload: 90 KB for a 3 s WAV, x 10,000).

@@ -14,7 +14,7 @@ from typing import IO, Any
 import numpy as np
 import soxr
 
-from katydid.audio import float_to_int16, pcm16_mono
+from katydid.audio import pcm16_mono
 from katydid.chunker import Chunk, Chunker
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.options import Limits, StartOptions
@@ -130,8 +130,8 @@ class AudioIntake:
             self.chunker = Chunker(min_s=self.limits.chunk_max_s, max_s=self.limits.chunk_max_s)
 
     def block(self, audio: np.ndarray) -> list[Chunk]:
-        """A decoded block of the file (16 kHz mono float32): the chunks it completes."""
-        return self._feed(float_to_int16(audio))
+        """A decoded block of the file (16 kHz mono int16): the chunks it completes."""
+        return self._feed(audio)
 
     def end(self) -> list[Chunk]:
         """The audio is over: the last chunks.

@@ -171,7 +171,7 @@ class Session:
         self.intake.file_length(duration_s)
 
     def decoded(self, audio: np.ndarray) -> list[Output]:
-        """A block of the decoded file (16 kHz mono float32): the chunks it completes."""
+        """A block of the decoded file (16 kHz mono int16): the chunks it completes."""
         if self.phase is not Phase.STOPPED or self.intake is None:
             return []
         try:
