@@ -16,6 +16,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
+    CloseConnection,
     Request,
     TextMessage,
 )
@@ -154,6 +155,54 @@ async def test_aclose_from_the_writer_while_the_reader_waits() -> None:
         assert sorted(ended) == ["aclose", "reader"]
         with pytest.raises(ClientGone):
             await server.send_message("too late")
+
+
+async def test_a_reader_that_comes_while_aclose_reads_waits_for_the_end() -> None:
+    # The writer closes while the reader is elsewhere (waiting for room); the reader then asks
+    # for a message while aclose reads for the echo: it waits for the end instead of reading
+    # the same stream from a second task, then hears the client is gone.
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = WSConnection(ConnectionType.CLIENT)
+    async with trio.open_nursery() as nursery:
+        accepted: list[ServerWebSocket | None] = []
+
+        async def serve() -> None:
+            accepted.append(await accept(server_stream, max_message=MAX, timeout_s=5))
+
+        nursery.start_soon(serve)
+        await client_stream.send_all(peer.send(Request(host="katydid.test", target="/")))
+        peer.receive_data(bytes(await client_stream.receive_some()))
+        assert any(isinstance(e, AcceptConnection) for e in peer.events())
+        await trio.testing.wait_all_tasks_blocked()
+        server = accepted[0]
+        assert server is not None
+        closed = trio.Event()
+
+        async def close() -> None:
+            await server.aclose(1000, "done")
+            closed.set()
+
+        nursery.start_soon(close)
+        await trio.testing.wait_all_tasks_blocked()  # aclose sent its close and reads
+        assert not closed.is_set()
+        outcome: list[str] = []
+
+        async def late_reader() -> None:
+            with pytest.raises(ClientGone):
+                await server.get_message()
+            outcome.append("reader")
+
+        nursery.start_soon(late_reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == []  # waiting, not reading
+        peer.receive_data(bytes(await client_stream.receive_some()))
+        (close_event,) = list(peer.events())
+        assert isinstance(close_event, CloseConnection)
+        await client_stream.send_all(peer.send(close_event.response()))  # the echo
+        with trio.fail_after(5):
+            await closed.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == ["reader"]
 
 
 async def _raw(data: bytes, max_message: int = MAX) -> tuple[ServerWebSocket | None, bytes]:

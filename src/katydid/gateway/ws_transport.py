@@ -77,7 +77,7 @@ class ServerWebSocket:
         self._send_lock = trio.StrictFIFOLock()
         self._parts: list[str | bytes] = []  # the message being received
         self._size = 0
-        self._reading = False  # a task is inside get_message (aclose must not read too)
+        self._reading = False  # a task is reading (get_message, or aclose): one at a time
         self._closed = trio.Event()  # the close handshake is over, or the peer is gone
 
     @property
@@ -91,6 +91,9 @@ class ServerWebSocket:
             ClientGone: the peer closed, reset or broke the protocol (answered as it asks).
             MessageTooLarge: the message passed ``max_message`` bytes.
         """
+        if self._reading:  # aclose is reading for the client's echo: the connection is ending
+            await self._closed.wait()
+            raise ClientGone
         self._reading = True
         try:
             while True:
