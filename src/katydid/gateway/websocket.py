@@ -2,8 +2,8 @@
 
 Each connection is the task that accepted it: it does the handshake (``ws_transport``), then
 reads the client's messages (and the clock: it waits for the next message until the session's
-deadline); its nursery holds a writer (what the bus reports: results, dead jobs, queue state)
-and, for an upload after ``stop``, a decoder. Transport errors are mapped at the edge
+deadline); its nursery holds a writer while the bus has news for it (results, dead jobs, queue
+state) and, for an upload after ``stop``, a decoder. Transport errors are mapped at the edge
 (``ws_transport``) to session inputs (``client_gone``, ``too_large``); nothing past it sees them.
 
 Rule 1: no connection-count limit; every bound is the session's.
