@@ -57,6 +57,29 @@ async def pair(
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def raw_pair() -> AsyncIterator[tuple[ServerWebSocket, trio.abc.Stream, WSConnection]]:
+    """An accepted server side and a bare wsproto client that does only what a test tells it
+    (trio-websocket's client answers pings and closes by itself)."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = WSConnection(ConnectionType.CLIENT)
+    async with trio.open_nursery() as nursery:
+        accepted: list[ServerWebSocket | None] = []
+
+        async def serve() -> None:
+            accepted.append(await accept(server_stream, max_message=MAX, timeout_s=5))
+
+        nursery.start_soon(serve)
+        await client_stream.send_all(peer.send(Request(host="katydid.test", target="/")))
+        peer.receive_data(bytes(await client_stream.receive_some()))
+        assert any(isinstance(e, AcceptConnection) for e in peer.events())
+        await trio.testing.wait_all_tasks_blocked()
+        server = accepted[0]
+        assert server is not None
+        yield server, client_stream, peer
+        nursery.cancel_scope.cancel()
+
+
 async def test_messages_go_both_ways_with_the_handshake_request_kept() -> None:
     async with pair() as (server, client):
         assert server.path == "/vosk?x=1"
@@ -92,22 +115,8 @@ async def test_a_message_over_the_bound_is_refused_as_it_arrives() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_read_cancelled_mid_message_loses_nothing() -> None:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    peer = WSConnection(ConnectionType.CLIENT)
-    async with trio.open_nursery() as nursery:
-        accepted: list[ServerWebSocket | None] = []
-
-        async def serve() -> None:
-            accepted.append(await accept(server_stream, max_message=MAX, timeout_s=5))
-
-        nursery.start_soon(serve)
-        await client_stream.send_all(peer.send(Request(host="katydid.test", target="/")))
-        peer.receive_data(bytes(await client_stream.receive_some()))
-        assert any(isinstance(e, AcceptConnection) for e in peer.events())
-        await trio.testing.wait_all_tasks_blocked()
-        server = accepted[0]
-        assert server is not None
+async def test_a_read_cancelled_mid_message_loses_nothing(autojump_clock: Any) -> None:
+    async with raw_pair() as (server, client_stream, peer):
         # Half a message, then the read is cancelled (a session's deadline), then the rest.
         await client_stream.send_all(peer.send(BytesMessage(b"first-", message_finished=False)))
         with trio.move_on_after(0.5):
@@ -161,21 +170,7 @@ async def test_a_reader_that_comes_while_aclose_reads_waits_for_the_end() -> Non
     # The writer closes while the reader is elsewhere (waiting for room); the reader then asks
     # for a message while aclose reads for the echo: it waits for the end instead of reading
     # the same stream from a second task, then hears the client is gone.
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    peer = WSConnection(ConnectionType.CLIENT)
-    async with trio.open_nursery() as nursery:
-        accepted: list[ServerWebSocket | None] = []
-
-        async def serve() -> None:
-            accepted.append(await accept(server_stream, max_message=MAX, timeout_s=5))
-
-        nursery.start_soon(serve)
-        await client_stream.send_all(peer.send(Request(host="katydid.test", target="/")))
-        peer.receive_data(bytes(await client_stream.receive_some()))
-        assert any(isinstance(e, AcceptConnection) for e in peer.events())
-        await trio.testing.wait_all_tasks_blocked()
-        server = accepted[0]
-        assert server is not None
+    async with raw_pair() as (server, client_stream, peer), trio.open_nursery() as nursery:
         closed = trio.Event()
 
         async def close() -> None:
