@@ -25,6 +25,8 @@ from trio_websocket import (
     WebSocketConnection,
     wrap_client_stream,
 )
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
 from katydid import heap
 from katydid.bus.memory import MemoryBus
@@ -83,6 +85,38 @@ class Rig:
             "katydid.test",
             "/",
         )
+
+
+@dataclass
+class RawClient:
+    """A bare wsproto client: sends a message in the pieces a test chooses."""
+
+    stream: trio.abc.Stream
+    peer: WSConnection
+
+    async def send(self, event: BytesMessage | TextMessage) -> None:
+        await self.stream.send_all(self.peer.send(event))
+
+    async def next(self) -> dict[str, Any] | int:
+        """The server's next event, or its close code."""
+        with trio.fail_after(3600):
+            while True:
+                for e in self.peer.events():
+                    if isinstance(e, TextMessage):
+                        return dict(json.loads(e.data))
+                    if isinstance(e, CloseConnection):
+                        return e.code
+                self.peer.receive_data(bytes(await self.stream.receive_some()))
+
+
+async def _raw_connect(r: Rig) -> RawClient:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    r.sessions.start_soon(serve_stream, r.gateway, server_stream)
+    peer = WSConnection(ConnectionType.CLIENT)
+    await client_stream.send_all(peer.send(Request(host="katydid.test", target="/")))
+    peer.receive_data(bytes(await client_stream.receive_some()))
+    assert any(isinstance(e, AcceptConnection) for e in peer.events())
+    return RawClient(client_stream, peer)
 
 
 @asynccontextmanager
@@ -491,3 +525,45 @@ async def test_an_upload_past_the_gateways_memory_bound_waits_on_disk_and_is_ser
         for q in r.bus.finals():
             r.bus.answer(q, "x")
         assert (await _next(ws, "queued"))["type"] == "final"
+
+
+async def test_an_upload_goes_to_its_file_as_it_arrives_not_held_whole(autojump_clock: Any) -> None:
+    pcm = _speech_like(3.0)
+    wav = _wav(pcm)
+    half = len(wav) // 2
+    async with rig() as r:
+        c = await _raw_connect(r)
+        await c.send(TextMessage('{"type": "start", "format": "wav"}'))
+        assert (await c.next())["type"] == "ready"  # type: ignore[index]
+        await c.send(BytesMessage(wav[:half], message_finished=False))
+        await trio.testing.wait_all_tasks_blocked()
+        # Half a message in: its bytes are in the upload already (not in a buffer of the
+        # connection's until the message ends).
+        assert _metric(r.gateway, "katydid_upload_memory_bytes") == half
+        await c.send(BytesMessage(wav[half:]))
+        await c.send(TextMessage('{"type": "stop"}'))
+        await _eventually(lambda: len(r.bus.finals()) >= 1)
+        assert b"".join(q.pcm for q in r.bus.finals()) == pcm
+        for q in r.bus.finals():
+            r.bus.answer(q, "x")
+        while (event := await c.next()) != 1000:
+            assert isinstance(event, dict)
+            assert event["type"] in ("queued", "final", "done")
+
+
+async def test_an_upload_message_over_the_frame_bound_is_refused_as_it_arrives(
+    autojump_clock: Any,
+) -> None:
+    wav = _wav(_speech_like(3.0))  # 96 KB
+    async with rig(_config(max_frame_bytes=40_000)) as r:
+        c = await _raw_connect(r)
+        await c.send(TextMessage('{"type": "start", "format": "wav"}'))
+        assert (await c.next())["type"] == "ready"  # type: ignore[index]
+        await c.send(BytesMessage(wav))
+        error = await c.next()
+        assert isinstance(error, dict)
+        assert (error["type"], error["code"]) == ("error", "too_large")
+        assert await c.next() == 1009
+        await _eventually(lambda: not r.gateway.sessions)
+        assert _metric(r.gateway, "katydid_upload_memory_bytes") == 0
+        assert not r.bus.finals()

@@ -22,7 +22,7 @@ from wsproto.events import (
 )
 
 from katydid.gateway.driver import ClientGone
-from katydid.gateway.ws_transport import MessageTooLarge, ServerWebSocket, accept
+from katydid.gateway.ws_transport import MessageTooLarge, Piece, ServerWebSocket, accept
 
 MAX = 64 * 1024
 
@@ -126,6 +126,34 @@ async def test_a_read_cancelled_mid_message_loses_nothing(autojump_clock: Any) -
         await client_stream.send_all(peer.send(TextMessage("é" * 3, message_finished=False)))
         await client_stream.send_all(peer.send(TextMessage("!")))
         assert await server.get_message() == "ééé!"
+
+
+async def test_a_binary_message_comes_in_the_pieces_it_arrives_in(autojump_clock: Any) -> None:
+    async with raw_pair() as (server, client_stream, peer):
+        await client_stream.send_all(peer.send(BytesMessage(b"first-", message_finished=False)))
+        assert await server.get_message(pieces=True) == Piece(b"first-", 6, last=False)
+        await client_stream.send_all(peer.send(BytesMessage(b"second")))
+        assert await server.get_message(pieces=True) == Piece(b"second", 12, last=True)
+        # Text is whole whatever the caller asks; the next binary message counts from zero.
+        await client_stream.send_all(peer.send(TextMessage("stop")))
+        assert await server.get_message(pieces=True) == "stop"
+        # Begun in whole messages' mode (a read cancelled mid-message), finished in pieces.
+        await client_stream.send_all(peer.send(BytesMessage(b"ab", message_finished=False)))
+        with trio.move_on_after(0.5):
+            await server.get_message()
+        await client_stream.send_all(peer.send(BytesMessage(b"cd")))
+        assert await server.get_message(pieces=True) == Piece(b"abcd", 4, last=True)
+        # The message's bound holds over its pieces.
+        await client_stream.send_all(peer.send(BytesMessage(b"\0" * MAX, message_finished=False)))
+        size = 0
+        while size < MAX:  # read a RECEIVE_BYTES at a time
+            got = await server.get_message(pieces=True)
+            assert isinstance(got, Piece)
+            assert not got.last
+            size = got.size
+        await client_stream.send_all(peer.send(BytesMessage(b"\0", message_finished=False)))
+        with pytest.raises(MessageTooLarge):
+            await server.get_message(pieces=True)
 
 
 async def test_the_clients_close_is_echoed_and_ends_the_connection() -> None:

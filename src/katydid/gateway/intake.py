@@ -51,16 +51,19 @@ class AudioIntake:
                 vad=True,
             )
 
-    def frame(self, data: bytes) -> list[Chunk]:
-        """A binary frame: the chunks live PCM completes (a file's bytes are kept).
+    def frame(self, data: bytes, message_bytes: int | None = None) -> list[Chunk]:
+        """A binary frame (or a piece of one, ``message_bytes`` long so far): the chunks live PCM
+        completes (a file's bytes are kept).
 
         Raises:
             ProtocolError: a bound is exceeded.
         """
-        if len(data) > self.limits.max_frame_bytes:
+        size = len(data) if message_bytes is None else message_bytes
+        if size > self.limits.max_frame_bytes:
             raise ProtocolError(
                 ErrorCode.TOO_LARGE,
-                f"frame of {len(data)} bytes exceeds {self.limits.max_frame_bytes}",
+                f"frame of {'more than ' if message_bytes is not None else ''}{size} bytes "
+                f"exceeds {self.limits.max_frame_bytes}",
             )
         if self.options.is_file:
             if self._upload_bytes + len(data) > self.limits.max_file_bytes:

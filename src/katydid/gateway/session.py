@@ -125,18 +125,32 @@ class Session:
         self.phase = Phase.STREAMING
         return [Send(Ready(self.session_id, model, offers))]
 
+    @property
+    def uploading(self) -> bool:
+        """A file's bytes are coming: a door may hand them on a piece of a message at a time."""
+        return self.phase is Phase.STREAMING and self.options is not None and self.options.is_file
+
     def receive_bytes(
-        self, data: bytes, now: float, *, partials_allowed: bool = False
+        self,
+        data: bytes,
+        now: float,
+        *,
+        partials_allowed: bool = False,
+        message_bytes: int | None = None,
     ) -> list[Output]:
         """A binary audio frame: live PCM is cut into chunks (published at once), a file's bytes
-        are kept until ``stop``. ``partials_allowed``: the queue has room for a partial now."""
+        are kept until ``stop``. ``partials_allowed``: the queue has room for a partial now.
+        ``message_bytes``: ``data`` is a piece of a message this long so far (the frame bound
+        is the message's)."""
         self._last_input = now
         try:
-            return self._bytes(data, partials_allowed)
+            return self._bytes(data, partials_allowed, message_bytes)
         except ProtocolError as exc:
             return self.fail(exc)
 
-    def _bytes(self, data: bytes, partials_allowed: bool) -> list[Output]:
+    def _bytes(
+        self, data: bytes, partials_allowed: bool, message_bytes: int | None
+    ) -> list[Output]:
         if self.phase is Phase.CLOSED:
             return []
         if self.phase is not Phase.STREAMING:
@@ -144,7 +158,7 @@ class Session:
                 ErrorCode.BAD_MESSAGE, "audio is only allowed between start and stop"
             )
         assert self.intake is not None
-        out = self._jobs(self.intake.frame(data))
+        out = self._jobs(self.intake.frame(data, message_bytes))
         if partials_allowed:
             out += self._partial()
         return out

@@ -28,7 +28,7 @@ from katydid.gateway.events import ServerEvent
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway, Live
 from katydid.gateway.vosk import VoskConnection
-from katydid.gateway.ws_transport import ServerWebSocket, accept, receive
+from katydid.gateway.ws_transport import Piece, ServerWebSocket, accept, receive
 
 log = structlog.get_logger("katydid.gateway")
 
@@ -171,11 +171,13 @@ class _Connection(SessionDriver):
     async def _reader(self) -> None:
         s = self.session
         while not s.closed:
-            msg = await receive(self, self.ws)
+            msg = await receive(self, self.ws, pieces=s.uploading)
             now = trio.current_time()
             if msg is None:
                 continue
-            if isinstance(msg, bytes):
+            if isinstance(msg, Piece):
+                await self.emit(s.receive_bytes(msg.data, now, message_bytes=msg.size))
+            elif isinstance(msg, bytes):
                 allowed = self.gateway.partials_allowed(s.model)
                 await self.emit(s.receive_bytes(msg, now, partials_allowed=allowed))
             else:

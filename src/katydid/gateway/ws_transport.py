@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal, overload
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -46,6 +49,18 @@ from katydid.gateway.driver import ClientGone, SessionDriver
 RECEIVE_BYTES = 16 * 1024
 _PONG_S = 5.0  # a pong that cannot go out in this long is dropped (the client does not read)
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Part of a binary message, handed on as it arrives (``get_message(pieces=True)``): an
+    upload's bytes go to its spooled file a read at a time instead of being held whole first
+    (10,000 clients uploading at once, each with a message half in: 64 KB apiece).
+    ``size``: the message's bytes so far, this piece's included; ``last``: it ends the message."""
+
+    data: bytes
+    size: int
+    last: bool
 
 
 class MessageTooLarge(Exception):
@@ -84,8 +99,15 @@ class ServerWebSocket:
     def open(self) -> bool:
         return self._conn.state is ConnectionState.OPEN
 
-    async def get_message(self) -> str | bytes:
-        """The next whole message (text or binary); pings are answered on the way.
+    @overload
+    async def get_message(self, *, pieces: Literal[False] = False) -> str | bytes: ...
+
+    @overload
+    async def get_message(self, *, pieces: bool) -> str | bytes | Piece: ...
+
+    async def get_message(self, *, pieces: bool = False) -> str | bytes | Piece:
+        """The next whole message (text or binary); pings are answered on the way. With
+        ``pieces``, a binary message comes as the ``Piece``s it arrives in.
 
         Raises:
             ClientGone: the peer closed, reset or broke the protocol (answered as it asks).
@@ -97,26 +119,28 @@ class ServerWebSocket:
         self._reading = True
         try:
             while True:
-                message = await self._next_event_message()
+                message = await self._next_event_message(pieces)
                 if message is not None:
                     return message
         finally:
             self._reading = False
 
-    async def _next_event_message(self) -> str | bytes | None:
+    async def _next_event_message(self, pieces: bool) -> str | bytes | Piece | None:
         for event in self._conn.events():
-            message = await self._handle(event)
+            message = await self._handle(event, pieces)
             if message is not None:
                 return message
         await self._receive()
         return None
 
-    async def _handle(self, event: Event) -> str | bytes | None:
+    async def _handle(self, event: Event, pieces: bool) -> str | bytes | Piece | None:
         if isinstance(event, (TextMessage, BytesMessage)):
             self._size += len(event.data)
             if self._size > self._max:
                 self._parts, self._size = [], 0
                 raise MessageTooLarge(self._max)
+            if pieces and isinstance(event, BytesMessage):
+                return self._piece(event)
             if not event.message_finished:
                 self._parts.append(event.data if isinstance(event.data, str) else bytes(event.data))
                 return None
@@ -129,6 +153,16 @@ class ServerWebSocket:
         if isinstance(event, CloseConnection):
             await self._closing(event)
         return None  # a pong, or an event of the handshake
+
+    def _piece(self, event: BytesMessage) -> Piece:
+        # What came before in whole messages' mode (a caller that switched mid-message) first.
+        held = [p for p in self._parts if isinstance(p, bytes)]
+        data = b"".join([*held, bytes(event.data)]) if held else bytes(event.data)
+        piece = Piece(data, self._size, event.message_finished)
+        self._parts = []
+        if event.message_finished:
+            self._size = 0
+        return piece
 
     def _whole(self, last: TextMessage | BytesMessage) -> str | bytes:
         parts, self._parts, self._size = self._parts, [], 0
@@ -247,15 +281,30 @@ async def accept(
     return None
 
 
-async def receive(driver: SessionDriver, ws: ServerWebSocket) -> str | bytes | None:
-    """The client's next message, or None when the session's deadline came first or the
-    message was too large (the session has then been told).
+@overload
+async def receive(
+    driver: SessionDriver, ws: ServerWebSocket, *, pieces: Literal[False] = False
+) -> str | bytes | None: ...
+
+
+@overload
+async def receive(
+    driver: SessionDriver, ws: ServerWebSocket, *, pieces: bool
+) -> str | bytes | Piece | None: ...
+
+
+async def receive(
+    driver: SessionDriver, ws: ServerWebSocket, *, pieces: bool = False
+) -> str | bytes | Piece | None:
+    """The client's next message (with ``pieces``, a binary one as its ``Piece``s), or None
+    when the session's deadline came first or the message was too large (the session has then
+    been told).
 
     Raises:
         ClientGone: the client left.
     """
     try:
-        return await driver.next_message(ws.get_message)
+        return await driver.next_message(partial(ws.get_message, pieces=pieces))
     except MessageTooLarge as exc:
         await driver.emit(driver.session.fail(ProtocolError(ErrorCode.TOO_LARGE, str(exc))))
         return None
