@@ -184,6 +184,17 @@ def test_bounds() -> None:
     assert files.receive_bytes(b"\0" * 100, 0.0) == []
     error, _ = _error_and_close(files.receive_bytes(b"\0" * 100, 0.0))
     assert error.message == "file exceeds 150 bytes"
+    # A piece of a message (a door that hands an upload on as it arrives): the message's size.
+    pieces = _started(_session(max_frame_bytes=100), format="wav")
+    assert pieces.receive_bytes(b"\0" * 60, 0.0, message_bytes=60) == []
+    error, close = _error_and_close(pieces.receive_bytes(b"\0" * 60, 0.0, message_bytes=120))
+    assert (error.code, close.code) == (ErrorCode.TOO_LARGE, 1009)
+    # A control message is bounded in bytes: 40 characters of 3 bytes are over 100.
+    wide = _session(max_frame_bytes=100)
+    error, close = _error_and_close(
+        wide.receive_text('{"type": "start", "x": "' + "€" * 40 + '"}', 0.0)
+    )
+    assert (error.code, close.code) == (ErrorCode.TOO_LARGE, 1009)
 
 
 def _three_jobs() -> tuple[Session, list[Publish]]:

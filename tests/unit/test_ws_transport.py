@@ -4,6 +4,7 @@ what a broken one does. In-memory streams; no sockets, no sleeps."""
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +18,7 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
+    Ping,
     Request,
     TextMessage,
 )
@@ -302,3 +304,109 @@ async def test_a_close_from_a_client_that_breaks_off_is_not_waited_for() -> None
         with trio.fail_after(5):  # nothing to read, nothing to wait for: returns at once
             await server.aclose(1000)
         assert not server.open
+
+
+@asynccontextmanager
+async def lockstep_pair(
+    send_timeout_s: float = 10.0,
+) -> AsyncIterator[tuple[ServerWebSocket, trio.abc.Stream, WSConnection]]:
+    """A bare wsproto client on a stream with no buffer: a server's send waits until the client
+    reads it, as when a client's TCP window is full."""
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    peer = WSConnection(ConnectionType.CLIENT)
+    async with trio.open_nursery() as nursery:
+        accepted: list[ServerWebSocket | None] = []
+
+        async def serve() -> None:
+            accepted.append(
+                await accept(
+                    server_stream, max_message=MAX, timeout_s=5, send_timeout_s=send_timeout_s
+                )
+            )
+
+        nursery.start_soon(serve)
+        await client_stream.send_all(peer.send(Request(host="katydid.test", target="/")))
+        peer.receive_data(bytes(await client_stream.receive_some()))
+        assert any(isinstance(e, AcceptConnection) for e in peer.events())
+        await trio.testing.wait_all_tasks_blocked()
+        server = accepted[0]
+        assert server is not None
+        yield server, client_stream, peer
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_pings_and_never_reads_is_let_go_at_the_send_timeout(
+    autojump_clock: Any,
+) -> None:
+    async with lockstep_pair(send_timeout_s=10.0) as (server, client_stream, peer):
+        pings = b"".join(peer.send(Ping(b"p" * 125)) for _ in range(60))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client_stream.send_all, pings)
+            started = trio.current_time()
+            # One pong for the read's 60 pings, which the client never takes: gone after the
+            # send timeout (it was 5 s per ping, shielded, and then the next read's pings).
+            with trio.fail_after(60), pytest.raises(ClientGone):
+                await server.get_message()
+            assert trio.current_time() - started == pytest.approx(10.0, abs=0.5)
+            assert not server.open
+
+
+async def test_a_reader_answering_a_ping_can_be_cancelled(autojump_clock: Any) -> None:
+    pair = lockstep_pair(send_timeout_s=1000.0)
+    async with pair as (server, client_stream, peer), trio.open_nursery() as nursery:
+        nursery.start_soon(client_stream.send_all, peer.send(Ping(b"p")))
+        started = trio.current_time()
+        with trio.move_on_after(3) as scope:  # a session's deadline, or shutdown
+            await server.get_message()
+        assert scope.cancelled_caught
+        assert trio.current_time() - started == pytest.approx(3.0, abs=0.5)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_send_cut_off_part_way_ends_the_connection(autojump_clock: Any) -> None:
+    async with lockstep_pair() as (server, client_stream, _peer):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.send_message, b"x" * 100_000)
+            await trio.testing.wait_all_tasks_blocked()
+            head = await client_stream.receive_some(1000)  # part of the frame, then no more
+            assert 0 < len(head) < 100_000
+            nursery.cancel_scope.cancel()  # the writer's timeout, say
+        # Anything framed now would follow half a frame: nothing is sent, the client is gone.
+        assert not server.open
+        with pytest.raises(ClientGone):
+            await server.send_message('{"type": "error"}')
+        with pytest.raises(ClientGone):
+            await server.get_message()
+
+
+async def test_a_text_message_is_bounded_in_bytes_not_characters() -> None:
+    async with pair(max_message=10_000) as (server, client), trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_message, "€" * 4000)  # 4,000 characters, 12,000 bytes
+        with pytest.raises(MessageTooLarge):
+            await server.get_message()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_message_in_one_byte_fragments_is_held_as_its_bytes() -> None:
+    n = 50_000
+    async with raw_pair() as (server, client_stream, peer):
+        frames = b"".join(peer.send(BytesMessage(b"z", message_finished=False)) for _ in range(n))
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client_stream.send_all, frames)
+                with trio.move_on_after(1):
+                    await server.get_message()
+                held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        # Held: the message's bytes, and what the in-memory stream kept of the 7-byte frames
+        # (~7 per byte); as a list of 1-byte objects it was ~40 more bytes of heap per byte.
+        assert held < 12 * n
+        await client_stream.send_all(peer.send(BytesMessage(b"!")))
+        assert await server.get_message() == b"z" * n + b"!"
+        await client_stream.send_all(
+            peer.send(TextMessage("é", message_finished=False)) + peer.send(TextMessage("€"))
+        )
+        assert await server.get_message() == "é€"

@@ -151,8 +151,13 @@ def parse_control(text: str, limits: Limits) -> tuple[str, StartOptions | None]:
     Raises:
         ProtocolError: too large, not JSON, not a message, an unknown type, or a bad ``start``.
     """
-    if len(text) > limits.max_frame_bytes:
-        raise ProtocolError(ErrorCode.TOO_LARGE, "control message too large")
+    # In bytes, as on the wire (characters would let 4-byte ones through at 4x the bound).
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.max_frame_bytes:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"control message of {size} bytes exceeds {limits.max_frame_bytes}",
+        )
     try:
         msg = json.loads(text)
     except ValueError:

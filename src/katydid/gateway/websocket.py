@@ -116,7 +116,10 @@ async def serve_stream(gateway: Gateway, stream: trio.abc.Stream) -> None:
         # large it was; past twice it, the transport stops reading it (``MessageTooLarge``).
         try:
             ws = await accept(
-                stream, max_message=2 * cfg.max_frame_bytes, timeout_s=cfg.handshake_timeout_s
+                stream,
+                max_message=2 * cfg.max_frame_bytes,
+                timeout_s=cfg.handshake_timeout_s,
+                send_timeout_s=cfg.send_timeout_s,
             )
         except Exception:  # a handshake nobody foresaw ends this connection, never the listener
             gateway.sampled.log("warning", "handshake_failed", exc_info=True)

@@ -12,10 +12,15 @@ Errors are mapped here, at the edge: a peer that closes, resets or breaks the pr
 the echo of the client's own close); a message over ``max_message`` bytes is ``MessageTooLarge``
 (the door answers ``too_large`` and closes with 1009).
 
-Rule 1: every read is at most ``RECEIVE_BYTES``, a message at most ``max_message`` (counted as it
-arrives, never held past the bound), the HTTP request at h11's 16 KB.
+Rule 1: every read is at most ``RECEIVE_BYTES``, a message at most ``max_message`` bytes (text
+counted in UTF-8 bytes, as it arrives, never held past the bound, in one buffer whatever its
+fragments), the HTTP request at h11's 16 KB.
 Rule 2: sends are serialised by one lock (the reader's pongs and the writer's events share the
-stream); a send never waits for a read.
+stream); a send never waits for a read. A frame goes out whole or the connection is over: a
+send cut off part-way (a timeout, a cancel) breaks it, and nothing is framed after it.
+Rule 3: a read's pings get one pong (the latest's), bounded by the send timeout and never
+shielded: a client that pings and does not read is gone after it, and a cancel (the session's
+deadline, shutdown) ends a reader that is answering.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from katydid.gateway.driver import ClientGone, SessionDriver
 # Under the gateway's mmap threshold (``heap.py``): a read's buffer comes from the heap and is
 # shrunk in place, where a larger one would be mapped and unmapped on every read.
 RECEIVE_BYTES = 16 * 1024
-_PONG_S = 5.0  # a pong that cannot go out in this long is dropped (the client does not read)
+SEND_TIMEOUT_S = 30.0  # a pong that cannot go out in this long: the client does not read
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -81,6 +86,7 @@ class ServerWebSocket:
         connection: Connection,
         request: Request,
         max_message: int,
+        send_timeout_s: float = SEND_TIMEOUT_S,
     ) -> None:
         self.stream = stream
         self.path: str = request.target
@@ -89,15 +95,23 @@ class ServerWebSocket:
         ]
         self._conn = connection
         self._max = max_message
+        self._send_timeout_s = send_timeout_s
         self._send_lock = trio.StrictFIFOLock()
-        self._parts: list[str | bytes] = []  # the message being received
+        # The message being received, as bytes (a text message's UTF-8): one buffer whatever
+        # the fragments (a list of 1-byte fragments cost ~28 bytes of heap per byte), and a
+        # size in bytes for the bound, whatever the characters.
+        self._buffer = bytearray()
         self._size = 0
+        self._pong: Ping | None = None  # the latest ping not yet answered (RFC 6455 5.5.3)
         self._reading = False  # a task is reading (get_message, or aclose): one at a time
+        # A send cut off part-way (cancelled, timed out) may have left half a frame on the
+        # wire: nothing more can be framed after it, so the connection is over.
+        self._broken = False
         self._closed = trio.Event()  # the close handshake is over, or the peer is gone
 
     @property
     def open(self) -> bool:
-        return self._conn.state is ConnectionState.OPEN
+        return not self._broken and self._conn.state is ConnectionState.OPEN
 
     @overload
     async def get_message(self, *, pieces: Literal[False] = False) -> str | bytes: ...
@@ -126,51 +140,78 @@ class ServerWebSocket:
             self._reading = False
 
     async def _next_event_message(self, pieces: bool) -> str | bytes | Piece | None:
+        if self._broken:
+            raise ClientGone
+        message = None
         for event in self._conn.events():
             message = await self._handle(event, pieces)
             if message is not None:
-                return message
-        await self._receive()
-        return None
+                break
+        # One pong for the pings of a read, not one per ping: a client that pings and never
+        # reads cannot hold the reader (and the session, and shutdown) in a send per ping.
+        if self._pong is not None:
+            await self._answer_ping()
+        if message is None:
+            await self._receive()
+        return message
 
     async def _handle(self, event: Event, pieces: bool) -> str | bytes | Piece | None:
         if isinstance(event, (TextMessage, BytesMessage)):
-            self._size += len(event.data)
+            data = event.data
+            # Counted in bytes: 700,000 "€" are 2.1 MB on the wire in 700,000 characters.
+            chunk = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+            self._size += len(chunk)
             if self._size > self._max:
-                self._parts, self._size = [], 0
+                self._buffer, self._size = bytearray(), 0
                 raise MessageTooLarge(self._max)
             if pieces and isinstance(event, BytesMessage):
-                return self._piece(event)
+                return self._piece(chunk, event.message_finished)
             if not event.message_finished:
-                self._parts.append(event.data if isinstance(event.data, str) else bytes(event.data))
+                self._buffer += chunk
                 return None
-            return self._whole(event)
+            return self._whole(event, chunk)
         if isinstance(event, Ping):
-            pong = trio.CancelScope(shield=True)
-            with pong, trio.move_on_after(_PONG_S), contextlib.suppress(ClientGone):
-                await self._send(event.response())
+            self._pong = event
             return None
         if isinstance(event, CloseConnection):
             await self._closing(event)
         return None  # a pong, or an event of the handshake
 
-    def _piece(self, event: BytesMessage) -> Piece:
+    async def _answer_ping(self) -> None:
+        """The latest ping's pong, within the send timeout; a client that does not take it in
+        that time does not read, and is gone.
+
+        Raises:
+            ClientGone: the pong could not go out.
+        """
+        assert self._pong is not None
+        pong = self._pong.response()
+        with trio.move_on_after(self._send_timeout_s):
+            await self._send(pong)
+            self._pong = None
+            return
+        self._break()
+        raise ClientGone
+
+    def _piece(self, data: bytes, last: bool) -> Piece:
         # What came before in whole messages' mode (a caller that switched mid-message) first.
-        held = [p for p in self._parts if isinstance(p, bytes)]
-        data = b"".join([*held, bytes(event.data)]) if held else bytes(event.data)
-        piece = Piece(data, self._size, event.message_finished)
-        self._parts = []
-        if event.message_finished:
+        if self._buffer:
+            data, self._buffer = bytes(self._buffer) + data, bytearray()
+        piece = Piece(data, self._size, last)
+        if last:
             self._size = 0
         return piece
 
-    def _whole(self, last: TextMessage | BytesMessage) -> str | bytes:
-        parts, self._parts, self._size = self._parts, [], 0
+    def _whole(self, last: TextMessage | BytesMessage, chunk: bytes) -> str | bytes:
+        buffer, self._buffer, self._size = self._buffer, bytearray(), 0
         if isinstance(last, TextMessage):
-            return "".join([*(p for p in parts if isinstance(p, str)), last.data])
-        if not parts:
-            return bytes(last.data)
-        return b"".join([*(p for p in parts if isinstance(p, bytes)), bytes(last.data)])
+            # The UTF-8 was checked by wsproto as it came.
+            return (buffer + chunk).decode("utf-8") if buffer else last.data
+        return bytes(buffer + chunk) if buffer else chunk
+
+    def _break(self) -> None:
+        self._broken = True
+        self._closed.set()
 
     async def _closing(self, event: CloseConnection) -> None:
         """A close frame came in, or wsproto stands for one after a protocol error (the state is
@@ -216,16 +257,30 @@ class ServerWebSocket:
         )
 
     async def _send(self, event: Event) -> None:
+        """Send one frame whole, or break the connection.
+
+        Raises:
+            ClientGone: the connection is broken (now or by an earlier send cut off part-way).
+        """
+        if self._broken:
+            raise ClientGone
         try:
             data = self._conn.send(event)
         except Exception:  # wsproto's LocalProtocolError: the state allows no such send
             raise ClientGone from None
         async with self._send_lock:
+            if self._broken:
+                raise ClientGone
             try:
                 await self.stream.send_all(data)
             except _BROKEN:
-                self._closed.set()
+                self._break()
                 raise ClientGone from None
+            except BaseException:
+                # Cancelled (a timeout, shutdown) while the frame may be part-way out: the
+                # client could never read a frame after it (trio: the stream is then broken).
+                self._break()
+                raise
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         """Start the close handshake and wait for the client's echo (RFC 6455 7.1.1: closing TCP
@@ -247,9 +302,14 @@ class ServerWebSocket:
 
 
 async def accept(
-    stream: trio.abc.Stream, *, max_message: int, timeout_s: float
+    stream: trio.abc.Stream,
+    *,
+    max_message: int,
+    timeout_s: float,
+    send_timeout_s: float = SEND_TIMEOUT_S,
 ) -> ServerWebSocket | None:
-    """Read the HTTP upgrade request and accept it, within ``timeout_s``.
+    """Read the HTTP upgrade request and accept it, within ``timeout_s``. ``send_timeout_s``
+    bounds a pong (a client that does not take one in that time does not read).
 
     Returns:
         The connection, or None if the peer left, timed out, or sent something other than a
@@ -275,7 +335,9 @@ async def accept(
                     # h11's buffer).
                     assert ws.connection is not None
                     ws.connection.receive_data(_early_frames(ws))
-                    return ServerWebSocket(stream, ws.connection, request, max_message)
+                    return ServerWebSocket(
+                        stream, ws.connection, request, max_message, send_timeout_s
+                    )
         except _BROKEN:
             return None
     return None
