@@ -8,6 +8,7 @@ test that waits for a 120 s timeout takes milliseconds), so timeouts are tested,
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import wave
@@ -18,7 +19,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import structlog
+import structlog.testing
 import trio
+import trio.lowlevel
 import trio.testing
 from trio_websocket import (
     ConnectionClosed,
@@ -33,7 +37,7 @@ from katydid.bus.memory import MemoryBus
 from katydid.config import Config
 from katydid.errors import NatsError, StreamFull
 from katydid.gateway import Gateway
-from katydid.gateway.websocket import serve_stream
+from katydid.gateway.websocket import WebSocketDoor, serve_stream
 from katydid.metrics import parse_text
 from tests.signals import vowel
 
@@ -567,3 +571,47 @@ async def test_an_upload_message_over_the_frame_bound_is_refused_as_it_arrives(
         await _eventually(lambda: not r.gateway.sessions)
         assert _metric(r.gateway, "katydid_upload_memory_bytes") == 0
         assert not r.bus.finals()
+
+
+async def test_a_draining_gateway_closes_its_listener() -> None:
+    gateway = Gateway(_config(host="127.0.0.1", port=0), bus=MemoryBus())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.run_bus)
+        door = WebSocketDoor(gateway)
+        port = await nursery.start(door.run)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)  # accepted
+        await stream.aclose()
+        door.stop_accepting()
+        await trio.testing.wait_all_tasks_blocked()
+        # Closed, not accepted and refused: with SO_REUSEPORT the kernel now sends new clients
+        # to the gateways that are not draining.
+        with pytest.raises(OSError, match="connect"):
+            await trio.open_tcp_stream("127.0.0.1", port)
+        nursery.cancel_scope.cancel()
+
+
+async def test_out_of_descriptors_the_gateway_retries_accepting_with_sampled_lines(
+    autojump_clock: Any,
+) -> None:
+    class Full(trio.abc.Listener[trio.abc.Stream]):
+        accepts = 0
+
+        async def accept(self) -> trio.abc.Stream:
+            await trio.lowlevel.checkpoint()
+            Full.accepts += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        async def aclose(self) -> None:
+            pass
+
+    gateway = Gateway(_config(log_sample_burst=5, log_sample_window_s=10.0), bus=MemoryBus())
+    door = WebSocketDoor(gateway)
+    with structlog.testing.capture_logs() as lines:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(door._accept, Full(), nursery)
+            await trio.sleep(10.0)
+            nursery.cancel_scope.cancel()
+    assert Full.accepts >= 90  # retried every 0.1 s
+    failed = [line for line in lines if line["event"] == "accept_failed"]
+    assert 1 <= len(failed) <= 5
+    assert failed[0]["error"] == "EMFILE"

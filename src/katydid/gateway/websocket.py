@@ -13,9 +13,10 @@ Rule 2: a client that does not read blocks only its own sends, and is cut off af
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import ssl
-from functools import partial
 from typing import Any
 
 import structlog
@@ -31,6 +32,9 @@ from katydid.gateway.vosk import VoskConnection
 from katydid.gateway.ws_transport import Piece, ServerWebSocket, accept, receive
 
 log = structlog.get_logger("katydid.gateway")
+# Out of descriptors or buffers: the listener is fine, the process is full for now.
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_RETRY_S = 0.1
 
 
 class WebSocketDoor:
@@ -56,10 +60,7 @@ class WebSocketDoor:
                     listeners = [
                         trio.SSLListener(lst, self.tls, https_compatible=True) for lst in listeners
                     ]
-                serving = await handlers.start(
-                    partial(trio.serve_listeners, self._handle, listeners, handler_nursery=handlers)
-                )
-                self.port = _port(serving[0])
+                self.port = _port(listeners[0])
                 log.info(
                     "gateway_listening",
                     host=self.cfg.host,
@@ -67,7 +68,13 @@ class WebSocketDoor:
                     gateway=self.gateway.gateway_id,
                 )
                 task_status.started(self.port)
-                await trio.sleep_forever()
+                # The accept loops run inside ``accepting`` (trio.serve_listeners would move
+                # them into the handlers' nursery, out of its reach): stop_accepting closes the
+                # listeners, so a draining gateway is no longer connected to (with SO_REUSEPORT
+                # the kernel sends new clients to the other gateways).
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(self._accept, listener, handlers)
 
     def stop_accepting(self) -> None:
         if self._accepting is not None:
@@ -96,8 +103,26 @@ class WebSocketDoor:
             listeners.append(trio.SocketListener(sock))
         return listeners
 
-    async def _handle(self, stream: trio.abc.Stream) -> None:
-        await serve_stream(self.gateway, stream)
+    async def _accept(self, listener: trio.abc.Listener[Any], handlers: trio.Nursery) -> None:
+        """Accept until cancelled; out of file descriptors (EMFILE...), wait and retry with one
+        sampled line (trio.serve_listeners logs a traceback every 100 ms meanwhile)."""
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    self.gateway.sampled.log(
+                        "error",
+                        "accept_failed",
+                        error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                        detail=os.strerror(exc.errno or 0),
+                        retry_in_s=_ACCEPT_RETRY_S,
+                    )
+                    await trio.sleep(_ACCEPT_RETRY_S)
+                else:
+                    handlers.start_soon(serve_stream, self.gateway, stream)
 
 
 def _port(listener: trio.abc.Listener[Any]) -> int:
