@@ -13,8 +13,6 @@ Rule 2: a client that does not read blocks only its own sends, and is cut off af
 
 from __future__ import annotations
 
-import errno
-import os
 import socket
 import ssl
 from typing import Any
@@ -26,15 +24,13 @@ from katydid.config import Config
 from katydid.gateway.credentials import bearer, query_key
 from katydid.gateway.driver import SessionDriver
 from katydid.gateway.events import ServerEvent
+from katydid.gateway.listening import accept_forever
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway, Live
 from katydid.gateway.vosk import VoskConnection
 from katydid.gateway.ws_transport import Piece, ServerWebSocket, accept, receive
 
 log = structlog.get_logger("katydid.gateway")
-# Out of descriptors or buffers: the listener is fine, the process is full for now.
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-_ACCEPT_RETRY_S = 0.1
 
 
 class WebSocketDoor:
@@ -104,25 +100,10 @@ class WebSocketDoor:
         return listeners
 
     async def _accept(self, listener: trio.abc.Listener[Any], handlers: trio.Nursery) -> None:
-        """Accept until cancelled; out of file descriptors (EMFILE...), wait and retry with one
-        sampled line (trio.serve_listeners logs a traceback every 100 ms meanwhile)."""
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    self.gateway.sampled.log(
-                        "error",
-                        "accept_failed",
-                        error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-                        detail=os.strerror(exc.errno or 0),
-                        retry_in_s=_ACCEPT_RETRY_S,
-                    )
-                    await trio.sleep(_ACCEPT_RETRY_S)
-                else:
-                    handlers.start_soon(serve_stream, self.gateway, stream)
+        await accept_forever(listener, handlers, self._serve, self.gateway.sampled)
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        await serve_stream(self.gateway, stream)
 
 
 def _port(listener: trio.abc.Listener[Any]) -> int:

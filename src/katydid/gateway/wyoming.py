@@ -28,6 +28,7 @@ from katydid.config import Config
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.driver import LAST_WORDS_S, ClientGone, SessionDriver
 from katydid.gateway.events import Done, ErrorEvent, Final, ServerEvent
+from katydid.gateway.listening import accept_forever
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway
 from katydid.gateway.wyoming_wire import FramingError, WyomingEvent, WyomingReader, encode
@@ -55,7 +56,10 @@ class WyomingDoor:
             listeners = [trio.SSLListener(lst, self.tls) for lst in tcp]
         async with trio.open_nursery() as nursery:
             task_status.started(port)
-            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+            for listener in listeners:
+                nursery.start_soon(
+                    accept_forever, listener, nursery, self._handle, self.gateway.sampled
+                )
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         try:
