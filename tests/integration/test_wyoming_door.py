@@ -22,7 +22,7 @@ from wyoming.info import Describe, Info
 
 from katydid.audio import decode_container
 from katydid.evaluation import Clip, read_manifest, wer
-from tests.integration.stack import Stack, free_port, stream_messages
+from tests.integration.stack import Stack, free_port, stream_messages, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +118,12 @@ async def _out_of_order_then_garbage(port: int) -> tuple[Event | None, bytes]:
 
 async def test_out_of_order_and_garbage(stack: Stack, jfk: Clip) -> None:
     port = stack.wyoming_port  # type: ignore[attr-defined]
-    before = await trio.to_thread.run_sync(stream_messages, stack.nats_url)
+    # An earlier test's job still being transcribed would leave the stream meanwhile: start
+    # from an empty one, so that "no job was queued" is what the count says.
+    await trio.to_thread.run_sync(
+        lambda: wait_until(lambda: stream_messages(stack.nats_url) == 0, 120, "an empty stream")
+    )
+    before = 0
     refused, rest = await trio.to_thread.run_sync(
         lambda: asyncio.run(_out_of_order_then_garbage(port))
     )
