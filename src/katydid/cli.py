@@ -362,6 +362,13 @@ def _cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``katydid`` console script."""
     args = _parser().parse_args(argv)
@@ -392,6 +399,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     except KatydidError as exc:
         print(f"katydid: error: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # Raised inside a nursery (nats-server exiting under `serve`): said in words, as above,
+        # not as a traceback; anything else in the group is a bug, and shows as one.
+        errors, rest = group.split(KatydidError)
+        if errors is None or rest is not None:
+            raise
+        for leaf in _leaves(errors):
+            print(f"katydid: error: {leaf}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -53,3 +53,26 @@ def test_each_subcommand_option_parses(
     with pytest.raises(SystemExit) as info:
         _parser().parse_args([*argv, "--help"])
     assert info.value.code == 0, capsys.readouterr().err
+
+
+def test_an_error_raised_in_a_nursery_is_said_in_words(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from katydid import cli_remote
+    from katydid.cli import main
+    from katydid.errors import KatydidError
+
+    def nats_gone(*_: object) -> int:
+        inner = BaseExceptionGroup("", [KatydidError("nats-server exited with code 0")])
+        raise BaseExceptionGroup("", [inner])
+
+    monkeypatch.setattr(cli_remote, "run_server_command", nats_gone)
+    assert main(["serve"]) == 1
+    assert capsys.readouterr().err == "katydid: error: nats-server exited with code 0\n"
+
+    def bug(*_: object) -> int:
+        raise BaseExceptionGroup("", [KatydidError("x"), ValueError("a bug")])
+
+    monkeypatch.setattr(cli_remote, "run_server_command", bug)
+    with pytest.raises(BaseExceptionGroup):
+        main(["serve"])
