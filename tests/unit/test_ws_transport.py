@@ -266,6 +266,20 @@ async def test_a_plain_http_request_is_answered_400_and_nothing_else() -> None:
     assert answer.startswith(b"HTTP/1.1 400 ")
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        HANDSHAKE.replace(b"HTTP/1.1", b"HTTP/1.0"),  # RFC 6455 4.2.1: HTTP/1.1 or later
+        HANDSHAKE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"abc"),  # not 16 bytes in base64
+        HANDSHAKE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"!!!!"),  # not base64
+    ],
+)
+async def test_a_handshake_wsproto_would_let_through_is_answered_400(request_bytes: bytes) -> None:
+    ws, answer = await _raw(request_bytes)
+    assert ws is None
+    assert b" 400 " in answer.split(b"\r\n", 1)[0]
+
+
 async def test_an_unmasked_frame_gets_a_close_frame_with_1002() -> None:
     # Clients must mask their frames (RFC 6455 5.1): this text frame "hi" is not masked.
     ws, answer = await _raw(HANDSHAKE + b"\x81\x02hi")

@@ -25,6 +25,7 @@ deadline, shutdown) ends a reader that is answering.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -328,6 +329,9 @@ async def accept(
                 except RemoteProtocolError as exc:
                     await stream.send_all(ws.send(exc.event_hint or RejectConnection()))
                     return None
+                if request is not None and not _sound(ws, request):
+                    await stream.send_all(ws.send(RejectConnection()))  # 400
+                    return None
                 if request is not None:
                     await stream.send_all(ws.send(AcceptConnection()))
                     # Only the WebSocket state stays: the handshake's HTTP state goes now,
@@ -370,6 +374,20 @@ async def receive(
     except MessageTooLarge as exc:
         await driver.emit(driver.session.fail(ProtocolError(ErrorCode.TOO_LARGE, str(exc))))
         return None
+
+
+def _sound(ws: WSConnection, request: Request) -> bool:
+    """What wsproto lets through and RFC 6455 4.2.1 does not: HTTP/1.1 or later, and a
+    Sec-WebSocket-Key that is 16 bytes in base64."""
+    h11_connection = getattr(ws.handshake, "_h11_connection", None)
+    version = getattr(h11_connection, "their_http_version", None)
+    if version is not None and version < b"1.1":
+        return False
+    key = next((v for k, v in request.extra_headers if k == b"sec-websocket-key"), b"")
+    try:
+        return len(base64.b64decode(bytes(key).strip(), validate=True)) == 16
+    except ValueError:
+        return False
 
 
 def _early_frames(ws: WSConnection) -> bytes:
