@@ -60,16 +60,26 @@ async def pair(
 
 
 @asynccontextmanager
-async def raw_pair() -> AsyncIterator[tuple[ServerWebSocket, trio.abc.Stream, WSConnection]]:
+async def raw_pair(
+    *, lockstep: bool = False, send_timeout_s: float = 10.0
+) -> AsyncIterator[tuple[ServerWebSocket, trio.abc.Stream, WSConnection]]:
     """An accepted server side and a bare wsproto client that does only what a test tells it
-    (trio-websocket's client answers pings and closes by itself)."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
+    (trio-websocket's client answers pings and closes by itself). ``lockstep``: a stream with
+    no buffer, where a server's send waits until the client reads it (a full TCP window)."""
+    if lockstep:
+        client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    else:
+        client_stream, server_stream = trio.testing.memory_stream_pair()  # type: ignore[assignment]
     peer = WSConnection(ConnectionType.CLIENT)
     async with trio.open_nursery() as nursery:
         accepted: list[ServerWebSocket | None] = []
 
         async def serve() -> None:
-            accepted.append(await accept(server_stream, max_message=MAX, timeout_s=5))
+            accepted.append(
+                await accept(
+                    server_stream, max_message=MAX, timeout_s=5, send_timeout_s=send_timeout_s
+                )
+            )
 
         nursery.start_soon(serve)
         await client_stream.send_all(peer.send(Request(host="katydid.test", target="/")))
@@ -320,39 +330,10 @@ async def test_a_close_from_a_client_that_breaks_off_is_not_waited_for() -> None
         assert not server.open
 
 
-@asynccontextmanager
-async def lockstep_pair(
-    send_timeout_s: float = 10.0,
-) -> AsyncIterator[tuple[ServerWebSocket, trio.abc.Stream, WSConnection]]:
-    """A bare wsproto client on a stream with no buffer: a server's send waits until the client
-    reads it, as when a client's TCP window is full."""
-    client_stream, server_stream = trio.testing.lockstep_stream_pair()
-    peer = WSConnection(ConnectionType.CLIENT)
-    async with trio.open_nursery() as nursery:
-        accepted: list[ServerWebSocket | None] = []
-
-        async def serve() -> None:
-            accepted.append(
-                await accept(
-                    server_stream, max_message=MAX, timeout_s=5, send_timeout_s=send_timeout_s
-                )
-            )
-
-        nursery.start_soon(serve)
-        await client_stream.send_all(peer.send(Request(host="katydid.test", target="/")))
-        peer.receive_data(bytes(await client_stream.receive_some()))
-        assert any(isinstance(e, AcceptConnection) for e in peer.events())
-        await trio.testing.wait_all_tasks_blocked()
-        server = accepted[0]
-        assert server is not None
-        yield server, client_stream, peer
-        nursery.cancel_scope.cancel()
-
-
 async def test_a_client_that_pings_and_never_reads_is_let_go_at_the_send_timeout(
     autojump_clock: Any,
 ) -> None:
-    async with lockstep_pair(send_timeout_s=10.0) as (server, client_stream, peer):
+    async with raw_pair(lockstep=True, send_timeout_s=10.0) as (server, client_stream, peer):
         pings = b"".join(peer.send(Ping(b"p" * 125)) for _ in range(60))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client_stream.send_all, pings)
@@ -366,7 +347,7 @@ async def test_a_client_that_pings_and_never_reads_is_let_go_at_the_send_timeout
 
 
 async def test_a_reader_answering_a_ping_can_be_cancelled(autojump_clock: Any) -> None:
-    pair = lockstep_pair(send_timeout_s=1000.0)
+    pair = raw_pair(lockstep=True, send_timeout_s=1000.0)
     async with pair as (server, client_stream, peer), trio.open_nursery() as nursery:
         nursery.start_soon(client_stream.send_all, peer.send(Ping(b"p")))
         started = trio.current_time()
@@ -378,7 +359,7 @@ async def test_a_reader_answering_a_ping_can_be_cancelled(autojump_clock: Any) -
 
 
 async def test_a_send_cut_off_part_way_ends_the_connection(autojump_clock: Any) -> None:
-    async with lockstep_pair() as (server, client_stream, _peer):
+    async with raw_pair(lockstep=True) as (server, client_stream, _peer):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.send_message, b"x" * 100_000)
             await trio.testing.wait_all_tasks_blocked()
