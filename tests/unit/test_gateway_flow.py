@@ -37,6 +37,7 @@ from katydid.bus.memory import MemoryBus
 from katydid.config import Config
 from katydid.errors import NatsError, StreamFull
 from katydid.gateway import Gateway
+from katydid.gateway.listening import accept_forever
 from katydid.gateway.websocket import WebSocketDoor, serve_stream
 from katydid.metrics import parse_text
 from tests.signals import vowel
@@ -608,7 +609,7 @@ async def test_out_of_descriptors_the_gateway_retries_accepting_with_sampled_lin
     door = WebSocketDoor(gateway)
     with structlog.testing.capture_logs() as lines:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(door._accept, Full(), nursery)
+            nursery.start_soon(accept_forever, Full(), nursery, door._serve, gateway.sampled)
             await trio.sleep(10.0)
             nursery.cancel_scope.cancel()
     assert Full.accepts >= 90  # retried every 0.1 s

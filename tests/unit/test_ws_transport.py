@@ -40,7 +40,9 @@ async def pair(
         done = trio.Event()
 
         async def serve() -> None:
-            accepted.append(await accept(server_stream, max_message=max_message, timeout_s=5))
+            accepted.append(
+                await accept(server_stream, max_message=max_message, timeout_s=5, send_timeout_s=5)
+            )
             done.set()
 
         nursery.start_soon(serve)
@@ -249,7 +251,7 @@ async def _raw(data: bytes, max_message: int = MAX) -> tuple[ServerWebSocket | N
         result: list[Any] = []
 
         async def serve() -> None:
-            ws = await accept(server_stream, max_message=max_message, timeout_s=5)
+            ws = await accept(server_stream, max_message=max_message, timeout_s=5, send_timeout_s=5)
             result.append(ws)
             if ws is not None:
                 with pytest.raises(ClientGone):
@@ -314,7 +316,7 @@ async def test_a_client_that_says_nothing_is_let_go_at_the_handshake_timeout(
 ) -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     with trio.fail_after(60):
-        assert await accept(server_stream, max_message=MAX, timeout_s=10) is None
+        assert await accept(server_stream, max_message=MAX, timeout_s=10, send_timeout_s=5) is None
     await client_stream.aclose()
 
 

@@ -70,7 +70,9 @@ class WebSocketDoor:
                 # the kernel sends new clients to the other gateways).
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
-                        acceptors.start_soon(self._accept, listener, handlers)
+                        acceptors.start_soon(
+                            accept_forever, listener, handlers, self._serve, self.gateway.sampled
+                        )
 
     def stop_accepting(self) -> None:
         if self._accepting is not None:
@@ -98,9 +100,6 @@ class WebSocketDoor:
             sock.listen(socket.SOMAXCONN)
             listeners.append(trio.SocketListener(sock))
         return listeners
-
-    async def _accept(self, listener: trio.abc.Listener[Any], handlers: trio.Nursery) -> None:
-        await accept_forever(listener, handlers, self._serve, self.gateway.sampled)
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         await serve_stream(self.gateway, stream)

@@ -53,7 +53,6 @@ from katydid.gateway.driver import ClientGone, SessionDriver
 # Under the gateway's mmap threshold (``heap.py``): a read's buffer comes from the heap and is
 # shrunk in place, where a larger one would be mapped and unmapped on every read.
 RECEIVE_BYTES = 16 * 1024
-SEND_TIMEOUT_S = 30.0  # a pong that cannot go out in this long: the client does not read
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -87,7 +86,7 @@ class ServerWebSocket:
         connection: Connection,
         request: Request,
         max_message: int,
-        send_timeout_s: float = SEND_TIMEOUT_S,
+        send_timeout_s: float,
     ) -> None:
         self.stream = stream
         self.path: str = request.target
@@ -205,10 +204,11 @@ class ServerWebSocket:
 
     def _whole(self, last: TextMessage | BytesMessage, chunk: bytes) -> str | bytes:
         buffer, self._buffer, self._size = self._buffer, bytearray(), 0
-        if isinstance(last, TextMessage):
-            # The UTF-8 was checked by wsproto as it came.
-            return (buffer + chunk).decode("utf-8") if buffer else last.data
-        return bytes(buffer + chunk) if buffer else chunk
+        if not buffer:
+            return last.data if isinstance(last, TextMessage) else chunk
+        buffer += chunk
+        # A text message's UTF-8 was checked by wsproto as it came.
+        return buffer.decode("utf-8") if isinstance(last, TextMessage) else bytes(buffer)
 
     def _break(self) -> None:
         self._broken = True
@@ -307,7 +307,7 @@ async def accept(
     *,
     max_message: int,
     timeout_s: float,
-    send_timeout_s: float = SEND_TIMEOUT_S,
+    send_timeout_s: float,
 ) -> ServerWebSocket | None:
     """Read the HTTP upgrade request and accept it, within ``timeout_s``. ``send_timeout_s``
     bounds a pong (a client that does not take one in that time does not read).
@@ -379,8 +379,7 @@ async def receive(
 def _sound(ws: WSConnection, request: Request) -> bool:
     """What wsproto lets through and RFC 6455 4.2.1 does not: HTTP/1.1 or later, and a
     Sec-WebSocket-Key that is 16 bytes in base64."""
-    h11_connection = getattr(ws.handshake, "_h11_connection", None)
-    version = getattr(h11_connection, "their_http_version", None)
+    version = getattr(_h11(ws), "their_http_version", None)
     if version is not None and version < b"1.1":
         return False
     key = next((v for k, v in request.extra_headers if k == b"sec-websocket-key"), b"")
@@ -390,9 +389,13 @@ def _sound(ws: WSConnection, request: Request) -> bool:
         return False
 
 
+def _h11(ws: WSConnection) -> object:
+    """The handshake's h11 connection (wsproto exposes no accessor; None if it changes)."""
+    return getattr(ws.handshake, "_h11_connection", None)
+
+
 def _early_frames(ws: WSConnection) -> bytes:
-    h11_connection = getattr(ws.handshake, "_h11_connection", None)
-    trailing = getattr(h11_connection, "trailing_data", (b"", False))
+    trailing = getattr(_h11(ws), "trailing_data", (b"", False))
     return bytes(trailing[0])
 
 
