@@ -393,9 +393,12 @@ async def test_a_message_in_one_byte_fragments_is_held_as_its_bytes() -> None:
             before = tracemalloc.get_traced_memory()[0]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client_stream.send_all, frames)
-                with trio.move_on_after(1):
-                    await server.get_message()
+                nursery.start_soon(server.get_message)
+                # Every fragment read (the reader waits for more), the message still open.
+                with trio.fail_after(30):
+                    await trio.testing.wait_all_tasks_blocked()
                 held = tracemalloc.get_traced_memory()[0] - before
+                nursery.cancel_scope.cancel()
         finally:
             tracemalloc.stop()
         # Held: the message's bytes, and what the in-memory stream kept of the 7-byte frames
