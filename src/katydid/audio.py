@@ -174,6 +174,18 @@ class DecodedStream:
     def close(self) -> None:
         self._file.close()
 
+    def next_block_bytes(self) -> int:
+        """About the most memory the next block takes while it is decoded: its frames as read
+        (int16 when read as stored, else float32 per channel) and its 16 kHz int16 samples."""
+        if self._done:
+            return 0
+        frames = self._block
+        if self.duration_s > 0:  # the last block is the rest of the file
+            left = round(self.duration_s * self.rate) - self._frames_read
+            frames = max(0, min(frames, left))
+        out = 2 * frames * SAMPLE_RATE // self.rate
+        return out if self._native else frames * self._file.channels * 4 + out
+
     def next_pcm16(self) -> np.ndarray | None:
         """The next block as 16 kHz mono int16 samples (possibly empty), or None at the end.
 

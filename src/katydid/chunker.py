@@ -87,6 +87,10 @@ class Chunker:
         return self._seq
 
     @property
+    def buffered_samples(self) -> int:
+        return self._n
+
+    @property
     def buffered_s(self) -> float:
         return self._n / SAMPLE_RATE
 

@@ -167,6 +167,16 @@ class GatewayMetrics:
             "Bytes of uploads held in memory (bounded by upload_memory_total_bytes)",
             registry=r,
         )
+        self.publish_window = Gauge(
+            "katydid_publish_window_bytes",
+            "Bytes of uploaded audio being decoded and published (bounded by publish_window_bytes)",
+            registry=r,
+        )
+        self.publish_window_waits = Gauge(
+            "katydid_publish_window_waits",
+            "Uploads that waited for room in the publish window (since start)",
+            registry=r,
+        )
         self.uploads_spilled = Gauge(
             "katydid_uploads_spilled",
             "Uploads written to disk because upload_memory_total_bytes was reached",

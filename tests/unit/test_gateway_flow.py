@@ -616,3 +616,36 @@ async def test_out_of_descriptors_the_gateway_retries_accepting_with_sampled_lin
     failed = [line for line in lines if line["event"] == "accept_failed"]
     assert 1 <= len(failed) <= 5
     assert failed[0]["error"] == "EMFILE"
+
+
+async def test_uploads_are_decoded_and_published_a_window_at_a_time(autojump_clock: Any) -> None:
+    pcm = _speech_like(3.0)  # one chunk (chunk_max_s 10): its 96,000 bytes go at the end
+    async with rig(_config(publish_window_bytes=len(pcm))) as r:
+        gate = r.bus.publish_gate = trio.Event()  # NATS is slow to take them
+        sockets = []
+        try:
+            for _ in range(2):
+                ws = await r.connect()
+                await ws.send_message(json.dumps({"type": "start", "format": "wav"}))
+                await _next(ws)
+                await ws.send_message(_wav(pcm))
+                await ws.send_message('{"type": "stop"}')
+                sockets.append(ws)
+            await _eventually(lambda: r.gateway.window.waits >= 1)
+            await trio.testing.wait_all_tasks_blocked()
+            # The first upload's job is on its way and holds the window; the second waits to
+            # be decoded at all.
+            assert _metric(r.gateway, "katydid_publish_window_bytes") == len(pcm)
+            assert r.gateway.window.used == len(pcm)
+            assert not r.bus.published
+        finally:
+            gate.set()  # (a publish is shielded: a failed test must not leave it waiting)
+        await _eventually(lambda: len(r.bus.finals()) == 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert r.gateway.window.used == 0
+        assert r.gateway.window.peak == len(pcm)
+        assert [q.pcm for q in r.bus.finals()] == [pcm, pcm]
+        for q in r.bus.finals():
+            r.bus.answer(q, "x")
+        for ws in sockets:
+            assert (await _next(ws, "queued"))["type"] == "final"

@@ -2,8 +2,10 @@
 
 anyio on the asyncio backend with nats-py (no trio here). One process holds one model.
 
-Rule 1: a job is acked only after its result is published and flushed, so a crash before that
-means redelivery, never loss.
+Rule 1: a job is acked only after its result is published, on the same connection: NATS
+processes a connection's messages in order, so the ack never takes effect before the result is
+routed, and a crash before either means redelivery, never loss. No flush between them: it cost
+a round trip per job while the worker sat idle (the next fetch's round trip sends both anyway).
 Rule 2: the interactive lane is tried first, so a 3 s clip never waits behind a long file; every
 ``bulk_every``-th job comes from bulk when it has any, so uploads are never starved.
 Rule 3: while whisper.cpp runs in a thread, the event loop keeps the job alive with
@@ -370,8 +372,7 @@ class Worker:
             self.stats.jobs_failed += not skipped
         try:
             await self._nc.publish(job.reply_subject, result.to_json())
-            await self._nc.flush(timeout=self.cfg.nats_request_timeout_s)
-            await msg.ack()
+            await msg.ack()  # after the result, on the same connection (Rule 1)
         except (nats.errors.Error, OSError) as exc:
             # Not acked: JetStream redelivers after ack_wait, the gateway ignores a duplicate.
             bound.warning("publish_failed", error=repr(exc))

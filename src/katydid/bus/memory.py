@@ -41,6 +41,8 @@ class MemoryBus:
     deleted: list[int] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     fail_publish: NatsError | None = None  # the next publishes raise this while set
+    # A slow NATS: while this event is not set, publishes wait for it (their PubAck is late)
+    publish_gate: trio.Event | None = None
     _seqs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _delivered: dict[tuple[str, str], int] = field(default_factory=dict)
     _handlers: BusHandlers | None = None
@@ -54,6 +56,8 @@ class MemoryBus:
 
     async def publish_job(self, model: str, lane: str, job: Job, pcm: bytes) -> int:
         await trio.lowlevel.checkpoint()
+        if self.publish_gate is not None:
+            await self.publish_gate.wait()
         if self.fail_publish is not None:
             raise self.fail_publish
         queued = QueuedJob(next(self._seqs), model, lane, job, pcm)

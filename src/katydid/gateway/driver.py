@@ -180,7 +180,8 @@ class SessionDriver:
         """An upload, decoded block by block (off the event loop), its chunks published as they
         are cut. The session holds one decoded block and the chunk being cut, never the file's
         samples; publishing waits on the in-flight bound, so decoding goes at the pace of the
-        workers."""
+        workers, and each block is decoded and published inside the gateway's window (so a
+        storm of uploads is decoded a window at a time, not all at once)."""
         s = self.session
         max_s = self.gateway.cfg.max_session_s
         try:
@@ -194,22 +195,40 @@ class SessionDriver:
                 await self.live.wait_for_room()
                 if s.closed:
                     return
-                # Not abandoned on cancel: the block's thread must be done with the decoder
-                # before it is closed (a 10 s block decodes in milliseconds).
-                try:
-                    block = await trio.to_thread.run_sync(stream.next_pcm16)
-                except AudioError as exc:
-                    await self.emit(s.fail(ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc))))
-                    return
-                if block is None:
-                    break
-                outputs = s.decoded(block)
-                del block  # not held while its chunks are published
-                await self.emit(outputs)
-        # Decoded and cut: the file's bytes go now, not when the last result comes back (a
-        # session waiting in the queue held its whole upload: 90 KB for a 3 s WAV, x 10,000).
-        upload.close()
-        await self.emit(s.decoded_end())
+                # The block, and the chunk in progress that it may complete (a short file is
+                # one chunk, published at the end).
+                need = stream.next_block_bytes() + s.buffered_audio_bytes
+                with await self.gateway.window.take(need) as hold:
+                    self.live.hold = hold
+                    try:
+                        if not await self._decode_block(stream):
+                            # Decoded and cut: the file's bytes go now, not when the last
+                            # result comes back (a session waiting in the queue held its whole
+                            # upload: 90 KB for a 3 s WAV, x 10,000).
+                            upload.close()
+                            await self.emit(s.decoded_end())
+                            return
+                    finally:
+                        self.live.hold = None
+
+    async def _decode_block(self, stream: DecodedStream) -> bool:
+        """Decode the next block and publish the chunks it completes; False when no block
+        follows: the file is over, or not decodable (the session has then failed, and its
+        ``decoded_end`` is nothing)."""
+        s = self.session
+        # Not abandoned on cancel: the block's thread must be done with the decoder before it
+        # is closed (a 10 s block decodes in milliseconds).
+        try:
+            block = await trio.to_thread.run_sync(stream.next_pcm16)
+        except AudioError as exc:
+            await self.emit(s.fail(ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc))))
+            return False
+        if block is None:
+            return False
+        outputs = s.decoded(block)
+        del block  # not held while its chunks are published
+        await self.emit(outputs)
+        return True
 
     async def finish(self) -> None:
         """However the session's tasks ended: a session not closed by then was cut off from

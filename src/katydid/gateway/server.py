@@ -48,6 +48,7 @@ from katydid.gateway.outputs import Admit, CancelJobs, JobStamp, Output, Publish
 from katydid.gateway.session import Session
 from katydid.gateway.tenants import Tenant, Tenants
 from katydid.gateway.uploads import UploadMemory
+from katydid.gateway.window import ByteWindow, Hold
 from katydid.httpd import Response, json_response
 from katydid.log import SampledLogger
 from katydid.messages import SAMPLE_RATE, JobResult
@@ -105,6 +106,8 @@ class Live:
     # something to write, so a session waiting in the queue is one task, not two.
     on_item: Callable[[], None] | None = None
     _room: trio.Event | None = None  # made by the first wait for room, set by progress
+    # Its upload's block being decoded and published: bytes of the gateway's window (window.py)
+    hold: Hold | None = None
 
     def deliver(self, item: Inbound, bound: int) -> bool:
         """Queue ``item`` for the door; False if the session is over or ``bound`` items wait."""
@@ -172,6 +175,9 @@ class Gateway:
         self.uploads = UploadMemory(cfg.upload_memory_total_bytes, cfg.upload_memory_bytes)
         self.metrics.upload_memory.set_function(lambda: self.uploads.held)
         self.metrics.uploads_spilled.set_function(lambda: self.uploads.spilled)
+        self.window = ByteWindow(cfg.publish_window_bytes)
+        self.metrics.publish_window.set_function(lambda: self.window.used)
+        self.metrics.publish_window_waits.set_function(lambda: self.window.waits)
         keys_file = Path(cfg.api_keys_file).expanduser() if cfg.api_keys_file else None
         self.tenants = Tenants(keys_file, self.metrics, self.sampled)
         self.stopping = False  # no new sessions: the server is shutting down
@@ -433,6 +439,8 @@ class Gateway:
             # Skipped: the session hears so (its next partial may go), as for a refused one.
             skipped = ProtocolError(ErrorCode.OVERLOADED, "the key is at its share of the queue")
             return self.carry_out(live, live.session.publish_failed(publish.job, skipped))
+        if tenant.full and live.hold is not None:
+            live.hold.release()  # no waiting for a seat inside the window (window.py Rule 1)
         if tenant.full and waiting is not None:
             await waiting(self._seat_news(live, tenant))
         await self.tenants.seat(tenant)

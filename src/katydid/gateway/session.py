@@ -193,6 +193,11 @@ class Session:
         except ProtocolError as exc:
             return self.fail(exc)
 
+    @property
+    def buffered_audio_bytes(self) -> int:
+        """Audio held for the chunk being cut (int16 bytes): what its job's body will hold."""
+        return 0 if self.intake is None else 2 * self.intake.chunker.buffered_samples
+
     def decoded_end(self) -> list[Output]:
         """The whole file is decoded: the last chunks."""
         try:

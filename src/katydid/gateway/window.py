@@ -1,0 +1,73 @@
+"""The gateway-wide window of uploaded audio being decoded and published.
+
+Each upload is bounded on its own (``upload_memory_bytes``, one decoded block), but nothing
+bounded how many were decoded at once: in a connection storm (10,000 clients uploading a 3 s WAV
+within 20 s, on 2 shared cores) thousands of sessions held a decoded block and a job body on its
+way to NATS at the same moment, ~90 KB each, and the gateway's RSS peaked at 500 MB. A session
+takes its block's bytes from the window before decoding it and gives them back once its chunks
+are published (or it ends); past ``publish_window_bytes`` sessions wait their turn, in order of
+arrival, holding only their (spooled) upload.
+
+Rule 1: a taker never waits for anything but the window while holding it: a session whose key
+must wait for a seat in the queue gives its bytes back first (``Hold.release``), so one key's
+full share never stalls another key's uploads.
+Rule 2: a take larger than the window takes the whole window (a block is never refused).
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class Hold:
+    """Bytes taken from a window; given back once (``release`` is idempotent)."""
+
+    __slots__ = ("_window", "bytes")
+
+    def __init__(self, window: ByteWindow, n: int) -> None:
+        self._window: ByteWindow | None = window
+        self.bytes = n
+
+    def release(self) -> None:
+        if self._window is not None:
+            self._window._give(self.bytes)
+            self._window = None
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ByteWindow:
+    """At most ``capacity`` bytes held at once; takers wait first come, first served."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("a window needs capacity >= 1")
+        self.capacity = capacity
+        self.used = 0
+        self.peak = 0
+        self.waits = 0  # takes that had to wait (since start)
+        self._turn = trio.Lock()  # FIFO: the first taker waiting is the next one served
+        self._freed: trio.Event | None = None
+
+    async def take(self, n: int) -> Hold:
+        """``n`` bytes (at most the capacity), once the window has room for them."""
+        n = max(0, min(n, self.capacity))
+        async with self._turn:
+            if self.used + n > self.capacity:
+                self.waits += 1
+            while self.used + n > self.capacity:
+                self._freed = trio.Event()
+                await self._freed.wait()
+            self.used += n
+        self.peak = max(self.peak, self.used)
+        return Hold(self, n)
+
+    def _give(self, n: int) -> None:
+        self.used -= n
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
