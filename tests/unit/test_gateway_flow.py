@@ -485,9 +485,10 @@ async def test_an_upload_is_released_once_decoded_not_when_its_results_come(
         await _eventually(lambda: len(r.bus.finals()) >= 1)
         await trio.testing.wait_all_tasks_blocked()
         (live,) = r.gateway.sessions.values()
-        assert live.session.intake is not None
-        # Waiting for its result, the session no longer holds the file's bytes.
-        assert live.session.intake.upload.closed
+        # Waiting for its result, the session no longer holds the file's bytes (nor its
+        # chunker): the upload is closed and gone.
+        assert live.session.intake is None
+        assert r.gateway.uploads.held == 0
         for q in r.bus.finals():
             r.bus.answer(q, "x")
         assert (await _next(ws, "queued"))["type"] == "final"
