@@ -54,7 +54,7 @@ class Config:
     # decoded (block by block) after stop
     upload_memory_bytes: int = 4 * 1024 * 1024
     # ...and all uploads together up to this (gateway-wide); past it, uploads go to disk
-    upload_memory_total_bytes: int = 64 * 1024 * 1024
+    upload_memory_total_bytes: int = 16 * 1024 * 1024
     # Uploaded audio being decoded and published, gateway-wide (gateway/window.py): past it,
     # uploads wait their turn to be decoded
     publish_window_bytes: int = 16 * 1024 * 1024

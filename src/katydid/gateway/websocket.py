@@ -190,3 +190,5 @@ class _Connection(SessionDriver):
                 await self.emit(s.receive_bytes(msg, now, partials_allowed=allowed))
             else:
                 await self.emit(s.receive_text(msg, now))
+            # Not held while the next message is awaited (a piece of an upload is 16 KB).
+            msg = None

@@ -142,11 +142,7 @@ class ServerWebSocket:
     async def _next_event_message(self, pieces: bool) -> str | bytes | Piece | None:
         if self._broken:
             raise ClientGone
-        message = None
-        for event in self._conn.events():
-            message = await self._handle(event, pieces)
-            if message is not None:
-                break
+        message = await self._first_message(pieces)
         # One pong for the pings of a read, not one per ping: a client that pings and never
         # reads cannot hold the reader (and the session, and shutdown) in a send per ping.
         if self._pong is not None:
@@ -154,6 +150,16 @@ class ServerWebSocket:
         if message is None:
             await self._receive()
         return message
+
+    async def _first_message(self, pieces: bool) -> str | bytes | Piece | None:
+        """The first message among the events of what was read (a function of its own: the
+        last event, and its data, up to a read's 16 KB, is not held while the next read waits;
+        ~1,200 starved uploads held 20 MB that way in a 10,000-client storm)."""
+        for event in self._conn.events():
+            message = await self._handle(event, pieces)
+            if message is not None:
+                return message
+        return None
 
     async def _handle(self, event: Event, pieces: bool) -> str | bytes | Piece | None:
         if isinstance(event, (TextMessage, BytesMessage)):
