@@ -1,12 +1,15 @@
 """The gateway-wide window of uploaded audio being decoded and published.
 
 Each upload is bounded on its own (``upload_memory_bytes``, one decoded block), but nothing
-bounded how many were decoded at once: in a connection storm (10,000 clients uploading a 3 s WAV
-within 20 s, on 2 shared cores) thousands of sessions held a decoded block and a job body on its
-way to NATS at the same moment, ~90 KB each, and the gateway's RSS peaked at 500 MB. A session
-takes its block's bytes from the window before decoding it and gives them back once its chunks
-are published (or it ends); past ``publish_window_bytes`` sessions wait their turn, in order of
-arrival, holding only their (spooled) upload.
+bounded how many were decoded at once: in a connection storm, every session that had sent
+``stop`` could hold a decoded block and a job body on its way to NATS at the same moment. A
+session takes its block's bytes from the window before decoding it and gives them back once its
+chunks are published (or it ends); past ``publish_window_bytes`` sessions wait their turn, in
+order of arrival, holding only their (spooled) upload. (It did not lower the gateway's RSS peak
+with 10,000 clients uploading a 3 s WAV, ~500 MB per gateway on an AMD EPYC with 2 cores: that
+peak has another cause, see README, "Scale"; the window bounds what it says, whatever the load.)
+A client that never reads can keep its share for up to ``send_timeout_s`` (an event to it is
+sent while the share is held).
 
 Rule 1: a taker never waits for anything but the window while holding it: a session whose key
 must wait for a seat in the queue gives its bytes back first (``Hold.release``), so one key's

@@ -154,7 +154,8 @@ class ServerWebSocket:
     async def _first_message(self, pieces: bool) -> str | bytes | Piece | None:
         """The first message among the events of what was read (a function of its own: the
         last event, and its data, up to a read's 16 KB, is not held while the next read waits;
-        ~1,200 starved uploads held 20 MB that way in a 10,000-client storm)."""
+        in a 10,000-client storm on an AMD EPYC with 2 cores, ~1,200 coroutine frames of the
+        gateway each held a 16 KB read while waiting)."""
         for event in self._conn.events():
             message = await self._handle(event, pieces)
             if message is not None:
