@@ -15,6 +15,7 @@ from katydid.audio import (
     DecodedStream,
     decode_container,
     decode_pcm,
+    first_block_bytes,
     float_to_int16,
     float_to_pcm16,
     pcm16_to_float,
@@ -174,3 +175,30 @@ def test_the_gateways_int16_blocks_are_the_float_paths_samples(
     assert np.array_equal(got, want)
     if (rate, channels, subtype) == (16_000, 1, "PCM_16"):
         assert np.array_equal(got, samples[:, 0])  # the file's own samples
+
+
+@pytest.mark.parametrize(
+    ("rate", "channels", "fmt", "subtype"),
+    [
+        (16_000, 1, "WAV", "PCM_16"),
+        (44_100, 2, "WAV", "PCM_16"),
+        (16_000, 1, "FLAC", "PCM_16"),
+        (22_050, 1, "OGG", "VORBIS"),
+        (16_000, 1, "MP3", "MPEG_LAYER_III"),
+    ],
+)
+def test_the_guess_before_opening_covers_what_the_open_decoder_says_for_a_16k_mono_wav(
+    rate: int, channels: int, fmt: str, subtype: str
+) -> None:
+    # The gateway takes its window share before opening a file (an open decoder costs memory
+    # too): enough for what most clients send (give or take the header), and never more than
+    # one re-queue otherwise.
+    data = _encode(_tone(rate, 3.0, channels), rate, fmt, subtype)
+    guess = first_block_bytes(io.BytesIO(data))
+    with DecodedStream(io.BytesIO(data), max_audio_s=60.0) as stream:
+        known = stream.next_block_bytes()
+        assert known >= stream.decoder_bytes > 0
+    if (rate, channels, fmt) == (16_000, 1, "WAV"):
+        assert known <= guess <= known + 1024
+    assert guess > 0
+    assert first_block_bytes(io.BytesIO(b"not audio at all")) > len(b"not audio at all")

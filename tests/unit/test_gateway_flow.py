@@ -33,10 +33,11 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
 from katydid import heap
+from katydid.audio import DecodedStream
 from katydid.bus.memory import MemoryBus
 from katydid.config import Config
 from katydid.errors import NatsError, StreamFull
-from katydid.gateway import Gateway
+from katydid.gateway import Gateway, driver
 from katydid.gateway.listening import accept_forever
 from katydid.gateway.websocket import WebSocketDoor, serve_stream
 from katydid.metrics import parse_text
@@ -617,6 +618,58 @@ async def test_out_of_descriptors_the_gateway_retries_accepting_with_sampled_lin
     failed = [line for line in lines if line["event"] == "accept_failed"]
     assert 1 <= len(failed) <= 5
     assert failed[0]["error"] == "EMFILE"
+
+
+async def test_an_upload_waiting_for_the_window_has_no_decoder_open(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An open libsndfile decoder holds 16-190 KB: a storm of uploads waiting their turn must not
+    # each hold one (nor the file it has read to the end).
+    opened: list[Any] = []
+
+    class Counted(DecodedStream):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.is_open = True
+            opened.append(self)
+
+        def close(self) -> None:
+            self.is_open = False
+            super().close()
+
+    monkeypatch.setattr(driver, "DecodedStream", Counted)
+    pcm = _speech_like(3.0)
+    async with rig(_config(publish_window_bytes=len(pcm))) as r:
+        gate = r.bus.publish_gate = trio.Event()
+        sockets = []
+        try:
+            for _ in range(3):
+                ws = await r.connect()
+                await ws.send_message(json.dumps({"type": "start", "format": "wav"}))
+                await _next(ws)
+                await ws.send_message(_wav(pcm))
+                await ws.send_message('{"type": "stop"}')
+                sockets.append(ws)
+            # (Files are opened and read in threads, which the mock clock does not wait for.)
+            await _eventually(
+                lambda: r.gateway.window.waits >= 1 and bool(opened) and not opened[0].is_open
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            # The first file is read and its job is on its way under its share; the other two
+            # wait for the window with nothing but their upload.
+            assert len(r.gateway.sessions) == 3
+            assert r.gateway.window.used == len(pcm)
+            assert len(opened) == 1
+            assert not any(stream.is_open for stream in opened)
+        finally:
+            gate.set()
+        await _eventually(lambda: len(r.bus.finals()) == 3)
+        assert len(opened) == 3
+        assert not any(stream.is_open for stream in opened)
+        for q in r.bus.finals():
+            r.bus.answer(q, "x")
+        for ws in sockets:
+            assert (await _next(ws, "queued"))["type"] == "final"
 
 
 async def test_uploads_are_decoded_and_published_a_window_at_a_time(autojump_clock: Any) -> None:

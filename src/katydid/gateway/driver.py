@@ -16,7 +16,7 @@ from typing import IO, TypeVar
 
 import trio
 
-from katydid.audio import DecodedStream
+from katydid.audio import DecodedStream, first_block_bytes
 from katydid.errors import AudioError, ErrorCode, ProtocolError
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.outputs import Close, Decode, Output, Publish, Send
@@ -181,40 +181,66 @@ class SessionDriver:
         are cut. The session holds one decoded block and the chunk being cut, never the file's
         samples; publishing waits on the in-flight bound, so decoding goes at the pace of the
         workers, and each block is decoded and published inside the gateway's window (so a
-        storm of uploads is decoded a window at a time, not all at once)."""
+        storm of uploads is decoded a window at a time, not all at once). The decoder itself is
+        opened inside the window, and closed once the file is read: an open one holds 16-300 KB
+        (see ``audio._DECODER_BYTES``), and in a storm every session whose upload was complete
+        held one while it waited its turn."""
         s = self.session
-        max_s = self.gateway.cfg.max_session_s
+        window = self.gateway.window
+        stream: DecodedStream | None = None
         try:
-            stream = await trio.to_thread.run_sync(lambda: DecodedStream(upload, max_audio_s=max_s))
-        except AudioError as exc:
-            await self.emit(s.fail(ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc))))
-            return
-        with stream:
-            s.decoding(stream.duration_s)
             while True:
                 await self.live.wait_for_room()
                 if s.closed:
                     return
-                # The block, and the chunk in progress that it may complete (a short file is
-                # one chunk, published at the end).
-                need = stream.next_block_bytes() + s.buffered_audio_bytes
-                with await self.gateway.window.take(need) as hold:
+                # The block and the decoder, plus the chunk in progress that the block may
+                # complete (a short file is one chunk, published with its last block).
+                need = (
+                    first_block_bytes(upload)
+                    if stream is None
+                    else stream.next_block_bytes() + s.buffered_audio_bytes
+                )
+                with await window.take(need) as hold:
+                    if stream is None:
+                        stream = await self._open(upload)
+                        if stream is None or s.closed:  # (it may end while the file opens)
+                            return
+                        s.decoding(stream.duration_s)
+                        if min(stream.next_block_bytes(), window.capacity) > hold.bytes:
+                            continue  # guessed short (not a 16 kHz mono WAV): queued again
                     self.live.hold = hold
                     try:
                         if not await self._decode_block(stream):
-                            # Decoded and cut: the file's bytes go now, not when the last
-                            # result comes back (a session waiting in the queue held its whole
-                            # upload: 90 KB for a 3 s WAV, x 10,000).
+                            return
+                        if stream.exhausted:
+                            # The last block: its chunk goes out under the same share (queued
+                            # again, every session of a storm held its decoded chunk while it
+                            # waited), and the decoder and the file's bytes go now, not when
+                            # the last result comes back.
+                            stream.close()
+                            stream = None
                             upload.close()
                             await self.emit(s.decoded_end())
                             return
                     finally:
                         self.live.hold = None
+        finally:
+            if stream is not None:
+                stream.close()
+
+    async def _open(self, upload: IO[bytes]) -> DecodedStream | None:
+        """The upload's decoder, or None if it is not audio we decode (the session has then
+        failed)."""
+        max_s = self.gateway.cfg.max_session_s
+        try:
+            return await trio.to_thread.run_sync(lambda: DecodedStream(upload, max_audio_s=max_s))
+        except AudioError as exc:
+            await self.emit(self.session.fail(ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc))))
+            return None
 
     async def _decode_block(self, stream: DecodedStream) -> bool:
-        """Decode the next block and publish the chunks it completes; False when no block
-        follows: the file is over, or not decodable (the session has then failed, and its
-        ``decoded_end`` is nothing)."""
+        """Decode the next block and publish the chunks it completes; False if the file is not
+        decodable (the session has then failed)."""
         s = self.session
         # Not abandoned on cancel: the block's thread must be done with the decoder before it
         # is closed (a 10 s block decodes in milliseconds).
@@ -223,11 +249,10 @@ class SessionDriver:
         except AudioError as exc:
             await self.emit(s.fail(ProtocolError(ErrorCode.UNSUPPORTED_AUDIO, str(exc))))
             return False
-        if block is None:
-            return False
-        outputs = s.decoded(block)
-        del block  # not held while its chunks are published
-        await self.emit(outputs)
+        if block is not None:
+            outputs = s.decoded(block)
+            del block  # not held while its chunks are published
+            await self.emit(outputs)
         return True
 
     async def finish(self) -> None:
