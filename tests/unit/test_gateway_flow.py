@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soundfile as sf
+import soxr
 import structlog
 import structlog.testing
 import trio
@@ -33,7 +35,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
 from katydid import heap
-from katydid.audio import DecodedStream
+from katydid.audio import DecodedStream, decode_container, float_to_pcm16
 from katydid.bus.memory import MemoryBus
 from katydid.config import Config
 from katydid.errors import NatsError, StreamFull
@@ -670,6 +672,41 @@ async def test_an_upload_waiting_for_the_window_has_no_decoder_open(
             r.bus.answer(q, "x")
         for ws in sockets:
             assert (await _next(ws, "queued"))["type"] == "final"
+
+
+def _all_decoded(r: Rig) -> bool:
+    """Every session's upload is decoded to its end (its intake let go)."""
+    return all(live.session.intake is None for live in r.gateway.sessions.values())
+
+
+@pytest.mark.parametrize("window_bytes", [64 * 1024, 4 * 1024 * 1024, 64 * 1024 * 1024])
+async def test_a_long_resampled_upload_is_published_whole_whatever_the_window(
+    autojump_clock: Any, window_bytes: int
+) -> None:
+    # 25 s of 44.1 kHz stereo FLAC: three blocks, each past the share guessed before the file
+    # is open (a window smaller than a block, one it fits after a second turn, and a roomy
+    # one). Every sample reaches the queue once, in order, as the whole-file decoder gives it.
+    mono = np.frombuffer(_speech_like(25.0), dtype="<i2").astype(np.float32) / 32768.0
+    stereo = np.stack([soxr.resample(mono, 16_000, 44_100)] * 2, axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, stereo, 44_100, format="FLAC", subtype="PCM_16")
+    data = buf.getvalue()
+    want = float_to_pcm16(decode_container(data, max_audio_s=60.0, max_bytes=len(data)))
+    async with rig(_config(publish_window_bytes=window_bytes)) as r:
+        ws = await r.connect()
+        await ws.send_message(json.dumps({"type": "start", "format": "flac"}))
+        await _next(ws)
+        await ws.send_message(data)
+        await ws.send_message('{"type": "stop"}')
+        await _eventually(lambda: r.gateway.window.used == 0 and _all_decoded(r))
+        finals = r.bus.finals()
+        assert len(finals) >= 3
+        assert b"".join(q.pcm for q in finals) == want
+        assert r.gateway.window.peak <= window_bytes
+        for q in finals:
+            r.bus.answer(q, "x")
+        events = [await _next(ws, "queued") for _ in finals]
+        assert [e["type"] for e in events] == ["final"] * len(finals)
 
 
 async def test_uploads_are_decoded_and_published_a_window_at_a_time(autojump_clock: Any) -> None:

@@ -2,12 +2,14 @@
 
 Each upload is bounded on its own (``upload_memory_bytes``, one decoded block), but nothing
 bounded how many were decoded at once: in a connection storm, every session that had sent
-``stop`` could hold a decoded block and a job body on its way to NATS at the same moment. A
-session takes its block's bytes from the window before decoding it and gives them back once its
-chunks are published (or it ends); past ``publish_window_bytes`` sessions wait their turn, in
-order of arrival, holding only their (spooled) upload. (It did not lower the gateway's RSS peak
-with 10,000 clients uploading a 3 s WAV, ~500 MB per gateway on an AMD EPYC with 2 cores: that
-peak has another cause, see README, "Scale"; the window bounds what it says, whatever the load.)
+``stop`` could hold a decoder, a decoded block and a job body on its way to NATS at the same
+moment. A session takes its block's bytes (and its open decoder's) from the window before
+opening or decoding it and gives them back once its chunks are published (or it ends); past
+``publish_window_bytes`` sessions wait their turn, in order of arrival, holding only their
+(spooled) upload. Between the blocks of a long file a session keeps its decoder and the chunk
+in progress; a short file's one chunk is published under its block's share (with 10,000 clients
+uploading a 3 s WAV, sessions that queued again to publish it, each holding its decoded chunk
+meanwhile, made a ~500 MB peak per gateway; ~210 MB since: AMD EPYC, 2 cores, README "Scale").
 A client that never reads can keep its share for up to ``send_timeout_s`` (an event to it is
 sent while the share is held).
 
