@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 import trio
 
+from katydid import data_dir
 from katydid.bus.accounts import accounts_config, embedded_credentials, password_variable
 from katydid.bus.nats import purge_jobs
 from katydid.catalog import served_name
@@ -195,6 +196,8 @@ async def serve(
         if not nats_url:
             port = cfg.nats_port or free_port()
             monitor = cfg.nats_monitor_port or free_port()
+            # Its store is this server's alone, while it runs (see data_dir).
+            await outer.start(data_dir.hold, cfg.data_dir)
             # Its own credentials, a user per role (workers cannot publish jobs, say).
             secrets_file = cfg.data_dir / "nats" / "credentials.json"
             passwords = await trio.to_thread.run_sync(embedded_credentials, secrets_file)

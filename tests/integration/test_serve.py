@@ -72,6 +72,15 @@ def test_serve_transcribe_eval_and_drain(model_dir: Path, speech_dir: Path, tmp_
             capture_output=True, text=True, env=env, timeout=120, check=True,
         )  # fmt: skip
         assert wer(reference, out.stdout) <= 0.05
+        # A second server on the same data directory would share the NATS store: refused, in
+        # words, before it starts anything (the first goes on serving, below).
+        second = subprocess.run(
+            [sys.executable, "-m", "katydid", "serve", "--port", str(free_port()),
+             "--workers", "1", "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1
+        assert f"another katydid serve (pid {serve.pid}) is using" in second.stderr
         lines = (speech_dir / "manifest.tsv").read_text(encoding="utf-8").splitlines()
         manifest = tmp_path / "three.tsv"
         picked = [
