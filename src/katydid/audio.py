@@ -117,6 +117,9 @@ def check_pcm_format(sample_rate: int, channels: int) -> None:
 _DECODER_BYTES = {"wav": 16 << 10, "mp3": 64 << 10, "flac": 192 << 10, "ogg": 192 << 10}
 _RESAMPLER_BYTES = 128 << 10
 _BLOCK_S = 10.0
+# A block's frames as read (float32 per channel) are bounded in bytes too: 10 s of a 32-channel
+# 384 kHz file would be 491 MB (one such 245 MB upload took a gateway from 88 to 590 MB).
+_MAX_BLOCK_BYTES = 2 << 20
 
 
 def first_block_bytes(upload: IO[bytes]) -> int:
@@ -170,6 +173,12 @@ class DecodedStream:
                 f"unsupported container {f.format}; supported: {', '.join(CONTAINERS)}"
             )
         self.rate = int(f.samplerate)
+        if not (4_000 <= self.rate <= _MAX_RATE and 1 <= f.channels <= _MAX_CHANNELS):
+            f.close()
+            raise AudioError(
+                f"the file's format ({self.rate} Hz, {f.channels} channels) is outside what is"
+                f" decoded: 4000..{_MAX_RATE} Hz, 1..{_MAX_CHANNELS} channels"
+            )
         # From the header; 0 when the container does not say (some MP3 and OGG files).
         self.duration_s = f.frames / f.samplerate if f.frames > 0 else 0.0
         if self.duration_s > max_audio_s:
@@ -177,7 +186,8 @@ class DecodedStream:
             raise AudioError(
                 f"audio lasts {self.duration_s:.0f} s, more than the {max_audio_s:.0f} s allowed"
             )
-        self._block = max(1, int(block_s * self.rate))
+        self.channels = int(f.channels)
+        self._block = max(1, min(int(block_s * self.rate), _MAX_BLOCK_BYTES // (4 * self.channels)))
         self._resampler = (
             soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
             if self.rate != SAMPLE_RATE
@@ -217,7 +227,7 @@ class DecodedStream:
             left = round(self.duration_s * self.rate) - self._frames_read
             frames = max(0, min(frames, left))
         out = 2 * frames * SAMPLE_RATE // self.rate + self.decoder_bytes
-        return out if self._native else frames * self._file.channels * 4 + out
+        return out if self._native else frames * self.channels * 4 + out
 
     def next_pcm16(self) -> np.ndarray | None:
         """The next block as 16 kHz mono int16 samples (possibly empty), or None at the end.

@@ -202,3 +202,25 @@ def test_the_guess_before_opening_covers_what_the_open_decoder_says_for_a_16k_mo
         assert known <= guess <= known + 1024
     assert guess > 0
     assert first_block_bytes(io.BytesIO(b"not audio at all")) > len(b"not audio at all")
+
+
+def test_a_block_is_bounded_in_bytes_whatever_the_rate_and_channels() -> None:
+    # 10 s of a 32-channel 384 kHz file would be a 491 MB block; blocks stay ~2 MiB, and the
+    # file decodes to the same samples as with one block per 10 s.
+    rate, channels, seconds = 384_000, 8, 1.5
+    data = _encode(_tone(rate, seconds, channels), rate, "WAV", "PCM_16")
+    with DecodedStream(io.BytesIO(data), max_audio_s=60.0) as stream:
+        assert stream.next_block_bytes() <= (2 << 20) + stream.decoder_bytes + 2 * SAMPLE_RATE
+        small = _blocks(stream.next_pcm16)
+    assert len(small) > 2
+    with DecodedStream(io.BytesIO(data), max_audio_s=60.0) as stream:
+        stream._block = 10 * rate  # as it was: the whole file in one block
+        whole = _blocks(stream.next_pcm16)
+    assert np.array_equal(np.concatenate(small), np.concatenate(whole))
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(1_000, 1), (500_000, 1)])
+def test_a_file_outside_the_decoded_rates_is_refused_in_words(rate: int, channels: int) -> None:
+    data = _encode(_tone(rate, 0.5, channels), rate, "WAV", "PCM_16")
+    with pytest.raises(AudioError, match=rf"\({rate} Hz, {channels} channels\) is outside"):
+        DecodedStream(io.BytesIO(data), max_audio_s=60.0)

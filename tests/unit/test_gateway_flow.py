@@ -681,11 +681,12 @@ def _all_decoded(r: Rig) -> bool:
 
 @pytest.mark.parametrize("window_bytes", [64 * 1024, 4 * 1024 * 1024, 64 * 1024 * 1024])
 async def test_a_long_resampled_upload_is_published_whole_whatever_the_window(
-    autojump_clock: Any, window_bytes: int
+    window_bytes: int,
 ) -> None:
-    # 25 s of 44.1 kHz stereo FLAC: three blocks, each past the share guessed before the file
+    # 25 s of 44.1 kHz stereo FLAC: five blocks, each past the share guessed before the file
     # is open (a window smaller than a block, one it fits after a second turn, and a roomy
     # one). Every sample reaches the queue once, in order, as the whole-file decoder gives it.
+    # (On the real clock: the blocks decode in threads, which a mock clock does not wait for.)
     mono = np.frombuffer(_speech_like(25.0), dtype="<i2").astype(np.float32) / 32768.0
     stereo = np.stack([soxr.resample(mono, 16_000, 44_100)] * 2, axis=1)
     buf = io.BytesIO()
