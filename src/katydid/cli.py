@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from katydid import __version__
+from katydid import __version__, native_stderr
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.log import configure_logging
@@ -374,6 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = _config(args)
+        if args.command in ("serve", "gateway"):
+            # Native libraries' stderr lines (a decoder's, per bad upload) are sampled log lines.
+            native_stderr.capture()
         configure_logging(level=cfg.log_level, fmt=cfg.log_format)
         if args.command == "model":
             return _cmd_model(cfg, args)

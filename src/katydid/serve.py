@@ -110,6 +110,7 @@ async def run_nats_server(
                 # Watched by a small parent that stops it if serve is killed outright.
                 [*with_parent_argv(), nats_server_binary(), "-c", str(conf)],
                 stdout=subprocess.DEVNULL,
+                stderr=sys.stderr,  # the real one (see native_stderr)
                 env=env,
                 check=False,
                 start_new_session=True,  # Ctrl-C reaches serve only; serve stops NATS last
@@ -137,6 +138,7 @@ async def supervise_worker(cfg: Config, index: int, argv: list[str], env: dict[s
         result = await trio.run_process(
             argv,
             check=False,
+            stderr=sys.stderr,  # the real one (see native_stderr)
             env=env,
             start_new_session=True,
             deliver_cancel=_terminate,

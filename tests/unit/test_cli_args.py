@@ -58,7 +58,7 @@ def test_each_subcommand_option_parses(
 def test_an_error_raised_in_a_nursery_is_said_in_words(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from katydid import cli, cli_remote
+    from katydid import cli, cli_remote, native_stderr
     from katydid.cli import main
     from katydid.errors import KatydidError
 
@@ -66,9 +66,11 @@ def test_an_error_raised_in_a_nursery_is_said_in_words(
         inner = BaseExceptionGroup("", [KatydidError("nats-server exited with code 0")])
         raise BaseExceptionGroup("", [inner])
 
-    # (Logging is left as it is: configured here, it would print to this test's captured
-    # stderr for the tests after it.)
+    # (Logging and stderr are left as they are: configured here, logging would print to this
+    # test's captured stderr for the tests after it, and the capture of native stderr would
+    # rewire this process's file descriptor 2.)
     monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
+    monkeypatch.setattr(native_stderr, "capture", lambda **_: None)
     monkeypatch.setattr(cli_remote, "run_server_command", nats_gone)
     assert main(["serve"]) == 1
     assert capsys.readouterr().err == "katydid: error: nats-server exited with code 0\n"
