@@ -622,6 +622,16 @@ async def test_out_of_descriptors_the_gateway_retries_accepting_with_sampled_lin
     assert failed[0]["error"] == "EMFILE"
 
 
+async def _upload(r: Rig, data: bytes, fmt: str = "wav") -> WebSocketConnection:
+    """A client that has sent a whole file (``start``, the file, ``stop``) and heard ``ready``."""
+    ws = await r.connect()
+    await ws.send_message(json.dumps({"type": "start", "format": fmt}))
+    await _next(ws)
+    await ws.send_message(data)
+    await ws.send_message('{"type": "stop"}')
+    return ws
+
+
 async def test_an_upload_waiting_for_the_window_has_no_decoder_open(
     autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -646,12 +656,7 @@ async def test_an_upload_waiting_for_the_window_has_no_decoder_open(
         sockets = []
         try:
             for _ in range(3):
-                ws = await r.connect()
-                await ws.send_message(json.dumps({"type": "start", "format": "wav"}))
-                await _next(ws)
-                await ws.send_message(_wav(pcm))
-                await ws.send_message('{"type": "stop"}')
-                sockets.append(ws)
+                sockets.append(await _upload(r, _wav(pcm)))
             # (Files are opened and read in threads, which the mock clock does not wait for.)
             await _eventually(
                 lambda: r.gateway.window.waits >= 1 and bool(opened) and not opened[0].is_open
@@ -694,11 +699,7 @@ async def test_a_long_resampled_upload_is_published_whole_whatever_the_window(
     data = buf.getvalue()
     want = float_to_pcm16(decode_container(data, max_audio_s=60.0, max_bytes=len(data)))
     async with rig(_config(publish_window_bytes=window_bytes)) as r:
-        ws = await r.connect()
-        await ws.send_message(json.dumps({"type": "start", "format": "flac"}))
-        await _next(ws)
-        await ws.send_message(data)
-        await ws.send_message('{"type": "stop"}')
+        ws = await _upload(r, data, "flac")
         await _eventually(lambda: r.gateway.window.used == 0 and _all_decoded(r))
         finals = r.bus.finals()
         assert len(finals) >= 3
@@ -717,12 +718,7 @@ async def test_uploads_are_decoded_and_published_a_window_at_a_time(autojump_clo
         sockets = []
         try:
             for _ in range(2):
-                ws = await r.connect()
-                await ws.send_message(json.dumps({"type": "start", "format": "wav"}))
-                await _next(ws)
-                await ws.send_message(_wav(pcm))
-                await ws.send_message('{"type": "stop"}')
-                sockets.append(ws)
+                sockets.append(await _upload(r, _wav(pcm)))
             await _eventually(lambda: r.gateway.window.waits >= 1)
             await trio.testing.wait_all_tasks_blocked()
             # The first upload's job is on its way and holds the window; the second waits to
