@@ -192,9 +192,9 @@ class _Server:
     """`katydid serve` as a child process on free ports, for the duration of a load run."""
 
     def __init__(self, cfg: Config, workers: int, log_path: Path) -> None:
-        from katydid.serve import free_port
+        from katydid.serve import free_ports
 
-        self.port, self.http_port = free_port(), free_port()
+        self.port, self.http_port = free_ports(2)
         argv = [
             sys.executable, "-m", "katydid", "--model", cfg.model, "--model-dir", str(cfg.model_dir),
             "--log-format", "json", "serve", "--port", str(self.port), "--http-port", str(self.http_port),

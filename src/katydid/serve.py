@@ -8,6 +8,7 @@ deadline → workers (SIGTERM: they finish their job; SIGKILL after a deadline) 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -37,9 +38,18 @@ _NATS_MAX_PAYLOAD = "4MB"  # a 30 s chunk is 960,000 bytes plus headers
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports: each socket is held until all are bound, so the kernel cannot
+    hand out one port twice (two one-at-a-time picks can coincide, and nats-server then fails
+    to bind its second listener)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def nats_server_binary() -> str:
@@ -196,8 +206,9 @@ async def serve(
     async with trio.open_nursery() as outer:
         nats_url = cfg.nats_url
         if not nats_url:
-            port = cfg.nats_port or free_port()
-            monitor = cfg.nats_monitor_port or free_port()
+            picked = free_ports(2)
+            port = cfg.nats_port or picked[0]
+            monitor = cfg.nats_monitor_port or picked[1]
             # Its store is this server's alone, while it runs (see data_dir).
             await outer.start(data_dir.hold, cfg.data_dir)
             # Its own credentials, a user per role (workers cannot publish jobs, say).

@@ -152,13 +152,21 @@ def test_serve_killed_outright_leaves_no_children(model_dir: Path, tmp_path: Pat
     # they watch serve and stop when it is gone, even after a SIGKILL it cannot handle.
     env = os.environ | {"KATYDID_MODEL_DIR": str(model_dir), "KATYDID_LOG_FORMAT": "json"}
     port = free_port()
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "katydid", "serve", "--port", str(port), "--workers", "1",
-         "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "katydid", "serve", "--port", str(port), "--workers", "1",
+             "--data-dir", str(tmp_path / "data")],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+
+    def listening() -> bool:
+        if serve.poll() is not None:  # say why at once, not after the wait
+            raise AssertionError(f"serve exited {serve.returncode}: {log.read_text()[-3000:]}")
+        return port_open(port)
+
     try:
-        wait_until(lambda: port_open(port), 60, "katydid serve")
+        wait_until(listening, 60, f"katydid serve ({log})")
         wait_until(
             lambda: (
                 any("nats-server" in _cmdline(p) for p in _children_of(serve.pid))
