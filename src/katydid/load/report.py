@@ -64,6 +64,9 @@ def summarize(
     tl = stats.timeline
     gw_cpu = [100 * r for r in _rates(tl, "gateway_cpu_s")]
     wk_cpu = [100 * r for r in _rates(tl, "workers_cpu_s")]
+    loader_cpu = [100 * r for r in _rates(tl, "loader_cpu_s")]
+    host_busy = [100 * r for r in _rates(tl, "host_busy_s")]
+    host_steal = [100 * r for r in _rates(tl, "host_steal_s")]
     log_rate = _rates(tl, "gateway_log_lines")
     peak_gateway = max((p.get("gateway_peak", 0.0) for p in tl), default=0.0)
     rss = [p["gateway_rss"] for p in tl if "gateway_rss" in p]
@@ -120,6 +123,9 @@ def summarize(
         if rss_peak and rss_idle and peak
         else None,
         "workers_cpu_percent": {"mean": _mean(wk_cpu), "max": _max(wk_cpu)},
+        "load_generator_cpu_percent": {"mean": _mean(loader_cpu), "max": _max(loader_cpu)},
+        "host_cpu_busy_percent": {"mean": _mean(host_busy), "max": _max(host_busy)},
+        "host_cpu_steal_percent": {"mean": _mean(host_steal), "max": _max(host_steal)},
         "gateway_log_lines_per_s": {"mean": _mean(log_rate), "max": _max(log_rate)},
         "queued_updates_per_session": {
             "mean": _mean([float(r.status_updates) for r in ok]),
@@ -180,6 +186,9 @@ def markdown(s: dict[str, Any]) -> str:
         f"| gateway RSS (start / peak) | {_mb(rss['start'], mb)} / {_mb(rss['peak'], mb)} MiB |",
         f"| gateway RSS per connection | {s['gateway_rss_bytes_per_connection'] or '-'} bytes |",
         f"| workers CPU % (sum; mean / max) | {s['workers_cpu_percent']['mean']} / {s['workers_cpu_percent']['max']} |",
+        f"| load generator CPU % (mean / max) | {s['load_generator_cpu_percent']['mean']} / {s['load_generator_cpu_percent']['max']} |",
+        f"| host CPU % busy, all processes ({s['machine']['cores']} cores = {100 * (s['machine']['cores'] or 0)}; mean / max) | {s['host_cpu_busy_percent']['mean']} / {s['host_cpu_busy_percent']['max']} |",
+        f"| host CPU % stolen by the hypervisor (mean / max) | {s['host_cpu_steal_percent']['mean']} / {s['host_cpu_steal_percent']['max']} |",
         f"| gateway log lines/s (mean / max) | {s['gateway_log_lines_per_s']['mean']} / {s['gateway_log_lines_per_s']['max']} |",
         f"| gateway log lines suppressed by sampling | {s['gateway_log_lines_suppressed']:.0f} |",
         f"| `queued` updates per completed session (mean / max) | {s['queued_updates_per_session']['mean']} / {s['queued_updates_per_session']['max']} |",

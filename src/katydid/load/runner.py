@@ -11,7 +11,9 @@ policy, each session by ``session_timeout_s`` and the drain deadline.
 
 from __future__ import annotations
 
+import os
 import random
+import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -239,7 +241,8 @@ class LoadRunner:
             "errors": st.errors,
             "overloaded": st.overloaded,
             "audio_done_s": round(sum(r.audio_s for r in st.records if r.outcome == "ok"), 2),
-        }
+            "loader_cpu_s": _own_cpu_s(),
+        } | host_cpu_s()
         if self.spec.metrics_url:
             try:
                 text = await trio.to_thread.run_sync(_fetch, self.spec.metrics_url)
@@ -262,6 +265,34 @@ class LoadRunner:
         st.timeline.append(point)
         if self._on_tick is not None:
             self._on_tick(st, point)
+
+
+def _own_cpu_s() -> float:
+    """This process's CPU seconds (every thread): what the load generator took from the host."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 3)
+
+
+def host_cpu_s(stat: str = "/proc/stat") -> dict[str, float]:
+    """The whole host's CPU seconds so far, all cores: busy (user, nice, system, irq, softirq) and
+    steal (time this VM was ready to run and the hypervisor ran someone else). Empty where there
+    is no ``/proc/stat``. With the gateway's, the workers' and the load generator's own figures,
+    they say where the CPU that inference did not get went.
+    """
+    try:
+        with open(stat, encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return {}
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return {}
+    ticks = [int(x) for x in fields[1:9]]
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return {
+        "host_busy_s": round((user + nice + system + irq + softirq) / hz, 2),
+        "host_steal_s": round(steal / hz, 2),
+    }
 
 
 def _fetch(url: str) -> str:
