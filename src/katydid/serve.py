@@ -23,7 +23,7 @@ import structlog
 import trio
 
 from katydid import data_dir
-from katydid.bus.accounts import accounts_config, embedded_credentials, password_variable
+from katydid.bus.accounts import accounts_config, embedded_credentials, password_environment
 from katydid.bus.nats import purge_jobs
 from katydid.catalog import served_name
 from katydid.config import Config
@@ -113,7 +113,7 @@ async def run_nats_server(
         conf.write_text(text, encoding="utf-8")
 
     await trio.to_thread.run_sync(write_conf)
-    env = dict(os.environ) | {password_variable(r): pw for r, pw in passwords.items()}
+    env = dict(os.environ) | password_environment(passwords)
     async with trio.open_nursery() as nursery:
         proc: trio.Process = await nursery.start(
             lambda task_status: trio.run_process(  # noqa: ASYNC105 - nursery.start awaits it

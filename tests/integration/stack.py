@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from katydid.bus.accounts import password_environment
 from katydid.messages import STREAM
 from katydid.serve import nats_server_binary, nats_server_config
 
@@ -67,7 +68,8 @@ class Stack:
         self.passwords: dict[str, str] = {}
         self.role_env: dict[str, dict[str, str]] = {}
         if nats_accounts:
-            self.passwords = {role: f"test-{role}-pw" for role in ("admin", "gateway", "worker")}
+            # Forms nats-server would read as numbers unquoted (see password_environment).
+            self.passwords = {"admin": "-68lx-pw", "gateway": "10kb", "worker": "1e5"}
             self.role_env = {
                 role: {"KATYDID_NATS_USER": role, "KATYDID_NATS_PASSWORD": self.passwords[role]}
                 for role in ("gateway", "worker")
@@ -150,9 +152,7 @@ class Stack:
             # The operator's file itself, included as the installed nats-server.conf does.
             shutil.copy(INFRA / "systemd" / "katydid-accounts.conf", root)
             text += 'include "katydid-accounts.conf"\n'
-            nats_env = {
-                f"KATYDID_NATS_{role.upper()}_PASSWORD": pw for role, pw in self.passwords.items()
-            }
+            nats_env = password_environment(self.passwords)
         conf.write_text(text, encoding="utf-8")
         self._nats_argv = [nats_server_binary(), "-c", str(conf)]
         self._nats_env = nats_env

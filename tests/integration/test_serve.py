@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,26 +43,15 @@ def _cmdline(pid: int) -> str:
 def test_serve_transcribe_eval_and_drain(model_dir: Path, speech_dir: Path, tmp_path: Path) -> None:
     env = os.environ | {"KATYDID_MODEL_DIR": str(model_dir), "KATYDID_LOG_FORMAT": "json"}
     port = free_port()
-    serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "katydid",
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        text=True,
-    )
+    log = tmp_path / "serve.log"
+    with log.open("wb") as errors:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "katydid", "serve", "--port", str(port), "--workers", "1",
+             "--data-dir", str(tmp_path / "data")],
+            stdout=subprocess.PIPE, stderr=errors, env=env, text=True,
+        )  # fmt: skip
     try:
-        wait_until(lambda: port_open(port), 60, "katydid serve")
+        _wait_listening(serve, port, log)
         url = f"ws://127.0.0.1:{port}"
         children = _children_of(serve.pid)
         assert len(children) >= 2  # nats-server and one worker
@@ -138,6 +128,15 @@ def test_serve_transcribe_eval_and_drain(model_dir: Path, speech_dir: Path, tmp_
     assert not [p for p in children if Path(f"/proc/{p}").exists()], "serve left processes behind"
 
 
+def _wait_listening(serve: subprocess.Popen[Any], port: int, log: Path) -> None:
+    def listening() -> bool:
+        if serve.poll() is not None:  # say why at once, not after the wait
+            raise AssertionError(f"serve exited {serve.returncode}: {log.read_text()[-3000:]}")
+        return port_open(port)
+
+    wait_until(listening, 90, f"katydid serve to listen (its log: {log})")
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie waiting for a reaper that never comes is not)."""
     try:
@@ -159,14 +158,8 @@ def test_serve_killed_outright_leaves_no_children(model_dir: Path, tmp_path: Pat
              "--data-dir", str(tmp_path / "data")],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
-
-    def listening() -> bool:
-        if serve.poll() is not None:  # say why at once, not after the wait
-            raise AssertionError(f"serve exited {serve.returncode}: {log.read_text()[-3000:]}")
-        return port_open(port)
-
     try:
-        wait_until(listening, 60, f"katydid serve ({log})")
+        _wait_listening(serve, port, log)
         wait_until(
             lambda: (
                 any("nats-server" in _cmdline(p) for p in _children_of(serve.pid))

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from katydid.bus.accounts import ROLES, accounts_config, embedded_credentials
+from katydid.bus.accounts import (
+    ROLES,
+    accounts_config,
+    embedded_credentials,
+    password_environment,
+)
 from katydid.bus.nats import credentials
 from katydid.config import Config
 from katydid.errors import ConfigError
@@ -56,3 +61,16 @@ def test_the_rendered_accounts_hold_no_password() -> None:
     text = accounts_config()
     for role in ROLES:
         assert f"user: {role}, password: $KATYDID_NATS_{role.upper()}_PASSWORD" in text
+
+
+def test_nats_server_reads_each_password_as_a_string() -> None:
+    # Unquoted, nats-server parses "-68lx" as a number and stops, and "10kb" as 10240.
+    env = password_environment({"admin": "-68lx", "gateway": "10kb", "worker": "Ab_9"})
+    assert env == {
+        "KATYDID_NATS_ADMIN_PASSWORD": '"-68lx"',
+        "KATYDID_NATS_GATEWAY_PASSWORD": '"10kb"',
+        "KATYDID_NATS_WORKER_PASSWORD": '"Ab_9"',
+    }
+    for bad in ('a"b', "a\\b", "a\nb"):
+        with pytest.raises(ValueError, match="without quotes"):
+            password_environment({"admin": bad})

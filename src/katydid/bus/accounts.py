@@ -11,7 +11,8 @@ Roles, in one account with JetStream (``KATYDID``):
 - ``admin``: everything in the account (``katydid nats setup|status``, the ``nats`` CLI).
 
 Rule: passwords never appear in the rendered text; it names environment variables that
-nats-server reads at start (``$KATYDID_NATS_<ROLE>_PASSWORD``).
+nats-server reads at start (``$KATYDID_NATS_<ROLE>_PASSWORD``), each value in double quotes
+(``password_environment``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,21 @@ PERMISSIONS: dict[str, dict[str, Any]] = {
 
 def password_variable(role: str) -> str:
     return f"KATYDID_NATS_{role.upper()}_PASSWORD"
+
+
+def password_environment(passwords: dict[str, str]) -> dict[str, str]:
+    """nats-server's environment for ``passwords`` (role -> password): each variable in double
+    quotes. nats-server parses a variable's value as configuration, not as a string: unquoted,
+    ``-68lx...`` is a parse error (it stops at start) and ``10kb`` becomes the number 10240 (no
+    client's password matches); one random password in about 20 broke a start."""
+    env = {}
+    for role, pw in passwords.items():
+        if '"' in pw or "\\" in pw or not pw.isprintable():
+            raise ValueError(
+                f"the {role} password must be printable, without quotes or backslashes"
+            )
+        env[password_variable(role)] = f'"{pw}"'
+    return env
 
 
 def accounts_config() -> str:
