@@ -86,6 +86,7 @@ class Config:
     send_timeout_s: float = 30.0  # a client that does not read
     shutdown_grace_s: float = 30.0
     queue_poll_s: float = 1.0
+    queued_interval_s: float = 2.0  # least time between two `queued` updates to a session
     partial_interval_s: float = 1.0  # new audio between two partial results of a session
     partial_deadline_s: float = 5.0  # a partial job not started by then is skipped
     default_max_wait_s: float = 600.0  # queue ETA above which a session is told 'overloaded'
@@ -184,6 +185,8 @@ class Config:
         self.wyoming_networks()  # raises on a malformed wyoming_allow
         if not 0 <= self.malloc_mmap_threshold_bytes <= 32 * 1024 * 1024:
             raise ConfigError("malloc_mmap_threshold_bytes must be 0 (glibc's own) to 32 MiB")
+        if self.queued_interval_s < 0:
+            raise ConfigError("queued_interval_s must be >= 0 (0 = every change)")
         if self.malloc_trim_interval_s < 0:
             raise ConfigError("malloc_trim_interval_s must be >= 0 (0 = never)")
         if self.bulk_every < 0:

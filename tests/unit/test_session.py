@@ -197,8 +197,8 @@ def test_bounds() -> None:
     assert (error.code, close.code) == (ErrorCode.TOO_LARGE, 1009)
 
 
-def _three_jobs() -> tuple[Session, list[Publish]]:
-    s = _started()
+def _three_jobs(**limits: Any) -> tuple[Session, list[Publish]]:
+    s = _started(_session(**limits))
     jobs = _published(s.receive_bytes(_speech_like(9.0), 0.0))
     jobs += _published(s.receive_text('{"type": "stop"}', 0.0))
     assert len(jobs) >= 3
@@ -409,12 +409,21 @@ def test_no_partials_unless_asked() -> None:
 
 
 def test_queue_status_is_sent_when_it_is_news() -> None:
-    s, _ = _three_jobs()
-    assert _sent(s.queue_status(100, 50.0)) == [Queued(100, 50.0)]
-    assert s.queue_status(98, 49.0) == []  # moved by less than 5%
-    assert _sent(s.queue_status(90, 45.0)) == [Queued(90, 45.0)]
-    assert s.queue_status(90, 45.2) == []  # same place, same ETA
-    assert _sent(s.queue_status(0, 2.0)) == [Queued(0, 2.0)]
+    s, _ = _three_jobs()  # queued_interval_s: 2 s by default
+    assert _sent(s.queue_status(100, 50.0, 10.0)) == [Queued(100, 50.0)]
+    assert s.queue_status(91, 49.0, 13.0) == []  # moved by less than 10%
+    assert s.queue_status(90, 45.0, 11.0) == []  # moved by 10%, but 1 s after the last
+    assert _sent(s.queue_status(90, 45.0, 12.0)) == [Queued(90, 45.0)]
+    assert s.queue_status(90, 45.2, 20.0) == []  # same place, same ETA
+    assert _sent(s.queue_status(0, 2.0, 20.5)) == [Queued(0, 2.0)]  # the front: at once
+    assert s.queue_status(0, 1.0, 21.0) == []  # at the front already: the interval holds
+    assert _sent(s.queue_status(0, 0.4, 22.5)) == [Queued(0, 0.4)]
+
+
+def test_every_change_is_news_with_no_interval() -> None:
+    s, _ = _three_jobs(queued_interval_s=0.0)
+    assert _sent(s.queue_status(5, 5.0, 1.0)) == [Queued(5, 5.0)]
+    assert _sent(s.queue_status(4, 4.0, 1.0)) == [Queued(4, 4.0)]
 
 
 def test_limits_come_from_the_configuration() -> None:

@@ -41,6 +41,7 @@ class Limits:
     result_timeout_s: float
     job_deadline_s: float
     partial_deadline_s: float
+    queued_interval_s: float
 
     @classmethod
     def from_config(cls, cfg: Config) -> Limits:

@@ -73,6 +73,7 @@ class QueueLost:
 class Position:
     position: int
     eta_s: float
+    at: float  # when it was polled (trio's clock)
 
 
 Inbound = JobResult | DeadJob | QueueLost | Position
@@ -86,7 +87,7 @@ def apply(session: Session, item: Inbound) -> list[Output]:
         return session.dead_job(item.stream_seq, item.deliveries)
     if isinstance(item, QueueLost):
         return session.queue_lost()
-    return session.queue_status(item.position, item.eta_s)
+    return session.queue_status(item.position, item.eta_s, item.at)
 
 
 @dataclass(slots=True)
@@ -289,6 +290,7 @@ class Gateway:
             self._export_queue()
             self.sampled.flush()
             capacities = adm.capacities()
+            now = trio.current_time()
             for live in list(self.sessions.values()):
                 s = live.session
                 oldest = s.oldest_stream_seq
@@ -296,8 +298,8 @@ class Gateway:
                     continue
                 where = adm.position(s.model, s.lane, oldest, capacities.get(s.model))
                 # Only news wakes the session's writer (most polls change nothing for most).
-                if where is not None and s.queue_news(*where):
-                    self._route(live, Position(*where))  # full inbox: the next poll retries
+                if where is not None and s.queue_news(*where, now):
+                    self._route(live, Position(*where, now))  # full inbox: the next poll retries
             await trio.sleep(self.cfg.queue_poll_s)
 
     def _export_queue(self) -> None:
