@@ -4,8 +4,12 @@ What the load report divides by: end-to-end throughput as a fraction of what the
 engine processes can do alone on this machine, measured in the same run.
 
 Each process loads its model (not timed), waits at a barrier, then transcribes clips back to
-back until ``duration_s`` has passed (finishing the clip in hand), and reports clips, audio
-seconds and its own elapsed time.
+back until ``duration_s`` has passed (finishing the clip in hand) and it has done every clip
+once, and reports clips, audio
+seconds, its own elapsed time and each clip's time. Per clip because a clip's cost per audio
+second varies fourfold (a clip whose clip-sized run falls back pays for two runs), so a rate over
+one mix of clips is no baseline for another: the load report weighs these times by the clips
+its sessions sent.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ class BenchResult:
     wall_s: float  # the longest process's elapsed time
     clips_per_s: float
     audio_s_per_s: float
+    # Mean seconds one process took per clip, in the order given (None: never reached).
+    clip_s: tuple[float | None, ...] = ()
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "processes": self.processes,
             "clips": self.clips,
@@ -46,6 +52,7 @@ class BenchResult:
             "wall_s": round(self.wall_s, 2),
             "clips_per_s": round(self.clips_per_s, 3),
             "audio_s_per_s": round(self.audio_s_per_s, 3),
+            "clip_s": [None if t is None else round(t, 4) for t in self.clip_s],
         }
 
 
@@ -69,23 +76,29 @@ def _run_one(
     started = time.perf_counter()
     n, audio = 0, 0.0
     i = index
-    while time.perf_counter() - started < duration_s:
+    times: dict[int, list[float]] = {}
+    # Every clip at least once, however slow the host: the load report weighs them all.
+    while (t0 := time.perf_counter()) - started < duration_s or i - index < len(clips):
         clip = clips[i % len(clips)]
         engine.transcribe(clip)
+        times.setdefault(i % len(clips), []).append(time.perf_counter() - t0)
         n += 1
         audio += clip.size / SAMPLE_RATE
         i += 1
-    out.put((n, audio, time.perf_counter() - started))
+    out.put((n, audio, time.perf_counter() - started, times))
 
 
-def _collect(procs: list[Any], out: Any, timeout_s: float) -> list[tuple[int, float, float]]:
+_Report = tuple[int, float, float, dict[int, list[float]]]
+
+
+def _collect(procs: list[Any], out: Any, timeout_s: float) -> list[_Report]:
     """Each process's totals; a process that failed or died is an error at once, not a wait
     for the timeout (the load report waited 10 minutes on an engine that could not start).
 
     Raises:
         EngineError: a process failed, died, or did not report within ``timeout_s``.
     """
-    results: list[tuple[int, float, float]] = []
+    results: list[_Report] = []
     deadline = time.monotonic() + timeout_s
     while len(results) < len(procs):
         try:
@@ -137,6 +150,10 @@ def bench_engine(
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+    per_clip: dict[int, list[float]] = {}
+    for r in results:
+        for index, times in r[3].items():
+            per_clip.setdefault(index, []).extend(times)
     return BenchResult(
         processes=processes,
         clips=sum(r[0] for r in results),
@@ -144,4 +161,8 @@ def bench_engine(
         wall_s=max(r[2] for r in results),
         clips_per_s=sum(r[0] / r[2] for r in results),
         audio_s_per_s=sum(r[1] / r[2] for r in results),
+        clip_s=tuple(
+            sum(per_clip[i]) / len(per_clip[i]) if i in per_clip else None
+            for i in range(len(clips))
+        ),
     )

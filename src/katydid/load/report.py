@@ -38,6 +38,28 @@ def _rates(timeline: Sequence[dict[str, float]], key: str) -> list[float]:
     return out
 
 
+def engine_on_mix(
+    clip_s: Sequence[float | None],
+    clip_audio_s: Sequence[float],
+    counts: Sequence[int],
+    processes: int,
+) -> float | None:
+    """Audio seconds per second that ``processes`` engines alone would do on the load's own mix:
+    clip ``i`` sent ``counts[i]`` times, one engine taking ``clip_s[i]`` seconds for it. None if
+    the mix has a clip the engine was never timed on. (A rate over the bench's even mix is no
+    baseline for a load that sent the slow clips more often: in the seed scenario the clients'
+    order gave a mix 4% slower per audio second.)"""
+    seconds = audio = 0.0
+    for t, a, n in zip(clip_s, clip_audio_s, counts, strict=True):
+        if not n:
+            continue
+        if t is None:
+            return None
+        seconds += n * t
+        audio += n * a
+    return audio / (seconds / processes) if seconds > 0 else None
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -110,6 +132,8 @@ def summarize(
         "busy_window_s": round(busy_s, 2),
         "audio_s_transcribed": round(audio_s, 2),
         "engine_audio_s_per_s": engine.get("audio_s_per_s") if engine else None,
+        "engine_even_mix_audio_s_per_s": engine.get("even_mix_audio_s_per_s") if engine else None,
+        "engine_weighted_by_load_mix": engine.get("weighted_by_load_mix") if engine else None,
         # Measured before and after the load (their mean is the figure above), when both were.
         "engine_before_after": [engine["before_audio_s_per_s"], engine["after_audio_s_per_s"]]
         if engine and "after_audio_s_per_s" in engine
@@ -156,6 +180,13 @@ def markdown(s: dict[str, Any]) -> str:
 
     mb = 1024 * 1024
     rss = s["gateway_rss_bytes"]
+    mix = (
+        ", in the load's mix of them"
+        if s.get("engine_weighted_by_load_mix")
+        else ""
+        if s.get("engine_weighted_by_load_mix") is None
+        else ", in the bench's even mix: it did not time every clip the load sent"
+    )
     lines = [
         f"# Katydid load report: {s['mode']}, {s['concurrency']} clients, {s['duration_s']:.0f} s",
         "",
@@ -174,13 +205,20 @@ def markdown(s: dict[str, Any]) -> str:
         f"| not retried because the duration ended | {s['not_retried_after_end']} |",
         f"| peak active connections (gateway) | {s['peak_active_connections']} |",
         f"| throughput | {s['throughput_sessions_per_s']} sessions/s, {s['throughput_audio_s_per_s']} audio-s/s over {s['busy_window_s']} s |",
-        f"| engine alone (same processes, same clips) | {s['engine_audio_s_per_s'] or '-'} audio-s/s"
+        f"| engine alone (same processes, same clips{mix}) | {s['engine_audio_s_per_s'] or '-'} audio-s/s"
         + (
             f" (mean of {s['engine_before_after'][0]} before and {s['engine_before_after'][1]} after the load)"
             if s.get("engine_before_after")
             else ""
         )
         + " |",
+        *(
+            [
+                f"| engine alone on the bench's even mix of the clips | {s['engine_even_mix_audio_s_per_s']} audio-s/s (not the baseline: the load's mix differs) |"
+            ]
+            if s.get("engine_weighted_by_load_mix")
+            else []
+        ),
         f"| **throughput / engine** | **{s['engine_ratio'] if s['engine_ratio'] is not None else '-'}** |",
         f"| gateway CPU % (mean / max) | {s['gateway_cpu_percent']['mean']} / {s['gateway_cpu_percent']['max']} |",
         f"| gateway RSS (start / peak) | {_mb(rss['start'], mb)} / {_mb(rss['peak'], mb)} MiB |",

@@ -65,6 +65,7 @@ class SessionRecord:
     audio_s: float = 0.0
     finished_s: float = 0.0
     status_updates: int = 0  # `queued` events received while waiting
+    clip: str = ""  # the clip's name
 
 
 @dataclass(slots=True)
@@ -158,7 +159,11 @@ class LoadRunner:
         """One session, retried per the policy; returns the wait before the client's next one."""
         spec, st = self.spec, self.stats
         record = SessionRecord(
-            started_s=self._now(), attempts=0, outcome="pending", audio_s=clip.audio_s
+            started_s=self._now(),
+            attempts=0,
+            outcome="pending",
+            audio_s=clip.audio_s,
+            clip=clip.name,
         )
         st.records.append(record)
         options: dict[str, Any] = {}
