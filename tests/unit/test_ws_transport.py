@@ -4,7 +4,9 @@ what a broken one does. In-memory streams; no sockets, no sleeps."""
 
 from __future__ import annotations
 
+import sys
 import tracemalloc
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +16,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -22,9 +25,16 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.frame_protocol import CloseReason
 
 from katydid.gateway.driver import ClientGone
-from katydid.gateway.ws_transport import MessageTooLarge, Piece, ServerWebSocket, accept
+from katydid.gateway.ws_transport import (
+    MessageTooLarge,
+    Piece,
+    ServerWebSocket,
+    _lightened,
+    accept,
+)
 
 MAX = 64 * 1024
 
@@ -98,6 +108,8 @@ async def test_messages_go_both_ways_with_the_handshake_request_kept() -> None:
     async with pair() as (server, client):
         assert server.path == "/vosk?x=1"
         assert (b"authorization", b"Bearer k1") in server.headers
+        server.forget_headers()  # read once by the door; a waiting session keeps none
+        assert server.headers == ()
         await client.send_message('{"type": "start"}')
         await client.send_message(b"\x01\x02" * 1000)
         assert await server.get_message() == '{"type": "start"}'
@@ -410,3 +422,16 @@ async def test_a_message_in_one_byte_fragments_is_held_as_its_bytes() -> None:
             peer.send(TextMessage("é", message_finished=False)) + peer.send(TextMessage("€"))
         )
         assert await server.get_message() == "é€"
+
+
+def test_wsproto_s_event_queue_is_a_list_and_still_works() -> None:
+    # The one event wsproto queues there: the abnormal closure when the stream ends.
+    conn = _lightened(Connection(ConnectionType.SERVER))
+    queue = conn._events
+    assert type(queue) is not deque
+    assert sys.getsizeof(queue) < sys.getsizeof(deque())
+    conn.receive_data(None)
+    events = list(conn.events())
+    assert [type(e) for e in events] == [CloseConnection]
+    assert isinstance(events[0], CloseConnection)
+    assert events[0].code == CloseReason.ABNORMAL_CLOSURE

@@ -167,10 +167,13 @@ class SessionDriver:
     async def _apply_inbox(self) -> None:
         """The writer: what the bus reported (results, dead jobs, queue state), applied in
         order; it ends when nothing is left (the next report starts another)."""
-        inbox = self.live.inbox
+        live = self.live
         try:
-            while inbox:
-                outputs = apply(self.session, inbox.popleft())
+            while inbox := live.inbox:
+                item = inbox.popleft()
+                if not inbox:
+                    live.inbox = None  # a report delivered meanwhile makes a new one
+                outputs = apply(self.session, item)
                 self.live.progressed()
                 await self.emit(outputs)
         finally:

@@ -101,7 +101,9 @@ class Live:
     tenant: Tenant | None = None  # whose session it is, from admission on (with a keys file)
     queued: int = 0  # its jobs in the stream, as last counted into its tenant
     started: float = field(default_factory=time.monotonic)
-    inbox: deque[Inbound] = field(default_factory=deque)
+    # None while empty: an empty deque is 760 bytes, and a session waiting in the queue has
+    # nothing in it between two reports.
+    inbox: deque[Inbound] | None = None
     over: bool = False  # closed: nothing more is delivered
     # The door's writer, woken for each item: a door runs a writer only while there is
     # something to write, so a session waiting in the queue is one task, not two.
@@ -112,7 +114,11 @@ class Live:
 
     def deliver(self, item: Inbound, bound: int) -> bool:
         """Queue ``item`` for the door; False if the session is over or ``bound`` items wait."""
-        if self.over or len(self.inbox) >= bound:
+        if self.over:
+            return False
+        if self.inbox is None:
+            self.inbox = deque()
+        elif len(self.inbox) >= bound:
             return False
         self.inbox.append(item)
         if self.on_item is not None:
@@ -335,7 +341,7 @@ class Gateway:
         s = live.session
         self.sessions.pop(s.session_id, None)
         live.over = True
-        live.inbox.clear()
+        live.inbox = None
         if live.tenant is not None:
             self.tenants.recount(live.tenant, live.queued, 0)
             live.queued = 0

@@ -135,6 +135,7 @@ async def serve_stream(gateway: Gateway, stream: trio.abc.Stream) -> None:
         vosk = ws.path.split("?", 1)[0].rstrip("/") == "/vosk"
         # The key: a Bearer header, else (vosk) the query, else (native) start.api_key.
         credential = bearer(ws.headers)
+        ws.forget_headers()
         if credential is None and vosk:
             credential = query_key(ws.path)
         await serve_connection(gateway, ws, vosk=vosk, credential=credential)

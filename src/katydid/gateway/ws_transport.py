@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -90,10 +91,11 @@ class ServerWebSocket:
     ) -> None:
         self.stream = stream
         self.path: str = request.target
-        self.headers: list[tuple[bytes, bytes]] = [
+        # Read once, by the door; ``forget_headers`` then drops them (1-2 KB a connection).
+        self.headers: tuple[tuple[bytes, bytes], ...] = tuple(
             (bytes(k), bytes(v)) for k, v in request.extra_headers
-        ]
-        self._conn = connection
+        )
+        self._conn = _lightened(connection)
         self._max = max_message
         self._send_timeout_s = send_timeout_s
         self._send_lock = trio.StrictFIFOLock()
@@ -108,6 +110,10 @@ class ServerWebSocket:
         # wire: nothing more can be framed after it, so the connection is over.
         self._broken = False
         self._closed = trio.Event()  # the close handshake is over, or the peer is gone
+
+    def forget_headers(self) -> None:
+        """The handshake's headers are no longer needed (a session may wait for hours)."""
+        self.headers = ()
 
     @property
     def open(self) -> bool:
@@ -381,6 +387,23 @@ async def receive(
     except MessageTooLarge as exc:
         await driver.emit(driver.session.fail(ProtocolError(ErrorCode.TOO_LARGE, str(exc))))
         return None
+
+
+class _EventQueue(list[Event]):
+    """What wsproto's ``Connection._events`` is used as (append, popleft, truth), in a list."""
+
+    def popleft(self) -> Event:
+        return self.pop(0)
+
+
+def _lightened(connection: Connection) -> Connection:
+    """wsproto keeps a deque (760 bytes even empty) for the one event it may ever queue there
+    (the abnormal closure when the stream ends); a list holds it for 56. Left alone if wsproto
+    changes shape."""
+    events = getattr(connection, "_events", None)
+    if type(events) is deque and not events:
+        setattr(connection, "_events", _EventQueue())  # noqa: B010 - a private attribute
+    return connection
 
 
 def _sound(ws: WSConnection, request: Request) -> bool:
