@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -43,15 +42,8 @@ def _cmdline(pid: int) -> str:
 def test_serve_transcribe_eval_and_drain(model_dir: Path, speech_dir: Path, tmp_path: Path) -> None:
     env = os.environ | {"KATYDID_MODEL_DIR": str(model_dir), "KATYDID_LOG_FORMAT": "json"}
     port = free_port()
-    log = tmp_path / "serve.log"
-    with log.open("wb") as errors:
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "katydid", "serve", "--port", str(port), "--workers", "1",
-             "--data-dir", str(tmp_path / "data")],
-            stdout=subprocess.PIPE, stderr=errors, env=env, text=True,
-        )  # fmt: skip
+    serve = _start_serve(env, port, tmp_path)
     try:
-        _wait_listening(serve, port, log)
         url = f"ws://127.0.0.1:{port}"
         children = _children_of(serve.pid)
         assert len(children) >= 2  # nats-server and one worker
@@ -128,13 +120,29 @@ def test_serve_transcribe_eval_and_drain(model_dir: Path, speech_dir: Path, tmp_
     assert not [p for p in children if Path(f"/proc/{p}").exists()], "serve left processes behind"
 
 
-def _wait_listening(serve: subprocess.Popen[Any], port: int, log: Path) -> None:
+def _start_serve(env: dict[str, str], port: int, tmp_path: Path) -> subprocess.Popen[str]:
+    """``katydid serve`` (1 worker, a data dir of its own), listening; its stdout a pipe, its
+    log in ``tmp_path/serve.log``, shown at once if it exits before listening."""
+    log = tmp_path / "serve.log"
+    with log.open("wb") as errors:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "katydid", "serve", "--port", str(port), "--workers", "1",
+             "--data-dir", str(tmp_path / "data")],
+            stdout=subprocess.PIPE, stderr=errors, env=env, text=True,
+        )  # fmt: skip
+
     def listening() -> bool:
         if serve.poll() is not None:  # say why at once, not after the wait
             raise AssertionError(f"serve exited {serve.returncode}: {log.read_text()[-3000:]}")
         return port_open(port)
 
-    wait_until(listening, 90, f"katydid serve to listen (its log: {log})")
+    try:
+        wait_until(listening, 90, f"katydid serve to listen (its log: {log})")
+    except BaseException:
+        serve.kill()
+        serve.communicate()  # and its pipe closed
+        raise
+    return serve
 
 
 def _alive(pid: int) -> bool:
@@ -150,16 +158,8 @@ def test_serve_killed_outright_leaves_no_children(model_dir: Path, tmp_path: Pat
     # Its nats-server and workers run in sessions of their own (Ctrl-C reaches serve alone):
     # they watch serve and stop when it is gone, even after a SIGKILL it cannot handle.
     env = os.environ | {"KATYDID_MODEL_DIR": str(model_dir), "KATYDID_LOG_FORMAT": "json"}
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "katydid", "serve", "--port", str(port), "--workers", "1",
-             "--data-dir", str(tmp_path / "data")],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+    serve = _start_serve(env, free_port(), tmp_path)
     try:
-        _wait_listening(serve, port, log)
         wait_until(
             lambda: (
                 any("nats-server" in _cmdline(p) for p in _children_of(serve.pid))
@@ -171,7 +171,7 @@ def test_serve_killed_outright_leaves_no_children(model_dir: Path, tmp_path: Pat
         children = _children_of(serve.pid)
     finally:
         serve.kill()
-        serve.wait()
+        serve.communicate()  # and its pipe closed
     wait_until(
         lambda: not [p for p in children if _alive(p)],
         20,
