@@ -207,10 +207,10 @@ def _baseline_for(
         engine_on_mix(b.get("clip_s") or [None] * len(clips), audio, counts, processes)
         for b in (before, after)
     )
-    weighted = on_before is not None and on_after is not None
     before_s, after_s = even
+    weighted = False
     if on_before is not None and on_after is not None:
-        before_s, after_s = round(on_before, 3), round(on_after, 3)
+        before_s, after_s, weighted = round(on_before, 3), round(on_after, 3), True
     return {
         "processes": processes,
         "audio_s_per_s": round((before_s + after_s) / 2, 3),

@@ -5,8 +5,7 @@ engine processes can do alone on this machine, measured in the same run.
 
 Each process loads its model (not timed), waits at a barrier, then transcribes clips back to
 back until ``duration_s`` has passed (finishing the clip in hand) and it has done every clip
-once, and reports clips, audio
-seconds, its own elapsed time and each clip's time. Per clip because a clip's cost per audio
+once, and reports clips, audio seconds, its own elapsed time and each clip's time. Per clip because a clip's cost per audio
 second varies fourfold (a clip whose clip-sized run falls back pays for two runs), so a rate over
 one mix of clips is no baseline for another: the load report weighs these times by the clips
 its sessions sent.

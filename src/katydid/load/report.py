@@ -48,7 +48,7 @@ def engine_on_mix(
     clip ``i`` sent ``counts[i]`` times, one engine taking ``clip_s[i]`` seconds for it. None if
     the mix has a clip the engine was never timed on. (A rate over the bench's even mix is no
     baseline for a load that sent the slow clips more often: in the seed scenario the clients'
-    order gave a mix 4% slower per audio second.)"""
+    order gave a mix 3-6% slower per audio second.)"""
     seconds = audio = 0.0
     for t, a, n in zip(clip_s, clip_audio_s, counts, strict=True):
         if not n:
@@ -180,13 +180,11 @@ def markdown(s: dict[str, Any]) -> str:
 
     mb = 1024 * 1024
     rss = s["gateway_rss_bytes"]
-    mix = (
-        ", in the load's mix of them"
-        if s.get("engine_weighted_by_load_mix")
-        else ""
-        if s.get("engine_weighted_by_load_mix") is None
-        else ", in the bench's even mix: it did not time every clip the load sent"
-    )
+    mix = {
+        True: ", in the load's mix of them",
+        False: ", in the bench's even mix: it did not time every clip the load sent",
+        None: "",
+    }[s.get("engine_weighted_by_load_mix")]
     lines = [
         f"# Katydid load report: {s['mode']}, {s['concurrency']} clients, {s['duration_s']:.0f} s",
         "",
