@@ -15,6 +15,7 @@ import wave
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -610,10 +611,10 @@ async def test_out_of_descriptors_the_gateway_retries_accepting_with_sampled_lin
             pass
 
     gateway = Gateway(_config(log_sample_burst=5, log_sample_window_s=10.0), bus=MemoryBus())
-    door = WebSocketDoor(gateway)
     with structlog.testing.capture_logs() as lines:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(accept_forever, Full(), nursery, door._serve, gateway.sampled)
+            serve = partial(serve_stream, gateway)
+            nursery.start_soon(accept_forever, Full(), nursery, serve, gateway.sampled)
             await trio.sleep(10.0)
             nursery.cancel_scope.cancel()
     assert Full.accepts >= 90  # retried every 0.1 s

@@ -17,32 +17,32 @@ from katydid.messages import JobResult
 
 @dataclass(slots=True)
 class JobLedger:
-    in_flight: set[int] = field(default_factory=set)  # chunk seqs sent, not yet answered
-    stream_seqs: dict[int, int] = field(default_factory=dict)  # of those: seq -> stream seq
+    # Chunk seqs sent and not yet answered -> their stream seq once stored (None before): one
+    # dict, not a set and a dict (a session waiting in the queue holds this for minutes).
+    in_flight: dict[int, int | None] = field(default_factory=dict)
     next_seq: int = 0  # next result to deliver
     failed: int = 0  # chunks answered with an error
     _early: dict[int, JobResult] = field(default_factory=dict)
 
     def sent(self, seq: int) -> None:
-        self.in_flight.add(seq)
+        self.in_flight[seq] = None
 
     def stored(self, seq: int, stream_seq: int) -> bool:
         """The stream holds job ``seq`` at ``stream_seq``; False if it was answered already."""
         if seq not in self.in_flight:
             return False
-        self.stream_seqs[seq] = stream_seq
+        self.in_flight[seq] = stream_seq
         return True
 
     def not_sent(self, seq: int) -> None:
         """The job could not be queued."""
-        self.in_flight.discard(seq)
+        self.in_flight.pop(seq, None)
 
     def answered(self, result: JobResult) -> list[JobResult]:
         """A final's result: the results now deliverable, in chunk order."""
         if result.seq not in self.in_flight:
             return []
-        self.in_flight.discard(result.seq)
-        self.stream_seqs.pop(result.seq, None)
+        del self.in_flight[result.seq]
         self._early[result.seq] = result
         out = []
         while self.next_seq in self._early:
@@ -57,13 +57,22 @@ class JobLedger:
         yet acknowledged stay in flight: ``stored`` says False for them, and they are cancelled
         then."""
         abandoned = tuple(self.stream_seqs.values())
-        self.in_flight.difference_update(self.stream_seqs)
-        self.stream_seqs.clear()
+        self.in_flight = {seq: None for seq, stored in self.in_flight.items() if stored is None}
         return abandoned
 
+    @property
+    def stream_seqs(self) -> dict[int, int]:
+        """Of the jobs in flight, those stored: seq -> stream seq."""
+        return {seq: ss for seq, ss in self.in_flight.items() if ss is not None}
+
+    @property
+    def stored_count(self) -> int:
+        return sum(ss is not None for ss in self.in_flight.values())
+
     def seq_of(self, stream_seq: int) -> int | None:
-        return next((s for s, ss in self.stream_seqs.items() if ss == stream_seq), None)
+        return next((s for s, ss in self.in_flight.items() if ss == stream_seq), None)
 
     @property
     def oldest_stream_seq(self) -> int | None:
-        return min(self.stream_seqs.values()) if self.stream_seqs else None
+        stored = [ss for ss in self.in_flight.values() if ss is not None]
+        return min(stored) if stored else None

@@ -384,7 +384,7 @@ class Session:
         waiting clients are not 2,000 frames a second. Each frame costs the gateway a send (and
         on loopback the client's receive): in the seed scenario, 43 a session, half the
         gateway's CPU, taken from the workers on a shared host."""
-        if not self._jobs_out.stream_seqs or self.phase is Phase.CLOSED:
+        if not self._jobs_out.stored_count or self.phase is Phase.CLOSED:
             return False
         last = self.last_queued
         if last is not None:
@@ -468,7 +468,7 @@ class Session:
     @property
     def queued_jobs(self) -> int:
         """Finals in the stream (publish acknowledged), not yet answered."""
-        return len(self._jobs_out.stream_seqs)
+        return self._jobs_out.stored_count
 
     @property
     def wants_audio(self) -> bool:

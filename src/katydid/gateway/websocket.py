@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 import structlog
@@ -26,7 +28,9 @@ from katydid.gateway.driver import SessionDriver
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.listening import accept_forever
 from katydid.gateway.outputs import Close
+from katydid.gateway.parking import Parking, Wake
 from katydid.gateway.server import Gateway, Live
+from katydid.gateway.session import Phase
 from katydid.gateway.vosk import VoskConnection
 from katydid.gateway.ws_transport import Piece, ServerWebSocket, accept, receive
 
@@ -48,6 +52,9 @@ class WebSocketDoor:
         """Listen and serve until cancelled; ``started`` gets the bound port."""
         async with trio.open_nursery() as handlers:
             self._sessions = handlers.cancel_scope
+            # A handler is ``serve_stream`` itself, not a method calling it: a frame fewer for
+            # each of thousands of waiting sessions.
+            serve = partial(serve_stream, self.gateway, parking=Parking(handlers))
             with trio.CancelScope() as accepting:
                 self._accepting = accepting
                 listeners: list[trio.abc.Listener[Any]] = list(await self._listeners())
@@ -71,7 +78,7 @@ class WebSocketDoor:
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(
-                            accept_forever, listener, handlers, self._serve, self.gateway.sampled
+                            accept_forever, listener, handlers, serve, self.gateway.sampled
                         )
 
     def stop_accepting(self) -> None:
@@ -101,9 +108,6 @@ class WebSocketDoor:
             listeners.append(trio.SocketListener(sock))
         return listeners
 
-    async def _serve(self, stream: trio.abc.Stream) -> None:
-        await serve_stream(self.gateway, stream)
-
 
 def _port(listener: trio.abc.Listener[Any]) -> int:
     if isinstance(listener, trio.SSLListener):
@@ -112,61 +116,71 @@ def _port(listener: trio.abc.Listener[Any]) -> int:
     return int(listener.socket.getsockname()[1])
 
 
-async def serve_stream(gateway: Gateway, stream: trio.abc.Stream) -> None:
+async def serve_stream(
+    gateway: Gateway, stream: trio.abc.Stream, *, parking: Parking | None = None
+) -> None:
     """Serve one client's byte stream: the WebSocket handshake, then its session, to its end.
-    The stream is closed on the way out, whatever happened."""
-    cfg = gateway.cfg
+    The stream is closed on the way out, whatever happened. With ``parking``, a session waiting
+    for its client's next bytes holds no read of its own (``parking``). One function for both:
+    a waiting session's task holds every frame of its await chain."""
     try:
-        # Twice the bound: a message over max_frame_bytes reaches the session, which says how
-        # large it was; past twice it, the transport stops reading it (``MessageTooLarge``).
+        accepted = await _handshake(gateway, stream)
+        if accepted is None:
+            return
+        ws, vosk, credential = accepted
+        live = gateway.open_session("vosk" if vosk else "websocket", credential)
+        door = (
+            VoskConnection(gateway, ws, live) if vosk else _Connection(gateway, ws, live, parking)
+        )
         try:
-            ws = await accept(
-                stream,
-                max_message=2 * cfg.max_frame_bytes,
-                timeout_s=cfg.handshake_timeout_s,
-                send_timeout_s=cfg.send_timeout_s,
-            )
-        except Exception:  # a handshake nobody foresaw ends this connection, never the listener
-            gateway.sampled.log("warning", "handshake_failed", exc_info=True)
-            return
-        if ws is None:
-            return
-        # vosk-server's protocol, for its clients, at /vosk; Katydid's own everywhere else.
-        vosk = ws.path.split("?", 1)[0].rstrip("/") == "/vosk"
-        # The key: a Bearer header, else (vosk) the query, else (native) start.api_key.
-        credential = bearer(ws.headers)
-        ws.forget_headers()
-        if credential is None and vosk:
-            credential = query_key(ws.path)
-        await serve_connection(gateway, ws, vosk=vosk, credential=credential)
+            refused = gateway.refusal(live)
+            if refused is None:
+                await door.serve()
+            else:
+                await door.last_words(live.session.fail(refused))
+        finally:
+            gateway.close_session(live)
     finally:
         await trio.aclose_forcefully(stream)
 
 
-async def serve_connection(
-    gateway: Gateway,
-    ws: ServerWebSocket,
-    *,
-    vosk: bool = False,
-    credential: str | None = None,
-) -> None:
-    """Serve one accepted WebSocket as one session, to its end."""
-    live = gateway.open_session("vosk" if vosk else "websocket", credential)
-    door = (VoskConnection if vosk else _Connection)(gateway, ws, live)
+async def _handshake(
+    gateway: Gateway, stream: trio.abc.Stream
+) -> tuple[ServerWebSocket, bool, str | None] | None:
+    """The WebSocket handshake: the connection, whether it is vosk's protocol, and the key the
+    client gave in the handshake; None if there is no WebSocket (the peer was answered)."""
+    cfg = gateway.cfg
+    # Twice the bound: a message over max_frame_bytes reaches the session, which says how
+    # large it was; past twice it, the transport stops reading it (``MessageTooLarge``).
     try:
-        refused = gateway.refusal(live)
-        if refused is None:
-            await door.serve()
-        else:
-            await door.last_words(live.session.fail(refused))
-    finally:
-        gateway.close_session(live)
+        ws = await accept(
+            stream,
+            max_message=2 * cfg.max_frame_bytes,
+            timeout_s=cfg.handshake_timeout_s,
+            send_timeout_s=cfg.send_timeout_s,
+        )
+    except Exception:  # a handshake nobody foresaw ends this connection, never the listener
+        gateway.sampled.log("warning", "handshake_failed", exc_info=True)
+        return None
+    if ws is None:
+        return None
+    # vosk-server's protocol, for its clients, at /vosk; Katydid's own everywhere else.
+    vosk = ws.path.split("?", 1)[0].rstrip("/") == "/vosk"
+    # The key: a Bearer header, else (vosk) the query, else (native) start.api_key.
+    credential = bearer(ws.headers)
+    ws.forget_headers()
+    if credential is None and vosk:
+        credential = query_key(ws.path)
+    return ws, vosk, credential
 
 
 class _Connection(SessionDriver):
-    def __init__(self, gateway: Gateway, ws: ServerWebSocket, live: Live) -> None:
+    def __init__(
+        self, gateway: Gateway, ws: ServerWebSocket, live: Live, parking: Parking | None
+    ) -> None:
         super().__init__(gateway, live)
         self.ws = ws
+        self.parking = parking
 
     async def deliver(self, event: ServerEvent) -> None:
         await self.ws.send_message(event.to_json())
@@ -174,12 +188,19 @@ class _Connection(SessionDriver):
     async def hang_up(self, close: Close) -> None:
         await self.ws.aclose(close.code, close.reason)
 
-    async def serve(self) -> None:
-        await self.drive(self._reader)
+    def serve(self) -> Coroutine[Any, Any, None]:
+        return self.drive(self._reader)  # not a coroutine of its own: a frame fewer
 
     async def _reader(self) -> None:
         s = self.session
         while not s.closed:
+            if self.parking is not None and (s.phase is not Phase.STREAMING or s.wants_audio):
+                # Wait for the client's next bytes without a read of our own.
+                fd = self.ws.parkable()
+                parked = None if fd is None else self.parking.park(fd, s.deadline)
+                if parked is not None and await parked is Wake.DEADLINE:
+                    await self.emit(s.tick(trio.current_time()))
+                    continue
             msg = await receive(self, self.ws, pieces=s.uploading)
             now = trio.current_time()
             if msg is None:
