@@ -14,7 +14,7 @@ import json
 import wave
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -42,6 +42,7 @@ from katydid.config import Config
 from katydid.errors import NatsError, StreamFull
 from katydid.gateway import Gateway, driver
 from katydid.gateway.listening import accept_forever
+from katydid.gateway.parking import Parking
 from katydid.gateway.websocket import WebSocketDoor, serve_stream
 from katydid.metrics import parse_text
 from tests.signals import vowel
@@ -82,11 +83,27 @@ class Rig:
     bus: MemoryBus
     nursery: trio.Nursery
     sessions: trio.Nursery  # the connections' handlers (cancelled = the grace is over)
+    # Over a socket pair with the door's parking (a waiting reader parked), else memory streams.
+    parking: Parking | None = None
+    clients: list[trio.abc.Stream] = field(default_factory=list)  # closed by ``rig`` at its end
+
+    @property
+    def parked(self) -> int:
+        """Readers parked now (0 over memory streams)."""
+        return 0 if self.parking is None else self.parking.parked
 
     async def connect(self) -> WebSocketConnection:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-
-        self.sessions.start_soon(serve_stream, self.gateway, server_stream)
+        client_stream: trio.abc.HalfCloseableStream
+        server_stream: trio.abc.HalfCloseableStream
+        if self.parking is None:
+            client_stream, server_stream = trio.testing.memory_stream_pair()
+        else:
+            ours, theirs = trio.socket.socketpair()
+            client_stream, server_stream = trio.SocketStream(theirs), trio.SocketStream(ours)
+            self.clients.append(client_stream)
+        self.sessions.start_soon(
+            partial(serve_stream, self.gateway, server_stream, parking=self.parking)
+        )
         # trio-websocket's annotation names socket streams; any trio Stream works.
         return await wrap_client_stream(
             self.nursery,
@@ -129,16 +146,29 @@ async def _raw_connect(r: Rig) -> RawClient:
 
 
 @asynccontextmanager
-async def rig(cfg: Config | None = None) -> AsyncIterator[Rig]:
+async def rig(cfg: Config | None = None, *, parked: bool = False) -> AsyncIterator[Rig]:
     bus = MemoryBus()
     gateway = Gateway(cfg or _config(), bus=bus)
     async with trio.open_nursery() as nursery:
         await nursery.start(gateway.run_bus)
         bus.heartbeat("w0", MODEL)
-        async with trio.open_nursery() as sessions:
-            yield Rig(gateway, bus, nursery, sessions)
-            sessions.cancel_scope.cancel()
-        nursery.cancel_scope.cancel()
+        sessions = await nursery.start(_handlers)
+        r = Rig(gateway, bus, nursery, sessions, Parking(sessions) if parked else None)
+        try:
+            yield r
+        finally:
+            for stream in r.clients:
+                await trio.aclose_forcefully(stream)
+            nursery.cancel_scope.cancel()
+
+
+async def _handlers(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    """The connections' handlers' nursery, in a task of its own: a test that cancels it (the
+    grace is over) goes on awaiting what the clients hear (inside its scope, the test's own
+    awaits were cancelled with it, and what followed never ran)."""
+    async with trio.open_nursery() as handlers:
+        task_status.started(handlers)
+        await trio.sleep_forever()
 
 
 async def _eventually(condition: Any, within_s: float = 600.0) -> None:
@@ -178,13 +208,17 @@ async def _stream(ws: WebSocketConnection, seconds: float = 9.0, **start: Any) -
     return str(ready["session_id"])
 
 
-async def test_results_arrive_in_order_then_done_and_close_1000(autojump_clock: Any) -> None:
-    async with rig() as r:
+@pytest.mark.parametrize("parked", [False, True], ids=["memory", "parked"])
+async def test_results_arrive_in_order_then_done_and_close_1000(
+    autojump_clock: Any, parked: bool
+) -> None:
+    async with rig(parked=parked) as r:
         ws = await r.connect()
         session_id = await _stream(ws)
         await ws.send_message('{"type": "stop"}')
         await _eventually(lambda: len(r.bus.finals()) >= 4)
         await trio.testing.wait_all_tasks_blocked()
+        assert r.parked == parked  # waiting for its results, the reader holds no read
         jobs = r.bus.finals(session_id)
         assert [q.job.seq for q in jobs] == list(range(len(jobs)))
         for q in reversed(jobs):  # answered last first: delivered first first
@@ -200,10 +234,11 @@ async def test_results_arrive_in_order_then_done_and_close_1000(autojump_clock: 
 
 
 @pytest.mark.parametrize("when", ["mid_stream", "after_stop"])
+@pytest.mark.parametrize("parked", [False, True], ids=["memory", "parked"])
 async def test_a_client_that_leaves_has_its_unanswered_jobs_deleted_and_cancelled(
-    autojump_clock: Any, when: str
+    autojump_clock: Any, when: str, parked: bool
 ) -> None:
-    async with rig() as r:
+    async with rig(parked=parked) as r:
         ws = await r.connect()
         session_id = await _stream(ws)
         if when == "after_stop":
@@ -214,6 +249,8 @@ async def test_a_client_that_leaves_has_its_unanswered_jobs_deleted_and_cancelle
         r.bus.take(jobs[0].stream_seq)
         r.bus.answer(jobs[0], "first")
         assert (await _next(ws, "queued"))["text"] == "first"
+        await trio.testing.wait_all_tasks_blocked()
+        assert r.parked == parked  # mid-stream too, between two messages
         await ws.aclose()
         await _eventually(lambda: bool(r.bus.cancels))
         await trio.testing.wait_all_tasks_blocked()
@@ -221,17 +258,19 @@ async def test_a_client_that_leaves_has_its_unanswered_jobs_deleted_and_cancelle
         assert sorted(r.bus.deleted) == [q.stream_seq for q in jobs[1:]]
         assert not r.bus.queue  # nothing left for a worker to transcribe for nobody
         assert r.gateway.sessions == {}
+        assert r.parked == 0
 
 
 @pytest.mark.parametrize(
     ("send_start", "message"),
     [(False, "no start message within 30 s"), (True, "no message for 120 s")],
 )
+@pytest.mark.parametrize("parked", [False, True], ids=["memory", "parked"])
 async def test_start_and_idle_timeouts_close_4008(
-    autojump_clock: Any, send_start: bool, message: str
+    autojump_clock: Any, send_start: bool, message: str, parked: bool
 ) -> None:
     cfg = _config(start_timeout_s=30.0, idle_timeout_s=120.0)
-    async with rig(cfg) as r:
+    async with rig(cfg, parked=parked) as r:
         ws = await r.connect()
         began = trio.current_time()
         if send_start:
@@ -243,8 +282,9 @@ async def test_start_and_idle_timeouts_close_4008(
         assert trio.current_time() - began == pytest.approx(120.0 if send_start else 30.0)
 
 
-async def test_result_timeout_after_stop(autojump_clock: Any) -> None:
-    async with rig(_config(result_timeout_s=900.0)) as r:
+@pytest.mark.parametrize("parked", [False, True], ids=["memory", "parked"])
+async def test_result_timeout_after_stop(autojump_clock: Any, parked: bool) -> None:
+    async with rig(_config(result_timeout_s=900.0), parked=parked) as r:
         ws = await r.connect()
         session_id = await _stream(ws)
         await ws.send_message('{"type": "stop"}')
@@ -291,12 +331,14 @@ async def test_a_dead_job_fails_its_chunk_and_the_session_goes_on(autojump_clock
         assert jobs[0].stream_seq in r.bus.deleted
 
 
-async def test_shutdown_with_sessions_in_flight(autojump_clock: Any) -> None:
-    async with rig() as r:
+@pytest.mark.parametrize("parked", [False, True], ids=["memory", "parked"])
+async def test_shutdown_with_sessions_in_flight(autojump_clock: Any, parked: bool) -> None:
+    async with rig(parked=parked) as r:
         sockets = [await r.connect() for _ in range(3)]
         ids = [await _stream(ws) for ws in sockets]
         await _eventually(lambda: len({q.job.session_id for q in r.bus.finals()}) == 3)
         await trio.testing.wait_all_tasks_blocked()
+        assert r.parked == 3 * parked
         r.gateway.stop()
         late = await r.connect()  # accepted, but not admitted: told to come back
         await late.send_message('{"type": "start"}')
@@ -409,8 +451,9 @@ async def test_a_lost_queue_connection_ends_waiting_sessions(autojump_clock: Any
         assert len(r.gateway.sessions) == 1
 
 
-async def test_waiting_clients_hear_their_queue_position(autojump_clock: Any) -> None:
-    async with rig(_config(queue_poll_s=1.0)) as r:
+@pytest.mark.parametrize("parked", [False, True], ids=["memory", "parked"])
+async def test_waiting_clients_hear_their_queue_position(autojump_clock: Any, parked: bool) -> None:
+    async with rig(_config(queue_poll_s=1.0), parked=parked) as r:
         ahead = await r.connect()
         await _stream(ahead, seconds=20.0)
         await _eventually(lambda: len(r.bus.finals()) >= 5)
