@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from katydid.gateway.uploads import UploadMemory
 
 
@@ -38,4 +40,24 @@ def test_an_upload_past_its_own_bound_goes_to_disk_and_gives_its_memory_back() -
     upload.seek(0)
     assert upload.read() == b"x" * 60_000 + b"y" * 60_000
     upload.close()
+    assert memory.held == 0
+
+
+def test_an_upload_on_disk_holds_no_buffer_of_its_own() -> None:
+    # Thousands of uploads wait on disk in a storm: each open buffered file held 4-8 KB.
+    memory = UploadMemory(total_bytes=0, per_upload_bytes=4_000_000)
+    uploads = [memory.upload() for _ in range(3)]
+    try:
+        for upload in uploads:
+            upload.write(b"RIFF" + b"z" * 70_000)
+            upload.write(b"!")
+        assert memory.spilled == 3
+        for upload in uploads:
+            assert sys.getsizeof(upload._file) < 1000  # a raw file, not a buffered one
+            upload.seek(0)
+            assert upload.read(4) == b"RIFF"
+            assert upload.read() == b"z" * 70_000 + b"!"
+    finally:
+        for upload in uploads:
+            upload.close()
     assert memory.held == 0

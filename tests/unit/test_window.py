@@ -56,3 +56,32 @@ async def test_release_is_idempotent(autojump_clock: Any) -> None:
 def test_a_window_needs_capacity() -> None:
     with pytest.raises(ValueError, match="capacity"):
         ByteWindow(0)
+
+
+async def test_takers_cancelled_while_waiting_leave_the_line_in_order(autojump_clock: Any) -> None:
+    # A session that ends while it waits (its client left) gives up its place, whether it held
+    # the turn (waiting for room) or stood in line for it; the others are served in order.
+    window = ByteWindow(100)
+    first = await window.take(100)
+    order: list[str] = []
+    scopes: dict[str, trio.CancelScope] = {}
+
+    async def taker(name: str, n: int) -> None:
+        with trio.CancelScope() as scopes[name]:
+            hold = await window.take(n)
+            order.append(name)
+            hold.release()
+
+    async with trio.open_nursery() as nursery:
+        for name in ("a", "b", "c", "d"):
+            nursery.start_soon(taker, name, 30)
+            await trio.testing.wait_all_tasks_blocked()
+        scopes["a"].cancel()  # held the turn
+        scopes["c"].cancel()  # in line
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []
+        first.release()
+    assert order == ["b", "d"]
+    assert window.used == 0
+    with trio.fail_after(1):
+        assert (await window.take(100)).bytes == 100  # the turn is free again

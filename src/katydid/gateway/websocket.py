@@ -30,9 +30,8 @@ from katydid.gateway.listening import accept_forever
 from katydid.gateway.outputs import Close
 from katydid.gateway.parking import Parking, Wake
 from katydid.gateway.server import Gateway, Live
-from katydid.gateway.session import Phase
 from katydid.gateway.vosk import VoskConnection
-from katydid.gateway.ws_transport import Piece, ServerWebSocket, accept, receive
+from katydid.gateway.ws_transport import Piece, ServerWebSocket, accept, park, receive
 
 log = structlog.get_logger("katydid.gateway")
 
@@ -194,13 +193,10 @@ class _Connection(SessionDriver):
     async def _reader(self) -> None:
         s = self.session
         while not s.closed:
-            if self.parking is not None and (s.phase is not Phase.STREAMING or s.wants_audio):
-                # Wait for the client's next bytes without a read of our own.
-                fd = self.ws.parkable()
-                parked = None if fd is None else self.parking.park(fd, s.deadline)
-                if parked is not None and await parked is Wake.DEADLINE:
-                    await self.emit(s.tick(trio.current_time()))
-                    continue
+            parked = park(self, self.ws, self.parking)  # no read of our own meanwhile
+            if parked is not None and await parked is Wake.DEADLINE:
+                await self.emit(s.tick(trio.current_time()))
+                continue
             msg = await receive(self, self.ws, pieces=s.uploading)
             now = trio.current_time()
             if msg is None:
