@@ -336,6 +336,7 @@ async def test_shutdown_with_sessions_in_flight(autojump_clock: Any, parked: boo
     async with rig(parked=parked) as r:
         sockets = [await r.connect() for _ in range(3)]
         ids = [await _stream(ws) for ws in sockets]
+        await sockets[0].send_message('{"type": "stop"}')  # one waiting for its results
         await _eventually(lambda: len({q.job.session_id for q in r.bus.finals()}) == 3)
         await trio.testing.wait_all_tasks_blocked()
         assert r.parked == 3 * parked

@@ -430,7 +430,10 @@ def park(
     """Park the door's reader until its client's next bytes or its session's deadline, if it
     can be (``parking``): await what this returns at once (``Wake.DEADLINE``: tick the session,
     read nothing), or, given None, read the usual way. Not while the session holds reading back
-    for room (the reader waits for room first, then reads)."""
+    for room (the reader waits for room first, then reads). A live stream parks between its
+    frames too: 200 streams of 100 ms frames cost the gateway 393 and 410 µs of CPU a frame
+    reading the usual way, 413 and 383 parked (AMD EPYC, two interleaved pairs).
+    """
     s = driver.session
     if parking is None or (s.phase is Phase.STREAMING and not s.wants_audio):
         return None
