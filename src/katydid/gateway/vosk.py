@@ -25,9 +25,9 @@ from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.driver import ClientGone, SessionDriver
 from katydid.gateway.events import ErrorEvent, Final, ServerEvent
 from katydid.gateway.outputs import Close
-from katydid.gateway.parking import Parking, Wake
+from katydid.gateway.parking import Parking, Wake, park_reader
 from katydid.gateway.server import Gateway, Live
-from katydid.gateway.ws_transport import ServerWebSocket, park, receive
+from katydid.gateway.ws_transport import ServerWebSocket, receive
 
 
 def _result(finals: list[Final]) -> dict[str, Any]:
@@ -89,7 +89,7 @@ class VoskConnection(SessionDriver):
         s = self.session
         started = False
         while not s.closed:
-            parked = park(self, self.ws, self.parking)  # no read of our own meanwhile
+            parked = park_reader(self, self.ws, self.parking)  # no read of our own meanwhile
             if parked is not None and await parked is Wake.DEADLINE:
                 await self.emit(s.tick(trio.current_time()))
                 continue

@@ -28,10 +28,10 @@ from katydid.gateway.driver import SessionDriver
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.listening import accept_forever
 from katydid.gateway.outputs import Close
-from katydid.gateway.parking import Parking, Wake
+from katydid.gateway.parking import Parking, Wake, park_reader
 from katydid.gateway.server import Gateway, Live
 from katydid.gateway.vosk import VoskConnection
-from katydid.gateway.ws_transport import Piece, ServerWebSocket, accept, park, receive
+from katydid.gateway.ws_transport import Piece, ServerWebSocket, accept, receive
 
 log = structlog.get_logger("katydid.gateway")
 
@@ -193,7 +193,7 @@ class _Connection(SessionDriver):
     async def _reader(self) -> None:
         s = self.session
         while not s.closed:
-            parked = park(self, self.ws, self.parking)  # no read of our own meanwhile
+            parked = park_reader(self, self.ws, self.parking)  # no read of our own meanwhile
             if parked is not None and await parked is Wake.DEADLINE:
                 await self.emit(s.tick(trio.current_time()))
                 continue

@@ -28,10 +28,10 @@ from __future__ import annotations
 import base64
 import contextlib
 from collections import deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, overload
+from typing import Literal, overload
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -50,8 +50,6 @@ from wsproto.utilities import RemoteProtocolError
 
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.driver import ClientGone, SessionDriver
-from katydid.gateway.parking import Parking, Wake
-from katydid.gateway.session import Phase
 
 # Under the gateway's mmap threshold (``heap.py``): a read's buffer comes from the heap and is
 # shrunk in place, where a larger one would be mapped and unmapped on every read.
@@ -422,23 +420,6 @@ async def receive(
     except MessageTooLarge as exc:
         await driver.emit(driver.session.fail(ProtocolError(ErrorCode.TOO_LARGE, str(exc))))
         return None
-
-
-def park(
-    driver: SessionDriver, ws: ServerWebSocket, parking: Parking | None
-) -> Coroutine[Any, Any, Wake] | None:
-    """Park the door's reader until its client's next bytes or its session's deadline, if it
-    can be (``parking``): await what this returns at once (``Wake.DEADLINE``: tick the session,
-    read nothing), or, given None, read the usual way. Not while the session holds reading back
-    for room (the reader waits for room first, then reads). A live stream parks between its
-    frames too: 200 streams of 100 ms frames cost the gateway 393 and 410 µs of CPU a frame
-    reading the usual way, 413 and 383 parked (AMD EPYC, two interleaved pairs).
-    """
-    s = driver.session
-    if parking is None or (s.phase is Phase.STREAMING and not s.wants_audio):
-        return None
-    fd = ws.parkable()
-    return None if fd is None else parking.park(fd, s.deadline)
 
 
 class _EventQueue(list[Event]):
