@@ -54,10 +54,10 @@ class Config:
     # decoded (block by block) after stop
     upload_memory_bytes: int = 4 * 1024 * 1024
     # ...and all uploads together up to this (gateway-wide); past it, uploads go to disk
-    upload_memory_total_bytes: int = 8 * 1024 * 1024
+    upload_memory_total_bytes: int = 16 * 1024 * 1024
     # Uploaded audio being decoded and published, gateway-wide (gateway/window.py): past it,
     # uploads wait their turn to be decoded
-    publish_window_bytes: int = 8 * 1024 * 1024
+    publish_window_bytes: int = 16 * 1024 * 1024
     # The gateway's buffers of at least this size are mapped apart and returned to the system
     # when freed (glibc; heap.py); 0 = glibc's own, rising threshold
     malloc_mmap_threshold_bytes: int = 32 * 1024
