@@ -92,7 +92,7 @@ class Rig:
         """Readers parked now (0 over memory streams)."""
         return 0 if self.parking is None else self.parking.parked
 
-    async def connect(self) -> WebSocketConnection:
+    async def connect(self, path: str = "/") -> WebSocketConnection:
         client_stream: trio.abc.HalfCloseableStream
         server_stream: trio.abc.HalfCloseableStream
         if self.parking is None:
@@ -109,7 +109,7 @@ class Rig:
             self.nursery,
             client_stream,  # type: ignore[arg-type]
             "katydid.test",
-            "/",
+            path,
         )
 
 
@@ -258,6 +258,19 @@ async def test_a_client_that_leaves_has_its_unanswered_jobs_deleted_and_cancelle
         assert sorted(r.bus.deleted) == [q.stream_seq for q in jobs[1:]]
         assert not r.bus.queue  # nothing left for a worker to transcribe for nobody
         assert r.gateway.sessions == {}
+        assert r.parked == 0
+
+
+async def test_a_vosk_session_waiting_for_its_results_is_parked(autojump_clock: Any) -> None:
+    async with rig(parked=True) as r:
+        ws = await r.connect("/vosk")
+        await ws.send_message(_speech_like(9.0))
+        await ws.send_message('{"eof" : 1}')
+        await _eventually(lambda: len(r.bus.finals()) >= 3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert r.parked == 1
+        await ws.aclose()
+        await _eventually(lambda: not r.gateway.sessions)
         assert r.parked == 0
 
 

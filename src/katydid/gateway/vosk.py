@@ -42,7 +42,7 @@ def _result(finals: list[Final]) -> dict[str, Any]:
 
 class VoskConnection(SessionDriver):
     def __init__(
-        self, gateway: Gateway, ws: ServerWebSocket, live: Live, parking: Parking | None = None
+        self, gateway: Gateway, ws: ServerWebSocket, live: Live, parking: Parking | None
     ) -> None:
         super().__init__(gateway, live)
         self.ws = ws

@@ -128,9 +128,7 @@ async def serve_stream(
             return
         ws, vosk, credential = accepted
         live = gateway.open_session("vosk" if vosk else "websocket", credential)
-        door = (
-            VoskConnection(gateway, ws, live) if vosk else _Connection(gateway, ws, live, parking)
-        )
+        door = (VoskConnection if vosk else _Connection)(gateway, ws, live, parking)
         try:
             refused = gateway.refusal(live)
             if refused is None:
