@@ -4,6 +4,8 @@ what a broken one does. In-memory streams; no sockets, no sleeps."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import sys
 import tracemalloc
 from collections import deque
@@ -32,9 +34,9 @@ from katydid.gateway.ws_transport import (
     MessageTooLarge,
     Piece,
     ServerWebSocket,
-    _lightened,
     accept,
 )
+from katydid.gateway.wsproto_fit import lightened
 
 MAX = 64 * 1024
 
@@ -426,7 +428,7 @@ async def test_a_message_in_one_byte_fragments_is_held_as_its_bytes() -> None:
 
 def test_wsproto_s_event_queue_is_a_list_and_still_works() -> None:
     # The one event wsproto queues there: the abnormal closure when the stream ends.
-    conn = _lightened(Connection(ConnectionType.SERVER))
+    conn = lightened(Connection(ConnectionType.SERVER))
     queue = conn._events
     assert type(queue) is not deque
     assert sys.getsizeof(queue) < sys.getsizeof(deque())
@@ -435,3 +437,67 @@ def test_wsproto_s_event_queue_is_a_list_and_still_works() -> None:
     assert [type(e) for e in events] == [CloseConnection]
     assert isinstance(events[0], CloseConnection)
     assert events[0].code == CloseReason.ABNORMAL_CLOSURE
+
+
+@asynccontextmanager
+async def socket_pair(
+    *, tcp: bool = False
+) -> AsyncIterator[tuple[ServerWebSocket, trio.SocketStream, WSConnection]]:
+    """An accepted server side over real sockets (its reads are the gateway's own,
+    ``_read_socket``), the client's stream and wsproto's client state."""
+    if tcp:
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        client = await trio.open_tcp_stream(*listener.socket.getsockname()[:2])
+        server = await listener.accept()
+        await listener.aclose()
+    else:
+        ours, theirs = trio.socket.socketpair()
+        client, server = trio.SocketStream(theirs), trio.SocketStream(ours)
+    peer = WSConnection(ConnectionType.CLIENT)
+    async with client, server:
+        await client.send_all(peer.send(Request(host="katydid.test", target="/")))
+        ws = await accept(server, max_message=MAX, timeout_s=5, send_timeout_s=5)
+        assert ws is not None
+        peer.receive_data(bytes(await client.receive_some()))
+        yield ws, client, peer
+
+
+async def test_messages_over_a_socket_whatever_the_reads_cut() -> None:
+    async with socket_pair() as (ws, client, peer):
+        wire = peer.send(BytesMessage(b"u" * 40_000)) + peer.send(TextMessage("stop"))
+        for i in range(0, len(wire), 5_000):
+            await client.send_all(wire[i : i + 5_000])
+        pieces: list[Piece] = []
+        while not pieces or not pieces[-1].last:
+            piece = await ws.get_message(pieces=True)
+            assert isinstance(piece, Piece)
+            pieces.append(piece)
+        assert b"".join(p.data for p in pieces) == b"u" * 40_000
+        assert all(len(p.data) <= 16 * 1024 for p in pieces)
+        assert await ws.get_message() == "stop"
+
+
+async def test_a_socket_reset_by_the_peer_is_a_client_gone() -> None:
+    async with socket_pair(tcp=True) as (ws, client, _peer):
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()  # linger 0: a reset, not a close
+        with pytest.raises(ClientGone), trio.fail_after(5):
+            await ws.get_message()
+
+
+async def test_a_socket_closed_here_while_its_reader_waits_ends_the_read() -> None:
+    # The session ends (its stream closed by the connection's own cleanup) while the reader
+    # waits: the read ends at once, and never reads a descriptor number reused since.
+    async with socket_pair() as (ws, _client, _peer), trio.open_nursery() as nursery:
+        gone = trio.Event()
+
+        async def reader() -> None:
+            with pytest.raises(ClientGone):
+                await ws.get_message()
+            gone.set()
+
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await ws.stream.aclose()
+        with trio.fail_after(5):
+            await gone.wait()
