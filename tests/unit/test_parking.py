@@ -17,7 +17,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import Request, TextMessage
 
 from katydid.gateway.parking import Parking, Wake
-from katydid.gateway.ws_transport import accept
+from katydid.gateway.ws_handshake import accept
 
 
 @asynccontextmanager

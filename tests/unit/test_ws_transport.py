@@ -30,11 +30,11 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 
 from katydid.gateway.driver import ClientGone
+from katydid.gateway.ws_handshake import accept
 from katydid.gateway.ws_transport import (
     MessageTooLarge,
     Piece,
     ServerWebSocket,
-    accept,
 )
 from katydid.gateway.wsproto_fit import lightened
 

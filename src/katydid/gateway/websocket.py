@@ -31,7 +31,8 @@ from katydid.gateway.outputs import Close
 from katydid.gateway.parking import Parking, Wake, park_reader
 from katydid.gateway.server import Gateway, Live
 from katydid.gateway.vosk import VoskConnection
-from katydid.gateway.ws_transport import Piece, ServerWebSocket, accept, receive
+from katydid.gateway.ws_handshake import accept
+from katydid.gateway.ws_transport import Piece, ServerWebSocket, receive
 
 log = structlog.get_logger("katydid.gateway")
 

@@ -25,24 +25,19 @@ deadline, shutdown) ends a reader that is answering.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, overload
 
 import trio
-from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
     Event,
     Ping,
-    RejectConnection,
     Request,
     TextMessage,
 )
@@ -55,7 +50,7 @@ from katydid.gateway.wsproto_fit import lightened, nothing_buffered
 # Under the gateway's mmap threshold (``heap.py``): a read's buffer comes from the heap and is
 # shrunk in place, where a larger one would be mapped and unmapped on every read.
 RECEIVE_BYTES = 16 * 1024
-_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
+BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +286,7 @@ class ServerWebSocket:
         else:
             try:
                 data = await self.stream.receive_some(RECEIVE_BYTES)
-            except _BROKEN:
+            except BROKEN:
                 data = b""
         if not data:
             self._set_closed()
@@ -331,7 +326,7 @@ class ServerWebSocket:
                 raise ClientGone
             try:
                 await self.stream.send_all(data)
-            except _BROKEN:
+            except BROKEN:
                 self._break()
                 raise ClientGone from None
             except BaseException:
@@ -379,53 +374,8 @@ async def _read_socket(sock: trio.socket.SocketType) -> bytes:
             return b""
         try:
             await trio.lowlevel.wait_readable(sock)
-        except _BROKEN:  # closed by another task while waiting
+        except BROKEN:  # closed by another task while waiting
             return b""
-
-
-async def accept(
-    stream: trio.abc.Stream,
-    *,
-    max_message: int,
-    timeout_s: float,
-    send_timeout_s: float,
-) -> ServerWebSocket | None:
-    """Read the HTTP upgrade request and accept it, within ``timeout_s``. ``send_timeout_s``
-    bounds a pong (a client that does not take one in that time does not read).
-
-    Returns:
-        The connection, or None if the peer left, timed out, or sent something other than a
-        WebSocket handshake (answered with a 4xx).
-    """
-    ws = WSConnection(ConnectionType.SERVER)
-    with trio.move_on_after(timeout_s):
-        try:
-            while True:
-                data = await stream.receive_some(RECEIVE_BYTES)
-                if not data:
-                    return None
-                try:
-                    ws.receive_data(bytes(data))
-                    request = _request(ws.events())
-                except RemoteProtocolError as exc:
-                    await stream.send_all(ws.send(exc.event_hint or RejectConnection()))
-                    return None
-                if request is not None and not _sound(ws, request):
-                    await stream.send_all(ws.send(RejectConnection()))  # 400
-                    return None
-                if request is not None:
-                    await stream.send_all(ws.send(AcceptConnection()))
-                    # Only the WebSocket state stays: the handshake's HTTP state goes now,
-                    # with the frames a client sent before our answer (wsproto leaves them in
-                    # h11's buffer).
-                    assert ws.connection is not None
-                    ws.connection.receive_data(_early_frames(ws))
-                    return ServerWebSocket(
-                        stream, ws.connection, request, max_message, send_timeout_s
-                    )
-        except _BROKEN:
-            return None
-    return None
 
 
 @overload
@@ -455,30 +405,3 @@ async def receive(
     except MessageTooLarge as exc:
         await driver.emit(driver.session.fail(ProtocolError(ErrorCode.TOO_LARGE, str(exc))))
         return None
-
-
-def _sound(ws: WSConnection, request: Request) -> bool:
-    """What wsproto lets through and RFC 6455 4.2.1 does not: HTTP/1.1 or later, and a
-    Sec-WebSocket-Key that is 16 bytes in base64."""
-    version = getattr(_h11(ws), "their_http_version", None)
-    if version is not None and version < b"1.1":
-        return False
-    key = next((v for k, v in request.extra_headers if k == b"sec-websocket-key"), b"")
-    try:
-        return len(base64.b64decode(bytes(key).strip(), validate=True)) == 16
-    except ValueError:
-        return False
-
-
-def _h11(ws: WSConnection) -> object:
-    """The handshake's h11 connection (wsproto exposes no accessor; None if it changes)."""
-    return getattr(ws.handshake, "_h11_connection", None)
-
-
-def _early_frames(ws: WSConnection) -> bytes:
-    trailing = getattr(_h11(ws), "trailing_data", (b"", False))
-    return bytes(trailing[0])
-
-
-def _request(events: Iterable[Event]) -> Request | None:
-    return next((e for e in events if isinstance(e, Request)), None)
