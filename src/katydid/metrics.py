@@ -177,6 +177,11 @@ class GatewayMetrics:
             "Uploads that waited for room in the publish window (since start)",
             registry=r,
         )
+        self.publish_window_line = Gauge(
+            "katydid_publish_window_line",
+            "Uploads waiting in line for room in the publish window now",
+            registry=r,
+        )
         self.uploads_spilled = Gauge(
             "katydid_uploads_spilled",
             "Uploads written to disk because upload_memory_total_bytes was reached",

@@ -782,6 +782,7 @@ async def test_uploads_are_decoded_and_published_a_window_at_a_time(autojump_clo
             # The first upload's job is on its way and holds the window; the second waits to
             # be decoded at all.
             assert _metric(r.gateway, "katydid_publish_window_bytes") == len(pcm)
+            assert _metric(r.gateway, "katydid_publish_window_line") == 1
             assert r.gateway.window.used == len(pcm)
             assert not r.bus.published
         finally:
@@ -789,6 +790,7 @@ async def test_uploads_are_decoded_and_published_a_window_at_a_time(autojump_clo
         await _eventually(lambda: len(r.bus.finals()) == 2)
         await trio.testing.wait_all_tasks_blocked()
         assert r.gateway.window.used == 0
+        assert _metric(r.gateway, "katydid_publish_window_line") == 0
         assert r.gateway.window.peak == len(pcm)
         assert [q.pcm for q in r.bus.finals()] == [pcm, pcm]
         for q in r.bus.finals():

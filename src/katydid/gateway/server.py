@@ -185,6 +185,7 @@ class Gateway:
         self.window = ByteWindow(cfg.publish_window_bytes)
         self.metrics.publish_window.set_function(lambda: self.window.used)
         self.metrics.publish_window_waits.set_function(lambda: self.window.waits)
+        self.metrics.publish_window_line.set_function(lambda: self.window.waiting)
         keys_file = Path(cfg.api_keys_file).expanduser() if cfg.api_keys_file else None
         self.tenants = Tenants(keys_file, self.metrics, self.sampled)
         self.stopping = False  # no new sessions: the server is shutting down
