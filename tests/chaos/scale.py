@@ -1,7 +1,9 @@
-"""``python -m tests.chaos.scale [--clients N] [--out DIR]``: the seed scenario at scale (issue 14).
+"""``python -m tests.chaos.scale [--clients N] [--gateways 1|2] [--out DIR]``: the seed scenario at
+scale (issue 14).
 
 Real processes: one nats-server, two gateways sharing the WebSocket port (``reuse_port``,
-SO_REUSEPORT: the kernel spreads connections), two whisper.cpp workers; ``katydid load`` (its own
+SO_REUSEPORT: the kernel spreads connections; ``--gateways 1``: one gateway takes them all), two
+whisper.cpp workers; ``katydid load`` (its own
 process, at the server's CPU priority: clients are remote in life, and niced here they starved
 and timed out connecting) runs N clients for 30 s, each sending a short clip and waiting for its
 transcript; the workers run at ``worker_nice``.
@@ -39,6 +41,7 @@ CLIP = "cmu_goforward.wav"  # 2.8 s: the shortest-to-transcribe real clip, so th
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos.scale")
     parser.add_argument("--clients", type=int, default=10_000)
+    parser.add_argument("--gateways", type=int, choices=(1, 2), default=2)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=Path("reports/scale"))
     args = parser.parse_args()
@@ -63,15 +66,18 @@ def main() -> int:
         "handshake_timeout_s": 60,
     }
     with Stack(root, Config.load().model_dir, workers=2, **settings) as stack:
-        http2 = free_port()  # the WebSocket port is shared, each has its own metrics port
-        second = stack._spawn(
-            [sys.executable, "-m", "katydid", "gateway", "--port", str(stack.port)],
-            "gateway2",
-            {"KATYDID_HTTP_PORT": str(http2)},
-        )
-        metrics = {"gateway": stack.metrics_url, "gateway2": f"http://127.0.0.1:{http2}"}
-        wait_until(lambda: "gateway_listening" in stack.log("gateway2"), 60, "second gateway")
-        gateways = {"gateway": stack.gateway.pid, "gateway2": second.pid}
+        metrics = {"gateway": stack.metrics_url}
+        gateways = {"gateway": stack.gateway.pid}
+        if args.gateways == 2:
+            http2 = free_port()  # the WebSocket port is shared, each has its own metrics port
+            second = stack._spawn(
+                [sys.executable, "-m", "katydid", "gateway", "--port", str(stack.port)],
+                "gateway2",
+                {"KATYDID_HTTP_PORT": str(http2)},
+            )
+            metrics["gateway2"] = f"http://127.0.0.1:{http2}"
+            wait_until(lambda: "gateway_listening" in stack.log("gateway2"), 60, "second gateway")
+            gateways["gateway2"] = second.pid
         rss = {name: {"before": rss_kb(pid), "peak": 0} for name, pid in gateways.items()}
         done = threading.Event()
 
@@ -118,7 +124,7 @@ def main() -> int:
                 "wall_s",
             )
         },
-        "gateways": {name: rss[name] | served.get(name, {}) for name in ("gateway", "gateway2")},
+        "gateways": {name: rss[name] | served.get(name, {}) for name in gateways},
         "settings": settings,
     }
     for g in result["gateways"].values():
