@@ -501,3 +501,27 @@ async def test_a_socket_closed_here_while_its_reader_waits_ends_the_read() -> No
         await ws.stream.aclose()
         with trio.fail_after(5):
             await gone.wait()
+
+
+async def test_a_send_cancelled_before_a_byte_went_out_leaves_the_connection_whole() -> None:
+    # At shutdown every session is cancelled; a writer that had just been handed the send lock
+    # broke its connection though nothing of its frame was sent, and the session's last words
+    # (the error, the close frame) never went out: its client saw 1006.
+    async with socket_pair() as (ws, client, peer), trio.open_nursery() as nursery:
+        await ws._send_lock.acquire()  # another send holds the lock
+        scope = trio.CancelScope()
+
+        async def writer() -> None:
+            with scope:
+                await ws.send_message("never sent")
+
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()  # waiting for the lock
+        ws._send_lock.release()  # handed to the writer, which has not run yet
+        scope.cancel()  # the shutdown's cancel comes before it runs
+        await trio.testing.wait_all_tasks_blocked()
+        assert scope.cancelled_caught
+        assert ws.open
+        await ws.send_message("last words")
+        peer.receive_data(bytes(await client.receive_some()))
+        assert [e.data for e in peer.events() if isinstance(e, TextMessage)] == ["last words"]

@@ -324,6 +324,12 @@ class ServerWebSocket:
         async with self._send_lock:
             if self._broken:
                 raise ClientGone
+            # A cancel that came while the lock was being taken (its acquire yields, or hands
+            # the lock over to a waiter that runs later) ends the send before a byte of it
+            # went out, and the connection stays whole for the session's last words: at a
+            # gateway's shutdown every writer that had just taken its lock broke its connection
+            # instead, and its client got no error and no close frame (1006).
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
                 await self.stream.send_all(data)
             except BROKEN:
