@@ -13,8 +13,9 @@ import trio
 
 from katydid.bus import BusHandlers
 from katydid.bus.nats import NatsBridge
-from katydid.config import Config
+from katydid.config import DEFAULT_MODEL, Config
 from katydid.errors import NatsError
+from katydid.messages import lane_subject
 from tests.integration.stack import free_port
 from tests.integration.test_stale_jobs import _start_nats
 
@@ -81,3 +82,48 @@ def _publish_result(url: str) -> bool:
         return True
 
     return asyncio.run(go())
+
+
+async def test_a_reconnect_is_reported_and_a_job_s_place_in_the_stream_is_known(
+    tmp_path: Path,
+) -> None:
+    # What the gateway needs to find results lost while it reconnected: the reconnect itself,
+    # and whether a job is still in the stream (not yet acked) or gone.
+    port = free_port()
+    server = _start_nats(tmp_path / "js", port)
+    cfg = Config(nats_url=f"nats://127.0.0.1:{port}")
+    reconnects: list[bool] = []
+    bridge = NatsBridge(cfg, "g1")
+    bridge.attach(
+        BusHandlers(
+            on_result=lambda _: None,
+            on_worker=lambda _: None,
+            on_dead_job=lambda *_: None,
+            on_lost=lambda: None,
+            on_reconnected=lambda: reconnects.append(True),
+        )
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bridge.run)
+
+            async def queue_one() -> int:
+                ack = await bridge._js.publish(
+                    lane_subject(DEFAULT_MODEL, "interactive"), b"\0\0" * 160
+                )
+                return int(ack.seq)
+
+            seq = await bridge._call(queue_one)
+            assert await bridge.job_in_stream(seq)
+            assert await bridge.delete_job(seq)
+            assert not await bridge.job_in_stream(seq)
+            assert not await bridge.job_in_stream(seq + 1000)  # never there
+            server.terminate()
+            server.wait()
+            server = _start_nats(tmp_path / "js", port)
+            await _until(lambda: reconnects, 30)
+            assert bridge.connected
+            nursery.cancel_scope.cancel()
+    finally:
+        server.terminate()
+        server.wait()

@@ -344,6 +344,29 @@ async def test_a_dead_job_fails_its_chunk_and_the_session_goes_on(autojump_clock
         assert jobs[0].stream_seq in r.bus.deleted
 
 
+async def test_a_result_lost_while_nats_reconnected_fails_its_chunk(autojump_clock: Any) -> None:
+    # A worker answered a job while the gateway's subscription was down: the job left the
+    # stream (acked) and its result went to nobody. Once reconnected, its chunk fails with a
+    # coded error; the jobs still in the stream are left to their workers.
+    async with rig() as r:
+        ws = await r.connect()
+        session_id = await _stream(ws)
+        await ws.send_message('{"type": "stop"}')
+        await _eventually(lambda: len(r.bus.finals()) >= 3)
+        await trio.testing.wait_all_tasks_blocked()
+        jobs = r.bus.finals(session_id)
+        del r.bus.queue[jobs[0].stream_seq]  # answered and acked while the gateway was away
+        r.bus.reconnect()
+        error = await _next(ws, "queued")
+        assert (error["type"], error["code"], error["seq"]) == ("error", "internal", 0)
+        assert "reconnected to NATS" in error["message"]
+        for q in jobs[1:]:
+            r.bus.answer(q, "ok")
+        events = [await _next(ws, "queued") for _ in jobs]
+        assert [e["type"] for e in events] == ["final"] * (len(jobs) - 1) + ["done"]
+        assert events[-1]["failed_chunks"] == 1
+
+
 @pytest.mark.parametrize("parked", [False, True], ids=["memory", "parked"])
 async def test_shutdown_with_sessions_in_flight(autojump_clock: Any, parked: bool) -> None:
     async with rig(parked=parked) as r:

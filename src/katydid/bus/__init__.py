@@ -34,6 +34,8 @@ class BusHandlers:
     on_worker: Callable[[bytes], None]  # a worker heartbeat body
     on_dead_job: Callable[[int, int], None]  # (stream_seq, deliveries): JetStream gave up
     on_lost: Callable[[], None]  # the connection closed for good (being replaced)
+    # nats-py reconnected after an outage: results published meanwhile may be gone
+    on_reconnected: Callable[[], None] = lambda: None
 
 
 class JobBus(Protocol):
@@ -55,6 +57,9 @@ class JobBus(Protocol):
 
     async def delete_job(self, stream_seq: int) -> bool:
         """Remove a queued job; False if it was already gone."""
+
+    async def job_in_stream(self, stream_seq: int) -> bool:
+        """Whether a job is still in the stream (not yet acked by a worker, nor deleted)."""
 
     async def publish_cancel(self, session_id: str) -> None:
         """Tell workers to abort this session's running jobs."""

@@ -70,6 +70,14 @@ class MemoryBus:
         self.deleted.append(stream_seq)
         return self.queue.pop(stream_seq, None) is not None
 
+    async def job_in_stream(self, stream_seq: int) -> bool:
+        await trio.lowlevel.checkpoint()
+        return stream_seq in self.queue
+
+    def reconnect(self) -> None:
+        """nats-py reconnected after an outage."""
+        self._deliver(lambda h: h.on_reconnected())
+
     async def publish_cancel(self, session_id: str) -> None:
         await trio.lowlevel.checkpoint()
         self.cancels.append(session_id)

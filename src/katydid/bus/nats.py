@@ -610,6 +610,27 @@ class NatsBridge:
 
         return await self._call(lambda: delete_job(self._js, stream_seq))
 
+    async def job_in_stream(self, stream_seq: int) -> bool:
+        """Whether a job is still in the stream: a work queue's job leaves it when a worker
+        acks it, which a worker does after publishing its result.
+
+        Raises:
+            NatsError: NATS is unreachable or timed out.
+        """
+
+        async def go() -> bool:
+            try:
+                await self._js.get_msg(STREAM, stream_seq)
+            except nats.js.errors.NotFoundError:
+                return False
+            except nats.js.errors.APIError as exc:
+                if exc.err_code in _GONE_CODES:
+                    return False
+                raise
+            return True
+
+        return await self._call(go)
+
     async def publish_cancel(self, session_id: str) -> None:
         """Tell workers to skip the queued jobs of a session whose client left."""
 
@@ -683,6 +704,7 @@ class NatsBridge:
             self.connected = True
             self.reconnects += 1
             log.info("nats_reconnected")
+            self._to_trio(self._handlers.on_reconnected)
 
         async def error(exc: Exception) -> None:
             log.warning("nats_error", error=repr(exc))

@@ -56,6 +56,9 @@ from katydid.metrics import GatewayMetrics
 
 log = structlog.get_logger("katydid.gateway")
 _CLEANUP_S = 10.0  # at shutdown: for deleting the ended sessions' unanswered jobs
+# After a reconnect, before a job gone from the stream without its result counts as lost: the
+# workers' results published just before it may still be on their way.
+LOST_RESULT_GRACE_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +73,18 @@ class QueueLost:
 
 
 @dataclass(frozen=True, slots=True)
+class LostResult:
+    stream_seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Position:
     position: int
     eta_s: float
     at: float  # when it was polled (trio's clock)
 
 
-Inbound = JobResult | DeadJob | QueueLost | Position
+Inbound = JobResult | DeadJob | QueueLost | LostResult | Position
 
 
 def apply(session: Session, item: Inbound) -> list[Output]:
@@ -87,6 +95,8 @@ def apply(session: Session, item: Inbound) -> list[Output]:
         return session.dead_job(item.stream_seq, item.deliveries)
     if isinstance(item, QueueLost):
         return session.queue_lost()
+    if isinstance(item, LostResult):
+        return session.lost_result(item.stream_seq)
     return session.queue_status(item.position, item.eta_s, item.at)
 
 
@@ -165,7 +175,16 @@ class Gateway:
 
             bus = NatsBridge(cfg, self.gateway_id)
         self.bus: JobBus = bus
-        bus.attach(BusHandlers(self._on_result, self._on_worker, self._on_dead_job, self._on_lost))
+        bus.attach(
+            BusHandlers(
+                self._on_result,
+                self._on_worker,
+                self._on_dead_job,
+                self._on_lost,
+                self._on_reconnected,
+            )
+        )
+        self._reconnected = trio.Event()
         self.admission = Admission(cfg, _clock)
         self._token_key = secrets.token_bytes(32)
         self.stamp = JobStamp(bus.results_subject, self.job_token, time.time)
@@ -204,6 +223,7 @@ class Gateway:
             await nursery.start(self.bus.run)
             nursery.start_soon(self._poll_queue)
             nursery.start_soon(self.cleanup.run)
+            nursery.start_soon(self._find_lost_results)
             if self.cfg.malloc_trim_interval_s > 0:
                 nursery.start_soon(self._return_freed_memory)
             task_status.started()
@@ -275,6 +295,34 @@ class Gateway:
         for live in self.sessions.values():
             if live.session.in_flight:
                 self._route(live, QueueLost())
+
+    def _on_reconnected(self) -> None:
+        self._reconnected.set()
+
+    async def _find_lost_results(self) -> None:
+        """After NATS reconnects: a job a worker answered while this gateway's subscription was
+        down left the stream (a worker acks after publishing its result) with its result sent
+        to nobody (core NATS keeps nothing). Once results sent since then had time to arrive
+        (``LOST_RESULT_GRACE_S``), each job of a live session that is gone from the stream and
+        still unanswered fails with a coded error (its session ends, never waits in silence:
+        a file client once waited past its 120 s in the chaos suite's NATS restart)."""
+        while True:
+            await self._reconnected.wait()
+            self._reconnected = trio.Event()
+            await trio.sleep(LOST_RESULT_GRACE_S)
+            lost = 0
+            for live in list(self.sessions.values()):
+                for stream_seq in live.session.stored_jobs:
+                    try:
+                        present = await self.bus.job_in_stream(stream_seq)
+                    except NatsError as exc:  # down again: the next reconnect looks again
+                        self.sampled.warning("lost_results_check_failed", error=str(exc))
+                        break
+                    if not present and live.session.seq_of(stream_seq) is not None:
+                        lost += 1
+                        self._route(live, LostResult(stream_seq))
+            if lost:
+                log.warning("results_lost_in_reconnect", jobs=lost)
 
     def _on_worker(self, data: bytes) -> None:
         try:

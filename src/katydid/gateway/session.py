@@ -324,7 +324,20 @@ class Session:
         seq = self.seq_of(stream_seq)
         if seq is None:
             return []
-        message = f"chunk {seq}: no worker finished it in {deliveries} deliveries"
+        return self._chunk_failed(seq, f"no worker finished it in {deliveries} deliveries")
+
+    def lost_result(self, stream_seq: int) -> list[Output]:
+        """One of this session's jobs left the stream (a worker answered it) while the
+        gateway's connection to NATS was down, and its result with it: its chunk fails now."""
+        seq = self.seq_of(stream_seq)
+        if seq is None:
+            return []
+        return self._chunk_failed(
+            seq, "its result was lost while the gateway reconnected to NATS (send it again)"
+        )
+
+    def _chunk_failed(self, seq: int, why: str) -> list[Output]:
+        message = f"chunk {seq}: {why}"
         return self.receive_result(
             JobResult(
                 job=f"{self.session_id}-{seq}", session=self.session_id, seq=seq, kind="final",
@@ -482,6 +495,11 @@ class Session:
 
     def seq_of(self, stream_seq: int) -> int | None:
         return self._jobs_out.seq_of(stream_seq)
+
+    @property
+    def stored_jobs(self) -> list[int]:
+        """The stream seqs of this session's jobs in flight that are stored in the stream."""
+        return list(self._jobs_out.stream_seqs.values())
 
     @property
     def chunks_total(self) -> int:
