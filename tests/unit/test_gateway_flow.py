@@ -37,7 +37,7 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Requ
 
 from katydid import heap
 from katydid.audio import DecodedStream, decode_container, float_to_pcm16
-from katydid.bus.memory import MemoryBus
+from katydid.bus.memory import MemoryBus, QueuedJob
 from katydid.config import Config
 from katydid.errors import NatsError, StreamFull
 from katydid.gateway import Gateway, driver
@@ -325,14 +325,19 @@ async def test_forged_unknown_and_orphan_results_change_nothing(autojump_clock: 
         assert (await _next(ws, "queued"))["text"] == "real"
 
 
+async def _stopped_with_jobs(r: Rig) -> tuple[Any, list[QueuedJob]]:
+    """A client that streamed and stopped, and its session's final jobs, all published."""
+    ws = await r.connect()
+    session_id = await _stream(ws)
+    await ws.send_message('{"type": "stop"}')
+    await _eventually(lambda: len(r.bus.finals()) >= 3)
+    await trio.testing.wait_all_tasks_blocked()
+    return ws, r.bus.finals(session_id)
+
+
 async def test_a_dead_job_fails_its_chunk_and_the_session_goes_on(autojump_clock: Any) -> None:
     async with rig() as r:
-        ws = await r.connect()
-        session_id = await _stream(ws)
-        await ws.send_message('{"type": "stop"}')
-        await _eventually(lambda: len(r.bus.finals()) >= 3)
-        await trio.testing.wait_all_tasks_blocked()
-        jobs = r.bus.finals(session_id)
+        ws, jobs = await _stopped_with_jobs(r)
         r.bus.give_up(jobs[0].stream_seq, deliveries=4)
         error = await _next(ws, "queued")
         assert (error["type"], error["code"], error["seq"]) == ("error", "internal", 0)
@@ -349,12 +354,7 @@ async def test_a_result_lost_while_nats_reconnected_fails_its_chunk(autojump_clo
     # stream (acked) and its result went to nobody. Once reconnected, its chunk fails with a
     # coded error; the jobs still in the stream are left to their workers.
     async with rig() as r:
-        ws = await r.connect()
-        session_id = await _stream(ws)
-        await ws.send_message('{"type": "stop"}')
-        await _eventually(lambda: len(r.bus.finals()) >= 3)
-        await trio.testing.wait_all_tasks_blocked()
-        jobs = r.bus.finals(session_id)
+        ws, jobs = await _stopped_with_jobs(r)
         del r.bus.queue[jobs[0].stream_seq]  # answered and acked while the gateway was away
         r.bus.reconnect()
         error = await _next(ws, "queued")
