@@ -89,7 +89,7 @@ def test_a_window_needs_capacity() -> None:
 
 async def test_takers_cancelled_while_waiting_leave_the_line_in_order(autojump_clock: Any) -> None:
     # A session that ends while it waits (its client left) gives up its place, at the front of
-    # the line or behind others; the others are served in order.
+    # the line or behind others; the others are served.
     window = ByteWindow(100)
     first = await window.take(100)
     order: list[str] = []

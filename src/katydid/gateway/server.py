@@ -310,19 +310,29 @@ class Gateway:
             await self._reconnected.wait()
             self._reconnected = trio.Event()
             await trio.sleep(LOST_RESULT_GRACE_S)
-            lost = 0
-            for live in list(self.sessions.values()):
-                for stream_seq in live.session.stored_jobs:
-                    try:
-                        present = await self.bus.job_in_stream(stream_seq)
-                    except NatsError as exc:  # down again: the next reconnect looks again
-                        self.sampled.warning("lost_results_check_failed", error=str(exc))
-                        break
-                    if not present and live.session.seq_of(stream_seq) is not None:
-                        lost += 1
-                        self._route(live, LostResult(stream_seq))
+            try:
+                lost = await self._route_lost_results()
+            except NatsError as exc:  # down again: the check stops, the next reconnect redoes it
+                log.warning("lost_results_check_failed", error=str(exc))
+                continue
             if lost:
                 log.warning("results_lost_in_reconnect", jobs=lost)
+
+    async def _route_lost_results(self) -> int:
+        """Each live session's job gone from the stream and still unanswered fails; how many.
+
+        Raises:
+            NatsError: JetStream could not be asked (one failed request ends the check, rather
+                than one timeout per job left).
+        """
+        lost = 0
+        for live in list(self.sessions.values()):
+            for stream_seq in live.session.stored_jobs:
+                present = await self.bus.job_in_stream(stream_seq)
+                if not present and live.session.seq_of(stream_seq) is not None:
+                    lost += 1
+                    self._route(live, LostResult(stream_seq))
+        return lost
 
     def _on_worker(self, data: bytes) -> None:
         try:

@@ -321,22 +321,20 @@ class Session:
     def dead_job(self, stream_seq: int, deliveries: int) -> list[Output]:
         """JetStream gave up on one of this session's jobs: its chunk fails now (instead of
         waiting out ``result_timeout_s``)."""
-        seq = self.seq_of(stream_seq)
-        if seq is None:
-            return []
-        return self._chunk_failed(seq, f"no worker finished it in {deliveries} deliveries")
+        return self._chunk_failed(stream_seq, f"no worker finished it in {deliveries} deliveries")
 
     def lost_result(self, stream_seq: int) -> list[Output]:
         """One of this session's jobs left the stream (a worker answered it) while the
         gateway's connection to NATS was down, and its result with it: its chunk fails now."""
+        return self._chunk_failed(
+            stream_seq, "its result was lost while the gateway reconnected to NATS (send it again)"
+        )
+
+    def _chunk_failed(self, stream_seq: int, why: str) -> list[Output]:
+        """The chunk of this stored job (if still unanswered) fails with ``why``."""
         seq = self.seq_of(stream_seq)
         if seq is None:
             return []
-        return self._chunk_failed(
-            seq, "its result was lost while the gateway reconnected to NATS (send it again)"
-        )
-
-    def _chunk_failed(self, seq: int, why: str) -> list[Output]:
         message = f"chunk {seq}: {why}"
         return self.receive_result(
             JobResult(
