@@ -3,30 +3,41 @@
 from __future__ import annotations
 
 import socket
+import ssl
+from functools import partial
 
+import pytest
 import structlog
 import trio
 import trio.testing
 
-from katydid.gateway.listening import accept_forever
+from katydid.gateway.listening import accept_forever, tls
 from katydid.log import SampledLogger
 
 WAITING = 200  # below every kernel's default accept queue (somaxconn: 4,096; 128 before 5.4)
 
 
-async def test_connections_waiting_in_the_kernel_are_taken_in_a_few_passes() -> None:
+@pytest.mark.parametrize("door", ["plain", "tls"])
+async def test_connections_waiting_in_the_kernel_are_taken_in_a_few_passes(door: str) -> None:
     """200 connections wait in the accept queue; the accept loop takes all of them within a few
     scheduler passes (counted by a task that yields once a pass). trio's own ``accept`` takes
-    one a pass: 200 passes, while in a storm each pass runs thousands of tasks."""
+    one a pass: 200 passes, while in a storm each pass runs thousands of tasks. A TLS door
+    too: each is served as a TLS stream (the TLS handshake is then the handler's)."""
+    wrap = tls(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)) if door == "tls" else None
+    expected = trio.SSLStream if door == "tls" else trio.SocketStream
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
     clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(WAITING)]
     served: list[int] = []
+    all_served = trio.Event()
     passes = 0
 
-    async def handler(stream: trio.SocketStream) -> None:
+    async def handler(stream: trio.abc.Stream) -> None:
+        assert isinstance(stream, expected)
         served.append(passes)
-        await stream.aclose()
+        if len(served) == WAITING:
+            all_served.set()
+        await trio.aclose_forcefully(stream)
 
     async def count_passes() -> None:
         nonlocal passes
@@ -38,11 +49,17 @@ async def test_connections_waiting_in_the_kernel_are_taken_in_a_few_passes() -> 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(count_passes)
             nursery.start_soon(
-                accept_forever, listener, nursery, handler, SampledLogger(structlog.get_logger())
+                partial(
+                    accept_forever,
+                    listener,
+                    nursery,
+                    handler,
+                    SampledLogger(structlog.get_logger()),
+                    wrap=wrap,
+                )
             )
             with trio.fail_after(10):
-                while len(served) < WAITING:
-                    await trio.sleep(0.01)
+                await all_served.wait()
             nursery.cancel_scope.cancel()
     finally:
         for c in clients:

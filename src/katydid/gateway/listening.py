@@ -21,7 +21,9 @@ import contextlib
 import errno
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -40,9 +42,13 @@ async def accept_forever(
     handlers: trio.Nursery,
     handler: Callable[[Any], Awaitable[None]],
     sampled: SampledLogger,
+    *,
+    wrap: Callable[[Any], trio.abc.Stream] | None = None,
 ) -> None:
     """Accept on ``listener`` until cancelled (then close it), each connection served by
-    ``handler`` in ``handlers``, which closes its stream.
+    ``handler`` in ``handlers``, which closes its stream. ``wrap`` makes each accepted stream
+    the one served (TLS: ``trio.SSLStream``, so that a TLS door takes its storm at once too;
+    a ``trio.SSLListener`` would be accepted one connection a pass).
 
     Raises:
         OSError: the listener failed for another reason than the process being full.
@@ -65,10 +71,19 @@ async def accept_forever(
                     )
                     await trio.sleep(RETRY_S)
                 else:
-                    handlers.start_soon(handler, stream)
+                    handlers.start_soon(handler, wrap(stream) if wrap else stream)
                     if ready is not None:
                         for more in _take_ready(ready, ACCEPT_BATCH):
-                            handlers.start_soon(handler, more)
+                            handlers.start_soon(handler, wrap(more) if wrap else more)
+
+
+def tls(
+    context: ssl.SSLContext, *, https_compatible: bool = False
+) -> Callable[[Any], trio.SSLStream[Any]]:
+    """``wrap`` for a TLS door: what ``trio.SSLListener`` makes of each accepted stream."""
+    return partial(
+        trio.SSLStream, ssl_context=context, server_side=True, https_compatible=https_compatible
+    )
 
 
 def _ready_queue(listener: trio.abc.Listener[Any]) -> socket.socket | None:

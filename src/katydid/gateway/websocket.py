@@ -26,7 +26,7 @@ from katydid.config import Config
 from katydid.gateway.credentials import bearer, query_key
 from katydid.gateway.driver import SessionDriver
 from katydid.gateway.events import ServerEvent
-from katydid.gateway.listening import accept_forever
+from katydid.gateway.listening import accept_forever, tls
 from katydid.gateway.outputs import Close
 from katydid.gateway.parking import Parking, Wake, park_reader
 from katydid.gateway.server import Gateway, Live
@@ -57,12 +57,9 @@ class WebSocketDoor:
             serve = partial(serve_stream, self.gateway, parking=Parking(handlers))
             with trio.CancelScope() as accepting:
                 self._accepting = accepting
-                listeners: list[trio.abc.Listener[Any]] = list(await self._listeners())
-                if self.tls is not None:
-                    # The TLS handshake runs inside the WebSocket handshake's timeout.
-                    listeners = [
-                        trio.SSLListener(lst, self.tls, https_compatible=True) for lst in listeners
-                    ]
+                listeners = await self._listeners()
+                # The TLS handshake runs inside the WebSocket handshake's timeout.
+                wrap = tls(self.tls, https_compatible=True) if self.tls is not None else None
                 self.port = _port(listeners[0])
                 log.info(
                     "gateway_listening",
@@ -78,7 +75,14 @@ class WebSocketDoor:
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(
-                            accept_forever, listener, handlers, serve, self.gateway.sampled
+                            partial(
+                                accept_forever,
+                                listener,
+                                handlers,
+                                serve,
+                                self.gateway.sampled,
+                                wrap=wrap,
+                            )
                         )
 
     def stop_accepting(self) -> None:
@@ -109,10 +113,7 @@ class WebSocketDoor:
         return listeners
 
 
-def _port(listener: trio.abc.Listener[Any]) -> int:
-    if isinstance(listener, trio.SSLListener):
-        listener = listener.transport_listener
-    assert isinstance(listener, trio.SocketListener)
+def _port(listener: trio.SocketListener) -> int:
     return int(listener.socket.getsockname()[1])
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import ssl
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from katydid.config import Config
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.driver import LAST_WORDS_S, ClientGone, SessionDriver
 from katydid.gateway.events import Done, ErrorEvent, Final, ServerEvent
-from katydid.gateway.listening import accept_forever
+from katydid.gateway.listening import accept_forever, tls
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway
 from katydid.gateway.wyoming_wire import FramingError, WyomingEvent, WyomingReader, encode
@@ -51,14 +52,19 @@ class WyomingDoor:
         tcp = await trio.open_tcp_listeners(self.cfg.wyoming_port, host=self.cfg.host)
         port = int(tcp[0].socket.getsockname()[1])
         log.info("wyoming_listening", host=self.cfg.host, port=port, tls=self.tls is not None)
-        listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(tcp)
-        if self.tls is not None:
-            listeners = [trio.SSLListener(lst, self.tls) for lst in tcp]
+        wrap = tls(self.tls) if self.tls is not None else None
         async with trio.open_nursery() as nursery:
             task_status.started(port)
-            for listener in listeners:
+            for listener in tcp:
                 nursery.start_soon(
-                    accept_forever, listener, nursery, self._handle, self.gateway.sampled
+                    partial(
+                        accept_forever,
+                        listener,
+                        nursery,
+                        self._handle,
+                        self.gateway.sampled,
+                        wrap=wrap,
+                    )
                 )
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
