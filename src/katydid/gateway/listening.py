@@ -10,7 +10,8 @@ A plain TCP listener is drained each time it is woken: trio's ``accept`` takes o
 then yields, one connection per scheduler pass, and in a storm a pass runs thousands of tasks.
 The kernel's accept queue (``somaxconn``, 4,096 here) then fills, and the kernel drops the SYNs
 of the clients behind it, which retry after 1, 3, 7, 15, 31 s: one gateway under 10,000 clients
-connected half of them in 14 s and left 1,334 unconnected after 60 s (TcpExtListenOverflows).
+connected half of them in 14 s and left 1,334 unconnected after 60 s (TcpExtListenOverflows;
+AMD EPYC, 2 cores, shared with the workers and the load).
 Taken at once, the connections wait in the gateway instead, in the order they came, within the
 handshake timeout.
 """
