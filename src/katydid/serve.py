@@ -91,8 +91,14 @@ async def wait_for_port(port: int, timeout_s: float) -> None:
             except OSError:
                 await trio.sleep(0.05)
                 continue
+            # With nothing listening, a connect whose ephemeral source port is ``port`` joins
+            # itself (TCP simultaneous open): that is not the server.
+            sock = stream.socket
+            itself = sock.getsockname() == sock.getpeername()
             await stream.aclose()
-            return
+            if not itself:
+                return
+            await trio.sleep(0.05)
 
 
 async def run_nats_server(

@@ -20,16 +20,14 @@ from typing import Any
 
 from katydid.bus.accounts import password_environment
 from katydid.messages import STREAM
-from katydid.serve import nats_server_binary, nats_server_config
+from katydid.serve import free_ports, nats_server_binary, nats_server_config
 
 STARTUP_TIMEOUT_S = 60.0
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
@@ -41,8 +39,13 @@ def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
 
 
 def port_open(port: int) -> bool:
+    """Something listens on ``port``. A connection to itself does not count: with nothing
+    listening, a connect whose ephemeral source port happens to be ``port`` succeeds (TCP
+    simultaneous open)."""
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        if s.connect_ex(("127.0.0.1", port)) != 0:
+            return False
+        return bool(s.getsockname() != s.getpeername())
 
 
 class Stack:
@@ -96,13 +99,20 @@ class Stack:
     def __enter__(self) -> Stack:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         self.close()
+        if kind is not None and not issubclass(kind, KeyboardInterrupt):
+            # pytest shows a failed test's stderr: what the processes said, to tell why.
+            for path in sorted(self.root.glob("*.log")):
+                text = path.read_text(encoding="utf-8", errors="replace")
+                print(f"--- {path.name} (last 4,000 characters) ---", file=sys.stderr)
+                print(text[-4000:], file=sys.stderr)
 
     def _start_cluster(self, nodes: int) -> None:
         """``nodes`` nats-server nodes on loopback routed to each other, each with its own
         store; returns once JetStream's meta group has a leader."""
-        ports, routes, monitors = ([free_port() for _ in range(nodes)] for _ in range(3))
+        picked = free_ports(3 * nodes)
+        ports, routes, monitors = (picked[i * nodes : (i + 1) * nodes] for i in range(3))
         route_list = ", ".join(f"nats-route://127.0.0.1:{r}" for r in routes)
         for i in range(nodes):
             conf = self.root / f"nats{i}.conf"
@@ -144,7 +154,7 @@ class Stack:
             self._start_cluster(self.nats_cluster)
             self._start_gateway_and_workers(workers)
             return
-        nats_port, monitor = free_port(), free_port()
+        nats_port, monitor = free_ports(2)
         conf = root / "nats.conf"
         text = nats_server_config(root / "js", nats_port, monitor)
         nats_env = {}
@@ -164,8 +174,9 @@ class Stack:
 
     def _start_gateway_and_workers(self, workers: int) -> None:
         self.env["KATYDID_NATS_URL"] = self.nats_url
-        self.port = free_port()
-        self.http_port = free_port()
+        # Picked together: two one-at-a-time picks can coincide, and the gateway then fails
+        # to bind its second port after the first has answered the wait below.
+        self.port, self.http_port = free_ports(2)
         self.env["KATYDID_HTTP_PORT"] = str(self.http_port)
         self.metrics_url = f"http://127.0.0.1:{self.http_port}"
         self.gateway = self._spawn(
@@ -173,7 +184,7 @@ class Stack:
             "gateway",
             self.role_env.get("gateway"),
         )
-        wait_until(lambda: port_open(self.port), STARTUP_TIMEOUT_S, "gateway")
+        wait_until(self._gateway_listening, STARTUP_TIMEOUT_S, "gateway")
         self.url = f"ws://127.0.0.1:{self.port}"
         for i in range(workers):
             self.start_worker(i)
@@ -183,6 +194,20 @@ class Stack:
                 STARTUP_TIMEOUT_S,
                 f"worker {i}",
             )
+
+    def _gateway_listening(self) -> bool:
+        """The gateway said it listens on its port and answers there; one that exited while
+        starting fails the wait at once, with its log."""
+        if self.gateway.poll() is not None:
+            raise RuntimeError(
+                f"the gateway exited {self.gateway.returncode} while starting: "
+                + self.log("gateway")[-3000:]
+            )
+        said = any(
+            e.get("event") == "gateway_listening" and e.get("port") == self.port
+            for e in self.log_events("gateway")
+        )
+        return said and port_open(self.port)
 
     def _spawn(
         self, argv: list[str], name: str, env: dict[str, str] | None = None
