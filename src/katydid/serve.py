@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +41,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct free ports: each socket is held until all are bound, so the kernel cannot
-    hand out one port twice (two one-at-a-time picks can coincide, and nats-server then fails
-    to bind its second listener)."""
+def free_ports(n: int, host: str = "127.0.0.1", *, avoid: Iterable[int] = ()) -> list[int]:
+    """``n`` distinct free ports, none of ``avoid`` (ports named for others that are not bound
+    yet): each socket is held until all are bound, so the kernel cannot hand out one port twice
+    (two one-at-a-time picks can coincide, and nats-server then fails to bind its second
+    listener)."""
+    taken = set(avoid)
+    picked: list[int] = []
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
+        while len(picked) < n:
+            s = stack.enter_context(socket.socket())
             s.bind((host, 0))
-        return [int(s.getsockname()[1]) for s in socks]
+            port = int(s.getsockname()[1])
+            if port not in taken:  # else held, so that the next bind gets another
+                picked.append(port)
+        return picked
 
 
 def nats_server_binary() -> str:
@@ -212,7 +218,8 @@ async def serve(
     async with trio.open_nursery() as outer:
         nats_url = cfg.nats_url
         if not nats_url:
-            picked = free_ports(2)
+            # Not the gateway's own ports, bound later.
+            picked = free_ports(2, avoid=(cfg.port, cfg.http_port, cfg.wyoming_port))
             port = cfg.nats_port or picked[0]
             monitor = cfg.nats_monitor_port or picked[1]
             # Its store is this server's alone, while it runs (see data_dir).

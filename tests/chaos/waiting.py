@@ -21,9 +21,10 @@ import numpy as np
 import trio
 from trio_websocket import open_websocket_url
 
+from katydid.serve import free_ports
 from tests.chaos.__main__ import _host
 from tests.chaos.harness import rss_kb
-from tests.integration.stack import free_port, port_open, wait_until
+from tests.integration.stack import port_open, wait_until
 
 
 def _pcm(seconds: float = 3.0) -> bytes:
@@ -75,8 +76,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos.waiting")
     parser.add_argument("--sessions", type=int, default=1000)
     args = parser.parse_args()
-    port = free_port()
-    ports = ["--port", str(port), "--http-port", str(free_port())]
+    port, http_port = free_ports(2)
+    ports = ["--port", str(port), "--http-port", str(http_port)]
     serve = subprocess.Popen(
         [
             sys.executable,

@@ -88,6 +88,8 @@ class Stack:
             "KATYDID_CONSUMER_ACK_WAIT_S": "3",
         }
         self.env |= {f"KATYDID_{k.upper()}": str(v) for k, v in settings.items()}
+        # Ports a test named (a door's), not bound until the gateway starts: not to be picked.
+        self._named_ports = [int(v) for k, v in settings.items() if k.endswith("_port")]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         try:
@@ -111,7 +113,7 @@ class Stack:
     def _start_cluster(self, nodes: int) -> None:
         """``nodes`` nats-server nodes on loopback routed to each other, each with its own
         store; returns once JetStream's meta group has a leader."""
-        picked = free_ports(3 * nodes)
+        picked = free_ports(3 * nodes, avoid=self._named_ports)
         ports, routes, monitors = (picked[i * nodes : (i + 1) * nodes] for i in range(3))
         route_list = ", ".join(f"nats-route://127.0.0.1:{r}" for r in routes)
         for i in range(nodes):
@@ -154,7 +156,7 @@ class Stack:
             self._start_cluster(self.nats_cluster)
             self._start_gateway_and_workers(workers)
             return
-        nats_port, monitor = free_ports(2)
+        nats_port, monitor = free_ports(2, avoid=self._named_ports)
         conf = root / "nats.conf"
         text = nats_server_config(root / "js", nats_port, monitor)
         nats_env = {}
@@ -176,7 +178,7 @@ class Stack:
         self.env["KATYDID_NATS_URL"] = self.nats_url
         # Picked together: two one-at-a-time picks can coincide, and the gateway then fails
         # to bind its second port after the first has answered the wait below.
-        self.port, self.http_port = free_ports(2)
+        self.port, self.http_port = free_ports(2, avoid=self._named_ports)
         self.env["KATYDID_HTTP_PORT"] = str(self.http_port)
         self.metrics_url = f"http://127.0.0.1:{self.http_port}"
         self.gateway = self._spawn(

@@ -12,7 +12,7 @@ import pytest
 from katydid.bus.nats import connect, delete_job, ensure_stream, purge_jobs
 from katydid.config import DEFAULT_MODEL, Config
 from katydid.messages import lane_subject
-from katydid.serve import nats_server_binary, nats_server_config
+from katydid.serve import free_ports, nats_server_binary, nats_server_config
 from tests.integration.stack import free_port, port_open, wait_until
 
 pytestmark = pytest.mark.integration
@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 
 def _start_nats(store: Path, port: int) -> subprocess.Popen[bytes]:
     conf = store.parent / "nats.conf"
-    conf.write_text(nats_server_config(store, port, free_port()), encoding="utf-8")
+    conf.write_text(
+        nats_server_config(store, port, free_ports(1, avoid=(port,))[0]), encoding="utf-8"
+    )
     proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stderr=subprocess.DEVNULL)
     wait_until(lambda: port_open(port), 10, "nats-server")
     return proc

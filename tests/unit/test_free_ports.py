@@ -42,3 +42,11 @@ async def test_a_connection_to_itself_is_not_a_listening_port(
     with pytest.raises(trio.TooSlowError):
         await wait_for_port(port, 0.5)
     assert made >= 2  # it went on waiting, connection after connection
+
+
+def test_ports_named_for_others_are_not_picked() -> None:
+    # The gateway's ports are named before it binds them; the embedded nats-server's picks
+    # must not take them. A port just released is one the kernel may hand out next.
+    for _ in range(20):
+        (named,) = free_ports(1)
+        assert named not in free_ports(4, avoid=(named, 0, -1))
