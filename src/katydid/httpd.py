@@ -14,7 +14,9 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, Event
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,31 @@ async def serve_http(
     config.graceful_timeout = 2.0
     if tls is not None:
         config.certfile, config.keyfile = tls
+    _tolerate_send_during_close()
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(functools.partial(serve, app, config))
         task_status.started(int(binds[0].rsplit(":", 1)[1]))
+
+
+def _tolerate_send_during_close() -> None:
+    """A send that meets the connection being closed is dropped, as hypercorn drops one that
+    meets a broken connection, instead of ending the server.
+
+    hypercorn (0.17) sends under a lock but closes (``send_eof``) outside it. A client that
+    declares a huge body and hangs up while the door answers 413 has hypercorn closing the
+    connection in one task while another sends (the door's answer, or hypercorn's own error
+    response for the cut-off body): trio raises ``BusyResourceError``, which hypercorn does not
+    catch, and it left hypercorn's nursery and ended the whole server (once in ~30 tries).
+    """
+    original = TCPServer.protocol_send
+    if getattr(original, "tolerates_close", False):
+        return
+
+    async def protocol_send(self: TCPServer, event: Event) -> None:
+        try:
+            await original(self, event)
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
+
+    protocol_send.tolerates_close = True  # type: ignore[attr-defined]
+    TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]

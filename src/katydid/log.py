@@ -47,23 +47,78 @@ def configure_logging(*, level: str = "info", fmt: str = "auto") -> None:
         fmt: ``json``, ``console``, or ``auto`` (console on a TTY, JSON otherwise).
     """
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    # Tracebacks without their frames' local variables, on a terminal too (rich would show
+    # them): a frame parsing a client's message holds the message, API key and prompt included.
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        if use_console
+        else structlog.processors.JSONRenderer()
     )
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    tracebacks: list[structlog.types.Processor] = []
     if not use_console:
-        processors.append(structlog.processors.dict_tracebacks)
-    processors += [_count, renderer]
+        tracebacks.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
+    processors += [*tracebacks, _count, renderer]
+    _route_standard_logging(renderer, tracebacks)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def _route_standard_logging(
+    renderer: structlog.types.Processor, tracebacks: list[structlog.types.Processor]
+) -> None:
+    """Lines of libraries that log through ``logging`` (hypercorn's "Error in ASGI Framework"
+    with its traceback, python-multipart's complaints about a client's form) come out as this
+    process's own: one structured line each, sampled per logger (a client can provoke them at
+    will), warnings and up."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.stdlib.ExtraAdder(allow=["suppressed"]),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *tracebacks,
+                _count,
+                renderer,
+            ],
+        )
+    )
+    handler.addFilter(_SampledRecords())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
+
+
+class _SampledRecords(logging.Filter):
+    """At most ``burst`` records per logger and level per ``window_s``; the next one let through
+    carries ``suppressed``."""
+
+    def __init__(self, *, burst: int = 5, window_s: float = 10.0) -> None:
+        super().__init__()
+        self._sampler = SampledLogger(None, burst=burst, window_s=window_s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        admitted, suppressed = self._sampler._admit(f"{record.name}:{record.levelno}")
+        if admitted and suppressed:
+            record.suppressed = suppressed
+        return admitted
 
 
 class SampledLogger:

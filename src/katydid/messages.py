@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from katydid import wire_json
 from katydid.errors import MessageError
 
 SUBJECT_PREFIX = "katydid.jobs"
@@ -102,7 +103,7 @@ class JobOptions:
     @classmethod
     def from_json(cls, raw: str) -> JobOptions:
         try:
-            d = json.loads(raw) if raw else {}
+            d = wire_json.loads(raw) if raw else {}
             opts = cls(
                 language=str(d.get("language") or "en"),
                 word_timestamps=bool(d.get("word_timestamps", False)),
@@ -258,7 +259,7 @@ class JobResult:
             MessageError: not JSON, or a field is missing or of the wrong type.
         """
         try:
-            d = json.loads(raw)
+            d = wire_json.loads(raw)
             err = d.get("error")
             return cls(
                 job=str(d["job"]),

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
-from katydid.log import SampledLogger
+import pytest
+import structlog
+
+from katydid.log import SampledLogger, configure_logging
 
 
 class _Recorder:
@@ -43,3 +48,55 @@ def test_a_burst_followed_by_silence_is_reported_when_its_window_ends() -> None:
     assert log.flush() == 0  # reported once
     assert log.warning("session", n=50)  # a new window, a new budget
     assert rec.lines[-1] == ("session", {"n": 50})
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_traceback_does_not_show_local_variables(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A frame that parses a client's message holds the message: its API key and prompt.
+    saved = structlog.get_config()
+    try:
+        configure_logging(fmt=fmt)
+
+        def parse(message: str) -> None:
+            raise ValueError("bad message")
+
+        message = '{"api_key": "sk-' + 'SECRET-1234"}'  # not in any source line shown
+        try:
+            parse(message)
+        except ValueError:
+            structlog.get_logger("t").exception("session_failed")
+    finally:
+        structlog.configure(**saved)
+    err = capsys.readouterr().err
+    assert "session_failed" in err  # the line and its traceback are there
+    assert "bad message" in err
+    assert "sk-SECRET" not in err
+
+
+def test_a_library_logging_through_logging_gets_sampled_structured_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # hypercorn's "Error in ASGI Framework" with a traceback, python-multipart's complaints:
+    # a client can provoke them at will.
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging(fmt="json")
+        library = logging.getLogger("some.library")
+        for i in range(50):
+            try:
+                raise RuntimeError(f"boom {i}")
+            except RuntimeError:
+                library.exception("Error in ASGI Framework")
+        library.info("chatter")  # below warning
+    finally:
+        structlog.configure(**saved)
+        root.handlers, root.level = handlers, level
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 5  # sampled: 5 per 10 s
+    assert {line["event"] for line in lines} == {"Error in ASGI Framework"}
+    assert (lines[0]["logger"], lines[0]["level"]) == ("some.library", "error")
+    assert lines[0]["exception"][0]["exc_value"] == "boom 0"

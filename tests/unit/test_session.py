@@ -103,6 +103,10 @@ def _error_and_close(outputs: list[Output]) -> tuple[ErrorEvent, Close]:
         ('{"type": "start", "partials": "yes"}', ErrorCode.BAD_MESSAGE, 1008),
         ('{"type": "start", "task": "summarise"}', ErrorCode.BAD_MESSAGE, 1008),
         ('{"type": "start", "prompt": "' + "é" * 600 + '"}', ErrorCode.TOO_LARGE, 1009),
+        # Nested past the parser's recursion limit: a RecursionError, not a ValueError.
+        ('{"type": "start", "x": ' + "[" * 5000 + "]" * 5000 + "}", ErrorCode.BAD_MESSAGE, 1008),
+        ('{"type": "start", "max_wait_s": Infinity}', ErrorCode.BAD_MESSAGE, 1008),
+        ('{"type": "start", "max_wait_s": NaN}', ErrorCode.BAD_MESSAGE, 1008),
     ],
 )
 def test_malformed_control_messages_get_codes(text: str, code: ErrorCode, close: int) -> None:

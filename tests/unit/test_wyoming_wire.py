@@ -48,10 +48,26 @@ def test_what_we_write_the_package_reads() -> None:
         b'{"type": "audio-chunk", "payload_length": 99999}\n',
         b'{"type": "audio-chunk", "payload_length": -1}\n',
         b'{"type": "audio-chunk", "data_length": 4}\n[1,2',
+        b'{"type": "describe", "data_length": NaN}\n',
     ],
 )
 def test_garbage_is_a_framing_error(raw: bytes) -> None:
     reader = _reader()
+    reader.feed(raw)
+    with pytest.raises(FramingError):
+        reader.next_event()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"type": "describe", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n",
+        b'{"type": "describe", "data_length": 100000}\n' + b"[" * 50_000 + b"]" * 50_000,
+    ],
+)
+def test_json_nested_past_the_parsers_limit_is_a_framing_error(raw: bytes) -> None:
+    # json.loads raises RecursionError here, not ValueError: it once ended the whole server.
+    reader = WyomingReader(max_line=200_000, max_data=200_000, max_payload=4096)
     reader.feed(raw)
     with pytest.raises(FramingError):
         reader.next_event()

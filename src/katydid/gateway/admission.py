@@ -7,11 +7,11 @@ questions. ``clock`` is the gateway's monotonic clock (trio's, so tests run it u
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from katydid import wire_json
 from katydid.bus import LaneStats
 from katydid.catalog import ModelOffer, check_options, choose_model, offers_from, served_name
 from katydid.config import Config
@@ -64,7 +64,7 @@ class Admission:
                 can publish here; such a name would make every queue poll fail).
         """
         try:
-            beat = json.loads(data)
+            beat = wire_json.loads(data)
             model = beat.get("model", "")
             worker_id = str(beat["id"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from katydid import wire_json
 from katydid.audio import CONTAINERS, check_pcm_format
 from katydid.errors import AudioError, ErrorCode, ProtocolError
 from katydid.messages import SAMPLE_RATE, TASKS
@@ -160,7 +160,7 @@ def parse_control(text: str, limits: Limits) -> tuple[str, StartOptions | None]:
             f"control message of {size} bytes exceeds {limits.max_frame_bytes}",
         )
     try:
-        msg = json.loads(text)
+        msg = wire_json.loads(text)
     except ValueError:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "control message is not valid JSON") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):

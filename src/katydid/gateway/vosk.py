@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from katydid import wire_json
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.driver import ClientGone, SessionDriver
 from katydid.gateway.events import ErrorEvent, Final, ServerEvent
@@ -146,7 +147,7 @@ def _command(text: str) -> dict[str, Any]:
         ProtocolError: not JSON, or neither.
     """
     try:
-        msg = json.loads(text)
+        msg = wire_json.loads(text)
     except ValueError:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "message is not valid JSON") from None
     if not isinstance(msg, dict) or not ({"config", "eof"} & msg.keys()):

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from katydid import wire_json
+
 VERSION = "1.5.0"  # the protocol version written in headers (what the wyoming package writes)
 
 
@@ -76,7 +78,7 @@ class WyomingReader:
         n = header["data_length"]
         if n:
             try:
-                extra = json.loads(bytes(self._buf[:n]))
+                extra = wire_json.loads(bytes(self._buf[:n]))
             except ValueError:
                 raise FramingError("event data is not JSON") from None
             if not isinstance(extra, dict):
@@ -90,7 +92,7 @@ class WyomingReader:
 
 def _header(line: bytes, bounds: WyomingReader) -> dict[str, Any]:
     try:
-        head = json.loads(line)
+        head = wire_json.loads(line)
     except ValueError:
         raise FramingError("header line is not JSON") from None
     if not isinstance(head, dict) or not isinstance(head.get("type"), str):
