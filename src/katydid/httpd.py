@@ -57,7 +57,7 @@ def _tolerate_send_during_close() -> None:
     """A send that meets the connection being closed is dropped, as hypercorn drops one that
     meets a broken connection, instead of ending the server.
 
-    hypercorn (0.17) sends under a lock but closes (``send_eof``) outside it. A client that
+    hypercorn (0.18.0) sends under a lock but closes (``send_eof``) outside it. A client that
     declares a huge body and hangs up while the door answers 413 has hypercorn closing the
     connection in one task while another sends (the door's answer, or hypercorn's own error
     response for the cut-off body): trio raises ``BusyResourceError``, which hypercorn does not

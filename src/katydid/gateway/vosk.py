@@ -157,8 +157,11 @@ def _command(text: str) -> dict[str, Any]:
 
 def _sample_rate(config: Any) -> int:
     rate = config.get("sample_rate", 16_000) if isinstance(config, dict) else None
-    if isinstance(rate, float) and rate.is_integer():
+    # 16000.0 is a rate; 1e300 would become a 301-digit one, echoed in the range error.
+    if isinstance(rate, float) and rate.is_integer() and abs(rate) < 2**31:
         rate = int(rate)
     if not isinstance(rate, int) or isinstance(rate, bool):
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "config.sample_rate must be a number")
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, "config.sample_rate must be a whole number of Hz"
+        )
     return rate
