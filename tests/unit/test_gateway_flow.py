@@ -820,3 +820,27 @@ async def test_uploads_are_decoded_and_published_a_window_at_a_time(autojump_clo
             r.bus.answer(q, "x")
         for ws in sockets:
             assert (await _next(ws, "queued"))["type"] == "final"
+
+
+async def test_an_unforeseen_error_ends_its_connection_never_the_door(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A RecursionError from a client's JSON once ended a door's nursery, and the server with it.
+    async with rig() as r:
+        real = r.gateway.refusal
+        calls: list[Any] = []
+
+        def refusal(live: Any) -> Any:
+            calls.append(live)
+            if len(calls) == 1:
+                raise RecursionError("unforeseen")
+            return real(live)
+
+        monkeypatch.setattr(r.gateway, "refusal", refusal)
+        first = await r.connect()
+        assert await _closed(first) == 1006  # cut off, no close frame: the server was lost
+        await _eventually(lambda: not r.gateway.sessions)
+        second = await r.connect()
+        await _stream(second, seconds=3.0)
+        await second.send_message('{"type": "stop"}')
+        await _eventually(lambda: len(r.bus.finals()) >= 1)

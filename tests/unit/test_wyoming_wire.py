@@ -100,3 +100,40 @@ async def test_a_network_off_the_allowlist_gets_unauthorized_and_is_disconnected
         assert event.data["code"] == "unauthorized"
         assert not gateway.sessions
         nursery.cancel_scope.cancel()
+
+
+async def test_an_unforeseen_error_ends_its_connection_never_the_door(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import trio
+
+    from katydid.bus.memory import MemoryBus
+    from katydid.config import Config
+    from katydid.gateway import wyoming
+    from katydid.gateway.server import Gateway
+
+    calls = 0
+    real = WyomingReader.next_event
+
+    def next_event(self: WyomingReader) -> WyomingEvent | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RecursionError("unforeseen")
+        return real(self)
+
+    monkeypatch.setattr(WyomingReader, "next_event", next_event)
+    gateway = Gateway(Config(wyoming_port=0), bus=MemoryBus())
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(wyoming.WyomingDoor(gateway).run)
+        for expected in (b"", b'{"type": "info"'):  # cut off; then the door still answers
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(encode(WyomingEvent("describe", {})))
+            with trio.fail_after(5):
+                try:
+                    first = await stream.receive_some(15)
+                except trio.BrokenResourceError:  # reset: the door closed what it had unread
+                    first = b""
+            await stream.aclose()
+            assert first == expected
+        nursery.cancel_scope.cancel()

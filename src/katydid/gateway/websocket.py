@@ -139,6 +139,8 @@ async def serve_stream(
                 await door.last_words(live.session.fail(refused))
         finally:
             gateway.close_session(live)
+    except Exception:  # what nobody foresaw ends this connection, never the door
+        gateway.sampled.log("error", "connection_failed", door="websocket", exc_info=True)
     finally:
         await trio.aclose_forcefully(stream)
 

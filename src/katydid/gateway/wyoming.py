@@ -81,6 +81,8 @@ class WyomingDoor:
                     await _lingering_close(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception:  # what nobody foresaw ends this connection, never the door
+            self.gateway.sampled.log("error", "connection_failed", door="wyoming", exc_info=True)
         finally:
             await trio.aclose_forcefully(stream)
 
