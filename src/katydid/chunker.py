@@ -62,8 +62,14 @@ class Chunker:
         silence_s: float = 0.3,
         eager: bool = False,
         vad: bool = False,
+        soft_max_s: float = 0.0,
+        soft_pause_s: float = 0.2,
     ) -> None:
         self._eager = eager
+        # Eager (live) only: from soft_max_s of audio on, a shorter pause (soft_pause_s) ends
+        # the utterance too; 0 = off.
+        self._soft_frames = int(soft_max_s * SAMPLE_RATE) // FRAME if soft_max_s > 0 else 0
+        self._soft_pause_frames = max(1, round(soft_pause_s * SAMPLE_RATE / FRAME))
         self._use_vad = vad
         self._vad: Any = None  # made with the first audio: a session that sends none costs none
         self._min_frames = max(1, int(min_s * SAMPLE_RATE) // FRAME)
@@ -218,6 +224,17 @@ class Chunker:
             if e == silent.size:
                 return None  # the pause may go on: wait for more audio
             return int((s + e) // 2) * FRAME
+        if self._eager and self._soft_frames and silent.size >= self._soft_frames:
+            # A speaker who never pauses for long: the latest short pause ends the utterance,
+            # so that it stays within the engine's clip-sized windows (whisper.cpp's full 30 s
+            # window costs ~4x the encoder of a 12 s one) and its final comes.
+            soft = [
+                int(min(e, s + _TAIL)) * FRAME
+                for s, e in zip(starts, ends, strict=True)
+                if e - s >= self._soft_pause_frames and s >= self._min_frames
+            ]
+            if soft:
+                return soft[-1]
         return None
 
     def _drop_lead(self) -> None:

@@ -110,6 +110,11 @@ class Config:
     # least chunk_min_s at once, so its final follows the speaker's pause (issue 15).
     chunk_min_s: float = 1.0
     chunk_pause_s: float = 0.5
+    # ... and once an utterance has run chunk_live_soft_s, a pause of chunk_soft_pause_s ends it
+    # (fluent read speech pauses under 0.5 s between sentences: 21-28 s utterances, each a
+    # full-window decode, with partials of it too); 0 = off.
+    chunk_live_soft_s: float = 10.0
+    chunk_soft_pause_s: float = 0.2
     # Files: each chunk costs a whole encoder window, and longer context decodes better (long
     # clip: 12 s chunks 3.3% WER in 8 jobs, 20 s chunks 2.2% in 5); files up to chunk_max_s
     # are one job.
@@ -169,6 +174,12 @@ class Config:
             raise ConfigError("need 0 < chunk_min_s <= file_chunk_min_s <= chunk_max_s <= 30")
         if not 0.03 <= self.chunk_pause_s < self.chunk_max_s:
             raise ConfigError("chunk_pause_s must be at least 0.03 (one frame) and < chunk_max_s")
+        if self.chunk_live_soft_s and not (
+            self.chunk_min_s <= self.chunk_live_soft_s <= self.chunk_max_s
+        ):
+            raise ConfigError("chunk_live_soft_s must be 0 (off) or chunk_min_s..chunk_max_s")
+        if not 0.03 <= self.chunk_soft_pause_s <= self.chunk_pause_s:
+            raise ConfigError("chunk_soft_pause_s must be at least 0.03 and <= chunk_pause_s")
         for name in (
             "upload_memory_bytes",
             "upload_memory_total_bytes",

@@ -103,3 +103,21 @@ def test_live_partials_wait_for_speech() -> None:
     assert not chunker.has_speech()
     chunker.feed(vowel_pcm(1.0))
     assert chunker.has_speech()
+
+
+def test_live_speech_without_long_pauses_is_cut_at_short_ones_past_the_soft_max() -> None:
+    # Fluent reading: 3 s sentences with 0.25 s between them, never the 0.5 s a pause needs.
+    sentence = np.concatenate([vowel_pcm(3.0), _silence(0.25)])
+    audio = np.concatenate([sentence] * 8)  # 26 s
+    hard = [c.size / SAMPLE_RATE for c in _feed_all(_live(), audio)]
+    assert hard[0] > 25.0  # one utterance: a full-window decode, its final at the end
+    soft = Chunker(min_s=1.0, max_s=30.0, silence_s=0.5, eager=True, vad=True, soft_max_s=10.0)
+    sizes = [c.size / SAMPLE_RATE for c in _feed_all(soft, audio)]
+    # Cut at the latest short pause once 10 s have run: whole sentences, none over ~10 s.
+    assert all(6.0 <= s <= 10.0 for s in sizes[:-1]), sizes
+    assert len(sizes) >= 3
+    # Each cut keeps ~0.2 s of its pause; the rest of a pause is not sent (live).
+    assert sum(sizes) <= audio.size / SAMPLE_RATE
+    # A long pause still ends an utterance before the soft max.
+    short = _feed_all(soft, np.concatenate([vowel_pcm(2.0), _silence(0.6), vowel_pcm(2.0)]))
+    assert len(short) == 2

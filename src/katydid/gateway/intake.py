@@ -49,6 +49,8 @@ class AudioIntake:
                 silence_s=lim.chunk_pause_s,
                 eager=True,
                 vad=True,
+                soft_max_s=lim.chunk_live_soft_s,
+                soft_pause_s=lim.chunk_soft_pause_s,
             )
 
     def frame(self, data: bytes, message_bytes: int | None = None) -> list[Chunk]:

@@ -33,6 +33,8 @@ class Limits:
     chunk_max_s: float
     chunk_silence_s: float
     chunk_pause_s: float
+    chunk_live_soft_s: float
+    chunk_soft_pause_s: float
     bulk_min_audio_s: float
     default_max_wait_s: float
     partial_interval_s: float
