@@ -126,25 +126,45 @@ async def run_nats_server(
 
     await trio.to_thread.run_sync(write_conf)
     env = dict(os.environ) | password_environment(passwords)
-    async with trio.open_nursery() as nursery:
-        proc: trio.Process = await nursery.start(
-            lambda task_status: trio.run_process(  # noqa: ASYNC105 - nursery.start awaits it
-                # Watched by a small parent that stops it if serve is killed outright.
-                [*with_parent_argv(), nats_server_binary(), "-c", str(conf)],
-                stdout=subprocess.DEVNULL,
-                stderr=sys.stderr,  # the real one (see native_stderr)
-                env=env,
-                check=False,
-                start_new_session=True,  # Ctrl-C reaches serve only; serve stops NATS last
-                deliver_cancel=lambda p: _terminate(p, 5),
-                task_status=task_status,
+    url = f"nats://127.0.0.1:{port}"
+    backoff = 0.5
+    started = False
+    while True:
+        # Restarted when it exits (a crash, a kill by hand or by the OOM killer) on the same
+        # port and store: the gateway and the workers reconnect and the queued jobs are still
+        # there. It once took the whole server down with it, every client cut off unanswered.
+        born = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            proc: trio.Process = await nursery.start(
+                lambda task_status: trio.run_process(  # noqa: ASYNC105 - start awaits it
+                    # Watched by a small parent that stops it if serve is killed outright.
+                    [*with_parent_argv(), nats_server_binary(), "-c", str(conf)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=sys.stderr,  # the real one (see native_stderr)
+                    env=env,
+                    check=False,
+                    start_new_session=True,  # Ctrl-C reaches serve only; serve stops NATS last
+                    deliver_cancel=lambda p: _terminate(p, 5),
+                    task_status=task_status,
+                )
             )
-        )
-        await wait_for_port(port, 10)
-        task_status.started(f"nats://127.0.0.1:{port}")
-        await proc.wait()
+            try:
+                await wait_for_port(port, 10)
+            except trio.TooSlowError:
+                raise KatydidError(f"nats-server did not listen on port {port} in 10 s") from None
+            if not started:
+                task_status.started(url)
+                started = True
+            code = await proc.wait()
         await trio.lowlevel.checkpoint()  # if we are being cancelled, the exit was ours
-        raise KatydidError(f"nats-server exited with code {proc.returncode}")
+        backoff = 0.5 if trio.current_time() - born > 60 else min(10.0, backoff * 2)
+        log.warning(
+            "nats_server_exited",
+            code=code,
+            reason=describe_exit(code),
+            restart_in_s=backoff,
+        )
+        await trio.sleep(backoff)
 
 
 def with_parent_argv() -> list[str]:

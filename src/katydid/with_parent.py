@@ -44,7 +44,8 @@ def run(parent: int, argv: list[str]) -> int:
                 code = child.wait()
             break
     if code < 0:  # exit as the command did, so the supervisor can say how it died
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those cannot be handled anyway
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
         time.sleep(1)
     return code if code >= 0 else 128 - code

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from katydid.evaluation import wer
+from katydid.serve import nats_server_binary
 from tests.integration.stack import free_port, port_open, wait_until
 
 pytestmark = pytest.mark.integration
+NATS_BINARY = nats_server_binary()
 
 
 def _children_of(pid: int) -> set[int]:
@@ -101,6 +103,30 @@ def test_serve_transcribe_eval_and_drain(model_dir: Path, speech_dir: Path, tmp_
             [sys.executable, "-m", "katydid", "transcribe", str(jfk), "--url", url],
             capture_output=True, text=True, env=env, timeout=120, check=True,
         )  # fmt: skip
+        assert wer(reference, out.stdout) <= 0.05
+        # So is its nats-server, on the same port and store: the gateway and the worker
+        # reconnect (it once took the whole server down, every client cut off unanswered).
+        nats = next(p for p in _children_of(serve.pid) if _cmdline(p).startswith(NATS_BINARY))
+        os.kill(nats, signal.SIGKILL)
+        wait_until(
+            lambda: any(
+                _cmdline(p).startswith(NATS_BINARY) for p in _children_of(serve.pid) - {nats}
+            ),
+            30,
+            "a new nats-server",
+        )
+        # Until the gateway has reconnected its sessions are refused (overloaded, in words).
+        deadline = time.monotonic() + 60
+        while True:
+            out = subprocess.run(
+                [sys.executable, "-m", "katydid", "transcribe", str(jfk), "--url", url],
+                capture_output=True, text=True, env=env, timeout=120,
+            )  # fmt: skip
+            if out.returncode == 0 or time.monotonic() > deadline:
+                break
+            assert "overloaded" in out.stderr, out.stderr
+            time.sleep(1)
+        assert out.returncode == 0, out.stderr
         assert wer(reference, out.stdout) <= 0.05
         children = _children_of(serve.pid)
     finally:
