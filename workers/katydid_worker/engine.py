@@ -25,6 +25,7 @@ import numpy as np
 from katydid.errors import EngineError, ModelError
 from katydid.languages import WHISPER_LANGUAGES
 from katydid.messages import SAMPLE_RATE
+from katydid_worker.ggml_check import check_ggml
 from katydid_worker.guardrails import (
     CLIP_CTX_STEPS,
     FULL_CTX,
@@ -151,6 +152,7 @@ class Engine:
     def __init__(self, model_path: Path, options: EngineOptions | None = None) -> None:
         if not model_path.is_file():
             raise ModelError(f"model file {model_path} not found; run: katydid model prepare")
+        check_ggml(model_path)  # whisper.cpp segfaults, silently, on a file that is not one
         import _pywhispercpp as pw
         from pywhispercpp.model import Model  # imported late: it loads a native library
 
