@@ -43,7 +43,8 @@ class ClipResult:
 
     @property
     def wer(self) -> float:
-        return self.errors / self.words if self.words else 0.0
+        # No reference words (silence, noise): anything heard is all wrong, as in ``wer``.
+        return self.errors / self.words if self.words else float(self.errors > 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,8 @@ class EvalReport:
     def wer(self) -> float:
         """Pooled WER: all errors over all reference words."""
         words = sum(c.words for c in self.clips)
-        return sum(c.errors for c in self.clips) / words if words else 0.0
+        errors = sum(c.errors for c in self.clips)
+        return errors / words if words else float(errors > 0)
 
     @property
     def audio_s(self) -> float:
@@ -102,23 +104,38 @@ def read_manifest(path: Path) -> list[Clip]:
     """Read a manifest TSV; ``file`` entries are relative to its folder.
 
     Raises:
-        KatydidError: the file is unreadable or lacks the needed columns.
+        KatydidError: the file is unreadable, is not a UTF-8 TSV with the columns ``file`` and
+            ``transcript``, has no clips, or a row has no file or a bad duration.
     """
     try:
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     except OSError as exc:
         raise KatydidError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc
-    if rows and not {"file", "transcript"} <= set(rows[0]):
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise KatydidError(
+            f"manifest {path} is not a UTF-8 TSV (file<TAB>transcript per line; an audio file"
+            f" goes in one): {exc}"
+        ) from None
+    if not rows:
+        raise KatydidError(f"manifest {path} lists no clips")
+    if not {"file", "transcript"} <= set(rows[0]):
         raise KatydidError(f"manifest {path} needs the columns 'file' and 'transcript'")
     clips = []
-    for row in rows:
-        transcript = row["transcript"]
+    for line, row in enumerate(rows, start=2):
+        transcript = (row["transcript"] or "").strip()
         if len(transcript) >= 2 and transcript[0] == transcript[-1] == '"':
             transcript = transcript[1:-1].replace('""', '"')  # a CSV-quoted field read raw
-        clips.append(
-            Clip(path.parent / row["file"], float(row.get("duration_s") or "nan"), transcript)
-        )
+        if not row["file"]:
+            raise KatydidError(f"manifest {path}, line {line}: no file")
+        # An empty transcript is allowed: silence or noise, where every word heard is an error.
+        try:
+            duration = float(row.get("duration_s") or "nan")
+        except ValueError:
+            raise KatydidError(
+                f"manifest {path}, line {line}: duration_s is not a number"
+            ) from None
+        clips.append(Clip(path.parent / row["file"], duration, transcript))
     return clips
 
 
@@ -179,7 +196,10 @@ def evaluate(clips: Iterable[Clip], transcribe: Callable[[Clip], Heard]) -> Eval
     """Transcribe each clip with ``transcribe`` and score it."""
     results = []
     for clip in clips:
-        heard = transcribe(clip)
+        try:
+            heard = transcribe(clip)
+        except KatydidError as exc:
+            raise KatydidError(f"{clip.name}: {exc}") from exc
         errors, words = word_errors(clip.reference, heard.text)
         results.append(
             ClipResult(clip.name, words, errors, heard.audio_s, heard.compute_s, heard.text)

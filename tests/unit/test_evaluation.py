@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from katydid.errors import AudioError, KatydidError
 from katydid.evaluation import (
     Clip,
     Heard,
@@ -94,3 +95,43 @@ def test_eval_noise_is_refused_through_a_server(tmp_path: Path) -> None:
 def test_punctuation_left_by_the_normaliser_is_not_a_word() -> None:
     assert normalize("In this regard...") == "in this regard"
     assert wer("in this regard", "In this regard...") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x80\xbb", "UTF-8 TSV"),
+        (b"", "lists no clips"),
+        (b"file\ttranscript\n", "lists no clips"),
+        (b"name\ttext\na.wav\thello\n", "needs the columns"),
+        (b"file\ttranscript\n\thello\n", "line 2: no file"),
+        (b"file\tduration_s\ttranscript\na.wav\tlong\thello\n", "duration_s is not a number"),
+    ],
+)
+def test_a_manifest_that_cannot_be_scored_is_refused_in_words(
+    tmp_path: Path, content: bytes, says: str
+) -> None:
+    # A WAV given as the manifest was a UnicodeDecodeError traceback; an empty one scored
+    # "0 clips, WER 0.00%" (and NaN in --json).
+    (tmp_path / "m.tsv").write_bytes(content)
+    with pytest.raises(KatydidError, match=says):
+        read_manifest(tmp_path / "m.tsv")
+
+
+def test_a_clip_that_fails_is_named(tmp_path: Path) -> None:
+    def broken(clip: Clip) -> Heard:
+        raise AudioError("not a WAV file")
+
+    with pytest.raises(KatydidError, match=r"^b\.wav: not a WAV file$"):
+        evaluate([Clip(tmp_path / "b.wav", 1.0, "hello")], broken)
+
+
+def test_text_heard_where_nobody_speaks_is_not_a_wer_of_zero(tmp_path: Path) -> None:
+    report = evaluate(
+        [Clip(tmp_path / "silence.wav", 10.0, "")], lambda clip: Heard("thank you", 10.0, 0.1)
+    )
+    assert (report.clips[0].words, report.clips[0].errors) == (0, 2)
+    assert report.clips[0].wer == 1.0
+    assert report.wer == 1.0
+    quiet = evaluate([Clip(tmp_path / "silence.wav", 10.0, "")], lambda clip: Heard("", 10.0, 0))
+    assert quiet.wer == 0.0
