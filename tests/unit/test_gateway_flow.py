@@ -476,6 +476,9 @@ async def test_a_lost_queue_connection_ends_waiting_sessions(autojump_clock: Any
         await _next(idle)
         await _eventually(lambda: bool(r.bus.finals()))
         await trio.testing.wait_all_tasks_blocked()
+        r.bus.connected = False  # nats-py reconnecting by itself: alive, and it says so
+        health = r.gateway.routes()["/healthz"]()
+        assert (health.status, json.loads(health.body)["nats"]) == (200, "reconnecting")
         r.bus.lose()
         error = await _next(waiting, "queued")
         assert (error["code"], error["retry_after_s"]) == ("overloaded", 5.0)

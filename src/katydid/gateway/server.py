@@ -596,7 +596,14 @@ class Gateway:
                 {
                     "alive": not lost,
                     "sessions": len(self.sessions),
-                    "nats": "closed, being replaced" if lost else "ok",
+                    # Alive while nats-py reconnects (a restart would not help); said here.
+                    "nats": (
+                        "closed, being replaced"
+                        if lost
+                        else "ok"
+                        if self.bus.connected
+                        else "reconnecting"
+                    ),
                 },
             )
 
