@@ -414,4 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`katydid nats status | head -2`): nothing more to say to it.
+        # Further writes to stdout, at exit too, go nowhere instead of raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command killed by SIGPIPE
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover

@@ -81,3 +81,22 @@ def test_an_error_raised_in_a_nursery_is_said_in_words(
     monkeypatch.setattr(cli_remote, "run_server_command", bug)
     with pytest.raises(BaseExceptionGroup):
         main(["serve"])
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback() -> None:
+    # `katydid nats status | head -2`: a BrokenPipeError traceback, sometimes.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from katydid import cli\n"
+        "def gone(cfg, args):\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "cli._cmd_model = gone\n"
+        "sys.exit(cli.main(['model', 'list']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (out.returncode, out.stderr) == (141, "")
