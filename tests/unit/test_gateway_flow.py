@@ -468,6 +468,31 @@ async def test_refused_at_start_when_the_queue_eta_exceeds_max_wait(autojump_clo
         assert _metric(r.gateway, "katydid_overloaded_total", reason="max_wait") == 1
 
 
+async def test_uploads_admitted_at_once_count_ahead_of_each_other(autojump_clock: Any) -> None:
+    # Thirty uploads started together each saw an empty queue: none was refused, and the last
+    # waited four times its max_wait_s. One worker, 1 s a job.
+    async with rig() as r:
+        start = '{"type": "start", "format": "wav", "max_wait_s": 2.5}'
+        first, second, third = [await r.connect() for _ in range(3)]
+        for ws in (first, second, third):
+            await ws.send_message(start)
+        assert (await _next(first))["type"] == "ready"  # ETA 1 s
+        assert (await _next(second))["type"] == "ready"  # 2 s: the first's job ahead
+        refused = await _next(third)  # 3 s
+        assert (refused["code"], refused["retry_after_s"]) == ("overloaded", 1.0)
+        # A session that leaves before publishing is no longer counted; a live one never is.
+        await first.aclose()
+        await _eventually(lambda: len(r.gateway.sessions) == 1)
+        later = await r.connect()
+        await later.send_message(start)
+        assert (await _next(later))["type"] == "ready"
+        assert r.gateway.admission.expected == {MODEL: 2}
+        live = await r.connect()
+        await live.send_message('{"type": "start", "max_wait_s": 7}')
+        assert (await _next(live))["type"] == "ready"
+        assert r.gateway.admission.expected == {MODEL: 2}
+
+
 async def test_a_lost_queue_connection_ends_waiting_sessions(autojump_clock: Any) -> None:
     async with rig() as r:
         waiting, idle = await r.connect(), await r.connect()

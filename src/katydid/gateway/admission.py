@@ -49,6 +49,8 @@ class Admission:
         self.expected_models = {served_name(m) for m, _ in cfg.worker_plan()}
         # Per model: counted into its backlog until the next poll sees them.
         self.published_since_poll: dict[str, int] = {}
+        # Per model: sessions admitted that have not published a job yet (``expect``).
+        self.expected: dict[str, int] = {}
         self.polled_at = -float("inf")
         # Partials only while the model's interactive queue is not backed up (finals come
         # first): read per audio frame by every streaming session, so decided once per poll.
@@ -75,6 +77,18 @@ class Admission:
 
     def published(self, model: str) -> None:
         self.published_since_poll[model] = self.published_since_poll.get(model, 0) + 1
+
+    def expect(self, model: str) -> None:
+        """A session was admitted to ``model``: a job ahead of the next ones until it has
+        published one or ended (``arrived``)."""
+        self.expected[model] = self.expected.get(model, 0) + 1
+
+    def arrived(self, model: str) -> None:
+        left = self.expected.get(model, 0) - 1
+        if left > 0:
+            self.expected[model] = left
+        else:
+            self.expected.pop(model, None)
 
     def polled(self, lanes: dict[tuple[str, str], LaneStats], counted: dict[str, int]) -> None:
         """A poll's answer; ``counted``: the publishes made before it was asked (now in it)."""
@@ -146,6 +160,8 @@ class Admission:
         stats = self.lanes.get((model, lane))
         ahead = stats.pending + stats.in_progress if stats else 0
         ahead += self.published_since_poll.get(model, 0)
+        if lane == "interactive":  # an upload's lane is known once decoded: counted here
+            ahead += self.expected.get(model, 0)
         interactive = self.lanes.get((model, "interactive"))
         if lane == "bulk" and interactive is not None:
             # Interactive jobs go first, but at most bulk_every - 1 of them per bulk job.

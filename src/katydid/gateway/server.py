@@ -121,6 +121,8 @@ class Live:
     _room: trio.Event | None = None  # made by the first wait for room, set by progress
     # Its upload's block being decoded and published: bytes of the gateway's window (window.py)
     hold: Hold | None = None
+    # Admitted to this model's queue and no job published yet: counted ahead in its ETA.
+    expected: str | None = None
 
     def deliver(self, item: Inbound, bound: int) -> bool:
         """Queue ``item`` for the door; False if the session is over or ``bound`` items wait."""
@@ -405,6 +407,9 @@ class Gateway:
             self.tenants.recount(live.tenant, live.queued, 0)
             live.queued = 0
             self.tenants.close(live.tenant)
+        if live.expected is not None:
+            self.admission.arrived(live.expected)
+            live.expected = None
         if s.intake is not None:
             s.intake.upload.close()  # a spooled upload's disk file goes with it
         outcome = s.outcome or "incomplete"
@@ -458,6 +463,12 @@ class Gateway:
             if exc.code is ErrorCode.OVERLOADED:
                 self.metrics.overloaded.labels("max_wait").inc()
             return session.fail(exc)
+        if admit.options.is_file:
+            # Counted ahead of the next ones until its first job is published (or it ends):
+            # a burst of uploads starting at once each saw an empty queue and all were
+            # admitted. Not a live stream: one may be silent for hours (a job when it speaks).
+            self.admission.expect(model)
+            live.expected = model
         # An upload waits until stop: memory within its bound and the gateway's, then disk.
         upload = self.uploads.upload() if admit.options.is_file else None
         return session.admitted(model, tuple(o.to_dict() for o in offers.values()), upload)
@@ -560,6 +571,9 @@ class Gateway:
             if kind == "partial":
                 return []
             self.admission.published(publish.model)
+            if live.expected is not None:
+                self.admission.arrived(live.expected)
+                live.expected = None
             return self.carry_out(live, s.published(job.seq, stream_seq))
         return self.carry_out(live, s.publish_failed(job, error))
 
