@@ -293,7 +293,9 @@ def decode_container(data: bytes | Path, *, max_audio_s: float, max_bytes: int) 
         try:
             size = data.stat().st_size
         except OSError as exc:
-            raise AudioError(f"cannot read {data}: {exc.strerror or exc}") from exc
+            raise AudioError(f"cannot read it: {exc.strerror or exc}") from exc
+        if data.is_dir():
+            raise AudioError("it is a directory, not an audio file")
         source: Path | IO[bytes] = data
     else:
         size = len(data)

@@ -27,7 +27,7 @@ _PCM_FRAME_BYTES = 3200  # 100 ms of 16 kHz mono s16le
 def file_format(path: Path, data: bytes) -> str:
     fmt = sniff_container(data[:16])
     if fmt is None:
-        raise KatydidError(f"{path}: not a WAV, FLAC, OGG or MP3 file")
+        raise KatydidError("not a WAV, FLAC, OGG or MP3 file")  # the caller names the file
     return fmt
 
 
@@ -63,7 +63,11 @@ def transcribe_remote(
         try:
             data = path.read_bytes()
             fmt = file_format(path, data)
-        except (OSError, KatydidError) as exc:
+        except OSError as exc:
+            print(f"katydid: {path}: cannot read it: {exc.strerror or exc}", file=sys.stderr)
+            failed += 1
+            continue
+        except KatydidError as exc:
             print(f"katydid: {path}: {exc}", file=sys.stderr)
             failed += 1
             continue
@@ -133,11 +137,14 @@ def formatted(
 
 def remote_heard(url: str, clip: Clip) -> Heard:
     """Transcribe one evaluation clip through a running server."""
-    data = clip.path.read_bytes()
+    try:
+        data = clip.path.read_bytes()
+    except OSError as exc:
+        raise KatydidError(f"cannot read it: {exc.strerror or exc}") from None
     fmt = file_format(clip.path, data)
     result = trio.run(lambda: client.transcribe(url, data, fmt=fmt, frame_bytes=_FILE_FRAME_BYTES))
     if result.done is None:
-        raise KatydidError(f"{clip.name}: session failed: {result.error}")
+        raise KatydidError(f"session failed: {result.error}")  # evaluate names the clip
     return Heard(result.text, float(result.done["audio_s"]), result.total_s)
 
 

@@ -224,3 +224,20 @@ def test_a_file_outside_the_decoded_rates_is_refused_in_words(rate: int, channel
     data = _encode(_tone(rate, 0.5, channels), rate, "WAV", "PCM_16")
     with pytest.raises(AudioError, match=rf"\({rate} Hz, {channels} channels\) is outside"):
         DecodedStream(io.BytesIO(data), max_audio_s=60.0)
+
+
+def test_a_directory_or_a_missing_path_is_said_in_words(tmp_path: Path) -> None:
+    # A directory was libsndfile's "Format not recognised"; the caller names the path.
+    with pytest.raises(AudioError, match="^it is a directory, not an audio file$"):
+        decode_container(tmp_path, max_audio_s=60, max_bytes=1 << 20)
+    with pytest.raises(AudioError, match="^cannot read it: No such file or directory$"):
+        decode_container(tmp_path / "none.wav", max_audio_s=60, max_bytes=1 << 20)
+
+
+def test_a_file_that_is_not_audio_is_said_once() -> None:
+    # `katydid transcribe` prefixes the path: the message must not carry it again.
+    from katydid.cli_remote import file_format
+    from katydid.errors import KatydidError
+
+    with pytest.raises(KatydidError, match="^not a WAV, FLAC, OGG or MP3 file"):
+        file_format(Path("garbage/random.wav"), b"\x8f\x13random bytes")
