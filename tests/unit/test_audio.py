@@ -228,9 +228,9 @@ def test_a_file_outside_the_decoded_rates_is_refused_in_words(rate: int, channel
 
 def test_a_directory_or_a_missing_path_is_said_in_words(tmp_path: Path) -> None:
     # A directory was libsndfile's "Format not recognised"; the caller names the path.
-    with pytest.raises(AudioError, match="^it is a directory, not an audio file$"):
+    with pytest.raises(AudioError, match=r"^it is a directory, not an audio file$"):
         decode_container(tmp_path, max_audio_s=60, max_bytes=1 << 20)
-    with pytest.raises(AudioError, match="^cannot read it: No such file or directory$"):
+    with pytest.raises(AudioError, match=r"^cannot read it: No such file or directory$"):
         decode_container(tmp_path / "none.wav", max_audio_s=60, max_bytes=1 << 20)
 
 
@@ -239,5 +239,5 @@ def test_a_file_that_is_not_audio_is_said_once() -> None:
     from katydid.cli_remote import file_format
     from katydid.errors import KatydidError
 
-    with pytest.raises(KatydidError, match="^not a WAV, FLAC, OGG or MP3 file"):
+    with pytest.raises(KatydidError, match=r"^not a WAV, FLAC, OGG or MP3 file"):
         file_format(Path("garbage/random.wav"), b"\x8f\x13random bytes")
