@@ -227,7 +227,7 @@ class Chunker:
         if self._eager and self._soft_frames and silent.size >= self._soft_frames:
             # A speaker who never pauses for long: the latest short pause ends the utterance,
             # so that it stays within the engine's clip-sized windows (whisper.cpp's full 30 s
-            # window costs ~4x the encoder of a 12 s one) and its final comes.
+            # window costs ~4x the encoder of a 12 s one, AMD EPYC) and its final comes.
             soft = [
                 int(min(e, s + _TAIL)) * FRAME
                 for s, e in zip(starts, ends, strict=True)

@@ -43,8 +43,7 @@ class ClipResult:
 
     @property
     def wer(self) -> float:
-        # No reference words (silence, noise): anything heard is all wrong, as in ``wer``.
-        return self.errors / self.words if self.words else float(self.errors > 0)
+        return error_rate(self.errors, self.words)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +53,7 @@ class EvalReport:
     @property
     def wer(self) -> float:
         """Pooled WER: all errors over all reference words."""
-        words = sum(c.words for c in self.clips)
-        errors = sum(c.errors for c in self.clips)
-        return errors / words if words else float(errors > 0)
+        return error_rate(sum(c.errors for c in self.clips), sum(c.words for c in self.clips))
 
     @property
     def audio_s(self) -> float:
@@ -177,10 +174,15 @@ def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
     return out.substitutions + out.deletions + out.insertions, len(ref)
 
 
+def error_rate(errors: int, words: int) -> float:
+    """Errors per reference word; with no reference words (silence, noise) anything heard is
+    all wrong (1.0), nothing heard all right (0.0)."""
+    return errors / words if words else float(errors > 0)
+
+
 def wer(reference: str, hypothesis: str) -> float:
     """Normalised word error rate of one hypothesis."""
-    errors, words = word_errors(reference, hypothesis)
-    return errors / words if words else float(errors > 0)
+    return error_rate(*word_errors(reference, hypothesis))
 
 
 @dataclass(frozen=True, slots=True)

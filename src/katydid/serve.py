@@ -35,6 +35,8 @@ from katydid.sdnotify import notify
 
 log = structlog.get_logger("katydid.serve")
 _NATS_MAX_PAYLOAD = "4MB"  # a 30 s chunk is 960,000 bytes plus headers
+_RESTART_FIRST_S = 0.5
+_NATS_RESTART_MAX_S = 10.0  # every session waits on NATS: retried sooner than a worker
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -127,7 +129,7 @@ async def run_nats_server(
     await trio.to_thread.run_sync(write_conf)
     env = dict(os.environ) | password_environment(passwords)
     url = f"nats://127.0.0.1:{port}"
-    backoff = 0.5
+    backoff = _RESTART_FIRST_S
     started = False
     while True:
         # Restarted when it exits (a crash, a kill by hand or by the OOM killer) on the same
@@ -157,7 +159,7 @@ async def run_nats_server(
                 started = True
             code = await proc.wait()
         await trio.lowlevel.checkpoint()  # if we are being cancelled, the exit was ours
-        backoff = 0.5 if trio.current_time() - born > 60 else min(10.0, backoff * 2)
+        backoff = restart_backoff(backoff, trio.current_time() - born, _NATS_RESTART_MAX_S)
         log.warning(
             "nats_server_exited",
             code=code,
@@ -167,6 +169,12 @@ async def run_nats_server(
         await trio.sleep(backoff)
 
 
+def restart_backoff(previous_s: float, lived_s: float, max_s: float) -> float:
+    """The wait before restarting a child that ran ``lived_s``: doubled from the last one up to
+    ``max_s``, and back to the first after a minute up (a crash, not a crash loop)."""
+    return _RESTART_FIRST_S if lived_s > 60 else min(max_s, previous_s * 2)
+
+
 def with_parent_argv() -> list[str]:
     """The prefix that makes a command end when this process does (``katydid.with_parent``)."""
     return [sys.executable, "-m", "katydid.with_parent", str(os.getpid()), "--"]
@@ -174,7 +182,7 @@ def with_parent_argv() -> list[str]:
 
 async def supervise_worker(cfg: Config, index: int, argv: list[str], env: dict[str, str]) -> None:
     """Keep one worker process running; restart it with capped exponential backoff."""
-    backoff = 0.5
+    backoff = _RESTART_FIRST_S
     while True:
         started = trio.current_time()
         result = await trio.run_process(
@@ -186,7 +194,7 @@ async def supervise_worker(cfg: Config, index: int, argv: list[str], env: dict[s
             deliver_cancel=_terminate,
         )
         lived = trio.current_time() - started
-        backoff = 0.5 if lived > 60 else min(cfg.worker_restart_max_backoff_s, backoff * 2)
+        backoff = restart_backoff(backoff, lived, cfg.worker_restart_max_backoff_s)
         log.warning(
             "worker_exited",
             worker=index,

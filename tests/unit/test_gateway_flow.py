@@ -491,6 +491,11 @@ async def test_uploads_admitted_at_once_count_ahead_of_each_other(autojump_clock
         await live.send_message('{"type": "start", "max_wait_s": 7}')
         assert (await _next(live))["type"] == "ready"
         assert r.gateway.admission.expected == {MODEL: 2}
+        # One that publishes its job is counted as that job from then on, not twice.
+        await second.send_message(_wav(_speech_like(2.0)))
+        await second.send_message('{"type": "stop"}')
+        await _eventually(lambda: len(r.bus.finals()) == 1)
+        assert r.gateway.admission.expected == {MODEL: 1}
 
 
 async def test_a_lost_queue_connection_ends_waiting_sessions(autojump_clock: Any) -> None:

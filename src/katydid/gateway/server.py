@@ -407,9 +407,7 @@ class Gateway:
             self.tenants.recount(live.tenant, live.queued, 0)
             live.queued = 0
             self.tenants.close(live.tenant)
-        if live.expected is not None:
-            self.admission.arrived(live.expected)
-            live.expected = None
+        self._arrived(live)
         if s.intake is not None:
             s.intake.upload.close()  # a spooled upload's disk file goes with it
         outcome = s.outcome or "incomplete"
@@ -463,15 +461,22 @@ class Gateway:
             if exc.code is ErrorCode.OVERLOADED:
                 self.metrics.overloaded.labels("max_wait").inc()
             return session.fail(exc)
+        upload = None
         if admit.options.is_file:
             # Counted ahead of the next ones until its first job is published (or it ends):
             # a burst of uploads starting at once each saw an empty queue and all were
             # admitted. Not a live stream: one may be silent for hours (a job when it speaks).
             self.admission.expect(model)
             live.expected = model
-        # An upload waits until stop: memory within its bound and the gateway's, then disk.
-        upload = self.uploads.upload() if admit.options.is_file else None
+            # An upload waits until stop: memory within its bound and the gateway's, then disk.
+            upload = self.uploads.upload()
         return session.admitted(model, tuple(o.to_dict() for o in offers.values()), upload)
+
+    def _arrived(self, live: Live) -> None:
+        """The session published its first job or ended: no longer counted ahead (``expect``)."""
+        if live.expected is not None:
+            self.admission.arrived(live.expected)
+            live.expected = None
 
     def refusal(self, live: Live) -> ProtocolError | None:
         """At connect: ``unauthorized`` if the door was given a key (a header, a query) that is
@@ -571,9 +576,7 @@ class Gateway:
             if kind == "partial":
                 return []
             self.admission.published(publish.model)
-            if live.expected is not None:
-                self.admission.arrived(live.expected)
-                live.expected = None
+            self._arrived(live)
             return self.carry_out(live, s.published(job.seq, stream_seq))
         return self.carry_out(live, s.publish_failed(job, error))
 
