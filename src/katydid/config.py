@@ -87,7 +87,9 @@ class Config:
     shutdown_grace_s: float = 30.0
     queue_poll_s: float = 1.0
     queued_interval_s: float = 2.0  # least time between two `queued` updates to a session
-    partial_interval_s: float = 1.0  # new audio between two partial results of a session
+    # New audio between two partial results of a session: 0.9 s, so that with their decoding
+    # time (which grows with the utterance) results still come at least once a second.
+    partial_interval_s: float = 0.9
     partial_deadline_s: float = 5.0  # a partial job not started by then is skipped
     default_max_wait_s: float = 600.0  # queue ETA above which a session is told 'overloaded'
     # start.prompt, UTF-8 bytes (it travels in a NATS header); whisper uses at most 224 tokens

@@ -402,6 +402,26 @@ def test_partials_one_in_flight_per_interval_and_only_when_allowed() -> None:
     assert len(_published(s.receive_bytes(b"", 0.0, partials_allowed=True))) == 1
 
 
+def test_partials_come_every_interval_of_audio_to_the_frame() -> None:
+    # 100 ms frames and a 0.9 s interval: every ninth frame, never the tenth (the interval was
+    # compared in float seconds, and half of all partials slipped a frame).
+    s = _started(
+        _session(chunk_min_s=5.0, file_chunk_min_s=5.0, partial_interval_s=0.9), partials=True
+    )
+    audio = _speech_like(6.0, pause_every_s=10.0)
+    frame = 3_200  # bytes: 100 ms
+    taken_at = []
+    for k in range(len(audio) // frame):
+        piece = audio[k * frame : (k + 1) * frame]
+        out = _published(s.receive_bytes(piece, 0.0, partials_allowed=True))
+        for p in out:
+            taken_at.append(k + 1)
+            s.receive_result(
+                JobResult(p.job.job_id, "s1", 0, "partial", "x", (), "en", 1, 0.1, 0, "w", None)
+            )
+    assert taken_at == [10, 19, 28, 37, 46, 55]
+
+
 def test_no_partials_unless_asked() -> None:
     s = _started()
     assert (

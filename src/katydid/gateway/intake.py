@@ -34,7 +34,7 @@ class AudioIntake:
     _pcm_tail: bytes = b""
     _resampler: Any = None  # soxr.ResampleStream for live PCM not at 16 kHz
     _samples: int = 0
-    _partial_at_s: float = 0.0  # buffered audio when the last partial was taken
+    _partial_at: int = 0  # samples buffered when the last partial was taken
 
     def __post_init__(self) -> None:
         lim = self.limits
@@ -163,18 +163,21 @@ class AudioIntake:
             )
         chunks = self.chunker.feed(audio)
         if chunks:
-            self._partial_at_s = 0.0  # a new utterance starts: partials restart from it
+            self._partial_at = 0  # a new utterance starts: partials restart from it
         return chunks
 
     def partial_audio(self) -> tuple[int, np.ndarray] | None:
         """``(seq, samples)`` of the utterance in progress if a partial is due: one per
         ``partial_interval_s`` of new audio, from 1 s on."""
-        buffered = self.chunker.buffered_s
-        if buffered < 1.0 or buffered - self._partial_at_s < self.limits.partial_interval_s:
+        # Counted in samples: in seconds, (k + 9) frames of 0.1 s minus k frames fell short of
+        # 0.9 for half of all k, and a partial due every 0.9 s came every 1.0 s.
+        buffered = self.chunker.buffered_samples
+        interval = round(self.limits.partial_interval_s * SAMPLE_RATE)
+        if buffered < SAMPLE_RATE or buffered - self._partial_at < interval:
             return None
         if not self.chunker.has_speech():
             return None  # nobody speaks yet: a partial could only be text nobody said
-        self._partial_at_s = buffered
+        self._partial_at = buffered
         return self.chunker.chunks_emitted, self.chunker.pending_audio()
 
     @property
