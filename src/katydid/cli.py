@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _workers_flag(value: str) -> int | str:
     """``--workers 2`` or ``--workers tiny.en-q8_0=2,base=1`` (checked by Config)."""
-    return int(value) if value.strip().isdigit() else value
+    text = value.strip()
+    return int(text) if text.lstrip("-").isdigit() else value
 
 
 def _config(args: argparse.Namespace) -> Config:

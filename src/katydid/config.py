@@ -91,7 +91,7 @@ class Config:
     # time (which grows with the utterance) results still come at least once a second.
     partial_interval_s: float = 0.9
     partial_deadline_s: float = 5.0  # a partial job not started by then is skipped
-    default_max_wait_s: float = 600.0  # queue ETA above which a session is told 'overloaded'
+    default_max_wait_s: float = 600.0  # longest wait for a worker, else 'overloaded'
     # start.prompt, UTF-8 bytes (it travels in a NATS header); whisper uses at most 224 tokens
     # of it, about 1 KB of English text
     max_prompt_bytes: int = 1024
@@ -204,6 +204,21 @@ class Config:
             raise ConfigError("malloc_trim_interval_s must be >= 0 (0 = never)")
         if self.bulk_every < 0:
             raise ConfigError("bulk_every must be >= 0 (0 = interactive strictly first)")
+        # A port out of range would be taken modulo 65536 by the socket layer, without a word.
+        for name, low in (
+            ("port", 0),
+            ("http_port", -1),
+            ("wyoming_port", -1),
+            ("nats_port", 0),
+            ("nats_monitor_port", 0),
+        ):
+            if not low <= getattr(self, name) <= 65535:
+                off = " (-1 = off)" if low < 0 else ""
+                raise ConfigError(f"{name} must be {low}..65535{off} (0 = a free port)")
+        if self.workers < 0:
+            raise ConfigError("workers must be >= 0 (0 = one per core)")
+        if self.default_max_wait_s < 0:
+            raise ConfigError("default_max_wait_s must be >= 0")
         if self.stream_max_msg_bytes < 1_000_000:
             raise ConfigError("stream_max_msg_bytes must hold a 30 s chunk (>= 1000000)")
 

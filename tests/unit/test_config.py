@@ -40,6 +40,13 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ({"KATYDID_ENGINE_THREADS": "0"}, "engine_threads must be"),
         ({"KATYDID_WORD_TIMESTAMPS": "maybe"}, "word_timestamps"),
         ({"KATYDID_LOG_FORMAT": "xml"}, "log_format"),
+        # The socket layer would take 99999 as 34463 without a word.
+        ({"KATYDID_PORT": "99999"}, "port must be 0..65535"),
+        ({"KATYDID_PORT": "-5"}, "port must be 0..65535"),
+        ({"KATYDID_WYOMING_PORT": "65536"}, "wyoming_port must be -1..65535"),
+        ({"KATYDID_HTTP_PORT": "-2"}, "http_port must be -1..65535"),
+        ({"KATYDID_WORKERS": "-2"}, "workers must be >= 0"),
+        ({"KATYDID_DEFAULT_MAX_WAIT_S": "-1"}, "default_max_wait_s must be >= 0"),
     ],
 )
 def test_invalid_values_are_config_errors(environ: dict[str, str], message: str) -> None:

@@ -457,10 +457,15 @@ async def test_overloaded_when_the_queue_is_full_or_unreachable(autojump_clock: 
             assert _metric(r.gateway, "katydid_overloaded_total", reason=reason) == 1
 
 
-async def test_refused_at_start_when_the_queue_eta_exceeds_max_wait(autojump_clock: Any) -> None:
+async def test_refused_at_start_when_the_queue_wait_exceeds_max_wait(autojump_clock: Any) -> None:
     async with rig() as r:
         r.bus.heartbeat("w0", MODEL, avg_compute_s=1000.0)  # one job takes 1,000 s
-        ws = await r.connect()
+        # Nothing ahead: a worker takes the job at once, however long it then runs (the job's
+        # own run was counted, and an idle server refused max_wait_s under one job's time).
+        first = await r.connect()
+        await first.send_message('{"type": "start", "format": "wav", "max_wait_s": 0}')
+        assert (await _next(first))["type"] == "ready"
+        ws = await r.connect()  # behind the first upload's job: 1,000 s
         await ws.send_message('{"type": "start", "max_wait_s": 60}')
         error = await _next(ws)
         assert (error["code"], error["retry_after_s"]) == ("overloaded", 940.0)
@@ -472,13 +477,13 @@ async def test_uploads_admitted_at_once_count_ahead_of_each_other(autojump_clock
     # Thirty uploads started together each saw an empty queue: none was refused, and the last
     # waited four times its max_wait_s. One worker, 1 s a job.
     async with rig() as r:
-        start = '{"type": "start", "format": "wav", "max_wait_s": 2.5}'
+        start = '{"type": "start", "format": "wav", "max_wait_s": 1.5}'
         first, second, third = [await r.connect() for _ in range(3)]
         for ws in (first, second, third):
             await ws.send_message(start)
-        assert (await _next(first))["type"] == "ready"  # ETA 1 s
-        assert (await _next(second))["type"] == "ready"  # 2 s: the first's job ahead
-        refused = await _next(third)  # 3 s
+        assert (await _next(first))["type"] == "ready"  # waits 0 s
+        assert (await _next(second))["type"] == "ready"  # 1 s: the first's job ahead
+        refused = await _next(third)  # 2 s
         assert (refused["code"], refused["retry_after_s"]) == ("overloaded", 1.0)
         # A session that leaves before publishing is no longer counted; a live one never is.
         await first.aclose()

@@ -192,12 +192,15 @@ class Admission:
         offers = self.offers()
         offer = choose_model(offers, opts.model, self.default_model)
         check_options(offer, offers, language=opts.language, task=opts.task)
-        eta = self.backlog_eta_s(offer.name)
-        if eta > opts.max_wait_s:
+        # The wait for a worker, not the ETA of the session's own result: with that job
+        # counted, an idle server refused every client with max_wait_s under one job's time,
+        # and its retry-after could never come true.
+        wait = max(0.0, self.backlog_eta_s(offer.name) - self.capacity(offer.name)[1])
+        if wait > opts.max_wait_s:
             raise ProtocolError(
                 ErrorCode.OVERLOADED,
-                f"queue ETA {eta:.0f} s exceeds max_wait_s {opts.max_wait_s:.0f}",
-                retry_after_s=max(1.0, eta - opts.max_wait_s),
+                f"queue wait {wait:.0f} s exceeds max_wait_s {opts.max_wait_s:.0f}",
+                retry_after_s=max(1.0, wait - opts.max_wait_s),
             )
         return offer.name, offers
 
