@@ -375,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = _config(args)
+        if args.command == "serve" and args.config is not None:
+            # Its workers are processes of their own: they read the same file.
+            os.environ["KATYDID_CONFIG"] = str(args.config.resolve())
         if args.command in ("serve", "gateway"):
             # Native libraries' stderr lines (a decoder's, per bad upload) are sampled log lines.
             native_stderr.capture()
@@ -405,9 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"katydid: error: {exc}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
-        # Raised inside a nursery (nats-server exiting under `serve`): said in words, as above,
-        # not as a traceback; anything else in the group is a bug, and shows as one.
-        errors, rest = group.split(KatydidError)
+        # Raised inside a nursery (nats-server exiting under `serve`, a port in use): said in
+        # words, as above, not as a traceback; anything else in the group is a bug, and shows
+        # as one.
+        errors, rest = group.split((KatydidError, OSError))
         if errors is None or rest is not None:
             raise
         for leaf in _leaves(errors):
@@ -420,4 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Further writes to stdout, at exit too, go nowhere instead of raising again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a shell reports a command killed by SIGPIPE
+    except OSError as exc:
+        # The system refused something (a port in use, an address not here, a data directory
+        # that is a file or not writable): in words, as it said it.
+        print(f"katydid: error: {exc}", file=sys.stderr)
+        return 1
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover

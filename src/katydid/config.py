@@ -172,6 +172,8 @@ class Config:
             raise ConfigError("max_audio_s and max_file_bytes must be positive")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("log_format must be auto, json or console")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log_level must be debug, info, warning or error")
         if not 0 < self.chunk_min_s <= self.file_chunk_min_s <= self.chunk_max_s <= 30.0:
             raise ConfigError("need 0 < chunk_min_s <= file_chunk_min_s <= chunk_max_s <= 30")
         if not 0.03 <= self.chunk_pause_s < self.chunk_max_s:

@@ -2,6 +2,7 @@
 
     KatydidError                 root; callers catch this, never a library's exception types
     ├── ConfigError              bad configuration file or environment value
+    │   └── ListenError          a door cannot listen on its address (in use, not this host's)
     ├── ModelError               model missing, corrupt or not convertible (names the fix)
     ├── AudioError               audio that cannot be decoded: garbage, truncated, empty, unsupported
     ├── EngineError              the recogniser failed on valid audio
@@ -16,6 +17,8 @@ Error codes sent to clients form a closed set (``ErrorCode``); each maps to a We
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from enum import StrEnum
 
 
@@ -53,6 +56,24 @@ class KatydidError(Exception):
 
 class ConfigError(KatydidError):
     """A configuration file or ``KATYDID_*`` variable holds an invalid value."""
+
+
+class ListenError(ConfigError):
+    """A door cannot listen where it was told to."""
+
+
+@contextlib.contextmanager
+def listening(door: str, host: str, port: int) -> Iterator[None]:
+    """Binding ``door``'s port: the system's refusal, said with the address it was about
+    ("[Errno 98] Address already in use" alone names neither)."""
+    try:
+        yield
+    except* OSError as group:
+        exc = group.exceptions[0]  # hypercorn's bind fails inside a nursery: in a group
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+        raise ListenError(f"the {door} cannot listen on {host}:{port}: {reason.lower()}") from exc
 
 
 class ModelError(KatydidError):

@@ -18,6 +18,8 @@ from hypercorn.events import Closed, Event
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
+from katydid.errors import listening
+
 
 @dataclass(frozen=True, slots=True)
 class Response:
@@ -49,7 +51,8 @@ async def serve_http(
         config.certfile, config.keyfile = tls
     _tolerate_send_during_close()
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(functools.partial(serve, app, config))
+        with listening("HTTP door", host, port):
+            binds: list[str] = await nursery.start(functools.partial(serve, app, config))
         task_status.started(int(binds[0].rsplit(":", 1)[1]))
 
 

@@ -206,6 +206,8 @@ async def supervise_worker(cfg: Config, index: int, argv: list[str], env: dict[s
 
 
 def worker_argv(cfg: Config, index: int, model: str | None = None) -> list[str]:
+    """A worker's command line: what serve's flags set, for a worker that reads the rest from
+    the same environment and config file (KATYDID_CONFIG)."""
     return [
         sys.executable,
         "-m",
@@ -214,6 +216,12 @@ def worker_argv(cfg: Config, index: int, model: str | None = None) -> list[str]:
         model or cfg.model,
         "--model-dir",
         str(cfg.model_dir),
+        "--threads",
+        str(cfg.engine_threads),
+        "--log-format",
+        cfg.log_format,
+        "--log-level",
+        cfg.log_level.lower(),
         "worker",
         "--nats-url",
         cfg.nats_url,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,90 @@ def test_a_reader_that_goes_away_is_not_a_traceback() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert (out.returncode, out.stderr) == (141, "")
+
+
+@pytest.mark.parametrize("door", ["WebSocket door", "HTTP door"])
+def test_a_port_in_use_is_said_with_its_address(
+    door: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Was a 67-line ExceptionGroup traceback (gateway) or 117 lines (serve), the cause buried.
+    import errno
+    import socket
+
+    import trio
+
+    from katydid import cli, cli_remote, native_stderr
+    from katydid.cli import main
+    from katydid.errors import listening
+
+    async def bind_busy(port: int) -> None:
+        with listening(door, "127.0.0.1", port):
+            if door == "WebSocket door":
+                await trio.open_tcp_listeners(port, host="127.0.0.1")
+            else:  # hypercorn binds inside a nursery: the error comes in a group
+                async with trio.open_nursery():
+                    raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
+        monkeypatch.setattr(native_stderr, "capture", lambda **_: None)
+        monkeypatch.setattr(cli_remote, "run_server_command", lambda *_: trio.run(bind_busy, port))
+        assert main(["gateway"]) == 1
+    assert capsys.readouterr().err == (
+        f"katydid: error: the {door} cannot listen on 127.0.0.1:{port}: address already in use\n"
+    )
+
+
+def test_an_os_error_is_said_in_words(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from katydid import cli
+    from katydid.cli import main
+
+    def data_dir_is_a_file(*_: object) -> int:
+        raise FileExistsError(17, "File exists", "/srv/katydid")
+
+    monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
+    monkeypatch.setattr(cli, "_cmd_model", data_dir_is_a_file)
+    assert main(["model", "list"]) == 1
+    assert capsys.readouterr().err == "katydid: error: [Errno 17] File exists: '/srv/katydid'\n"
+
+
+def test_serve_gives_its_workers_its_settings() -> None:
+    # `katydid --config f serve`: the workers logged JSON at nice 10 with 1 thread, whatever
+    # the file said (they read only the environment); they now get serve's resolved settings.
+    import sys
+
+    from katydid.config import Config
+    from katydid.serve import worker_argv
+
+    cfg = Config(engine_threads=2, log_format="console", log_level="WARNING", nats_url="nats://x")
+    argv = worker_argv(cfg, 3, "base-q8_0")
+    assert argv[:3] == [sys.executable, "-m", "katydid"]
+    args = _parser().parse_args(argv[3:])
+    assert (args.command, args.model, args.engine_threads) == ("worker", "base-q8_0", 2)
+    assert (args.log_format, args.log_level, args.nats_url) == ("console", "warning", "nats://x")
+
+
+def test_serve_points_its_workers_at_its_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from katydid import cli, cli_remote, native_stderr
+    from katydid.cli import main
+
+    conf = tmp_path / "k.toml"
+    conf.write_text("worker_nice = 5\n", encoding="utf-8")
+    monkeypatch.delenv("KATYDID_CONFIG", raising=False)  # restored after the test
+    monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
+    monkeypatch.setattr(native_stderr, "capture", lambda **_: None)
+    seen: list[str | None] = []
+    monkeypatch.setattr(
+        cli_remote, "run_server_command", lambda *_: seen.append(os.environ.get("KATYDID_CONFIG"))
+    )
+    main(["--config", str(conf), "serve"])
+    assert seen == [str(conf.resolve())]

@@ -40,6 +40,7 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ({"KATYDID_ENGINE_THREADS": "0"}, "engine_threads must be"),
         ({"KATYDID_WORD_TIMESTAMPS": "maybe"}, "word_timestamps"),
         ({"KATYDID_LOG_FORMAT": "xml"}, "log_format"),
+        ({"KATYDID_LOG_LEVEL": "chatty"}, "log_level must be"),
         # The socket layer would take 99999 as 34463 without a word.
         ({"KATYDID_PORT": "99999"}, "port must be 0..65535"),
         ({"KATYDID_PORT": "-5"}, "port must be 0..65535"),

@@ -23,6 +23,7 @@ import structlog
 import trio
 
 from katydid.config import Config
+from katydid.errors import listening
 from katydid.gateway.credentials import bearer, query_key
 from katydid.gateway.driver import SessionDriver
 from katydid.gateway.events import ServerEvent
@@ -97,6 +98,10 @@ class WebSocketDoor:
     async def _listeners(self) -> list[trio.SocketListener]:
         """The listening sockets; with ``reuse_port``, bound with SO_REUSEPORT, so that several
         gateway processes on one host share the port (the kernel spreads connections)."""
+        with listening("WebSocket door", self.cfg.host, self.cfg.port):
+            return await self._bind()
+
+    async def _bind(self) -> list[trio.SocketListener]:
         if not self.cfg.reuse_port:
             return await trio.open_tcp_listeners(self.cfg.port, host=self.cfg.host)
         listeners = []

@@ -26,7 +26,7 @@ import trio
 
 from katydid.catalog import choose_model
 from katydid.config import Config
-from katydid.errors import ErrorCode, ProtocolError
+from katydid.errors import ErrorCode, ProtocolError, listening
 from katydid.gateway.driver import LAST_WORDS_S, ClientGone, SessionDriver
 from katydid.gateway.events import Done, ErrorEvent, Final, ServerEvent
 from katydid.gateway.listening import accept_forever, tls
@@ -49,7 +49,8 @@ class WyomingDoor:
         self.networks = gateway.cfg.wyoming_networks()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        tcp = await trio.open_tcp_listeners(self.cfg.wyoming_port, host=self.cfg.host)
+        with listening("Wyoming door", self.cfg.host, self.cfg.wyoming_port):
+            tcp = await trio.open_tcp_listeners(self.cfg.wyoming_port, host=self.cfg.host)
         port = int(tcp[0].socket.getsockname()[1])
         log.info("wyoming_listening", host=self.cfg.host, port=port, tls=self.tls is not None)
         wrap = tls(self.tls) if self.tls is not None else None
