@@ -113,11 +113,25 @@ def transcribe_remote(
             print(f"katydid: {path}: {exc}", file=sys.stderr)
             failed += 1
             continue
-        failed += result.done is None
-        if out_format and result.done is not None:
+        done = result.done
+        if done is None:
+            failed += 1
+            if not any(e.get("type") == "error" for e in result.events):
+                # Cut off without a word from the server (it went away, the network did): say
+                # so, or the command would end with status 1 and nothing on stderr.
+                code = f" (close code {result.close_code})" if result.close_code else ""
+                got = f" after {len(result.finals)} final(s)" if result.finals else ""
+                print(
+                    f"katydid: {path}: the connection ended before the transcript did{code}{got}",
+                    file=sys.stderr,
+                )
+        if out_format and (done is not None or result.finals):
+            # What came before a failure is printed too (the status says it is incomplete).
             if tty:
                 print(file=sys.stderr)
-            print(formatted(out_format, result.finals, result.done, options or {}), end="")
+            end_s = max((float(f.get("end_s", 0.0)) for f in result.finals), default=0.0)
+            body = formatted(out_format, result.finals, done or {"audio_s": end_s}, options or {})
+            print(body, end="")
     return 1 if failed else 0
 
 
