@@ -57,6 +57,9 @@ def cmd_keys(cfg: Config, args: argparse.Namespace) -> int:
         revoke_key(path, args.name)
         print(f"revoked {args.name!r} (a running gateway refuses it within a second)")
     else:
+        if not path.exists():
+            # A gateway pointed at it would refuse to start: not "no keys".
+            raise ConfigError(f"no keys file at {path} (katydid keys add makes it)")
         records = read_keys(path)
         if not records:
             print(f"no keys in {path}")

@@ -168,6 +168,12 @@ def add_key(
         if value is not None and not value >= 1:
             raise ConfigError(f"--{limit.replace('_', '-')} must be >= 1")
     records = read_keys(path)
+    if name in records and records[name].revoked is not None:
+        # Its record stays, so that a refused key is named in the log: the name stays with it.
+        raise ConfigError(
+            f"the key named {name!r} was revoked ({records[name].revoked}); its name stays"
+            f" with it: pick another (e.g. {name}-2)"
+        )
     if name in records:
         raise ConfigError(f"a key named {name!r} exists already (revoke it first, or pick a name)")
     key = KEY_PREFIX + secrets.token_urlsafe(32)

@@ -36,6 +36,10 @@ def test_add_stores_only_a_hash_in_a_private_file(tmp_path: Path) -> None:
         add_key(path, "../etc")
     with pytest.raises(ConfigError, match="max-sessions"):
         add_key(path, "bob", max_sessions=0)
+    # Revoked, the name stays with the old key: said so (it said "revoke it first").
+    revoke_key(path, "alice")
+    with pytest.raises(ConfigError, match=r"was revoked .*pick another"):
+        add_key(path, "alice")
 
 
 @pytest.mark.parametrize(
