@@ -42,6 +42,7 @@ from katydid.bus import BusHandlers, LaneStats
 from katydid.catalog import served_name
 from katydid.config import Config
 from katydid.errors import ConfigError, JobTooLarge, NatsError, StreamFull
+from katydid.log import SampledLogger
 from katydid.messages import (
     CANCEL_SUBJECT,
     LANES,
@@ -452,6 +453,11 @@ class NatsBridge:
     def __init__(self, cfg: Config, gateway_id: str) -> None:
         self._cfg = cfg
         self._last_retry_log = 0.0
+        # nats-py reports every failed (re)connect attempt: a NATS that stays away (or refuses
+        # the credentials) for hours would write a line a second.
+        self._errors = SampledLogger(
+            log, burst=cfg.log_sample_burst, window_s=cfg.log_sample_window_s
+        )
         self.gateway_id = gateway_id
         self.results_subject = f"{RESULTS_PREFIX}.{gateway_id}"
         self._handlers = BusHandlers(
@@ -707,7 +713,7 @@ class NatsBridge:
             self._to_trio(self._handlers.on_reconnected)
 
         async def error(exc: Exception) -> None:
-            log.warning("nats_error", error=repr(exc))
+            self._errors.warning("nats_error", error=repr(exc))
 
         self._generation += 1
         generation = self._generation

@@ -1,0 +1,30 @@
+"""A gateway whose NATS stays away: nats-py reports every reconnect attempt (one a second), and
+those lines go through the sampler (were 30 lines in 30 s, for as long as NATS was away)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from katydid.serve import free_ports
+
+
+def test_a_nats_that_stays_away_is_not_a_line_a_second() -> None:
+    (port,) = free_ports(1)  # nothing listens there
+    env = {**os.environ, "KATYDID_LOG_SAMPLE_BURST": "1", "KATYDID_LOG_SAMPLE_WINDOW_S": "60"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "katydid", "--log-format", "json", "gateway",
+         "--nats-url", f"nats://127.0.0.1:{port}", "--port", "0", "--http-port", "-1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(4.5)  # a window in which nats-py tries four or five times
+        assert proc.poll() is None, "the gateway should keep waiting for NATS"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    events = [json.loads(line).get("event") for line in out.splitlines() if line.startswith("{")]
+    assert events.count("nats_error") == 1, out[-2000:]
