@@ -104,10 +104,18 @@ def check_pcm_format(sample_rate: int, channels: int) -> None:
     """Raises AudioError unless the rate and channel count are plausible for speech."""
     if not (isinstance(sample_rate, int) and 4_000 <= sample_rate <= _MAX_RATE):
         raise AudioError(
-            f"sample_rate must be an integer in 4000..{_MAX_RATE}, got {sample_rate!r}"
+            f"sample_rate must be an integer in 4000..{_MAX_RATE}, got {_shown(sample_rate)}"
         )
     if not (isinstance(channels, int) and 1 <= channels <= _MAX_CHANNELS):
-        raise AudioError(f"channels must be an integer in 1..{_MAX_CHANNELS}, got {channels!r}")
+        raise AudioError(
+            f"channels must be an integer in 1..{_MAX_CHANNELS}, got {_shown(channels)}"
+        )
+
+
+def _shown(value: object) -> str:
+    """A client's value in a message: not all 400 digits of it."""
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "..."
 
 
 # What an open decoder holds besides the samples it hands out: libsndfile's state and buffers

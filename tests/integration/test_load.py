@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from katydid import client
 from katydid.cli_load import load_clips
 from katydid.load.backoff import RetryPolicy
 from katydid.load.report import markdown, summarize
@@ -68,7 +70,8 @@ async def test_a_few_clients_for_a_few_seconds(stack: Stack, speech_dir: Path) -
 async def test_overloaded_clients_back_off_and_are_not_errors_until_they_give_up(
     stack: Stack, speech_dir: Path
 ) -> None:
-    # A max_wait_s below one job's time: the gateway refuses at admission with retry_after_s.
+    # Uploads admitted first and holding still (their jobs counted ahead) and a max_wait_s
+    # below one job's time: the gateway refuses at admission with retry_after_s.
     spec = LoadSpec(
         url=stack.url,
         clips=_clips(speech_dir),
@@ -78,7 +81,11 @@ async def test_overloaded_clients_back_off_and_are_not_errors_until_they_give_up
         max_wait_s=0.01,
         retry=RetryPolicy(base_s=0.2, max_s=1.0, max_attempts=3),
     )
-    stats = await LoadRunner(spec).run()
+    async with client.connect(stack.url) as one, client.connect(stack.url) as two:
+        for ahead in (one, two):  # one for each of the two workers
+            await ahead.send_message(json.dumps({"type": "start", "format": "wav"}))
+            assert json.loads(await ahead.get_message())["type"] == "ready"
+        stats = await LoadRunner(spec).run()
     assert stats.overloaded >= 3
     assert stats.completed == 0
     assert set(stats.errors_by_kind) <= {"overloaded_gave_up"}

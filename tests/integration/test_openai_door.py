@@ -14,6 +14,7 @@ from typing import Any
 import openai
 import pytest
 import trio
+from websockets.sync.client import connect as ws_connect
 
 from katydid.evaluation import Clip, read_manifest, wer
 from tests.integration.stack import Stack, http_get, stream_messages, wait_until
@@ -191,12 +192,36 @@ def test_a_long_file_streams_one_delta_per_utterance(stack: Stack, speech_dir: P
 
 
 def test_overloaded_is_429_with_retry_after(tmp_path: Path, model_dir: Path, jfk: Clip) -> None:
-    # Every queue's ETA is over a wait this short: the request is refused at admission.
+    # An upload admitted before it (its job counted ahead) makes the wait for the one worker
+    # longer than a wait this short: the request is refused at admission.
     with Stack(tmp_path, model_dir, workers=1, default_max_wait_s=0.01) as busy:
         wait_until(lambda: http_get(busy.metrics_url + "/readyz")[0] == 200, 30, "ready")
-        with jfk.path.open("rb") as f, pytest.raises(openai.RateLimitError) as refused:
-            _client(busy).audio.transcriptions.create(model="whisper-1", file=f)
+        with ws_connect(busy.url) as ahead, jfk.path.open("rb") as f:
+            ahead.send(json.dumps({"type": "start", "format": "wav"}))
+            assert json.loads(ahead.recv(timeout=30))["type"] == "ready"
+            with pytest.raises(openai.RateLimitError) as refused:
+                _client(busy).audio.transcriptions.create(model="whisper-1", file=f)
         assert refused.value.status_code == 429
         assert int(refused.value.response.headers["retry-after"]) >= 1
         assert json.loads(refused.value.response.text)["error"]["code"] == "overloaded"
         assert stream_messages(busy.nats_url) == 0  # nothing queued for a refused request
+
+
+def test_an_upload_that_stops_coming_is_timed_out(tmp_path: Path, model_dir: Path) -> None:
+    # A body declared 100 kB, sent a header's worth, then nothing (slowloris): the connection
+    # was held for good; now 408 after idle_timeout_s, and the connection closed.
+    with Stack(tmp_path, model_dir, workers=1, idle_timeout_s=2.0) as s:
+        host, port = s.metrics_url.removeprefix("http://").rsplit(":", 1)
+        head = (
+            "POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+            'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF'
+        )
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(head.encode())
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes (or 30 s: a failure)
+                answer += chunk
+        status_line, _, rest = answer.decode().partition("\r\n")
+        assert status_line.split()[1] == "408", answer
+        assert json.loads(rest.partition("\r\n\r\n")[2])["error"]["code"] == "timeout"

@@ -107,12 +107,16 @@ def _error_and_close(outputs: list[Output]) -> tuple[ErrorEvent, Close]:
         ('{"type": "start", "x": ' + "[" * 5000 + "]" * 5000 + "}", ErrorCode.BAD_MESSAGE, 1008),
         ('{"type": "start", "max_wait_s": Infinity}', ErrorCode.BAD_MESSAGE, 1008),
         ('{"type": "start", "max_wait_s": NaN}', ErrorCode.BAD_MESSAGE, 1008),
+        # Valid JSON, no float (OverflowError: was `internal`/1011 with a traceback logged).
+        ('{"type": "start", "max_wait_s": 1' + "0" * 400 + "}", ErrorCode.BAD_MESSAGE, 1008),
+        ('{"type": "start", "sample_rate": 1' + "0" * 400 + "}", ErrorCode.UNSUPPORTED_AUDIO, 1003),
     ],
 )
 def test_malformed_control_messages_get_codes(text: str, code: ErrorCode, close: int) -> None:
     s = _session()
     error, closed = _error_and_close(s.receive_text(text, 0.0))
     assert error.code is code
+    assert len(error.message) < 200  # a client's 400 digits are not echoed back
     assert closed.code == close
     assert (s.closed, s.outcome) == (True, str(code))
     assert s.receive_text('{"type": "start"}', 1.0) == []  # a closed session says nothing more

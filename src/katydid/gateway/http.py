@@ -148,17 +148,21 @@ class _Transcribe:
         if refused is not None:
             await _answer(send, 401, refused, headers=[WWW_AUTHENTICATE, _CLOSE])
             return
-        limit = self.gateway.cfg.max_file_bytes + _FORM_OVERHEAD
+        cfg = self.gateway.cfg
+        limit = cfg.max_file_bytes + _FORM_OVERHEAD
+        too_large = error_body(413, "too_large", f"file over {cfg.max_file_bytes} bytes")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            body = error_body(413, "too_large", f"upload over {limit} bytes")
-            await _answer(send, 413, body, headers=[_CLOSE])
+            await _answer(send, 413, too_large, headers=[_CLOSE])
             return
         seen = 0
 
         async def bounded() -> Message:
             nonlocal seen
-            message = await receive()
+            # A body that stops coming (a byte every 20 s) held its connection for good: the
+            # WebSocket door's idle bound applies to it too.
+            with trio.fail_after(cfg.idle_timeout_s):
+                message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise _UploadTooLarge
@@ -167,8 +171,11 @@ class _Transcribe:
         try:
             form = await Request(scope, bounded).form(max_files=1, max_fields=16)
         except _UploadTooLarge:
-            body = error_body(413, "too_large", f"upload over {limit} bytes")
-            await _answer(send, 413, body, headers=[_CLOSE])
+            await _answer(send, 413, too_large, headers=[_CLOSE])
+            return
+        except trio.TooSlowError:
+            message = f"no upload bytes for {cfg.idle_timeout_s:g} s"
+            await _answer(send, 408, error_body(408, "timeout", message), headers=[_CLOSE])
             return
         except Exception as exc:  # a malformed form: python-multipart's and Starlette's errors
             body = error_body(400, "bad_message", f"not a form: {exc}")

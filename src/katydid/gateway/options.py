@@ -106,7 +106,7 @@ class StartOptions:
             language=field_of("language", str, "en"),
             partials=field_of("partials", bool, False),
             word_timestamps=field_of("word_timestamps", bool, False),
-            max_wait_s=float(field_of("max_wait_s", (int, float), limits.default_max_wait_s)),
+            max_wait_s=_seconds(field_of("max_wait_s", (int, float), limits.default_max_wait_s)),
             prompt=field_of("prompt", (str, type(None)), None),
             model=field_of("model", (str, type(None)), None),
             task=field_of("task", str, "transcribe"),
@@ -175,3 +175,10 @@ def parse_control(text: str, limits: Limits) -> tuple[str, StartOptions | None]:
     if kind == "stop":
         return kind, None
     raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown message type {kind!r}")
+
+
+def _seconds(value: float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer of 400 digits: valid JSON, no float
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "start.max_wait_s is out of range") from None
