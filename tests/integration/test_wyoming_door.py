@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,3 +179,62 @@ async def test_each_refusal_is_one_error_and_the_connection_goes_on(
     assert answers[:3] == [["error"], ["error"], ["error"]]
     assert answers[3][0] == "transcript-start"
     assert answers[3][-1] == "transcript"
+
+
+async def _stray_after_stop(port: int, pcm: bytes) -> list[Event]:
+    """A whole transcription, then at once one more chunk and stop (a client that sends its
+    next audio too early): the events that come back until the transcript."""
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(Transcribe(language="en").event())
+        await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
+        for i in range(0, len(pcm), 3200):
+            chunk = AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[i : i + 3200])
+            await client.write_event(chunk.event())
+        await client.write_event(AudioStop().event())
+        stray = AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[:3200])
+        await client.write_event(stray.event())
+        await client.write_event(AudioStop().event())
+        events: list[Event] = []
+        while not events or not Transcript.is_type(events[-1].type):
+            event = await asyncio.wait_for(client.read_event(), 120)
+            assert event is not None, f"closed after {[e.type for e in events]}"
+            events.append(event)
+        return events
+
+
+async def test_a_stray_chunk_after_stop_does_not_lose_the_transcript(
+    stack: Stack, jfk: Clip
+) -> None:
+    # The stray chunk failed the transcription ("audio is only allowed between start and
+    # stop"): one error, and the transcript of the audio sent never came.
+    port = stack.wyoming_port  # type: ignore[attr-defined]
+    pcm = _pcm(jfk, 16_000, 2, 1)
+    events = await trio.to_thread.run_sync(lambda: asyncio.run(_stray_after_stop(port, pcm)))
+    errors = [e.data["text"] for e in events if Error.is_type(e.type)]
+    assert errors == ["audio-chunk after audio-stop (ignored)"]
+    assert wer(jfk.reference, Transcript.from_event(events[-1]).text) <= 0.1
+
+
+def test_a_client_that_never_reads_is_let_go(tmp_path: Path, model_dir: Path) -> None:
+    # `describe` after `describe`, never reading the answers: the server's writes blocked and
+    # the connection stayed open for good (301 s when tried); now closed after send_timeout_s.
+    port = free_port()
+    with (
+        Stack(tmp_path, model_dir, workers=1, wyoming_port=port, send_timeout_s=2.0),
+        socket.socket() as sock,
+    ):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.settimeout(20)
+        sock.connect(("127.0.0.1", port))
+        describe = b'{"type": "describe"}\n' * 64
+        sent, closed = 0, False
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                sent += sock.send(describe)
+            except TimeoutError:  # the server stopped reading and never let go
+                break
+            except OSError:  # reset by the server: it let go
+                closed = True
+                break
+        assert closed, f"still open after {sent} bytes of describe"

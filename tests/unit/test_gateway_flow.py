@@ -8,6 +8,7 @@ test that waits for a 120 s timeout takes milliseconds), so timeouts are tested,
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -562,6 +563,31 @@ async def test_a_client_that_never_reads_is_cut_off_after_send_timeout(autojump_
             r.bus.answer(q, "x" * 60_000)
         await _eventually(lambda: not r.gateway.sessions)
         assert trio.current_time() - began >= 30.0
+        assert _metric(r.gateway, "katydid_sessions_total", outcome="timeout") == 1
+
+
+async def test_a_vosk_client_that_sends_and_never_reads_is_cut_off(autojump_clock: Any) -> None:
+    # vosk answers every audio frame from the reader: that send was unbounded, and a client
+    # that kept sending and never read was held for as long as it sent (300 s when tried).
+    async with rig(_config(send_timeout_s=30.0)) as r:
+        client_stream, server_stream = trio.testing.lockstep_stream_pair()
+        r.sessions.start_soon(serve_stream, r.gateway, server_stream)
+        ws = await wrap_client_stream(
+            r.nursery,
+            client_stream,  # type: ignore[arg-type]
+            "katydid.test",
+            "/vosk",
+            message_queue_size=1,
+        )
+        await ws.send_message('{"config": {"sample_rate": 16000}}')
+        began = trio.current_time()
+        with trio.move_on_after(600):
+            with contextlib.suppress(ConnectionClosed):
+                while r.gateway.sessions or trio.current_time() - began < 1:
+                    await ws.send_message(b"\0\1" * 800)  # 100 ms frames, never a read
+                    await trio.sleep(0.1)
+        assert not r.gateway.sessions
+        assert 30.0 <= trio.current_time() - began < 600
         assert _metric(r.gateway, "katydid_sessions_total", outcome="timeout") == 1
 
 

@@ -12,6 +12,7 @@ is gone or stuck cannot hold the gateway's cleanup.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import IO, TypeVar
 
 import trio
@@ -85,9 +86,14 @@ class SessionDriver:
                 return
 
     async def _send(self, event: ServerEvent) -> None:
+        await self.bounded(partial(self.deliver, event))
+
+    async def bounded(self, write: Callable[[], Awaitable[None]]) -> None:
+        """``write`` to the client within ``send_timeout_s``; a client that does not take it
+        (or is gone) ends the session."""
         try:
             with trio.fail_after(self.gateway.cfg.send_timeout_s):
-                await self.deliver(event)
+                await write()
         except trio.TooSlowError:
             stuck = ProtocolError(ErrorCode.TIMEOUT, "client does not read its results")
             await self.last_words(self.session.fail(stuck))

@@ -106,7 +106,9 @@ class VoskConnection(SessionDriver):
                 allowed = self.gateway.partials_allowed(s.model)
                 await self.emit(s.receive_bytes(msg, now, partials_allowed=allowed))
                 if not s.closed:
-                    await self._answer_frame()
+                    # Bounded as every send: a client that sends and never reads was held
+                    # for as long as it kept sending (the idle deadline never came).
+                    await self.bounded(self._answer_frame)
                 continue
             try:
                 command = _command(msg)

@@ -32,6 +32,7 @@ from katydid.gateway.events import Done, ErrorEvent, Final, ServerEvent
 from katydid.gateway.listening import accept_forever, tls
 from katydid.gateway.outputs import Close
 from katydid.gateway.server import Gateway
+from katydid.gateway.session import Phase
 from katydid.gateway.wyoming_wire import FramingError, WyomingEvent, WyomingReader, encode
 
 log = structlog.get_logger("katydid.gateway")
@@ -130,10 +131,13 @@ class _Connection:
         self.discarding = False  # the audio of a transcription that already ended in an error
 
     async def write(self, event: WyomingEvent) -> None:
+        """Raises ClientGone: closed, or not reading (nothing taken for ``send_timeout_s``: a
+        client that only sends `describe` and never reads held its connection for good)."""
         try:
-            async with self.send_lock:
-                await self.stream.send_all(encode(event))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.fail_after(self.gateway.cfg.send_timeout_s):
+                async with self.send_lock:
+                    await self.stream.send_all(encode(event))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             raise ClientGone from None
 
     async def _next_event(self) -> WyomingEvent | None:
@@ -198,9 +202,20 @@ class _Connection:
         elif kind == "audio-start":
             self.discarding = False
             if current is not None:
+                # Its audio is ignored too: it must not end the transcription in progress.
+                self.discarding = True
                 await self._error(ErrorCode.BAD_MESSAGE, "audio-start during a transcription")
                 return
             await self._start(event.data, nursery)
+        elif kind in ("audio-chunk", "audio-stop") and _stopped(current):
+            # After audio-stop the transcription only waits for its transcript: a stray chunk
+            # or stop (a client sending its next one too early) is refused alone and ignored,
+            # where it failed the session and lost the transcript.
+            if not self.discarding:
+                self.discarding = kind == "audio-chunk"
+                await self._error(ErrorCode.BAD_MESSAGE, f"{kind} after audio-stop (ignored)")
+            elif kind == "audio-stop":
+                self.discarding = False
         elif kind == "audio-chunk":
             if current is None and self.discarding:
                 return
@@ -351,3 +366,8 @@ def _to_s16(payload: bytes, width: int) -> bytes:
     else:
         out = (np.frombuffer(payload, dtype="<i4") >> 16).astype(np.int16)
     return out.astype("<i2").tobytes()
+
+
+def _stopped(current: _WyomingSession | None) -> bool:
+    """The transcription has had its audio-stop and waits for its transcript."""
+    return current is not None and current.session.phase is Phase.STOPPED
