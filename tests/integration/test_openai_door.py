@@ -99,6 +99,9 @@ def test_streamed_as_server_sent_events(stack: Stack, jfk: Clip) -> None:
 def test_models_and_refusals(stack: Stack, jfk: Clip) -> None:
     client = _client(stack)
     assert [m.id for m in client.models.list()] == ["tiny.en-q8_0"]
+    assert client.models.retrieve("tiny.en-q8_0").id == "tiny.en-q8_0"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("whisper-9")
     with jfk.path.open("rb") as f, pytest.raises(openai.BadRequestError) as refused:
         client.audio.translations.create(model="whisper-1", file=f)  # English-only model
     assert "multilingual" in str(refused.value)

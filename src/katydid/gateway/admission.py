@@ -199,7 +199,7 @@ class Admission:
         if wait > opts.max_wait_s:
             raise ProtocolError(
                 ErrorCode.OVERLOADED,
-                f"queue wait {wait:.0f} s exceeds max_wait_s {opts.max_wait_s:.0f}",
+                f"queue wait {wait:.1f} s exceeds max_wait_s {opts.max_wait_s:g}",
                 retry_after_s=max(1.0, wait - opts.max_wait_s),
             )
         return offer.name, offers

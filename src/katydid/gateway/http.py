@@ -94,7 +94,18 @@ def build_app(gateway: Gateway) -> Starlette:
             {"id": name, "object": "model", "created": 0, "owned_by": "katydid"} | o.to_dict()
             for name, o in offers.items()
         ]
-        return Response(json.dumps({"object": "list", "data": data}), media_type="application/json")
+        wanted = request.path_params.get("model_id")
+        if wanted is None:
+            body = json.dumps({"object": "list", "data": data})
+            return Response(body, media_type="application/json")
+        # GET /v1/models/{id}: the SDK's models.retrieve
+        found = [m for m in data if m["id"] == wanted]
+        if not found:
+            message = f"no model {wanted!r} is served here"
+            return Response(
+                error_body(404, "not_found", message), 404, media_type="application/json"
+            )
+        return Response(json.dumps(found[0]), media_type="application/json")
 
     async def page(_: Request) -> Response:
         return Response((_STATIC / "index.html").read_bytes(), media_type="text/html")
@@ -124,6 +135,7 @@ def build_app(gateway: Gateway) -> Starlette:
             Route("/healthz", operator("/healthz")),
             Route("/readyz", operator("/readyz")),
             Route("/v1/models", models),
+            Route("/v1/models/{model_id:path}", models),
             Route("/v1/audio/transcriptions", _Transcribe(gateway, "transcribe")),
             Route("/v1/audio/translations", _Transcribe(gateway, "translate")),
         ],
