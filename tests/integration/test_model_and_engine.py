@@ -130,17 +130,25 @@ def test_cli_transcribe_local_reports_bad_files_and_goes_on(
 ) -> None:
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"not audio" * 100)
+    # Files it cannot read are said to be so (libsndfile said "System error" for one without
+    # read permission; not tried here, where tests may run as root).
+    missing, directory = tmp_path / "missing.wav", tmp_path / "dir.wav"
+    directory.mkdir()
     proc = _katydid(
         "transcribe",
         "--local",
         "--json",
         str(garbage),
+        str(missing),
+        str(directory),
         str(speech_dir / "jfk.wav"),
         model_dir=model_dir,
     )
     assert proc.returncode == 1
     assert "garbage.wav" in proc.stderr
     assert "not a decodable audio file" in proc.stderr
+    assert f"{missing}: cannot read it: No such file or directory" in proc.stderr
+    assert f"{directory}: cannot read it: Is a directory" in proc.stderr
     out = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(out) == 1
     reference = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
