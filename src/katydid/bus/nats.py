@@ -349,7 +349,14 @@ def queue_status(cfg: Config) -> dict[str, Any]:
                 cfg.nats_connect_timeout_s,
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise NatsError(f"cannot reach NATS at {cfg.nats_url}: {exc!r}") from exc
+            # nats-py gives up on a refused or unknown address by timing out: "TimeoutError()".
+            why = (
+                f"no connection within {cfg.nats_connect_timeout_s:g} s (is nats-server running"
+                " there, and is the URL nats://HOST:PORT?)"
+                if isinstance(exc, TimeoutError)
+                else repr(exc)
+            )
+            raise NatsError(f"cannot reach NATS at {cfg.nats_url}: {why}") from exc
         beats: dict[str, dict[str, Any]] = {}
 
         async def on_beat(msg: Any) -> None:

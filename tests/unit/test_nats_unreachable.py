@@ -1,4 +1,4 @@
-"""A gateway whose NATS stays away: nats-py reports every reconnect attempt (one a second), and
+"""NATS not there. A gateway whose NATS stays away: nats-py reports every reconnect attempt (one a second), and
 those lines go through the sampler (were 30 lines in 30 s, for as long as NATS was away)."""
 
 from __future__ import annotations
@@ -28,3 +28,19 @@ def test_a_nats_that_stays_away_is_not_a_line_a_second() -> None:
         out, _ = proc.communicate(timeout=30)
     events = [json.loads(line).get("event") for line in out.splitlines() if line.startswith("{")]
     assert events.count("nats_error") == 1, out[-2000:]
+
+
+def test_nats_status_with_nothing_there_says_so_in_words() -> None:
+    # Was "cannot reach NATS at ...: TimeoutError()" after 10 s.
+    (port,) = free_ports(1)
+    env = {**os.environ, "KATYDID_NATS_CONNECT_TIMEOUT_S": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "katydid", "nats", "status", "--nats-url",
+         f"nats://127.0.0.1:{port}"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"katydid: error: cannot reach NATS at nats://127.0.0.1:{port}: no connection within 1 s"
+        " (is nats-server running there, and is the URL nats://HOST:PORT?)\n"
+    )
