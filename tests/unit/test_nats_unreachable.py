@@ -1,5 +1,6 @@
-"""NATS not there. A gateway whose NATS stays away: nats-py reports every reconnect attempt (one a second), and
-those lines go through the sampler (were 30 lines in 30 s, for as long as NATS was away)."""
+"""NATS not there. A gateway whose NATS stays away: nats-py reports every reconnect attempt (one
+a second), and those lines go through the sampler (were 30 lines in 30 s, for as long as NATS
+was away). An operator's command says so in words."""
 
 from __future__ import annotations
 
