@@ -19,7 +19,7 @@ import structlog
 
 from katydid import __version__, native_stderr
 from katydid.config import Config
-from katydid.errors import KatydidError
+from katydid.errors import ConfigError, KatydidError
 from katydid.log import configure_logging
 
 if TYPE_CHECKING:
@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("txt", "srt", "vtt", "json"),
         help="print the whole transcript in this format at the end (json: as the HTTP door's"
         " verbose_json); default: each utterance as it arrives",
+    )
+    tr.add_argument(
+        "--output-dir",
+        type=Path,
+        help="with --format: write each file's transcript to DIR/NAME.FORMAT (made if missing)"
+        " instead of printing it: several files' SRTs printed one after another are one bad SRT",
     )
 
     ev = sub.add_parser("eval", help="WER and speed on a manifest of clips with references")
@@ -231,6 +237,8 @@ def _transcribe_file(
 
 
 def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
+    if args.output_dir is not None and not args.out_format:
+        raise ConfigError("--output-dir needs --format (txt, srt, vtt or json)")
     if not args.local:
         from katydid.cli_remote import transcribe_remote
 
@@ -254,6 +262,7 @@ def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
             as_json=args.json,
             options=options,
             out_format=args.out_format,
+            output_dir=args.output_dir,
         )
     from katydid_worker.engine import DecodeOptions
 
@@ -281,7 +290,10 @@ def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
             failed += 1
             continue
         if args.out_format:
-            print(_local_formatted(args.out_format, tr, args), end="")
+            from katydid.cli_remote import write_formatted
+
+            body = _local_formatted(args.out_format, tr, args)
+            write_formatted(path, body, args.out_format, args.output_dir)
         elif args.json:
             print(
                 json.dumps(

@@ -54,9 +54,11 @@ def transcribe_remote(
     as_json: bool,
     options: dict[str, Any] | None = None,
     out_format: str | None = None,
+    output_dir: Path | None = None,
 ) -> int:
     """Stream each file to the gateway and print finals as they arrive (or, with
-    ``out_format`` = txt, srt, vtt or json, the whole transcript in that format at the end)."""
+    ``out_format`` = txt, srt, vtt or json, the whole transcript in that format at the end, or
+    written to ``output_dir``/NAME.FORMAT)."""
     failed = 0
     tty = sys.stderr.isatty()
     for path in files:
@@ -131,8 +133,19 @@ def transcribe_remote(
                 print(file=sys.stderr)
             end_s = max((float(f.get("end_s", 0.0)) for f in result.finals), default=0.0)
             body = formatted(out_format, result.finals, done or {"audio_s": end_s}, options or {})
-            print(body, end="")
+            write_formatted(path, body, out_format, output_dir)
     return 1 if failed else 0
+
+
+def write_formatted(path: Path, body: str, out_format: str, output_dir: Path | None) -> None:
+    """``path``'s transcript in ``out_format``: printed, or written to ``output_dir``."""
+    if output_dir is None:
+        print(body, end="")
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    out = output_dir / f"{path.stem}.{out_format}"
+    out.write_text(body, encoding="utf-8")
+    print(f"katydid: {path}: wrote {out}", file=sys.stderr)
 
 
 def formatted(

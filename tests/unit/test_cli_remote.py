@@ -76,3 +76,24 @@ def test_an_error_the_server_sent_is_not_said_twice(
     wav = _wav(tmp_path / "a.wav")
     assert cli_remote.transcribe_remote([wav], "ws://x:9", realtime=False, as_json=False) == 1
     assert stderr.getvalue() == f"katydid: {wav}: timeout: results not complete\n"
+
+
+def test_several_files_written_apart_with_output_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--format srt a.wav b.wav` printed two SRTs back to back (numbering restarting): one bad
+    # SRT. With --output-dir each is a file of its own.
+    async def whole(*_: object, **__: Any) -> client.SessionResult:
+        done = {"type": "done", "audio_s": 2.0}
+        return client.SessionResult("s", [_final(0, 0.0, 2.0, "hello"), done])
+
+    monkeypatch.setattr(client, "transcribe", whole)
+    a, b = _wav(tmp_path / "a.wav"), _wav(tmp_path / "b.wav")
+    out_dir = tmp_path / "out"
+    code = cli_remote.transcribe_remote(
+        [a, b], "ws://x:9", realtime=False, as_json=False, out_format="srt", output_dir=out_dir
+    )
+    assert code == 0
+    assert capsys.readouterr().out == ""
+    for name in ("a.srt", "b.srt"):
+        assert (out_dir / name).read_text() == "1\n00:00:00,000 --> 00:00:02,000\nhello\n"
