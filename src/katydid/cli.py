@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     def server_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--host", help="listen address (default 127.0.0.1)")
         sp.add_argument("--port", type=int, help="WebSocket port (default 8765; 0 = a free port)")
-        sp.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
+        sp.add_argument("--nats-url", help="the NATS server (serve: instead of its embedded one)")
         sp.add_argument(
             "--http-port",
             "--metrics-port",  # its name before the HTTP door served more than metrics
