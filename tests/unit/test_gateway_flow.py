@@ -541,20 +541,23 @@ async def test_waiting_clients_hear_their_queue_position(autojump_clock: Any, pa
         assert queued["eta_s"] > 0
 
 
-async def test_a_client_that_never_reads_is_cut_off_after_send_timeout(autojump_clock: Any) -> None:
-    # A lockstep stream: the server's sends wait until the client's side reads the bytes, and
-    # this client stops reading at all (its WebSocket's small message queue fills up).
-    async with rig(_config(send_timeout_s=30.0)) as r:
-        client_stream, server_stream = trio.testing.lockstep_stream_pair()
+async def _never_reading(r: Rig, path: str) -> WebSocketConnection:
+    """A client on a lockstep stream (the server's sends wait until the client's side reads the
+    bytes) that stops reading once its WebSocket's one-message queue is full."""
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    r.sessions.start_soon(serve_stream, r.gateway, server_stream)
+    return await wrap_client_stream(
+        r.nursery,
+        client_stream,  # type: ignore[arg-type]
+        "katydid.test",
+        path,
+        message_queue_size=1,
+    )
 
-        r.sessions.start_soon(serve_stream, r.gateway, server_stream)
-        ws = await wrap_client_stream(
-            r.nursery,
-            client_stream,  # type: ignore[arg-type]
-            "katydid.test",
-            "/",
-            message_queue_size=1,
-        )
+
+async def test_a_client_that_never_reads_is_cut_off_after_send_timeout(autojump_clock: Any) -> None:
+    async with rig(_config(send_timeout_s=30.0)) as r:
+        ws = await _never_reading(r, "/")
         session_id = await _stream(ws, partials=False)
         await _eventually(lambda: len(r.bus.finals(session_id)) >= 3)
         await trio.testing.wait_all_tasks_blocked()
@@ -570,15 +573,7 @@ async def test_a_vosk_client_that_sends_and_never_reads_is_cut_off(autojump_cloc
     # vosk answers every audio frame from the reader: that send was unbounded, and a client
     # that kept sending and never read was held for as long as it sent (300 s when tried).
     async with rig(_config(send_timeout_s=30.0)) as r:
-        client_stream, server_stream = trio.testing.lockstep_stream_pair()
-        r.sessions.start_soon(serve_stream, r.gateway, server_stream)
-        ws = await wrap_client_stream(
-            r.nursery,
-            client_stream,  # type: ignore[arg-type]
-            "katydid.test",
-            "/vosk",
-            message_queue_size=1,
-        )
+        ws = await _never_reading(r, "/vosk")
         await ws.send_message('{"config": {"sample_rate": 16000}}')
         began = trio.current_time()
         with trio.move_on_after(600):
