@@ -903,3 +903,23 @@ async def test_an_unforeseen_error_ends_its_connection_never_the_door(
         await _stream(second, seconds=3.0)
         await second.send_message('{"type": "stop"}')
         await _eventually(lambda: len(r.bus.finals()) >= 1)
+
+
+async def test_a_session_right_after_the_last_ones_job_is_not_told_to_wait(
+    autojump_clock: Any,
+) -> None:
+    # Until the next queue poll the job just answered was still counted ahead: the next session
+    # was told to wait a job's time for an idle worker (refused with max_wait_s 0.5).
+    async with rig(_config(queue_poll_s=10_000.0)) as r:  # no poll after the first
+        r.bus.heartbeat("w0", MODEL, avg_compute_s=1.0)
+        first = await r.connect()
+        await first.send_message('{"type": "start", "format": "wav"}')
+        assert (await _next(first))["type"] == "ready"
+        await first.send_message(_wav(_speech_like(2.0)))
+        await first.send_message('{"type": "stop"}')
+        await _eventually(lambda: len(r.bus.finals()) == 1)
+        r.bus.answer(r.bus.finals()[0], "hello")
+        assert (await _next(first, "queued"))["type"] == "final"
+        second = await r.connect()
+        await second.send_message('{"type": "start", "max_wait_s": 0.5}')
+        assert (await _next(second))["type"] == "ready"

@@ -138,3 +138,27 @@ def test_readyz_names_each_reason_it_fails() -> None:
     gw.heartbeat(_beat("a", avg=1.0))
     ready, detail = gw.readiness(True)
     assert (ready, detail["stream_present"]) == (False, False)
+
+
+def test_a_job_answered_leaves_the_backlog_at_once_not_at_the_next_poll() -> None:
+    # An idle worker, and a session that came right after the last one's job was answered:
+    # the poll still counted that job, so the newcomer was told to wait a job's time (0.6 s)
+    # and refused with max_wait_s 0.5.
+    model = "tiny.en-q8_0"
+    gw = Admission(Config(), lambda: 1000.0)
+    gw.heartbeat(_beat("a", avg=1.0))
+    gw.polled({(model, "interactive"): LaneStats(0, 1, 0)}, {})  # the last job, in progress
+    assert gw.backlog_eta_s(model) == 2.0  # it and the next one
+    gw.answered(model)
+    assert gw.backlog_eta_s(model) == 1.0  # only the next one: no wait for a worker
+    counted = dict(gw.published_since_poll)  # a poll asked now...
+    gw.polled({(model, "interactive"): LaneStats(0, 0, 1)}, counted)  # ...no longer counts it
+    assert gw.backlog_eta_s(model) == 1.0
+    # Published and answered between two polls: never ahead of anyone.
+    gw.published(model)
+    gw.answered(model)
+    assert gw.backlog_eta_s(model) == 1.0
+    # A poll that had already let go of it when answered: nothing goes below an empty queue.
+    gw.polled({(model, "interactive"): LaneStats(0, 0, 1)}, dict(gw.published_since_poll))
+    gw.answered(model)
+    assert gw.backlog_eta_s(model) == 1.0

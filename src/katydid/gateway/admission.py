@@ -78,6 +78,13 @@ class Admission:
     def published(self, model: str) -> None:
         self.published_since_poll[model] = self.published_since_poll.get(model, 0) + 1
 
+    def answered(self, model: str) -> None:
+        """A job of ours is done: out of the backlog now, not at the next poll (a session that
+        came within a poll of the last one's end was told to wait one job's time for an idle
+        worker, and refused a max_wait_s under it). Below zero until the poll no longer
+        counts it."""
+        self.published_since_poll[model] = self.published_since_poll.get(model, 0) - 1
+
     def expect(self, model: str) -> None:
         """A session was admitted to ``model``: a job ahead of the next ones until it has
         published one or ended (``arrived``)."""
@@ -159,7 +166,7 @@ class Admission:
         model = model or self.default_model
         stats = self.lanes.get((model, lane))
         ahead = stats.pending + stats.in_progress if stats else 0
-        ahead += self.published_since_poll.get(model, 0)
+        ahead = max(0, ahead + self.published_since_poll.get(model, 0))
         if lane == "interactive":  # an upload's lane is known once decoded: counted here
             ahead += self.expected.get(model, 0)
         interactive = self.lanes.get((model, "interactive"))

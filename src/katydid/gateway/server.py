@@ -273,6 +273,8 @@ class Gateway:
         if live is None:
             self.counters["orphan_results"] += 1  # the client left; its cancel crossed this result
             return
+        if result.kind != "partial":  # partials are never counted in the backlog
+            self.admission.answered(live.session.model)
         if not self._route(live, result):
             # Results are bounded by jobs in flight, so only duplicates can overflow the inbox.
             self.counters["duplicate_results"] += 1
