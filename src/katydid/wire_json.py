@@ -10,6 +10,7 @@ its error reached the door's nursery and ended the whole server. It also accepts
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 
@@ -21,10 +22,11 @@ def loads(text: str | bytes | bytearray) -> Any:
     """Parse ``text`` as strict JSON.
 
     Raises:
-        NotJson: not JSON, a ``NaN``/``Infinity`` constant, or nested too deeply.
+        NotJson: not JSON, a ``NaN``/``Infinity`` constant, a number too large for a float, or
+            nested too deeply.
     """
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
     except RecursionError:
         raise NotJson("JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a refused constant
@@ -33,3 +35,11 @@ def loads(text: str | bytes | bytearray) -> Any:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    # 1e400 is valid JSON, and Python reads it as infinity: the Infinity refused above.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value

@@ -15,6 +15,8 @@ from katydid import wire_json
         "NaN",
         '{"max_wait_s": Infinity}',
         "[-Infinity]",
+        '{"max_wait_s": 1e400}',  # valid JSON, read as infinity
+        "[-1.5e999]",
         "",
         b"\xff\xfe{",
     ],
