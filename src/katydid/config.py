@@ -82,7 +82,7 @@ class Config:
     handshake_timeout_s: float = 10.0
     start_timeout_s: float = 30.0  # connect → start message
     idle_timeout_s: float = 120.0  # no frame while streaming
-    result_timeout_s: float = 900.0  # stop → last final
+    result_timeout_s: float = 900.0  # after stop: no result for this long
     send_timeout_s: float = 30.0  # a client that does not read
     shutdown_grace_s: float = 30.0
     queue_poll_s: float = 1.0

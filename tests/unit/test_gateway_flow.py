@@ -310,6 +310,21 @@ async def test_result_timeout_after_stop(autojump_clock: Any, parked: bool) -> N
         assert r.bus.cancels == [session_id]
 
 
+async def test_result_timeout_counts_from_the_last_result(autojump_clock: Any) -> None:
+    async with rig(_config(result_timeout_s=900.0)) as r:
+        ws = await r.connect()
+        session_id = await _stream(ws)
+        await ws.send_message('{"type": "stop"}')
+        await _eventually(lambda: len(r.bus.finals(session_id)) >= 2)
+        stopped = trio.current_time()
+        await trio.sleep(800.0)
+        r.bus.answer(r.bus.finals(session_id)[0], "first")  # the rest never come
+        assert (await _next(ws, "queued"))["text"] == "first"
+        error = await _next(ws, "queued")
+        assert (error["code"], error["message"]) == ("timeout", "no result for 900 s")
+        assert trio.current_time() - stopped >= 1700.0  # 900 s after the result, not the stop
+
+
 async def test_forged_unknown_and_orphan_results_change_nothing(autojump_clock: Any) -> None:
     async with rig() as r:
         ws = await r.connect()

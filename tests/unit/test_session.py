@@ -309,10 +309,27 @@ def test_result_timeout_after_stop_cancels_what_is_unanswered() -> None:
     out = s.tick(920.0)
     error, close = _error_and_close(out)
     assert close.code == 4008
-    assert "results not complete within 900 s" in error.message
+    assert "no result for 900 s" in error.message
     cancels = [o for o in out if isinstance(o, CancelJobs)]
     assert cancels
     assert set(cancels[0].stream_seqs) >= {10 + i for i in range(len(jobs))}
+
+
+def test_result_timeout_counts_from_the_last_result() -> None:
+    # A long upload whose chunks keep coming back is not timed out for taking long in all.
+    s = _started(_session(result_timeout_s=900.0))
+    jobs = _published(s.receive_bytes(_speech_like(9.0), 10.0))
+    assert len(jobs) >= 2
+    for i, p in enumerate(jobs):
+        s.published(p.job.seq, 10 + i)
+    _published(s.receive_text('{"type": "stop"}', 20.0), 20, s)
+    s.progressed(10.0)  # before stop: no later than stop
+    assert s.deadline == 920.0
+    s.receive_result(_result(0, "x"))
+    s.progressed(800.0)
+    assert (s.deadline, s.tick(1000.0)) == (1700.0, [])
+    error, close = _error_and_close(s.tick(1700.0))
+    assert (error.code, close.code) == (ErrorCode.TIMEOUT, 4008)
 
 
 def test_backpressure_at_the_in_flight_bound_is_not_an_idle_timeout() -> None:

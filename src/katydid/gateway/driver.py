@@ -23,6 +23,7 @@ from katydid.gateway.events import ServerEvent
 from katydid.gateway.outputs import Close, Decode, Output, Publish, Send
 from katydid.gateway.server import Gateway, Live, apply
 from katydid.gateway.session import Phase
+from katydid.messages import JobResult
 
 T = TypeVar("T")
 
@@ -181,6 +182,8 @@ class SessionDriver:
                     live.inbox = None  # a report delivered meanwhile makes a new one
                 outputs = apply(self.session, item)
                 self.live.progressed()
+                if isinstance(item, JobResult):
+                    self.session.progressed(trio.current_time())
                 await self.emit(outputs)
         finally:
             self._writing = False

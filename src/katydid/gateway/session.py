@@ -372,6 +372,15 @@ class Session:
             return self._stopped_at + limits.result_timeout_s
         return float("inf")
 
+    def progressed(self, now: float) -> None:
+        """A worker's result was applied at ``now``: after ``stop``, the result timeout counts
+        from it. Counted from ``stop`` alone, it bounded the whole of a long
+        upload's transcription (a 4 h file takes ~800 s on one idle worker here, longer on a
+        busy or slower host: ``timeout``, and its retry the same), where it is meant for a
+        session whose results stopped coming."""
+        if self.phase is Phase.STOPPED:
+            self._stopped_at = max(self._stopped_at, now)
+
     def resumed(self, now: float) -> None:
         """The adapter reads again after waiting for room: idle time counts from now."""
         self._last_input = max(self._last_input, now)
@@ -385,7 +394,7 @@ class Session:
         elif self.phase is Phase.STREAMING:
             message = f"no message for {self.limits.idle_timeout_s:.0f} s"
         else:
-            message = f"results not complete within {self.limits.result_timeout_s:.0f} s"
+            message = f"no result for {self.limits.result_timeout_s:.0f} s"
         return self.fail(ProtocolError(ErrorCode.TIMEOUT, message))
 
     def queue_news(self, position: int, eta_s: float, now: float) -> bool:
