@@ -304,6 +304,11 @@ def decode_container(data: bytes | Path, *, max_audio_s: float, max_bytes: int) 
             raise AudioError(f"cannot read it: {exc.strerror or exc}") from exc
         if data.is_dir():
             raise AudioError("it is a directory, not an audio file")
+        try:
+            with data.open("rb"):  # libsndfile says only "System error" for one it may not read
+                pass
+        except OSError as exc:
+            raise AudioError(f"cannot read it: {exc.strerror or exc}") from exc
         source: Path | IO[bytes] = data
     else:
         size = len(data)

@@ -276,13 +276,6 @@ def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
     failed = 0
     for path in args.files:
         try:
-            with path.open("rb"):  # libsndfile says "System error" for a file it may not read
-                pass
-        except OSError as exc:
-            print(f"katydid: {path}: cannot read it: {exc.strerror or exc}", file=sys.stderr)
-            failed += 1
-            continue
-        try:
             tr = _transcribe_file(engine, cfg, path, decode)
         except KatydidError as exc:
             # One bad file does not stop the others; the exit code reports it.

@@ -148,7 +148,7 @@ def test_cli_transcribe_local_reports_bad_files_and_goes_on(
     assert "garbage.wav" in proc.stderr
     assert "not a decodable audio file" in proc.stderr
     assert f"{missing}: cannot read it: No such file or directory" in proc.stderr
-    assert f"{directory}: cannot read it: Is a directory" in proc.stderr
+    assert f"{directory}: it is a directory, not an audio file" in proc.stderr
     out = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(out) == 1
     reference = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."

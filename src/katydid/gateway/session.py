@@ -374,8 +374,8 @@ class Session:
 
     def progressed(self, now: float) -> None:
         """A worker's result was applied at ``now``: after ``stop``, the result timeout counts
-        from it. Counted from ``stop`` alone, it bounded the whole of a long
-        upload's transcription (a 4 h file takes ~800 s on one idle worker here, longer on a
+        from it. Counted from ``stop`` alone, it bounded the whole of a long upload's
+        transcription (a 4 h file takes ~800 s on one idle worker on an AMD EPYC, longer on a
         busy or slower host: ``timeout``, and its retry the same), where it is meant for a
         session whose results stopped coming."""
         if self.phase is Phase.STOPPED:

@@ -202,7 +202,8 @@ class _Connection:
         elif kind == "audio-start":
             self.discarding = False
             if current is not None:
-                # Its audio is ignored too: it must not end the transcription in progress.
+                # Its audio must not end the transcription in progress: once that one has had
+                # its audio-stop, the chunks that follow are dropped without a word (below).
                 self.discarding = True
                 await self._error(ErrorCode.BAD_MESSAGE, "audio-start during a transcription")
                 return
