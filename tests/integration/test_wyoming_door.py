@@ -50,6 +50,17 @@ def _pcm(clip: Clip, rate: int, width: int, channels: int) -> bytes:
     return np.repeat(samples, channels).tobytes()  # interleaved: the same voice in each channel
 
 
+async def _send_audio(
+    client: AsyncTcpClient, pcm: bytes, rate: int = 16_000, width: int = 2, channels: int = 1
+) -> None:
+    """``pcm`` as 100 ms `audio-chunk` events, then `audio-stop`."""
+    step = rate * width * channels // 10
+    for i in range(0, len(pcm), step):
+        chunk = AudioChunk(rate=rate, width=width, channels=channels, audio=pcm[i : i + step])
+        await client.write_event(chunk.event())
+    await client.write_event(AudioStop().event())
+
+
 async def _transcribe(
     port: int, pcm: bytes, rate: int, width: int, channels: int
 ) -> tuple[Info, list[Event]]:
@@ -60,11 +71,7 @@ async def _transcribe(
         info = Info.from_event(info_event)
         await client.write_event(Transcribe(language="en").event())
         await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
-        step = rate * width * channels // 10  # 100 ms
-        for i in range(0, len(pcm), step):
-            chunk = AudioChunk(rate=rate, width=width, channels=channels, audio=pcm[i : i + step])
-            await client.write_event(chunk.event())
-        await client.write_event(AudioStop().event())
+        await _send_audio(client, pcm, rate, width, channels)
         events = []
         while True:
             event = await asyncio.wait_for(client.read_event(), 120)
@@ -155,10 +162,7 @@ async def _refusals(port: int, pcm: bytes) -> list[list[str]]:
             await client.write_event(transcribe.event())
             if start is not None:
                 await client.write_event(start.event())
-            for i in range(0, len(pcm), 3200):
-                chunk = AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[i : i + 3200])
-                await client.write_event(chunk.event())
-            await client.write_event(AudioStop().event())
+            await _send_audio(client, pcm)
             kinds = []
             while True:
                 event = await asyncio.wait_for(client.read_event(), 120)
@@ -187,10 +191,7 @@ async def _stray_after_stop(port: int, pcm: bytes) -> list[Event]:
     async with AsyncTcpClient("127.0.0.1", port) as client:
         await client.write_event(Transcribe(language="en").event())
         await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
-        for i in range(0, len(pcm), 3200):
-            chunk = AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[i : i + 3200])
-            await client.write_event(chunk.event())
-        await client.write_event(AudioStop().event())
+        await _send_audio(client, pcm)
         stray = AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[:3200])
         await client.write_event(stray.event())
         await client.write_event(AudioStop().event())
