@@ -232,6 +232,13 @@ class JobResult:
     worker: str
     error: Mapping[str, str] | None = None
     token: str = ""  # the job's Katydid-Token, echoed
+    # Stretches of speech (start_s, end_s, session time) the engine decoded twice and still
+    # got no text for: said, so that a transcript with a gap is never taken for a whole one.
+    uncovered: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def uncovered_s(self) -> float:
+        return sum(end - start for start, end in self.uncovered)
 
     def to_json(self) -> bytes:
         d: dict[str, Any] = {
@@ -249,6 +256,8 @@ class JobResult:
             "error": dict(self.error) if self.error else None,
             "token": self.token,
         }
+        if self.uncovered:
+            d["uncovered"] = [list(span) for span in self.uncovered]
         return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode()
 
     @classmethod
@@ -277,6 +286,9 @@ class JobResult:
                 if err
                 else None,
                 token=str(d.get("token", "")),
+                uncovered=tuple(
+                    (float(start), float(end)) for start, end in d.get("uncovered", ())
+                ),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MessageError(f"malformed result: {exc}") from exc

@@ -46,6 +46,16 @@ class WorkerCollector(Collector):
             "Clip-sized runs redone with the full window",
             labels=["worker"],
         )
+        redecodes = CounterMetricFamily(
+            "katydid_worker_redecodes",
+            "Runs over speech that a first run left without text",
+            labels=["worker"],
+        )
+        uncovered = CounterMetricFamily(
+            "katydid_worker_uncovered_seconds",
+            "Speech still without text after its second decode",
+            labels=["worker"],
+        )
         for worker, beat in beats.items():
             busy.add_metric([worker], 1.0 if beat.get("busy") else 0.0)
             for outcome, key in (
@@ -57,7 +67,9 @@ class WorkerCollector(Collector):
             cpu.add_metric([worker], float(beat.get("cpu_s") or 0.0))
             rss.add_metric([worker], float(beat.get("rss_bytes") or 0.0))
             fallbacks.add_metric([worker], float(beat.get("fallbacks") or 0))
-        yield from (busy, jobs, cpu, rss, fallbacks)
+            redecodes.add_metric([worker], float(beat.get("redecodes") or 0))
+            uncovered.add_metric([worker], float(beat.get("uncovered_s") or 0.0))
+        yield from (busy, jobs, cpu, rss, fallbacks, redecodes, uncovered)
 
 
 class _LogCollector(Collector):

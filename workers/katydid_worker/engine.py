@@ -25,6 +25,7 @@ import numpy as np
 from katydid.errors import EngineError, ModelError
 from katydid.languages import WHISPER_LANGUAGES
 from katydid.messages import SAMPLE_RATE
+from katydid_worker.coverage import MIN_HOLE_VOICED_S, next_hole, sparse, uncovered, voiced_in
 from katydid_worker.ggml_check import check_ggml
 from katydid_worker.guardrails import (
     CLIP_CTX_STEPS,
@@ -65,7 +66,14 @@ class Transcript:
     audio_s: float
     compute_s: float
     audio_ctx: int = 1500  # encoder positions used by the run that produced it (1500 = 30 s)
-    fallback: str | None = None  # why the clip-sized run was discarded for a full-window one
+    # Why the first run's text was not kept as it came: "budget", a guardrail's reason (the
+    # clip-sized run was discarded for a full-window one), "uncovered" (speech no segment
+    # covered was decoded again), joined by "+".
+    fallback: str | None = None
+    redecodes: int = 0  # runs over speech the first run left without text
+    # Stretches of speech (start_s, end_s in the clip) that still have no text after their
+    # second decode: said, never silently dropped.
+    uncovered: tuple[tuple[float, float], ...] = ()
 
     @property
     def text(self) -> str:
@@ -105,6 +113,9 @@ class EngineOptions:
     # speech_pad_s before decoding; segments outside every span of speech are dropped.
     speech_gate: bool = True
     speech_pad_s: float = 0.3
+    # Speech the first run left without text is decoded again, at most this many runs per
+    # call (coverage.py); 0 = never (what every chunk got before: passages went missing).
+    max_redecodes: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +130,41 @@ class DecodeOptions:
     prompt: str | None = None
     word_timestamps: bool = False
     translate: bool = False
+
+
+# A stretch still without text is reported when it holds this much speech (coverage.py).
+MIN_REPORTED_UNCOVERED_S = MIN_HOLE_VOICED_S
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    """One decode's outcome: its segments in the clip's time, its context size, and why its
+    clip-sized attempt was discarded (if it was)."""
+
+    segments: tuple[Segment, ...]
+    ctx: int
+    fallback: str | None
+
+
+def _merge(
+    kept: list[Segment], new: tuple[Segment, ...], hole: Span, spans: list[Span]
+) -> tuple[list[Segment], float]:
+    """``kept`` with a second decode's segments for ``hole``, and how far the new text reaches.
+
+    A new segment whose middle lies within a kept one is the same speech decoded twice and is
+    left out; a kept segment too sparse for its speech (coverage.sparse) that the hole overlaps
+    gives way to the new text when the new text is longer.
+    """
+    weak = [
+        s for s in kept if s.end_s > hole.start_s and s.start_s < hole.end_s and sparse(s, spans)
+    ]
+    if weak and sum(len(s.text) for s in new) > sum(len(s.text) for s in weak):
+        kept = [s for s in kept if s not in weak]
+    fresh = [
+        s for s in new if not any(k.start_s <= (s.start_s + s.end_s) / 2 <= k.end_s for k in kept)
+    ]
+    reached = max((s.end_s for s in fresh), default=hole.start_s)
+    return sorted(kept + fresh, key=lambda s: s.start_s), reached
 
 
 def _drop_log(*_args: object) -> None:
@@ -198,6 +244,7 @@ class Engine:
                 " is English-only"
             )
         self.fallbacks = 0
+        self.redecodes = 0  # runs over uncovered speech, since the engine was made
         self._speech = SpeechDetector() if self.options.speech_gate else None
         # The full-window cost of a near-empty clip (the encoder's fixed cost), which bounds what
         # a clip-sized attempt may spend before we give up on it (see guardrails.py). Measured
@@ -308,7 +355,78 @@ class Engine:
                 + " a multilingual model"
             )
         self._decode = decode
-        progress = (lambda seg: on_progress(trim_s + seg.t1 * _TICK_S)) if on_progress else None
+        if spans is None:  # no speech detector: one window, as whisper.cpp decodes it
+            window = self._window(audio, trim_s, audio_s, None, should_abort, on_progress)
+            return self._transcript(window, audio_s, started)
+        return self._covered(audio, trim_s, audio_s, spans, should_abort, on_progress, started)
+
+    def _covered(
+        self,
+        audio: np.ndarray,
+        trim_s: float,
+        audio_s: float,
+        spans: list[Span],
+        should_abort: Callable[[], bool] | None,
+        on_progress: Callable[[float], None] | None,
+        started: float,
+    ) -> Transcript:
+        """Decode the speech, then decode again each stretch of it that no segment covers
+        (coverage.py: whisper ends a window's text early and the rest is never decoded), until
+        every stretch is covered or has been tried once; what still has no text is reported
+        (``Transcript.uncovered``), never passed off as silence."""
+        window = self._window(audio, trim_s, audio_s, spans, should_abort, on_progress)
+        segments = list(window.segments)
+        reasons = [window.fallback] if window.fallback else []
+        tried: list[Span] = []
+        redecodes = 0
+        end_s = trim_s + audio.size / SAMPLE_RATE
+        while redecodes < self.options.max_redecodes:
+            if should_abort is not None and should_abort():
+                break
+            hole = next_hole(spans, segments, tried)
+            if hole is None:
+                break
+            redecodes += 1
+            # From the end of the speech before it (or a margin) to the start of the speech
+            # after it: the decode sees the whole stretch and nothing a kept segment holds.
+            pad = self.options.speech_pad_s
+            a = max(trim_s, hole.start_s - pad)
+            b = min(end_s, hole.end_s + pad)
+            part = audio[int((a - trim_s) * SAMPLE_RATE) : math.ceil((b - trim_s) * SAMPLE_RATE)]
+            got = self._window(part, a, audio_s, spans, should_abort, on_progress)
+            segments, reached = _merge(segments, got.segments, hole, spans)
+            # Text well into the stretch: the rest of it (where the new run may have stopped
+            # early too) is the next hole. None: this stretch has had its second chance.
+            tried.append(Span(a, reached if reached >= hole.start_s + MIN_HOLE_VOICED_S else b))
+            if reasons[-1:] != ["uncovered"]:
+                reasons.append("uncovered")
+        holes = tuple(
+            (round(h.start_s, 2), round(h.end_s, 2))
+            for h in uncovered(spans, segments)
+            if voiced_in(h.start_s, h.end_s, spans) >= MIN_REPORTED_UNCOVERED_S
+        )
+        self.redecodes += redecodes
+        return self._transcript(
+            _Window(tuple(segments), window.ctx, "+".join(reasons) or None),
+            audio_s,
+            started,
+            redecodes=redecodes,
+            uncovered=holes,
+        )
+
+    def _window(
+        self,
+        audio: np.ndarray,
+        at_s: float,
+        audio_s: float,
+        spans: list[Span] | None,
+        should_abort: Callable[[], bool] | None,
+        on_progress: Callable[[float], None] | None,
+    ) -> _Window:
+        """One decode of ``audio`` (which starts ``at_s`` into the clip): clip-sized with
+        guardrails when it fits, else (or when they fail) the full window."""
+        opts = self.options
+        progress = (lambda seg: on_progress(at_s + seg.t1 * _TICK_S)) if on_progress else None
         fallback: str | None = None
         speech_s = audio.size / SAMPLE_RATE  # what is decoded: the speech and its margins
         ctx = (
@@ -328,24 +446,28 @@ class Engine:
             raw = self._run(
                 audio, audio_ctx=ctx, temperature_inc=0.0, abort=over_budget, progress=progress
             )
+            segments = self._segments(raw, ctx, at_s, audio_s, spans)
             if should_abort is not None and should_abort():
-                return self._transcript(raw, audio_s, started, ctx, None, trim_s, spans)
+                return _Window(segments, ctx, None)
             if time.process_time() > deadline:
                 fallback = "budget"
             else:
                 text = " ".join(s.text for s in raw)
+                local = [Span(s.start_s - at_s, s.end_s - at_s) for s in spans] if spans else None
                 voiced_s = (
-                    sum(s.end_s - s.start_s for s in spans) if spans else voiced_seconds(audio)
+                    sum(max(0.0, min(s.end_s, speech_s) - max(s.start_s, 0.0)) for s in local)
+                    if local
+                    else voiced_seconds(audio)
                 )
                 fallback = check_output(text, speech_s, voiced_s)
             if fallback is None:
-                return self._transcript(raw, audio_s, started, ctx, None, trim_s, spans)
+                return _Window(segments, ctx, None)
             self.fallbacks += 1
         tinc = 0.2 if opts.temperature_fallback else 0.0
         raw = self._run(
             audio, audio_ctx=FULL_CTX, temperature_inc=tinc, abort=should_abort, progress=progress
         )
-        return self._transcript(raw, audio_s, started, FULL_CTX, fallback, trim_s, spans)
+        return _Window(self._segments(raw, FULL_CTX, at_s, audio_s, spans), FULL_CTX, fallback)
 
     def _model_for(self, audio_ctx: int) -> Any:
         full = audio_ctx >= FULL_CTX
@@ -387,23 +509,22 @@ class Engine:
             raise EngineError(f"whisper.cpp failed: {exc}") from exc
         return raw
 
-    def _transcript(
+    def _segments(
         self,
         raw: list[Any],
-        audio_s: float,
-        started: float,
         audio_ctx: int,
-        fallback: str | None,
-        trim_s: float = 0.0,
-        spans: list[Span] | None = None,
-    ) -> Transcript:
-        """The run's segments in the clip's time (``trim_s``: where the decoded audio began),
+        at_s: float,
+        audio_s: float,
+        spans: list[Span] | None,
+    ) -> tuple[Segment, ...]:
+        """A run's segments in the clip's time (``at_s``: where the decoded audio began),
         without non-speech markers, and without segments that lie outside every span of speech
-        (text that nobody said: a hallucination over a pause)."""
+        (text that nobody said: a hallucination over a pause). Read right after the run: word
+        times come from the context, which the next run overwrites."""
         segments = []
         for i, s in enumerate(raw):
-            start_s = round(trim_s + s.t0 * _TICK_S, 2)
-            end_s = round(max(start_s, min(trim_s + s.t1 * _TICK_S, audio_s)), 2)
+            start_s = round(at_s + s.t0 * _TICK_S, 2)
+            end_s = round(max(start_s, min(at_s + s.t1 * _TICK_S, audio_s)), 2)
             text = strip_markers(s.text.strip())
             if not text:
                 continue
@@ -414,18 +535,31 @@ class Engine:
             ):
                 continue
             words = (
-                self._words(audio_ctx, i, trim_s, start_s, end_s)
+                self._words(audio_ctx, i, at_s, start_s, end_s)
                 if self._decode.word_timestamps
                 else ()
             )
             segments.append(Segment(start_s, end_s, text, words))
+        return tuple(segments)
+
+    def _transcript(
+        self,
+        window: _Window,
+        audio_s: float,
+        started: float,
+        *,
+        redecodes: int = 0,
+        uncovered: tuple[tuple[float, float], ...] = (),
+    ) -> Transcript:
         return Transcript(
-            segments=tuple(segments),
+            segments=window.segments,
             language=self._decode.language,
             audio_s=audio_s,
             compute_s=time.perf_counter() - started,
-            audio_ctx=audio_ctx,
-            fallback=fallback,
+            audio_ctx=window.ctx,
+            fallback=window.fallback,
+            redecodes=redecodes,
+            uncovered=uncovered,
         )
 
     def _detect(self, audio: np.ndarray) -> str:

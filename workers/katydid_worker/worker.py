@@ -80,6 +80,8 @@ class WorkerStats:
     compute_s: float = 0.0
     started_unix: float = field(default_factory=time.time)
     fallbacks: int = 0  # clip-sized runs redone with the full window (engine guardrails)
+    redecodes: int = 0  # runs over speech a first run left without text (engine coverage)
+    uncovered_s: float = 0.0  # speech still without text after its second decode
 
     def to_json(self) -> bytes:
         avg = self.compute_s / self.jobs_done if self.jobs_done else None
@@ -98,6 +100,8 @@ class WorkerStats:
                 "pid": os.getpid(),
                 "cpu_s": round(time.process_time(), 3),
                 "fallbacks": self.fallbacks,
+                "redecodes": self.redecodes,
+                "uncovered_s": round(self.uncovered_s, 2),
                 "rss_bytes": _rss_bytes(),
                 "uptime_s": round(time.time() - self.started_unix, 1),
             }
@@ -133,6 +137,7 @@ def _answer(
     text: str = "",
     segments: tuple[ResultSegment, ...] = (),
     language: str | None = None,
+    uncovered: tuple[tuple[float, float], ...] = (),
 ) -> JobResult:
     """The one result a job gets: a transcript, or ``error`` = (code, message)."""
     return JobResult(
@@ -149,6 +154,7 @@ def _answer(
         worker=worker,
         error={"code": error[0].value, "message": error[1]} if error else None,
         token=job.token,
+        uncovered=uncovered,
     )
 
 
@@ -423,7 +429,12 @@ class Worker:
         finally:
             self.stats.busy = False
             self.stats.job_stream_seq = None
-        engine = {"audio_ctx": tr.audio_ctx, "fallback": tr.fallback}
+        engine = {
+            "audio_ctx": tr.audio_ctx,
+            "fallback": tr.fallback,
+            "redecodes": tr.redecodes,
+            "uncovered_s": round(sum(b - a for a, b in tr.uncovered), 2),
+        }
         if job.session_id in self._cancelled:
             return _answer(
                 job,
@@ -435,6 +446,8 @@ class Worker:
             ), engine
         self.stats.jobs_done += 1
         self.stats.fallbacks = self.engine.fallbacks
+        self.stats.redecodes = self.engine.redecodes
+        self.stats.uncovered_s += sum(b - a for a, b in tr.uncovered)
         self.stats.audio_s += tr.audio_s
         self.stats.compute_s += tr.compute_s
         return _answer(
@@ -446,6 +459,10 @@ class Worker:
             text=tr.text,
             segments=_segments(tr, job.offset_ms / 1000.0),
             language=tr.language,
+            uncovered=tuple(
+                (round(a + job.offset_ms / 1000.0, 2), round(b + job.offset_ms / 1000.0, 2))
+                for a, b in tr.uncovered
+            ),
         ), engine
 
     async def _keep_alive(self, msg: Any) -> None:

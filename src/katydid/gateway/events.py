@@ -93,6 +93,12 @@ class Done:
     chunks: int
     audio_s: float
     failed_chunks: int
+    # Speech that has no text in the transcript although it was decoded twice (start_s, end_s)
+    uncovered: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def uncovered_s(self) -> float:
+        return sum(end - start for start, end in self.uncovered)
 
     def to_json(self) -> str:
         return _dump(
@@ -101,6 +107,8 @@ class Done:
                 "chunks": self.chunks,
                 "audio_s": round(self.audio_s, 3),
                 "failed_chunks": self.failed_chunks,
+                "uncovered_s": round(self.uncovered_s, 2),
+                "uncovered": [[round(a, 2), round(b, 2)] for a, b in self.uncovered],
             }
         )
 

@@ -22,6 +22,8 @@ class JobLedger:
     in_flight: dict[int, int | None] = field(default_factory=dict)
     next_seq: int = 0  # next result to deliver
     failed: int = 0  # chunks answered with an error
+    # Speech the engine could not get text for (JobResult.uncovered), in session time
+    uncovered: list[tuple[float, float]] = field(default_factory=list)
     _early: dict[int, JobResult] = field(default_factory=dict)
 
     def sent(self, seq: int) -> None:
@@ -49,6 +51,7 @@ class JobLedger:
             r = self._early.pop(self.next_seq)
             self.next_seq += 1
             self.failed += r.error is not None
+            self.uncovered += r.uncovered
             out.append(r)
         return out
 

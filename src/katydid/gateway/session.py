@@ -521,7 +521,12 @@ class Session:
         return self.intake.audio_s if self.intake else self._audio_s
 
     def done_event(self) -> Done:
-        return Done(self.chunks_total, self.audio_s, self._jobs_out.failed)
+        return Done(
+            self.chunks_total,
+            self.audio_s,
+            self._jobs_out.failed,
+            tuple(self._jobs_out.uncovered),
+        )
 
 
 def _body(samples: np.ndarray) -> bytes:
