@@ -64,8 +64,12 @@ class Chunker:
         vad: bool = False,
         soft_max_s: float = 0.0,
         soft_pause_s: float = 0.2,
+        longest_pause: bool = False,
     ) -> None:
         self._eager = eager
+        # Files: wait until max_s of audio is held, then cut in the longest pause past min_s
+        # (a speaker's turn or a sentence's end more often than the first pause is).
+        self._longest = longest_pause and not eager
         # Eager (live) only: from soft_max_s of audio on, a shorter pause (soft_pause_s) ends
         # the utterance too; 0 = off.
         self._soft_frames = int(soft_max_s * SAMPLE_RATE) // FRAME if soft_max_s > 0 else 0
@@ -196,7 +200,12 @@ class Chunker:
         while self._n // FRAME >= self._min_frames:
             frames = self._n // FRAME
             rms = self._rms[:frames]
-            cut = self._pause_cut(~self._voiced(frames))
+            if self._longest:
+                if self._n < self._max:
+                    break
+                cut = self._longest_cut(~self._voiced(frames))
+            else:
+                cut = self._pause_cut(~self._voiced(frames))
             if cut is None:
                 if self._n < self._max:
                     break
@@ -205,6 +214,20 @@ class Chunker:
                 cut = cut or self._max
             out.append(self._emit(cut))
         return out
+
+    def _longest_cut(self, silent: np.ndarray) -> int | None:
+        """The middle of the longest pause (of at least ``silence_s``, the latest of equals)
+        whose middle lies past min_s and which ends before the audio held does."""
+        padded = np.concatenate(([False], silent, [False]))
+        edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
+        best: tuple[int, int] | None = None  # (length, middle)
+        for s, e in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
+            middle = (s + e) // 2
+            if e - s < self._silence_frames or middle < self._min_frames or e == silent.size:
+                continue
+            if best is None or e - s >= best[0]:
+                best = (e - s, middle)
+        return best[1] * FRAME if best else None
 
     def _pause_cut(self, silent: np.ndarray) -> int | None:
         """Where to cut at the first long-enough pause: in its middle once it ends after min_s

@@ -125,6 +125,19 @@ def add_parsers(sub: Any) -> None:
         help="with --compare: passes over the clips; each clip's time is its median (1-20)",
     )
 
+    bg = bench.add_parser(
+        "long",
+        help="long recordings: Katydid (local and through serve), whisper.cpp on the whole file, "
+        "faster-whisper int8 beam 1 and 5; WER and CPU seconds, interleaved",
+    )
+    bg.add_argument(
+        "--manifest", type=Path, help="long-form clips with references (default: shared mixes.tsv)"
+    )
+    bg.add_argument(
+        "--workers", type=int, default=2, help="workers for the server it starts (0: no server)"
+    )
+    bg.add_argument("--json", action="store_true")
+
     bl = bench.add_parser(
         "latency",
         help="live latency: end of speech → final, partial interval, streaming vs file WER",
@@ -339,7 +352,65 @@ def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if summary["errors"] == 0 else 1
 
 
+def _long(cfg: Config, args: argparse.Namespace) -> int:
+    """``katydid bench long``: see katydid_worker/longform.py."""
+    from katydid_worker import longform, models
+
+    manifest = args.manifest or find_speech_dir() / "mixes.tsv"
+    files = [
+        longform.LongFile(
+            c.path, decode_container(c.path, max_audio_s=4 * 3600, max_bytes=1 << 30), c.reference
+        )
+        for c in read_manifest(manifest)
+    ]
+    model_path = models.prepare(cfg.model_dir, cfg.model)
+    src = models.source(cfg.model)
+    if src.parts:
+        raise KatydidError("bench long needs a model whose CTranslate2 files are in one package")
+    threads = cfg.engine_threads
+    contenders = [
+        longform.katydid_local(model_path, cfg),
+        longform.whisper_cpp_direct(model_path, threads),
+        *longform.faster_whisper(src.package_dirs()[0], threads, (1, 5)),
+    ]
+    server = (
+        _Server(cfg, args.workers, Path("reports") / "long" / "serve.log") if args.workers else None
+    )
+    try:
+        if server is not None:
+            contenders.append(longform.through_server(server.url, server.proc.pid))
+        print(f"bench long: {len(files)} files, {len(contenders)} contenders ...", file=sys.stderr)
+        runs = longform.measure(contenders, files)
+    finally:
+        if server is not None:
+            server.stop()
+    command = "katydid " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    print(f"`{command}`, threads {threads}, server workers {args.workers}\n")
+    print(longform.markdown(runs, files, _host()))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    r.name: {
+                        "wer": round(r.wer, 5),
+                        "cpu_s": round(r.cpu_s, 3),
+                        "wall_s": round(r.wall_s, 3),
+                        "files": {
+                            n: {"wer": round(f.wer, 5), "cpu_s": round(f.cpu_s, 3),
+                                "wall_s": round(f.wall_s, 3), "text": f.text}
+                            for n, f in r.files.items()
+                        },
+                    }
+                    for r in runs
+                }
+            )
+        )  # fmt: skip
+    return 0
+
+
 def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
+    if args.bench_command == "long":
+        return _long(cfg, args)
     manifest = args.manifest or find_speech_dir() / "manifest.tsv"
     clips = [
         c

@@ -35,6 +35,29 @@ def test_cuts_in_pauses_after_min_length() -> None:
     assert sum(c.size for c in chunks) == audio.size
 
 
+def test_files_are_cut_in_the_longest_pause_between_min_and_max() -> None:
+    # Pauses of 0.4 s (at 3.0 s, past min), 1.0 s (at 5.4 s) and 0.4 s (at 8.4 s), max 10 s:
+    # the first pause past min would cut at 3.2 s; the longest one is the cut.
+    audio = np.concatenate(
+        [
+            _voiced(3.0), _silence(0.4), _voiced(2.0), _silence(1.0), _voiced(2.0),
+            _silence(0.4), _voiced(5.0),
+        ]
+    )  # fmt: skip
+    chunker = Chunker(min_s=2.0, max_s=10.0, silence_s=0.3, longest_pause=True)
+    chunks = _feed_all(chunker, audio)
+    first = chunks[0].size / SAMPLE_RATE
+    assert 5.6 < first < 6.2, first  # the middle of the 1.0 s pause
+    assert all(c.size <= 10 * SAMPLE_RATE for c in chunks)
+    assert sum(c.size for c in chunks) == audio.size
+    # Without a pause it still cuts by max_s, in the last third, as the first-pause rule does.
+    sizes = [
+        c.size / SAMPLE_RATE
+        for c in _feed_all(Chunker(max_s=10.0, longest_pause=True), _voiced(25.0))
+    ]
+    assert all(10.0 * 2 / 3 - 0.03 <= s <= 10.0 for s in sizes[:-1]), sizes
+
+
 def test_no_pause_means_a_cut_at_max_length() -> None:
     audio = _voiced(25.0)
     chunks = _feed_all(Chunker(min_s=3.0, max_s=10.0), audio)

@@ -61,6 +61,7 @@ def _config(**overrides: Any) -> Config:
     base: dict[str, Any] = {
         "chunk_min_s": 1.0,
         "file_chunk_min_s": 2.0,
+        "file_chunk_max_s": 10.0,
         "chunk_max_s": 10.0,
         "worker_heartbeat_s": 1.0e6,  # heartbeats stay fresh however far the mock clock jumps
         "http_port": -1,

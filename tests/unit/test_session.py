@@ -49,7 +49,12 @@ def _result(
 
 
 def _limits(**overrides: Any) -> Limits:
-    base: dict[str, Any] = {"chunk_min_s": 2.0, "file_chunk_min_s": 2.0, "chunk_max_s": 10.0}
+    base: dict[str, Any] = {
+        "chunk_min_s": 2.0,
+        "file_chunk_min_s": 2.0,
+        "file_chunk_max_s": 10.0,
+        "chunk_max_s": 10.0,
+    }
     return Limits.default(**(base | overrides))
 
 

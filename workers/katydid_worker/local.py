@@ -3,7 +3,7 @@
 ``katydid transcribe --local`` and ``katydid eval`` once handed a long recording to whisper.cpp
 in one call, which seeks through it in 30 s windows on its own timestamps: on a 79 s recording of
 eleven read sentences that gave 5.4% WER against 2.5% through the server, which cuts files at
-pauses (``Chunker``: ``file_chunk_min_s``..``chunk_max_s``) and transcribes each chunk as a job.
+pauses (``Chunker``: ``file_chunk_min_s``..``file_chunk_max_s``) and transcribes each chunk as a job.
 Here the same cut, the same 16-bit samples a job carries, and one engine call per chunk, so the
 local path and the server agree.
 """
@@ -39,7 +39,10 @@ def transcribe_recording(
         chunks = [(0.0, pcm)]
     else:
         chunker = Chunker(
-            min_s=cfg.file_chunk_min_s, max_s=cfg.chunk_max_s, silence_s=cfg.chunk_silence_s
+            min_s=cfg.file_chunk_min_s,
+            max_s=cfg.file_chunk_max_s,
+            silence_s=cfg.chunk_silence_s,
+            longest_pause=True,
         )
         chunks = [(c.offset_s, c.audio) for c in chunker.feed(pcm) + chunker.flush()]
     segments: list[Segment] = []

@@ -40,7 +40,10 @@ class AudioIntake:
         lim = self.limits
         if self.options.is_file:
             self.chunker = Chunker(
-                min_s=lim.file_chunk_min_s, max_s=lim.chunk_max_s, silence_s=lim.chunk_silence_s
+                min_s=lim.file_chunk_min_s,
+                max_s=lim.file_chunk_max_s,
+                silence_s=lim.chunk_silence_s,
+                longest_pause=True,
             )
         else:  # live: cut as soon as the speaker pauses (chunker.py)
             self.chunker = Chunker(

@@ -30,6 +30,7 @@ class Limits:
     max_prompt_bytes: int
     chunk_min_s: float
     file_chunk_min_s: float
+    file_chunk_max_s: float
     chunk_max_s: float
     chunk_silence_s: float
     chunk_pause_s: float
