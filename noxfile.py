@@ -75,7 +75,7 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[bench]", env=ENGINE_BUILD)
     session.run("katydid", "model", "prepare")
     if "--long" in session.posargs:
-        # Long recordings (issue 32): local, through serve (2 workers), whisper.cpp on the whole
+        # Long recordings: local, through serve (2 workers), whisper.cpp on the whole
         # file, faster-whisper beam 1 and 5; the rest of posargs go to `katydid bench long`.
         rest = [a for a in session.posargs if a != "--long"]
         session.run("katydid", "bench", "long", *rest)

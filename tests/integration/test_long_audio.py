@@ -1,4 +1,4 @@
-"""Long recordings of many speakers lose nothing (issue 32): every shared mix (61-91 s, ten
+"""Long recordings of many speakers lose nothing: every shared mix (61-91 s, ten
 speakers each, short pauses between them) through the real stack, uploaded whole over the native
 WebSocket and through the HTTP door with the `openai` package.
 

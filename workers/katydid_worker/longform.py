@@ -22,6 +22,7 @@ import numpy as np
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.evaluation import word_errors
+from katydid_worker import compare
 from katydid_worker.engine import Engine, EngineOptions
 from katydid_worker.local import transcribe_recording
 
@@ -112,22 +113,14 @@ def whisper_cpp_direct(model_path: Path, threads: int) -> LongContender:
 
 
 def faster_whisper(ct2_dir: Path, threads: int, beam_sizes: Sequence[int]) -> list[LongContender]:
-    try:
-        from faster_whisper import WhisperModel
-    except ImportError:
-        raise KatydidError(
-            "faster-whisper is not installed: pip install 'katydid[bench]'"
-        ) from None
-    model = WhisperModel(str(ct2_dir), device="cpu", compute_type="int8", cpu_threads=threads)
+    """compare.faster_whisper's contenders, each given a whole file."""
 
-    def contender(beam: int) -> LongContender:
-        def transcribe(f: LongFile) -> tuple[str, float | None]:
-            segments, _ = model.transcribe(f.audio, language="en", beam_size=beam)
-            return " ".join(s.text for s in segments).strip(), None
+    def whole(c: compare.Contender) -> LongContender:
+        return LongContender(c.name, lambda f: (c.transcribe(f.audio).strip(), None))
 
-        return LongContender(f"faster-whisper int8 beam {beam}", transcribe)
-
-    return [contender(b) for b in beam_sizes]
+    return [
+        whole(c) for c in compare.faster_whisper(ct2_dir, threads=threads, beam_sizes=beam_sizes)
+    ]
 
 
 def tree_cpu_s(pid: int) -> float:
