@@ -164,6 +164,20 @@ async def rig(cfg: Config | None = None, *, parked: bool = False) -> AsyncIterat
             nursery.cancel_scope.cancel()
 
 
+@pytest.fixture(autouse=True)
+def _threads_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's threads (upload decoding, heap trimming) run inline here: on the mock
+    clock, autojump moves time on while every task waits, and a thread that a loaded machine
+    keeps busy for a real second would let minutes of mock time pass, timing sessions out in
+    tests that mean nothing of the kind (seen once in CI, under load)."""
+
+    async def inline(fn: Any, *args: Any, **_kw: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+
+
 async def _handlers(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
     """The connections' handlers' nursery, in a task of its own: a test that cancels it (the
     grace is over) goes on awaiting what the clients hear (inside its scope, the test's own
