@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -29,13 +29,31 @@ log = structlog.get_logger("katydid.cli")
 _PROGRESS_MIN_AUDIO_S = 30.0
 
 
+class _Version(argparse.Action):
+    """``--version``: the package's version and how whisper.cpp was built (compiler, SIMD
+    levels, llamafile kernels), looked up only when asked (it loads the engine's library)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kw: Any) -> None:
+        try:
+            from katydid_worker.engine import build_info
+
+            build = build_info()
+        except ImportError as exc:  # a gateway-only install has no engine
+            build = f"no engine ({exc})"
+        print(f"katydid {__version__}\nwhisper.cpp build: {build}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: with prefix matching, a subcommand's option (`load --mode`) was taken
     # for an abbreviation of a top-level one (`--model`, `--model-dir`) and refused.
     p = argparse.ArgumentParser(
         prog="katydid", description="Katydid speech-to-text server.", allow_abbrev=False
     )
-    p.add_argument("--version", action="version", version=f"katydid {__version__}")
+    p.add_argument("--version", action=_Version, help="show the version and the engine build")
     p.add_argument("--config", type=Path, help="TOML config file (default: $KATYDID_CONFIG)")
     p.add_argument(
         "--model", help="model name or ggml file (default: config 'model', tiny.en-q8_0)"
