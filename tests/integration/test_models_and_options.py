@@ -184,7 +184,9 @@ async def test_base_auto_detects_english_and_each_model_gets_its_own_jobs(
     assert not any(e["session_id"] in base_sessions for e in jobs[0])  # ...and only it
 
 
-async def test_a_model_whose_workers_left_is_refused(stack: Stack, clips: dict[str, Clip]) -> None:
+async def test_a_model_whose_workers_left_is_refused_with_a_retry_after(
+    stack: Stack, clips: dict[str, Clip]
+) -> None:
     # Last in this module: it stops the base worker. Its heartbeats end; after three missed
     # beats the gateway stops offering the model.
     stack.workers[1].terminate()
@@ -192,10 +194,16 @@ async def test_a_model_whose_workers_left_is_refused(stack: Stack, clips: dict[s
     with trio.fail_after(10):
         while "base-q8_0" in await _offered(stack):  # noqa: ASYNC110 - asks the gateway
             await trio.sleep(0.1)
+    # A model a worker served is gone: the server's condition, said with a retry-after, not
+    # the client's error.
     error, close = await _refused(stack, {"model": "base"})
-    assert error["code"] == "unsupported_option"
-    assert "no worker serves model 'base'" in error["message"]
-    assert close == 1003
+    assert error["code"] == "overloaded", error
+    assert "model 'base' has no live worker now" in error["message"]
+    assert error["retry_after_s"] >= 1.0
+    assert close == 1013
+    # One nobody configured and no worker announced is still the client's error.
+    error, close = await _refused(stack, {"model": "large-v3"})
+    assert (error["code"], close) == ("unsupported_option", 1003)
     # The default model is still served.
     res = await _run(stack, clips["sr_english_123.wav"])
     assert res.done is not None, res.events

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.error import HTTPError
+from urllib.request import urlopen
 
 import pytest
 
@@ -203,3 +205,97 @@ def test_serve_killed_outright_leaves_no_children(model_dir: Path, tmp_path: Pat
         20,
         f"serve's children to stop: {[_cmdline(p) for p in children if _alive(p)]}",
     )
+
+
+def test_callers_naming_a_configured_model_are_seated_while_its_worker_warms_up(
+    model_dir: Path, speech_dir: Path, tmp_path: Path
+) -> None:
+    # Requests sent the moment `katydid serve` listens, before its worker's first heartbeat,
+    # on the HTTP (openai SDK, model by its family's name), Wyoming (model by name) and vosk
+    # doors: each is seated and transcribed; none is refused as an unsupported option.
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from websockets.sync.client import connect
+    from wyoming.asr import Transcribe, Transcript
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.client import AsyncTcpClient
+
+    from katydid.audio import decode_container, float_to_pcm16
+
+    env = os.environ | {"KATYDID_MODEL_DIR": str(model_dir), "KATYDID_LOG_FORMAT": "json"}
+    port, http_port, wyoming_port = free_port(), free_port(), free_port()
+    jfk = speech_dir / "jfk.wav"
+    reference = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+    pcm = float_to_pcm16(decode_container(jfk, max_audio_s=60, max_bytes=10**8))
+
+    def http() -> str:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=0
+        )
+        with jfk.open("rb") as f:
+            return client.audio.transcriptions.create(model="tiny.en", file=f, timeout=120).text
+
+    async def wyoming() -> str:
+        async with AsyncTcpClient("127.0.0.1", wyoming_port) as client:
+            await client.write_event(Transcribe(name="tiny.en-q8_0", language="en").event())
+            await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
+            for i in range(0, len(pcm), 3200):
+                chunk = AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[i : i + 3200])
+                await client.write_event(chunk.event())
+            await client.write_event(AudioStop().event())
+            while True:
+                event = await asyncio.wait_for(client.read_event(), 120)
+                assert event is not None, "the server closed the connection"
+                if Transcript.is_type(event.type):
+                    return Transcript.from_event(event).text
+                assert event.type != "error", event
+
+    def vosk() -> str:
+        with connect(f"ws://127.0.0.1:{port}/vosk") as ws:
+            ws.send(json.dumps({"config": {"sample_rate": 16000}}))
+            ws.send(pcm)
+            ws.send('{"eof" : 1}')
+            while True:
+                answer = json.loads(ws.recv(timeout=120))
+                if "text" in answer:
+                    return str(answer["text"])
+
+    log = tmp_path / "serve.log"
+    with log.open("wb") as errors:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "katydid", "serve", "--port", str(port),
+             "--http-port", str(http_port), "--wyoming-port", str(wyoming_port),
+             "--workers", "tiny.en-q8_0=1", "--data-dir", str(tmp_path / "data")],
+            stdout=subprocess.PIPE, stderr=errors, env=env, text=True,
+        )  # fmt: skip
+    try:
+        # Its URLs are printed once every door listens.
+        assert serve.stdout is not None
+        for line in serve.stdout:
+            if line.startswith("workers:"):
+                break
+        with urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=10):
+            pass
+    except HTTPError as not_ready:  # 503 until a worker is up: the premise of this test
+        readiness = json.loads(not_ready.read())
+    else:
+        serve.kill()
+        pytest.fail("the worker was up before the doors listened: nothing here was warming up")
+    try:
+        assert readiness["workers_live"] == 0, readiness
+        with ThreadPoolExecutor(3) as pool:
+            sent = [pool.submit(http), pool.submit(vosk), pool.submit(asyncio.run, wyoming())]
+            texts = [f.result() for f in sent]
+        for text in texts:
+            assert wer(reference, text) <= 0.1, texts
+        refused = [ln for ln in log.read_text().splitlines() if "unsupported_option" in ln]
+        assert not refused, refused
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.communicate()

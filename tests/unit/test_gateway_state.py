@@ -7,7 +7,9 @@ import time
 
 from katydid.bus import LaneStats
 from katydid.config import Config
+from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.admission import Admission
+from katydid.gateway.options import StartOptions
 
 
 class _Table(Admission):
@@ -114,7 +116,7 @@ def test_a_heartbeat_with_an_unroutable_model_name_is_refused() -> None:
     gw._beat(_beat("a", model="tiny model/../x"))
     gw._beat(_beat("b", model="base.en"))
     assert set(gw.workers) == {"b"}
-    assert set(gw.offers()) == {"base.en"}
+    assert set(gw.live_offers()) == {"base.en"}
 
 
 def test_readyz_names_each_reason_it_fails() -> None:
@@ -162,3 +164,50 @@ def test_a_job_answered_leaves_the_backlog_at_once_not_at_the_next_poll() -> Non
     gw.polled({(model, "interactive"): LaneStats(0, 0, 1)}, dict(gw.published_since_poll))
     gw.answered(model)
     assert gw.backlog_eta_s(model) == 1.0
+
+
+def _start(model: str | None) -> StartOptions:
+    return StartOptions("pcm_s16le", 16000, 1, "auto", False, False, 60.0, None, model)
+
+
+def _refusal(gw: Admission, model: str) -> ProtocolError:
+    try:
+        gw.admit(_start(model))
+    except ProtocolError as exc:
+        return exc
+    raise AssertionError(f"{model!r} was admitted")
+
+
+def test_configured_models_are_offered_and_seated_while_their_workers_warm_up() -> None:
+    # `katydid serve --workers tiny.en-q8_0=2,base-q8_0=1` has printed its URLs; no worker has
+    # sent its first heartbeat yet. A caller naming a configured model is seated (it waits, as
+    # one naming no model does), by its full name or its family's.
+    gw = _admission(Config(worker_heartbeat_s=1.0, worker_models="tiny.en-q8_0=2,base-q8_0=1"))
+    assert [(o.name, o.multilingual, o.workers) for o in gw.offers().values()] == [
+        ("base-q8_0", True, 0),
+        ("tiny.en-q8_0", False, 0),
+    ]
+    assert gw.admit(_start("tiny.en"))[0] == "tiny.en-q8_0"
+    assert gw.admit(_start("base-q8_0"))[0] == "base-q8_0"
+    assert gw.admit(_start("base"))[0] == "base-q8_0"
+    assert gw.admit(_start(None))[0] == "tiny.en-q8_0"
+    # What nobody configured (and no worker announced) is still the client's error.
+    refused = _refusal(gw, "large-v3")
+    assert refused.code is ErrorCode.UNSUPPORTED_OPTION
+    assert "base-q8_0 (99 languages), tiny.en-q8_0 (en)" in str(refused)
+    # Not ready until every configured model has a live worker, though it is offered.
+    assert gw.readiness(True)[1]["models_missing"] == ["base-q8_0", "tiny.en-q8_0"]
+
+
+def test_a_model_whose_workers_are_gone_is_a_server_outage_not_a_client_error() -> None:
+    gw = _admission(Config(worker_heartbeat_s=1.0))
+    gw._beat(_beat("a", model="small.en-q5_1"))  # a worker of a model nobody configured here
+    assert gw.admit(_start("small.en"))[0] == "small.en-q5_1"
+    gw.workers["a"].seen -= 60.0  # gone
+    gw.forget_gone_workers()
+    refused = _refusal(gw, "small.en-q5_1")
+    assert refused.code is ErrorCode.OVERLOADED
+    assert refused.retry_after_s == 3.0
+    assert "no live worker now" in str(refused)
+    assert _refusal(gw, "small.en").code is ErrorCode.OVERLOADED  # its family's name too
+    assert _refusal(gw, "medium").code is ErrorCode.UNSUPPORTED_OPTION

@@ -13,13 +13,22 @@ from typing import Any
 
 from katydid import wire_json
 from katydid.bus import LaneStats
-from katydid.catalog import ModelOffer, check_options, choose_model, offers_from, served_name
+from katydid.catalog import (
+    ModelOffer,
+    check_options,
+    choose_model,
+    english_only,
+    family,
+    offers_from,
+    served_name,
+)
 from katydid.config import Config
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.options import StartOptions
 from katydid.messages import is_model_name
 
 DEFAULT_JOB_S = 2.0  # assumed compute per job before any worker has reported
+MAX_SEEN_MODELS = 256
 
 
 @dataclass(slots=True)
@@ -47,6 +56,9 @@ class Admission:
         # What /readyz waits for: the models of worker_models (as `katydid serve --workers
         # MODEL=N,...` sets it), else the default model.
         self.expected_models = {served_name(m) for m, _ in cfg.worker_plan()}
+        # Every model a worker has served since start (bounded: anything on NATS may send a
+        # heartbeat): one whose workers are all gone is a server-side outage, not a client error.
+        self.seen_models: dict[str, None] = {}
         # Per model: counted into its backlog until the next poll sees them.
         self.published_since_poll: dict[str, int] = {}
         # Per model: sessions admitted that have not published a job yet (``expect``).
@@ -74,6 +86,10 @@ class Admission:
         if not isinstance(model, str) or not is_model_name(model):
             raise ValueError(f"model {model!r} is not a routable name")
         self.workers[worker_id] = WorkerInfo(self.clock(), dict(beat))
+        self.seen_models.pop(model, None)  # most recent last: the oldest goes first
+        self.seen_models[model] = None
+        while len(self.seen_models) > MAX_SEEN_MODELS:
+            del self.seen_models[next(iter(self.seen_models))]
 
     def published(self, model: str) -> None:
         self.published_since_poll[model] = self.published_since_poll.get(model, 0) + 1
@@ -110,7 +126,7 @@ class Admission:
             )
 
     def polled_models(self) -> list[str]:
-        return sorted({self.default_model, *self.offers()})
+        return sorted({self.default_model, *self.live_offers()})
 
     def forget_gone_workers(self) -> None:
         # Worker ids change when a worker restarts (pid in the id): forget the silent ones, so
@@ -121,7 +137,7 @@ class Admission:
 
     # --- what is offered, and at what wait ---
 
-    def offers(self) -> dict[str, ModelOffer]:
+    def live_offers(self) -> dict[str, ModelOffer]:
         """The models live workers serve (from their heartbeats)."""
         horizon = self.clock() - 3 * self.cfg.worker_heartbeat_s
         return offers_from(
@@ -132,6 +148,18 @@ class Admission:
             for w in self.workers.values()
             if w.seen >= horizon and w.beat.get("model")
         )
+
+    def offers(self) -> dict[str, ModelOffer]:
+        """What the server offers: the models live workers serve, and the configured ones
+        (``worker_models``, else the default) while none of their workers is up (warming up
+        after ``katydid serve`` started, or restarting) with ``workers`` 0: a caller who names
+        one is seated and waits, as one naming no model is, instead of being told the server
+        does not offer what it was configured to."""
+        live = self.live_offers()
+        waiting = {
+            m: ModelOffer(m, not english_only(m)) for m in self.expected_models if m not in live
+        }
+        return dict(sorted((live | waiting).items()))
 
     def _serving(self, model: str | None) -> list[WorkerInfo]:
         """Workers of ``model`` (None: all), by their heartbeats."""
@@ -197,7 +225,19 @@ class Admission:
             ProtocolError: ``unsupported_option`` or ``overloaded``.
         """
         offers = self.offers()
-        offer = choose_model(offers, opts.model, self.default_model)
+        try:
+            offer = choose_model(offers, opts.model, self.default_model)
+        except ProtocolError:
+            if opts.model is None or not any(
+                opts.model in (m, family(m)) for m in self.seen_models
+            ):
+                raise
+            raise ProtocolError(
+                ErrorCode.OVERLOADED,
+                f"model {opts.model!r} has no live worker now (its workers stopped);"
+                " try again later",
+                retry_after_s=max(1.0, 3 * self.cfg.worker_heartbeat_s),
+            ) from None
         check_options(offer, offers, language=opts.language, task=opts.task)
         # The wait for a worker, not the ETA of the session's own result: with that job
         # counted, an idle server refused every client with max_wait_s under one job's time,
@@ -215,7 +255,7 @@ class Admission:
         """Ready: NATS connected, the stream answered recently, a worker seen, every configured
         model served, backlog ETA bounded."""
         eta = self.backlog_eta_s()
-        missing = sorted(m for m in self.expected_models if m not in self.offers())
+        missing = sorted(m for m in self.expected_models if m not in self.live_offers())
         checks = {
             "nats_connected": nats_connected,
             "stream_present": self.clock() - self.polled_at < 5 * self.cfg.queue_poll_s + 5,

@@ -98,8 +98,14 @@ def build_app(gateway: Gateway) -> Starlette:
         if wanted is None:
             body = json.dumps({"object": "list", "data": data})
             return Response(body, media_type="application/json")
-        # GET /v1/models/{id}: the SDK's models.retrieve
-        found = [m for m in data if m["id"] == wanted]
+        # GET /v1/models/{id}: the SDK's models.retrieve; the OpenAI names transcriptions take
+        # for the default model are that model here too.
+        default = gateway.admission.default_model
+        found = [m for m in data if m["id"] == wanted] or [
+            m | {"id": wanted}
+            for m in data
+            if wanted in _DEFAULT_MODEL_ALIASES and m["id"] == default
+        ]
         if not found:
             message = f"no model {wanted!r} is served here"
             return Response(
