@@ -100,6 +100,10 @@ def test_models_and_refusals(stack: Stack, jfk: Clip) -> None:
     client = _client(stack)
     assert [m.id for m in client.models.list()] == ["tiny.en-q8_0"]
     assert client.models.retrieve("tiny.en-q8_0").id == "tiny.en-q8_0"
+    # The name the SDK's examples send is the default model, in transcriptions and here alike.
+    default = client.models.retrieve("whisper-1")
+    assert default.id == "whisper-1"
+    assert default.model_dump()["name"] == "tiny.en-q8_0"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("whisper-9")
     with jfk.path.open("rb") as f, pytest.raises(openai.BadRequestError) as refused:
