@@ -82,6 +82,10 @@ class Config:
     handshake_timeout_s: float = 10.0
     start_timeout_s: float = 30.0  # connect → start message
     idle_timeout_s: float = 120.0  # no frame while streaming
+    # An HTTP upload's body must average at least this many bytes/s once the grace is over
+    # (trickling bodies held connections for good); 408 when it falls under.
+    upload_min_bytes_per_s: int = 1024
+    upload_rate_grace_s: float = 10.0
     result_timeout_s: float = 900.0  # after stop: no result for this long
     send_timeout_s: float = 30.0  # a client that does not read
     shutdown_grace_s: float = 30.0
@@ -174,6 +178,10 @@ class Config:
             raise ConfigError("beam_size must be >= 0 (0 = greedy)")
         if self.max_audio_s <= 0 or self.max_file_bytes <= 0:
             raise ConfigError("max_audio_s and max_file_bytes must be positive")
+        if self.upload_min_bytes_per_s <= 0 or self.upload_rate_grace_s < 0:
+            raise ConfigError(
+                "upload_min_bytes_per_s must be positive and upload_rate_grace_s at least 0"
+            )
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("log_format must be auto, json or console")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

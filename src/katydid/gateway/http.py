@@ -40,6 +40,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _STATIC = Path(__file__).parent / "static"  # the browser page: no build step
 _CLOSE = (b"connection", b"close")
@@ -63,6 +64,10 @@ class _UploadTooLarge(Exception):
     pass
 
 
+class _UploadTooSlow(Exception):
+    pass
+
+
 def error_body(status: int, code: str, message: str) -> bytes:
     kind = "invalid_request_error" if status < 500 else "server_error"
     if status == 429:
@@ -70,7 +75,7 @@ def error_body(status: int, code: str, message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
 
 
-def build_app(gateway: Gateway) -> Starlette:
+def build_app(gateway: Gateway) -> ASGIApp:
     """The gateway's HTTP app: OpenAI routes and the operator routes."""
 
     def operator(path: str) -> Callable[[Request], Awaitable[Response]]:
@@ -131,21 +136,53 @@ def build_app(gateway: Gateway) -> Starlette:
         code = "not_found" if status == 404 else "bad_message"
         return Response(error_body(status, code, message), status, media_type="application/json")
 
-    return Starlette(
-        exception_handlers={404: not_found, 405: not_found},
-        routes=[
-            Route("/", page),
-            Route("/static/pcm-worklet.js", worklet),
-            Route("/config.json", page_config),
-            Route("/metrics", operator("/metrics")),
-            Route("/healthz", operator("/healthz")),
-            Route("/readyz", operator("/readyz")),
-            Route("/v1/models", models),
-            Route("/v1/models/{model_id:path}", models),
-            Route("/v1/audio/transcriptions", _Transcribe(gateway, "transcribe")),
-            Route("/v1/audio/translations", _Transcribe(gateway, "translate")),
-        ],
+    return _OneFraming(
+        Starlette(
+            exception_handlers={404: not_found, 405: not_found},
+            routes=[
+                Route("/", page),
+                Route("/static/pcm-worklet.js", worklet),
+                Route("/config.json", page_config),
+                Route("/metrics", operator("/metrics")),
+                Route("/healthz", operator("/healthz")),
+                Route("/readyz", operator("/readyz")),
+                Route("/v1/models", models),
+                Route("/v1/models/{model_id:path}", models),
+                Route("/v1/audio/transcriptions", _Transcribe(gateway, "transcribe")),
+                Route("/v1/audio/translations", _Transcribe(gateway, "translate")),
+            ],
+        )
     )
+
+
+class _OneFraming:
+    """A request with both ``Content-Length`` and ``Transfer-Encoding`` is answered 400 and its
+    connection closed (RFC 9112 §6.1): the two framings disagree on where the body ends, so
+    whatever follows on the connection may be a request smuggled past a proxy, and is never
+    read as one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = {name.lower() for name, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                message = "Content-Length and Transfer-Encoding together (RFC 9112 6.1)"
+                body = error_body(400, "bad_message", message)
+                # What the server took for its body is read first (a little, briefly):
+                # hypercorn dropped the connection unanswered when the answer came while the
+                # request's body and a pipelined request were still unread (3 tries in 10).
+                with trio.move_on_after(1.0):
+                    taken = 0
+                    while taken < 65536:
+                        event = await receive()
+                        taken += len(event.get("body", b""))
+                        if event["type"] != "http.request" or not event.get("more_body"):
+                            break
+                await _answer(send, 400, body, headers=[_CLOSE])
+                return
+        await self.app(scope, receive, send)
 
 
 class _Transcribe:
@@ -174,13 +211,19 @@ class _Transcribe:
             await _answer(send, 413, too_large, headers=[_CLOSE])
             return
         seen = 0
+        began = trio.current_time()
 
         async def bounded() -> Message:
             nonlocal seen
-            # A body that stops coming (a byte every 20 s) held its connection for good: the
-            # WebSocket door's idle bound applies to it too.
-            with trio.fail_after(cfg.idle_timeout_s):
+            # A body that stops coming is let go after idle_timeout_s, and one that trickles
+            # (a byte every 5 s restarted that bound each time: 200 such uploads held their
+            # connections for minutes) once its average rate, after a grace, falls under
+            # upload_min_bytes_per_s: the moment it would, not at its next byte.
+            starved = began + cfg.upload_rate_grace_s + seen / cfg.upload_min_bytes_per_s
+            with trio.move_on_at(starved) as slow, trio.fail_after(cfg.idle_timeout_s):
                 message = await receive()
+            if slow.cancelled_caught:
+                raise _UploadTooSlow
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise _UploadTooLarge
@@ -193,6 +236,13 @@ class _Transcribe:
             return
         except trio.TooSlowError:
             message = f"no upload bytes for {cfg.idle_timeout_s:g} s"
+            await _answer(send, 408, error_body(408, "timeout", message), headers=[_CLOSE])
+            return
+        except _UploadTooSlow:
+            message = (
+                f"upload slower than {cfg.upload_min_bytes_per_s} bytes/s on average after"
+                f" {cfg.upload_rate_grace_s:g} s (upload_min_bytes_per_s)"
+            )
             await _answer(send, 408, error_body(408, "timeout", message), headers=[_CLOSE])
             return
         except Exception as exc:  # a malformed form: python-multipart's and Starlette's errors
