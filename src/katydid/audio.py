@@ -37,17 +37,27 @@ _MAX_CHANNELS = 32
 def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """Mix ``(frames,)`` or ``(frames, channels)`` float samples to mono and resample to 16 kHz."""
     mono = samples.mean(axis=1) if samples.ndim == 2 else samples
-    mono = np.asarray(mono, dtype=np.float32)
+    mono = _finite(np.asarray(mono, dtype=np.float32))
     if sample_rate != SAMPLE_RATE and mono.size:
         mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
     out: np.ndarray = np.clip(mono, -1.0, 1.0)
     return out
 
 
+def _finite(samples: np.ndarray) -> np.ndarray:
+    """NaN as silence and infinities as full scale: a float file may hold them, and they went
+    on into the resampler (a NaN spreads over its whole filter) and the int16 cast (numpy's
+    RuntimeWarning printed raw on stderr, outside the structured log)."""
+    if np.isfinite(samples).all():
+        return samples
+    out: np.ndarray = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+    return out
+
+
 def float_to_int16(samples: np.ndarray) -> np.ndarray:
     """float samples in [-1, 1] (clipped) to int16, rounded at the scale (32768) that
     ``pcm16_to_float`` divides by: the two are exact inverses on 16-bit audio."""
-    scaled = np.rint(np.asarray(samples, dtype=np.float32) * np.float32(32768.0))
+    scaled = np.rint(_finite(np.asarray(samples, dtype=np.float32)) * np.float32(32768.0))
     out: np.ndarray = np.clip(scaled, -32768.0, 32767.0).astype(np.int16)
     return out
 
@@ -262,7 +272,7 @@ class DecodedStream:
         if self._done:
             return None
         samples = self._read("float32")
-        mono = np.asarray(samples.mean(axis=1), dtype=np.float32)
+        mono = _finite(np.asarray(samples.mean(axis=1), dtype=np.float32))
         if self._resampler is not None:
             mono = self._resampler.resample_chunk(mono, last=self._done)
         out: np.ndarray = np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)

@@ -241,3 +241,28 @@ def test_a_file_that_is_not_audio_is_said_once() -> None:
 
     with pytest.raises(KatydidError, match=r"^not a WAV, FLAC, OGG or MP3 file"):
         file_format(Path("garbage/random.wav"), b"\x8f\x13random bytes")
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("rate", [16_000, 44_100])
+def test_nan_and_infinite_float_samples_are_silence_and_full_scale(rate: int) -> None:
+    # A float WAV may hold NaN or inf: numpy's cast warning was printed raw on stderr, and a
+    # NaN spread through the resampler's filter; now NaN is silence, inf full scale.
+    samples = np.full(rate, 0.25, dtype=np.float32)
+    samples[100:200] = np.nan
+    samples[300] = np.inf
+    samples[400] = -np.inf
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype="FLOAT")
+    data = buf.getvalue()
+    whole = decode_container(data, max_audio_s=60.0, max_bytes=10**7)
+    with DecodedStream(io.BytesIO(data), max_audio_s=60.0, block_s=1.0) as stream:
+        blocks = []
+        while (block := stream.next_block()) is not None:
+            blocks.append(block)
+    streamed = np.concatenate(blocks)
+    for decoded in (whole, streamed):
+        assert np.isfinite(decoded).all()
+        assert np.abs(decoded).max() <= 1.0
+        assert abs(float(np.median(decoded)) - 0.25) < 0.01  # the rest is untouched
+    assert np.isfinite(pcm16_to_float(float_to_pcm16(np.array([np.nan, np.inf])))).all()
