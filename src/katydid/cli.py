@@ -135,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
         )
         sp.add_argument(
             "--api-keys-file",
+            "--keys-file",  # the name `katydid keys` takes: the README's first guess
+            dest="api_keys_file",
             help="require API keys from this file (katydid keys add); default: open to all",
         )
 

@@ -188,3 +188,11 @@ def test_serve_points_its_workers_at_its_config_file(
     )
     main(["--config", str(conf), "serve"])
     assert seen == [str(conf.resolve())]
+
+
+@pytest.mark.parametrize("command", ["serve", "gateway"])
+def test_servers_take_the_keys_file_by_the_name_katydid_keys_uses(command: str) -> None:
+    # `katydid serve --keys-file F` was refused ("unrecognized arguments") while `katydid keys`
+    # and the README called it that.
+    for flag in ("--keys-file", "--api-keys-file"):
+        assert _parser().parse_args([command, flag, "keys.txt"]).api_keys_file == "keys.txt"
