@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,12 @@ import structlog
 import trio
 
 from katydid import data_dir
-from katydid.bus.accounts import accounts_config, embedded_credentials, password_environment
+from katydid.bus.accounts import (
+    DEFAULT_WORKER_USERS,
+    accounts_config,
+    embedded_credentials,
+    password_environment,
+)
 from katydid.bus.nats import purge_jobs
 from katydid.catalog import served_name
 from katydid.config import Config
@@ -70,16 +75,28 @@ def nats_server_binary() -> str:
 
 
 def nats_server_config(
-    store_dir: Path, port: int, monitor_port: int, *, accounts: bool = False
+    store_dir: Path,
+    port: int,
+    monitor_port: int,
+    *,
+    accounts: bool = False,
+    workers: Sequence[str] = DEFAULT_WORKER_USERS,
 ) -> str:
-    """A loopback-only nats-server with JetStream; ``accounts``: Katydid's account and roles
-    (passwords from nats-server's environment, ``katydid.bus.accounts``)."""
+    """A loopback-only nats-server with JetStream; ``accounts``: Katydid's account and roles,
+    a user per name in ``workers`` (passwords from nats-server's environment,
+    ``katydid.bus.accounts``)."""
     return (
         f"listen: 127.0.0.1:{port}\n"
         f"http: 127.0.0.1:{monitor_port}\n"
         f"max_payload: {_NATS_MAX_PAYLOAD}\n"
         f'jetstream {{\n  store_dir: "{store_dir}"\n}}\n'
-    ) + (accounts_config() if accounts else "")
+    ) + (accounts_config(workers) if accounts else "")
+
+
+def worker_user(index: int) -> str:
+    """serve's NATS user for its worker ``index``: each worker its own, so none hears another's
+    jobs (its inbox is its own) and the logs of nats-server name which one did what."""
+    return f"worker{index}"
 
 
 async def _terminate(proc: trio.Process, grace_s: float = 10.0) -> None:
@@ -121,9 +138,12 @@ async def run_nats_server(
     ``passwords``) until cancelled."""
     conf = data_dir / "nats-server.conf"
 
+    workers = sorted(u for u in passwords if u not in ("admin", "gateway"))
+
     def write_conf() -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        text = nats_server_config(data_dir / "jetstream", port, monitor_port, accounts=True)
+        store = data_dir / "jetstream"
+        text = nats_server_config(store, port, monitor_port, accounts=True, workers=workers)
         conf.write_text(text, encoding="utf-8")
 
     await trio.to_thread.run_sync(write_conf)
@@ -251,6 +271,7 @@ async def serve(
         # Sessions that name no model get the default: make it one that has workers.
         cfg = dataclasses.replace(cfg, model=plan[0][0])
     env = dict(os.environ) | env_parent
+    passwords: dict[str, str] = {}  # the embedded server's users (none with --nats-url)
     async with trio.open_nursery() as outer:
         nats_url = cfg.nats_url
         if not nats_url:
@@ -260,14 +281,19 @@ async def serve(
             monitor = cfg.nats_monitor_port or picked[1]
             # Its store is this server's alone, while it runs (see data_dir).
             await outer.start(data_dir.hold, cfg.data_dir)
-            # Its own credentials, a user per role (workers cannot publish jobs, say).
+            # Its own credentials, a user per role (workers cannot publish jobs, say), and one
+            # per worker.
             secrets_file = cfg.data_dir / "nats" / "credentials.json"
-            passwords = await trio.to_thread.run_sync(embedded_credentials, secrets_file)
+            total = sum(count for _, count in plan)
+            worker_users = [worker_user(i) for i in range(total)]
+            passwords = await trio.to_thread.run_sync(
+                embedded_credentials, secrets_file, worker_users
+            )
             nats_url = await outer.start(
                 run_nats_server, cfg.data_dir / "nats", port, monitor, passwords
             )
             announce(
-                f"nats:     {nats_url} (users admin, gateway, worker: passwords in"
+                f"nats:     {nats_url} (users admin, gateway, worker0..{total - 1}: passwords in"
                 f" {secrets_file}; monitoring http://127.0.0.1:{monitor})"
             )
             # Jobs left in the embedded store belong to a gateway that died with the last run:
@@ -278,9 +304,15 @@ async def serve(
             stale = await trio.to_thread.run_sync(purge_jobs, admin)
             if stale:
                 log.info("stale_jobs_purged", jobs=stale)
-            env |= {"KATYDID_NATS_USER": "worker", "KATYDID_NATS_PASSWORD": passwords["worker"]}
             cfg = dataclasses.replace(cfg, nats_user="gateway", nats_password=passwords["gateway"])
         cfg = dataclasses.replace(cfg, nats_url=nats_url)
+
+        def worker_env(index: int) -> dict[str, str]:
+            user = worker_user(index)
+            if user not in passwords:
+                return env  # --nats-url: the workers share serve's identity
+            return env | {"KATYDID_NATS_USER": user, "KATYDID_NATS_PASSWORD": passwords[user]}
+
         async with trio.open_nursery() as middle:
             gateway = GatewayService(cfg)
             async with trio.open_nursery() as inner:
@@ -288,7 +320,7 @@ async def serve(
                 for name, count in plan:
                     for _ in range(count):
                         argv = worker_argv(cfg, index, name)
-                        inner.start_soon(supervise_worker, cfg, index, argv, env)
+                        inner.start_soon(supervise_worker, cfg, index, argv, worker_env(index))
                         index += 1
                 gw_port = await middle.start(gateway.run)
                 for line in gateway.addresses():

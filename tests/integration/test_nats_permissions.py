@@ -6,6 +6,7 @@ credentials cannot publish a job; no credentials, no connection. And the embedde
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 from collections.abc import Iterator
@@ -15,12 +16,12 @@ from typing import Any
 import nats
 import nats.errors
 import pytest
-from nats.js.api import SubjectTransform
+from nats.js.api import ConsumerConfig, SubjectTransform
 from websockets.sync.client import connect
 
-from katydid.bus.accounts import accounts_config
+from katydid.bus.accounts import accounts_config, worker_inbox_prefix
 from katydid.evaluation import Clip, read_manifest, wer
-from katydid.messages import STREAM, lane_subject
+from katydid.messages import STREAM, consumer_name, lane_subject
 from tests.integration.stack import INFRA, Stack, wait_until
 
 pytestmark = pytest.mark.integration
@@ -99,6 +100,7 @@ def test_a_worker_cannot_publish_jobs_and_strangers_cannot_connect(stack: Stack)
             password=stack.passwords["worker"],
             error_cb=on_error,
             allow_reconnect=False,
+            inbox_prefix=worker_inbox_prefix("worker"),  # the only inboxes it may hear
         )
         try:
             js = nc.jetstream()
@@ -134,3 +136,53 @@ def test_a_worker_cannot_publish_jobs_and_strangers_cannot_connect(stack: Stack)
         while b"\r\n" not in answer and (chunk := raw.recv(4096)):
             answer += chunk
     assert answer.startswith(b"-ERR 'Authorization Violation'"), answer
+
+
+def test_a_worker_cannot_change_consumers_nor_hear_other_inboxes(stack: Stack) -> None:
+    # The attacks of a worker's credentials: a consumer's filter or ack bounds changed stalled
+    # every session; subscribed to _INBOX.>, it heard every other worker's jobs (audio,
+    # prompts, tokens) and the gateway's API answers.
+    name = consumer_name("tiny.en-q8_0", "interactive")
+
+    async def go() -> dict[str, Any]:
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc).lower())
+
+        nc = await nats.connect(
+            stack.nats_url,
+            user="worker",
+            password=stack.passwords["worker"],
+            error_cb=on_error,
+            allow_reconnect=False,
+            inbox_prefix=worker_inbox_prefix("worker"),
+        )
+        try:
+            js = nc.jetstream(timeout=2)
+            before = (await js.consumer_info(STREAM, name)).config
+            changed = dataclasses.replace(
+                before, filter_subject="katydid.jobs.nobody.interactive", max_ack_pending=1
+            )
+            refused = (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError)
+            with pytest.raises(refused):
+                await js.add_consumer(STREAM, changed)
+            with pytest.raises(refused):
+                await js.add_consumer(STREAM, ConsumerConfig(durable_name="mine"))
+            after = (await js.consumer_info(STREAM, name)).config
+            for subject in ("_INBOX.>", f"{worker_inbox_prefix('worker0')}.>", ">"):
+                await nc.subscribe(subject)
+            await nc.flush()
+            await asyncio.sleep(0.5)  # the server's -ERR for each arrives after the PONG
+        finally:
+            await nc.close()
+        return {"before": before, "after": after, "errors": errors}
+
+    out = asyncio.run(go())
+    assert out["after"].filter_subject == out["before"].filter_subject
+    assert out["after"].max_ack_pending == out["before"].max_ack_pending
+    violations = [e for e in out["errors"] if "permissions violation for subscription" in e]
+    for subject in ("_inbox.>", "_inbox_w.worker0.>", '">"'):
+        assert any(subject.strip('"') in e for e in violations), (subject, out["errors"])
+    # The real worker, on the same user, serves on (its inbox is its own prefix).
+    assert "violation" not in stack.log("worker0").lower()

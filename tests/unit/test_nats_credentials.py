@@ -74,3 +74,24 @@ def test_nats_server_reads_each_password_as_a_string() -> None:
     for bad in ('a"b', "a\\b", "a\nb"):
         with pytest.raises(ValueError, match="without quotes"):
             password_environment({"admin": bad})
+
+
+def test_each_worker_user_has_its_own_password_inbox_and_no_consumer_rights(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "nats" / "credentials.json"
+    first = embedded_credentials(path)
+    more = embedded_credentials(path, ["worker0", "worker1"])
+    assert {k: more[k] for k in ROLES} == first  # kept: a running server's users go on
+    assert len(set(more.values())) == len(ROLES) + 2
+    assert embedded_credentials(path, ["worker0", "worker1"]) == more
+    text = accounts_config(["worker0", "worker-b"])
+    assert "user: worker0, password: $KATYDID_NATS_WORKER0_PASSWORD" in text
+    assert "user: worker-b, password: $KATYDID_NATS_WORKER_B_PASSWORD" in text
+    assert '"_INBOX_W.worker0.>"' in text
+    assert '"_INBOX_W.worker-b.>"' in text
+    assert "CONSUMER.CREATE" not in text.split("user: worker0", 1)[1]
+    assert '"_INBOX.>"' not in text.split("user: worker0", 1)[1]
+    for bad in ("a.b", "a b", "", "gateway", "x>"):
+        with pytest.raises(ValueError, match="worker user"):
+            accounts_config([bad])

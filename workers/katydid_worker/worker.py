@@ -32,7 +32,8 @@ import numpy as np
 import structlog
 
 from katydid.audio import pcm16_to_float
-from katydid.bus.nats import PullLane, connect, ensure_stream
+from katydid.bus.accounts import DEFAULT_WORKER_USERS, worker_inbox_prefix
+from katydid.bus.nats import PullLane, await_consumers, connect, ensure_stream
 from katydid.catalog import served_name
 from katydid.config import Config
 from katydid.errors import AudioError, KatydidError, MessageError
@@ -223,9 +224,16 @@ class Worker:
             error_cb=error,
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
+            # Its replies and pulled jobs on an inbox only its NATS user may read (accounts.py).
+            inbox_prefix=worker_inbox_prefix(self.cfg.nats_user or DEFAULT_WORKER_USERS[0]),
         )
         js = self._nc.jetstream()
-        await ensure_stream(js, self.cfg, [self.model], configure=False)
+        await ensure_stream(js, self.cfg, configure=False)
+        # A gateway creates this model's consumers when it hears this worker: heard now.
+        async with anyio.create_task_group() as beating:
+            beating.start_soon(self._heartbeat)
+            await await_consumers(js, self.model)
+            beating.cancel_scope.cancel()
         subs = {
             lane: PullLane(
                 self._nc,

@@ -6,8 +6,12 @@ Roles, in one account with JetStream (``KATYDID``):
 - ``gateway``: publishes jobs and cancels, runs the JetStream API (stream setup, publish acks,
   deleting ended sessions' jobs, queue depth) but may not delete or purge the stream or delete
   consumers; hears results, heartbeats, dead-job advisories.
-- ``worker``: reads the stream's info, creates its model's consumers, pulls and acks jobs,
-  publishes results and heartbeats, hears cancels; nothing else (no jobs, no stream changes).
+- ``worker`` (the role; one user per worker or per worker host, ``worker`` by default): reads
+  the stream's and consumers' info, pulls and acks jobs, publishes results and heartbeats, hears
+  cancels, and hears its replies on an inbox prefix of its own (``_INBOX_W.<user>``); nothing
+  else: no jobs, no stream changes, no consumer created or updated (the gateway provisions
+  them; a worker with a changed filter or ack wait stalled every session), no other inbox
+  (subscribed to ``_INBOX.>``, a worker read other workers' deliveries: audio, prompts, tokens).
 - ``admin``: everything in the account (``katydid nats setup|status``, the ``nats`` CLI).
 
 Rule: passwords never appear in the rendered text; it names environment variables that
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,29 +58,49 @@ PERMISSIONS: dict[str, dict[str, Any]] = {
             ]
         },
     },
-    # Only the JetStream calls a worker makes: read the stream's info, create its model's
-    # consumers, pull and ack jobs. Not STREAM.UPDATE: a stream's subjects and transforms can
-    # turn any subject into a job subject.
-    "worker": {
+}
+WORKER_INBOX = "_INBOX_W"  # workers' inboxes: _INBOX_W.<user>.<id>, each user its own
+DEFAULT_WORKER_USERS = ("worker",)
+
+
+def worker_inbox_prefix(user: str) -> str:
+    """The inbox prefix a worker connecting as ``user`` uses (nats-py's ``inbox_prefix``):
+    JetStream's answers and the jobs it pulls come there, and only ``user`` may subscribe."""
+    return f"{WORKER_INBOX}.{user}"
+
+
+def worker_permissions(user: str) -> dict[str, Any]:
+    """Only the calls a worker makes: read the stream's and consumers' info, pull and ack
+    jobs, on its own inboxes. Not STREAM.UPDATE (a stream's subjects and transforms can turn any
+    subject into a job subject), not CONSUMER.CREATE (it can also update a consumer: its filter,
+    ack wait, max ack pending), not ``_INBOX.>``."""
+    return {
         "publish": {
             "allow": [
                 f"{RESULTS_PREFIX}.>",
                 f"{WORKERS_SUBJECT}.>",
                 f"$JS.API.STREAM.INFO.{STREAM}",
-                f"$JS.API.CONSUMER.CREATE.{STREAM}.>",
-                f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.>",
                 f"$JS.API.CONSUMER.INFO.{STREAM}.>",
                 f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.>",
                 f"$JS.ACK.{STREAM}.>",
             ],
         },
-        "subscribe": {"allow": [CANCEL_SUBJECT, "_INBOX.>"]},
-    },
-}
+        "subscribe": {"allow": [CANCEL_SUBJECT, f"{worker_inbox_prefix(user)}.>"]},
+    }
 
 
-def password_variable(role: str) -> str:
-    return f"KATYDID_NATS_{role.upper()}_PASSWORD"
+def is_worker_user(name: str) -> bool:
+    """A worker user's name: one subject token (it is in its inbox prefix), not a role's."""
+    return (
+        bool(name)
+        and len(name) <= 64
+        and all(c.isascii() and (c.isalnum() or c in "-_") for c in name)
+        and name not in ("admin", "gateway")
+    )
+
+
+def password_variable(user: str) -> str:
+    return f"KATYDID_NATS_{user.upper().replace('-', '_')}_PASSWORD"
 
 
 def password_environment(passwords: dict[str, str]) -> dict[str, str]:
@@ -93,13 +118,29 @@ def password_environment(passwords: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def accounts_config() -> str:
-    """The ``accounts`` block: one account, a user per role with its permissions."""
+def accounts_config(workers: Sequence[str] = DEFAULT_WORKER_USERS) -> str:
+    """The ``accounts`` block: one account; admin, gateway, and a user per name in ``workers``
+    (one per worker host, say: each can be revoked alone, and none hears another's jobs), each
+    with its permissions.
+
+    Raises:
+        ValueError: a worker user's name is not one subject token, or is a role's.
+    """
     users = []
-    for role in ROLES:
-        user = f"      {{user: {role}, password: ${password_variable(role)}"
-        if role in PERMISSIONS:
-            user += f",\n       permissions: {json.dumps(PERMISSIONS[role])}"
+    for name in workers:
+        if not is_worker_user(name):
+            raise ValueError(
+                f"worker user {name!r}: use letters, digits, '-' and '_' (not admin or gateway)"
+            )
+    if len({password_variable(n) for n in workers}) < len(workers):
+        raise ValueError(f"worker users {list(workers)} repeat a name (or differ by - and _)")
+    for name in ("admin", "gateway", *workers):
+        user = f"      {{user: {name}, password: ${password_variable(name)}"
+        permissions = PERMISSIONS.get(name) or (
+            None if name == "admin" else worker_permissions(name)
+        )
+        if permissions is not None:
+            user += f",\n       permissions: {json.dumps(permissions)}"
         users.append(user + "}")
     return (
         "# Katydid's NATS account and roles (generated by katydid.bus.accounts; keep equal).\n"
@@ -113,20 +154,24 @@ def accounts_config() -> str:
     )
 
 
-def embedded_credentials(path: Path) -> dict[str, str]:
-    """The embedded server's passwords, one per role: read from ``path``, or made and written
-    there (0600) on first use."""
+def embedded_credentials(path: Path, workers: Sequence[str] = ()) -> dict[str, str]:
+    """The embedded server's passwords, one per role and one per worker user in ``workers``:
+    read from ``path``, the missing ones made; written there (0600) when anything was made."""
+    wanted = (*ROLES, *workers)
+    stored: dict[str, str] = {}
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(stored, dict) and all(isinstance(stored.get(r), str) for r in ROLES):
-            return {r: stored[r] for r in ROLES}
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            stored = {k: v for k, v in data.items() if isinstance(v, str)}
     except (OSError, ValueError):
         pass
-    made = {role: secrets.token_urlsafe(24) for role in ROLES}
+    if all(u in stored for u in wanted):
+        return {u: stored[u] for u in wanted}
+    made = stored | {u: secrets.token_urlsafe(24) for u in wanted if u not in stored}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(made, f)
     os.replace(tmp, path)
-    return made
+    return {u: made[u] for u in wanted}

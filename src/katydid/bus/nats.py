@@ -52,6 +52,7 @@ from katydid.messages import (
     WORKERS_SUBJECT,
     Job,
     consumer_name,
+    is_model_name,
     lane_subject,
 )
 
@@ -209,8 +210,9 @@ def servers(url: str) -> list[str]:
     return [u.strip() for u in url.split(",") if u.strip()]
 
 
-async def connect(cfg: Config, name: str, **callbacks: Any) -> Any:
-    """Connect nats-py with Katydid's bounds: reconnect forever, bounded connect and flush."""
+async def connect(cfg: Config, name: str, *, inbox_prefix: str = "_INBOX", **callbacks: Any) -> Any:
+    """Connect nats-py with Katydid's bounds: reconnect forever, bounded connect and flush.
+    ``inbox_prefix``: where replies come (a worker's own, ``worker_inbox_prefix``)."""
     return await nats.connect(
         servers(cfg.nats_url),
         name=name,
@@ -218,9 +220,49 @@ async def connect(cfg: Config, name: str, **callbacks: Any) -> Any:
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         allow_reconnect=True,
+        inbox_prefix=inbox_prefix,
         **credentials(cfg),
         **callbacks,
     )
+
+
+_CONSUMER_WAIT_S = 120.0  # a worker waits this long for its model's consumers
+MAX_PROVISIONED_MODELS = 256  # models a gateway creates consumers for (heartbeats name them)
+
+
+async def await_consumers(js: Any, model: str) -> None:
+    """Until ``model``'s consumers exist (asyncio side). A worker may not create them (it could
+    also change them: ``katydid.bus.accounts``): a gateway creates a model's when it hears the
+    first heartbeat of a worker of it, and every configured model's at start; so does
+    ``katydid --model M nats setup``. Bounded: the worker then exits with the cause, and its
+    supervisor (serve, systemd) starts it again.
+
+    Raises:
+        NatsError: still missing after ``_CONSUMER_WAIT_S``.
+    """
+    deadline = time.monotonic() + _CONSUMER_WAIT_S
+    waited = False
+    while True:
+        missing = []
+        for lane in LANES:
+            try:
+                await js.consumer_info(STREAM, consumer_name(model, lane))
+            except nats.js.errors.NotFoundError:
+                missing.append(consumer_name(model, lane))
+        if not missing:
+            if waited:
+                log.info("consumers_found", model=model)
+            return
+        if time.monotonic() > deadline:
+            raise NatsError(
+                f"no consumers {', '.join(missing)} after {_CONSUMER_WAIT_S:.0f} s, and a"
+                " worker may not create them: a gateway on this NATS creates them when it hears"
+                f" this worker, or run `katydid --model {model} nats setup` as admin"
+            )
+        if not waited:
+            log.warning("waiting_for_consumers", model=model, consumers=missing)
+            waited = True
+        await asyncio.sleep(0.5)
 
 
 class PullLane:
@@ -486,6 +528,8 @@ class NatsBridge:
         self._lost = trio.Event()
         self._stopping = False
         self._generation = 0  # which connection is current (asyncio side)
+        self._provisioned: set[str] = set()  # models whose consumers exist (asyncio side)
+        self._provisioning: set[asyncio.Task[None]] = set()
 
     def attach(self, handlers: BusHandlers) -> None:
         self._handlers = handlers
@@ -736,6 +780,7 @@ class NatsBridge:
 
         async def on_worker(msg: Any) -> None:
             self._to_trio(self._handlers.on_worker, msg.data)
+            self._provision(msg.data)
 
         async def on_max_deliveries(msg: Any) -> None:
             try:
@@ -756,7 +801,12 @@ class NatsBridge:
         )
         try:
             self._js = self._nc.jetstream()
-            await ensure_stream(self._js, self._cfg, [served_name(self._cfg.model)])
+            # Every configured model's consumers, so jobs wait in them before any worker of it
+            # is up (workers may not create them); others' when their workers are heard.
+            self._provisioned = {served_name(self._cfg.model)} | {
+                served_name(m) for m, _ in self._cfg.worker_plan()
+            }
+            await ensure_stream(self._js, self._cfg, sorted(self._provisioned))
             await self._nc.subscribe(self.results_subject, cb=on_result)
             await self._nc.subscribe(f"{WORKERS_SUBJECT}.>", cb=on_worker)
             # Every gateway hears every such advisory; the one whose session owns the job
@@ -769,6 +819,33 @@ class NatsBridge:
             await self._nc.close()
             raise
         self.connected = True
+
+    def _provision(self, beat: bytes) -> None:
+        """The consumers of the model a heartbeat names, if not yet made (asyncio side): a
+        worker may not create them. Bounded: anything on NATS may send a heartbeat."""
+        try:
+            model = json.loads(beat).get("model")
+        except (ValueError, AttributeError):
+            return  # the gateway's own handler says so (sampled)
+        if not isinstance(model, str) or not is_model_name(model) or model in self._provisioned:
+            return
+        if len(self._provisioned) >= MAX_PROVISIONED_MODELS:
+            self._errors.warning("too_many_models", model=model, bound=MAX_PROVISIONED_MODELS)
+            return
+        self._provisioned.add(model)
+        task = asyncio.get_running_loop().create_task(self._add_consumers(model))
+        self._provisioning.add(task)
+        task.add_done_callback(self._provisioning.discard)
+
+    async def _add_consumers(self, model: str) -> None:
+        try:
+            for lane in LANES:
+                await self._js.add_consumer(STREAM, consumer_config(self._cfg, model, lane))
+        except (TimeoutError, nats.errors.Error) as exc:
+            self._provisioned.discard(model)  # tried again at its workers' next heartbeat
+            self._errors.warning("consumers_not_created", model=model, error=repr(exc))
+            return
+        log.info("consumers_created", model=model)
 
     async def _stop_loop(self) -> None:
         # Cancel what nats-py left running (reconnect loops, subscription waiters), then stop,
