@@ -43,3 +43,23 @@ def test_the_engine_baseline_is_taken_on_the_load_s_own_mix() -> None:
     # A clip the load sent that the engine never timed: no weighted figure.
     assert engine_on_mix([0.2, None], audio, [1, 1], processes=2) is None
     assert engine_on_mix([0.2, None], audio, [4, 0], processes=2) == pytest.approx(20.0)
+
+
+def test_the_report_counts_this_run_s_connections_not_the_gateway_s_lifetime_peak() -> None:
+    from katydid.load.report import summarize
+    from katydid.load.runner import LoadSpec, LoadStats
+
+    stats = LoadStats(LoadSpec(url="ws://x", clips=[]))
+    # A gateway that held 10,010 connections in an earlier run, then 40 in this one.
+    stats.timeline = [
+        {"t": 0.0, "gateway_peak": 10010.0, "gateway_active": 0.0, "gateway_rss": 100e6},
+        {"t": 1.0, "gateway_peak": 10010.0, "gateway_active": 40.0, "gateway_rss": 104e6},
+        {"t": 2.0, "gateway_peak": 10010.0, "gateway_active": 10.0, "gateway_rss": 103e6},
+    ]
+    out = summarize(stats, command="katydid load")
+    assert out["peak_active_connections"] == 40
+    assert out["gateway_rss_bytes_per_connection"] == 100000.0
+    # A gateway started for this run (serve): its own peak gauge is this run's, and exact.
+    for point, peak in zip(stats.timeline, (0.0, 45.0, 45.0), strict=True):
+        point["gateway_peak"] = peak
+    assert summarize(stats, command="katydid load")["peak_active_connections"] == 45

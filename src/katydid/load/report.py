@@ -90,7 +90,15 @@ def summarize(
     host_busy = [100 * r for r in _rates(tl, "host_busy_s")]
     host_steal = [100 * r for r in _rates(tl, "host_steal_s")]
     log_rate = _rates(tl, "gateway_log_lines")
-    peak_gateway = max((p.get("gateway_peak", 0.0) for p in tl), default=0.0)
+    # The gateway's peak gauge is since its start: this run's only if it had none before the
+    # run (an earlier run's 10,010 connections were reported as this one's); else the most
+    # connections it reported open during the run.
+    sampled = [p for p in tl if "gateway_peak" in p]
+    fresh = bool(sampled) and sampled[0].get("gateway_peak", 0.0) <= 0.0
+    peak_gateway = max(
+        (p.get("gateway_peak" if fresh else "gateway_active", 0.0) for p in sampled),
+        default=0.0,
+    )
     rss = [p["gateway_rss"] for p in tl if "gateway_rss" in p]
     rss_idle = rss[0] if rss else None
     rss_peak = max(rss) if rss else None
