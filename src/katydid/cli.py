@@ -156,11 +156,15 @@ def _parser() -> argparse.ArgumentParser:
     nats = sub.add_parser("nats", help="NATS administration").add_subparsers(
         dest="nats_command", required=True, metavar="ACTION"
     )
-    nats.add_parser("setup", help="create or update the job stream and consumers").add_argument(
-        "--nats-url"
-    )
+    setup = nats.add_parser("setup", help="create or update the job stream and consumers")
     st = nats.add_parser("status", help="the job stream, its consumers and the live workers")
-    st.add_argument("--nats-url")
+    for action in (setup, st):
+        action.add_argument("--nats-url", help="default: the NATS of `katydid serve` here")
+        action.add_argument(
+            "--data-dir",
+            type=Path,
+            help="serve's data directory: its NATS URL and admin credentials, where none are set",
+        )
     st.add_argument("--json", action="store_true", help="one JSON object")
     from katydid import cli_keys, cli_load
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -177,7 +179,10 @@ def remote_heard(url: str, clip: Clip) -> Heard:
 
 def _require_nats(cfg: Config) -> None:
     if not cfg.nats_url:
-        raise KatydidError("no NATS URL: pass --nats-url or set KATYDID_NATS_URL")
+        raise KatydidError(
+            "no NATS URL: pass --nats-url or set KATYDID_NATS_URL (or --data-dir: that of a"
+            " `katydid serve` on this host)"
+        )
 
 
 async def _gateway_alone(cfg: Config) -> None:
@@ -200,12 +205,39 @@ def _nats_setup(cfg: Config) -> None:
     print(set_up_stream(cfg))
 
 
+def embedded_admin(cfg: Config) -> Config:
+    """For ``katydid nats status|setup`` on ``katydid serve``'s host: where no NATS URL or no
+    credentials are configured, those of serve's embedded NATS, from its data dir (the URL from
+    its nats-server.conf, the admin password from its credentials.json). Without them, status
+    said "Authorization Violation" to a user who could reach it, and not where they are."""
+    nats_dir = cfg.data_dir / "nats"
+    changes: dict[str, Any] = {}
+    if not cfg.nats_url:
+        try:
+            conf = (nats_dir / "nats-server.conf").read_text(encoding="utf-8")
+        except OSError:
+            return cfg
+        listen = re.search(r"^listen: (\S+)$", conf, re.M)
+        if listen is None:
+            return cfg
+        changes["nats_url"] = f"nats://{listen.group(1)}"
+    if not (cfg.nats_user or cfg.nats_creds_file or cfg.nats_nkey_seed_file):
+        try:
+            stored = json.loads((nats_dir / "credentials.json").read_text(encoding="utf-8"))
+            changes |= {"nats_user": "admin", "nats_password": str(stored["admin"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return dataclasses.replace(cfg, **changes)
+
+
 def run_server_command(cfg: Config, args: argparse.Namespace) -> int:
     if args.command == "serve":
         from katydid.serve import serve
 
         trio.run(lambda: serve(cfg, announce=lambda line: print(line, flush=True)))
         return 0
+    if args.command == "nats":
+        cfg = embedded_admin(cfg)
     _require_nats(cfg)
     if args.command == "gateway":
         trio.run(_gateway_alone, cfg)

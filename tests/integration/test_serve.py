@@ -292,6 +292,16 @@ def test_callers_naming_a_configured_model_are_seated_while_its_worker_warms_up(
             assert wer(reference, text) <= 0.1, texts
         refused = [ln for ln in log.read_text().splitlines() if "unsupported_option" in ln]
         assert not refused, refused
+        # The operator's look at serve's own NATS: its URL and admin credentials from the data
+        # dir (before: "Authorization Violation", and no word of where the credentials are).
+        status = subprocess.run(
+            [sys.executable, "-m", "katydid", "nats", "status", "--json",
+             "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        consumers = {c["name"] for c in json.loads(status.stdout)["consumers"]}
+        assert "workers-tiny_en-q8_0-interactive" in consumers, status.stdout
     finally:
         serve.send_signal(signal.SIGTERM)
         try:

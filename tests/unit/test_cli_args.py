@@ -196,3 +196,23 @@ def test_servers_take_the_keys_file_by_the_name_katydid_keys_uses(command: str) 
     # and the README called it that.
     for flag in ("--keys-file", "--api-keys-file"):
         assert _parser().parse_args([command, flag, "keys.txt"]).api_keys_file == "keys.txt"
+
+
+def test_nats_commands_find_serve_s_nats_and_admin_credentials(tmp_path: Path) -> None:
+    from katydid.cli_remote import embedded_admin
+    from katydid.config import Config
+
+    nats_dir = tmp_path / "nats"
+    nats_dir.mkdir()
+    (nats_dir / "nats-server.conf").write_text("listen: 127.0.0.1:4333\nhttp: 127.0.0.1:8333\n")
+    (nats_dir / "credentials.json").write_text('{"admin": "pw-a", "gateway": "pw-g"}')
+    found = embedded_admin(Config(data_dir=tmp_path))
+    assert (found.nats_url, found.nats_user, found.nats_password) == (
+        "nats://127.0.0.1:4333",
+        "admin",
+        "pw-a",
+    )
+    # What the operator set wins.
+    given = Config(data_dir=tmp_path, nats_url="nats://n1:4222", nats_user="ops")
+    assert embedded_admin(given) == given
+    assert embedded_admin(Config(data_dir=tmp_path / "none")).nats_url == ""
