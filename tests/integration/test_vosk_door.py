@@ -87,3 +87,30 @@ async def test_malformed_vosk_json_gets_an_error_and_a_close(stack: Stack) -> No
     assert answer["code"] == "bad_message"
     assert code == 1008
     assert await trio.to_thread.run_sync(stream_messages, stack.nats_url) == before
+
+
+def _eof_twice(url: str, pcm: bytes) -> tuple[str, int | None]:
+    """The session's whole text (every result's), and the close code."""
+    with connect(url + "/vosk") as ws:
+        ws.send(json.dumps({"config": {"sample_rate": 16000}}))
+        texts = []
+        for i in range(0, len(pcm), 32000):
+            ws.send(pcm[i : i + 32000])
+            texts.append(json.loads(ws.recv(timeout=30)).get("text", ""))
+        ws.send('{"eof" : 1}')
+        ws.send('{"eof" : 1}')  # a client that says it twice, then sends a late frame
+        ws.send(pcm[:3200])
+        while True:
+            try:
+                texts.append(json.loads(ws.recv(timeout=120)).get("text", ""))
+            except ConnectionClosed as closed:
+                return " ".join(texts), closed.rcvd.code if closed.rcvd else None
+
+
+async def test_a_second_eof_or_late_audio_does_not_cost_the_transcript(
+    stack: Stack, jfk: Clip
+) -> None:
+    pcm = float_to_pcm16(decode_container(jfk.path, max_audio_s=60, max_bytes=10**8))
+    text, code = await trio.to_thread.run_sync(_eof_twice, stack.url, pcm)
+    assert code == 1000
+    assert wer(jfk.reference, text) <= 0.1, text

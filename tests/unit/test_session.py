@@ -496,3 +496,17 @@ def test_an_upload_with_no_room_on_disk_is_told_overloaded_with_a_retry() -> Non
     assert (error.code, close.code) == (ErrorCode.OVERLOADED, 1013)
     assert "No space left on device" in error.message
     assert error.retry_after_s is not None
+
+
+def test_an_unknown_message_type_is_named_but_not_echoed_whole() -> None:
+    from katydid.config import Config
+    from katydid.errors import ProtocolError
+    from katydid.gateway.options import parse_control
+
+    limits = Limits.from_config(Config())
+    with pytest.raises(ProtocolError, match="unknown message type 'pause'"):
+        parse_control('{"type": "pause"}', limits)
+    with pytest.raises(ProtocolError) as refused:
+        parse_control(json.dumps({"type": "x" * 100_000}), limits)
+    assert len(str(refused.value)) < 200
+    assert "100000 characters" in str(refused.value)

@@ -175,7 +175,9 @@ def parse_control(text: str, limits: Limits) -> tuple[str, StartOptions | None]:
         return kind, StartOptions.from_message(msg, limits)
     if kind == "stop":
         return kind, None
-    raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown message type {kind!r}")
+    # Named, but bounded: a 100 KB type was echoed back whole.
+    shown = repr(kind) if len(kind) <= 64 else f"{kind[:64]!r}... ({len(kind)} characters)"
+    raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown message type {shown}")
 
 
 def _seconds(value: float) -> float:

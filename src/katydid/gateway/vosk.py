@@ -98,6 +98,11 @@ class VoskConnection(SessionDriver):
             now = trio.current_time()
             if msg is None:
                 continue
+            if isinstance(msg, bytes) and self.eof:
+                # After eof the stream is over (vosk-server stops reading there): late audio
+                # or a second eof is not an error that costs the first eof its transcript (it
+                # closed 1008 before); both are let be, and eof's answer comes.
+                continue
             if isinstance(msg, bytes):
                 if not started:
                     started = await self._start(16_000)
@@ -130,8 +135,11 @@ class VoskConnection(SessionDriver):
                 # read one answer per audio frame (answering config put them one behind).
                 started = await self._start(rate)
             elif "eof" in command:
+                if self.eof:
+                    continue
                 if not started:
                     started = await self._start(16_000)
+                self.eof = True
                 await self.emit(s.receive_text('{"type": "stop"}', now))
 
     async def _answer_frame(self) -> None:
