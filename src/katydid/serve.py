@@ -151,6 +151,7 @@ async def run_nats_server(
     url = f"nats://127.0.0.1:{port}"
     backoff = _RESTART_FIRST_S
     started = False
+    healed_at = -float("inf")
     while True:
         # Restarted when it exits (a crash, a kill by hand or by the OOM killer) on the same
         # port and store: the gateway and the workers reconnect and the queued jobs are still
@@ -162,7 +163,7 @@ async def run_nats_server(
                     # Watched by a small parent that stops it if serve is killed outright.
                     [*with_parent_argv(), nats_server_binary(), "-c", str(conf)],
                     stdout=subprocess.DEVNULL,
-                    stderr=sys.stderr,  # the real one (see native_stderr)
+                    stderr=subprocess.PIPE,  # relayed to the real one, watched for store faults
                     env=env,
                     check=False,
                     start_new_session=True,  # Ctrl-C reaches serve only; serve stops NATS last
@@ -170,6 +171,9 @@ async def run_nats_server(
                     task_status=task_status,
                 )
             )
+            fault = StoreFault()
+            assert proc.stderr is not None
+            nursery.start_soon(relay_stderr, proc.stderr, fault)
             try:
                 await wait_for_port(port, 10)
             except trio.TooSlowError:
@@ -177,8 +181,13 @@ async def run_nats_server(
             if not started:
                 task_status.started(url)
                 started = True
+            nursery.start_soon(heal_store, proc, fault, data_dir, healed_at)
             code = await proc.wait()
+            nursery.cancel_scope.cancel()  # the healer; the relay has met its end of file
         await trio.lowlevel.checkpoint()  # if we are being cancelled, the exit was ours
+        if fault.healing:
+            healed_at = trio.current_time()
+            continue  # at once: the store is writable again, and every session waits on it
         backoff = restart_backoff(backoff, trio.current_time() - born, _NATS_RESTART_MAX_S)
         log.warning(
             "nats_server_exited",
@@ -187,6 +196,96 @@ async def run_nats_server(
             restart_in_s=backoff,
         )
         await trio.sleep(backoff)
+
+
+@dataclasses.dataclass(slots=True)
+class StoreFault:
+    """What nats-server said of its store: since when it could not write (None: all well),
+    and whether serve restarts it for that."""
+
+    since: float | None = None
+    healing: bool = False
+
+
+# nats-server's words when its JetStream store cannot write (a full disk): the stream's file
+# store keeps the error, and takes no job again until nats-server restarts, even once the
+# space is back (seen: every session refused for minutes after the disk was freed).
+_STORE_FAULTS = (b"Critical write error", b"no space left on device")
+_STORE_CHECK_S = 2.0
+_STORE_HEAL_MIN_S = 30.0  # at most one restart for a store fault per this long
+
+
+async def relay_stderr(stream: trio.abc.ReceiveStream, fault: StoreFault) -> None:
+    """nats-server's stderr to serve's real stderr (see native_stderr), noting a store fault."""
+    tail = b""
+    async for chunk in stream:
+        sys.stderr.write(chunk.decode("utf-8", "backslashreplace"))
+        seen = tail + chunk
+        if fault.since is None and any(marker in seen for marker in _STORE_FAULTS):
+            fault.since = trio.current_time()
+        tail = seen[-64:]
+
+
+def store_has_room(path: Path) -> bool:
+    """Room enough to take jobs again: a tenth of the file system, or 64 MiB."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return False
+    return usage.free >= min(64 * 1024 * 1024, usage.total // 10)
+
+
+async def heal_store(proc: trio.Process, fault: StoreFault, store: Path, healed_at: float) -> None:
+    """Restart nats-server once its store had a write error and there is room again (bounded:
+    one such restart per ``_STORE_HEAL_MIN_S``); its gateway and workers reconnect, and the jobs
+    it stored are still there."""
+    said = False
+    while True:
+        await trio.sleep(_STORE_CHECK_S)
+        if fault.since is None:
+            continue
+        if not said:
+            log.error(
+                "nats_store_fault", hint="its disk is full; serve restarts it once there is room"
+            )
+            said = True
+        now = trio.current_time()
+        if now - healed_at < _STORE_HEAL_MIN_S:
+            continue
+        if not await trio.to_thread.run_sync(store_has_room, store):
+            continue
+        log.warning(
+            "nats_server_restarted",
+            reason="its store had a write error (disk full); there is room again",
+            fault_s=round(now - fault.since, 1),
+        )
+        fault.healing = True
+        await _terminate(proc, 5.0)
+        return
+
+
+def sized_stream(cfg: Config, store: Path) -> Config:
+    """``cfg`` with ``stream_max_bytes`` at most 60% of what the store's disk can hold (its free
+    space and what the store already takes): at the default 1 GiB on a small disk, the stream
+    was refused at start ("insufficient storage resources available") and filled the disk."""
+    try:
+        free = shutil.disk_usage(store if store.exists() else store.parent).free
+    except OSError:
+        return cfg
+    used = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) if store.is_dir() else 0
+    # nats-server takes at most 75% of the free disk for JetStream (its default max_file_store).
+    cap = max(1024 * 1024, int(0.6 * (free + used)))
+    if cfg.stream_max_bytes <= cap:
+        return cfg
+    log.warning(
+        "stream_max_bytes_lowered",
+        configured=cfg.stream_max_bytes,
+        to=cap,
+        disk_free=free,
+        hint=f"the disk of {store} holds less than stream_max_bytes: free space there, or give"
+        " serve a --data-dir on a larger disk",
+    )
+    return dataclasses.replace(cfg, stream_max_bytes=cap)
 
 
 def restart_backoff(previous_s: float, lived_s: float, max_s: float) -> float:
@@ -281,6 +380,8 @@ async def serve(
             monitor = cfg.nats_monitor_port or picked[1]
             # Its store is this server's alone, while it runs (see data_dir).
             await outer.start(data_dir.hold, cfg.data_dir)
+            store = cfg.data_dir / "nats"
+            cfg = await trio.to_thread.run_sync(sized_stream, cfg, store)
             # Its own credentials, a user per role (workers cannot publish jobs, say), and one
             # per worker.
             secrets_file = cfg.data_dir / "nats" / "credentials.json"

@@ -58,6 +58,10 @@ class JobBus(Protocol):
     async def delete_job(self, stream_seq: int) -> bool:
         """Remove a queued job; False if it was already gone."""
 
+    async def probe_store(self) -> None:
+        """Store a message no worker takes, and delete it: whether the stream takes jobs now
+        (after publishing failed). Raises ``NatsError`` if it does not."""
+
     async def job_in_stream(self, stream_seq: int) -> bool:
         """Whether a job is still in the stream (not yet acked by a worker, nor deleted)."""
 

@@ -65,6 +65,11 @@ class MemoryBus:
         self.published.append(queued)
         return queued.stream_seq
 
+    async def probe_store(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.fail_publish is not None:
+            raise self.fail_publish
+
     async def delete_job(self, stream_seq: int) -> bool:
         await trio.lowlevel.checkpoint()
         self.deleted.append(stream_seq)

@@ -227,6 +227,9 @@ async def connect(cfg: Config, name: str, *, inbox_prefix: str = "_INBOX", **cal
 
 
 _CONSUMER_WAIT_S = 120.0  # a worker waits this long for its model's consumers
+# In the job stream (katydid.jobs.>), but no model's: lane subjects are katydid.jobs.MODEL.LANE
+# with MODEL a routable name, and no consumer filters on "_probe".
+PROBE_SUBJECT = "katydid.jobs._probe.store"
 MAX_PROVISIONED_MODELS = 256  # models a gateway creates consumers for (heartbeats name them)
 
 
@@ -646,6 +649,23 @@ class NatsBridge:
                 self._sampled_retry(exc)
             await trio.sleep(delay)
             delay = min(2.0, delay * 2)
+
+    async def probe_store(self) -> None:
+        """Whether the stream stores jobs again: a message on a subject of the stream that no
+        consumer's filter takes (``PROBE_SUBJECT``), deleted at once. Once (no retries): the
+        gateway asks again at its next queue poll.
+
+        Raises:
+            NatsError: it was not stored (a store with a write error answers nothing).
+        """
+
+        async def go() -> int:
+            ack = await self._js.publish(
+                PROBE_SUBJECT, b"", timeout=self._cfg.nats_request_timeout_s
+            )
+            return int(ack.seq)
+
+        await self.delete_job(await self._call(go))
 
     def _sampled_retry(self, exc: NatsError) -> None:
         now = time.monotonic()

@@ -251,14 +251,17 @@ class Admission:
             )
         return offer.name, offers
 
-    def readiness(self, nats_connected: bool) -> tuple[bool, dict[str, Any]]:
-        """Ready: NATS connected, the stream answered recently, a worker seen, every configured
-        model served, backlog ETA bounded."""
+    def readiness(
+        self, nats_connected: bool, *, jobs_stored: bool = True
+    ) -> tuple[bool, dict[str, Any]]:
+        """Ready: NATS connected, the stream answered recently and took the last job published
+        (``jobs_stored``), a worker seen, every configured model served, backlog ETA bounded."""
         eta = self.backlog_eta_s()
         missing = sorted(m for m in self.expected_models if m not in self.live_offers())
         checks = {
             "nats_connected": nats_connected,
             "stream_present": self.clock() - self.polled_at < 5 * self.cfg.queue_poll_s + 5,
+            "jobs_stored": jobs_stored,
             "workers": self.live_workers() > 0,
             # A client that waits for /readyz and then names a configured model must not be
             # refused.

@@ -210,6 +210,8 @@ class Gateway:
         keys_file = Path(cfg.api_keys_file).expanduser() if cfg.api_keys_file else None
         self.tenants = Tenants(keys_file, self.metrics, self.sampled)
         self.stopping = False  # no new sessions: the server is shutting down
+        # Since when publishing jobs has failed (NATS connected or not), until one lands.
+        self.publish_failing_since: float | None = None
         self.websocket_port: int | None = None  # set by the service once the door listens
         # Doors that vouch for their sessions themselves (Wyoming: by network allowlist).
         self.trusted_doors: frozenset[str] = frozenset({"wyoming"})
@@ -338,6 +340,20 @@ class Gateway:
                     self._route(live, LostResult(stream_seq))
         return lost
 
+    async def _probe_store(self) -> None:
+        """After publishing failed, whether the stream takes jobs again (a freed disk, NATS
+        back): /readyz stays not ready until it does, without waiting for a client to try."""
+        try:
+            await self.bus.probe_store()
+        except NatsError as exc:
+            self.sampled.warning("jobs_not_stored", error=str(exc))
+            return
+        log.info(
+            "jobs_stored_again",
+            after_s=round(trio.current_time() - (self.publish_failing_since or 0.0), 1),
+        )
+        self.publish_failing_since = None
+
     def _on_worker(self, data: bytes) -> None:
         try:
             self.admission.heartbeat(data)
@@ -354,6 +370,8 @@ class Gateway:
                 adm.polled(await self.bus.lane_stats(adm.polled_models()), counted)
             except NatsError as exc:
                 self.sampled.warning("queue_poll_failed", error=str(exc))
+            if self.publish_failing_since is not None:
+                await self._probe_store()
             adm.forget_gone_workers()
             self.tenants.refresh(trio.current_time())
             self._export_queue()
@@ -569,10 +587,13 @@ class Gateway:
             )
         except NatsError as exc:
             self.metrics.overloaded.labels("nats_unavailable").inc()
+            if self.publish_failing_since is None:
+                self.publish_failing_since = trio.current_time()
             error = ProtocolError(
                 ErrorCode.OVERLOADED, f"queue unavailable: {exc}", retry_after_s=5.0
             )
         else:
+            self.publish_failing_since = None
             kind = job.options.kind
             self.metrics.jobs_published.labels(publish.lane, kind).inc()
             if kind == "partial":
@@ -598,7 +619,10 @@ class Gateway:
     # --- operators ---
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
-        return self.admission.readiness(self.bus.connected)
+        # Connected is not enough: a JetStream store with a write error (a full disk) takes no
+        # job while every API call answers; /readyz said ready meanwhile.
+        storing = self.publish_failing_since is None
+        return self.admission.readiness(self.bus.connected, jobs_stored=storing)
 
     def routes(self) -> dict[str, Callable[[], Response]]:
         def metrics() -> Response:
