@@ -355,3 +355,26 @@ def publish_jobs(nats_url: str, jobs: Sequence[tuple[str, bytes, dict[str, str] 
             await nc.close()
 
     asyncio.run(go())
+
+
+async def wyoming_transcript(port: int, pcm: bytes, model: str | None = None) -> str:
+    """What a Wyoming client (the ``wyoming`` package's own) gets for 16 kHz mono ``pcm``:
+    ``transcribe`` (English, ``model`` by name if given), the audio in 100 ms chunks, the
+    transcript; an ``error`` event fails the test."""
+    from wyoming.asr import Transcribe, Transcript
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.client import AsyncTcpClient
+
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(Transcribe(name=model, language="en").event())
+        await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+        for i in range(0, len(pcm), 3200):
+            chunk = AudioChunk(rate=16000, width=2, channels=1, audio=pcm[i : i + 3200])
+            await client.write_event(chunk.event())
+        await client.write_event(AudioStop().event())
+        while True:
+            event = await asyncio.wait_for(client.read_event(), 120)
+            assert event is not None, "the server closed the connection"
+            assert event.type != "error", event.data
+            if Transcript.is_type(event.type):
+                return Transcript.from_event(event).text

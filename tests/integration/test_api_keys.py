@@ -25,14 +25,18 @@ from trio_websocket import ConnectionClosed as TrioClosed
 from trio_websocket import open_websocket_url
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
-from wyoming.asr import Transcribe, Transcript
-from wyoming.audio import AudioChunk, AudioStart, AudioStop
-from wyoming.client import AsyncTcpClient
 
 from katydid.audio import decode_container, float_to_pcm16
 from katydid.evaluation import Clip, read_manifest, wer
 from katydid.metrics import parse_text, total
-from tests.integration.stack import Stack, free_port, http_get, stream_messages, wait_until
+from tests.integration.stack import (
+    Stack,
+    free_port,
+    http_get,
+    stream_messages,
+    wait_until,
+    wyoming_transcript,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -217,28 +221,12 @@ def test_a_valid_key_works_on_every_door(
     assert key not in stack.log("gateway")
     # Wyoming: no key in its protocol; loopback is on the allowlist by default.
     port = stack.wyoming_port  # type: ignore[attr-defined]
-    text = asyncio.run(_wyoming(port, pcm))
+    text = asyncio.run(wyoming_transcript(port, pcm))
     assert wer(jfk.reference, text) <= 0.1
     m = _metrics(stack)
     assert m['katydid_key_sessions_total{key="alice"}'] >= 4
     # Three files queue all their audio; the live vosk stream its speech, not its long pauses.
     assert m['katydid_key_audio_seconds_total{key="alice"}'] >= 3 * 10.9 + 0.75 * 10.9
-
-
-async def _wyoming(port: int, pcm: bytes) -> str:
-    async with AsyncTcpClient("127.0.0.1", port) as client:
-        await client.write_event(Transcribe(language="en").event())
-        await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
-        for i in range(0, len(pcm), 3200):
-            chunk = AudioChunk(rate=16000, width=2, channels=1, audio=pcm[i : i + 3200])
-            await client.write_event(chunk.event())
-        await client.write_event(AudioStop().event())
-        while True:
-            event = await asyncio.wait_for(client.read_event(), 120)
-            assert event is not None
-            assert event.type != "error", event.data
-            if Transcript.is_type(event.type):
-                return Transcript.from_event(event).text
 
 
 async def test_max_sessions_is_quota_exceeded_with_a_retry(

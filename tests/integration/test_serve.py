@@ -17,7 +17,7 @@ import pytest
 
 from katydid.evaluation import wer
 from katydid.serve import nats_server_binary
-from tests.integration.stack import free_port, port_open, wait_until
+from tests.integration.stack import free_port, port_open, wait_until, wyoming_transcript
 
 pytestmark = pytest.mark.integration
 NATS_BINARY = nats_server_binary()
@@ -218,9 +218,6 @@ def test_callers_naming_a_configured_model_are_seated_while_its_worker_warms_up(
 
     import openai
     from websockets.sync.client import connect
-    from wyoming.asr import Transcribe, Transcript
-    from wyoming.audio import AudioChunk, AudioStart, AudioStop
-    from wyoming.client import AsyncTcpClient
 
     from katydid.audio import decode_container, float_to_pcm16
 
@@ -236,21 +233,6 @@ def test_callers_naming_a_configured_model_are_seated_while_its_worker_warms_up(
         )
         with jfk.open("rb") as f:
             return client.audio.transcriptions.create(model="tiny.en", file=f, timeout=120).text
-
-    async def wyoming() -> str:
-        async with AsyncTcpClient("127.0.0.1", wyoming_port) as client:
-            await client.write_event(Transcribe(name="tiny.en-q8_0", language="en").event())
-            await client.write_event(AudioStart(rate=16_000, width=2, channels=1).event())
-            for i in range(0, len(pcm), 3200):
-                chunk = AudioChunk(rate=16_000, width=2, channels=1, audio=pcm[i : i + 3200])
-                await client.write_event(chunk.event())
-            await client.write_event(AudioStop().event())
-            while True:
-                event = await asyncio.wait_for(client.read_event(), 120)
-                assert event is not None, "the server closed the connection"
-                if Transcript.is_type(event.type):
-                    return Transcript.from_event(event).text
-                assert event.type != "error", event
 
     def vosk() -> str:
         with connect(f"ws://127.0.0.1:{port}/vosk") as ws:
@@ -286,7 +268,11 @@ def test_callers_naming_a_configured_model_are_seated_while_its_worker_warms_up(
     try:
         assert readiness["workers_live"] == 0, readiness
         with ThreadPoolExecutor(3) as pool:
-            sent = [pool.submit(http), pool.submit(vosk), pool.submit(asyncio.run, wyoming())]
+            sent = [
+                pool.submit(http),
+                pool.submit(vosk),
+                pool.submit(asyncio.run, wyoming_transcript(wyoming_port, pcm, "tiny.en-q8_0")),
+            ]
             texts = [f.result() for f in sent]
         for text in texts:
             assert wer(reference, text) <= 0.1, texts
