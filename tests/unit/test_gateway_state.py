@@ -211,3 +211,17 @@ def test_a_model_whose_workers_are_gone_is_a_server_outage_not_a_client_error() 
     assert "no live worker now" in str(refused)
     assert _refusal(gw, "small.en").code is ErrorCode.OVERLOADED  # its family's name too
     assert _refusal(gw, "medium").code is ErrorCode.UNSUPPORTED_OPTION
+
+
+def test_a_session_s_own_jobs_are_never_ahead_of_it() -> None:
+    # A 115 s upload on an idle server: its 12 chunks are the bulk lane's only pending jobs, and
+    # the bulk consumer last delivered long ago (interactive jobs took the sequences between).
+    gw = _admission(Config(worker_heartbeat_s=1.0))
+    gw._beat(_beat("a", avg=1.0))
+    gw.lanes = {("tiny.en-q8_0", "bulk"): LaneStats(pending=12, in_progress=0,
+                                                    delivered_stream_seq=50)}  # fmt: skip
+    assert gw.position("tiny.en-q8_0", "bulk", 101, None, own_jobs=12) == (0, 1.0)
+    # Three jobs of others ahead of it are still counted.
+    gw.lanes[("tiny.en-q8_0", "bulk")] = LaneStats(pending=15, in_progress=0,
+                                                   delivered_stream_seq=97)  # fmt: skip
+    assert gw.position("tiny.en-q8_0", "bulk", 101, None, own_jobs=12) == (3, 4.0)

@@ -205,15 +205,25 @@ class Admission:
         return self.eta_s(ahead, model=model)
 
     def position(
-        self, model: str, lane: str, oldest_stream_seq: int, capacity: tuple[int, float] | None
+        self,
+        model: str,
+        lane: str,
+        oldest_stream_seq: int,
+        capacity: tuple[int, float] | None,
+        own_jobs: int = 0,
     ) -> tuple[int, float] | None:
-        """``(position, eta_s)`` of a job at ``oldest_stream_seq``, or None before any poll."""
+        """``(position, eta_s)`` of a job at ``oldest_stream_seq``, or None before any poll;
+        ``own_jobs``: the session's jobs in the stream, which are never ahead of it."""
         stats = self.lanes.get((model, lane))
         if stats is None:
             return None
-        # Stream sequences are shared by all models' subjects, so this counts other models'
-        # jobs between too: an upper bound, exact when one model is served.
-        position = max(0, min(stats.pending, oldest_stream_seq - stats.delivered_stream_seq - 1))
+        # Stream sequences are shared by all models' subjects and lanes, so the gap counts
+        # other models' and lanes' jobs between too: an upper bound, exact when one model and
+        # lane are served. The lane's pending count holds the session's own jobs: a 115 s
+        # upload on an idle server heard "position 6" (its own later chunks) when its lane's
+        # consumer had last delivered long before.
+        others = stats.pending - own_jobs
+        position = max(0, min(others, oldest_stream_seq - stats.delivered_stream_seq - 1))
         return position, self.eta_s(position, capacity, model=model)
 
     def admit(self, opts: StartOptions) -> tuple[str, dict[str, ModelOffer]]:

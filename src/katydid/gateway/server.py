@@ -383,7 +383,9 @@ class Gateway:
                 oldest = s.oldest_stream_seq
                 if oldest is None:
                     continue
-                where = adm.position(s.model, s.lane, oldest, capacities.get(s.model))
+                where = adm.position(
+                    s.model, s.lane, oldest, capacities.get(s.model), s.stored_count
+                )
                 # Only news wakes the session's writer (most polls change nothing for most).
                 if where is not None and s.queue_news(*where, now):
                     self._route(live, Position(*where, now))  # full inbox: the next poll retries

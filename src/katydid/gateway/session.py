@@ -504,6 +504,11 @@ class Session:
         return self._jobs_out.seq_of(stream_seq)
 
     @property
+    def stored_count(self) -> int:
+        """How many of this session's jobs in flight are stored in the stream."""
+        return len(self._jobs_out.stream_seqs)
+
+    @property
     def stored_jobs(self) -> list[int]:
         """The stream seqs of this session's jobs in flight that are stored in the stream."""
         return list(self._jobs_out.stream_seqs.values())
