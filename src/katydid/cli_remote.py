@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import trio
 
@@ -80,24 +81,33 @@ def transcribe_remote(
             audio = decode_container(data, max_audio_s=4 * 3600, max_bytes=len(data))
             data, fmt = float_to_pcm16(audio), "pcm_s16le"
 
-        def show(event: dict[str, Any], path: Path = path) -> None:
+        status = StatusLine(sys.stderr if tty and not as_json else None)
+        seconds = audio_seconds(data, fmt)
+        total = f" of {seconds:.0f}" if seconds else ""
+
+        def show(
+            event: dict[str, Any],
+            path: Path = path,
+            status: StatusLine = status,
+            total: str = total,
+        ) -> None:
             kind = event.get("type")
             if as_json and not out_format:
                 print(json.dumps(event, ensure_ascii=False), flush=True)
-            elif kind == "final" and not out_format:
-                print(event.get("text", ""), flush=True)
-            elif kind == "final" and tty:
-                print(f"\rtranscribed: {event['end_s']:.0f} s of audio", end="", file=sys.stderr)
-            elif kind == "queued" and tty:
-                print(
-                    f"\rqueued: position {event['position']}, ETA {event['eta_s']} s",
-                    end="",
-                    file=sys.stderr,
-                )
+            elif kind == "final":
+                if not out_format:
+                    status.clear()  # the text goes on a line of its own
+                    print(event.get("text", ""), flush=True)
+                status.show(f"transcribed: {event['end_s']:.0f}{total} s of audio")
+            elif kind == "queued":
+                status.show(f"queued: position {event['position']}, ETA {event['eta_s']} s")
             elif kind == "error":
+                status.clear()
                 print(
                     f"katydid: {path}: {event.get('code')}: {event.get('message')}", file=sys.stderr
                 )
+            elif kind == "done":
+                status.clear()
 
         frame = _PCM_FRAME_BYTES if fmt == "pcm_s16le" else _FILE_FRAME_BYTES
         try:
@@ -175,6 +185,42 @@ def remote_heard(url: str, clip: Clip) -> Heard:
     if result.done is None:
         raise KatydidError(f"session failed: {result.error}")  # evaluate names the clip
     return Heard(result.text, float(result.done["audio_s"]), result.total_s)
+
+
+class StatusLine:
+    """One line of progress on a terminal, redrawn in place: each update returns to the line's
+    start and erases it first (shorter text left the end of the longer behind: "...ETA 0.4
+    sLet the forms", "115 s of audio s"), and it is erased before other output."""
+
+    _ERASE = "\r\x1b[K"
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream  # None: not a terminal, nothing is drawn
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        if self.stream is not None:
+            self.stream.write(self._ERASE + text)
+            self.stream.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.stream is not None and self.shown:
+            self.stream.write(self._ERASE)
+            self.stream.flush()
+            self.shown = False
+
+
+def audio_seconds(data: bytes, fmt: str) -> float | None:
+    """How long a file's audio is, from its header (None if it does not say)."""
+    if fmt == "pcm_s16le":
+        return len(data) / 2 / 16_000
+    import soundfile as sf
+
+    try:
+        return float(sf.info(io.BytesIO(data)).duration)
+    except (RuntimeError, TypeError, ValueError, sf.LibsndfileError):
+        return None
 
 
 def _require_nats(cfg: Config) -> None:

@@ -7,6 +7,7 @@ import wave
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from katydid import cli_remote, client
@@ -97,3 +98,58 @@ def test_several_files_written_apart_with_output_dir(
     assert capsys.readouterr().out == ""
     for name in ("a.srt", "b.srt"):
         assert (out_dir / name).read_text() == "1\n00:00:00,000 --> 00:00:02,000\nhello\n"
+
+
+class _Terminal(io.StringIO):
+    """Both output streams on one terminal, as a user sees it: ``\\r`` returns to the line's
+    start, ``ESC [ K`` erases to its end, ``\\n`` opens a new line, other text overwrites."""
+
+    def screen(self) -> list[str]:
+        lines, row, col = [""], 0, 0
+        text = self.getvalue()
+        i = 0
+        while i < len(text):
+            if text.startswith("\x1b[K", i):
+                lines[row] = lines[row][:col]
+                i += 3
+                continue
+            c = text[i]
+            if c == "\r":
+                col = 0
+            elif c == "\n":
+                lines.append("")
+                row, col = row + 1, 0
+            else:
+                line = lines[row].ljust(col)
+                lines[row] = line[:col] + c + line[col + 1 :]
+                col += 1
+            i += 1
+        return lines
+
+
+def test_the_status_line_leaves_nothing_behind() -> None:
+    from katydid.cli_remote import StatusLine
+
+    term = _Terminal()
+    status = StatusLine(term)
+    status.show("queued: position 12, ETA 14.2 s")
+    status.show("queued: position 0, ETA 0.4 s")  # shorter: the rest must go
+    status.clear()
+    term.write("Let the forms of printed letters be plain.\n")  # a final, on stdout
+    status.show("transcribed: 115 of 115 s of audio")
+    status.show("transcribed: 9 of 115 s of audio")
+    status.clear()
+    assert term.screen() == ["Let the forms of printed letters be plain.", ""]
+    StatusLine(None).show("not a terminal: nothing drawn")
+
+
+def test_a_file_says_how_long_it_is(tmp_path: Path) -> None:
+    import soundfile as sf
+
+    from katydid.cli_remote import audio_seconds
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(16000 * 3, dtype=np.float32), 16000, format="WAV")
+    assert audio_seconds(buf.getvalue(), "wav") == 3.0
+    assert audio_seconds(b"\0\0" * 8000, "pcm_s16le") == 0.5
+    assert audio_seconds(b"not audio", "mp3") is None
