@@ -212,18 +212,28 @@ class StoreFault:
 # space is back (seen: every session refused for minutes after the disk was freed).
 _STORE_FAULTS = (b"Critical write error", b"no space left on device")
 _STORE_CHECK_S = 2.0
+_MAX_RELAYED_LINE = 64 * 1024
 _STORE_HEAL_MIN_S = 30.0  # at most one restart for a store fault per this long
 
 
 async def relay_stderr(stream: trio.abc.ReceiveStream, fault: StoreFault) -> None:
-    """nats-server's stderr to serve's real stderr (see native_stderr), noting a store fault."""
-    tail = b""
+    """nats-server's warnings and errors to serve's real stderr (see native_stderr), noting a
+    store fault. Its ``[INF]`` lines are not relayed: the banner alone was 31 lines at every
+    start (an operator who wants them runs nats-server apart, ``--nats-url``)."""
+    pending = b""
     async for chunk in stream:
-        sys.stderr.write(chunk.decode("utf-8", "backslashreplace"))
-        seen = tail + chunk
-        if fault.since is None and any(marker in seen for marker in _STORE_FAULTS):
-            fault.since = trio.current_time()
-        tail = seen[-64:]
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        if len(pending) > _MAX_RELAYED_LINE:  # a line without end: relayed as it is
+            lines.append(pending)
+            pending = b""
+        for line in lines:
+            if fault.since is None and any(marker in line for marker in _STORE_FAULTS):
+                fault.since = trio.current_time()
+            if b"[INF]" not in line[:40]:
+                sys.stderr.write(line.decode("utf-8", "backslashreplace") + "\n")
+    if pending:
+        sys.stderr.write(pending.decode("utf-8", "backslashreplace") + "\n")
 
 
 def store_has_room(path: Path) -> bool:
@@ -364,6 +374,9 @@ async def serve(
     env_parent = {"KATYDID_PARENT_PID": str(os.getpid())}
     for name, _ in plan:
         if "/" not in name and not name.endswith(".bin"):
+            if not await trio.to_thread.run_sync(models.is_prepared, cfg.model_dir, name):
+                # The first start converts and checks it: some seconds of silence otherwise.
+                announce(f"model:    preparing {name} (first start only; ~10 s)")
             await trio.to_thread.run_sync(models.prepare, cfg.model_dir, name)
     served = [served_name(name) for name, _ in plan]
     if served_name(cfg.model) not in served:

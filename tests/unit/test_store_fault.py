@@ -25,14 +25,18 @@ async def test_a_store_write_error_is_noticed_and_relayed(
     fault = StoreFault()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(relay_stderr, receive, fault)
-        await send.send_all(b"[1] [INF] Server is ready\n")
+        await send.send_all(b"[1] 2026/12/07 10:31:37.493 [INF] Server is ready\n[1] [WRN] slow")
+        await send.send_all(b" consumer\n")
         await trio.testing.wait_all_tasks_blocked()
         assert fault.since is None
         await send.send_all(b"[1] [ERR] Filestore [KATYDID_JOBS] Critical wr")
         await send.send_all(b"ite error: write 2.blk: no space left on device\n")
         await send.aclose()
     assert fault.since is not None
-    assert "Server is ready" in capsys.readouterr().err
+    relayed = capsys.readouterr().err
+    assert "Server is ready" not in relayed  # its banner and info lines stay out of serve's log
+    assert "[WRN] slow consumer\n" in relayed
+    assert "Critical write error" in relayed
 
 
 def test_the_stream_bound_fits_the_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
