@@ -9,7 +9,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,6 +93,10 @@ def _transcript(drv: object) -> str:
     return re.sub(r"^\d+:\d\d\.\d\s*", "", str(text), flags=re.M)  # the time in front of each
 
 
+def _status(drv: object) -> str:
+    return str(drv.find_element("id", "status").text)  # type: ignore[attr-defined]
+
+
 def _done(drv: object) -> bool:
     return str(drv.find_element("id", "status").text).startswith("done")  # type: ignore[attr-defined]
 
@@ -99,6 +105,8 @@ def test_recording_from_the_microphone(stack: Stack, browser: object, jfk: Clip)
     drv = browser
     drv.get(stack.metrics_url + "/")  # type: ignore[attr-defined]
     drv.find_element("id", "record").click()  # type: ignore[attr-defined]
+    # While recording it says so (it said "connected (model ...)" once the server was ready).
+    _wait(drv, lambda d: _status(d).startswith("recording… (model "), 30, "recording")
     # The clip plays as the microphone once (11 s); its last words are final by about 13 s.
     _wait(drv, lambda d: len(_transcript(d).split()) >= 18, 60, "the clip's words")
     drv.find_element("id", "stop").click()  # type: ignore[attr-defined]
@@ -114,3 +122,25 @@ def test_uploading_a_file(stack: Stack, browser: object, jfk: Clip) -> None:
     _wait(drv, _done, 60, "done")
     text = _transcript(drv)
     assert wer(jfk.reference, text) <= 0.05, text
+
+
+def test_the_server_s_refusal_stays_on_the_page_and_the_icon_is_served(
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Path, browser: object, jfk: Clip
+) -> None:
+    # A keyed server, no key typed: its "an API key is required" was overwritten at once by
+    # "closed: 4401 unauthorized".
+    root = tmp_path_factory.mktemp("browser-keyed")
+    keys_file = root / "api-keys"
+    subprocess.run(
+        [sys.executable, "-m", "katydid", "keys", "add", "alice", "--keys-file", str(keys_file)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with Stack(root, model_dir, workers=1, api_keys_file=str(keys_file)) as keyed:
+        drv = browser
+        drv.get(keyed.metrics_url + "/")  # type: ignore[attr-defined]
+        drv.find_element("id", "file").send_keys(str(jfk.path))  # type: ignore[attr-defined]
+        text = _wait(drv, lambda d: "(closed 4401)" in _status(d) and _status(d), 30, "the refusal")
+        assert "API key" in text, text
+        with urllib.request.urlopen(keyed.metrics_url + "/favicon.ico", timeout=10) as icon:
+            assert icon.status == 200
+            assert icon.headers["Content-Type"].startswith("image/")
