@@ -35,6 +35,14 @@ def is_model_name(name: str) -> bool:
     return _MODEL_NAME.fullmatch(name) is not None
 
 
+def sender_token(user: str | None) -> str:
+    """The last token of the subject a worker answers on (``<reply subject>.<token>``): its NATS
+    user, which the worker role may publish results under and no other (``accounts.py``), so
+    the gateway knows which identity answered each job."""
+    token = re.sub(r"[^A-Za-z0-9_-]", "_", user or "")[:64]
+    return token or "anonymous"
+
+
 def model_token(model: str) -> str:
     """A model name as one NATS subject token and consumer-name part: ``.`` separates tokens
     there and may not appear in a consumer name, so ``tiny.en-q8_0`` -> ``tiny_en-q8_0``."""

@@ -42,7 +42,8 @@ def _forge(nats_url: str) -> None:
                     "error": None,
                     "token": token,
                 }
-                await nc.publish(h["Katydid-Reply"], json.dumps(forged).encode())
+                # Under a sender name, as workers answer (the gateway hears <reply>.<sender>).
+                await nc.publish(h["Katydid-Reply"] + ".attacker", json.dumps(forged).encode())
             await nc.flush()
         finally:
             await nc.close()

@@ -74,6 +74,9 @@ def test_gateway_and_worker_serve_with_their_roles(
     assert left["cancelled_jobs"] >= 1
     for name in ("gateway", "worker0", "nats"):
         assert "violation" not in stack.log(name).lower(), name
+    # Each session's log line names the worker identities that answered it.
+    sessions = [e for e in stack.log_events("gateway") if e.get("event") == "session"]
+    assert sessions[0]["answered_by"] == ["worker"], sessions[0]
 
 
 def stream_messages_as_admin(stack: Stack) -> int:
@@ -172,6 +175,8 @@ def test_a_worker_cannot_change_consumers_nor_hear_other_inboxes(stack: Stack) -
             after = (await js.consumer_info(STREAM, name)).config
             for subject in ("_INBOX.>", f"{worker_inbox_prefix('worker0')}.>", ">"):
                 await nc.subscribe(subject)
+            # Nor answer under another worker's name (the gateway logs who answered).
+            await nc.publish("katydid.results.g1.worker0", b"{}")
             await nc.flush()
             await asyncio.sleep(0.5)  # the server's -ERR for each arrives after the PONG
         finally:
@@ -181,6 +186,10 @@ def test_a_worker_cannot_change_consumers_nor_hear_other_inboxes(stack: Stack) -
     out = asyncio.run(go())
     assert out["after"].filter_subject == out["before"].filter_subject
     assert out["after"].max_ack_pending == out["before"].max_ack_pending
+    assert any(
+        'permissions violation for publish to "katydid.results.g1.worker0"' in e
+        for e in out["errors"]
+    ), out["errors"]
     violations = [e for e in out["errors"] if "permissions violation for subscription" in e]
     for subject in ("_inbox.>", "_inbox_w.worker0.>", '">"'):
         assert any(subject.strip('"') in e for e in violations), (subject, out["errors"])

@@ -38,7 +38,7 @@ async def test_a_connection_closed_for_good_is_replaced(tmp_path: Path) -> None:
     bridge = NatsBridge(cfg, "g1")
     bridge.attach(
         BusHandlers(
-            on_result=results.append,
+            on_result=lambda data, _sender: results.append(data),
             on_worker=lambda _: None,
             on_dead_job=lambda *_: None,
             on_lost=lambda: lost.append(True),
@@ -75,7 +75,7 @@ def _publish_result(url: str) -> bool:
     async def go() -> bool:
         nc = await nats.connect(url)
         try:
-            await nc.publish("katydid.results.g1", b"{}")
+            await nc.publish("katydid.results.g1.w0", b"{}")
             await nc.flush()
         finally:
             await nc.close()
@@ -96,7 +96,7 @@ async def test_a_reconnect_is_reported_and_a_job_s_place_in_the_stream_is_known(
     bridge = NatsBridge(cfg, "g1")
     bridge.attach(
         BusHandlers(
-            on_result=lambda _: None,
+            on_result=lambda _data, _sender: None,
             on_worker=lambda _: None,
             on_dead_job=lambda *_: None,
             on_lost=lambda: None,

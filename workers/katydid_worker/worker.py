@@ -51,6 +51,7 @@ from katydid.messages import (
     ResultSegment,
     ResultWord,
     consumer_name,
+    sender_token,
 )
 from katydid.sdnotify import notify
 from katydid_worker.engine import (
@@ -385,7 +386,9 @@ class Worker:
             self.stats.jobs_skipped += skipped
             self.stats.jobs_failed += not skipped
         try:
-            await self._nc.publish(job.reply_subject, result.to_json())
+            # Under its NATS user: the one subject its role may answer on (accounts.py).
+            reply = f"{job.reply_subject}.{sender_token(self.cfg.nats_user)}"
+            await self._nc.publish(reply, result.to_json())
             await msg.ack()  # after the result, on the same connection (Rule 1)
         except (nats.errors.Error, OSError) as exc:
             # Not acked: JetStream redelivers after ack_wait, the gateway ignores a duplicate.

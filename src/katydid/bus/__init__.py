@@ -30,7 +30,8 @@ class LaneStats:
 class BusHandlers:
     """Called on the trio thread; none may raise."""
 
-    on_result: Callable[[bytes], None]  # a result message body
+    # A result message body, and who sent it: the NATS user it was published under.
+    on_result: Callable[[bytes, str], None]
     on_worker: Callable[[bytes], None]  # a worker heartbeat body
     on_dead_job: Callable[[int, int], None]  # (stream_seq, deliveries): JetStream gave up
     on_lost: Callable[[], None]  # the connection closed for good (being replaced)

@@ -77,7 +77,8 @@ def worker_permissions(user: str) -> dict[str, Any]:
     return {
         "publish": {
             "allow": [
-                f"{RESULTS_PREFIX}.>",
+                # Results under its own name only: the gateway logs who answered each job.
+                f"{RESULTS_PREFIX}.*.{user}",
                 f"{WORKERS_SUBJECT}.>",
                 f"$JS.API.STREAM.INFO.{STREAM}",
                 f"$JS.API.CONSUMER.INFO.{STREAM}.>",

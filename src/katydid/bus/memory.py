@@ -133,7 +133,7 @@ class MemoryBus:
             language="en", audio_s=audio_s, compute_s=0.1, queue_s=0.0, worker="memory-0",
             error=error, token=job.token,
         )  # fmt: skip
-        self._deliver(lambda h: h.on_result(result.to_json()))
+        self._deliver(lambda h: h.on_result(result.to_json(), "memory"))
 
     def heartbeat(
         self, worker: str, model: str, *, avg_compute_s: float = 1.0, **fields: object

@@ -513,7 +513,7 @@ class NatsBridge:
         self.gateway_id = gateway_id
         self.results_subject = f"{RESULTS_PREFIX}.{gateway_id}"
         self._handlers = BusHandlers(
-            on_result=lambda _: None,
+            on_result=lambda _d, _s: None,
             on_worker=lambda _: None,
             on_dead_job=lambda _s, _d: None,
             on_lost=lambda: None,
@@ -796,7 +796,7 @@ class NatsBridge:
                 self._to_trio(self._lost.set)
 
         async def on_result(msg: Any) -> None:
-            self._to_trio(self._handlers.on_result, msg.data)
+            self._to_trio(self._handlers.on_result, msg.data, msg.subject.rsplit(".", 1)[-1])
 
         async def on_worker(msg: Any) -> None:
             self._to_trio(self._handlers.on_worker, msg.data)
@@ -827,7 +827,8 @@ class NatsBridge:
                 served_name(m) for m, _ in self._cfg.worker_plan()
             }
             await ensure_stream(self._js, self._cfg, sorted(self._provisioned))
-            await self._nc.subscribe(self.results_subject, cb=on_result)
+            # <results subject>.<sender>: each worker answers under its NATS user.
+            await self._nc.subscribe(f"{self.results_subject}.*", cb=on_result)
             await self._nc.subscribe(f"{WORKERS_SUBJECT}.>", cb=on_worker)
             # Every gateway hears every such advisory; the one whose session owns the job
             # answers.

@@ -100,6 +100,9 @@ def apply(session: Session, item: Inbound) -> list[Output]:
     return session.queue_status(item.position, item.eta_s, item.at)
 
 
+MAX_SENDERS_LOGGED = 16  # worker identities named per session (one per worker at most)
+
+
 @dataclass(slots=True)
 class Live:
     """A session being served: the sans-IO core plus what the bus reported to it and its door
@@ -123,6 +126,17 @@ class Live:
     hold: Hold | None = None
     # Admitted to this model's queue and no job published yet: counted ahead in its ETA.
     expected: str | None = None
+    # The NATS users that answered its jobs (None while none): its log line names them, so a
+    # wrong transcript can be traced to the worker identity that sent it.
+    answered_by: set[str] | None = None
+
+    def answered_by_(self, sender: str) -> None:
+        if not sender:
+            return
+        if self.answered_by is None:
+            self.answered_by = set()
+        if len(self.answered_by) < MAX_SENDERS_LOGGED:
+            self.answered_by.add(sender)
 
     def deliver(self, item: Inbound, bound: int) -> bool:
         """Queue ``item`` for the door; False if the session is over or ``bound`` items wait."""
@@ -253,16 +267,18 @@ class Gateway:
         start): no per-job state, and nobody without the key can make one for a job."""
         return hmac.new(self._token_key, job_id.encode(), hashlib.sha256).hexdigest()[:32]
 
-    def _on_result(self, data: bytes) -> None:
+    def _on_result(self, data: bytes, sender: str = "") -> None:
         try:
             result = JobResult.from_json(data)
         except MessageError as exc:
-            self.sampled.warning("bad_result", error=str(exc))
+            self.sampled.warning("bad_result", error=str(exc), sender=sender)
             return
         if not hmac.compare_digest(result.token, self.job_token(result.job)):
             # Published on our results subject by something that never held the job.
             self.counters["forged_results"] += 1
-            self.sampled.warning("forged_result", session=result.session, seq=result.seq)
+            self.sampled.warning(
+                "forged_result", session=result.session, seq=result.seq, sender=sender
+            )
             return
         outcome = result.error["code"] if result.error else "ok"
         self.metrics.results.labels(result.kind, outcome).inc()
@@ -277,6 +293,7 @@ class Gateway:
             return
         if result.kind != "partial":  # partials are never counted in the backlog
             self.admission.answered(live.session.model)
+        live.answered_by_(sender)
         if not self._route(live, result):
             # Results are bounded by jobs in flight, so only duplicates can overflow the inbox.
             self.counters["duplicate_results"] += 1
@@ -447,6 +464,8 @@ class Gateway:
         }
         if live.tenant is not None:
             line["key_name"] = live.tenant.name
+        if live.answered_by:
+            line["answered_by"] = sorted(live.answered_by)
         if outcome == "ok":
             log.info("session", session_id=s.session_id, **line)
         else:
