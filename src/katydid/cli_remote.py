@@ -309,6 +309,7 @@ def _status_table(status: dict[str, Any]) -> str:
     lines = [
         f"stream {st['name']}: {st['messages']} jobs, {st['bytes']} bytes"
         f" (bounds: {st['max_msgs']} jobs, {st['max_bytes']} bytes, {st['max_msg_size']} per job)",
+        *([f"stream stores no job now: {st['why']}"] if st.get("stores_jobs") is False else []),
         "",
         f"{'consumer':<36} {'model':<20} {'lane':<12} {'pending':>8} {'in progress':>12}"
         f" {'redelivered':>12}",

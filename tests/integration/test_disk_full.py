@@ -69,6 +69,15 @@ def _fill(path: Path) -> str:
                 return str(exc)
 
 
+def _status(data_dir: Path, env: dict[str, str]) -> dict[str, object]:
+    """``katydid nats status --json``'s stream, against serve's NATS (found in its data dir)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "katydid", "nats", "status", "--json", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, env=env, timeout=60, check=True,
+    )  # fmt: skip
+    return dict(json.loads(out.stdout)["stream"])
+
+
 def _readiness(http_port: int) -> dict[str, object]:
     try:
         with urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=10) as answer:
@@ -113,6 +122,10 @@ def test_a_full_disk_heals_itself_once_space_is_back(
         assert set(refused) == {"overloaded"}, refused
         readiness = _readiness(http_port)
         assert (readiness["ready"], readiness["jobs_stored"]) == (False, False), readiness
+        # The operator's look says why.
+        stream = _status(small_disk / "data", env)
+        assert stream["stores_jobs"] is False, stream
+        assert "cannot write" in str(stream["why"]), stream
         filler.unlink()
         freed = time.monotonic()
         while (outcome := _session(port, wav)) != "ok":
@@ -121,6 +134,7 @@ def test_a_full_disk_heals_itself_once_space_is_back(
             time.sleep(1)
         healed_s = time.monotonic() - freed
         assert _readiness(http_port)["ready"] is True
+        assert _status(small_disk / "data", env)["stores_jobs"] is True
         text = log.read_text()
         for event in ("nats_store_fault", "nats_server_restarted", "jobs_stored_again"):
             assert f'"event": "{event}"' in text, event

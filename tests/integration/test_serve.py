@@ -286,8 +286,10 @@ def test_callers_naming_a_configured_model_are_seated_while_its_worker_warms_up(
             capture_output=True, text=True, env=env, timeout=60,
         )  # fmt: skip
         assert status.returncode == 0, status.stderr
-        consumers = {c["name"] for c in json.loads(status.stdout)["consumers"]}
+        report = json.loads(status.stdout)
+        consumers = {c["name"] for c in report["consumers"]}
         assert "workers-tiny_en-q8_0-interactive" in consumers, status.stdout
+        assert report["stream"]["stores_jobs"] is True, report["stream"]
     finally:
         serve.send_signal(signal.SIGTERM)
         try:

@@ -29,7 +29,7 @@ def _exchange(nats_url: str) -> dict[str, JobResult]:
     async def go() -> dict[str, JobResult]:
         nc = await nats.connect(nats_url)
         try:
-            replies = await nc.subscribe("test.replies")
+            replies = await nc.subscribe("test.replies.*")  # <reply>.<the worker's user>
             await nc.publish(CANCEL_SUBJECT, b"gone")
             await nc.flush()
             js = nc.jetstream()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import ssl
 import threading
@@ -375,8 +376,12 @@ def queue_status(cfg: Config) -> dict[str, Any]:
     """
     listen_s = 2.0 * cfg.worker_heartbeat_s + 0.5
 
-    async def quiet(_: Exception) -> None:
-        pass  # the one failure that matters is raised below, in words
+    refused: list[str] = []
+
+    async def quiet(exc: Exception) -> None:
+        # The one failure that matters is raised below, in words; a refused probe is noted.
+        if "permissions violation" in str(exc).lower():
+            refused.append(str(exc))
 
     async def go() -> dict[str, Any]:
         # One attempt: an operator's command must fail at once, not reconnect forever.
@@ -429,11 +434,15 @@ def queue_status(cfg: Config) -> dict[str, Any]:
                         "redelivered": int(c.num_redelivered or 0),
                     }
                 )
+            stores = await _probe_stream(js, cfg.nats_request_timeout_s)
             await asyncio.sleep(listen_s)
         finally:
             await nc.close()
+        if refused:
+            stores = {"stores_jobs": None, "why": "not checked: this user may not publish jobs"}
         return {
-            "stream": {
+            "stream": stores
+            | {
                 "name": STREAM,
                 "messages": int(info.state.messages),
                 "bytes": int(info.state.bytes),
@@ -459,6 +468,24 @@ def queue_status(cfg: Config) -> dict[str, Any]:
         return asyncio.run(go())
     except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
         raise translate(exc) from exc
+
+
+async def _probe_stream(js: Any, timeout_s: float) -> dict[str, Any]:
+    """Whether the stream stores a job now: a message no consumer takes, deleted at once. A
+    store with a write error (a full disk) answers every API call but stores nothing."""
+    try:
+        ack = await js.publish(PROBE_SUBJECT, b"", timeout=timeout_s)
+    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        why = (
+            f"it stored no test message within {timeout_s:g} s: its store cannot write (a full"
+            " disk? see nats-server's log); sessions are refused 'overloaded' meanwhile"
+        )
+        return {"stores_jobs": False, "why": why}
+    except nats.js.errors.APIError as exc:
+        return {"stores_jobs": False, "why": f"it refused a test message: {exc.description}"}
+    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+        await js.delete_msg(STREAM, ack.seq)
+    return {"stores_jobs": True, "why": ""}
 
 
 def purge_jobs(cfg: Config) -> int:

@@ -365,10 +365,14 @@ class Gateway:
         except NatsError as exc:
             self.sampled.warning("jobs_not_stored", error=str(exc))
             return
-        log.info(
-            "jobs_stored_again",
-            after_s=round(trio.current_time() - (self.publish_failing_since or 0.0), 1),
-        )
+        self._stored_again()
+
+    def _stored_again(self) -> None:
+        """A job (or the probe) was stored: publishing works again, if it had failed."""
+        if self.publish_failing_since is None:
+            return
+        failed_s = trio.current_time() - self.publish_failing_since
+        log.info("jobs_stored_again", after_s=round(failed_s, 1))
         self.publish_failing_since = None
 
     def _on_worker(self, data: bytes) -> None:
@@ -614,7 +618,7 @@ class Gateway:
                 ErrorCode.OVERLOADED, f"queue unavailable: {exc}", retry_after_s=5.0
             )
         else:
-            self.publish_failing_since = None
+            self._stored_again()
             kind = job.options.kind
             self.metrics.jobs_published.labels(publish.lane, kind).inc()
             if kind == "partial":
