@@ -305,6 +305,80 @@ async def hostile_clients(root: Path, model_dir: Path, clips: dict[str, Clip]) -
     return tally
 
 
+_TRICKLE_HEAD = (
+    b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Type: multipart/form-data; boundary=z\r\nContent-Length: 100000\r\n\r\n"
+    b'--z\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+)
+
+
+async def http_trickle(root: Path, model_dir: Path, clips: dict[str, Clip]) -> Tally:
+    tally = Tally(
+        "http_trickle",
+        "200 HTTP uploads trickling a body byte every 5 s (slowloris on the OpenAI door, the"
+        " default upload_min_bytes_per_s and upload_rate_grace_s) among 20 normal clients",
+    )
+    jfk = clips["jfk.wav"].path.read_bytes()
+    with await trio.to_thread.run_sync(lambda: _stack(root, model_dir)) as stack:
+        cfg_grace_s, cfg_rate = 10.0, 1024  # Config's defaults, which the stack keeps
+        closed_after: list[float] = []
+
+        def fate(outcome: str) -> None:
+            tally.hostile.setdefault("trickle", Counter())[outcome] += 1
+
+        async def trickle() -> None:
+            stream = await trio.open_tcp_stream("127.0.0.1", stack.http_port)
+            await stream.send_all(_TRICKLE_HEAD)
+            started = trio.current_time()
+            with trio.move_on_after(60) as waited:
+                try:
+                    while True:
+                        await stream.send_all(b"a")
+                        with trio.move_on_after(5):
+                            answer = await stream.receive_some(64)
+                            fate(answer[:12].decode("latin-1") if answer else "closed")
+                            break
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    fate("reset")
+            if waited.cancelled_caught:
+                fate("hang")
+            closed_after.append(trio.current_time() - started)
+            await stream.aclose()
+
+        async def healthz() -> None:
+            await trio.sleep(3)  # every trickle under way
+            began = trio.current_time()
+            active = await trio.to_thread.run_sync(
+                gateway_metric, stack, "katydid_active_connections"
+            )
+            ok = active == active  # NaN: no answer
+            tally.notes.append(
+                f"/metrics answered in {trio.current_time() - began:.3f} s among the trickles"
+            )
+            tally.check(ok, "/metrics did not answer among the trickles")
+
+        async def body(nursery: trio.Nursery) -> None:
+            for _ in range(200):
+                nursery.start_soon(trickle)
+            nursery.start_soon(healthz)
+            for _ in range(20):
+                nursery.start_soon(lambda: normal_session(tally, stack.url, jfk))
+
+        await _run(tally, stack, body)
+        await _finish(tally, stack)
+    bound_s = cfg_grace_s + len(_TRICKLE_HEAD) / cfg_rate + 5  # + one 5 s byte interval
+    worst = max(closed_after, default=0.0)
+    tally.notes.append(
+        f"trickles let go after {min(closed_after, default=0):.1f}-{worst:.1f} s"
+        f" (bound {bound_s:.1f} s)"
+    )
+    tally.check(len(closed_after) == 200, f"{len(closed_after)} of 200 trickles ended")
+    tally.check(worst <= bound_s, f"a trickle was held {worst:.1f} s, over {bound_s:.1f} s")
+    tally.check(not tally.hostile.get("trickle", Counter()).get("hang"), "a trickle hung")
+    tally.check(tally.done == 20, f"{tally.done} of 20 normal sessions done")
+    return tally
+
+
 def _stream_leader(nats_url: str) -> tuple[str | None, list[tuple[str, bool]]]:
     """The job stream's leader node and its replicas (name, current)."""
     import asyncio
@@ -417,5 +491,6 @@ SCENARIOS: dict[str, Scenario] = {
     "gateway_sigterm": gateway_sigterm,
     "hostile_prompt": hostile_prompt,
     "hostile_clients": hostile_clients,
+    "http_trickle": http_trickle,
     "cluster_failover": cluster_failover,
 }
