@@ -274,6 +274,17 @@ class Stack:
                 proc.wait()
 
 
+def stop_serve(serve: subprocess.Popen[str], grace_s: float = 60.0) -> None:
+    """SIGTERM a ``katydid serve`` (it drains and stops what it started), SIGKILL after
+    ``grace_s``; its pipes read to the end and closed."""
+    serve.send_signal(signal.SIGTERM)
+    try:
+        serve.communicate(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        serve.kill()
+        serve.communicate()
+
+
 def http_get(url: str) -> tuple[int, str]:
     """GET ``url``; returns (status, body) for any status."""
     try:

@@ -19,7 +19,7 @@ from urllib.request import urlopen
 import pytest
 from websockets.sync.client import connect
 
-from tests.integration.stack import free_port
+from tests.integration.stack import free_port, stop_serve
 
 pytestmark = pytest.mark.integration
 
@@ -140,9 +140,4 @@ def test_a_full_disk_heals_itself_once_space_is_back(
             assert f'"event": "{event}"' in text, event
         print(f"first session served {healed_s:.1f} s after the space came back")
     finally:
-        serve.terminate()
-        try:
-            serve.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.communicate()
+        stop_serve(serve)

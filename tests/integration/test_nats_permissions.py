@@ -90,21 +90,28 @@ def stream_messages_as_admin(stack: Stack) -> int:
     return asyncio.run(count())
 
 
+async def _as_worker(stack: Stack) -> tuple[Any, list[str]]:
+    """A NATS connection with the worker role's credentials, on the only inboxes it may hear,
+    and the errors the server sends it (lower case), as they come."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc).lower())
+
+    nc = await nats.connect(
+        stack.nats_url,
+        user="worker",
+        password=stack.passwords["worker"],
+        error_cb=on_error,
+        allow_reconnect=False,
+        inbox_prefix=worker_inbox_prefix("worker"),
+    )
+    return nc, errors
+
+
 def test_a_worker_cannot_publish_jobs_and_strangers_cannot_connect(stack: Stack) -> None:
     async def go() -> dict[str, Any]:
-        errors: list[str] = []
-
-        async def on_error(exc: Exception) -> None:
-            errors.append(str(exc))
-
-        nc = await nats.connect(
-            stack.nats_url,
-            user="worker",
-            password=stack.passwords["worker"],
-            error_cb=on_error,
-            allow_reconnect=False,
-            inbox_prefix=worker_inbox_prefix("worker"),  # the only inboxes it may hear
-        )
+        nc, errors = await _as_worker(stack)
         try:
             js = nc.jetstream()
             before = (await js.stream_info(STREAM)).state.messages
@@ -148,19 +155,7 @@ def test_a_worker_cannot_change_consumers_nor_hear_other_inboxes(stack: Stack) -
     name = consumer_name("tiny.en-q8_0", "interactive")
 
     async def go() -> dict[str, Any]:
-        errors: list[str] = []
-
-        async def on_error(exc: Exception) -> None:
-            errors.append(str(exc).lower())
-
-        nc = await nats.connect(
-            stack.nats_url,
-            user="worker",
-            password=stack.passwords["worker"],
-            error_cb=on_error,
-            allow_reconnect=False,
-            inbox_prefix=worker_inbox_prefix("worker"),
-        )
+        nc, errors = await _as_worker(stack)
         try:
             js = nc.jetstream(timeout=2)
             before = (await js.consumer_info(STREAM, name)).config

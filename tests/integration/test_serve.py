@@ -17,7 +17,13 @@ import pytest
 
 from katydid.evaluation import wer
 from katydid.serve import nats_server_binary
-from tests.integration.stack import free_port, port_open, wait_until, wyoming_transcript
+from tests.integration.stack import (
+    free_port,
+    port_open,
+    stop_serve,
+    wait_until,
+    wyoming_transcript,
+)
 
 pytestmark = pytest.mark.integration
 NATS_BINARY = nats_server_binary()
@@ -291,9 +297,4 @@ def test_callers_naming_a_configured_model_are_seated_while_its_worker_warms_up(
         assert "workers-tiny_en-q8_0-interactive" in consumers, status.stdout
         assert report["stream"]["stores_jobs"] is True, report["stream"]
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.communicate()
+        stop_serve(serve)

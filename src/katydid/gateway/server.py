@@ -130,7 +130,7 @@ class Live:
     # wrong transcript can be traced to the worker identity that sent it.
     answered_by: set[str] | None = None
 
-    def answered_by_(self, sender: str) -> None:
+    def heard_from(self, sender: str) -> None:
         if not sender:
             return
         if self.answered_by is None:
@@ -293,7 +293,7 @@ class Gateway:
             return
         if result.kind != "partial":  # partials are never counted in the backlog
             self.admission.answered(live.session.model)
-        live.answered_by_(sender)
+        live.heard_from(sender)
         if not self._route(live, result):
             # Results are bounded by jobs in flight, so only duplicates can overflow the inbox.
             self.counters["duplicate_results"] += 1
