@@ -113,7 +113,7 @@ class Config:
     ready_max_eta_s: float = 300.0  # /readyz fails while the queue ETA is longer
     # Chunker
     # Live audio: a pause of chunk_pause_s (WebRTC VAD and energy) ends an utterance of at
-    # least chunk_min_s at once, so its final follows the speaker's pause (issue 15).
+    # least chunk_min_s at once, so its final follows the speaker's pause.
     chunk_min_s: float = 1.0
     chunk_pause_s: float = 0.5
     # ... and once an utterance has run chunk_live_soft_s, a pause of chunk_soft_pause_s ends it

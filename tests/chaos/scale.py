@@ -1,5 +1,5 @@
 """``python -m tests.chaos.scale [--clients N] [--gateways 1|2] [--out DIR]``: the seed scenario at
-scale (issue 14).
+scale.
 
 Real processes: one nats-server, two gateways sharing the WebSocket port (``reuse_port``,
 SO_REUSEPORT: the kernel spreads connections; ``--gateways 1``: one gateway takes them all), two

@@ -1,5 +1,5 @@
 """No text that nobody said: the real engine on silence, noise, tones and speech with a silent
-tail (issue 15). Text from non-speech audio, a non-speech marker, or words added by a pause after
+tail. Text from non-speech audio, a non-speech marker, or words added by a pause after
 the speech fail these tests; the pre-VAD engine wrote "you" for silence and "(phone ringing)" for
 a tone sequence."""
 

@@ -376,7 +376,7 @@ async def test_pure_silence_ends_with_done_and_no_final(stack: Stack) -> None:
 async def test_live_non_speech_gives_no_partial_or_final_text(
     stack: Stack, clips: list[Clip]
 ) -> None:
-    """Streamed in real time with partials (issue 15): silence, white noise at -30 dBFS and a
+    """Streamed in real time with partials: silence, white noise at -30 dBFS and a
     melody give no text at all; speech followed by 3 s of silence gives no more words than the
     speech alone, and no result anywhere holds a non-speech marker."""
     rng = np.random.default_rng(5)

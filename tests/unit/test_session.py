@@ -263,7 +263,7 @@ def test_a_dead_job_fails_its_chunk_only() -> None:
     assert isinstance(out[0], ErrorEvent)
     assert (out[0].code, out[0].seq) == (ErrorCode.INTERNAL, 0)
     assert "4 deliveries" in out[0].message
-    assert s.dead_job(12345, 4) == []  # not this session's
+    assert s.dead_job(12345, 4) == []  # not the session's
     assert not s.closed
 
 

@@ -67,7 +67,7 @@ class JobBus(Protocol):
         """Whether a job is still in the stream (not yet acked by a worker, nor deleted)."""
 
     async def publish_cancel(self, session_id: str) -> None:
-        """Tell workers to abort this session's running jobs."""
+        """Tell workers to abort the session's running jobs."""
 
     async def lane_stats(self, models: Iterable[str]) -> dict[tuple[str, str], LaneStats]:
         """Queue state per (model, lane)."""

@@ -135,7 +135,7 @@ class SessionDriver:
 
     async def drive(self, reader: Callable[[], Awaitable[None]]) -> None:
         """The session's tasks in one nursery: the door's ``reader``, and the writer.
-        A bug ends this session with ``internal``, never the gateway (a handler's exception
+        A bug ends the session with ``internal``, never the gateway (a handler's exception
         would reach the listener's nursery and stop every session)."""
         s = self.session
         try:
@@ -150,7 +150,7 @@ class SessionDriver:
                 self.gateway.sampled.log(
                     "error", "session_failed", session_id=s.session_id, exc_info=group
                 )
-                failed = ProtocolError(ErrorCode.INTERNAL, "the gateway failed on this session")
+                failed = ProtocolError(ErrorCode.INTERNAL, "the gateway failed on the session")
                 await self.last_words(s.fail(failed))
         finally:
             await self.finish()

@@ -18,7 +18,7 @@ def _dump(d: dict[str, Any]) -> str:
 @dataclass(frozen=True, slots=True)
 class Ready:
     session_id: str
-    model: str = ""  # the model this session's audio goes to
+    model: str = ""  # the model the session's audio goes to
     models: tuple[dict[str, Any], ...] = ()  # what the server offers: name, languages, workers
 
     def to_json(self) -> str:

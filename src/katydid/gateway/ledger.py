@@ -2,7 +2,7 @@
 results put back in chunk order.
 
 Rule 1: finals leave in chunk order. A result that arrives early waits (bounded by the jobs in
-flight); a duplicate (a redelivered job answered twice), or a result for a job this session
+flight); a duplicate (a redelivered job answered twice), or a result for a job the session
 never sent, is ignored.
 Rule 2: a job is in flight from the moment it is built until it is answered, its stream
 sequence known from its publish's acknowledgement on: a result may come before that.

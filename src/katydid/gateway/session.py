@@ -319,12 +319,12 @@ class Session:
         return out + self._completion()
 
     def dead_job(self, stream_seq: int, deliveries: int) -> list[Output]:
-        """JetStream gave up on one of this session's jobs: its chunk fails now (instead of
+        """JetStream gave up on one of the session's jobs: its chunk fails now (instead of
         waiting out ``result_timeout_s``)."""
         return self._chunk_failed(stream_seq, f"no worker finished it in {deliveries} deliveries")
 
     def lost_result(self, stream_seq: int) -> list[Output]:
-        """One of this session's jobs left the stream (a worker answered it) while the
+        """One of the session's jobs left the stream (a worker answered it) while the
         gateway's connection to NATS was down, and its result with it: its chunk fails now."""
         return self._chunk_failed(
             stream_seq, "its result was lost while the gateway reconnected to NATS (send it again)"
@@ -357,7 +357,7 @@ class Session:
 
     @property
     def deadline(self) -> float:
-        """When this session times out if nothing happens (compare with the same clock as
+        """When the session times out if nothing happens (compare with the same clock as
         ``now``): no start, no frame while streaming, or results not complete."""
         limits = self.limits
         if self.phase in (Phase.AWAIT_START, Phase.ADMITTING):
@@ -440,7 +440,7 @@ class Session:
         return [o for o in self._close(1000, outcome, outcome) if not isinstance(o, Close)]
 
     def shutdown(self) -> list[Output]:
-        """The server stops before this session finished: the client is told to come back."""
+        """The server stops before the session finished: the client is told to come back."""
         out = self.fail(
             ProtocolError(ErrorCode.OVERLOADED, "the server is shutting down", retry_after_s=5.0)
         )
@@ -505,12 +505,12 @@ class Session:
 
     @property
     def stored_count(self) -> int:
-        """How many of this session's jobs in flight are stored in the stream."""
+        """How many of the session's jobs in flight are stored in the stream."""
         return len(self._jobs_out.stream_seqs)
 
     @property
     def stored_jobs(self) -> list[int]:
-        """The stream seqs of this session's jobs in flight that are stored in the stream."""
+        """The stream seqs of the session's jobs in flight that are stored in the stream."""
         return list(self._jobs_out.stream_seqs.values())
 
     @property

@@ -342,7 +342,7 @@ class _WyomingSession(SessionDriver):
         finally:
             await self.finish()
             self.gateway.close_session(self.live)
-            # The connection's reader sees this session closed and moves on (one place decides
+            # The connection's reader sees the session closed and moves on (one place decides
             # whether the rest of its audio is discarded).
 
 
