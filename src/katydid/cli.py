@@ -432,14 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from katydid import cli_keys
 
             return cli_keys.cmd_keys(cfg, args)
-        if args.command in ("load", "bench"):
+        if args.command == "load":
             from katydid import cli_load
 
-            return (
-                cli_load.cmd_load(cfg, args)
-                if args.command == "load"
-                else cli_load.cmd_bench(cfg, args)
-            )
+            return cli_load.cmd_load(cfg, args)
     except KatydidError as exc:
         print(f"katydid: error: {exc}", file=sys.stderr)
         return 1

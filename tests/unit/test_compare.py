@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from katydid_worker.compare import Contender, measure
+from tests.bench.compare import Contender, measure
 
 
 def test_engines_are_interleaved_clip_by_clip_in_rotating_order() -> None:

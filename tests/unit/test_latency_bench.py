@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from katydid.load.latency import report, score_clip, utterances
+from tests.bench.latency import report, score_clip, utterances
 
 
 def test_short_utterances_join_the_next_and_short_gaps_merge() -> None:

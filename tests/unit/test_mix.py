@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from katydid_worker.mix import BUCKETS, bucket_of, build, group_references, pooled_errors
+from tests.bench.mix import BUCKETS, bucket_of, build, group_references, pooled_errors
 from tests.signals import vowel
 
 SR = 16_000

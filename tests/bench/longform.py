@@ -22,9 +22,9 @@ import numpy as np
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.evaluation import word_errors
-from katydid_worker import compare
 from katydid_worker.engine import Engine, EngineOptions
 from katydid_worker.local import transcribe_recording
+from tests.bench import compare
 
 
 @dataclass(frozen=True, slots=True)

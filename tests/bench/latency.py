@@ -1,4 +1,4 @@
-"""``katydid bench latency``: how soon a live speaker's words come back, and what streaming costs
+"""``python -m tests.bench latency``: how soon a live speaker's words come back, and what streaming costs
 in accuracy.
 
 Each clip is streamed like a microphone (100 ms frames, each sent when its last sample has been

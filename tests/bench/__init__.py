@@ -1,0 +1,1 @@
+"""The lab: benchmarks that compare engines and measure latency (``python -m tests.bench``)."""
