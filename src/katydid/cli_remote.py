@@ -246,7 +246,7 @@ async def _gateway_alone(cfg: Config) -> None:
 
 
 def _nats_setup(cfg: Config) -> None:
-    from katydid.bus.nats import set_up_stream
+    from katydid.bus.nats_admin import set_up_stream
 
     print(set_up_stream(cfg))
 
@@ -293,7 +293,7 @@ def run_server_command(cfg: Config, args: argparse.Namespace) -> int:
 
         run_worker(cfg, models.resolve(cfg.model_dir, cfg.model), args.worker_id)
     elif args.nats_command == "status":
-        from katydid.bus.nats import queue_status
+        from katydid.bus.nats_admin import queue_status
 
         status = queue_status(cfg)
         print(json.dumps(status) if args.json else _status_table(status))

@@ -29,7 +29,7 @@ from katydid.bus.accounts import (
     embedded_credentials,
     password_environment,
 )
-from katydid.bus.nats import purge_jobs
+from katydid.bus.nats_admin import purge_jobs
 from katydid.catalog import served_name
 from katydid.config import Config
 from katydid.errors import KatydidError

@@ -9,7 +9,8 @@ from pathlib import Path
 import nats.js.errors
 import pytest
 
-from katydid.bus.nats import connect, ensure_stream, translate
+from katydid.bus.nats_connection import connect, translate
+from katydid.bus.nats_stream import ensure_stream
 from katydid.config import DEFAULT_MODEL, Config
 from katydid.errors import JobTooLarge, NatsError, StreamFull
 from katydid.messages import lane_subject

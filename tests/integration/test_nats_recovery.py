@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from katydid.bus import BusHandlers
-from katydid.bus.nats import NatsBridge
+from katydid.bus.nats_bridge import NatsBridge
 from katydid.config import DEFAULT_MODEL, Config
 from katydid.errors import NatsError
 from katydid.messages import lane_subject

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from katydid.bus.nats import connect, delete_job, ensure_stream, purge_jobs
+from katydid.bus.nats_admin import purge_jobs
+from katydid.bus.nats_connection import connect
+from katydid.bus.nats_stream import delete_job, ensure_stream
 from katydid.config import DEFAULT_MODEL, Config
 from katydid.messages import lane_subject
 from katydid.serve import free_ports, nats_server_binary, nats_server_config

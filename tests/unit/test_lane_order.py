@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from katydid.bus.nats import PullLane
+from katydid.bus.nats_pull import PullLane
 from katydid_worker.worker import Worker, lane_order
 
 

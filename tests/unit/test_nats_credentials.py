@@ -15,7 +15,7 @@ from katydid.bus.accounts import (
     embedded_credentials,
     password_environment,
 )
-from katydid.bus.nats import credentials
+from katydid.bus.nats_connection import credentials
 from katydid.config import Config
 from katydid.errors import ConfigError
 

@@ -33,7 +33,9 @@ import structlog
 
 from katydid.audio import pcm16_to_float
 from katydid.bus.accounts import DEFAULT_WORKER_USERS, worker_inbox_prefix
-from katydid.bus.nats import PullLane, await_consumers, connect, ensure_stream
+from katydid.bus.nats_connection import connect
+from katydid.bus.nats_pull import PullLane
+from katydid.bus.nats_stream import await_consumers, ensure_stream
 from katydid.catalog import served_name
 from katydid.config import Config
 from katydid.errors import AudioError, KatydidError, MessageError
@@ -279,7 +281,7 @@ class Worker:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 try:
                     for sub in subs.values():
-                        await sub.unsubscribe()  # before drain: see katydid.bus.nats Rule 4
+                        await sub.unsubscribe()  # before drain: see katydid.bus.nats_pull Rule 1
                     await self._nc.drain()
                 except (nats.errors.Error, OSError) as exc:
                     log.warning("drain_failed", error=repr(exc))

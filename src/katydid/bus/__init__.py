@@ -2,9 +2,13 @@
 
 ``JobBus`` is the gateway's whole view of NATS: publish a job, delete one, announce a cancel,
 read the queue's state, and hear results, heartbeats, dead jobs and a lost connection through
-``BusHandlers``. ``katydid.bus.nats.NatsBridge`` is the one implementation that talks to NATS
-(the only module that imports nats-py); ``katydid.bus.memory.MemoryBus`` is an in-memory one
-that tests drive (under ``trio.testing.MockClock``) and answer by hand.
+``BusHandlers``. ``katydid.bus.nats_bridge.NatsBridge`` is the one implementation that talks to
+NATS; ``katydid.bus.memory.MemoryBus`` is an in-memory one that tests drive (under
+``trio.testing.MockClock``) and answer by hand.
+
+Only the ``nats_*`` modules here import nats-py: ``nats_connection`` (connect arguments, errors
+translated), ``nats_stream`` (the job stream and its consumers), ``nats_pull`` (a worker's pull
+lane), ``nats_admin`` (``katydid nats setup|status``, serve's purge) and ``nats_bridge``.
 """
 
 from __future__ import annotations

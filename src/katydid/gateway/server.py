@@ -187,7 +187,7 @@ class Gateway:
         # Results are bounded by jobs in flight; the rest is room for queue news and duplicates.
         self._inbox_bound = 2 * cfg.max_jobs_in_flight + 16
         if bus is None:
-            from katydid.bus.nats import NatsBridge
+            from katydid.bus.nats_bridge import NatsBridge
 
             bus = NatsBridge(cfg, self.gateway_id)
         self.bus: JobBus = bus
