@@ -22,7 +22,8 @@ def speech_dir() -> Path:
     that skipped its end-to-end tests would pass with a broken server. Elsewhere they skip."""
     if not (SPEECH_DIR / "manifest.tsv").is_file():
         message = (
-            f"real speech clips not found at {SPEECH_DIR} (README, 'Tests': how to get them, "
+            f"real speech clips not found at {SPEECH_DIR} (docs/development.md, 'Speech clips for "
+            "the tests': how to get them, "
             "or point KATYDID_SPEECH_DIR at a folder with a manifest.tsv)"
         )
         if os.environ.get("KATYDID_REQUIRE_SPEECH"):
