@@ -21,7 +21,7 @@ SPEECH = Path(__file__).resolve().parent.parent / "shared" / "data" / "speech"
 def _clang() -> dict[str, str]:
     """CC/CXX for clang 16 or newer where the host has it: the same whisper.cpp ran its
     full-window encoder ~17% faster built by clang 16 than by GCC 12 on an AMD EPYC (clip-sized
-    windows ~4%); README, "Engine build". Hosts without it build with their default compiler."""
+    windows ~4%); docs/engine.md, "Engine build". Hosts without it use their default compiler."""
     for version in range(22, 15, -1):
         cc, cxx = shutil.which(f"clang-{version}"), shutil.which(f"clang++-{version}")
         if cc and cxx:
@@ -31,12 +31,12 @@ def _clang() -> dict[str, str]:
 
 # whisper.cpp is compiled here, for this CPU, with llamafile's matrix kernels: PyPI's wheel of
 # pywhispercpp is a portable AVX2 build without them, measured ~1.4x slower on the shared clips
-# (README, "Engine build"). pywhispercpp's setup.py hands its environment to CMake as -D flags;
+# (docs/engine.md). pywhispercpp's setup.py hands its environment to CMake as -D flags;
 # the RPATH ones make its extension find its libraries where the wheel puts them (it otherwise
 # points at the deleted build directory). AMX is excluded: GCC 12 (Debian's) miscompiles ggml's
 # tile set-up (its _tile_loadconfig tells the optimiser it reads 8 bytes of the 64-byte config, so
 # the rows/colsb stores are dropped) and the first AMX matmul traps with SIGILL on AMX hosts; the
-# -mno-amx-* flags win over -march=native whatever their order (README, "Engine build"), with
+# -mno-amx-* flags win over -march=native whatever their order (docs/engine.md), with
 # clang as with GCC.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 ENGINE_BUILD = {

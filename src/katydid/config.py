@@ -31,8 +31,8 @@ def _default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("katydid"))
 
 
-# Q8_0 weights: measured faster than f16 at equal or better WER on the shared clips (README,
-# "Engine"), and 44 MB instead of 78 MB. ``tiny.en`` names the f16 model.
+# Q8_0 weights: measured faster than f16 at equal or better WER on the shared clips (docs/engine.md,
+# weights table), and 44 MB instead of 78 MB. ``tiny.en`` names the f16 model.
 DEFAULT_MODEL = "tiny.en-q8_0"
 
 

@@ -14,7 +14,7 @@ REBUILD_HINT = (
     "GGML_LLAMAFILE=ON CFLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
     "CXXFLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' CMAKE_INSTALL_RPATH='$ORIGIN' "
     "CMAKE_BUILD_WITH_INSTALL_RPATH=ON pip install --no-cache-dir --force-reinstall --no-deps "
-    "pywhispercpp (README, 'Engine build')"
+    "pywhispercpp (docs/engine.md, 'Engine build')"
 )
 
 

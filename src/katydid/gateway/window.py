@@ -9,7 +9,7 @@ opening or decoding it and gives them back once its chunks are published (or it 
 (spooled) upload. Between the blocks of a long file a session keeps its decoder and the chunk
 in progress; a short file's one chunk is published under its block's share (with 10,000 clients
 uploading a 3 s WAV, sessions that queued again to publish it, each holding its decoded chunk
-meanwhile, made a ~500 MB peak per gateway; ~210 MB since: AMD EPYC, 2 cores, README "Scale").
+meanwhile, made a ~500 MB peak per gateway; ~210 MB since: AMD EPYC, 2 cores; docs/benchmarks.md).
 A client that never reads can keep its share for up to ``send_timeout_s`` (an event to it is
 sent while the share is held).
 
@@ -61,7 +61,7 @@ class ByteWindow:
         # back goes to them at once, as many as it fits (``_admit``): a line where each taker
         # took its bytes when it next ran admitted one a pass of the scheduler, and in a storm
         # (a pass runs thousands of tasks) the window stood nearly empty with 2,000 uploads
-        # waiting in line (10,000 clients, README "Scale"). Not a trio.Lock either: each task
+        # waiting in line (10,000 clients; docs/benchmarks.md). Not a trio.Lock either: each task
         # waiting on one holds, besides its frames, the WouldBlock its acquire raised.
         self._line: OrderedDict[trio.lowlevel.Task, int] = OrderedDict()
 
