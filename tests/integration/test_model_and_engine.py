@@ -246,7 +246,7 @@ def test_engine_build_is_reported_and_has_fast_kernels_under_nox() -> None:
         pytest.skip("not run by nox, which installs whisper.cpp compiled with llamafile kernels")
     assert has_fast_kernels(info), info
     # ggml's AMX kernels, built by GCC 12, trap on the first Q8_0 matmul of an AMX host
-    # (README, "Engine build"): the build must not contain them, whatever this host is.
+    # (docs/engine.md, "Engine build"): the build must not contain them, whatever this host is.
     assert "AMX" not in info, info
 
 

@@ -89,7 +89,7 @@ class Transcript:
 @dataclass(frozen=True, slots=True)
 class EngineOptions:
     """Decoding options. Defaults were measured on the shared clips for accuracy per CPU second
-    (see README, "Engine"): greedy, clip-sized context with guardrails, whisper.cpp's thresholds.
+    (see docs/engine.md): greedy, clip-sized context with guardrails, whisper.cpp's thresholds.
     """
 
     language: str = "en"
@@ -186,7 +186,7 @@ _COMPILER_MARK = re.compile(rb"(clang version [0-9][0-9.]*|GCC: \([^)]*\) [0-9][
 def build_compiler() -> str:
     """The compiler of ggml's CPU library, read from its ELF comment section ('clang 16.0.6',
     'gcc 12.2.0'), or 'unknown'. It matters: clang 16 ran the full-window encoder ~17% faster
-    than GCC 12 on an AMD EPYC (README, "Engine build")."""
+    than GCC 12 on an AMD EPYC (docs/engine.md, "Engine build")."""
     import _pywhispercpp as pw
 
     libs = sorted(Path(pw.__file__).parent.glob("libggml-cpu*.so*"))
@@ -207,7 +207,7 @@ def build_compiler() -> str:
 
 def has_fast_kernels(info: str) -> bool:
     """True when whisper.cpp has llamafile's matrix kernels: without them (PyPI's portable wheel)
-    the engine measured ~1.4x slower on the shared clips; README, "Engine build", has the fix."""
+    the engine measured ~1.4x slower on the shared clips; docs/engine.md has the fix."""
     return "LLAMAFILE = 1" in info
 
 

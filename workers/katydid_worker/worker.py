@@ -264,7 +264,7 @@ class Worker:
             log.warning(
                 "engine_build_slow",
                 worker=self.worker_id,
-                hint="whisper.cpp lacks llamafile kernels; see README, 'Engine build'",
+                hint="whisper.cpp lacks llamafile kernels; see docs/engine.md, 'Engine build'",
             )
         notify("READY=1")
         try:
