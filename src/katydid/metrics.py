@@ -3,7 +3,7 @@
 Rule 1: metrics are updated on the trio thread only, by counters and gauges that cost a dict
 lookup and an add; nothing here does I/O on the hot path. Worker figures are read from the
 latest heartbeat of each worker at scrape time (a custom collector), not pushed per job.
-Rule 2: one registry per Gateway object (tests create many); the process collector is added to
+Rule 2: one registry per Hub object (tests create many); the process collector is added to
 it so that CPU seconds and resident memory of the gateway process are in the same scrape.
 """
 
@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from katydid import log
+from katydid.messages import JobResult
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
@@ -199,6 +200,16 @@ class GatewayMetrics:
             "Uploads written to disk because upload_memory_total_bytes was reached",
             registry=r,
         )
+
+    def result(self, result: JobResult) -> None:
+        """A worker's result, by kind and outcome (its times; its audio, if a final)."""
+        outcome = result.error["code"] if result.error else "ok"
+        self.results.labels(result.kind, outcome).inc()
+        if outcome == "ok":
+            self.time_in_queue.observe(result.queue_s)
+            self.transcription.observe(result.compute_s)
+            if result.kind == "final":
+                self.audio_seconds.inc(result.audio_s)
 
 
 def parse_text(text: str) -> dict[str, float]:

@@ -41,7 +41,7 @@ from katydid.audio import DecodedStream, decode_container, float_to_pcm16
 from katydid.bus.memory import MemoryBus, QueuedJob
 from katydid.config import Config
 from katydid.errors import NatsError, StreamFull
-from katydid.gateway import Gateway, driver
+from katydid.gateway import Hub, driver
 from katydid.gateway.listening import accept_forever
 from katydid.gateway.parking import Parking
 from katydid.gateway.websocket import WebSocketDoor, serve_stream
@@ -81,7 +81,7 @@ def _wav(pcm: bytes) -> bytes:
 
 @dataclass
 class Rig:
-    gateway: Gateway
+    gateway: Hub
     bus: MemoryBus
     nursery: trio.Nursery
     sessions: trio.Nursery  # the connections' handlers (cancelled = the grace is over)
@@ -150,7 +150,7 @@ async def _raw_connect(r: Rig) -> RawClient:
 @asynccontextmanager
 async def rig(cfg: Config | None = None, *, parked: bool = False) -> AsyncIterator[Rig]:
     bus = MemoryBus()
-    gateway = Gateway(cfg or _config(), bus=bus)
+    gateway = Hub(cfg or _config(), bus=bus)
     async with trio.open_nursery() as nursery:
         await nursery.start(gateway.run_bus)
         bus.heartbeat("w0", MODEL)
@@ -426,7 +426,7 @@ async def test_shutdown_with_sessions_in_flight(autojump_clock: Any, parked: boo
         assert _metric(r.gateway, "katydid_sessions_total", outcome="shutdown") == 4
 
 
-def _metric(gateway: Gateway, name: str, **labels: str) -> float:
+def _metric(gateway: Hub, name: str, **labels: str) -> float:
     """One series of the gateway's /metrics, by name and labels (a subset of them)."""
     found = 0.0
     for key, value in parse_text(gateway.routes()["/metrics"]().body.decode()).items():
@@ -661,7 +661,7 @@ async def test_an_upload_is_released_once_decoded_not_when_its_results_come(
         # Waiting for its result, the session no longer holds the file's bytes (nor its
         # chunker): the upload is closed and gone.
         assert live.session.intake is None
-        assert r.gateway.uploads.held == 0
+        assert r.gateway.seating.uploads.held == 0
         for q in r.bus.finals():
             r.bus.answer(q, "x")
         assert (await _next(ws, "queued"))["type"] == "final"
@@ -749,7 +749,7 @@ async def test_an_upload_message_over_the_frame_bound_is_refused_as_it_arrives(
 
 
 async def test_a_draining_gateway_closes_its_listener() -> None:
-    gateway = Gateway(_config(host="127.0.0.1", port=0), bus=MemoryBus())
+    gateway = Hub(_config(host="127.0.0.1", port=0), bus=MemoryBus())
     async with trio.open_nursery() as nursery:
         await nursery.start(gateway.run_bus)
         door = WebSocketDoor(gateway)
@@ -779,7 +779,7 @@ async def test_out_of_descriptors_the_gateway_retries_accepting_with_sampled_lin
         async def aclose(self) -> None:
             pass
 
-    gateway = Gateway(_config(log_sample_burst=5, log_sample_window_s=10.0), bus=MemoryBus())
+    gateway = Hub(_config(log_sample_burst=5, log_sample_window_s=10.0), bus=MemoryBus())
     with structlog.testing.capture_logs() as lines:
         async with trio.open_nursery() as nursery:
             serve = partial(serve_stream, gateway)
@@ -916,7 +916,7 @@ async def test_an_unforeseen_error_ends_its_connection_never_the_door(
 ) -> None:
     # A RecursionError from a client's JSON once ended a door's nursery, and the server with it.
     async with rig() as r:
-        real = r.gateway.refusal
+        real = r.gateway.seating.refusal
         calls: list[Any] = []
 
         def refusal(live: Any) -> Any:
@@ -925,7 +925,7 @@ async def test_an_unforeseen_error_ends_its_connection_never_the_door(
                 raise RecursionError("unforeseen")
             return real(live)
 
-        monkeypatch.setattr(r.gateway, "refusal", refusal)
+        monkeypatch.setattr(r.gateway.seating, "refusal", refusal)
         first = await r.connect()
         assert await _closed(first) == 1006  # cut off, no close frame: the server was lost
         await _eventually(lambda: not r.gateway.sessions)

@@ -12,7 +12,7 @@ import trio
 from katydid.bus.memory import MemoryBus
 from katydid.config import Config
 from katydid.gateway.http import build_app
-from katydid.gateway.server import Gateway
+from katydid.gateway.hub import Hub
 from katydid.httpd import serve_http
 
 _SMUGGLED = (
@@ -67,7 +67,7 @@ def _healthz(port: int) -> bytes:
 
 
 async def _serving(cfg: Config, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    app = build_app(Gateway(cfg, bus=MemoryBus()))
+    app = build_app(Hub(cfg, bus=MemoryBus()))
     await serve_http(app, "127.0.0.1", 0, task_status=task_status)
 
 

@@ -214,21 +214,22 @@ async def test_a_partial_skipped_at_the_keys_share_does_not_stop_the_next_one(
     or it would wait for that partial's answer for good and never send another."""
     from katydid.bus.memory import MemoryBus
     from katydid.config import Config
+    from katydid.gateway.hub import Hub
     from katydid.gateway.outputs import Admit, Publish
-    from katydid.gateway.server import Gateway
     from tests.unit.test_session import _speech_like
 
     path = tmp_path / "keys"
     key = add_key(path, "batch", max_queued_jobs=1)
     cfg = Config(api_keys_file=str(path), chunk_min_s=5.0, partial_interval_s=1.0)
     bus = MemoryBus()
-    gateway = Gateway(cfg, bus=bus)
+    gateway = Hub(cfg, bus=bus)
     gateway.admission.partials_allowed["tiny.en-q8_0"] = True
     live = gateway.open_session("websocket", key)
     s = live.session
     start = s.receive_text('{"type": "start", "partials": true}', 0.0)
-    assert [type(o) for o in start] == [Admit]
-    gateway.carry_out(live, start)
+    (admit,) = start
+    assert isinstance(admit, Admit)
+    gateway.seating.admit(live, admit)
     assert live.tenant is not None
     live.tenant.queued = 1  # its one job in the stream: at its share
     second = _speech_like(1.0, pause_every_s=10.0)
@@ -236,6 +237,6 @@ async def test_a_partial_skipped_at_the_keys_share_does_not_stop_the_next_one(
         out = s.receive_bytes(second, 0.0, partials_allowed=True)
         partials = [o for o in out if isinstance(o, Publish)]
         assert [p.job.options.kind for p in partials] == ["partial"]
-        assert await gateway.publish(live, partials[0]) == []
+        assert await gateway.seating.publish(live, partials[0]) == []
     assert bus.published == []  # skipped, not queued
     assert not s.closed

@@ -80,11 +80,11 @@ async def test_a_network_off_the_allowlist_gets_unauthorized_and_is_disconnected
 
     from katydid.bus.memory import MemoryBus
     from katydid.config import Config
-    from katydid.gateway.server import Gateway
+    from katydid.gateway.hub import Hub
     from katydid.gateway.wyoming import WyomingDoor
 
     cfg = Config(wyoming_port=0, wyoming_allow="10.0.0.0/8")
-    gateway = Gateway(cfg, bus=MemoryBus())
+    gateway = Hub(cfg, bus=MemoryBus())
     async with trio.open_nursery() as nursery:
         port = await nursery.start(WyomingDoor(gateway).run)
         stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -110,7 +110,7 @@ async def test_an_unforeseen_error_ends_its_connection_never_the_door(
     from katydid.bus.memory import MemoryBus
     from katydid.config import Config
     from katydid.gateway import wyoming
-    from katydid.gateway.server import Gateway
+    from katydid.gateway.hub import Hub
 
     calls = 0
     real = WyomingReader.next_event
@@ -123,7 +123,7 @@ async def test_an_unforeseen_error_ends_its_connection_never_the_door(
         return real(self)
 
     monkeypatch.setattr(WyomingReader, "next_event", next_event)
-    gateway = Gateway(Config(wyoming_port=0), bus=MemoryBus())
+    gateway = Hub(Config(wyoming_port=0), bus=MemoryBus())
     async with trio.open_nursery() as nursery:
         port = await nursery.start(wyoming.WyomingDoor(gateway).run)
         for expected in (b"", b'{"type": "info"'):  # cut off; then the door still answers

@@ -2,7 +2,7 @@
 (``websocket``), admission and estimates (``admission``), the sessions on the job bus
 (``server``), and the whole of it as a service with one shutdown order (``service``)."""
 
-from katydid.gateway.server import Gateway
+from katydid.gateway.hub import Hub
 from katydid.gateway.service import GatewayService
 
-__all__ = ["Gateway", "GatewayService"]
+__all__ = ["GatewayService", "Hub"]

@@ -1,5 +1,7 @@
-"""What every front door does with a session, whatever its wire: carry out the session's outputs,
-apply what the bus reports, decode an upload. A door subclasses ``SessionDriver`` and says only
+"""What every front door does with a session, whatever its wire: carry out the session's outputs
+(the one interpreter of them: what needs the gateway is asked of ``Seating``, whose answers are
+the session's next outputs, carried out here in turn), apply what the bus reports, decode an
+upload. A door subclasses ``SessionDriver`` and says only
 how an event and a close reach its client (``deliver``, ``hang_up``).
 
 Rule 1: one nursery per session (``nursery``): the writer (``_apply_inbox``, started only while
@@ -20,8 +22,9 @@ import trio
 from katydid.audio import DecodedStream, first_block_bytes
 from katydid.errors import AudioError, ErrorCode, ProtocolError
 from katydid.gateway.events import ServerEvent
-from katydid.gateway.outputs import Close, Decode, Output, Publish, Send
-from katydid.gateway.server import Gateway, Live, apply
+from katydid.gateway.hub import Hub
+from katydid.gateway.live import Live, apply
+from katydid.gateway.outputs import Admit, CancelJobs, Close, Decode, Output, Publish, Send
 from katydid.gateway.session import Phase
 from katydid.messages import JobResult
 
@@ -40,8 +43,9 @@ class ClientGone(Exception):
 
 
 class SessionDriver:
-    def __init__(self, gateway: Gateway, live: Live) -> None:
+    def __init__(self, gateway: Hub, live: Live) -> None:
         self.gateway = gateway
+        self.seating = gateway.seating
         self.live = live
         self.session = live.session
         self.nursery: trio.Nursery | None = None
@@ -68,13 +72,27 @@ class SessionDriver:
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
 
+    def _settle(self, outputs: list[Output]) -> list[Output]:
+        """The outputs that need no I/O (admission, cancels) done at once, in order (even a
+        closing session's cancels); returns the rest, for the client, in order."""
+        rest: list[Output] = []
+        for out in outputs:
+            if isinstance(out, Admit):
+                rest += self._settle(self.seating.admit(self.live, out))
+            elif isinstance(out, CancelJobs):
+                self.seating.cleanup.cancel(out)
+            else:
+                rest.append(out)
+        self.seating.recount(self.live)
+        return rest
+
     async def emit(self, outputs: list[Output]) -> None:
         """Carry out a session's outputs, in order."""
-        for out in self.gateway.carry_out(self.live, outputs):
+        for out in self._settle(outputs):
             if isinstance(out, Send):
                 await self._send(out.event)
             elif isinstance(out, Publish):
-                await self.emit(await self.gateway.publish(self.live, out, self._send))
+                await self.emit(await self.seating.publish(self.live, out, self._send))
             elif isinstance(out, Decode):
                 assert self.nursery is not None
                 self.nursery.start_soon(self.decode, out.upload)
@@ -106,7 +124,7 @@ class SessionDriver:
     async def last_words(self, outputs: list[Output]) -> None:
         """Outputs of a session that is ending anyway: bounded, shielded, best effort."""
         with trio.CancelScope(shield=True), trio.move_on_after(LAST_WORDS_S):
-            for out in self.gateway.carry_out(self.live, outputs):
+            for out in self._settle(outputs):
                 try:
                     if isinstance(out, Send):
                         await self.deliver(out.event)
@@ -272,4 +290,4 @@ class SessionDriver:
         outside (the server stopping, or the client gone)."""
         s = self.session
         if not s.closed:
-            await self.last_words(s.shutdown() if self.gateway.stopping else s.client_gone())
+            await self.last_words(s.shutdown() if self.seating.stopping else s.client_gone())

@@ -33,8 +33,9 @@ from katydid.gateway.credentials import WWW_AUTHENTICATE, bearer
 from katydid.gateway.driver import LAST_WORDS_S, ClientGone, SessionDriver
 from katydid.gateway.events import Done, ErrorEvent, Final, Queued, ServerEvent
 from katydid.gateway.formats import RESPONSE_FORMATS, full_text, render
+from katydid.gateway.hub import Hub
+from katydid.gateway.live import Live
 from katydid.gateway.outputs import Close
-from katydid.gateway.server import Gateway, Live
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -79,7 +80,7 @@ def error_body(status: int, code: str, message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
 
 
-def build_app(gateway: Gateway) -> ASGIApp:
+def build_app(gateway: Hub) -> ASGIApp:
     """The gateway's HTTP app: OpenAI routes and the operator routes."""
 
     def operator(path: str) -> Callable[[Request], Awaitable[Response]]:
@@ -197,7 +198,7 @@ class _OneFraming:
 class _Transcribe:
     """A raw ASGI endpoint: it streams its own answer (SSE) and watches for a disconnect."""
 
-    def __init__(self, gateway: Gateway, task: str) -> None:
+    def __init__(self, gateway: Hub, task: str) -> None:
         self.gateway = gateway
         self.task = task
 
@@ -342,7 +343,7 @@ class _HttpSession(SessionDriver):
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: Hub,
         send: Send,
         receive: Receive,
         request: dict[str, Any],
@@ -480,7 +481,7 @@ class _HttpSession(SessionDriver):
         await _answer(self.send, 200, body.encode(), content_type)
 
 
-def _refusal(gateway: Gateway, scope: Scope) -> bytes | None:
+def _refusal(gateway: Hub, scope: Scope) -> bytes | None:
     """The body of a 401 (with ``WWW_AUTHENTICATE``) for a request without a valid key, with a
     keys file configured; else None."""
     if not gateway.tenants.required:

@@ -19,7 +19,7 @@ import trio
 from katydid.bus import JobBus
 from katydid.config import Config
 from katydid.gateway.http import build_app
-from katydid.gateway.server import Gateway
+from katydid.gateway.hub import Hub
 from katydid.gateway.websocket import WebSocketDoor
 from katydid.gateway.wyoming import WyomingDoor
 from katydid.heap import fix_mmap_threshold
@@ -38,7 +38,7 @@ class GatewayService:
         if why_not is not None:
             log.warning("malloc_not_tuned", reason=why_not)
         self.tls = server_context(cfg)  # a certificate that cannot be used stops us here
-        self.gateway = Gateway(cfg, bus=bus)
+        self.gateway = Hub(cfg, bus=bus)
         self.websocket = WebSocketDoor(self.gateway, self.tls)
         self.port: int | None = None
         self.http_port: int | None = None

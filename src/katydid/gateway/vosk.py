@@ -25,9 +25,10 @@ from katydid import wire_json
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.driver import ClientGone, SessionDriver
 from katydid.gateway.events import ErrorEvent, Final, ServerEvent
+from katydid.gateway.hub import Hub
+from katydid.gateway.live import Live
 from katydid.gateway.outputs import Close
 from katydid.gateway.parking import Parking, Wake, park_reader
-from katydid.gateway.server import Gateway, Live
 from katydid.gateway.ws_transport import ServerWebSocket, receive
 
 
@@ -43,7 +44,7 @@ def _result(finals: list[Final]) -> dict[str, Any]:
 
 class VoskConnection(SessionDriver):
     def __init__(
-        self, gateway: Gateway, ws: ServerWebSocket, live: Live, parking: Parking | None
+        self, gateway: Hub, ws: ServerWebSocket, live: Live, parking: Parking | None
     ) -> None:
         super().__init__(gateway, live)
         self.ws = ws
@@ -108,7 +109,7 @@ class VoskConnection(SessionDriver):
                     started = await self._start(16_000)
                     if not started:
                         return
-                allowed = self.gateway.partials_allowed(s.model)
+                allowed = self.gateway.seating.partials_allowed(s.model)
                 await self.emit(s.receive_bytes(msg, now, partials_allowed=allowed))
                 if not s.closed:
                     # Bounded as every send: a client that sends and never reads was held

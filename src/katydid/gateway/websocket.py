@@ -27,10 +27,11 @@ from katydid.errors import listening
 from katydid.gateway.credentials import bearer, query_key
 from katydid.gateway.driver import SessionDriver
 from katydid.gateway.events import ServerEvent
+from katydid.gateway.hub import Hub
 from katydid.gateway.listening import accept_forever, tls
+from katydid.gateway.live import Live
 from katydid.gateway.outputs import Close
 from katydid.gateway.parking import Parking, Wake, park_reader
-from katydid.gateway.server import Gateway, Live
 from katydid.gateway.vosk import VoskConnection
 from katydid.gateway.ws_handshake import accept
 from katydid.gateway.ws_transport import Piece, ServerWebSocket, receive
@@ -41,7 +42,7 @@ log = structlog.get_logger("katydid.gateway")
 class WebSocketDoor:
     """Listens on ``cfg.host:cfg.port`` and serves each connection as a session."""
 
-    def __init__(self, gateway: Gateway, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, gateway: Hub, tls: ssl.SSLContext | None = None) -> None:
         self.gateway = gateway
         self.cfg: Config = gateway.cfg
         self.tls = tls
@@ -123,7 +124,7 @@ def _port(listener: trio.SocketListener) -> int:
 
 
 async def serve_stream(
-    gateway: Gateway, stream: trio.abc.Stream, *, parking: Parking | None = None
+    gateway: Hub, stream: trio.abc.Stream, *, parking: Parking | None = None
 ) -> None:
     """Serve one client's byte stream: the WebSocket handshake, then its session, to its end.
     The stream is closed on the way out, whatever happened. With ``parking``, a session waiting
@@ -137,7 +138,7 @@ async def serve_stream(
         live = gateway.open_session("vosk" if vosk else "websocket", credential)
         door = (VoskConnection if vosk else _Connection)(gateway, ws, live, parking)
         try:
-            refused = gateway.refusal(live)
+            refused = gateway.seating.refusal(live)
             if refused is None:
                 await door.serve()
             else:
@@ -151,7 +152,7 @@ async def serve_stream(
 
 
 async def _handshake(
-    gateway: Gateway, stream: trio.abc.Stream
+    gateway: Hub, stream: trio.abc.Stream
 ) -> tuple[ServerWebSocket, bool, str | None] | None:
     """The WebSocket handshake: the connection, whether it is vosk's protocol, and the key the
     client gave in the handshake; None if there is no WebSocket (the peer was answered)."""
@@ -182,7 +183,7 @@ async def _handshake(
 
 class _Connection(SessionDriver):
     def __init__(
-        self, gateway: Gateway, ws: ServerWebSocket, live: Live, parking: Parking | None
+        self, gateway: Hub, ws: ServerWebSocket, live: Live, parking: Parking | None
     ) -> None:
         super().__init__(gateway, live)
         self.ws = ws
@@ -211,7 +212,7 @@ class _Connection(SessionDriver):
             if isinstance(msg, Piece):
                 await self.emit(s.receive_bytes(msg.data, now, message_bytes=msg.size))
             elif isinstance(msg, bytes):
-                allowed = self.gateway.partials_allowed(s.model)
+                allowed = self.gateway.seating.partials_allowed(s.model)
                 await self.emit(s.receive_bytes(msg, now, partials_allowed=allowed))
             else:
                 await self.emit(s.receive_text(msg, now))

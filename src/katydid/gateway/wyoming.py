@@ -29,9 +29,9 @@ from katydid.config import Config
 from katydid.errors import ErrorCode, ProtocolError, listening
 from katydid.gateway.driver import LAST_WORDS_S, ClientGone, SessionDriver
 from katydid.gateway.events import Done, ErrorEvent, Final, ServerEvent
+from katydid.gateway.hub import Hub
 from katydid.gateway.listening import accept_forever, tls
 from katydid.gateway.outputs import Close
-from katydid.gateway.server import Gateway
 from katydid.gateway.session import Phase
 from katydid.gateway.wyoming_wire import FramingError, WyomingEvent, WyomingReader, encode
 
@@ -43,7 +43,7 @@ _MAX_DATA = 64 * 1024
 class WyomingDoor:
     """Listens on ``cfg.host:cfg.wyoming_port``; each connection is served by ``_Connection``."""
 
-    def __init__(self, gateway: Gateway, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, gateway: Hub, tls: ssl.SSLContext | None = None) -> None:
         self.gateway = gateway
         self.cfg: Config = gateway.cfg
         self.tls = tls
@@ -118,7 +118,7 @@ async def _lingering_close(stream: trio.abc.Stream) -> None:
 
 
 class _Connection:
-    def __init__(self, gateway: Gateway, stream: trio.abc.Stream) -> None:
+    def __init__(self, gateway: Hub, stream: trio.abc.Stream) -> None:
         self.gateway = gateway
         self.stream = stream
         self.reader = WyomingReader(
@@ -232,7 +232,7 @@ class _Connection:
             await current.live.wait_for_room()
             s = current.session
             s.resumed(trio.current_time())
-            allowed = self.gateway.partials_allowed(s.model)
+            allowed = self.gateway.seating.partials_allowed(s.model)
             await current.emit(s.receive_bytes(pcm, trio.current_time(), partials_allowed=allowed))
         elif kind == "audio-stop":
             if current is None and self.discarding:
@@ -302,7 +302,7 @@ class _Connection:
 
 
 class _WyomingSession(SessionDriver):
-    def __init__(self, gateway: Gateway, live: Any, conn: _Connection) -> None:
+    def __init__(self, gateway: Hub, live: Any, conn: _Connection) -> None:
         super().__init__(gateway, live)
         self.conn = conn
         self.texts: list[str] = []
