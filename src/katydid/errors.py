@@ -121,3 +121,12 @@ class StreamFull(NatsError):
 class JobTooLarge(NatsError):
     """One job is over the stream's or server's size limit (body or headers): retrying the same
     job can never succeed."""
+
+
+class ClientGone(Exception):
+    """The door's client cannot be reached any more (raised by ``deliver`` and by a door's
+    receive); ``too_large``: its transport closed it for a message over its own limit."""
+
+    def __init__(self, *, too_large: bool = False) -> None:
+        super().__init__("the client is gone")
+        self.too_large = too_large

@@ -29,7 +29,7 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 
-from katydid.gateway.driver import ClientGone
+from katydid.errors import ClientGone
 from katydid.gateway.ws_handshake import accept
 from katydid.gateway.ws_transport import (
     MessageTooLarge,

@@ -20,7 +20,7 @@ from typing import IO, TypeVar
 import trio
 
 from katydid.audio import DecodedStream, first_block_bytes
-from katydid.errors import AudioError, ErrorCode, ProtocolError
+from katydid.errors import AudioError, ClientGone, ErrorCode, ProtocolError
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.hub import Hub
 from katydid.gateway.live import Live, apply
@@ -31,15 +31,6 @@ from katydid.messages import JobResult
 T = TypeVar("T")
 
 LAST_WORDS_S = 2.0  # for the error and close of a session that is ending anyway
-
-
-class ClientGone(Exception):
-    """The door's client cannot be reached any more (raised by ``deliver`` and by a door's
-    receive); ``too_large``: its transport closed it for a message over its own limit."""
-
-    def __init__(self, *, too_large: bool = False) -> None:
-        super().__init__("the client is gone")
-        self.too_large = too_large
 
 
 class SessionDriver:

@@ -28,9 +28,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from katydid.errors import ErrorCode, ProtocolError
+from katydid.errors import ClientGone, ErrorCode, ProtocolError
 from katydid.gateway.credentials import WWW_AUTHENTICATE, bearer
-from katydid.gateway.driver import LAST_WORDS_S, ClientGone, SessionDriver
+from katydid.gateway.driver import LAST_WORDS_S, SessionDriver
 from katydid.gateway.events import Done, ErrorEvent, Final, Queued, ServerEvent
 from katydid.gateway.formats import RESPONSE_FORMATS, full_text, render
 from katydid.gateway.hub import Hub

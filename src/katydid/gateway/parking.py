@@ -26,16 +26,10 @@ import select
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import outcome
 import trio
-
-from katydid.gateway.session import Phase
-
-if TYPE_CHECKING:
-    from katydid.gateway.driver import SessionDriver
-    from katydid.gateway.ws_transport import ServerWebSocket
 
 # Readable, or the peer shut its side (an error or hang-up is reported whatever the mask).
 _EVENTS = getattr(select, "EPOLLIN", 1) | getattr(select, "EPOLLRDHUP", 0x2000)
@@ -151,20 +145,3 @@ class Parking:
         finally:
             self._running = False
             self._waiting = None
-
-
-def park_reader(
-    driver: SessionDriver, ws: ServerWebSocket, parking: Parking | None
-) -> Coroutine[Any, Any, Wake] | None:
-    """Park the door's reader until its client's next bytes or its session's deadline, if it
-    can be (``parking``): await what this returns at once (``Wake.DEADLINE``: tick the session,
-    read nothing), or, given None, read the usual way. Not while the session holds reading back
-    for room (the reader waits for room first, then reads). A live stream parks between its
-    frames too: 200 streams of 100 ms frames cost the gateway 393 and 410 µs of CPU a frame
-    reading the usual way, 413 and 383 parked (AMD EPYC, two interleaved pairs).
-    """
-    s = driver.session
-    if parking is None or (s.phase is Phase.STREAMING and not s.wants_audio):
-        return None
-    fd = ws.parkable()
-    return None if fd is None else parking.park(fd, s.deadline)

@@ -22,14 +22,15 @@ from typing import Any
 import trio
 
 from katydid import wire_json
-from katydid.errors import ErrorCode, ProtocolError
-from katydid.gateway.driver import ClientGone, SessionDriver
+from katydid.errors import ClientGone, ErrorCode, ProtocolError
+from katydid.gateway.driver import SessionDriver
 from katydid.gateway.events import ErrorEvent, Final, ServerEvent
 from katydid.gateway.hub import Hub
 from katydid.gateway.live import Live
 from katydid.gateway.outputs import Close
-from katydid.gateway.parking import Parking, Wake, park_reader
-from katydid.gateway.ws_transport import ServerWebSocket, receive
+from katydid.gateway.parking import Parking, Wake
+from katydid.gateway.ws_reading import park_reader, receive
+from katydid.gateway.ws_transport import ServerWebSocket
 
 
 def _result(finals: list[Final]) -> dict[str, Any]:

@@ -31,10 +31,11 @@ from katydid.gateway.hub import Hub
 from katydid.gateway.listening import accept_forever, tls
 from katydid.gateway.live import Live
 from katydid.gateway.outputs import Close
-from katydid.gateway.parking import Parking, Wake, park_reader
+from katydid.gateway.parking import Parking, Wake
 from katydid.gateway.vosk import VoskConnection
 from katydid.gateway.ws_handshake import accept
-from katydid.gateway.ws_transport import Piece, ServerWebSocket, receive
+from katydid.gateway.ws_reading import park_reader, receive
+from katydid.gateway.ws_transport import Piece, ServerWebSocket
 
 log = structlog.get_logger("katydid.gateway")
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal, overload
 
 import trio
@@ -43,8 +42,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError
 
-from katydid.errors import ErrorCode, ProtocolError
-from katydid.gateway.driver import ClientGone, SessionDriver
+from katydid.errors import ClientGone
 from katydid.gateway.wsproto_fit import lightened, nothing_buffered
 
 # Under the gateway's mmap threshold (``heap.py``): a read's buffer comes from the heap and is
@@ -382,32 +380,3 @@ async def _read_socket(sock: trio.socket.SocketType) -> bytes:
             await trio.lowlevel.wait_readable(sock)
         except BROKEN:  # closed by another task while waiting
             return b""
-
-
-@overload
-async def receive(
-    driver: SessionDriver, ws: ServerWebSocket, *, pieces: Literal[False] = False
-) -> str | bytes | None: ...
-
-
-@overload
-async def receive(
-    driver: SessionDriver, ws: ServerWebSocket, *, pieces: bool
-) -> str | bytes | Piece | None: ...
-
-
-async def receive(
-    driver: SessionDriver, ws: ServerWebSocket, *, pieces: bool = False
-) -> str | bytes | Piece | None:
-    """The client's next message (with ``pieces``, a binary one as its ``Piece``s), or None
-    when the session's deadline came first or the message was too large (the session has then
-    been told).
-
-    Raises:
-        ClientGone: the client left.
-    """
-    try:
-        return await driver.next_message(partial(ws.get_message, pieces=pieces))
-    except MessageTooLarge as exc:
-        await driver.emit(driver.session.fail(ProtocolError(ErrorCode.TOO_LARGE, str(exc))))
-        return None

@@ -26,8 +26,8 @@ import trio
 
 from katydid.catalog import choose_model
 from katydid.config import Config
-from katydid.errors import ErrorCode, ProtocolError, listening
-from katydid.gateway.driver import LAST_WORDS_S, ClientGone, SessionDriver
+from katydid.errors import ClientGone, ErrorCode, ProtocolError, listening
+from katydid.gateway.driver import LAST_WORDS_S, SessionDriver
 from katydid.gateway.events import Done, ErrorEvent, Final, ServerEvent
 from katydid.gateway.hub import Hub
 from katydid.gateway.listening import accept_forever, tls
