@@ -23,7 +23,9 @@ from katydid.errors import ConfigError, KatydidError
 from katydid.log import configure_logging
 
 if TYPE_CHECKING:
-    from katydid_worker.engine import DecodeOptions, Engine, Transcript
+    from katydid_worker.engine import Engine
+    from katydid_worker.engine_options import DecodeOptions
+    from katydid_worker.transcript import Transcript
 
 log = structlog.get_logger("katydid.cli")
 _PROGRESS_MIN_AUDIO_S = 30.0
@@ -38,7 +40,7 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kw: Any) -> None:
         try:
-            from katydid_worker.engine import build_info
+            from katydid_worker.engine_build import build_info
 
             build = build_info()
         except ImportError as exc:  # a gateway-only install has no engine
@@ -209,7 +211,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _engine(cfg: Config) -> Engine:
     from katydid_worker import models
-    from katydid_worker.engine import Engine, EngineOptions
+    from katydid_worker.engine import Engine
+    from katydid_worker.engine_options import EngineOptions
 
     path = models.resolve(cfg.model_dir, cfg.model)
     return Engine(
@@ -288,7 +291,7 @@ def _cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
             out_format=args.out_format,
             output_dir=args.output_dir,
         )
-    from katydid_worker.engine import DecodeOptions
+    from katydid_worker.engine_options import DecodeOptions
 
     engine = _engine(cfg)
     decode = DecodeOptions(

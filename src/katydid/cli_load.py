@@ -131,7 +131,7 @@ def engine_baseline(
 ) -> dict[str, float]:
     from katydid_worker import models
     from katydid_worker.bench import bench_engine
-    from katydid_worker.engine import EngineOptions
+    from katydid_worker.engine_options import EngineOptions
 
     audio = [decode_container(p, max_audio_s=4 * 3600, max_bytes=1 << 30) for p in files]
     opts = EngineOptions(language=cfg.language, threads=cfg.engine_threads, beam_size=cfg.beam_size)

@@ -21,6 +21,7 @@ from typing import Any
 from katydid.audio import decode_container
 from katydid.cli_load import ServeProcess, engine_baseline, find_speech_dir
 from katydid.config import Config
+from katydid.cpu import cpu_model, cpu_simd_flags
 from katydid.errors import KatydidError
 from katydid.evaluation import read_manifest, word_errors
 from katydid.log import configure_logging
@@ -215,23 +216,7 @@ def _latency(cfg: Config, args: argparse.Namespace, clips: list[Any]) -> int:
 
 def _host() -> str:
     """The CPU this ran on, for the report (figures mean nothing without it)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "CPU unknown"
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-        "?",
-    )
-    flags = next(
-        (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
-    )
-    simd = [
-        f
-        for f in flags
-        if f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_int8")
-    ]
-    return f"{model} ({' '.join(simd)}), {os.cpu_count()} CPUs"
+    return f"{cpu_model()} ({' '.join(cpu_simd_flags())}), {os.cpu_count()} CPUs"
 
 
 def _contenders(cfg: Config) -> tuple[Path, list[Any]]:
@@ -239,7 +224,7 @@ def _contenders(cfg: Config) -> tuple[Path, list[Any]]:
     import dataclasses
 
     from katydid_worker import models
-    from katydid_worker.engine import EngineOptions
+    from katydid_worker.engine_options import EngineOptions
     from tests.bench import compare
 
     model_path = models.prepare(cfg.model_dir, cfg.model)
@@ -262,7 +247,7 @@ _NAMES = ("katydid", "katydid_full_context", "faster_whisper", "faster_whisper_g
 
 def _compare_mix(cfg: Config, clips: list[Any], *, passes: int, as_json: bool) -> int:
     """``--compare --mix``: per length bucket clips/s, audio-s/s and WER for each engine."""
-    from katydid_worker.engine import build_info
+    from katydid_worker.engine_build import build_info
     from tests.bench import compare, mix
 
     source = [
@@ -333,7 +318,7 @@ def _compare_mix(cfg: Config, clips: list[Any], *, passes: int, as_json: bool) -
 
 
 def _compare(cfg: Config, clips: list[Any], *, passes: int, as_json: bool) -> int:
-    from katydid_worker.engine import build_info
+    from katydid_worker.engine_build import build_info
     from tests.bench import compare
 
     data = [

@@ -18,7 +18,8 @@ import numpy as np
 from katydid.errors import KatydidError
 from katydid.evaluation import word_errors
 from katydid.messages import SAMPLE_RATE
-from katydid_worker.engine import Engine, EngineOptions
+from katydid_worker.engine import Engine
+from katydid_worker.engine_options import EngineOptions
 
 
 @dataclass(slots=True)

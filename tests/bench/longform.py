@@ -22,7 +22,8 @@ import numpy as np
 from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.evaluation import word_errors
-from katydid_worker.engine import Engine, EngineOptions
+from katydid_worker.engine import Engine
+from katydid_worker.engine_options import EngineOptions
 from katydid_worker.local import transcribe_recording
 from tests.bench import compare
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from katydid.config import Config
+from katydid.cpu import cpu_model
 from katydid.evaluation import read_manifest
 from katydid.log import configure_logging
 from tests.chaos.harness import Tally
@@ -26,15 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _host() -> str:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "unknown CPU",
-    )
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _markdown(tallies: list[Tally], host: str, command: str) -> str:

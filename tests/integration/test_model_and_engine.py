@@ -19,13 +19,9 @@ from katydid.config import DEFAULT_MODEL
 from katydid.errors import ModelError
 from katydid.evaluation import read_manifest, wer
 from katydid_worker import models
-from katydid_worker.engine import (
-    Engine,
-    EngineOptions,
-    build_compiler,
-    build_info,
-    has_fast_kernels,
-)
+from katydid_worker.engine import Engine
+from katydid_worker.engine_build import build_compiler, build_info, has_fast_kernels
+from katydid_worker.engine_options import EngineOptions
 
 pytestmark = pytest.mark.integration
 LIMITS: dict[str, Any] = {"max_audio_s": 600.0, "max_bytes": 100_000_000}
@@ -203,9 +199,9 @@ def test_looping_clip_at_a_tight_context_falls_back_to_the_full_window(
 def test_a_transcript_does_not_depend_on_what_the_engine_ran_before(
     model_path: Path, speech_dir: Path
 ) -> None:
-    # Clip-sized windows of every size share one whisper.cpp context (engine.py says why that
-    # is safe without flash attention); the full window has its own. Each clip must come out
-    # the same from a fresh engine as after runs at every other size.
+    # Clip-sized windows of every size share one whisper.cpp context (whisper_contexts.py says
+    # why that is safe without flash attention); the full window has its own. Each clip must come
+    # out the same from a fresh engine as after runs at every other size.
     clips = [c for c in read_manifest(speech_dir / "manifest.tsv") if not c.name.startswith("long")]
     audio = {c.name: decode_container(c.path, **LIMITS) for c in clips}
     # No CPU budget: a busy machine must not turn a run into a fallback here (that is timing,

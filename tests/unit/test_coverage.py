@@ -14,8 +14,10 @@ import numpy as np
 
 from katydid.messages import SAMPLE_RATE
 from katydid_worker.coverage import next_hole, sparse, uncovered
-from katydid_worker.engine import DecodeOptions, Engine, EngineOptions, Segment
+from katydid_worker.engine import Engine
+from katydid_worker.engine_options import DecodeOptions, EngineOptions
 from katydid_worker.speech import Span
+from katydid_worker.transcript import Segment
 
 
 def _runs(audio: np.ndarray) -> list[Span]:

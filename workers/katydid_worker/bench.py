@@ -25,7 +25,8 @@ import numpy as np
 
 from katydid.errors import EngineError
 from katydid.messages import SAMPLE_RATE
-from katydid_worker.engine import Engine, EngineOptions
+from katydid_worker.engine import Engine
+from katydid_worker.engine_options import EngineOptions
 
 _START_TIMEOUT_S = 600.0  # to load the model and warm up, per process
 

@@ -1,19 +1,20 @@
 """The speech recogniser: a ggml Whisper model loaded once, transcribing 16 kHz mono float32.
 
+An ``Engine`` is the decode loop over its whisper.cpp contexts (whisper_contexts.py): the speech
+gate, a clip-sized window checked by the guardrails (the full window when they fail), and a second
+decode of speech the first left without text (coverage.py).
+
 Rule 1: an Engine is used by one thread at a time (whisper.cpp's context is not re-entrant);
 pywhispercpp releases the GIL inside ``whisper_full``, so other threads and the event loop run
 while it transcribes. A worker holds one Engine and calls it from one thread.
 
-Rule 2: the engine never prints, never downloads. pywhispercpp's ``Model(name)`` downloads when the
-argument is not an existing file, so the path is checked here first.
+Rule 2: the engine never prints, never downloads (whisper_contexts.py keeps it).
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import math
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -23,13 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from katydid.errors import EngineError, ModelError
+from katydid.errors import EngineError
 from katydid.languages import WHISPER_LANGUAGES
 from katydid.messages import SAMPLE_RATE
 from katydid_worker.coverage import MIN_HOLE_VOICED_S, next_hole, sparse, uncovered, voiced_in
-from katydid_worker.ggml_check import check_ggml
+from katydid_worker.engine_options import DecodeOptions, EngineOptions
 from katydid_worker.guardrails import (
-    CLIP_CTX_STEPS,
     FULL_CTX,
     attempt_budget_s,
     check_output,
@@ -38,100 +38,8 @@ from katydid_worker.guardrails import (
     voiced_seconds,
 )
 from katydid_worker.speech import Span, SpeechDetector, overlap_s
-
-_TICK_S = 0.01  # whisper.cpp reports times in 10 ms ticks
-_HOP = 160  # samples per mel frame; an encoder position covers two frames (20 ms)
-DETECT_CTX = 384  # encoder positions language detection looks at: the first 7.68 s
-
-
-@dataclass(frozen=True, slots=True)
-class Word:
-    start_s: float
-    end_s: float
-    text: str
-    probability: float
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    start_s: float
-    end_s: float
-    text: str
-    words: tuple[Word, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Transcript:
-    segments: tuple[Segment, ...]
-    language: str
-    audio_s: float
-    compute_s: float
-    audio_ctx: int = 1500  # encoder positions used by the run that produced it (1500 = 30 s)
-    # Why the first run's text was not kept as it came: "budget", a guardrail's reason (the
-    # clip-sized run was discarded for a full-window one), "uncovered" (speech no segment
-    # covered was decoded again), joined by "+".
-    fallback: str | None = None
-    redecodes: int = 0  # runs over speech the first run left without text
-    # Stretches of speech (start_s, end_s in the clip) that still have no text after their
-    # second decode: said, never silently dropped.
-    uncovered: tuple[tuple[float, float], ...] = ()
-
-    @property
-    def text(self) -> str:
-        return " ".join(s.text for s in self.segments if s.text).strip()
-
-    @property
-    def rtf(self) -> float:
-        """Real-time factor: compute seconds per audio second (lower is faster)."""
-        return self.compute_s / self.audio_s if self.audio_s > 0 else math.nan
-
-
-@dataclass(frozen=True, slots=True)
-class EngineOptions:
-    """Decoding options. Defaults were measured on the shared clips for accuracy per CPU second
-    (see docs/engine.md): greedy, clip-sized context with guardrails, whisper.cpp's thresholds.
-    """
-
-    language: str = "en"
-    threads: int = 1
-    beam_size: int = 0  # 0 = greedy
-    word_timestamps: bool = False
-    initial_prompt: str | None = None
-    clip_context: bool = True  # encoder window sized to the clip, with guardrails
-    ctx_margin_s: float = 1.0  # context beyond the clip's length
-    # The context sizes a clip may get (a clip takes the smallest that holds it plus the
-    # margin); guardrails.py has the measurements. Longer clips use the full window: past 640
-    # positions a clip-sized run's encoder leaves too little of its budget for the text.
-    clip_ctx_steps: tuple[int, ...] = CLIP_CTX_STEPS
-    # A clip-sized attempt's CPU budget: this much of the clip's own full-window time
-    # (guardrails.attempt_budget_s), so that attempt plus fallback stay within 1.5x of it.
-    budget_ratio: float = 0.5
-    temperature_fallback: bool = True  # whisper.cpp's temperature retries, in full-window runs
-    entropy_thold: float = 2.4
-    logprob_thold: float = -1.0
-    no_speech_thold: float = 0.6
-    # Voice activity (speech.py): no speech, no text; the clip is trimmed to its speech plus
-    # speech_pad_s before decoding; segments outside every span of speech are dropped.
-    speech_gate: bool = True
-    speech_pad_s: float = 0.3
-    # Speech the first run left without text is decoded again, at most this many runs per
-    # call (coverage.py); 0 = never (what every chunk got before: passages went missing).
-    max_redecodes: int = 8
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeOptions:
-    """What one call asks for, applied without reloading the model: a job's options.
-
-    ``language`` is a Whisper language code or ``"auto"`` (detect; multilingual models);
-    ``translate`` turns the speech into English text (multilingual models).
-    """
-
-    language: str = "en"
-    prompt: str | None = None
-    word_timestamps: bool = False
-    translate: bool = False
-
+from katydid_worker.transcript import Segment, Transcript
+from katydid_worker.whisper_contexts import TICK_S, WhisperContexts
 
 # A stretch still without text is reported when it holds this much speech (coverage.py).
 MIN_REPORTED_UNCOVERED_S = MIN_HOLE_VOICED_S
@@ -168,50 +76,7 @@ def _merge(
     return sorted(kept + fresh, key=lambda s: s.start_s), reached
 
 
-def _drop_log(*_args: object) -> None:
-    return None
-
-
-def build_info() -> str:
-    """whisper.cpp's own account of how it was compiled (SIMD levels, LLAMAFILE, OPENMP...),
-    after the compiler that built ggml's CPU kernels."""
-    import _pywhispercpp as pw
-
-    return f"COMPILER = {build_compiler()} | {str(pw.whisper_print_system_info()).strip()}"
-
-
-_COMPILER_MARK = re.compile(rb"(clang version [0-9][0-9.]*|GCC: \([^)]*\) [0-9][0-9.]*)")
-
-
-def build_compiler() -> str:
-    """The compiler of ggml's CPU library, read from its ELF comment section ('clang 16.0.6',
-    'gcc 12.2.0'), or 'unknown'. It matters: clang 16 ran the full-window encoder ~17% faster
-    than GCC 12 on an AMD EPYC (docs/engine.md, "Engine build")."""
-    import _pywhispercpp as pw
-
-    libs = sorted(Path(pw.__file__).parent.glob("libggml-cpu*.so*"))
-    if not libs:
-        return "unknown"
-    try:
-        marks: set[bytes] = set(_COMPILER_MARK.findall(libs[0].read_bytes()))
-    except OSError:
-        return "unknown"
-    # C runtime start files carry the system GCC's mark even in a clang build.
-    for mark in sorted(marks, key=lambda m: not m.startswith(b"clang")):
-        text = str(mark.decode("ascii", "replace"))
-        if text.startswith("clang"):
-            return "clang " + text.removeprefix("clang version ")
-        return "gcc " + text.rsplit(" ", 1)[-1]
-    return "unknown"
-
-
-def has_fast_kernels(info: str) -> bool:
-    """True when whisper.cpp has llamafile's matrix kernels: without them (PyPI's portable wheel)
-    the engine measured ~1.4x slower on the shared clips; docs/engine.md has the fix."""
-    return "LLAMAFILE = 1" in info
-
-
-class Engine:
+class Engine(WhisperContexts):
     """One loaded whisper.cpp model.
 
     Args:
@@ -223,53 +88,7 @@ class Engine:
     """
 
     def __init__(self, model_path: Path, options: EngineOptions | None = None) -> None:
-        if not model_path.is_file():
-            raise ModelError(f"model file {model_path} not found; run: katydid model prepare")
-        check_ggml(model_path)  # whisper.cpp segfaults, silently, on a file that is not one
-        import _pywhispercpp as pw
-        from pywhispercpp.model import Model  # imported late: it loads a native library
-
-        # whisper.cpp logs to stderr from C (e.g. "failed to decode" when we abort a run on
-        # purpose); the engine never prints, so its log goes nowhere.
-        pw.whisper_log_set(_drop_log)
-        # ...but not during interpreter shutdown, when a model freed late would call back into
-        # a finalizing interpreter (a fatal error): the default logger is back by then.
-        atexit.register(pw.whisper_log_set, None)
-
-        self.options = options or EngineOptions()
-        self.model_path = model_path
-        # Two whisper.cpp contexts: the full window with flash attention, every clip-sized
-        # window in one context without it. Why:
-        # - Speed: flash attention is faster at 1,500 positions (encoder 807 ms against 1,098)
-        #   and slower at clip sizes (384: 137 against 109 ms; 16 short clips 7% faster).
-        # - Results must not depend on what the worker transcribed before. With flash attention
-        #   the decoder attends, unmasked, to GGML_PAD(audio_ctx, 256) cross-attention positions,
-        #   laid out per layer at that padded stride, of which this run's encoder wrote
-        #   audio_ctx; the rest hold what an earlier run at another size left (measured: 384
-        #   after a full window turned "dog suit" into "ducks suit"). The full window only ever
-        #   runs at one size. Without flash attention the decoder reads exactly audio_ctx
-        #   positions, so clip sizes can share a context: every short clip transcribed the same
-        #   from a fresh context and from one shared with all other sizes, in any order.
-        self._models: dict[bool, Any] = {}
-        self._model_class = Model
-        self.default_decode = DecodeOptions(
-            language=self.options.language,
-            prompt=self.options.initial_prompt,
-            word_timestamps=self.options.word_timestamps,
-        )
-        self._decode = self.default_decode
-        self._detector: Any = None  # the language-detection context, made on first use
-        # Both contexts load now: a bad model fails here, not at the first job, and no job pays
-        # for a model load (nor does a benchmark's timed window).
-        self._model_for(FULL_CTX)
-        if self.options.clip_context:
-            self._model_for(min(self.options.clip_ctx_steps))
-        self.multilingual = bool(pw.whisper_is_multilingual(self._model_for(FULL_CTX)._ctx))
-        if not self.multilingual and self.default_decode.language not in ("en", "auto"):
-            raise ModelError(
-                f"language {self.options.language!r} needs a multilingual model; {model_path.name}"
-                " is English-only"
-            )
+        super().__init__(model_path, options)
         self.fallbacks = 0
         self.redecodes = 0  # runs over uncovered speech, since the engine was made
         self._speech = SpeechDetector() if self.options.speech_gate else None
@@ -306,24 +125,6 @@ class Engine:
             self.budgets_s[step] = attempt_budget_s(
                 self.full_window_s, statistics.median(samples[step]), self.options.budget_ratio
             )
-
-    @staticmethod
-    def _params(opts: EngineOptions) -> dict[str, Any]:
-        params: dict[str, Any] = {
-            "n_threads": opts.threads,
-            "print_progress": False,
-            "print_realtime": False,
-            "print_timestamps": False,
-            "no_context": True,
-            # Tokens that only open non-speech markers ("[", "(", "♪"...) are never decoded.
-            "suppress_nst": True,
-            "entropy_thold": opts.entropy_thold,
-            "logprob_thold": opts.logprob_thold,
-            "no_speech_thold": opts.no_speech_thold,
-        }
-        if opts.beam_size > 0:
-            params["beam_search"] = {"beam_size": opts.beam_size, "patience": -1.0}
-        return params
 
     def transcribe(
         self,
@@ -453,7 +254,7 @@ class Engine:
         """One decode of ``audio`` (which starts ``at_s`` into the clip): clip-sized with
         guardrails when it fits, else (or when they fail) the full window."""
         opts = self.options
-        progress = (lambda seg: on_progress(at_s + seg.t1 * _TICK_S)) if on_progress else None
+        progress = (lambda seg: on_progress(at_s + seg.t1 * TICK_S)) if on_progress else None
         fallback: str | None = None
         speech_s = audio.size / SAMPLE_RATE  # what is decoded: the speech and its margins
         ctx = (
@@ -496,46 +297,6 @@ class Engine:
         )
         return _Window(self._segments(raw, FULL_CTX, at_s, audio_s, spans), FULL_CTX, fallback)
 
-    def _model_for(self, audio_ctx: int) -> Any:
-        full = audio_ctx >= FULL_CTX
-        model = self._models.get(full)
-        if model is None:
-            model = self._models[full] = self._model_class(
-                str(self.model_path),
-                params_sampling_strategy=1 if self.options.beam_size > 0 else 0,
-                redirect_whispercpp_logs_to=None,
-                context_params={"flash_attn": full},
-                **self._params(self.options),
-            )
-        return model
-
-    def _run(
-        self,
-        audio: np.ndarray,
-        *,
-        audio_ctx: int,
-        temperature_inc: float,
-        abort: Callable[[], bool] | None,
-        progress: Callable[[Any], None] | None = None,
-    ) -> list[Any]:
-        try:
-            raw: list[Any] = self._model_for(audio_ctx).transcribe(
-                audio,
-                abort_callback=abort,
-                new_segment_callback=progress,
-                audio_ctx=0 if audio_ctx >= FULL_CTX else audio_ctx,
-                temperature_inc=temperature_inc,
-                # Every call sets all of them: the binding keeps a call's params for the next.
-                language=self._decode.language,
-                detect_language=False,
-                translate=self._decode.translate,
-                initial_prompt=self._decode.prompt or "",
-                token_timestamps=self._decode.word_timestamps,
-            )
-        except Exception as exc:  # the binding raises bare RuntimeErrors
-            raise EngineError(f"whisper.cpp failed: {exc}") from exc
-        return raw
-
     def _segments(
         self,
         raw: list[Any],
@@ -550,8 +311,8 @@ class Engine:
         times come from the context, which the next run overwrites."""
         segments = []
         for i, s in enumerate(raw):
-            start_s = round(at_s + s.t0 * _TICK_S, 2)
-            end_s = round(max(start_s, min(at_s + s.t1 * _TICK_S, audio_s)), 2)
+            start_s = round(at_s + s.t0 * TICK_S, 2)
+            end_s = round(max(start_s, min(at_s + s.t1 * TICK_S, audio_s)), 2)
             text = strip_markers(s.text.strip())
             if not text:
                 continue
@@ -588,85 +349,3 @@ class Engine:
             redecodes=redecodes,
             uncovered=uncovered,
         )
-
-    def _detect(self, audio: np.ndarray) -> str:
-        """The spoken language: a multilingual model's guess from the first DETECT_CTX positions
-        (7.7 s) of the audio.
-
-        whisper.cpp's own "auto" detects before it applies the run's ``audio_ctx``, i.e. at the
-        size of the context's previous run: in the shared clip context the detected language
-        would depend on the previous job, and in the full-window one it costs a whole 30 s
-        encoder pass (base on an AMD EPYC with AVX2: 2.7 CPU s, twice its 1.2 s transcription of
-        a short clip). So a third context, made on first use, runs one warm-up at DETECT_CTX and
-        then detection only (which returns before it would change the size): always the same
-        size, at about a quarter of the full window's cost.
-
-        Raises:
-            EngineError: whisper.cpp could not tell.
-        """
-        import _pywhispercpp as pw
-
-        if self._detector is None:
-            self._detector = self._model_class(
-                str(self.model_path),
-                params_sampling_strategy=0,
-                redirect_whispercpp_logs_to=None,
-                context_params={"flash_attn": False},
-                **self._params(self.options),
-            )
-            warm_up = np.zeros(SAMPLE_RATE, dtype=np.float32)
-            self._detector.transcribe(warm_up, language="en", audio_ctx=DETECT_CTX)
-        try:
-            self._detector.transcribe(
-                audio[: DETECT_CTX * 2 * _HOP],
-                language="auto",
-                detect_language=True,  # whisper.cpp stops after detection
-                audio_ctx=DETECT_CTX,
-            )
-        except Exception as exc:  # the binding raises bare RuntimeErrors
-            raise EngineError(f"whisper.cpp language detection failed: {exc}") from exc
-        lang_id = int(pw.whisper_full_lang_id(self._detector._ctx))  # no accessor in the binding
-        language = str(pw.whisper_lang_str(lang_id)) if lang_id >= 0 else ""
-        # whisper.cpp's table ends with large-v3's "yue", whose token id is the translate
-        # token's in every other model: a detection can land there, but it is not a language.
-        if language not in WHISPER_LANGUAGES:
-            raise EngineError(f"whisper.cpp could not detect the language (got {language!r})")
-        return language
-
-    def _words(
-        self, audio_ctx: int, segment: int, trim_s: float, seg_start: float, seg_end: float
-    ) -> tuple[Word, ...]:
-        # Tokens that start with a space begin a new word; special tokens ([_BEG_], <|...|>) are
-        # skipped. whisper.cpp's token times can overlap or fall outside their segment: each word
-        # is clamped into the segment and to start where the previous one ended, so times are
-        # monotonic.
-        import _pywhispercpp as pw
-
-        ctx = self._model_for(audio_ctx)._ctx  # the binding exposes no accessor
-        eot = pw.whisper_token_eot(ctx)
-        words: list[list[Any]] = []
-        for j in range(pw.whisper_full_n_tokens(ctx, segment)):
-            data = pw.whisper_full_get_token_data(ctx, segment, j)
-            if data.id >= eot:
-                continue
-            piece = pw.whisper_full_get_token_text(ctx, segment, j)
-            text = piece.decode("utf-8", "replace") if isinstance(piece, bytes) else str(piece)
-            if not words or text.startswith(" "):
-                words.append(
-                    [trim_s + data.t0 * _TICK_S, trim_s + data.t1 * _TICK_S, text.strip(), [data.p]]
-                )
-            else:
-                words[-1][1] = trim_s + data.t1 * _TICK_S
-                words[-1][2] += text
-                words[-1][3].append(data.p)
-        out: list[Word] = []
-        floor = seg_start
-        for t0, t1, text, probs in words:
-            text = strip_markers(text)
-            if not text:
-                continue
-            start = min(max(t0, floor), seg_end)
-            end = min(max(t1, start), seg_end)
-            out.append(Word(round(start, 2), round(end, 2), text, float(np.mean(probs))))
-            floor = end
-        return tuple(out)

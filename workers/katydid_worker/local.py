@@ -19,7 +19,9 @@ from katydid.audio import float_to_int16
 from katydid.chunker import Chunker
 from katydid.config import Config
 from katydid.messages import SAMPLE_RATE
-from katydid_worker.engine import DecodeOptions, Engine, Segment, Transcript, Word
+from katydid_worker.engine import Engine
+from katydid_worker.engine_options import DecodeOptions
+from katydid_worker.transcript import Segment, Transcript, Word
 
 
 def transcribe_recording(

@@ -17,12 +17,10 @@ Rule 5: SIGTERM/SIGINT: finish the current job, stop fetching, unsubscribe, drai
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,75 +48,19 @@ from katydid.messages import (
     Job,
     JobResult,
     ResultError,
-    ResultSegment,
-    ResultWord,
     consumer_name,
     sender_token,
 )
 from katydid.sdnotify import notify
-from katydid_worker.engine import (
-    DecodeOptions,
-    Engine,
-    EngineOptions,
-    Transcript,
-    build_info,
-    has_fast_kernels,
-)
+from katydid_worker.engine import Engine
+from katydid_worker.engine_build import build_info, has_fast_kernels
+from katydid_worker.engine_options import DecodeOptions, EngineOptions
+from katydid_worker.job_result import answer, result_segments
+from katydid_worker.worker_stats import WorkerStats
 
 log = structlog.get_logger("katydid.worker")
 _FETCH_INTERACTIVE_S = 0.5  # the wait for a job when both lanes are empty
 _CANCELLED_MAX = 10_000  # sessions remembered as cancelled (oldest forgotten first)
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    worker_id: str
-    model: str
-    multilingual: bool = False
-    busy: bool = False
-    job_stream_seq: int | None = None  # the job in hand (its stream sequence) while busy
-    jobs_done: int = 0
-    jobs_skipped: int = 0
-    jobs_failed: int = 0
-    audio_s: float = 0.0
-    compute_s: float = 0.0
-    started_unix: float = field(default_factory=time.time)
-    fallbacks: int = 0  # clip-sized runs redone with the full window (engine guardrails)
-    redecodes: int = 0  # runs over speech a first run left without text (engine coverage)
-    uncovered_s: float = 0.0  # speech still without text after its second decode
-
-    def to_json(self) -> bytes:
-        avg = self.compute_s / self.jobs_done if self.jobs_done else None
-        return json.dumps(
-            {
-                "id": self.worker_id,
-                "model": self.model,
-                "multilingual": self.multilingual,
-                "busy": self.busy,
-                "job_stream_seq": self.job_stream_seq,
-                "jobs_done": self.jobs_done,
-                "jobs_skipped": self.jobs_skipped,
-                "jobs_failed": self.jobs_failed,
-                "avg_compute_s": avg,
-                "rtf": self.compute_s / self.audio_s if self.audio_s else None,
-                "pid": os.getpid(),
-                "cpu_s": round(time.process_time(), 3),
-                "fallbacks": self.fallbacks,
-                "redecodes": self.redecodes,
-                "uncovered_s": round(self.uncovered_s, 2),
-                "rss_bytes": _rss_bytes(),
-                "uptime_s": round(time.time() - self.started_unix, 1),
-            }
-        ).encode()
-
-
-def _rss_bytes() -> int:
-    """Current resident set size (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def lane_order(interactive_streak: int, bulk_every: int) -> tuple[str, str]:
@@ -128,54 +70,6 @@ def lane_order(interactive_streak: int, bulk_every: int) -> tuple[str, str]:
     if bulk_every > 0 and interactive_streak >= bulk_every - 1:
         return ("bulk", "interactive")
     return ("interactive", "bulk")
-
-
-def _answer(
-    job: Job,
-    worker: str,
-    queue_s: float,
-    *,
-    error: tuple[ResultError, str] | None = None,
-    audio_s: float = 0.0,
-    compute_s: float = 0.0,
-    text: str = "",
-    segments: tuple[ResultSegment, ...] = (),
-    language: str | None = None,
-    uncovered: tuple[tuple[float, float], ...] = (),
-) -> JobResult:
-    """The one result a job gets: a transcript, or ``error`` = (code, message)."""
-    return JobResult(
-        job=job.job_id,
-        session=job.session_id,
-        seq=job.seq,
-        kind=job.options.kind,
-        text=text,
-        segments=segments,
-        language=language or job.options.language,
-        audio_s=audio_s,
-        compute_s=compute_s,
-        queue_s=queue_s,
-        worker=worker,
-        error={"code": error[0].value, "message": error[1]} if error else None,
-        token=job.token,
-        uncovered=uncovered,
-    )
-
-
-def _segments(tr: Transcript, offset_s: float) -> tuple[ResultSegment, ...]:
-    """The transcript's segments (and words) in session time."""
-    return tuple(
-        ResultSegment(
-            round(s.start_s + offset_s, 2),
-            round(s.end_s + offset_s, 2),
-            s.text,
-            tuple(
-                ResultWord(w.text, round(w.start_s + offset_s, 2), round(w.end_s + offset_s, 2))
-                for w in s.words
-            ),
-        )
-        for s in tr.segments
-    )
 
 
 class Worker:
@@ -369,7 +263,7 @@ class Worker:
         )
 
         def error(code: ResultError, message: str) -> JobResult:
-            return _answer(job, self.worker_id, queue_s, error=(code, message))
+            return answer(job, self.worker_id, queue_s, error=(code, message))
 
         engine: dict[str, Any] = {}  # how the engine ran it, for the log line
         if job.session_id in self._cancelled:
@@ -432,7 +326,7 @@ class Worker:
                 finally:
                     tg.cancel_scope.cancel()
         except KatydidError as exc:
-            return _answer(
+            return answer(
                 job,
                 self.worker_id,
                 queue_s,
@@ -449,7 +343,7 @@ class Worker:
             "uncovered_s": round(sum(b - a for a, b in tr.uncovered), 2),
         }
         if job.session_id in self._cancelled:
-            return _answer(
+            return answer(
                 job,
                 self.worker_id,
                 queue_s,
@@ -463,14 +357,14 @@ class Worker:
         self.stats.uncovered_s += sum(b - a for a, b in tr.uncovered)
         self.stats.audio_s += tr.audio_s
         self.stats.compute_s += tr.compute_s
-        return _answer(
+        return answer(
             job,
             self.worker_id,
             queue_s,
             audio_s=tr.audio_s,
             compute_s=tr.compute_s,
             text=tr.text,
-            segments=_segments(tr, job.offset_ms / 1000.0),
+            segments=result_segments(tr, job.offset_ms / 1000.0),
             language=tr.language,
             uncovered=tuple(
                 (round(a + job.offset_ms / 1000.0, 2), round(b + job.offset_ms / 1000.0, 2))

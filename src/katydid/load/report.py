@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from katydid.cpu import cpu_model
 from katydid.load.runner import LoadStats
 
 
@@ -60,16 +61,6 @@ def engine_on_mix(
     return audio / (seconds / processes) if seconds > 0 else None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def summarize(
     stats: LoadStats,
     *,
@@ -108,7 +99,7 @@ def summarize(
         "command": command,
         "machine": {
             "cores": os.cpu_count(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "python": platform.python_version(),
         },
         "mode": spec.mode,

@@ -1,0 +1,55 @@
+"""The engine's options: how a worker's engine decodes (``EngineOptions``, fixed when it loads)
+and what one call asks for (``DecodeOptions``, a job's options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from katydid_worker.guardrails import CLIP_CTX_STEPS
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """Decoding options. Defaults were measured on the shared clips for accuracy per CPU second
+    (see docs/engine.md): greedy, clip-sized context with guardrails, whisper.cpp's thresholds.
+    """
+
+    language: str = "en"
+    threads: int = 1
+    beam_size: int = 0  # 0 = greedy
+    word_timestamps: bool = False
+    initial_prompt: str | None = None
+    clip_context: bool = True  # encoder window sized to the clip, with guardrails
+    ctx_margin_s: float = 1.0  # context beyond the clip's length
+    # The context sizes a clip may get (a clip takes the smallest that holds it plus the
+    # margin); guardrails.py has the measurements. Longer clips use the full window: past 640
+    # positions a clip-sized run's encoder leaves too little of its budget for the text.
+    clip_ctx_steps: tuple[int, ...] = CLIP_CTX_STEPS
+    # A clip-sized attempt's CPU budget: this much of the clip's own full-window time
+    # (guardrails.attempt_budget_s), so that attempt plus fallback stay within 1.5x of it.
+    budget_ratio: float = 0.5
+    temperature_fallback: bool = True  # whisper.cpp's temperature retries, in full-window runs
+    entropy_thold: float = 2.4
+    logprob_thold: float = -1.0
+    no_speech_thold: float = 0.6
+    # Voice activity (speech.py): no speech, no text; the clip is trimmed to its speech plus
+    # speech_pad_s before decoding; segments outside every span of speech are dropped.
+    speech_gate: bool = True
+    speech_pad_s: float = 0.3
+    # Speech the first run left without text is decoded again, at most this many runs per
+    # call (coverage.py); 0 = never (what every chunk got before: passages went missing).
+    max_redecodes: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    """What one call asks for, applied without reloading the model: a job's options.
+
+    ``language`` is a Whisper language code or ``"auto"`` (detect; multilingual models);
+    ``translate`` turns the speech into English text (multilingual models).
+    """
+
+    language: str = "en"
+    prompt: str | None = None
+    word_timestamps: bool = False
+    translate: bool = False
