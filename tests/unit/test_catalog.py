@@ -16,6 +16,7 @@ from katydid.catalog import (
 )
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.events import Final, Ready
+from katydid.gateway.native_wire import receive_text
 from katydid.gateway.options import Limits, StartOptions
 from katydid.gateway.outputs import JobStamp, Publish, Send
 from katydid.gateway.session import Session
@@ -113,10 +114,10 @@ def test_words_and_language_travel_to_the_client() -> None:
     result = JobResult("s1-0", "s1", 0, "final", "Hello there.", (seg,), "de", 1.0, 0.1, 0.0, "w0")
     assert JobResult.from_json(result.to_json()) == result
     session = Session("s1", Limits.default(), JobStamp("r", lambda _: "t", lambda: 0.0), now=0.0)
-    session.receive_text('{"type": "start"}', 0.0)
+    receive_text(session, '{"type": "start"}', 0.0)
     session.admitted("base", ())
     session.receive_bytes(b"\x10\x00" * 16_000, 0.0)
-    jobs = [o for o in session.receive_text('{"type": "stop"}', 0.0) if isinstance(o, Publish)]
+    jobs = [o for o in receive_text(session, '{"type": "stop"}', 0.0) if isinstance(o, Publish)]
     assert [p.job.seq for p in jobs] == [0]
     sent = session.receive_result(result)
     final = sent[0].event if isinstance(sent[0], Send) else None

@@ -12,6 +12,7 @@ import trio.testing
 
 from katydid.errors import ConfigError, ErrorCode, ProtocolError
 from katydid.gateway.credentials import bearer, query_key
+from katydid.gateway.native_wire import receive_text
 from katydid.gateway.tenants import AudioBudget, Tenants
 from katydid.keys import KeyFile, add_key, parse_keys, read_keys, revoke_key
 from katydid.log import SampledLogger
@@ -226,7 +227,7 @@ async def test_a_partial_skipped_at_the_keys_share_does_not_stop_the_next_one(
     gateway.admission.partials_allowed["tiny.en-q8_0"] = True
     live = gateway.open_session("websocket", key)
     s = live.session
-    start = s.receive_text('{"type": "start", "partials": true}', 0.0)
+    start = receive_text(s, '{"type": "start", "partials": true}', 0.0)
     (admit,) = start
     assert isinstance(admit, Admit)
     gateway.seating.admit(live, admit)

@@ -13,6 +13,7 @@ import pytest
 
 from katydid.errors import ErrorCode
 from katydid.gateway.events import Done, ErrorEvent, Final, Queued, Ready
+from katydid.gateway.native_wire import receive_text
 from katydid.gateway.options import Limits
 from katydid.gateway.outputs import (
     Admit,
@@ -24,7 +25,8 @@ from katydid.gateway.outputs import (
     Publish,
     Send,
 )
-from katydid.gateway.session import Phase, Session
+from katydid.gateway.session import Session
+from katydid.gateway.session_queries import Phase
 from katydid.messages import JobResult, ResultSegment
 
 STAMP = JobStamp("katydid.results.test", lambda job_id: f"token-{job_id}", lambda: 1_000.0)
@@ -64,7 +66,7 @@ def _session(**limits: Any) -> Session:
 
 def _started(session: Session | None = None, **start: object) -> Session:
     s = session or _session()
-    out = s.receive_text(json.dumps({"type": "start", **start}), 0.0)
+    out = receive_text(s, json.dumps({"type": "start", **start}), 0.0)
     assert [type(o) for o in out] == [Admit]
     out = s.admitted("tiny.en-q8_0", ({"name": "tiny.en-q8_0"},))
     assert out == [Send(Ready(s.session_id, "tiny.en-q8_0", ({"name": "tiny.en-q8_0"},)))]
@@ -119,12 +121,12 @@ def _error_and_close(outputs: list[Output]) -> tuple[ErrorEvent, Close]:
 )
 def test_malformed_control_messages_get_codes(text: str, code: ErrorCode, close: int) -> None:
     s = _session()
-    error, closed = _error_and_close(s.receive_text(text, 0.0))
+    error, closed = _error_and_close(receive_text(s, text, 0.0))
     assert error.code is code
     assert len(error.message) < 200  # a client's 400 digits are not echoed back
     assert closed.code == close
     assert (s.closed, s.outcome) == (True, str(code))
-    assert s.receive_text('{"type": "start"}', 1.0) == []  # a closed session says nothing more
+    assert receive_text(s, '{"type": "start"}', 1.0) == []  # a closed session says nothing more
 
 
 def test_order_of_messages_is_enforced() -> None:
@@ -132,7 +134,7 @@ def test_order_of_messages_is_enforced() -> None:
     error, _ = _error_and_close(early.receive_bytes(b"\0\0", 0.0))
     assert "only allowed between start and stop" in error.message
     twice = _started()
-    error, _ = _error_and_close(twice.receive_text('{"type": "start"}', 0.0))
+    error, _ = _error_and_close(receive_text(twice, '{"type": "start"}', 0.0))
     assert error.message == "start sent twice"
     after, _ = _three_jobs()  # stopped, waiting for results
     error, _ = _error_and_close(after.receive_bytes(b"\0\0", 0.0))
@@ -145,7 +147,7 @@ def test_pcm_stream_is_chunked_into_jobs_and_split_samples_are_joined() -> None:
     jobs: list[Publish] = []
     for i in range(0, len(pcm), 3201):  # odd frame size: samples split across frames
         jobs += _published(s.receive_bytes(pcm[i : i + 3201], 0.0))
-    jobs += _published(s.receive_text('{"type": "stop"}', 0.0))
+    jobs += _published(receive_text(s, '{"type": "stop"}', 0.0))
     assert [p.job.seq for p in jobs] == list(range(len(jobs)))
     assert len(jobs) >= 3
     total = sum(len(p.pcm) // 2 for p in jobs)
@@ -170,14 +172,14 @@ def test_pcm_reaches_the_job_bit_exact() -> None:
     s = _started()
     pattern = np.array([1000, -1000, 32767, -32768, 0, 1, -1, 12345] * 4000, dtype="<i2")
     jobs = _published(s.receive_bytes(pattern.tobytes(), 0.0))
-    jobs += _published(s.receive_text('{"type": "stop"}', 0.0))
+    jobs += _published(receive_text(s, '{"type": "stop"}', 0.0))
     assert b"".join(p.pcm for p in jobs) == pattern.tobytes()
 
 
 def test_odd_length_pcm_is_an_error_at_stop() -> None:
     s = _started()
     assert s.receive_bytes(b"\x01\x02\x03", 0.0) == []
-    error, close = _error_and_close(s.receive_text('{"type": "stop"}', 0.0))
+    error, close = _error_and_close(receive_text(s, '{"type": "stop"}', 0.0))
     assert "odd-length" in error.message
     assert close.code == 1008
 
@@ -205,7 +207,7 @@ def test_bounds() -> None:
     # A control message is bounded in bytes: 40 characters of 3 bytes are over 100.
     wide = _session(max_frame_bytes=100)
     error, close = _error_and_close(
-        wide.receive_text('{"type": "start", "x": "' + "€" * 40 + '"}', 0.0)
+        receive_text(wide, '{"type": "start", "x": "' + "€" * 40 + '"}', 0.0)
     )
     assert (error.code, close.code) == (ErrorCode.TOO_LARGE, 1009)
 
@@ -213,7 +215,7 @@ def test_bounds() -> None:
 def _three_jobs(**limits: Any) -> tuple[Session, list[Publish]]:
     s = _started(_session(**limits))
     jobs = _published(s.receive_bytes(_speech_like(9.0), 0.0))
-    jobs += _published(s.receive_text('{"type": "stop"}', 0.0))
+    jobs += _published(receive_text(s, '{"type": "stop"}', 0.0))
     assert len(jobs) >= 3
     for i, p in enumerate(jobs):
         assert s.published(p.job.seq, 100 + i) == []
@@ -309,7 +311,7 @@ def test_result_timeout_after_stop_cancels_what_is_unanswered() -> None:
     jobs = _published(s.receive_bytes(_speech_like(9.0), 10.0))
     for i, p in enumerate(jobs):
         s.published(p.job.seq, 10 + i)
-    _published(s.receive_text('{"type": "stop"}', 20.0), 20, s)
+    _published(receive_text(s, '{"type": "stop"}', 20.0), 20, s)
     assert s.deadline == 920.0
     out = s.tick(920.0)
     error, close = _error_and_close(out)
@@ -327,7 +329,7 @@ def test_result_timeout_counts_from_the_last_result() -> None:
     assert len(jobs) >= 2
     for i, p in enumerate(jobs):
         s.published(p.job.seq, 10 + i)
-    _published(s.receive_text('{"type": "stop"}', 20.0), 20, s)
+    _published(receive_text(s, '{"type": "stop"}', 20.0), 20, s)
     s.progressed(10.0)  # before stop: no later than stop
     assert s.deadline == 920.0
     s.receive_result(_result(0, "x"))
@@ -381,7 +383,7 @@ def test_publish_failures() -> None:
 
 def test_not_done_until_flushed_even_with_zero_chunks() -> None:
     s = _started()
-    out = s.receive_text('{"type": "stop"}', 0.0)
+    out = receive_text(s, '{"type": "stop"}', 0.0)
     assert out[-1] == Close(1000, "done", "ok")
     assert _sent(out) == [Done(0, 0.0, 0)]
 
@@ -389,7 +391,7 @@ def test_not_done_until_flushed_even_with_zero_chunks() -> None:
 def test_an_upload_is_decoded_after_stop_and_long_files_go_to_the_bulk_lane() -> None:
     s = _started(_session(bulk_min_audio_s=5.0), format="wav")
     s.receive_bytes(b"RIFF....", 0.0)
-    out = s.receive_text('{"type": "stop"}', 0.0)
+    out = receive_text(s, '{"type": "stop"}', 0.0)
     assert [type(o) for o in out] == [Decode]
     decode = out[0]
     assert isinstance(decode, Decode)
@@ -403,7 +405,7 @@ def test_an_upload_is_decoded_after_stop_and_long_files_go_to_the_bulk_lane() ->
     assert s.chunks_total == len(jobs)
     assert not s.closed  # until every chunk is answered
     empty = _started(Session("s3", _limits(), STAMP, now=0.0), format="wav")
-    error, close = _error_and_close(empty.receive_text('{"type": "stop"}', 0.0))
+    error, close = _error_and_close(receive_text(empty, '{"type": "stop"}', 0.0))
     assert (error.code, close.code) == (ErrorCode.UNSUPPORTED_AUDIO, 1003)
 
 
@@ -490,7 +492,7 @@ class _FullDisk(io.BytesIO):
 
 def test_an_upload_with_no_room_on_disk_is_told_overloaded_with_a_retry() -> None:
     s = _session()
-    s.receive_text(json.dumps({"type": "start", "format": "wav"}), 0.0)
+    receive_text(s, json.dumps({"type": "start", "format": "wav"}), 0.0)
     s.admitted("tiny.en-q8_0", ({"name": "tiny.en-q8_0"},), _FullDisk())
     error, close = _error_and_close(s.receive_bytes(b"RIFF....", 0.0))
     assert (error.code, close.code) == (ErrorCode.OVERLOADED, 1013)
@@ -501,12 +503,12 @@ def test_an_upload_with_no_room_on_disk_is_told_overloaded_with_a_retry() -> Non
 def test_an_unknown_message_type_is_named_but_not_echoed_whole() -> None:
     from katydid.config import Config
     from katydid.errors import ProtocolError
-    from katydid.gateway.options import parse_control
+    from katydid.gateway.native_wire import parse_text
 
     limits = Limits.from_config(Config())
     with pytest.raises(ProtocolError, match="unknown message type 'pause'"):
-        parse_control('{"type": "pause"}', limits)
+        parse_text('{"type": "pause"}', limits)
     with pytest.raises(ProtocolError) as refused:
-        parse_control(json.dumps({"type": "x" * 100_000}), limits)
+        parse_text(json.dumps({"type": "x" * 100_000}), limits)
     assert len(str(refused.value)) < 200
     assert "100000 characters" in str(refused.value)

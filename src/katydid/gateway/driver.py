@@ -25,7 +25,7 @@ from katydid.gateway.events import ServerEvent
 from katydid.gateway.hub import Hub
 from katydid.gateway.live import Live, apply
 from katydid.gateway.outputs import Admit, CancelJobs, Close, Decode, Output, Publish, Send
-from katydid.gateway.session import Phase
+from katydid.gateway.session_queries import Phase
 from katydid.messages import JobResult
 
 T = TypeVar("T")

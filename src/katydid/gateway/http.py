@@ -417,7 +417,7 @@ class _HttpSession(SessionDriver):
                 self.open(nursery)
                 nursery.start_soon(self._watch_disconnect)
                 now = trio.current_time()
-                await self.emit(s.receive_text(json.dumps(self.request["start"]), now))
+                await self.emit(s.start_with(self.request["start"], now))
                 if not s.closed:
                     size = upload.size if upload.size is not None else 0
                     upload.file.seek(0)

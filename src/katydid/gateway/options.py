@@ -7,7 +7,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from katydid import wire_json
 from katydid.audio import CONTAINERS, check_pcm_format
 from katydid.errors import AudioError, ErrorCode, ProtocolError
 from katydid.messages import SAMPLE_RATE, TASKS
@@ -147,37 +146,6 @@ class StartOptions:
                     f"start.prompt is {size} bytes (UTF-8); at most {limits.max_prompt_bytes}",
                 )
         return opts
-
-
-def parse_control(text: str, limits: Limits) -> tuple[str, StartOptions | None]:
-    """A client's text frame: ``("start", options)`` or ``("stop", None)``.
-
-    Raises:
-        ProtocolError: too large, not JSON, not a message, an unknown type, or a bad ``start``.
-    """
-    # In bytes, as on the wire (characters would let 4-byte ones through at 4x the bound).
-    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-    if size > limits.max_frame_bytes:
-        raise ProtocolError(
-            ErrorCode.TOO_LARGE,
-            f"control message of {size} bytes exceeds {limits.max_frame_bytes}",
-        )
-    try:
-        msg = wire_json.loads(text)
-    except ValueError:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "control message is not valid JSON") from None
-    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE, "control message must be an object with a string 'type'"
-        )
-    kind = msg["type"]
-    if kind == "start":
-        return kind, StartOptions.from_message(msg, limits)
-    if kind == "stop":
-        return kind, None
-    # Named, but bounded: a 100 KB type was echoed back whole.
-    shown = repr(kind) if len(kind) <= 64 else f"{kind[:64]!r}... ({len(kind)} characters)"
-    raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown message type {shown}")
 
 
 def _seconds(value: float) -> float:

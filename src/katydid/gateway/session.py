@@ -1,7 +1,8 @@
 """One client session, sans-IO (h11-style): typed inputs in, typed outputs out.
 
-The adapters (``websocket.py``; the HTTP doors later) feed a ``Session`` what happened — a client
-frame, a decoded block of an upload, a job's result, the clock, the queue's state — and carry out
+The doors feed a ``Session`` what happened — a typed client input (``inputs.py``: each door
+parses its own wire), audio bytes, a decoded block of an upload, a job's result, the clock,
+the queue's state — and carry out
 what it returns: ``Send`` an event, ``Publish`` a job, ``Decode`` an upload, ``CancelJobs``,
 ``Close``. It owns option validation, chunking, job building, the in-flight bookkeeping, in-order
 delivery and completion; it imports neither trio nor nats, and time is an input (``now``), so its
@@ -12,24 +13,33 @@ Rule 2: every bound ends the session with a coded ``ErrorEvent`` and a ``Close``
 dropped silently. An input never raises: a ``ProtocolError`` becomes those outputs.
 Rule 3: a session that ends with jobs unanswered says which (``CancelJobs``), however it ends.
 
-Phases: AWAIT_START --start--> ADMITTING --admitted--> STREAMING --stop--> STOPPED
---(every chunk answered)--> CLOSED (also reached from any phase by an error or the client leaving).
+Phases and the inputs each allows (any other input there is ``bad_message``; in CLOSED every
+input is ignored; ``fail``, ``client_gone`` and ``shutdown`` close it from any phase):
+
+    phase        allowed inputs                                    next phase
+    AWAIT_START  receive(Start)                                    ADMITTING
+    ADMITTING    admitted (the gateway chose the model)            STREAMING
+    STREAMING    receive_bytes (PCM or file bytes), receive_file,  STREAMING
+                 results, ticks, queue news
+                 receive(Stop)                                     STOPPED
+    STOPPED      decoding/decoded/decoded_end (a file), results,   STOPPED, or CLOSED once
+                 ticks, queue news, published/publish_failed       every chunk is answered
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import IO, Any
 
 import numpy as np
 
 from katydid.chunker import Chunk
 from katydid.errors import ErrorCode, ProtocolError
-from katydid.gateway.events import Done, ErrorEvent, Final, Queued, Ready
+from katydid.gateway.events import ErrorEvent, Final, Ready
+from katydid.gateway.inputs import ClientInput, Start, Stop
 from katydid.gateway.intake import AudioIntake
 from katydid.gateway.ledger import JobLedger
-from katydid.gateway.options import Limits, StartOptions, parse_control
+from katydid.gateway.options import Limits, StartOptions
 from katydid.gateway.outputs import (
     Admit,
     CancelJobs,
@@ -41,19 +51,13 @@ from katydid.gateway.outputs import (
     Send,
     error_code,
 )
+from katydid.gateway.session_clock import SessionClock
+from katydid.gateway.session_queries import Phase
 from katydid.messages import Job, JobResult
 
 
-class Phase(Enum):
-    AWAIT_START = "await_start"
-    ADMITTING = "admitting"
-    STREAMING = "streaming"
-    STOPPED = "stopped"
-    CLOSED = "closed"
-
-
 @dataclass(slots=True)
-class Session:
+class Session(SessionClock):
     """The state of one client session; ``now`` is any monotonic clock, in seconds."""
 
     session_id: str
@@ -84,38 +88,52 @@ class Session:
 
     # --- client input ---
 
-    def receive_text(self, text: str, now: float) -> list[Output]:
-        """A text frame: ``start`` or ``stop`` (anything else is an error)."""
+    def receive(self, event: ClientInput, now: float) -> list[Output]:
+        """The client's ``Start`` or ``Stop`` (typed: each door parses its own wire)."""
         self._last_input = now
+        if self.phase is Phase.CLOSED:
+            return []
         try:
-            return self._text(text, now)
+            if isinstance(event, Start):
+                return self._start(event.options)
+            return self._stop(now)
         except ProtocolError as exc:
             return self.fail(exc)
 
-    def _text(self, text: str, now: float) -> list[Output]:
-        if self.phase is Phase.CLOSED:
-            return []
-        kind, start = parse_control(text, self.limits)
-        if start is not None:
-            if self.phase is not Phase.AWAIT_START:
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "start sent twice")
-            self.options = start
-            self.intake = AudioIntake(self.limits, self.options)
-            self.phase = Phase.ADMITTING
-            return [Admit(self.options)]
-        if kind == "stop":
-            if self.phase is not Phase.STREAMING:
-                raise ProtocolError(
-                    ErrorCode.BAD_MESSAGE, f"stop not allowed in state {self.phase.value}"
-                )
-            self.phase = Phase.STOPPED
-            self._stopped_at = now
-            assert self.options is not None
-            assert self.intake is not None
-            if self.options.is_file:
-                return [Decode(self.intake.stored_upload())]
-            return self._finish()
-        raise AssertionError(kind)  # parse_control knows only start and stop
+    def start_with(self, fields: dict[str, Any], now: float) -> list[Output]:
+        """``Start`` from a door's own fields (the HTTP form, Wyoming's ``transcribe``, vosk's
+        config), validated as a native ``start`` is: a bad one ends the session, coded."""
+        try:
+            options = StartOptions.from_message(fields, self.limits)
+        except ProtocolError as exc:
+            return self.refuse(exc, now)
+        return self.receive(Start(options), now)
+
+    def refuse(self, exc: ProtocolError, now: float) -> list[Output]:
+        """The client sent what its door could not parse: the session ends, coded."""
+        self._last_input = now
+        return self.fail(exc)
+
+    def _start(self, options: StartOptions) -> list[Output]:
+        if self.phase is not Phase.AWAIT_START:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "start sent twice")
+        self.options = options
+        self.intake = AudioIntake(self.limits, options)
+        self.phase = Phase.ADMITTING
+        return [Admit(options)]
+
+    def _stop(self, now: float) -> list[Output]:
+        if self.phase is not Phase.STREAMING:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"stop not allowed in state {self.phase.value}"
+            )
+        self.phase = Phase.STOPPED
+        self._stopped_at = now
+        assert self.options is not None
+        assert self.intake is not None
+        if self.options.is_file:
+            return [Decode(self.intake.stored_upload())]
+        return self._finish()
 
     def admitted(
         self, model: str, offers: tuple[dict[str, Any], ...], upload: IO[bytes] | None = None
@@ -180,7 +198,7 @@ class Session:
             self.intake.adopt(upload, size)
         except ProtocolError as exc:
             return self.fail(exc)
-        return self.receive_text('{"type": "stop"}', now)
+        return self.receive(Stop(), now)
 
     # --- an upload, decoded by the adapter after stop ---
 
@@ -353,76 +371,7 @@ class Session:
         self.outcome = "ok"
         return [Send(self.done_event()), Close(1000, "done", "ok")]
 
-    # --- the clock, the queue, and endings from outside ---
-
-    @property
-    def deadline(self) -> float:
-        """When the session times out if nothing happens (compare with the same clock as
-        ``now``): no start, no frame while streaming, or results not complete."""
-        limits = self.limits
-        if self.phase in (Phase.AWAIT_START, Phase.ADMITTING):
-            return self.now + limits.start_timeout_s
-        if self.phase is Phase.STREAMING:
-            if not self.wants_audio:
-                # The adapter is not reading: our backpressure, not the client's silence (jobs
-                # still end, at worst 'expired' after job_deadline_s, and free room).
-                return float("inf")
-            return self._last_input + limits.idle_timeout_s
-        if self.phase is Phase.STOPPED:
-            return self._stopped_at + limits.result_timeout_s
-        return float("inf")
-
-    def progressed(self, now: float) -> None:
-        """A worker's result was applied at ``now``: after ``stop``, the result timeout counts
-        from it. Counted from ``stop`` alone, it bounded the whole of a long upload's
-        transcription (a 4 h file takes ~800 s on one idle worker on an AMD EPYC, longer on a
-        busy or slower host: ``timeout``, and its retry the same), where it is meant for a
-        session whose results stopped coming."""
-        if self.phase is Phase.STOPPED:
-            self._stopped_at = max(self._stopped_at, now)
-
-    def resumed(self, now: float) -> None:
-        """The adapter reads again after waiting for room: idle time counts from now."""
-        self._last_input = max(self._last_input, now)
-
-    def tick(self, now: float) -> list[Output]:
-        """The clock says ``now``: a session past its deadline ends with ``timeout`` (4008)."""
-        if now < self.deadline:
-            return []
-        if self.phase in (Phase.AWAIT_START, Phase.ADMITTING):
-            message = f"no start message within {self.limits.start_timeout_s:.0f} s"
-        elif self.phase is Phase.STREAMING:
-            message = f"no message for {self.limits.idle_timeout_s:.0f} s"
-        else:
-            message = f"no result for {self.limits.result_timeout_s:.0f} s"
-        return self.fail(ProtocolError(ErrorCode.TIMEOUT, message))
-
-    def queue_news(self, position: int, eta_s: float, now: float) -> bool:
-        """Whether this queue state is news to the client. Far back in the queue a step of one
-        place is news to no one: news when the position moved by 10% (or reached the front),
-        and at most once per ``queued_interval_s`` (reaching the front excepted), so 2,000
-        waiting clients are not 2,000 frames a second. Each frame costs the gateway a send (and
-        on loopback the client's receive): in the seed scenario, 43 a session, half the
-        gateway's CPU, taken from the workers on a shared host."""
-        if not self._jobs_out.stored_count or self.phase is Phase.CLOSED:
-            return False
-        last = self.last_queued
-        if last is not None:
-            if position and abs(position - last[0]) < max(1, last[0] // 10):
-                return False
-            at_front = position == 0 and last[0] != 0
-            if not at_front and now - last[2] < self.limits.queued_interval_s:
-                return False
-            if last[:2] == (position, int(eta_s)):
-                return False
-        return True
-
-    def queue_status(self, position: int, eta_s: float, now: float) -> list[Output]:
-        """Where the oldest unanswered job stands: ``queued`` when it is news."""
-        if not self.queue_news(position, eta_s, now):
-            return []
-        self.last_queued = (position, int(eta_s), now)
-        return [Send(Queued(position, eta_s))]
+    # --- endings from outside ---
 
     def fail(self, exc: ProtocolError) -> list[Output]:
         """End the session with a coded error (sent, then the close code); its unanswered jobs
@@ -469,69 +418,6 @@ class Session:
             self.cancelled_jobs += len(abandoned)
             out.append(CancelJobs(self.session_id, abandoned))
         return [*out, Close(code, reason, outcome)]
-
-    # --- queries ---
-
-    @property
-    def lane(self) -> str:
-        return self.intake.lane if self.intake is not None else self._lane
-
-    @property
-    def closed(self) -> bool:
-        return self.phase is Phase.CLOSED
-
-    @property
-    def in_flight(self) -> int:
-        """Finals published (or being published) and not yet answered."""
-        return len(self._jobs_out.in_flight)
-
-    @property
-    def queued_jobs(self) -> int:
-        """Finals in the stream (publish acknowledged), not yet answered."""
-        return self._jobs_out.stored_count
-
-    @property
-    def wants_audio(self) -> bool:
-        """Below the in-flight bound: the adapter may read (or decode) more audio. The bound is
-        checked before each frame, so it is exceeded by at most one frame's chunks."""
-        return len(self._jobs_out.in_flight) < self.limits.max_jobs_in_flight
-
-    @property
-    def oldest_stream_seq(self) -> int | None:
-        return self._jobs_out.oldest_stream_seq
-
-    def seq_of(self, stream_seq: int) -> int | None:
-        return self._jobs_out.seq_of(stream_seq)
-
-    @property
-    def stored_count(self) -> int:
-        """How many of the session's jobs in flight are stored in the stream."""
-        return len(self._jobs_out.stream_seqs)
-
-    @property
-    def stored_jobs(self) -> list[int]:
-        """The stream seqs of the session's jobs in flight that are stored in the stream."""
-        return list(self._jobs_out.stream_seqs.values())
-
-    @property
-    def chunks_total(self) -> int:
-        return self.intake.chunker.chunks_emitted if self.intake else self._chunks
-
-    @property
-    def chunks_answered(self) -> int:
-        return self._jobs_out.next_seq
-
-    @property
-    def audio_s(self) -> float:
-        return self.intake.audio_s if self.intake else self._audio_s
-
-    def done_event(self) -> Done:
-        return Done(
-            self.chunks_total,
-            self.audio_s,
-            self._jobs_out.failed,
-            tuple(self._jobs_out.uncovered),
-        )
 
 
 def _body(samples: np.ndarray) -> bytes:

@@ -26,6 +26,7 @@ from katydid.errors import ClientGone, ErrorCode, ProtocolError
 from katydid.gateway.driver import SessionDriver
 from katydid.gateway.events import ErrorEvent, Final, ServerEvent
 from katydid.gateway.hub import Hub
+from katydid.gateway.inputs import Stop
 from katydid.gateway.live import Live
 from katydid.gateway.outputs import Close
 from katydid.gateway.parking import Parking, Wake
@@ -85,7 +86,7 @@ class VoskConnection(SessionDriver):
             "partials": True,
             "word_timestamps": True,
         }
-        await self.emit(self.session.receive_text(json.dumps(start), trio.current_time()))
+        await self.emit(self.session.start_with(start, trio.current_time()))
         return not self.session.closed
 
     async def _reader(self) -> None:
@@ -142,7 +143,7 @@ class VoskConnection(SessionDriver):
                 if not started:
                     started = await self._start(16_000)
                 self.eof = True
-                await self.emit(s.receive_text('{"type": "stop"}', now))
+                await self.emit(s.receive(Stop(), now))
 
     async def _answer_frame(self) -> None:
         if self.unsent:

@@ -30,6 +30,7 @@ from katydid.gateway.events import ServerEvent
 from katydid.gateway.hub import Hub
 from katydid.gateway.listening import accept_forever, tls
 from katydid.gateway.live import Live
+from katydid.gateway.native_wire import receive_text
 from katydid.gateway.outputs import Close
 from katydid.gateway.parking import Parking, Wake
 from katydid.gateway.vosk import VoskConnection
@@ -216,6 +217,6 @@ class _Connection(SessionDriver):
                 allowed = self.gateway.seating.partials_allowed(s.model)
                 await self.emit(s.receive_bytes(msg, now, partials_allowed=allowed))
             else:
-                await self.emit(s.receive_text(msg, now))
+                await self.emit(receive_text(s, msg, now))
             # Not held while the next message is awaited (a piece of an upload is 16 KB).
             msg = None

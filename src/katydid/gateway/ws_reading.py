@@ -11,7 +11,7 @@ from typing import Any, Literal, overload
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.driver import SessionDriver
 from katydid.gateway.parking import Parking, Wake
-from katydid.gateway.session import Phase
+from katydid.gateway.session_queries import Phase
 from katydid.gateway.ws_transport import MessageTooLarge, Piece, ServerWebSocket
 
 

@@ -15,7 +15,6 @@ connection (logged, sampled).
 from __future__ import annotations
 
 import ipaddress
-import json
 import ssl
 from functools import partial
 from typing import Any
@@ -30,9 +29,10 @@ from katydid.errors import ClientGone, ErrorCode, ProtocolError, listening
 from katydid.gateway.driver import LAST_WORDS_S, SessionDriver
 from katydid.gateway.events import Done, ErrorEvent, Final, ServerEvent
 from katydid.gateway.hub import Hub
+from katydid.gateway.inputs import Stop
 from katydid.gateway.listening import accept_forever, tls
 from katydid.gateway.outputs import Close
-from katydid.gateway.session import Phase
+from katydid.gateway.session_queries import Phase
 from katydid.gateway.wyoming_wire import FramingError, WyomingEvent, WyomingReader, encode
 
 log = structlog.get_logger("katydid.gateway")
@@ -241,9 +241,7 @@ class _Connection:
             if current is None:
                 await self._error(ErrorCode.BAD_MESSAGE, "audio-stop before audio-start")
                 return
-            await current.emit(
-                current.session.receive_text('{"type": "stop"}', trio.current_time())
-            )
+            await current.emit(current.session.receive(Stop(), trio.current_time()))
         # Other events (ping, pipeline events of other programs) are not for an ASR server.
 
     async def _error(self, code: ErrorCode, text: str) -> None:
@@ -269,9 +267,7 @@ class _Connection:
         live = self.gateway.open_session("wyoming")
         self.current = _WyomingSession(self.gateway, live, self)
         await nursery.start(self.current.run)
-        await self.current.emit(
-            self.current.session.receive_text(json.dumps(start), trio.current_time())
-        )
+        await self.current.emit(self.current.session.start_with(start, trio.current_time()))
 
     def _info(self) -> dict[str, Any]:
         offers = self.gateway.admission.offers()
