@@ -17,7 +17,9 @@ import soundfile as sf
 import soxr
 
 from katydid.errors import AudioError
-from katydid.messages import SAMPLE_RATE
+
+SAMPLE_RATE = 16_000  # what all audio becomes here, and every job body: s16le, 16 kHz, mono
+BYTES_PER_S = 2 * SAMPLE_RATE  # of s16le at SAMPLE_RATE
 
 CONTAINERS = ("wav", "flac", "ogg", "mp3")
 # libsndfile's format names for the containers we accept.

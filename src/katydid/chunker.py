@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from katydid.messages import SAMPLE_RATE
+from katydid.audio import SAMPLE_RATE
 
 FRAME = 480  # 30 ms
 _PEAK_DECAY = 0.999  # per frame: the loudness reference forgets over ~30 s

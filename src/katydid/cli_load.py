@@ -181,7 +181,7 @@ class ServeProcess:
     """`katydid serve` as a child process on free ports, for the duration of a load run."""
 
     def __init__(self, cfg: Config, workers: int, log_path: Path) -> None:
-        from katydid.serve import free_ports
+        from katydid.ports import free_ports
 
         self.port, self.http_port = free_ports(2)
         argv = [

@@ -22,9 +22,6 @@ STREAM = "KATYDID_JOBS"
 CANCEL_SUBJECT = "katydid.cancel"
 WORKERS_SUBJECT = "katydid.workers"
 RESULTS_PREFIX = "katydid.results"
-SAMPLE_RATE = 16_000  # every job body: s16le, 16 kHz, mono
-BYTES_PER_S = 2 * SAMPLE_RATE
-
 
 STREAM_SUBJECTS = f"{SUBJECT_PREFIX}.>"
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -51,6 +51,11 @@ def run(parent: int, argv: list[str]) -> int:
     return code if code >= 0 else 128 - code
 
 
+def with_parent_argv() -> list[str]:
+    """The prefix that makes a command end when this process does (``katydid.with_parent``)."""
+    return [sys.executable, "-m", "katydid.with_parent", str(os.getpid()), "--"]
+
+
 def main(args: list[str]) -> int:
     if len(args) < 3 or args[1] != "--" or not args[0].isdigit():
         print("usage: python -m katydid.with_parent PARENT_PID -- COMMAND...", file=sys.stderr)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from katydid.audio import SAMPLE_RATE
 from katydid.errors import KatydidError
 from katydid.evaluation import word_errors
-from katydid.messages import SAMPLE_RATE
 from katydid_worker.engine import Engine
 from katydid_worker.engine_options import EngineOptions
 

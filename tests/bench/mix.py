@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from katydid.audio import float_to_int16
+from katydid.audio import SAMPLE_RATE, float_to_int16
 from katydid.chunker import Chunker
 from katydid.evaluation import word_errors
-from katydid.messages import SAMPLE_RATE
 
 BUCKETS = (("<=5 s", 0.0, 5.0), ("5-12 s", 5.0, 12.0), ("12-30 s", 12.0, 30.0))
 # How a long recording is cut: (min_s, max_s) of each cut.

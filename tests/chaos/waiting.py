@@ -21,7 +21,7 @@ import numpy as np
 import trio
 from trio_websocket import open_websocket_url
 
-from katydid.serve import free_ports
+from katydid.ports import free_ports
 from tests.chaos.__main__ import _host
 from tests.chaos.harness import rss_kb
 from tests.integration.stack import port_open, wait_until

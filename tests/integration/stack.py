@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from katydid.bus.accounts import password_environment
+from katydid.embedded_nats import nats_server_binary, nats_server_config
 from katydid.messages import STREAM
-from katydid.serve import free_ports, nats_server_binary, nats_server_config
+from katydid.ports import free_ports
 
 STARTUP_TIMEOUT_S = 60.0
 INFRA = Path(__file__).resolve().parents[2] / "infra"

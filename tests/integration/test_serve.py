@@ -15,8 +15,8 @@ from urllib.request import urlopen
 
 import pytest
 
+from katydid.embedded_nats import nats_server_binary
 from katydid.evaluation import wer
-from katydid.serve import nats_server_binary
 from tests.integration.stack import (
     free_port,
     port_open,

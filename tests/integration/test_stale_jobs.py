@@ -13,8 +13,9 @@ from katydid.bus.nats_admin import purge_jobs
 from katydid.bus.nats_connection import connect
 from katydid.bus.nats_stream import delete_job, ensure_stream
 from katydid.config import DEFAULT_MODEL, Config
+from katydid.embedded_nats import nats_server_binary, nats_server_config
 from katydid.messages import lane_subject
-from katydid.serve import free_ports, nats_server_binary, nats_server_config
+from katydid.ports import free_ports
 from tests.integration.stack import free_port, port_open, wait_until
 
 pytestmark = pytest.mark.integration

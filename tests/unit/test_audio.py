@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from katydid.audio import (
+    SAMPLE_RATE,
     DecodedStream,
     decode_container,
     decode_pcm,
@@ -22,7 +23,6 @@ from katydid.audio import (
     sniff_container,
 )
 from katydid.errors import AudioError
-from katydid.messages import SAMPLE_RATE
 
 LIMITS: dict[str, Any] = {"max_audio_s": 60.0, "max_bytes": 10_000_000}
 
@@ -236,7 +236,7 @@ def test_a_directory_or_a_missing_path_is_said_in_words(tmp_path: Path) -> None:
 
 def test_a_file_that_is_not_audio_is_said_once() -> None:
     # `katydid transcribe` prefixes the path: the message must not carry it again.
-    from katydid.cli_remote import file_format
+    from katydid.cli_client import file_format
     from katydid.errors import KatydidError
 
     with pytest.raises(KatydidError, match=r"^not a WAV, FLAC, OGG or MP3 file"):

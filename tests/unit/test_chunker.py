@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from katydid.audio import SAMPLE_RATE
 from katydid.chunker import Chunker
-from katydid.messages import SAMPLE_RATE
 from tests.signals import vowel_pcm
 
 

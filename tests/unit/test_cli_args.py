@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from katydid.cli import _parser
+from katydid.cli_parser import build_parser
 
 
 def _subcommands(
@@ -24,7 +24,7 @@ def _subcommands(
 
 
 def _cases() -> Iterator[tuple[str, ...]]:
-    for path, sub in _subcommands(_parser()):
+    for path, sub in _subcommands(build_parser()):
         for action in sub._actions:
             for option in action.option_strings:
                 if not option.startswith("--") or option == "--help":
@@ -52,14 +52,14 @@ def test_each_subcommand_option_parses(
 ) -> None:
     # --help after the option: parsing gets past it (an ambiguity is exit 2), then help exits 0.
     with pytest.raises(SystemExit) as info:
-        _parser().parse_args([*argv, "--help"])
+        build_parser().parse_args([*argv, "--help"])
     assert info.value.code == 0, capsys.readouterr().err
 
 
 def test_an_error_raised_in_a_nursery_is_said_in_words(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from katydid import cli, cli_remote, native_stderr
+    from katydid import cli, cli_servers, native_stderr
     from katydid.cli import main
     from katydid.errors import KatydidError
 
@@ -72,14 +72,14 @@ def test_an_error_raised_in_a_nursery_is_said_in_words(
     # rewire this process's file descriptor 2.)
     monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
     monkeypatch.setattr(native_stderr, "capture", lambda **_: None)
-    monkeypatch.setattr(cli_remote, "run_server_command", nats_gone)
+    monkeypatch.setattr(cli_servers, "run_server_command", nats_gone)
     assert main(["serve"]) == 1
     assert capsys.readouterr().err == "katydid: error: nats-server exited with code 0\n"
 
     def bug(*_: object) -> int:
         raise BaseExceptionGroup("", [KatydidError("x"), ValueError("a bug")])
 
-    monkeypatch.setattr(cli_remote, "run_server_command", bug)
+    monkeypatch.setattr(cli_servers, "run_server_command", bug)
     with pytest.raises(BaseExceptionGroup):
         main(["serve"])
 
@@ -91,10 +91,10 @@ def test_a_reader_that_goes_away_is_not_a_traceback() -> None:
 
     code = (
         "import sys\n"
-        "from katydid import cli\n"
+        "from katydid import cli, cli_model\n"
         "def gone(cfg, args):\n"
         "    raise BrokenPipeError(32, 'Broken pipe')\n"
-        "cli._cmd_model = gone\n"
+        "cli_model.cmd_model = gone\n"
         "sys.exit(cli.main(['model', 'list']))\n"
     )
     out = subprocess.run(
@@ -113,7 +113,7 @@ def test_a_port_in_use_is_said_with_its_address(
 
     import trio
 
-    from katydid import cli, cli_remote, native_stderr
+    from katydid import cli, cli_servers, native_stderr
     from katydid.cli import main
     from katydid.errors import listening
 
@@ -131,7 +131,7 @@ def test_a_port_in_use_is_said_with_its_address(
         port = busy.getsockname()[1]
         monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
         monkeypatch.setattr(native_stderr, "capture", lambda **_: None)
-        monkeypatch.setattr(cli_remote, "run_server_command", lambda *_: trio.run(bind_busy, port))
+        monkeypatch.setattr(cli_servers, "run_server_command", lambda *_: trio.run(bind_busy, port))
         assert main(["gateway"]) == 1
     assert capsys.readouterr().err == (
         f"katydid: error: the {door} cannot listen on 127.0.0.1:{port}: address already in use\n"
@@ -141,14 +141,14 @@ def test_a_port_in_use_is_said_with_its_address(
 def test_an_os_error_is_said_in_words(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from katydid import cli
+    from katydid import cli, cli_model
     from katydid.cli import main
 
     def data_dir_is_a_file(*_: object) -> int:
         raise FileExistsError(17, "File exists", "/srv/katydid")
 
     monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
-    monkeypatch.setattr(cli, "_cmd_model", data_dir_is_a_file)
+    monkeypatch.setattr(cli_model, "cmd_model", data_dir_is_a_file)
     assert main(["model", "list"]) == 1
     assert capsys.readouterr().err == "katydid: error: [Errno 17] File exists: '/srv/katydid'\n"
 
@@ -159,12 +159,12 @@ def test_serve_gives_its_workers_its_settings() -> None:
     import sys
 
     from katydid.config import Config
-    from katydid.serve import worker_argv
+    from katydid.worker_processes import worker_argv
 
     cfg = Config(engine_threads=2, log_format="console", log_level="WARNING", nats_url="nats://x")
     argv = worker_argv(cfg, 3, "base-q8_0")
     assert argv[:3] == [sys.executable, "-m", "katydid"]
-    args = _parser().parse_args(argv[3:])
+    args = build_parser().parse_args(argv[3:])
     assert (args.command, args.model, args.engine_threads) == ("worker", "base-q8_0", 2)
     assert (args.log_format, args.log_level, args.nats_url) == ("console", "warning", "nats://x")
 
@@ -174,7 +174,7 @@ def test_serve_points_its_workers_at_its_config_file(
 ) -> None:
     import os
 
-    from katydid import cli, cli_remote, native_stderr
+    from katydid import cli, cli_servers, native_stderr
     from katydid.cli import main
 
     conf = tmp_path / "k.toml"
@@ -184,7 +184,7 @@ def test_serve_points_its_workers_at_its_config_file(
     monkeypatch.setattr(native_stderr, "capture", lambda **_: None)
     seen: list[str | None] = []
     monkeypatch.setattr(
-        cli_remote, "run_server_command", lambda *_: seen.append(os.environ.get("KATYDID_CONFIG"))
+        cli_servers, "run_server_command", lambda *_: seen.append(os.environ.get("KATYDID_CONFIG"))
     )
     main(["--config", str(conf), "serve"])
     assert seen == [str(conf.resolve())]
@@ -195,11 +195,11 @@ def test_servers_take_the_keys_file_by_the_name_katydid_keys_uses(command: str) 
     # `katydid serve --keys-file F` was refused ("unrecognized arguments") while `katydid keys`
     # and the README called it that.
     for flag in ("--keys-file", "--api-keys-file"):
-        assert _parser().parse_args([command, flag, "keys.txt"]).api_keys_file == "keys.txt"
+        assert build_parser().parse_args([command, flag, "keys.txt"]).api_keys_file == "keys.txt"
 
 
 def test_nats_commands_find_serve_s_nats_and_admin_credentials(tmp_path: Path) -> None:
-    from katydid.cli_remote import embedded_admin
+    from katydid.cli_servers import embedded_admin
     from katydid.config import Config
 
     nats_dir = tmp_path / "nats"

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from katydid import cli_remote, client
+from katydid import cli_client, client
 
 
 def _wav(path: Path) -> Path:
@@ -47,7 +47,7 @@ def test_a_connection_cut_off_is_said_and_what_came_is_kept(
     stderr = io.StringIO()
     monkeypatch.setattr("sys.stderr", stderr)
     wav = _wav(tmp_path / "a.wav")
-    code = cli_remote.transcribe_remote(
+    code = cli_client.transcribe_remote(
         [wav], "ws://127.0.0.1:9", realtime=False, as_json=False, out_format=out_format
     )
     err, out = stderr.getvalue(), capsys.readouterr().out
@@ -75,7 +75,7 @@ def test_an_error_the_server_sent_is_not_said_twice(
     stderr = io.StringIO()
     monkeypatch.setattr("sys.stderr", stderr)
     wav = _wav(tmp_path / "a.wav")
-    assert cli_remote.transcribe_remote([wav], "ws://x:9", realtime=False, as_json=False) == 1
+    assert cli_client.transcribe_remote([wav], "ws://x:9", realtime=False, as_json=False) == 1
     assert stderr.getvalue() == f"katydid: {wav}: timeout: results not complete\n"
 
 
@@ -91,7 +91,7 @@ def test_several_files_written_apart_with_output_dir(
     monkeypatch.setattr(client, "transcribe", whole)
     a, b = _wav(tmp_path / "a.wav"), _wav(tmp_path / "b.wav")
     out_dir = tmp_path / "out"
-    code = cli_remote.transcribe_remote(
+    code = cli_client.transcribe_remote(
         [a, b], "ws://x:9", realtime=False, as_json=False, out_format="srt", output_dir=out_dir
     )
     assert code == 0
@@ -128,7 +128,7 @@ class _Terminal(io.StringIO):
 
 
 def test_the_status_line_leaves_nothing_behind() -> None:
-    from katydid.cli_remote import StatusLine
+    from katydid.cli_client import StatusLine
 
     term = _Terminal()
     status = StatusLine(term)
@@ -146,7 +146,7 @@ def test_the_status_line_leaves_nothing_behind() -> None:
 def test_a_file_says_how_long_it_is(tmp_path: Path) -> None:
     import soundfile as sf
 
-    from katydid.cli_remote import audio_seconds
+    from katydid.cli_client import audio_seconds
 
     buf = io.BytesIO()
     sf.write(buf, np.zeros(16000 * 3, dtype=np.float32), 16000, format="WAV")

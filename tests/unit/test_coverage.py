@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from katydid.messages import SAMPLE_RATE
+from katydid.audio import SAMPLE_RATE
 from katydid_worker.coverage import next_hole, sparse, uncovered
 from katydid_worker.engine import Engine
 from katydid_worker.engine_options import DecodeOptions, EngineOptions

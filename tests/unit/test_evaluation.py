@@ -80,7 +80,7 @@ def test_eval_noise_is_refused_through_a_server(tmp_path: Path) -> None:
     # Called below main() so that this test leaves the process's logging configuration alone.
     import argparse
 
-    from katydid.cli import _cmd_eval
+    from katydid.cli_transcribe import cmd_eval
     from katydid.config import Config
     from katydid.errors import KatydidError
 
@@ -89,7 +89,7 @@ def test_eval_noise_is_refused_through_a_server(tmp_path: Path) -> None:
         manifest=tmp_path / "m.tsv", url="ws://127.0.0.1:1", snr_db=10.0, json=False
     )
     with pytest.raises(KatydidError, match="--snr-db works with the local engine"):
-        _cmd_eval(Config(), args)
+        cmd_eval(Config(), args)
 
 
 def test_punctuation_left_by_the_normaliser_is_not_a_word() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 
-from katydid.serve import free_ports, wait_for_port
+from katydid.ports import free_ports, wait_for_port
 
 
 def test_ports_picked_together_are_distinct_and_bindable() -> None:

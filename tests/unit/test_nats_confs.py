@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from katydid.serve import nats_server_binary
+from katydid.embedded_nats import nats_server_binary
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 ACCOUNTS = INFRA / "systemd" / "katydid-accounts.conf"

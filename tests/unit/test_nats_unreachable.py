@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 
-from katydid.serve import free_ports
+from katydid.ports import free_ports
 
 
 def test_a_nats_that_stays_away_is_not_a_line_a_second() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from katydid.serve import restart_backoff
+from katydid.child_processes import restart_backoff
 
 
 def test_a_restart_waits_longer_each_crash_and_starts_over_after_a_minute_up() -> None:

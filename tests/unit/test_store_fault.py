@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from katydid.config import Config
-from katydid.serve import StoreFault, relay_stderr, sized_stream, store_has_room
+from katydid.embedded_nats import StoreFault, relay_stderr, sized_stream, store_has_room
 
 Usage = namedtuple("Usage", "total used free")
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from katydid.audio import SAMPLE_RATE
 from katydid.errors import EngineError
-from katydid.messages import SAMPLE_RATE
 from katydid_worker.engine import Engine
 from katydid_worker.engine_options import EngineOptions
 

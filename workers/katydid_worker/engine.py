@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from katydid.audio import SAMPLE_RATE
 from katydid.errors import EngineError
 from katydid.languages import WHISPER_LANGUAGES
-from katydid.messages import SAMPLE_RATE
 from katydid_worker.coverage import MIN_HOLE_VOICED_S, next_hole, sparse, uncovered, voiced_in
 from katydid_worker.engine_options import DecodeOptions, EngineOptions
 from katydid_worker.guardrails import (

@@ -26,8 +26,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from katydid.audio import SAMPLE_RATE
 from katydid.errors import ModelError
-from katydid.messages import SAMPLE_RATE
 from katydid_worker.ct2 import Ct2Model, iter_layers
 
 GGML_MAGIC = 0x67676D6C

@@ -17,7 +17,7 @@ from collections import Counter
 
 import numpy as np
 
-from katydid.messages import SAMPLE_RATE
+from katydid.audio import SAMPLE_RATE
 
 FULL_CTX = 1500  # encoder positions in a 30 s window
 POSITIONS_PER_S = 50

@@ -15,10 +15,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from katydid.audio import float_to_int16
+from katydid.audio import SAMPLE_RATE, float_to_int16
 from katydid.chunker import Chunker
 from katydid.config import Config
-from katydid.messages import SAMPLE_RATE
 from katydid_worker.engine import Engine
 from katydid_worker.engine_options import DecodeOptions
 from katydid_worker.transcript import Segment, Transcript, Word

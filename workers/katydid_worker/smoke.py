@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from katydid.messages import SAMPLE_RATE
+from katydid.audio import SAMPLE_RATE
 from katydid_worker.engine import Engine
 
 

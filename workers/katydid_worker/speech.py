@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from katydid.audio import SAMPLE_RATE
 from katydid.errors import EngineError
-from katydid.messages import SAMPLE_RATE
 
 WINDOW = 512  # samples per Silero decision at 16 kHz (32 ms)
 _WINDOW_S = WINDOW / SAMPLE_RATE

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from katydid.audio import SAMPLE_RATE
 from katydid.errors import EngineError, ModelError
 from katydid.languages import WHISPER_LANGUAGES
-from katydid.messages import SAMPLE_RATE
 from katydid_worker.engine_options import DecodeOptions, EngineOptions
 from katydid_worker.ggml_check import check_ggml
 from katydid_worker.guardrails import FULL_CTX, strip_markers

@@ -29,7 +29,7 @@ import nats.errors
 import numpy as np
 import structlog
 
-from katydid.audio import pcm16_to_float
+from katydid.audio import SAMPLE_RATE, pcm16_to_float
 from katydid.bus.accounts import DEFAULT_WORKER_USERS, worker_inbox_prefix
 from katydid.bus.nats_connection import connect
 from katydid.bus.nats_pull import PullLane
@@ -42,7 +42,6 @@ from katydid.log import SampledLogger
 from katydid.messages import (
     CANCEL_SUBJECT,
     LANES,
-    SAMPLE_RATE,
     STREAM,
     WORKERS_SUBJECT,
     Job,

@@ -14,11 +14,10 @@ from typing import IO, Any
 import numpy as np
 import soxr
 
-from katydid.audio import pcm16_mono
+from katydid.audio import SAMPLE_RATE, pcm16_mono
 from katydid.chunker import Chunk, Chunker
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.options import Limits, StartOptions
-from katydid.messages import SAMPLE_RATE
 
 
 @dataclass(slots=True)

@@ -7,9 +7,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from katydid.audio import CONTAINERS, check_pcm_format
+from katydid.audio import CONTAINERS, SAMPLE_RATE, check_pcm_format
 from katydid.errors import AudioError, ErrorCode, ProtocolError
-from katydid.messages import SAMPLE_RATE, TASKS
+from katydid.messages import TASKS
 
 if TYPE_CHECKING:
     from katydid.config import Config

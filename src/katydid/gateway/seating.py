@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 import trio
 
+from katydid.audio import SAMPLE_RATE
 from katydid.bus import JobBus
 from katydid.config import Config
 from katydid.errors import ErrorCode, JobTooLarge, NatsError, ProtocolError, StreamFull
@@ -30,7 +31,6 @@ from katydid.gateway.outputs import Admit, Output, Publish
 from katydid.gateway.tenants import Tenant, Tenants
 from katydid.gateway.uploads import UploadMemory
 from katydid.log import SampledLogger
-from katydid.messages import SAMPLE_RATE
 from katydid.metrics import GatewayMetrics
 
 log = structlog.get_logger("katydid.gateway")
