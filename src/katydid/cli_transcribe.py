@@ -34,6 +34,7 @@ def _engine(cfg: Config) -> Engine:
             threads=cfg.engine_threads,
             beam_size=cfg.beam_size,
             word_timestamps=cfg.word_timestamps,
+            calibration_cache=cfg.calibration_cache,
         ),
     )
 

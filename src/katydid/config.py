@@ -47,6 +47,10 @@ class Config:
     engine_threads: int = 1
     beam_size: int = 0  # 0 = greedy decoding
     word_timestamps: bool = False
+    # An engine (a worker's, `katydid transcribe`'s) reads back the calibration this host measured
+    # before for its model and options (calibration/ beside the model); False: every engine
+    # measures it again (~5-7 CPU s for tiny.en)
+    calibration_cache: bool = True
     # Audio input
     max_audio_s: float = 4 * 3600.0
     max_file_bytes: int = 512 * 1024 * 1024

@@ -27,6 +27,7 @@ import numpy as np
 from katydid.audio import SAMPLE_RATE
 from katydid.errors import EngineError
 from katydid.languages import WHISPER_LANGUAGES
+from katydid_worker import calibration
 from katydid_worker.coverage import MIN_HOLE_VOICED_S, next_hole, sparse, uncovered, voiced_in
 from katydid_worker.engine_options import DecodeOptions, EngineOptions
 from katydid_worker.guardrails import (
@@ -98,6 +99,9 @@ class Engine(WhisperContexts):
         # turn good clip-sized runs into fallbacks (and make results depend on the load).
         self.full_window_s = 0.0
         self.budgets_s: dict[int, float] = {}  # a clip-sized attempt's CPU budget, per size
+        # Where they came from: "measured" here, "cached" (this host measured them before for
+        # this model and options: calibration.py), or "none" (no clip-sized context).
+        self.calibration = "none"
         if self.options.clip_context:
             self._calibrate()
 
@@ -106,14 +110,29 @@ class Engine(WhisperContexts):
         (``attempt_budget_s``). Every size is measured, not interpolated: the encoder's cost is
         linear in the size on an AMD EPYC (0.169-0.294 CPU s for 384-640 positions), but some
         sizes hit slow kernels at 2-3x their neighbours' cost (guardrails.py), and which ones
-        depends on the CPU."""
+        depends on the CPU. What this host measured before for this model and these options is
+        read back instead (calibration.py: the key names everything the values depend on)."""
         silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
         steps = sorted(self.options.clip_ctx_steps)
         # The clip context's first run, at its largest size, sets up its buffers here rather
-        # than inside the first job's budget.
+        # than inside the first job's budget (with a cached calibration too).
         self._run(silence, audio_ctx=steps[-1], temperature_inc=0.0, abort=None)
-        # Medians of three, interleaved: one noisy measurement would set this worker's budget
-        # for good (this machine's speed varies by 10-30% from one minute to the next).
+        key: dict[str, Any] | None = None
+        if self.options.calibration_cache:
+            try:
+                key = calibration.calibration_key(self.model_path, self.options)
+            except OSError:
+                pass  # the model file cannot be read again: measure, keep nothing
+            else:
+                cached = calibration.load(calibration.cache_file(self.model_path, key), key)
+                if cached is not None:
+                    self.full_window_s = cached.full_window_s
+                    self.budgets_s = dict(cached.budgets_s)
+                    self.calibration = "cached"
+                    return
+        # Medians of three, interleaved: one noisy measurement would set the budgets for good,
+        # of this worker and of every later one that reads them back (this machine's speed
+        # varies by 10-30% from one minute to the next).
         samples: dict[int, list[float]] = {ctx: [] for ctx in (FULL_CTX, *steps)}
         for _ in range(3):
             for ctx, runs in samples.items():
@@ -125,6 +144,10 @@ class Engine(WhisperContexts):
             self.budgets_s[step] = attempt_budget_s(
                 self.full_window_s, statistics.median(samples[step]), self.options.budget_ratio
             )
+        self.calibration = "measured"
+        if key is not None:
+            measured = calibration.Calibration(self.full_window_s, self.budgets_s)
+            calibration.save(calibration.cache_file(self.model_path, key), key, measured)
 
     def transcribe(
         self,

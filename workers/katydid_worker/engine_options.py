@@ -39,6 +39,9 @@ class EngineOptions:
     # Speech the first run left without text is decoded again, at most this many runs per
     # call (coverage.py); 0 = never (what every chunk got before: passages went missing).
     max_redecodes: int = 8
+    # The calibration (a near-empty clip's full-window cost and the attempt budgets) is read
+    # from the model's calibration/ directory when this host measured it before (calibration.py)
+    calibration_cache: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,7 +78,10 @@ class Worker:
         self.engine = Engine(
             model_path,
             EngineOptions(
-                language=cfg.language, threads=cfg.engine_threads, beam_size=cfg.beam_size
+                language=cfg.language,
+                threads=cfg.engine_threads,
+                beam_size=cfg.beam_size,
+                calibration_cache=cfg.calibration_cache,
             ),
         )
         self.model = served_name(cfg.model)  # the jobs it takes are routed by this name
@@ -148,10 +151,12 @@ class Worker:
             worker=self.worker_id,
             model=self.model,
             engine_build=info,
-            # What this worker measured when it loaded: a near-empty clip's full-window CPU
-            # time, and the CPU budget of a clip-sized attempt per size (guardrails.py).
+            # What this worker measured when it loaded (or read back from an earlier worker's
+            # measurement on this host: calibration="cached"): a near-empty clip's full-window
+            # CPU time, and the CPU budget of a clip-sized attempt per size (guardrails.py).
             full_window_s=round(self.engine.full_window_s, 3),
             attempt_budget_s={k: round(v, 3) for k, v in self.engine.budgets_s.items()},
+            calibration=self.engine.calibration,
         )
         if not has_fast_kernels(info):
             log.warning(
