@@ -1,11 +1,13 @@
 """Child-process smoke check of a ggml model: load it and transcribe one second of audio.
 
 Run as ``python -m katydid_worker.smoke PATH``. Exit 0 means the file loads and decodes; a corrupt
-file makes whisper.cpp crash this process, not its parent.
+file makes whisper.cpp crash this process, not its parent. The last line it prints is JSON with
+what whisper.cpp says of the model (``{"ok": true, "multilingual": false}``).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -23,7 +25,7 @@ def main(argv: list[str]) -> int:
     t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
     tone = (0.1 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
     engine.transcribe(tone)
-    print("ok")
+    print(json.dumps({"ok": True, "multilingual": bool(engine.multilingual)}))
     return 0
 
 
