@@ -10,6 +10,10 @@ from typing import Any
 
 from katydid import __version__
 
+# The converter's weight formats (katydid_worker.ggml.QUANTS, not imported here: the parser
+# loads no engine code).
+MODEL_QUANTS = ("f16", "q8_0", "q4_0")
+
 
 class _Version(argparse.Action):
     """``--version``: the package's version and how whisper.cpp was built (compiler, SIMD
@@ -54,6 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("name", nargs="?", help="model name (default: the configured model)")
     model.add_parser("list", help="show known models and whether they are installed and prepared")
+    pull = model.add_parser(
+        "pull", help="fetch one of whisper.cpp's published ggml models into the cache"
+    )
+    pull.add_argument("name", help="tiny, base.en, small-q5_1, large-v3-turbo, ... (model list)")
+    pull.add_argument(
+        "--endpoint",
+        help="the hub or a mirror of it (default: $HF_ENDPOINT, else https://huggingface.co)",
+    )
+    imp = model.add_parser(
+        "import", help="bring a ggml file or a faster-whisper (CTranslate2) directory"
+    )
+    imp.add_argument("path", type=Path, metavar="PATH")
+    imp.add_argument(
+        "--name", help="the name to use it by (default: the file's, without ggml- and .bin)"
+    )
+    imp.add_argument(
+        "--quant",
+        choices=MODEL_QUANTS,
+        help="a CTranslate2 directory's weight format in the cache (default f16)",
+    )
 
     tr = sub.add_parser("transcribe", help="transcribe audio files")
     tr.add_argument("files", nargs="+", type=Path, metavar="FILE")
