@@ -119,6 +119,18 @@ def test_a_whole_partial_file_is_only_verified(tmp_path: Path) -> None:
     assert not part.exists()
 
 
+def test_a_partial_file_longer_than_the_served_one_is_deleted(tmp_path: Path) -> None:
+    part = tmp_path / "x.part"
+    part.write_bytes(PAYLOAD[:1000])
+    shorter = {f"ggml-{NAME}.bin": PAYLOAD[:500]}
+    with (
+        hub_server(shorter) as (endpoint, _),
+        pytest.raises(ModelError, match=r"has no byte 1000 \(HTTP 416\)"),
+    ):
+        _get(endpoint, part)
+    assert not part.exists()
+
+
 def test_a_missing_file_is_a_404_in_words(tmp_path: Path) -> None:
     part = tmp_path / "x.part"
     with hub_server({}) as (endpoint, _), pytest.raises(ModelError) as info:

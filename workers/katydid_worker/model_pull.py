@@ -73,7 +73,7 @@ def _unreachable(url: str, reason: object) -> ModelError:
     )
 
 
-def _open(url: str, have: int, timeout_s: float) -> http.client.HTTPResponse:
+def _open(url: str, part: Path, have: int, timeout_s: float) -> http.client.HTTPResponse:
     headers = {"User-Agent": f"katydid/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -82,6 +82,9 @@ def _open(url: str, have: int, timeout_s: float) -> http.client.HTTPResponse:
         response: http.client.HTTPResponse = urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as exc:
         exc.close()
+        if exc.code == 416 and have:  # it has no byte ``have``: shorter than the pinned file
+            message = f"{url} has no byte {have} (HTTP 416): not the published file"
+            raise _mismatch(part, message) from None
         if exc.code == 404:
             raise ModelError(
                 f"{url}: not found (HTTP 404); does this endpoint serve {hub_models.REPO}?"
@@ -147,7 +150,7 @@ def download(
         part.unlink()
         have = 0
     if have < size:
-        response = _open(url, have, timeout_s)
+        response = _open(url, part, have, timeout_s)
         with response:
             status, headers = response.status, response.headers
             if status == 206:
