@@ -22,7 +22,7 @@ import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from katydid.gateway.credentials import WWW_AUTHENTICATE
 from katydid.gateway.http_transcribe import Transcribe
@@ -38,6 +38,7 @@ from katydid.gateway.http_wire import (
     refusal,
 )
 from katydid.gateway.hub import Hub
+from katydid.gateway.realtime import Realtime
 
 _STATIC = Path(__file__).parent / "static"  # the browser page: no build step
 _FAVICON = (
@@ -126,6 +127,7 @@ def build_app(gateway: Hub) -> ASGIApp:
                 Route("/v1/models/{model_id:path}", models),
                 Route("/v1/audio/transcriptions", Transcribe(gateway, "transcribe")),
                 Route("/v1/audio/translations", Transcribe(gateway, "translate")),
+                WebSocketRoute("/v1/realtime", Realtime(gateway)),
             ],
         )
     )
