@@ -142,6 +142,9 @@ def test_jfk_streamed_gets_deltas_then_completed_items(
             deltas = [e["delta"] for e in mine if e["type"].endswith("transcription.delta")]
             assert deltas, mine
     assert any(e["type"].endswith("transcription.delta") for e in events)
+    # Items go in the order spoken, and are answered in that order.
+    committed = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed"]
+    assert [e["item_id"] for e in completed] == committed
 
 
 def test_a_wrong_key_is_refused(key_and_stack: tuple[str, Stack]) -> None:
@@ -231,3 +234,22 @@ async def test_a_binary_frame_is_an_error_not_an_end(key_and_stack: tuple[str, S
         "error",
     ], seen
     assert seen[-1]["error"]["code"] == "too_large"
+
+
+def test_the_protocol_docs_example_runs(key_and_stack: tuple[str, Stack], jfk_pcm: tuple[Clip, bytes]) -> None:  # fmt: skip
+    """docs/protocol.md's "Realtime (OpenAI)" example, as a reader would paste it."""
+    key, stack = key_and_stack
+    clip, _pcm = jfk_pcm
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "protocol.md").read_text(encoding="utf-8")
+    section = doc.split("## Realtime (OpenAI)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("http://127.0.0.1:8000/v1", stack.metrics_url + "/v1")
+    code = code.replace('api_key="unused"', f"api_key={key!r}")
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.strip().splitlines()[-1]
+    assert "..." in done.stdout  # its deltas
+    assert wer(clip.reference, text) <= 0.1, done.stdout

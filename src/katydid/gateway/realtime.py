@@ -308,7 +308,7 @@ class _Turn(SessionDriver):
         super().__init__(conn.gateway, live)
         self.conn = conn
         self.settings = settings
-        self.items: dict[int, str] = {}  # utterance (chunk seq) -> its item
+        self.items: list[str] = []  # utterance (chunk seq, from 0) -> its item
         self.said: dict[int, str] = {}  # what its deltas said
         self.answered: set[int] = set()  # the utterances completed or failed
 
@@ -330,14 +330,14 @@ class _Turn(SessionDriver):
         await self.item(self.session.chunks_total)
 
     async def item(self, seq: int) -> str:
-        """The item of utterance ``seq``; ``input_audio_buffer.committed`` the first time."""
-        item = self.items.get(seq)
-        if item is None:
+        """The item of utterance ``seq``: ``input_audio_buffer.committed`` the first time, after
+        those of the utterances before it not yet committed (items go in the order spoken)."""
+        while len(self.items) <= seq:
             item, previous = self.conn.item()
-            self.items[seq] = item
+            self.items.append(item)
             committed = {"type": "input_audio_buffer.committed", "item_id": item}
             await self.conn.send_event(committed | {"previous_item_id": previous})
-        return item
+        return self.items[seq]
 
     async def deliver(self, event: ServerEvent) -> None:
         send = self.conn.send_event
@@ -360,8 +360,9 @@ class _Turn(SessionDriver):
             await send(failed | {"item_id": await self.item(event.seq), "content_index": 0, "error": error})  # fmt: skip
         elif isinstance(event, Done):
             # Every committed item is answered: those with no text (silence) as "".
-            for seq in sorted(self.items.keys() - self.answered):
-                await send(_completed(self.items[seq], "", 0.0))
+            for seq, item in enumerate(self.items):
+                if seq not in self.answered:
+                    await send(_completed(item, "", 0.0))
         elif isinstance(event, ErrorEvent):
             retry = {} if event.retry_after_s is None else {"retry_after_s": event.retry_after_s}
             await send(_coded(event.code, event.message, **retry))
