@@ -15,13 +15,17 @@ import numpy as np
 
 from katydid.audio import SAMPLE_RATE
 from katydid_worker.engine import Engine
+from katydid_worker.engine_options import EngineOptions
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m katydid_worker.smoke MODEL.bin", file=sys.stderr)
         return 2
-    engine = Engine(Path(argv[0]))
+    # One full-window decode, whatever the audio: no clip context (whose calibration would
+    # spend ~10 s of near-empty decodes on a base model) and no speech gate (which would skip
+    # the decode of a tone and leave the file's decoding untried).
+    engine = Engine(Path(argv[0]), EngineOptions(clip_context=False, speech_gate=False))
     t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
     tone = (0.1 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
     engine.transcribe(tone)
