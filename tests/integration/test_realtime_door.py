@@ -183,8 +183,11 @@ def test_malformed_events_get_errors_and_the_session_goes_on(
         conn.send({"type": "response.create", "event_id": "evt_1"})
         conn.send({"type": "input_audio_buffer.append", "audio": "@@not base64@@"})
         conn.send({"type": "transcription_session.update", "session": {"input_audio_format": "opus"}})  # fmt: skip
+        # A turn's language is its own: changed while it takes audio, refused (it goes on).
+        german = {"input_audio_transcription": {"model": "whisper-1", "language": "de"}}
+        conn.send({"type": "transcription_session.update", "session": german})
         errors: list[dict[str, Any]] = []
-        while len(errors) < 4:
+        while len(errors) < 5:
             event = _event(conn)
             if event["type"] == "error":
                 errors.append(event["error"])
@@ -193,6 +196,7 @@ def test_malformed_events_get_errors_and_the_session_goes_on(
             "unsupported_event",
             "invalid_value",
             "unsupported_audio_format",
+            "session_in_progress",
         ], errors
         assert errors[1]["event_id"] == "evt_1"
         assert "opus" in errors[3]["message"]
@@ -253,3 +257,57 @@ def test_the_protocol_docs_example_runs(key_and_stack: tuple[str, Stack], jfk_pc
     text = done.stdout.strip().splitlines()[-1]
     assert "..." in done.stdout  # its deltas
     assert wer(clip.reference, text) <= 0.1, done.stdout
+
+
+def _ulaw(pcm: bytes) -> bytes:
+    """G.711 mu-law (ITU-T G.711's encoder, as a telephone line carries it)."""
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.int32)
+    sign = np.where(x < 0, 0x80, 0)
+    magnitude = np.minimum(np.abs(x), 32635) + 0x84
+    exponent = np.clip(np.floor(np.log2(magnitude)).astype(np.int32) - 7, 0, 7)
+    mantissa = (magnitude >> (exponent + 3)) & 0x0F
+    encoded: bytes = (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+    return encoded
+
+
+def test_the_beta_client_streams_g711_ulaw(
+    key_and_stack: tuple[str, Stack], jfk_pcm: tuple[Clip, bytes]
+) -> None:
+    """The SDK's beta realtime client, a beta-shaped update, and telephone audio (8 kHz
+    mu-law, 100 ms an append)."""
+    key, stack = key_and_stack
+    clip, _pcm = jfk_pcm
+    audio = decode_container(clip.path, max_audio_s=60, max_bytes=10**8)
+    ulaw = _ulaw(float_to_pcm16(soxr.resample(audio, 16_000, 8000).astype(np.float32)))
+    # The beta client takes wss:// from base_url unless told (the GA one follows its scheme).
+    client: Any = openai.OpenAI(
+        base_url=stack.metrics_url + "/v1",
+        websocket_base_url=stack.metrics_url.replace("http", "ws", 1) + "/v1",
+        api_key=key,
+        max_retries=0,
+    )
+    connecting = client.beta.realtime.connect(
+        model="gpt-4o-transcribe", extra_query={"intent": "transcription"}
+    )
+    with connecting as conn:
+        assert [_event(conn)["type"], _event(conn)["type"]] == [
+            "transcription_session.created",
+            "session.created",
+        ]
+        session = {
+            "input_audio_format": "g711_ulaw",
+            "input_audio_transcription": {"model": "whisper-1", "language": "en"},
+            "turn_detection": None,
+        }
+        conn.send({"type": "transcription_session.update", "session": session})
+        updated = _event(conn)
+        assert updated["type"] == "transcription_session.updated", updated
+        assert updated["session"]["input_audio_format"] == "g711_ulaw"
+        assert updated["session"]["turn_detection"] is None
+        for i in range(0, len(ulaw), 800):
+            conn.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(ulaw[i : i + 800]).decode()})  # fmt: skip
+        events = _transcribe(conn, b"", pace_s=0.0)
+    text = " ".join(e["transcript"] for e in events if e["type"].endswith("completed"))
+    measured = wer(clip.reference, text)
+    print(f"realtime g711_ulaw WER {measured:.3f}: {text}")
+    assert measured <= 0.1, text
