@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 from katydid.ports import free_ports
 
@@ -43,15 +45,34 @@ def test_a_nats_that_stays_away_is_not_a_line_a_second() -> None:
     assert int(errors[1]["suppressed"]) >= 1  # type: ignore[call-overload]
 
 
-def test_nats_status_with_nothing_there_says_so_in_words() -> None:
-    # Was "cannot reach NATS at ...: TimeoutError()" after 10 s.
+def test_nats_status_with_nothing_there_says_so_in_words_at_once() -> None:
+    # Was "cannot reach NATS at ...: TimeoutError()", then the same in words, after the whole
+    # connect timeout (10 s by default) although the port refused at once.
     (port,) = free_ports(1)
-    env = {**os.environ, "KATYDID_NATS_CONNECT_TIMEOUT_S": "1"}
+    started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "katydid", "nats", "status", "--nats-url",
          f"nats://127.0.0.1:{port}"],
-        env=env, capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"katydid: error: cannot reach NATS at nats://127.0.0.1:{port}: connection refused"
+        " (is nats-server running there, and is the URL nats://HOST:PORT?)\n"
+    )
+    assert time.monotonic() - started < 8  # not the 10 s connect timeout
+
+
+def test_nats_status_with_a_silent_server_says_how_long_it_waited() -> None:
+    # A port that accepts and never speaks NATS: not a refusal, the connect timeout says so.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        env = {**os.environ, "KATYDID_NATS_CONNECT_TIMEOUT_S": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "katydid", "nats", "status", "--nats-url",
+             f"nats://127.0.0.1:{port}"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr == (
         f"katydid: error: cannot reach NATS at nats://127.0.0.1:{port}: no connection within 1 s"

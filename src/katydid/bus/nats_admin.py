@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -18,6 +19,28 @@ from katydid.catalog import served_name
 from katydid.config import Config
 from katydid.errors import NatsError
 from katydid.messages import LANES, STREAM, WORKERS_SUBJECT, consumer_name
+
+
+async def _refused_everywhere(urls: list[str], timeout_s: float = 2.0) -> bool:
+    """Whether every server refuses a TCP connection (a timeout or a name that does not resolve
+    is not a refusal: nats-py is left to try, and to say so)."""
+    for url in urls:
+        parsed = urlsplit(url if "://" in url else f"nats://{url}")
+        try:
+            host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+        except ValueError:  # a port that is not a number: nats-py says what is wrong with it
+            return False
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        except ConnectionRefusedError:
+            continue
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return False
+    return bool(urls)
 
 
 def set_up_stream(cfg: Config) -> str:
@@ -62,6 +85,12 @@ def queue_status(cfg: Config) -> dict[str, Any]:
 
     async def go() -> dict[str, Any]:
         # One attempt: an operator's command must fail at once, not reconnect forever.
+        if await _refused_everywhere(servers(cfg.nats_url)):
+            # nats-py waits out its whole connect timeout on a refused port (10 s by default).
+            raise NatsError(
+                f"cannot reach NATS at {cfg.nats_url}: connection refused (is nats-server"
+                " running there, and is the URL nats://HOST:PORT?)"
+            )
         try:
             nc = await asyncio.wait_for(
                 nats.connect(
