@@ -1,15 +1,6 @@
-"""The HTTP door (Starlette on hypercorn's trio worker): the OpenAI-compatible transcription API
-over the same sessions as every other door, and the operator endpoints.
-
-``POST /v1/audio/transcriptions`` and ``/v1/audio/translations`` take the ``openai`` SDK's
-multipart form; the file becomes one session's upload (decoded, cut, fanned out over the
-workers like a WebSocket file session), and the answer is the transcript in the asked
-``response_format``, or with ``stream=true`` Server-Sent Events as finals arrive (queue position
-as SSE comments while it waits). Errors are ``{"error": {"message", "type", "code"}}`` with the
-HTTP status of the session's error code (429 with ``Retry-After`` for ``overloaded``).
-
-The transcription endpoints are ``http_transcribe.py``; here are the app, its routes (the
-browser page, the model list, the operator endpoints) and the framing check in front of them.
+"""The HTTP port (Starlette on hypercorn's trio worker): the app and its routes: the
+OpenAI-compatible transcription endpoints (``http_transcribe.py``) and the Realtime door (``realtime.py``), the
+browser page, the model list, the operator endpoints, and the framing check in front of them.
 """
 
 from __future__ import annotations
