@@ -1,6 +1,7 @@
 """The HTTP port (Starlette on hypercorn's trio worker): the app and its routes: the
-OpenAI-compatible transcription endpoints (``http_transcribe.py``) and the Realtime door (``realtime.py``), the
-browser page, the model list, the operator endpoints, and the framing check in front of them.
+OpenAI-compatible transcription endpoints (``http_transcribe.py``), the Realtime door
+(``realtime.py``), the browser page, the model list, the operator endpoints, and the framing
+check in front of them.
 """
 
 from __future__ import annotations
