@@ -311,3 +311,41 @@ def test_the_beta_client_streams_g711_ulaw(
     measured = wer(clip.reference, text)
     print(f"realtime g711_ulaw WER {measured:.3f}: {text}")
     assert measured <= 0.1, text
+
+
+@pytest.mark.parametrize(
+    ("session", "audio_bytes", "code", "close"),
+    [
+        ({"input_audio_transcription": {"model": "no-such-model"}}, 4800, "unsupported_option", 1003),
+        ({}, 1024 * 1024 + 2, "too_large", 1009),  # over max_frame_bytes once decoded
+    ],
+)  # fmt: skip
+async def test_a_sessions_coded_error_is_an_error_then_its_close(
+    key_and_stack: tuple[str, Stack],
+    session: dict[str, Any],
+    audio_bytes: int,
+    code: str,
+    close: int,
+) -> None:
+    from websockets.sync.client import connect
+
+    key, stack = key_and_stack
+    url = stack.metrics_url.replace("http", "ws", 1) + "/v1/realtime?intent=transcription"
+
+    def run() -> tuple[list[dict[str, Any]], int | None]:
+        seen = []
+        headers = {"Authorization": f"Bearer {key}"}
+        with connect(url, additional_headers=headers, max_size=None) as ws:
+            ws.send(json.dumps({"type": "transcription_session.update", "session": session}))
+            audio = base64.b64encode(bytes(audio_bytes)).decode()
+            ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+            try:
+                while True:
+                    seen.append(json.loads(ws.recv(timeout=30)))
+            except ConnectionClosed as exc:
+                return seen, exc.rcvd.code if exc.rcvd else None
+
+    seen, closed = await trio.to_thread.run_sync(run)
+    assert seen[-1]["type"] == "error", seen
+    assert seen[-1]["error"]["code"] == code
+    assert closed == close

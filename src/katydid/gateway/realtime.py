@@ -54,9 +54,8 @@ class Realtime:
             return
         await send({"type": "websocket.accept"})
         conn = _Connection(self.gateway, receive, send, bearer(scope["headers"]))
-        query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
-        intent = query.get("intent", [""])[0]
         try:
+            intent = _intent(bytes(scope.get("query_string", b"")))
             if intent != "transcription":
                 message = f"intent {intent!r} is not served here: connect with intent=transcription"
                 await conn.refuse(wire.error("invalid_intent", message, "intent"), 1008)
@@ -73,6 +72,14 @@ class Realtime:
         except Exception:  # what nobody foresaw ends this connection, never the server
             self.gateway.sampled.log("error", "connection_failed", door="realtime", exc_info=True)
             await conn.close(1011, "internal")
+
+
+def _intent(query: bytes) -> str:
+    try:
+        values = parse_qs(query.decode("latin-1"), max_num_fields=32).get("intent")
+    except ValueError:  # more fields than any client sends
+        return ""
+    return values[0] if values else ""
 
 
 def _coded(code: ErrorCode, message: str, **more: Any) -> dict[str, Any]:
