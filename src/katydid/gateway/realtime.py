@@ -27,7 +27,7 @@ from urllib.parse import parse_qs
 
 import trio
 
-from katydid.errors import ClientGone, ErrorCode, ProtocolError
+from katydid.errors import CLOSE_CODES, ClientGone, ErrorCode, ProtocolError
 from katydid.gateway import realtime_wire as wire
 from katydid.gateway.credentials import bearer
 from katydid.gateway.driver import SessionDriver
@@ -40,6 +40,7 @@ from katydid.gateway.outputs import Close
 from katydid.gateway.session_queries import Phase
 
 _JSON_OVERHEAD = 4096  # an append's event around its base64
+_CLOSE = {str(code): close for code, close in CLOSE_CODES.items()} | {"shutdown": 1013}
 
 
 class Realtime:
@@ -151,7 +152,7 @@ class _Connection:
         """Close the WebSocket (once) and end the connection's tasks."""
         if not self.closed:
             self.closed = True
-            with trio.move_on_after(self.cfg.send_timeout_s), trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(self.cfg.send_timeout_s):
                 try:
                     await self._send({"type": "websocket.close", "code": code, "reason": reason})
                 except Exception:  # already closed by the client, or broken
@@ -288,6 +289,9 @@ class _Connection:
             if self.turn is turn:
                 self.turn = None
             self.gateway.close_session(turn.live)
+            outcome = turn.session.outcome
+            if outcome != "ok":  # its close may not have been sent (a client that did not read)
+                await self.close(_CLOSE.get(outcome, 1011), outcome)
 
 
 def _event_id(text: str) -> str | None:
