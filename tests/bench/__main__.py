@@ -94,6 +94,13 @@ def _add_parsers(sub: Any) -> None:
         "--manifest", type=Path, help="clips with references (default: shared short clips)"
     )
     bl.add_argument("--pause-s", type=float, default=2.0, help="silence streamed after each clip")
+    bl.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        help="concurrent real-time streams with partials, each every clip back to back from a "
+        "different one (1: one clip at a time, each then as a file)",
+    )
     bl.add_argument("--json", action="store_true")
 
 
@@ -188,6 +195,9 @@ def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
 def _latency(cfg: Config, args: argparse.Namespace, clips: list[Any]) -> int:
     from tests.bench import latency
 
+    if args.streams < 1:
+        raise KatydidError(f"--streams must be at least 1, got {args.streams}")
+
     data = [
         (c.name, decode_container(c.path, max_audio_s=4 * 3600, max_bytes=1 << 30), c.reference)
         for c in clips
@@ -197,18 +207,29 @@ def _latency(cfg: Config, args: argparse.Namespace, clips: list[Any]) -> int:
         server = ServeProcess(cfg, args.workers, Path("reports") / "latency" / "serve.log")
     try:
         url = args.url or server.url  # type: ignore[union-attr]
+        how = "one at a time" if args.streams == 1 else f"{args.streams} streams at once"
         print(
             f"streaming {len(data)} clips in real time (100 ms frames, {args.pause_s:.1f} s pause "
-            f"after each) to {url}, one at a time, then each as a file ...",
+            f"after each) to {url}, {how}, then each as a file ...",
             file=sys.stderr,
         )
-        results = latency.run(url, data, pause_after_s=args.pause_s)
+        if args.streams == 1:
+            results = latency.run(url, data, pause_after_s=args.pause_s)
+        else:
+            results = latency.run_concurrent(
+                url, data, streams=args.streams, pause_after_s=args.pause_s
+            )
     finally:
         if server:
             server.stop()
-    summary = latency.report(results)
-    print(f"model {cfg.model}; {args.workers if server else '?'} worker(s); {_host()}")
-    print(latency.markdown(results, summary))
+    summary = latency.report(results) | {"streams": args.streams, "host": _host()}
+    print(
+        f"model {cfg.model}; {args.workers if server else '?'} worker(s); "
+        f"{args.streams} stream(s); {_host()}; load average at the end "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    show = latency.markdown if args.streams == 1 else latency.markdown_streams
+    print(show(results, summary))
     if args.json:
         print(json.dumps(summary))
     return 0

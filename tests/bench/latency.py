@@ -9,7 +9,9 @@ spans of speech merged across gaps under ``pause_s`` are utterances; an utteranc
 to the utterance end nearest to its last segment's end; its latency is its arrival minus the
 moment that end was spoken. Partials: the gaps between consecutive results (partial or final)
 while the speaker talks. WER: the session's finals against the reference, beside the same clip
-sent as a file to the same server.
+sent as a file to the same server. ``--streams N`` (``run_concurrent``): N such clients at once,
+each streaming every clip back to back from a different one (``stream_orders``), the figures
+pooled over every utterance of every stream.
 """
 
 from __future__ import annotations
@@ -178,6 +180,63 @@ def run(
     return out
 
 
+def stream_orders(clips: int, streams: int) -> list[list[int]]:
+    """Which clips each of ``streams`` concurrent streams plays, in order: every stream plays
+    every clip once, stream ``i`` starting ``i * clips / streams`` clips in, so that at any moment
+    the streams speak different clips (not one clip's pauses in lockstep). Pure, for tests."""
+    if clips <= 0 or streams <= 0:
+        return []
+    return [[(i * clips // streams + k) % clips for k in range(clips)] for i in range(streams)]
+
+
+async def _streams(
+    url: str,
+    clips: list[tuple[str, np.ndarray, str]],
+    spans: list[list[tuple[float, float]]],
+    streams: int,
+    pause_after_s: float,
+    stagger_s: float,
+) -> list[ClipLatency]:
+    out: list[ClipLatency] = []
+
+    async def one(i: int, order: list[int]) -> None:
+        await trio.sleep(i * stagger_s)  # clients do not all start on the same frame
+        for c in order:
+            name, audio, reference = clips[c]
+            events, _ = await stream_clip(url, audio, pause_after_s=pause_after_s)
+            out.append(score_clip(name, reference, spans[c], events))
+
+    async with trio.open_nursery() as nursery:
+        for i, order in enumerate(stream_orders(len(clips), streams)):
+            nursery.start_soon(one, i, order)
+    return out
+
+
+def run_concurrent(
+    url: str,
+    clips: list[tuple[str, np.ndarray, str]],
+    *,
+    streams: int,
+    pause_after_s: float = 2.0,
+    stagger_s: float = 0.37,
+) -> list[ClipLatency]:
+    """``streams`` clients at once, each streaming every clip (a session each) back to back in
+    real time with partials (``stream_orders``); then each clip once as a file, one at a time,
+    for the WER beside it. One ``ClipLatency`` per streamed clip (``streams`` per clip)."""
+    from katydid_worker.speech import SpeechDetector
+
+    detector = SpeechDetector()
+    spans = [[(s.start_s, s.end_s) for s in detector.spans(a)] for _, a, _ in clips]
+    out = trio.run(partial(_streams, url, clips, spans, streams, pause_after_s, stagger_s))
+    file_errors = {}
+    for name, audio, reference in clips:
+        as_file = trio.run(partial(client.transcribe, url, _wav(audio), fmt="wav"))
+        file_errors[name] = word_errors(reference, as_file.text)
+    for r in out:
+        r.file_errors = file_errors[r.name]
+    return out
+
+
 def report(results: list[ClipLatency]) -> dict[str, Any]:
     lat = [x for r in results for x in r.latencies_s]
     gaps = [x for r in results for x in r.partial_gaps_s]
@@ -218,13 +277,36 @@ def markdown(results: list[ClipLatency], summary: dict[str, Any]) -> str:
             f"| {r.name} | {len(r.latencies_s)} | {', '.join(f'{x:.2f}' for x in r.latencies_s)} | "
             f"{max(r.partial_gaps_s, default=0.0):.2f} | {100 * se / max(sw, 1):.1f}% | {100 * fe / max(sw, 1):.1f}% |"
         )
+    return "\n".join([*lines, "", *_summary_lines(summary)])
+
+
+def markdown_streams(results: list[ClipLatency], summary: dict[str, Any]) -> str:
+    """Concurrent streams: one row per clip over all its streams."""
+    lines = [
+        "| clip | streamed | finals | end of speech → final s, p50 / max | WER stream | WER file |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    by_clip: dict[str, list[ClipLatency]] = {}
+    for r in results:
+        by_clip.setdefault(r.name, []).append(r)
+    for name, rs in by_clip.items():
+        lat = [x for r in rs for x in r.latencies_s]
+        se, sw = sum(r.stream_errors[0] for r in rs), sum(r.stream_errors[1] for r in rs)
+        fe, fw = rs[0].file_errors
+        lines.append(
+            f"| {name} | {len(rs)} | {len(lat)} | {percentile(lat, 50):.2f} / "
+            f"{max(lat, default=float('nan')):.2f} | {100 * se / max(sw, 1):.1f}% | "
+            f"{100 * fe / max(fw, 1):.1f}% |"
+        )
+    return "\n".join([*lines, "", *_summary_lines(summary)])
+
+
+def _summary_lines(summary: dict[str, Any]) -> list[str]:
     e2f, gap = summary["end_of_speech_to_final_s"], summary["partial_interval_s"]
-    lines += [
-        "",
+    return [
         f"end of speech → final: p50 {e2f['p50']} s, p90 {e2f['p90']} s, p99 {e2f['p99']} s "
         f"({summary['finals_matched']} finals, {summary['finals_unmatched']} unmatched)",
         f"gap between results while speaking: p50 {gap['p50']} s, p90 {gap['p90']} s, max {gap['max']} s",
         f"WER streaming {summary['wer_streaming']}% vs file {summary['wer_file']}% "
         f"({summary['wer_points_streaming_minus_file']:+} points)",
     ]
-    return "\n".join(lines)

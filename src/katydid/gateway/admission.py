@@ -67,6 +67,10 @@ class Admission:
         # Partials only while the model's interactive queue is not backed up (finals come
         # first): read per audio frame by every streaming session, so decided once per poll.
         self.partials_allowed: dict[str, bool] = {}
+        # Per model: partial jobs that may be in flight at once, gateway-wide (one less than its
+        # live workers, at least one; Seating counts them): a final then finds a worker free of
+        # partials, instead of one partial of every live session ahead of it in the queue.
+        self.partial_slots: dict[str, int] = {}
 
     # --- heartbeats and polls ---
 
@@ -124,6 +128,8 @@ class Admission:
             self.partials_allowed[model] = interactive is not None and (
                 interactive.pending < max(1, workers)
             )
+            # One worker kept for finals: a final finds at most one partial on a worker.
+            self.partial_slots[model] = max(1, workers - 1)
 
     def polled_models(self) -> list[str]:
         return sorted({self.default_model, *self.live_offers()})

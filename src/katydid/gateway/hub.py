@@ -142,6 +142,8 @@ class Hub:
             )
             return
         self.metrics.result(result)
+        if result.kind == "partial":
+            self.seating.partial_answered(result.job)  # also when its session is gone
         live = self.sessions.get(result.session)
         if live is None:
             self.counters["orphan_results"] += 1  # the client left; its cancel crossed this result

@@ -14,6 +14,7 @@ or a session that ended meanwhile could not delete it, and it would be transcrib
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -34,6 +35,9 @@ from katydid.log import SampledLogger
 from katydid.metrics import GatewayMetrics
 
 log = structlog.get_logger("katydid.gateway")
+# A partial unanswered this long after its deadline is taken as lost (a worker that started it
+# just before its deadline has answered by then: partials are a few seconds of audio).
+_PARTIAL_DECODE_S = 5.0
 
 
 class Seating:
@@ -61,6 +65,11 @@ class Seating:
         self.publish_failing_since: float | None = None
         # Doors that vouch for their sessions themselves (Wyoming: by network allowlist).
         self.trusted_doors: frozenset[str] = frozenset({"wyoming"})
+        # Partial jobs queued and not answered yet, gateway-wide, in publish order: job id ->
+        # (model, when it stops counting). A partial nobody answers (its worker died, its
+        # result crossed a reconnect) stops counting once a worker would no longer start it.
+        self._partials: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._partials_of: dict[str, int] = {}
 
     # --- admission and keys ---
 
@@ -136,7 +145,48 @@ class Seating:
         self.arrived(live)
 
     def partials_allowed(self, model: str) -> bool:
-        return self.admission.partials_allowed.get(model, False)
+        """Whether a session of ``model`` may queue a partial now: its interactive queue is not
+        backed up (as of the last poll), and fewer partials of this gateway are in flight than
+        the model's partial slots (``Admission.partial_slots``: a worker left for finals).
+        Partials share the workers with finals; with one partial of every live session in the
+        queue, a final waited behind all of them (10 live streams on 2 workers: p90 end of
+        speech → final 1.9 s). Under load the partials come less often."""
+        if not self.admission.partials_allowed.get(model, False):
+            return False
+        slots = self.admission.partial_slots.get(model, 1)
+        if self._partials_of.get(model, 0) < slots:
+            return True
+        self._forget_stale_partials()
+        return self._partials_of.get(model, 0) < slots
+
+    def partial_queued(self, model: str, job_id: str) -> None:
+        """A partial job is in the stream: it holds one of the model's partial slots until
+        ``partial_answered`` (or its deadline and the longest decode after it have passed)."""
+        until = clock() + self.cfg.partial_deadline_s + _PARTIAL_DECODE_S
+        self._partials[job_id] = (model, until)
+        self._partials_of[model] = self._partials_of.get(model, 0) + 1
+
+    def partial_answered(self, job_id: str) -> None:
+        """A worker answered a partial (text, or skipped): its slot is free."""
+        entry = self._partials.pop(job_id, None)
+        if entry is not None:
+            self._drop_partial(entry[0])
+
+    def _forget_stale_partials(self) -> None:
+        now = clock()
+        while self._partials:
+            job_id, (model, until) = next(iter(self._partials.items()))
+            if until > now:
+                return
+            del self._partials[job_id]
+            self._drop_partial(model)
+
+    def _drop_partial(self, model: str) -> None:
+        left = self._partials_of.get(model, 0) - 1
+        if left > 0:
+            self._partials_of[model] = left
+        else:
+            self._partials_of.pop(model, None)
 
     # --- publishing ---
 
@@ -211,6 +261,7 @@ class Seating:
             kind = job.options.kind
             self.metrics.jobs_published.labels(publish.lane, kind).inc()
             if kind == "partial":
+                self.partial_queued(publish.model, job.job_id)
                 return []
             self.admission.published(publish.model)
             self.arrived(live)

@@ -1,0 +1,108 @@
+"""Partials share the workers with finals: a gateway keeps fewer partials of a model in flight
+than the model has workers (one worker left for finals), so a final never waits behind one
+partial of every live session."""
+
+from __future__ import annotations
+
+import pytest
+
+from katydid.bus.memory import MemoryBus
+from katydid.config import Config
+from katydid.gateway import seating
+from katydid.gateway.hub import Hub
+from katydid.gateway.live import Live
+from katydid.gateway.native_wire import receive_text
+from katydid.gateway.outputs import Admit, Publish
+from tests.unit.test_session import _speech_like
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _gateway(
+    monkeypatch: pytest.MonkeyPatch, workers: int
+) -> tuple[Hub, MemoryBus, str, _Clock]:
+    clock = _Clock()
+    monkeypatch.setattr(seating, "clock", clock)
+    bus = MemoryBus()
+    gateway = Hub(Config(chunk_min_s=5.0, partial_interval_s=1.0), bus=bus)
+    model = gateway.admission.default_model
+    for i in range(workers):
+        bus.heartbeat(f"w{i}", model)
+    gateway.admission.polled(await bus.lane_stats([model]), {})
+    return gateway, bus, model, clock
+
+
+def _streaming(gateway: Hub) -> Live:
+    live = gateway.open_session("websocket")
+    (admit,) = receive_text(live.session, '{"type": "start", "partials": true}', 0.0)
+    assert isinstance(admit, Admit)
+    gateway.seating.admit(live, admit)
+    return live
+
+
+async def _speak(gateway: Hub, live: Live, model: str, audio: bytes) -> int:
+    """Audio from the client, as a door hands it on; the partials it queued."""
+    allowed = gateway.seating.partials_allowed(model)
+    partials = 0
+    for out in live.session.receive_bytes(audio, 0.0, partials_allowed=allowed):
+        if isinstance(out, Publish):
+            partials += out.job.options.kind == "partial"
+            assert await gateway.seating.publish(live, out) == []
+    return partials
+
+
+@pytest.mark.parametrize(("workers", "slots"), [(0, 1), (1, 1), (2, 1), (3, 2), (8, 7)])
+async def test_one_worker_is_left_for_finals(
+    monkeypatch: pytest.MonkeyPatch, workers: int, slots: int
+) -> None:
+    gateway, _, model, _ = await _gateway(monkeypatch, workers=workers)
+    assert gateway.admission.partial_slots[model] == slots
+
+
+async def test_partials_in_flight_are_bounded_by_the_slots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway, bus, model, _ = await _gateway(monkeypatch, workers=3)
+    lives = [_streaming(gateway) for _ in range(4)]
+    speech = _speech_like(1.0, pause_every_s=10.0)
+    queued = [await _speak(gateway, live, model, speech) for live in lives]
+    assert queued == [1, 1, 0, 0]  # two slots: the other two sessions' partials wait
+    assert not gateway.seating.partials_allowed(model)
+    first = next(q for q in bus.published if q.job.options.kind == "partial")
+    bus.answer(bus.take(first.stream_seq), "hello")
+    assert gateway.seating.partials_allowed(model)  # its slot is free
+    assert await _speak(gateway, lives[2], model, b"") == 1  # due since its 1 s of speech
+    assert not gateway.seating.partials_allowed(model)
+
+
+async def test_a_skipped_partial_and_one_of_a_session_gone_free_their_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway, bus, model, _ = await _gateway(monkeypatch, workers=1)
+    first, second = _streaming(gateway), _streaming(gateway)
+    speech = _speech_like(1.0, pause_every_s=10.0)
+    assert await _speak(gateway, first, model, speech) == 1
+    assert await _speak(gateway, second, model, speech) == 0
+    (partial,) = bus.published
+    gateway.close_session(first)  # the client left meanwhile
+    bus.answer(bus.take(partial.stream_seq), error={"code": "expired", "message": "late"})
+    assert await _speak(gateway, second, model, b"") == 1
+
+
+async def test_a_partial_never_answered_stops_counting_after_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway, _, model, clock = await _gateway(monkeypatch, workers=1)
+    first, second = _streaming(gateway), _streaming(gateway)
+    speech = _speech_like(1.0, pause_every_s=10.0)
+    assert await _speak(gateway, first, model, speech) == 1  # its worker dies with it
+    clock.now += gateway.cfg.partial_deadline_s
+    assert await _speak(gateway, second, model, speech) == 0  # a worker may still answer it
+    clock.now += seating._PARTIAL_DECODE_S
+    assert await _speak(gateway, second, model, b"") == 1
