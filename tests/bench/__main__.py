@@ -101,6 +101,19 @@ def _add_parsers(sub: Any) -> None:
         help="concurrent real-time streams with partials, each every clip back to back from a "
         "different one (1: one clip at a time, each then as a file)",
     )
+    bl.add_argument(
+        "--door",
+        choices=("native", "realtime"),
+        default="native",
+        help="the door streamed to: the native WebSocket, or the OpenAI Realtime transcription "
+        "door on the HTTP port (24 kHz pcm16 appends, a commit where native sends stop); the "
+        "files go to the native door either way",
+    )
+    bl.add_argument(
+        "--realtime-url",
+        help="with --url and --door realtime: the running gateway's Realtime door "
+        "(ws://HOST:HTTP_PORT/v1/realtime?intent=transcription)",
+    )
     bl.add_argument("--json", action="store_true")
 
 
@@ -202,29 +215,49 @@ def _latency(cfg: Config, args: argparse.Namespace, clips: list[Any]) -> int:
         (c.name, decode_container(c.path, max_audio_s=4 * 3600, max_bytes=1 << 30), c.reference)
         for c in clips
     ]
+    if args.url and args.door == "realtime" and not args.realtime_url:
+        raise KatydidError("--door realtime with --url needs --realtime-url")
     server = None
     if not args.url:
         server = ServeProcess(cfg, args.workers, Path("reports") / "latency" / "serve.log")
     try:
         url = args.url or server.url  # type: ignore[union-attr]
+        stream_url = url
+        if args.door == "realtime":
+            stream_url = (
+                args.realtime_url
+                or f"ws://127.0.0.1:{server.http_port}/v1/realtime?intent=transcription"  # type: ignore[union-attr]
+            )
         how = "one at a time" if args.streams == 1 else f"{args.streams} streams at once"
         print(
             f"streaming {len(data)} clips in real time (100 ms frames, {args.pause_s:.1f} s pause "
-            f"after each) to {url}, {how}, then each as a file ...",
+            f"after each) to the {args.door} door at {stream_url}, {how}, then each as a file to "
+            f"{url} ...",
             file=sys.stderr,
         )
         if args.streams == 1:
-            results = latency.run(url, data, pause_after_s=args.pause_s)
+            results = latency.run(
+                url, data, pause_after_s=args.pause_s, door=args.door, stream_url=stream_url
+            )
         else:
             results = latency.run_concurrent(
-                url, data, streams=args.streams, pause_after_s=args.pause_s
+                url,
+                data,
+                streams=args.streams,
+                pause_after_s=args.pause_s,
+                door=args.door,
+                stream_url=stream_url,
             )
     finally:
         if server:
             server.stop()
-    summary = latency.report(results) | {"streams": args.streams, "host": _host()}
+    summary = latency.report(results) | {
+        "door": args.door,
+        "streams": args.streams,
+        "host": _host(),
+    }
     print(
-        f"model {cfg.model}; {args.workers if server else '?'} worker(s); "
+        f"door {args.door}; model {cfg.model}; {args.workers if server else '?'} worker(s); "
         f"{args.streams} stream(s); {_host()}; load average at the end "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )

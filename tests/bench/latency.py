@@ -12,10 +12,20 @@ while the speaker talks. WER: the session's finals against the reference, beside
 sent as a file to the same server. ``--streams N`` (``run_concurrent``): N such clients at once,
 each streaming every clip back to back from a different one (``stream_orders``), the figures
 pooled over every utterance of every stream.
+
+Two doors (``--door``): the native WebSocket (a session per clip: ``start``, 16 kHz PCM frames,
+``stop``) and the OpenAI Realtime door (``stream_clip_realtime``: a connection per clip,
+``transcription_session.update`` to ``pcm16``, the same audio resampled to 24 kHz in the same
+100 ms appends at the same moments, ``input_audio_buffer.commit`` where the native client sends
+``stop``). Realtime events are read in the native shape (``realtime_events``): a ``delta`` is a
+partial, a ``completed`` a final; as a ``completed`` carries no times, its end of speech is
+estimated (the next speech after the previous final's, plus the item's ``usage.seconds``) and
+then matched to a pause exactly as a native final's ``end_s`` is.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 import json
@@ -27,6 +37,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import soxr
 import trio
 
 from katydid import client
@@ -35,6 +46,11 @@ from katydid.evaluation import word_errors
 
 FRAME_S = 0.1
 SR = 16_000
+REALTIME_SR = 24_000  # the Realtime API's pcm16
+_DELTA = "conversation.item.input_audio_transcription.delta"
+_COMPLETED = "conversation.item.input_audio_transcription.completed"
+_FAILED = "conversation.item.input_audio_transcription.failed"
+_SAME_SEND_S = 0.05  # a final's own delta comes with its completed, not as a partial
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +138,137 @@ async def stream_clip(
     return events, len(pcm) / 2 / SR
 
 
+def realtime_pieces(audio: np.ndarray, pause_after_s: float) -> list[bytes]:
+    """A 16 kHz clip and its pause as the Realtime door's ``pcm16``: 24 kHz s16le in 100 ms
+    pieces (the native client's frames, resampled). Pure, for tests."""
+    samples = np.concatenate([audio, np.zeros(int(pause_after_s * SR), np.float32)])
+    pcm = float_to_pcm16(soxr.resample(samples, SR, REALTIME_SR, quality="HQ"))
+    piece = int(FRAME_S * REALTIME_SR) * 2
+    return [pcm[i : i + piece] for i in range(0, len(pcm), piece)]
+
+
+async def stream_clip_realtime(
+    url: str, audio: np.ndarray, *, pause_after_s: float = 2.0
+) -> tuple[list[tuple[float, dict[str, Any]]], float]:
+    """``stream_clip`` through the Realtime door (``url``: ``ws://HOST:HTTP_PORT/v1/realtime?
+    intent=transcription``): a connection per clip, ``pcm16`` appends at the native frames'
+    moments, ``input_audio_buffer.commit`` where the native client sends ``stop``, then
+    ``input_audio_buffer.clear`` (answered after the commit's items are committed); over once
+    every item is completed (or failed) or on an ``error``. Returns the Realtime events as they
+    came (``realtime_events`` reads them) and the stream's length."""
+    pieces = realtime_pieces(audio, pause_after_s)
+    events: list[tuple[float, dict[str, Any]]] = []
+    update = {
+        "type": "transcription_session.update",
+        "session": {"input_audio_format": "pcm16", "input_audio_transcription": {"language": "en"}},
+    }
+    async with client.connect(url) as ws:
+        await ws.send_message(json.dumps(update))
+        while True:
+            answer = json.loads(await ws.get_message())
+            if answer.get("type") == "transcription_session.updated":
+                break
+            if answer.get("type") == "error":
+                raise client.ClientError("refused", f"the server answered {answer}")
+        t0 = trio.current_time()
+
+        async def send() -> None:
+            for k, piece in enumerate(pieces):
+                await trio.sleep_until(t0 + (k + 1) * FRAME_S)  # the piece is now spoken
+                audio_b64 = base64.b64encode(piece).decode()
+                await ws.send_message(
+                    json.dumps({"type": "input_audio_buffer.append", "audio": audio_b64})
+                )
+            await ws.send_message('{"type": "input_audio_buffer.commit"}')
+            await ws.send_message('{"type": "input_audio_buffer.clear"}')
+
+        items: set[str] = set()
+        answered: set[str] = set()
+        cleared = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while True:
+                event = json.loads(await ws.get_message())
+                events.append((trio.current_time() - t0, event))
+                kind = event.get("type")
+                if kind == "input_audio_buffer.committed":
+                    items.add(str(event.get("item_id")))
+                elif kind in (_COMPLETED, _FAILED):
+                    answered.add(str(event.get("item_id")))
+                cleared = cleared or kind == "input_audio_buffer.cleared"
+                if kind == "error" or (cleared and items <= answered):
+                    break
+            nursery.cancel_scope.cancel()
+    return events, len(pieces) * FRAME_S
+
+
+def _match_end(ends: list[float], arrived: float, end: float) -> float | None:
+    """The pause a final that ``arrived`` saying its speech ended at ``end`` is timed from:
+    the gateway may end an utterance at any pause of ``pause_s``, if it was spoken before the
+    final arrived; None if none is within 1.5 s."""
+    spoken = [e for e in ends if e < arrived]
+    if not spoken:
+        return None
+    nearest = min(spoken, key=lambda e: abs(e - end))
+    return nearest if abs(nearest - end) <= 1.5 else None
+
+
+def realtime_events(
+    events: list[tuple[float, dict[str, Any]]], spans: list[tuple[float, float]]
+) -> list[tuple[float, dict[str, Any]]]:
+    """A Realtime stream's events in the native shape, for ``score_clip``: a ``delta`` is a
+    ``partial`` (but the one sent with its item's ``completed``: that is the final's text); a
+    ``completed`` with text is a ``final`` (an empty one, for a committed silence, is no final,
+    as the native door sends none), its ``end_s`` estimated: the item starts at the first speech
+    after the previous final's end (as matched), and lasts its ``usage.seconds`` (its segments'
+    span); a ``failed`` is dropped (the native chunk error has no text either); an ``error`` stays
+    one. Pure, for tests."""
+    ends = [u.end_s for u in utterances(spans, min_utterance_s=0.0)]
+    out: list[tuple[float, dict[str, Any]]] = []
+    previous_end = 0.0
+    for i, (arrived, event) in enumerate(events):
+        kind = event.get("type")
+        if kind == _DELTA:
+            after = events[i + 1] if i + 1 < len(events) else None
+            if (
+                after is not None
+                and after[1].get("type") == _COMPLETED
+                and after[1].get("item_id") == event.get("item_id")
+                and after[0] - arrived < _SAME_SEND_S
+            ):
+                continue
+            out.append((arrived, {"type": "partial", "text": str(event.get("delta", ""))}))
+        elif kind == _COMPLETED:
+            text = str(event.get("transcript", "")).strip()
+            if not text:
+                continue
+            seconds = float((event.get("usage") or {}).get("seconds") or 0.0)
+            start = next((max(s, previous_end) for s, e in spans if e > previous_end), previous_end)
+            end = start + seconds
+            matched = _match_end(ends, arrived, end)
+            previous_end = end if matched is None else matched
+            out.append((arrived, {"type": "final", "text": text, "end_s": round(end, 3)}))
+        elif kind == "error":
+            out.append((arrived, {"type": "error", **(event.get("error") or {})}))
+    return out
+
+
+async def stream_door(
+    door: str,
+    url: str,
+    audio: np.ndarray,
+    spans: list[tuple[float, float]],
+    *,
+    pause_after_s: float = 2.0,
+) -> list[tuple[float, dict[str, Any]]]:
+    """A clip streamed through ``door``; its events in the native shape."""
+    if door == "realtime":
+        events, _ = await stream_clip_realtime(url, audio, pause_after_s=pause_after_s)
+        return realtime_events(events, spans)
+    events, _ = await stream_clip(url, audio, pause_after_s=pause_after_s)
+    return events
+
+
 def score_clip(
     name: str,
     reference: str,
@@ -137,12 +284,10 @@ def score_clip(
         if not ends:
             out.unmatched_finals += 1
             continue
-        end = float(event.get("end_s") or 0.0)
         # The gateway may end an utterance at a pause this grouping merged over: any pause of
         # pause_s is a candidate end, if it was spoken before the final arrived.
-        spoken = [e for e in ends if e < arrived] or [float("inf")]
-        nearest = min(spoken, key=lambda e: abs(e - end))
-        if abs(nearest - end) > 1.5:
+        nearest = _match_end(ends, arrived, float(event.get("end_s") or 0.0))
+        if nearest is None:
             out.unmatched_finals += 1
             continue
         out.latencies_s.append(arrived - nearest)
@@ -162,16 +307,23 @@ def score_clip(
 
 
 def run(
-    url: str, clips: list[tuple[str, np.ndarray, str]], *, pause_after_s: float = 2.0
+    url: str,
+    clips: list[tuple[str, np.ndarray, str]],
+    *,
+    pause_after_s: float = 2.0,
+    door: str = "native",
+    stream_url: str | None = None,
 ) -> list[ClipLatency]:
-    """Every clip streamed, then sent as a file, one session at a time."""
+    """Every clip streamed through ``door`` (at ``stream_url``, default ``url``), then sent as a
+    file to the native door at ``url``, one session at a time."""
     from katydid_worker.speech import SpeechDetector
 
     detector = SpeechDetector()
     out: list[ClipLatency] = []
     for name, audio, reference in clips:
         spans = [(s.start_s, s.end_s) for s in detector.spans(audio)]
-        events, _ = trio.run(partial(stream_clip, url, audio, pause_after_s=pause_after_s))
+        stream = partial(stream_door, door, stream_url or url, audio, spans)
+        events = trio.run(partial(stream, pause_after_s=pause_after_s))
         scored = score_clip(name, reference, spans, events)
         as_file = trio.run(partial(client.transcribe, url, _wav(audio), fmt="wav"))
         scored.file_errors = word_errors(reference, as_file.text)
@@ -196,6 +348,7 @@ async def _streams(
     streams: int,
     pause_after_s: float,
     stagger_s: float,
+    door: str,
 ) -> list[ClipLatency]:
     out: list[ClipLatency] = []
 
@@ -203,7 +356,7 @@ async def _streams(
         await trio.sleep(i * stagger_s)  # clients do not all start on the same frame
         for c in order:
             name, audio, reference = clips[c]
-            events, _ = await stream_clip(url, audio, pause_after_s=pause_after_s)
+            events = await stream_door(door, url, audio, spans[c], pause_after_s=pause_after_s)
             out.append(score_clip(name, reference, spans[c], events))
 
     async with trio.open_nursery() as nursery:
@@ -219,15 +372,19 @@ def run_concurrent(
     streams: int,
     pause_after_s: float = 2.0,
     stagger_s: float = 0.37,
+    door: str = "native",
+    stream_url: str | None = None,
 ) -> list[ClipLatency]:
     """``streams`` clients at once, each streaming every clip (a session each) back to back in
-    real time with partials (``stream_orders``); then each clip once as a file, one at a time,
-    for the WER beside it. One ``ClipLatency`` per streamed clip (``streams`` per clip)."""
+    real time with partials (``stream_orders``) through ``door`` (at ``stream_url``, default
+    ``url``); then each clip once as a file to the native door at ``url``, one at a time, for
+    the WER beside it. One ``ClipLatency`` per streamed clip (``streams`` per clip)."""
     from katydid_worker.speech import SpeechDetector
 
     detector = SpeechDetector()
     spans = [[(s.start_s, s.end_s) for s in detector.spans(a)] for _, a, _ in clips]
-    out = trio.run(partial(_streams, url, clips, spans, streams, pause_after_s, stagger_s))
+    target = stream_url or url
+    out = trio.run(partial(_streams, target, clips, spans, streams, pause_after_s, stagger_s, door))
     file_errors = {}
     for name, audio, reference in clips:
         as_file = trio.run(partial(client.transcribe, url, _wav(audio), fmt="wav"))
