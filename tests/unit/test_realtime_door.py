@@ -235,3 +235,36 @@ async def test_a_client_that_does_not_read_is_let_go(autojump_clock: Any) -> Non
             await client.over.wait()
         assert trio.current_time() - start < 60
         assert r.bus.cancels == [r.bus.finals()[0].job.session_id]
+
+
+async def test_a_client_committing_faster_than_its_turns_finish_waits_for_one(
+    autojump_clock: Any,
+) -> None:
+    # Each commit leaves a turn finishing (a session with a job in flight): without a bound one
+    # connection opened sessions without end.
+    async with rig(max_jobs_in_flight=2) as r:
+        client = await r.connect()
+        await _created(client)
+        speech = _speech_24k(1.2, pause_every_s=10.0)
+        for _ in range(4):
+            await client.append(speech)
+            await client.send({"type": "input_audio_buffer.commit"})
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(r.gateway.sessions) == 2  # the third turn waits for one of them to end
+        answered: set[int] = set()
+
+        def answer_new(text: str) -> None:
+            for q in r.bus.finals():
+                if q.stream_seq not in answered:
+                    answered.add(q.stream_seq)
+                    r.bus.answer(q, text)
+
+        assert len(r.bus.finals()) == 2
+        r.bus.answer(r.bus.finals()[0], "one")  # the first turn ends: the third one starts
+        answered.add(r.bus.finals()[0].stream_seq)
+        await _eventually(lambda: len(r.bus.finals()) == 3)
+        assert len(r.gateway.sessions) == 2
+        answer_new("more")
+        await _eventually(lambda: len(r.bus.finals()) == 4)
+        answer_new("last")
+        await _eventually(lambda: not r.gateway.sessions)

@@ -106,7 +106,12 @@ class _Connection:
         self.settings = wire.Settings()
         self.pause_ms = round(gateway.limits.chunk_pause_s * 1000)
         self.turn: _Turn | None = None  # the one taking audio
-        self.turns: set[_Turn] = set()  # every turn not over (one finishing, one taking audio)
+        # Every turn not over: the one taking audio and those finishing after a commit. At
+        # most ``max_jobs_in_flight`` at once (each holds a job in flight at least): a client
+        # that commits faster than its turns finish waits for one to end, as a session's reader
+        # waits for room, instead of opening sessions without end on one connection.
+        self.turns: set[_Turn] = set()
+        self._turn_ended = trio.Event()
         self.last_item: str | None = None
         self.closed = False
         self.nursery: trio.Nursery | None = None
@@ -267,6 +272,9 @@ class _Connection:
 
     async def _append(self, pcm: bytes) -> None:
         turn = self.turn
+        if turn is None:
+            while len(self.turns) >= self.cfg.max_jobs_in_flight:
+                await self._turn_ended.wait()
         now = trio.current_time()
         if turn is None:
             live = self.gateway.open_session("realtime", self.credential)
@@ -286,6 +294,8 @@ class _Connection:
             await turn.drive(turn.watch)
         finally:
             self.turns.discard(turn)
+            self._turn_ended.set()
+            self._turn_ended = trio.Event()
             if self.turn is turn:
                 self.turn = None
             self.gateway.close_session(turn.live)
