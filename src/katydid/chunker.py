@@ -96,6 +96,12 @@ class Chunker:
     def chunks_emitted(self) -> int:
         return self._seq
 
+    def resume_at(self, seq: int, samples: int) -> None:
+        """A resumed session's audio goes on from here: its next chunk is ``seq`` and starts
+        ``samples`` into the session (what earlier connections already cut into jobs)."""
+        self._seq = seq
+        self._offset = samples
+
     @property
     def buffered_samples(self) -> int:
         return self._n

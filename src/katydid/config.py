@@ -163,6 +163,10 @@ class Config:
     consumer_max_deliver: int = 4
     consumer_max_ack_pending: int = 1000
     job_deadline_s: float = 3600.0  # a job not started by then is answered 'expired'
+    # A native session whose client (or gateway) went away waits this long to be resumed: its
+    # record and its results are kept as long (then its jobs left are orphans, never decoded)
+    resume_window_s: float = 120.0
+    results_max_bytes: int = 256 * 1024 * 1024  # the results stream's bound (oldest go first)
     # Workers
     workers: int = 0  # 0 = one per core
     # `katydid serve`'s workers per model, "MODEL=N,MODEL=N"; empty: `workers` x `model`

@@ -34,6 +34,8 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_OPTION = "unsupported_option"
     UNAUTHORIZED = "unauthorized"  # no key, or a wrong or revoked one (keys file configured)
     QUOTA_EXCEEDED = "quota_exceeded"  # the key's sessions or audio budget: retry later
+    RESUME_EXPIRED = "resume_expired"  # no such session to resume (ended, or past its window)
+    SESSION_TAKEN = "session_taken"  # a newer connection resumed this session
 
 
 # WebSocket close codes (RFC 6455 §7.4.1 and the 4000-4999 private range).
@@ -47,6 +49,8 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.UNSUPPORTED_OPTION: 1003,  # unsupported data: the model cannot do what was asked
     ErrorCode.UNAUTHORIZED: 4401,  # HTTP's 401 in the private range
     ErrorCode.QUOTA_EXCEEDED: 4429,  # HTTP's 429
+    ErrorCode.RESUME_EXPIRED: 4410,  # HTTP's 410 Gone
+    ErrorCode.SESSION_TAKEN: 4409,  # HTTP's 409 Conflict
 }
 
 
@@ -125,8 +129,11 @@ class JobTooLarge(NatsError):
 
 class ClientGone(Exception):
     """The door's client cannot be reached any more (raised by ``deliver`` and by a door's
-    receive); ``too_large``: its transport closed it for a message over its own limit."""
+    receive); ``too_large``: its transport closed it for a message over its own limit;
+    ``said_goodbye``: it closed with 1000 (normal closure): it wants no more of its session,
+    which is then not kept for it to resume."""
 
-    def __init__(self, *, too_large: bool = False) -> None:
+    def __init__(self, *, too_large: bool = False, said_goodbye: bool = False) -> None:
         super().__init__("the client is gone")
         self.too_large = too_large
+        self.said_goodbye = said_goodbye

@@ -398,9 +398,15 @@ async def test_a_result_lost_while_nats_reconnected_fails_its_chunk(autojump_clo
         assert events[-1]["failed_chunks"] == 1
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["no_resume", "resume"])
 @pytest.mark.parametrize("parked", [False, True], ids=["memory", "parked"])
-async def test_shutdown_with_sessions_in_flight(autojump_clock: Any, parked: bool) -> None:
-    async with rig(parked=parked) as r:
+async def test_shutdown_with_sessions_in_flight(
+    autojump_clock: Any, parked: bool, resume: bool
+) -> None:
+    """Sessions are told to come back; without resumption their jobs are cancelled, with it
+    they are kept (detached) for their clients to resume on another gateway."""
+    cfg = _config(resume_window_s=120.0 if resume else 0.0)
+    async with rig(cfg, parked=parked) as r:
         sockets = [await r.connect() for _ in range(3)]
         ids = [await _stream(ws) for ws in sockets]
         await sockets[0].send_message('{"type": "stop"}')  # one waiting for its results
@@ -421,8 +427,15 @@ async def test_shutdown_with_sessions_in_flight(autojump_clock: Any, parked: boo
             )
             assert await _closed(ws) == 1013
         await r.gateway.cleanup_done()
-        assert sorted(r.bus.cancels) == sorted(ids)
-        assert not r.bus.queue
+        await trio.testing.wait_all_tasks_blocked()
+        if resume:
+            assert r.bus.cancels == []
+            assert len(r.bus.queue) == len(r.bus.finals())  # kept for the clients to resume
+            assert {i: r.bus.records[i].state for i in ids} == dict.fromkeys(ids, "detached")
+        else:
+            assert sorted(r.bus.cancels) == sorted(ids)
+            assert not r.bus.queue
+            assert r.bus.records == {}
         assert _metric(r.gateway, "katydid_sessions_total", outcome="shutdown") == 4
 
 

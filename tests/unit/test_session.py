@@ -159,7 +159,7 @@ def test_pcm_stream_is_chunked_into_jobs_and_split_samples_are_joined() -> None:
     assert (first.model, first.lane) == ("tiny.en-q8_0", "interactive")
     assert first.job.job_id == "s1-0"
     assert first.job.token == "token-s1-0"
-    assert first.job.reply_subject == "katydid.results.test"
+    assert first.job.reply_subject == "katydid.results.test.s1"  # per session: resumable
     assert first.job.deadline_unix_ms == (1_000 + s.limits.job_deadline_s) * 1000
     opts = first.job.options
     assert (opts.language, opts.word_timestamps, opts.prompt, opts.kind) == (

@@ -20,6 +20,7 @@ from typing import Protocol
 import trio
 
 from katydid.messages import Job
+from katydid.session_record import SessionRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,10 @@ class BusHandlers:
     on_lost: Callable[[], None]  # the connection closed for good (being replaced)
     # nats-py reconnected after an outage: results published meanwhile may be gone
     on_reconnected: Callable[[], None] = lambda: None
+    # A result read from the results stream for a session this gateway follows (resumed)
+    on_replayed: Callable[[bytes, str], None] = lambda _d, _s: None
+    # Another connection took this session over: (session id, its owner)
+    on_takeover: Callable[[str, str], None] = lambda _i, _o: None
 
 
 class JobBus(Protocol):
@@ -48,6 +53,9 @@ class JobBus(Protocol):
     subclasses (``StreamFull``, ``JobTooLarge``)."""
 
     results_subject: str  # where workers answer this gateway's jobs
+    # The deployment's secret (the same on every gateway of it, once ``run`` started): job and
+    # resume tokens are signed with it, so any gateway can take over any session
+    secret: bytes
     connected: bool
     lost: bool  # closed for good, not yet replaced
 
@@ -75,3 +83,21 @@ class JobBus(Protocol):
 
     async def lane_stats(self, models: Iterable[str]) -> dict[tuple[str, str], LaneStats]:
         """Queue state per (model, lane)."""
+
+    async def put_record(self, record: SessionRecord, *, if_owner: bool = False) -> None:
+        """Write a resumable session's record (``if_owner``: only if still this owner's)."""
+
+    async def delete_record(self, session_id: str) -> None:
+        """The session ended for good: its record goes (its jobs left become orphans)."""
+
+    async def get_record(self, session_id: str) -> SessionRecord | None:
+        """A session's record; None if it has none (ended, or past its resume window)."""
+
+    async def follow_results(self, session_id: str) -> None:
+        """The session's results from the results stream, all of them, to ``on_replayed``."""
+
+    async def unfollow_results(self, session_id: str) -> None:
+        """Stop following the session's results."""
+
+    async def announce_takeover(self, session_id: str, owner: str) -> None:
+        """Tell every gateway that ``owner`` serves the session now (``on_takeover``)."""

@@ -18,6 +18,7 @@ import trio
 from katydid.bus import BusHandlers, LaneStats
 from katydid.errors import NatsError
 from katydid.messages import Job, JobResult, ResultSegment
+from katydid.session_record import SessionRecord
 
 
 @dataclass(slots=True)
@@ -46,6 +47,11 @@ class MemoryBus:
     _seqs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _delivered: dict[tuple[str, str], int] = field(default_factory=dict)
     _handlers: BusHandlers | None = None
+    secret: bytes = b"memory-bus-secret-for-tests-only"
+    records: dict[str, SessionRecord] = field(default_factory=dict)  # the sessions bucket
+    stored_results: list[JobResult] = field(default_factory=list)  # the results stream
+    followed: set[str] = field(default_factory=set)
+    takeovers: list[tuple[str, str]] = field(default_factory=list)
 
     def attach(self, handlers: BusHandlers) -> None:
         self._handlers = handlers
@@ -101,6 +107,37 @@ class MemoryBus:
                 )
         return out
 
+    async def put_record(self, record: SessionRecord, *, if_owner: bool = False) -> None:
+        await trio.lowlevel.checkpoint()
+        stored = self.records.get(record.session_id)
+        if if_owner and (stored is None or stored.owner != record.owner):
+            return
+        self.records[record.session_id] = record
+
+    async def delete_record(self, session_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.records.pop(session_id, None)
+
+    async def get_record(self, session_id: str) -> SessionRecord | None:
+        await trio.lowlevel.checkpoint()
+        return self.records.get(session_id)
+
+    async def follow_results(self, session_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.followed.add(session_id)
+        for result in [r for r in self.stored_results if r.session == session_id]:
+            data = result.to_json()
+            self._deliver(lambda h: h.on_replayed(data, "memory"))
+
+    async def unfollow_results(self, session_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.followed.discard(session_id)
+
+    async def announce_takeover(self, session_id: str, owner: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.takeovers.append((session_id, owner))
+        self._deliver(lambda h: h.on_takeover(session_id, owner))
+
     # --- the test plays the workers ---
 
     def finals(self, session_id: str | None = None) -> list[QueuedJob]:
@@ -133,7 +170,10 @@ class MemoryBus:
             language="en", audio_s=audio_s, compute_s=0.1, queue_s=0.0, worker="memory-0",
             error=error, token=job.token,
         )  # fmt: skip
+        self.stored_results.append(result)
         self._deliver(lambda h: h.on_result(result.to_json(), "memory"))
+        if job.session_id in self.followed:
+            self._deliver(lambda h: h.on_replayed(result.to_json(), "memory"))
 
     def heartbeat(
         self, worker: str, model: str, *, avg_compute_s: float = 1.0, **fields: object

@@ -27,6 +27,7 @@ import trio
 
 from katydid.bus import BusHandlers, LaneStats
 from katydid.bus.nats_connection import connect, translate
+from katydid.bus.nats_sessions import TAKEOVER_SUBJECT, SessionsOnNats, ensure_resumption
 from katydid.bus.nats_stream import (
     PROBE_SUBJECT,
     consumer_config,
@@ -55,7 +56,7 @@ T = TypeVar("T")
 MAX_PROVISIONED_MODELS = 256  # models a gateway creates consumers for (heartbeats name them)
 
 
-class NatsBridge:
+class NatsBridge(SessionsOnNats):
     """nats-py on uvloop in a dedicated thread, used from trio.
 
     Args:
@@ -97,6 +98,8 @@ class NatsBridge:
         self._generation = 0  # which connection is current (asyncio side)
         self._provisioned: set[str] = set()  # models whose consumers exist (asyncio side)
         self._provisioning: set[asyncio.Task[None]] = set()
+        self.secret = b""  # the deployment's, read at connect (nats_sessions.py)
+        self._followed: dict[str, Any] = {}  # session id -> its results subscription
 
     def attach(self, handlers: BusHandlers) -> None:
         self._handlers = handlers
@@ -340,6 +343,10 @@ class NatsBridge:
         async def on_result(msg: Any) -> None:
             self._to_trio(self._handlers.on_result, msg.data, msg.subject.rsplit(".", 1)[-1])
 
+        async def on_takeover(msg: Any) -> None:
+            session_id, _, owner = msg.data.decode(errors="replace").partition(" ")
+            self._to_trio(self._handlers.on_takeover, session_id, owner)
+
         async def on_worker(msg: Any) -> None:
             self._to_trio(self._handlers.on_worker, msg.data)
             self._provision(msg.data)
@@ -369,9 +376,12 @@ class NatsBridge:
                 served_name(m) for m, _ in self._cfg.worker_plan()
             }
             await ensure_stream(self._js, self._cfg, sorted(self._provisioned))
-            # <results subject>.<sender>: each worker answers under its NATS user.
-            await self._nc.subscribe(f"{self.results_subject}.*", cb=on_result)
+            self.secret = await ensure_resumption(self._js, self._cfg)
+            self._followed = {}  # a new connection: sessions follow theirs again
+            # <results subject>.<session>.<sender>: each worker answers under its NATS user.
+            await self._nc.subscribe(f"{self.results_subject}.*.*", cb=on_result)
             await self._nc.subscribe(f"{WORKERS_SUBJECT}.>", cb=on_worker)
+            await self._nc.subscribe(TAKEOVER_SUBJECT, cb=on_takeover)
             # Every gateway hears every such advisory; the one whose session owns the job
             # answers.
             await self._nc.subscribe(

@@ -24,7 +24,18 @@ from katydid.errors import AudioError, ClientGone, ErrorCode, ProtocolError
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.hub import Hub
 from katydid.gateway.live import Live, apply
-from katydid.gateway.outputs import Admit, CancelJobs, Close, Decode, Output, Publish, Send
+from katydid.gateway.outputs import (
+    Admit,
+    CancelJobs,
+    Close,
+    Decode,
+    Forget,
+    Output,
+    Publish,
+    Reattach,
+    Remember,
+    Send,
+)
 from katydid.gateway.session_queries import Phase
 from katydid.messages import JobResult
 
@@ -72,6 +83,10 @@ class SessionDriver:
                 rest += self._settle(self.seating.admit(self.live, out))
             elif isinstance(out, CancelJobs):
                 self.seating.cleanup.cancel(out)
+            elif isinstance(out, Remember):
+                self.gateway.resumption.remember(self.live, out.state)
+            elif isinstance(out, Forget):
+                self.gateway.resumption.forget(out.session_id)
             else:
                 rest.append(out)
         self.seating.recount(self.live)
@@ -84,6 +99,10 @@ class SessionDriver:
                 await self._send(out.event)
             elif isinstance(out, Publish):
                 await self.emit(await self.seating.publish(self.live, out, self._send))
+            elif isinstance(out, Reattach):
+                resumption = self.gateway.resumption
+                adopt = self.gateway.adopt
+                await self.emit(await resumption.reattach(self.live, out, adopt, self._send))
             elif isinstance(out, Decode):
                 assert self.nursery is not None
                 self.nursery.start_soon(self.decode, out.upload)
@@ -139,7 +158,8 @@ class SessionDriver:
 
     async def gone(self, exc: ClientGone) -> None:
         """The client went away (or its transport closed it): the session ends, jobs cancelled."""
-        await self.last_words(self.session.client_gone(too_large=exc.too_large))
+        gone = self.session.client_gone(too_large=exc.too_large, said_goodbye=exc.said_goodbye)
+        await self.last_words(gone)
         self.end()
 
     async def drive(self, reader: Callable[[], Awaitable[None]]) -> None:

@@ -20,17 +20,45 @@ class Ready:
     session_id: str
     model: str = ""  # the model the session's audio goes to
     models: tuple[dict[str, Any], ...] = ()  # what the server offers: name, languages, workers
+    resume_token: str = ""  # what a reconnecting client shows to resume it (native door)
 
     def to_json(self) -> str:
-        return _dump(
-            {
-                "type": "ready",
-                "session_id": self.session_id,
-                "protocol": PROTOCOL_VERSION,
-                "model": self.model,
-                "models": list(self.models),
-            }
-        )
+        d: dict[str, Any] = {
+            "type": "ready",
+            "session_id": self.session_id,
+            "protocol": PROTOCOL_VERSION,
+            "model": self.model,
+            "models": list(self.models),
+        }
+        if self.resume_token:
+            d["resume_token"] = self.resume_token
+        return _dump(d)
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """A reconnected client has its session back: what the server holds of its audio (it sends
+    the rest again), then every result after ``after_seq``."""
+
+    session_id: str
+    resume_token: str
+    audio_received_s: float
+    audio_complete: bool
+    after_seq: int
+    resume_offset_bytes: int | None = None  # raw PCM: where in its own stream to resend from
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {
+            "type": "resumed",
+            "session_id": self.session_id,
+            "resume_token": self.resume_token,
+            "audio_received_s": round(self.audio_received_s, 6),
+            "audio_complete": self.audio_complete,
+            "after_seq": self.after_seq,
+        }
+        if self.resume_offset_bytes is not None:
+            d["resume_offset_bytes"] = self.resume_offset_bytes
+        return _dump(d)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,4 +141,4 @@ class Done:
         )
 
 
-ServerEvent = Ready | Queued | Final | ErrorEvent | Done
+ServerEvent = Ready | Resumed | Queued | Final | ErrorEvent | Done

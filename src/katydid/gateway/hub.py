@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -29,10 +28,20 @@ from katydid.config import Config
 from katydid.errors import MessageError, NatsError
 from katydid.gateway import operator
 from katydid.gateway.admission import Admission
-from katydid.gateway.live import DeadJob, Inbound, Live, LostResult, Position, QueueLost, clock
+from katydid.gateway.live import (
+    DeadJob,
+    Inbound,
+    Live,
+    LostResult,
+    Position,
+    QueueLost,
+    Taken,
+    clock,
+)
 from katydid.gateway.live import summary as session_summary
 from katydid.gateway.options import Limits
 from katydid.gateway.outputs import JobStamp
+from katydid.gateway.resumption import Resumption
 from katydid.gateway.seating import Seating
 from katydid.gateway.session import Session
 from katydid.gateway.tenants import Tenants
@@ -69,10 +78,11 @@ class Hub:
             bus = NatsBridge(cfg, self.gateway_id)
         self.bus: JobBus = bus
         handlers = (self._on_result, self._on_worker, self._on_dead_job, self._on_lost)
-        bus.attach(BusHandlers(*handlers, self._on_reconnected))
+        bus.attach(
+            BusHandlers(*handlers, self._on_reconnected, self._on_replayed, self._on_takeover)
+        )
         self._reconnected = trio.Event()
         self.admission = Admission(cfg, clock)
-        self._token_key = secrets.token_bytes(32)
         self.stamp = JobStamp(bus.results_subject, self.job_token, time.time)
         self.sessions: dict[str, Live] = {}
         self.sampled = SampledLogger(
@@ -86,6 +96,9 @@ class Hub:
         keys_file = Path(cfg.api_keys_file).expanduser() if cfg.api_keys_file else None
         self.tenants = Tenants(keys_file, m, self.sampled)
         self.seating = Seating(cfg, bus, self.admission, self.tenants, m, self.sampled)
+        self.resumption = Resumption(
+            cfg, bus, self.gateway_id, self.sessions, self.tenants, self.sampled
+        )
         m.upload_memory.set_function(lambda: self.seating.uploads.held)
         m.uploads_spilled.set_function(lambda: self.seating.uploads.spilled)
         self.window = w = ByteWindow(cfg.publish_window_bytes)
@@ -106,6 +119,7 @@ class Hub:
             nursery.start_soon(self._poll_queue)
             nursery.start_soon(self.seating.cleanup.run)
             nursery.start_soon(self._find_lost_results)
+            nursery.start_soon(self.resumption.run)
             if self.cfg.malloc_trim_interval_s > 0:
                 nursery.start_soon(self._return_freed_memory)
             task_status.started()
@@ -124,22 +138,60 @@ class Hub:
     # --- bus callbacks (trio thread; must not raise) ---
 
     def job_token(self, job_id: str) -> str:
-        """This gateway's proof for a job it publishes (HMAC of the job id under a key made at
-        start): no per-job state, and nobody without the key can make one for a job."""
-        return hmac.new(self._token_key, job_id.encode(), hashlib.sha256).hexdigest()[:32]
+        """The gateways' proof for a job they publish (HMAC of the job id under the
+        deployment's secret, the same on every gateway of it, so a gateway that resumes a
+        session checks the results of jobs another published): no per-job state, and nobody
+        without the secret can make one for a job."""
+        mac = hmac.new(self.bus.secret, b"job:" + job_id.encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
 
-    def _on_result(self, data: bytes, sender: str = "") -> None:
+    def _checked(self, data: bytes, sender: str) -> JobResult | None:
+        """A result message, if it parses and carries its job's token (else counted)."""
         try:
             result = JobResult.from_json(data)
         except MessageError as exc:
             self.sampled.warning("bad_result", error=str(exc), sender=sender)
-            return
+            return None
         if not hmac.compare_digest(result.token, self.job_token(result.job)):
             # Published on our results subject by something that never held the job.
             self.counters["forged_results"] += 1
             self.sampled.warning(
                 "forged_result", session=result.session, seq=result.seq, sender=sender
             )
+            return None
+        return result
+
+    def _on_replayed(self, data: bytes, sender: str = "") -> None:
+        """A result from the results stream, of a session resumed here: its finals come only
+        this way (whichever gateway published their jobs); its partials come live."""
+        result = self._checked(data, sender)
+        if result is None or result.kind == "partial":
+            return
+        live = self.sessions.get(result.session)
+        if live is not None and result.session in self.resumption.followed:
+            live.heard_from(sender)
+            if not self._route(live, result):
+                self.counters["duplicate_results"] += 1
+
+    def _on_takeover(self, session_id: str, owner: str) -> None:
+        """Another connection (here or on another gateway) serves the session now."""
+        live = self.sessions.get(session_id)
+        if live is not None and live.owner and live.owner != owner:
+            self.resumption.counters["taken_over"] += 1
+            self._route(live, Taken())
+
+    def adopt(self, live: Live, session_id: str) -> None:
+        """``live`` is session ``session_id`` from now on (it resumed it); an older connection
+        of it here is told it is taken."""
+        old = self.sessions.get(session_id)
+        if old is not None and old is not live:
+            self._route(old, Taken())
+        self.sessions.pop(live.session.session_id, None)  # its own id until now
+        self.sessions[session_id] = live
+
+    def _on_result(self, data: bytes, sender: str = "") -> None:
+        result = self._checked(data, sender)
+        if result is None:
             return
         self.metrics.result(result)
         if result.kind == "partial":
@@ -150,6 +202,8 @@ class Hub:
             return
         if result.kind != "partial":  # partials are never counted in the backlog
             self.admission.answered(live.session.model)
+        if result.session in self.resumption.followed and result.kind != "partial":
+            return  # a resumed session's finals come from the results stream (_on_replayed)
         live.heard_from(sender)
         if not self._route(live, result):
             # Results are bounded by jobs in flight, so only duplicates can overflow the inbox.
@@ -263,7 +317,9 @@ class Hub:
         """The session is over (its driver carried out its last outputs): forget it, count it,
         log it (sampled unless it went well)."""
         s = live.session
-        self.sessions.pop(s.session_id, None)
+        if self.sessions.get(s.session_id) is live:  # (a session taken over is the new one's)
+            del self.sessions[s.session_id]
+            self.resumption.ended(s.session_id)
         live.over = True
         live.inbox = None
         self.seating.release(live)

@@ -22,4 +22,15 @@ class Stop:
     """The audio is over (a file: all of it has been sent)."""
 
 
-ClientInput = Start | Stop
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Take back a session whose connection was lost (native protocol): its id, the token its
+    ``ready`` (or last ``resumed``) gave, and the last result seq the client has (-1: none)."""
+
+    session_id: str
+    token: str
+    after_seq: int
+    api_key: str | None = None
+
+
+ClientInput = Start | Stop | Resume

@@ -34,6 +34,10 @@ class AudioIntake:
     _resampler: Any = None  # soxr.ResampleStream for live PCM not at 16 kHz
     _samples: int = 0
     _partial_at: int = 0  # samples buffered when the last partial was taken
+    # A resumed session: (next chunk seq, samples already in jobs); a file's decoded samples
+    # before that point are skipped (the client sends the whole file again)
+    _resumed: tuple[int, int] | None = None
+    _skip: int = 0
 
     def __post_init__(self) -> None:
         lim = self.limits
@@ -54,6 +58,15 @@ class AudioIntake:
                 soft_max_s=lim.chunk_live_soft_s,
                 soft_pause_s=lim.chunk_soft_pause_s,
             )
+
+    def resume_at(self, seq: int, samples: int) -> None:
+        """Take over a session whose first ``samples`` (16 kHz) are in ``seq`` jobs already:
+        live PCM resent from there goes on from there; a file sent again skips them."""
+        self._resumed = (seq, samples)
+        self.chunker.resume_at(seq, samples)
+        self._samples = samples
+        if self.options.is_file:
+            self._skip = samples
 
     def frame(self, data: bytes, message_bytes: int | None = None) -> list[Chunk]:
         """A binary frame (or a piece of one, ``message_bytes`` long so far): the chunks live PCM
@@ -135,9 +148,17 @@ class AudioIntake:
             self.lane = "bulk"
         if 0 < duration_s <= self.limits.chunk_max_s:
             self.chunker = Chunker(min_s=self.limits.chunk_max_s, max_s=self.limits.chunk_max_s)
+            if self._resumed is not None:
+                self.chunker.resume_at(*self._resumed)
 
     def block(self, audio: np.ndarray) -> list[Chunk]:
         """A decoded block of the file (16 kHz mono int16): the chunks it completes."""
+        if self._skip:  # a resumed session's file, sent again: what is in jobs already
+            dropped = min(self._skip, audio.size)
+            self._skip -= dropped
+            audio = audio[dropped:]
+            if not audio.size:
+                return []
         return self._feed(audio)
 
     def end(self) -> list[Chunk]:

@@ -45,7 +45,12 @@ class Position:
     at: float  # when it was polled (trio's clock)
 
 
-Inbound = JobResult | DeadJob | QueueLost | LostResult | Position
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A newer connection resumed the session."""
+
+
+Inbound = JobResult | DeadJob | QueueLost | LostResult | Position | Taken
 
 
 def apply(session: Session, item: Inbound) -> list[Output]:
@@ -58,6 +63,8 @@ def apply(session: Session, item: Inbound) -> list[Output]:
         return session.queue_lost()
     if isinstance(item, LostResult):
         return session.lost_result(item.stream_seq)
+    if isinstance(item, Taken):
+        return session.taken()
     return session.queue_status(item.position, item.eta_s, item.at)
 
 
@@ -90,6 +97,7 @@ class Live:
     # The NATS users that answered its jobs (None while none): its log line names them, so a
     # wrong transcript can be traced to the worker identity that sent it.
     answered_by: set[str] | None = None
+    owner: str = ""  # a resumable session's connection: "<gateway>:<nonce>" (resumption.py)
 
     def heard_from(self, sender: str) -> None:
         if not sender:

@@ -66,7 +66,33 @@ class Close:
     outcome: str
 
 
-Output = Send | Admit | Publish | Decode | CancelJobs | Close
+@dataclass(frozen=True, slots=True)
+class Remember:
+    """What the session's record in NATS holds changed (a resumable session): write it, in
+    the background (``state``: attached, or detached when its client went away)."""
+
+    state: str = "attached"
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """The session ended for good: its record goes (its jobs left are then orphans)."""
+
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reattach:
+    """A client asks to resume a session: check its token, read the session's record, take it
+    over (``resumed`` or ``fail`` answers)."""
+
+    session_id: str
+    token: str
+    after_seq: int
+    api_key: str | None = None
+
+
+Output = Send | Admit | Publish | Decode | CancelJobs | Close | Remember | Forget | Reattach
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +121,8 @@ class JobStamp:
             session_id=session_id,
             seq=seq,
             offset_ms=offset_ms,
-            reply_subject=self.reply_subject,
+            # Per session: a gateway that resumes it reads its results from the results stream
+            reply_subject=f"{self.reply_subject}.{session_id}",
             deadline_unix_ms=int((self.unix_now() + deadline_s) * 1000),
             options=JobOptions(
                 language=opts.language,

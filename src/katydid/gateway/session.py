@@ -33,10 +33,11 @@ from typing import IO, Any
 
 import numpy as np
 
+from katydid.audio import SAMPLE_RATE
 from katydid.chunker import Chunk
 from katydid.errors import ErrorCode, ProtocolError
 from katydid.gateway.events import ErrorEvent, Final, Ready
-from katydid.gateway.inputs import ClientInput, Start, Stop
+from katydid.gateway.inputs import ClientInput, Resume, Start, Stop
 from katydid.gateway.intake import AudioIntake
 from katydid.gateway.ledger import JobLedger
 from katydid.gateway.options import Limits, StartOptions
@@ -45,19 +46,24 @@ from katydid.gateway.outputs import (
     CancelJobs,
     Close,
     Decode,
+    Forget,
     JobStamp,
     Output,
     Publish,
+    Reattach,
+    Remember,
     Send,
     error_code,
 )
 from katydid.gateway.session_clock import SessionClock
 from katydid.gateway.session_queries import Phase
+from katydid.gateway.session_resume import DETACHED_OUTCOME, SessionResume
 from katydid.messages import Job, JobResult
+from katydid.session_record import ATTACHED, DETACHED
 
 
 @dataclass(slots=True)
-class Session(SessionClock):
+class Session(SessionClock, SessionResume):
     """The state of one client session; ``now`` is any monotonic clock, in seconds."""
 
     session_id: str
@@ -82,6 +88,11 @@ class Session(SessionClock):
     _jobs_out: JobLedger = field(default_factory=JobLedger)
     _partials: int = 0
     _partial_in_flight: bool = False
+    # Resumption (session_resume.py): whether its client may resume it (native door), the token
+    # that proves it, and the samples its final jobs hold (where a resumed client resends from)
+    resumable: bool = False
+    resume_token: str = ""
+    _in_jobs: int = 0
 
     def __post_init__(self) -> None:
         self._last_input = self.now
@@ -96,6 +107,8 @@ class Session(SessionClock):
         try:
             if isinstance(event, Start):
                 return self._start(event.options)
+            if isinstance(event, Resume):
+                return self._resume(event)
             return self._stop(now)
         except ProtocolError as exc:
             return self.fail(exc)
@@ -122,6 +135,14 @@ class Session(SessionClock):
         self.phase = Phase.ADMITTING
         return [Admit(options)]
 
+    def _resume(self, event: Resume) -> list[Output]:
+        if self.phase is not Phase.AWAIT_START:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "start sent twice")
+        if not self.resumable:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "this door does not resume sessions")
+        self.phase = Phase.ADMITTING
+        return [Reattach(event.session_id, event.token, event.after_seq, event.api_key)]
+
     def _stop(self, now: float) -> list[Output]:
         if self.phase is not Phase.STREAMING:
             raise ProtocolError(
@@ -146,7 +167,8 @@ class Session(SessionClock):
             self.intake.upload = upload
         self.model = model
         self.phase = Phase.STREAMING
-        return [Send(Ready(self.session_id, model, offers))]
+        ready = Send(Ready(self.session_id, model, offers, self.resume_token))
+        return [ready, Remember(ATTACHED)] if self.resumable else [ready]
 
     @property
     def uploading(self) -> bool:
@@ -233,6 +255,8 @@ class Session(SessionClock):
         self._flushed = True
         out = self._jobs(self.intake.end())
         self._retire_intake()
+        if self.resumable:
+            out.append(Remember(ATTACHED))  # stopped: a resumed client sends no more audio
         return out + self._completion()
 
     def _retire_intake(self) -> None:
@@ -251,6 +275,7 @@ class Session(SessionClock):
         out: list[Output] = []
         for chunk in chunks:
             self._jobs_out.sent(chunk.seq)
+            self._in_jobs = round(chunk.offset_s * SAMPLE_RATE) + chunk.audio.size
             job = self._job(
                 f"{self.session_id}-{chunk.seq}",
                 chunk.seq,
@@ -281,7 +306,9 @@ class Session(SessionClock):
         seq, samples = due
         self._partial_in_flight = True
         self._partials += 1
-        job_id = f"{self.session_id}-{seq}-p{self._partials}"
+        # A resumed session's partials count from 1 again: the token keeps their ids (and so
+        # their Nats-Msg-Id) apart from the earlier connection's.
+        job_id = f"{self.session_id}-{seq}-p{self._partials}{self.resume_token[:8]}"
         job = self._job(job_id, seq, 0, self.limits.partial_deadline_s, "partial")
         return [Publish(job, _body(samples), self.model, "interactive")]
 
@@ -292,11 +319,13 @@ class Session(SessionClock):
         job is cancelled at once."""
         if not self._jobs_out.stored(seq, stream_seq):
             return []  # answered before its publish was acknowledged
+        if self.resumable and self.outcome in (DETACHED_OUTCOME, "shutdown"):  # it may come back
+            return [Remember(DETACHED)]
         if self.phase is Phase.CLOSED:
             self._jobs_out.abandon()
             self.cancelled_jobs += 1
             return [CancelJobs(self.session_id, (stream_seq,))]
-        return []
+        return [Remember(ATTACHED)] if self.resumable else []
 
     def publish_failed(self, job: Job, exc: ProtocolError) -> list[Output]:
         """A job could not be queued: a partial is skipped (its final will come anyway), a
@@ -369,7 +398,8 @@ class Session(SessionClock):
             return []
         self.phase = Phase.CLOSED
         self.outcome = "ok"
-        return [Send(self.done_event()), Close(1000, "done", "ok")]
+        forget: list[Output] = [Forget(self.session_id)] if self.resumable else []
+        return [Send(self.done_event()), *forget, Close(1000, "done", "ok")]
 
     # --- endings from outside ---
 
@@ -381,15 +411,27 @@ class Session(SessionClock):
         out: list[Output] = [Send(ErrorEvent(exc.code, exc.message, exc.retry_after_s))]
         return out + self._close(exc.close_code, exc.code.value, str(exc.code))
 
-    def client_gone(self, *, too_large: bool = False) -> list[Output]:
-        """The connection is gone (closed, reset, or over the transport's frame limit)."""
+    def client_gone(self, *, too_large: bool = False, said_goodbye: bool = False) -> list[Output]:
+        """The connection is gone (closed, reset, or over the transport's frame limit). A
+        resumable session is kept for its client to resume, unless it closed normally (1000)."""
         if self.phase is Phase.CLOSED:
             return []
+        if not (too_large or said_goodbye) and (detached := self.detach()) is not None:
+            return detached
         outcome = "too_large" if too_large else "client_gone"
         return [o for o in self._close(1000, outcome, outcome) if not isinstance(o, Close)]
 
     def shutdown(self) -> list[Output]:
-        """The server stops before the session finished: the client is told to come back."""
+        """The server stops before the session finished: the client is told to come back (a
+        resumable session is detached: its client resumes it on another gateway)."""
+        if self.phase is not Phase.CLOSED and self.resumable:
+            told = ErrorEvent(
+                ErrorCode.OVERLOADED, "the server is shutting down", retry_after_s=1.0
+            )
+            detached = self.detach()
+            if detached is not None:  # its client resumes it on another gateway
+                self.outcome = "shutdown"
+                return [Send(told), *detached, Close(1013, "overloaded", "shutdown")]
         out = self.fail(
             ProtocolError(ErrorCode.OVERLOADED, "the server is shutting down", retry_after_s=5.0)
         )
@@ -417,6 +459,8 @@ class Session(SessionClock):
         if abandoned:
             self.cancelled_jobs += len(abandoned)
             out.append(CancelJobs(self.session_id, abandoned))
+        if self.resumable:
+            out.append(Forget(self.session_id))
         return [*out, Close(code, reason, outcome)]
 
 

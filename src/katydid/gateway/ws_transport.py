@@ -269,7 +269,7 @@ class ServerWebSocket:
             with contextlib.suppress(ClientGone):
                 await self._send(CloseConnection(event.code, event.reason))  # 1002, 1007
         self._set_closed()
-        raise ClientGone
+        raise ClientGone(said_goodbye=event.code == 1000)
 
     async def _receive(self) -> None:
         """Read and hand to wsproto what the client sent (at most ``RECEIVE_BYTES``).

@@ -1,0 +1,190 @@
+"""What outlives a session's connection, on NATS: the session records (KV ``KATYDID_SESSIONS``),
+the results stream (``KATYDID_RESULTS``), the deployment's shared secret (KV
+``KATYDID_GATEWAYS``: every gateway signs job and resume tokens with it, so any gateway can take
+a session over), and the takeover announcements between gateways.
+
+``SessionsOnNats`` is the trio side, a part of ``NatsBridge`` (it uses the bridge's asyncio
+thread through ``_call``); the functions below it are the asyncio side.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.js.api import (
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from katydid.bus import BusHandlers
+from katydid.config import Config
+from katydid.errors import MessageError
+from katydid.messages import RESULTS_PREFIX
+from katydid.session_record import (
+    RESULTS_STREAM,
+    SESSIONS_BUCKET,
+    SessionRecord,
+    results_filter,
+)
+
+log = structlog.get_logger("katydid.nats")
+T = TypeVar("T")
+
+GATEWAYS_BUCKET = "KATYDID_GATEWAYS"  # the deployment's secret; workers may not read it
+SECRET_KEY = "token_secret"
+TAKEOVER_SUBJECT = "katydid.sessions.takeover"  # body: "<session id> <owner>"
+
+
+class SessionsOnNats:
+    """Session records, results replay and takeovers (trio side; a part of ``NatsBridge``)."""
+
+    _cfg: Config
+    _js: Any
+    _nc: Any
+    _handlers: BusHandlers
+    secret: bytes
+    _call: Callable[..., Awaitable[Any]]
+    _followed: dict[str, Any]
+    _to_trio: Callable[..., None]
+
+    async def put_record(self, record: SessionRecord, *, if_owner: bool = False) -> None:
+        """Write a session's record. ``if_owner``: only if the stored one is still this
+        connection's (a detach must not undo a newer connection's takeover)."""
+
+        async def go() -> None:
+            kv = await self._js.key_value(SESSIONS_BUCKET)
+            if if_owner:
+                try:
+                    entry = await kv.get(record.session_id)
+                except nats.js.errors.KeyNotFoundError:
+                    return  # gone already (forgotten, or past its window)
+                stored = SessionRecord.from_json(entry.value or b"{}")
+                if stored.owner != record.owner:
+                    return
+                try:
+                    await kv.update(record.session_id, record.to_json(), last=entry.revision)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    return  # someone wrote it meanwhile: a takeover
+                return
+            await kv.put(record.session_id, record.to_json())
+
+        await self._call(go)
+
+    async def delete_record(self, session_id: str) -> None:
+        async def go() -> None:
+            kv = await self._js.key_value(SESSIONS_BUCKET)
+            await kv.purge(session_id)  # no history kept of an ended session
+
+        await self._call(go)
+
+    async def get_record(self, session_id: str) -> SessionRecord | None:
+        """The session's record, None if there is none (ended, or past its window)."""
+
+        async def go() -> SessionRecord | None:
+            kv = await self._js.key_value(SESSIONS_BUCKET)
+            try:
+                entry = await kv.get(session_id)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            try:
+                return SessionRecord.from_json(entry.value or b"")
+            except MessageError as exc:
+                log.warning("bad_session_record", session_id=session_id, error=str(exc))
+                return None
+
+        result: SessionRecord | None = await self._call(go)
+        return result
+
+    async def follow_results(self, session_id: str) -> None:
+        """Every result of the session in the results stream, from the first, and those to come
+        (whichever gateway published their jobs), to ``on_replayed`` until ``unfollow``."""
+
+        async def go() -> None:
+            async def cb(msg: Any) -> None:
+                sender = msg.subject.rsplit(".", 1)[-1]
+                self._to_trio(self._handlers.on_replayed, msg.data, sender)
+
+            sub = await self._js.subscribe(
+                results_filter(session_id),
+                stream=RESULTS_STREAM,
+                cb=cb,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+            )
+            self._followed[session_id] = sub
+
+        await self._call(go)
+
+    async def unfollow_results(self, session_id: str) -> None:
+        async def go() -> None:
+            sub = self._followed.pop(session_id, None)
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except nats.errors.Error:
+                    pass  # its connection is gone: so is the consumer, with its inactivity
+
+        await self._call(go)
+
+    async def announce_takeover(self, session_id: str, owner: str) -> None:
+        async def go() -> None:
+            await self._nc.publish(TAKEOVER_SUBJECT, f"{session_id} {owner}".encode())
+
+        await self._call(go)
+
+
+# --- asyncio side ---
+
+
+async def ensure_resumption(js: Any, cfg: Config) -> bytes:
+    """The results stream and the buckets (idempotent), and the deployment's secret: made by
+    the first gateway, read by the others."""
+    results = StreamConfig(
+        name=RESULTS_STREAM,
+        subjects=[f"{RESULTS_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=cfg.resume_window_s,
+        max_bytes=cfg.results_max_bytes,
+        discard=DiscardPolicy.OLD,
+        num_replicas=cfg.stream_replicas,
+    )
+    try:
+        await js.stream_info(RESULTS_STREAM)
+        await js.update_stream(results)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(results)
+    for bucket, ttl in ((SESSIONS_BUCKET, cfg.resume_window_s), (GATEWAYS_BUCKET, None)):
+        conf = KeyValueConfig(
+            bucket=bucket,
+            history=1,
+            ttl=ttl,
+            replicas=cfg.stream_replicas,
+            max_bytes=cfg.results_max_bytes,
+        )
+        try:
+            await js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            try:
+                await js.create_key_value(conf)
+            except nats.js.errors.BadRequestError:
+                pass  # another gateway made it meanwhile
+    kv = await js.key_value(GATEWAYS_BUCKET)
+    try:
+        await kv.create(SECRET_KEY, secrets.token_bytes(32))
+    except nats.js.errors.KeyWrongLastSequenceError:
+        pass  # another gateway made it first: theirs is the deployment's
+    entry = await kv.get(SECRET_KEY)
+    secret: bytes = entry.value or b""
+    if len(secret) < 16:
+        raise MessageError(f"{GATEWAYS_BUCKET}.{SECRET_KEY} holds no usable secret")
+    return secret

@@ -1,0 +1,220 @@
+"""Sessions that outlive their connection, the hall's part: the resume token, the records of
+resumable sessions kept in NATS (``session_record.py``), and taking a session over when its
+client comes back, to this gateway or any other.
+
+Rule 1: a session never waits on NATS for its record: writes are queued, coalesced per session
+(only the newest state of a session is written), and written by one task (``run``), bounded.
+Rule 2: an attached session's record is written again every quarter of ``resume_window_s``, so
+it outlives its window only when nobody serves it any more (its client, or its gateway, gone).
+Rule 3: a detached session's last write only lands if the record is still its connection's: a
+client that already resumed elsewhere is never undone by its old connection's end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+import trio
+
+from katydid.bus import JobBus
+from katydid.config import Config
+from katydid.errors import ErrorCode, NatsError, ProtocolError
+from katydid.gateway.events import ServerEvent
+from katydid.gateway.live import Live, clock
+from katydid.gateway.outputs import Output, Reattach, Send
+from katydid.gateway.tenants import Tenants
+from katydid.log import SampledLogger
+from katydid.session_record import ATTACHED, DETACHED, SessionRecord
+
+log = structlog.get_logger("katydid.gateway")
+
+
+class Resumption:
+    def __init__(
+        self,
+        cfg: Config,
+        bus: JobBus,
+        gateway_id: str,
+        sessions: dict[str, Live],
+        tenants: Tenants,
+        sampled: SampledLogger,
+    ) -> None:
+        self.cfg = cfg
+        self.bus = bus
+        self.gateway_id = gateway_id
+        self.sessions = sessions  # the hub's, by session id
+        self.tenants = tenants
+        self.sampled = sampled
+        self.enabled = cfg.resume_window_s > 0
+        # Session id -> what to write (None: delete) and whether only over its own owner's
+        self._pending: dict[str, tuple[SessionRecord | None, bool]] = {}
+        self._unfollow: list[str] = []  # resumed sessions over: stop reading their results
+        self.followed: set[str] = set()  # resumed here: their finals come from the stream
+        self._wake = trio.Event()
+        self.counters = {"resumed": 0, "detached": 0, "taken_over": 0, "records_dropped": 0}
+
+    # --- tokens ---
+
+    def token(self, session_id: str) -> str:
+        """What proves a client may resume ``session_id``: an HMAC under the deployment's
+        secret (every gateway of it has the same), so any gateway can check it, and nobody
+        without the secret can make one."""
+        mac = hmac.new(self.bus.secret, b"resume:" + session_id.encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
+
+    def opened(self, live: Live) -> None:
+        """A native session: resumable, with its token and this connection as its owner."""
+        if not self.enabled:
+            return
+        live.owner = f"{self.gateway_id}:{uuid.uuid4().hex[:8]}"
+        live.session.resumable = True
+        live.session.resume_token = self.token(live.session.session_id)
+
+    # --- records ---
+
+    def remember(self, live: Live, state: str) -> None:
+        """The session's record as of now, to write (queued; the newest state wins)."""
+        s = live.session
+        if not s.resumable or s.options is None:
+            return
+        key = live.tenant.name if live.tenant is not None else ""
+        record = s.record(state, self.gateway_id, live.owner, key, time.time())
+        self._queue(s.session_id, record, if_owner=state == DETACHED)
+        if state == DETACHED:
+            self.counters["detached"] += 1
+
+    def forget(self, session_id: str) -> None:
+        self._queue(session_id, None, if_owner=False)
+
+    def ended(self, session_id: str) -> None:
+        """A session over on this gateway: if it was following its results, no more."""
+        if session_id in self.followed:
+            self.followed.discard(session_id)
+            self._unfollow.append(session_id)
+            self._wake.set()
+
+    def _queue(self, session_id: str, record: SessionRecord | None, *, if_owner: bool) -> None:
+        if session_id not in self._pending and len(self._pending) >= self.cfg.stream_max_msgs:
+            self.counters["records_dropped"] += 1
+            self.sampled.warning("session_record_not_written", session_id=session_id)
+            return
+        self._pending[session_id] = (record, if_owner)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write the queued records, and refresh the attached ones, until cancelled."""
+        if not self.enabled:
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._refresh)
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                pending, self._pending = self._pending, {}
+                unfollow, self._unfollow = self._unfollow, []
+                for session_id in unfollow:
+                    if session_id not in self.followed:  # (not resumed here again meanwhile)
+                        await self._quietly(self.bus.unfollow_results(session_id))
+                for session_id, (record, if_owner) in pending.items():
+                    try:
+                        with trio.fail_after(self.cfg.nats_request_timeout_s):
+                            if record is None:
+                                await self.bus.delete_record(session_id)
+                            else:
+                                await self.bus.put_record(record, if_owner=if_owner)
+                    except (NatsError, trio.TooSlowError) as exc:
+                        # The next write of it (or the refresh) tries again.
+                        self.sampled.warning(
+                            "session_record_write_failed", session_id=session_id, error=str(exc)
+                        )
+
+    async def _quietly(self, call: Awaitable[None]) -> None:
+        try:
+            with trio.fail_after(self.cfg.nats_request_timeout_s):
+                await call
+        except (NatsError, trio.TooSlowError) as exc:
+            self.sampled.warning("results_unfollow_failed", error=str(exc))
+
+    async def _refresh(self) -> None:
+        while True:
+            await trio.sleep(self.cfg.resume_window_s / 4)
+            for live in list(self.sessions.values()):
+                if live.session.resumable and not live.session.closed and live.owner:
+                    self.remember(live, ATTACHED)
+
+    # --- taking a session over ---
+
+    async def reattach(
+        self,
+        live: Live,
+        ask: Reattach,
+        adopt: Callable[[Live, str], None],
+        send: Callable[[ServerEvent], Awaitable[None]],
+    ) -> list[Output]:
+        """A client resumes session ``ask.session_id`` on ``live``'s connection: check its
+        token and key, read the record, make ``live`` the session (``adopt``: the hub's sessions
+        by id, an older connection of it told it is taken), tell the client (``resumed``, sent
+        here, before any replayed result can be), then follow its results."""
+        s = live.session
+        try:
+            record = await self._record_for(live, ask)
+            outputs = s.reattached(record, ask.after_seq, self.token(record.session_id), clock())
+        except ProtocolError as exc:
+            return s.fail(exc)
+        adopt(live, record.session_id)
+        self.counters["resumed"] += 1
+        self.remember(live, ATTACHED)
+        first, rest = outputs[0], outputs[1:]
+        assert isinstance(first, Send)
+        await send(first.event)
+        try:
+            await self.bus.announce_takeover(record.session_id, live.owner)
+            self.followed.add(record.session_id)
+            await self.bus.follow_results(record.session_id)
+        except NatsError as exc:
+            return s.fail(
+                ProtocolError(
+                    ErrorCode.OVERLOADED,
+                    f"the gateway cannot read the session's results ({exc})",
+                    retry_after_s=2.0,
+                )
+            )
+        log.info("session_resumed", session_id=record.session_id, after_seq=ask.after_seq)
+        return rest
+
+    async def _record_for(self, live: Live, ask: Reattach) -> SessionRecord:
+        """The record of the session ``ask`` names, if the client may have it.
+
+        Raises:
+            ProtocolError: ``unauthorized`` (token or key), ``resume_expired``, or
+                ``overloaded`` (NATS unreachable).
+        """
+        if not self.enabled:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "this server does not resume sessions")
+        if not hmac.compare_digest(ask.token.encode(), self.token(ask.session_id).encode()):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "wrong resume token for the session")
+        try:
+            with trio.fail_after(self.cfg.nats_request_timeout_s):
+                record = await self.bus.get_record(ask.session_id)
+        except (NatsError, trio.TooSlowError) as exc:
+            raise ProtocolError(
+                ErrorCode.OVERLOADED, f"the session store is unreachable ({exc})", retry_after_s=2.0
+            ) from None
+        if record is None:
+            raise ProtocolError(
+                ErrorCode.RESUME_EXPIRED,
+                "no such session to resume: it ended, or was not resumed within"
+                f" {self.cfg.resume_window_s:.0f} s",
+            )
+        if self.tenants.required:
+            tenant = self.tenants.authenticate(live.credential or ask.api_key, live.door)
+            if tenant.name != record.key:
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "another key started this session")
+            self.tenants.open(tenant, clock())
+            live.tenant = tenant
+        return record

@@ -1,0 +1,143 @@
+"""A session that outlives its connection (``SessionResume``, a part of ``Session``): what its
+record in NATS holds, how a reconnected client takes it back, and how a session is given up
+without being lost (detached: its jobs go on, their results wait in the results stream).
+
+Only native-protocol sessions are resumable (``Session.resumable``); the other doors' wires
+have no way to resume, and their sessions end with their connection as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from katydid.audio import SAMPLE_RATE
+from katydid.errors import ErrorCode, ProtocolError
+from katydid.gateway.events import ErrorEvent, Resumed
+from katydid.gateway.intake import AudioIntake
+from katydid.gateway.ledger import JobLedger
+from katydid.gateway.options import StartOptions
+from katydid.gateway.outputs import Close, Output, Remember, Send
+from katydid.gateway.session_queries import Phase, SessionQueries
+from katydid.session_record import ATTACHED, DETACHED, SessionRecord
+
+DETACHED_OUTCOME = "detached"  # the client went away; the session waits for it to resume
+
+
+class SessionResume(SessionQueries):
+    """Resumption over the state ``Session`` holds (declared here, kept by ``Session``)."""
+
+    if not TYPE_CHECKING:
+        __slots__ = ()
+    session_id: str
+    options: StartOptions | None
+    model: str
+    outcome: str
+    resumable: bool
+    resume_token: str
+    _in_jobs: int
+    _flushed: bool
+    _stopped_at: float
+    _last_input: float
+    _completion: Callable[[], list[Output]]
+
+    def record(
+        self, state: str, gateway: str, owner: str, key: str, unix_now: float
+    ) -> SessionRecord:
+        """What another gateway needs to take this session over."""
+        assert self.options is not None
+        options = dataclasses.asdict(self.options)
+        options.pop("api_key", None)  # never stored
+        return SessionRecord(
+            session_id=self.session_id,
+            state=state,
+            gateway=gateway,
+            model=self.model,
+            options=options,
+            key=key,
+            samples=self._in_jobs,
+            next_seq=self.chunks_total,
+            stopped=self._flushed,
+            lane=self.lane,
+            audio_s=self.audio_s,
+            updated_unix=unix_now,
+            owner=owner,
+        )
+
+    def detach(self) -> list[Output] | None:
+        """The connection is gone before the session ended: a resumable session that has
+        started waits for its client (its jobs go on, nothing is cancelled); None if it is not
+        one (it ends as any other)."""
+        if not self.resumable or self.phase not in (Phase.STREAMING, Phase.STOPPED):
+            return None
+        self.phase = Phase.CLOSED
+        self.outcome = DETACHED_OUTCOME
+        return [Remember(DETACHED)]
+
+    def taken(self) -> list[Output]:
+        """A newer connection resumed this session: this one ends without touching the session's
+        jobs or record (they are the newer one's now)."""
+        if self.phase is Phase.CLOSED:
+            return []
+        self.phase = Phase.CLOSED
+        self.outcome = "taken"
+        self._jobs_out.in_flight.clear()
+        message = "a newer connection resumed this session"
+        return [
+            Send(ErrorEvent(ErrorCode.SESSION_TAKEN, message)),
+            Close(4409, ErrorCode.SESSION_TAKEN.value, "taken"),
+        ]
+
+    def reattached(
+        self, record: SessionRecord, after_seq: int, token: str, now: float
+    ) -> list[Output]:
+        """A reconnected client takes back the session ``record`` describes, having every
+        result up to ``after_seq``: it hears ``resumed`` (what audio the server holds), then
+        the results after ``after_seq`` as they come (replayed from the results stream).
+
+        Raises:
+            ProtocolError: the record's options no longer validate, or ``after_seq`` is past
+                the session's chunks.
+        """
+        if self.phase is not Phase.ADMITTING:
+            return []
+        if after_seq > record.next_seq - 1:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"start.resume.after_seq {after_seq} is past the session's last chunk"
+                f" ({record.next_seq - 1})",
+            )
+        options = StartOptions.from_message(record.options, self.limits)
+        self.session_id = record.session_id
+        self.options = options
+        self.model = record.model
+        self.resume_token = token
+        self.resumable = True
+        self._in_jobs = record.samples
+        self._last_input = self._stopped_at = now
+        self._jobs_out = JobLedger(
+            in_flight=dict.fromkeys(range(after_seq + 1, record.next_seq)), next_seq=after_seq + 1
+        )
+        offset_bytes: int | None = None
+        if record.stopped:
+            self.phase = Phase.STOPPED
+            self._flushed = True
+            self.intake = None
+            self._chunks, self._audio_s, self._lane = record.next_seq, record.audio_s, record.lane
+        else:
+            self.phase = Phase.STREAMING
+            self.intake = AudioIntake(self.limits, options, lane=record.lane)
+            self.intake.resume_at(record.next_seq, record.samples)
+            if not options.is_file:
+                frame = 2 * options.channels
+                offset_bytes = record.samples * options.sample_rate // SAMPLE_RATE * frame
+        resumed = Resumed(
+            record.session_id,
+            token,
+            record.samples / SAMPLE_RATE,
+            record.stopped,
+            after_seq,
+            offset_bytes,
+        )
+        return [Send(resumed), Remember(ATTACHED), *self._completion()]
