@@ -38,10 +38,12 @@ def transcribe_remote(
     options: dict[str, Any] | None = None,
     out_format: str | None = None,
     output_dir: Path | None = None,
+    resume: client.ResumeOptions | None = None,
 ) -> int:
     """Stream each file to the gateway and print finals as they arrive (or, with
     ``out_format`` = txt, srt, vtt or json, the whole transcript in that format at the end, or
-    written to ``output_dir``/NAME.FORMAT)."""
+    written to ``output_dir``/NAME.FORMAT). A lost connection is resumed (``resume``), said in
+    a line on stderr."""
     failed = 0
     tty = sys.stderr.isatty()
     for path in files:
@@ -89,7 +91,13 @@ def transcribe_remote(
             elif kind == "done":
                 status.clear()
 
+        def said(what: str, path: Path = path, status: StatusLine = status) -> None:
+            status.clear()
+            line = "connection lost, reconnecting…" if what == "reconnecting" else what
+            print(f"katydid: {path}: {line}", file=sys.stderr, flush=True)
+
         frame = _PCM_FRAME_BYTES if fmt == "pcm_s16le" else _FILE_FRAME_BYTES
+        reported = False  # the failure was said already
         try:
             result = trio.run(
                 functools.partial(
@@ -101,14 +109,19 @@ def transcribe_remote(
                     realtime=realtime,
                     on_event=show,
                     options=options,
+                    resume=resume,
+                    on_status=said,
                 )
             )
         except client.ClientError as exc:
+            status.clear()
             print(f"katydid: {path}: {exc}", file=sys.stderr)
             failed += 1
-            continue
+            if exc.result is None or not exc.result.finals:
+                continue
+            result, reported = exc.result, True  # not resumed: what came is kept (--format)
         done = result.done
-        if done is None:
+        if done is None and not reported:
             failed += 1
             if not any(e.get("type") == "error" for e in result.events):
                 # Cut off without a word from the server (it went away, the network did): say

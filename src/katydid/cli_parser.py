@@ -88,6 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--url", default="ws://127.0.0.1:8765", help="gateway URL (%(default)s)")
     tr.add_argument("--realtime", action="store_true", help="pace audio like a microphone")
     tr.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="end the session when the connection is lost (default: reconnect and resume it)",
+    )
+    tr.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="how long to try to resume a lost connection (%(default)s s)",
+    )
+    tr.add_argument(
+        "--resume-buffer",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="with --realtime: seconds of recent audio kept to resend on a resume (%(default)s)",
+    )
+    tr.add_argument(
         "--api-key",
         default=os.environ.get("KATYDID_API_KEY"),
         help="the server's API key, if it needs one (default: KATYDID_API_KEY)",

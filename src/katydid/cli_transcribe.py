@@ -64,6 +64,7 @@ def cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
         raise ConfigError("--output-dir needs --format (txt, srt, vtt or json)")
     if not args.local:
         from katydid.cli_client import transcribe_remote
+        from katydid.client_resume import ResumeOptions
 
         # The session's options; --model names the server's model (default: the server's).
         options = {
@@ -86,6 +87,7 @@ def cmd_transcribe(cfg: Config, args: argparse.Namespace) -> int:
             options=options,
             out_format=args.out_format,
             output_dir=args.output_dir,
+            resume=ResumeOptions(args.resume, args.reconnect_timeout, args.resume_buffer),
         )
     from katydid_worker.engine_options import DecodeOptions
 

@@ -3,142 +3,50 @@
 Two ways to send: a container file as-is (the gateway decodes it), or raw ``pcm_s16le`` frames,
 as fast as allowed or paced in real time like a microphone. Receiving runs concurrently with
 sending, so queue updates and finals arrive while audio is still going out.
+
+A connection lost before ``done`` is resumed when the server offers it (``ready.resume_token``):
+the client reconnects with backoff, sends a resuming ``start``, the audio the server lacks, and
+reads on; every final reaches the caller once and in order. The rules are ``client_resume``'s.
 """
 
 from __future__ import annotations
 
 import json
-import ssl
+import random
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    HandshakeError,
-    WebSocketConnection,
-    wrap_client_stream,
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from katydid import client_resume as rs
+from katydid.client_conn import ClientError as ClientError
+from katydid.client_conn import Link as Link
+from katydid.client_conn import SessionResult as SessionResult
+from katydid.client_conn import connect as connect
+from katydid.client_conn import open_link as open_link
+from katydid.client_resume import ResumeOptions as ResumeOptions
+
+# connect failures worth another attempt while resuming (a gateway restarting, a network back)
+_RETRY_CONNECT = frozenset(
+    {
+        "connect_refused",
+        "connect_failed",
+        "connect_timeout",
+        "handshake_timeout",
+        "handshake_failed",
+    }
 )
 
-from katydid.errors import KatydidError
 
-
-class ClientError(KatydidError):
-    """The server could not be reached, or the session did not finish in time.
-
-    ``kind`` says which: ``bad_url``, ``connect_refused``, ``connect_failed``,
-    ``connect_timeout``, ``handshake_timeout``, ``handshake_failed``, ``session_timeout``.
-    """
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass(slots=True)
-class SessionResult:
-    session_id: str = ""
-    events: list[dict[str, Any]] = field(default_factory=list)
-    connect_s: float = 0.0
-    total_s: float = 0.0
-    first_final_s: float | None = None
-    close_code: int | None = None
-
-    @property
-    def finals(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("type") == "final"]
-
-    @property
-    def text(self) -> str:
-        return " ".join(f["text"] for f in self.finals if f.get("text")).strip()
-
-    @property
-    def done(self) -> dict[str, Any] | None:
-        return next((e for e in self.events if e.get("type") == "done"), None)
-
-    @property
-    def error(self) -> dict[str, Any] | None:
-        return next((e for e in self.events if e.get("type") == "error" and "seq" not in e), None)
-
-    @property
-    def queued(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("type") == "queued"]
-
-
-@asynccontextmanager
-async def connect(
-    url: str, *, connect_timeout_s: float = 10.0
-) -> AsyncIterator[WebSocketConnection]:
-    """Open a protocol v1 WebSocket to ``url`` (``ws://`` or ``wss://``).
-
-    Raises:
-        ClientError: the server cannot be reached or refuses the handshake.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ClientError("bad_url", f"not a ws:// or wss:// URL: {url}")
-    host = parts.hostname
-    port = parts.port or (443 if parts.scheme == "wss" else 80)
-    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    try:
-        with trio.fail_after(connect_timeout_s):
-            if parts.scheme == "wss":
-                ctx = ssl.create_default_context()
-                stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                    host, port, ssl_context=ctx
-                )
-            else:
-                stream = await trio.open_tcp_stream(host, port)
-    except ConnectionRefusedError as exc:
-        raise ClientError("connect_refused", f"cannot connect to {url}: {exc!r}") from exc
-    except OSError as exc:
-        raise ClientError("connect_failed", f"cannot connect to {url}: {exc!r}") from exc
-    except trio.TooSlowError as exc:
-        raise ClientError(
-            "connect_timeout", f"no TCP connection to {url} within {connect_timeout_s:.0f} s"
-        ) from exc
-    # We own the TCP stream: trio-websocket's client does not close its socket after a clean
-    # close handshake (its reader stops at EOF without closing), so `async with stream` does.
-    handshaken = False
-    try:
-        async with stream, trio.open_nursery() as nursery:
-            try:
-                with trio.fail_after(connect_timeout_s):
-                    ws = await wrap_client_stream(nursery, stream, host, resource)  # type: ignore[arg-type]
-            except trio.TooSlowError as exc:
-                raise ClientError(
-                    "handshake_timeout",
-                    f"no WebSocket handshake with {url} within {connect_timeout_s:.0f} s",
-                ) from exc
-            except (HandshakeError, trio.BrokenResourceError) as exc:
-                raise ClientError(
-                    "handshake_failed", f"WebSocket handshake with {url} failed: {exc!r}"
-                ) from exc
-            handshaken = True
-            try:
-                yield ws
-            finally:
-                with trio.move_on_after(2) as cleanup:
-                    cleanup.shield = True
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The nursery runs only trio-websocket's reader, yet wraps what the handshake or the
-        # caller's block raised in a group: hand a lone exception on as itself, so that callers
-        # catch the ClientError or deadline they expect.
-        if len(group.exceptions) != 1:
-            raise
-        lone = group.exceptions[0]
-        if not handshaken and isinstance(lone, Exception) and not isinstance(lone, ClientError):
-            # The reader task choked on what the server answered (not a WebSocket server).
-            raise ClientError(
-                "handshake_failed", f"WebSocket handshake with {url} failed: {lone!r}"
-            ) from lone
-        raise lone from lone.__cause__
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    kind: str  # done | ended (for good) | lost (resumable) | retry (a resume attempt failed)
+    why: str = ""
+    retry_after_s: float | None = None
+    error: ClientError | None = None  # raised once out of the nurseries
 
 
 async def transcribe(
@@ -155,6 +63,9 @@ async def transcribe(
     connect_timeout_s: float = 10.0,
     session_timeout_s: float = 900.0,
     send_stop: bool = True,
+    resume: ResumeOptions | None = None,
+    on_status: Callable[[str], None] | None = None,
+    fault: Callable[[Link], Awaitable[None]] | None = None,
 ) -> SessionResult:
     """Run one session: start, audio frames, stop; collect events until ``done`` or close.
 
@@ -164,74 +75,250 @@ async def transcribe(
         frame_bytes: bytes per binary frame (3200 = 100 ms of 16 kHz mono PCM).
         realtime: pace PCM frames at their duration, like a microphone.
         options: extra ``start`` fields (language, partials, max_wait_s, ...).
-        on_event: called with each server event as it arrives.
+        on_event: called with each server event as it arrives (each final once, in order).
         send_stop: False leaves the stream open (for tests of abandoned sessions).
+        resume: how a lost connection is resumed (default ``ResumeOptions()``: on).
+        on_status: told ``"reconnecting"`` when a connection is lost and ``"resumed"`` when the
+            session is back.
+        fault: run beside each connection (cancelled when it ends): the load tester's way to
+            cut one (``Link.abort``) at a moment of its choosing.
 
     Raises:
-        ClientError: connect or handshake failure, or the session timed out.
+        ClientError: connect or handshake failure, the session timed out, or a lost connection
+            could not be resumed (``ClientError.result``: what had arrived).
     """
-    result = SessionResult()
-    started = time.monotonic()
-    start = {
-        "type": "start",
-        "format": fmt,
-        "sample_rate": sample_rate,
-        "channels": channels,
-        **(options or {}),
-    }
-    bytes_per_s = 2 * channels * sample_rate
+    session = _Session(
+        url, audio, fmt=fmt, sample_rate=sample_rate, channels=channels,
+        frame_bytes=frame_bytes, realtime=realtime, options=options or {}, on_event=on_event,
+        connect_timeout_s=connect_timeout_s, send_stop=send_stop,
+        resume=resume or ResumeOptions(), on_status=on_status, fault=fault,
+    )  # fmt: skip
+    with trio.CancelScope() as scope:
+        session.session_scope = scope
+        session.session_timeout_s = session_timeout_s
+        await session.run()
+    if scope.cancelled_caught:
+        raise ClientError(
+            "session_timeout",
+            f"session did not finish within {session_timeout_s:.0f} s",
+            session.result,
+        )
+    session.result.total_s = time.monotonic() - session.started
+    return session.result
 
-    async def sender(ws: WebSocketConnection) -> None:
-        await ws.send_message(json.dumps(start))
-        t0 = trio.current_time()
-        sent = 0
-        for i in range(0, len(audio), frame_bytes):
-            frame = audio[i : i + frame_bytes]
-            await ws.send_message(frame)
-            sent += len(frame)
-            if realtime and fmt == "pcm_s16le":
-                await trio.sleep_until(t0 + sent / bytes_per_s)
-        if send_stop:
-            await ws.send_message(json.dumps({"type": "stop"}))
 
-    async def receiver(ws: WebSocketConnection) -> None:
+class _Session:
+    def __init__(
+        self,
+        url: str,
+        audio: bytes,
+        *,
+        fmt: str,
+        sample_rate: int,
+        channels: int,
+        frame_bytes: int,
+        realtime: bool,
+        options: dict[str, Any],
+        on_event: Callable[[dict[str, Any]], None] | None,
+        connect_timeout_s: float,
+        send_stop: bool,
+        resume: ResumeOptions,
+        on_status: Callable[[str], None] | None,
+        fault: Callable[[Link], Awaitable[None]] | None,
+    ) -> None:
+        self.url, self.audio, self.fmt = url, audio, fmt
+        self.sample_rate, self.channels, self.frame_bytes = sample_rate, channels, frame_bytes
+        self.paced = realtime and fmt == "pcm_s16le"
+        self.start = {
+            "type": "start", "format": fmt, "sample_rate": sample_rate, "channels": channels,
+            **options,
+        }  # fmt: skip
+        self.api_key: str | None = options.get("api_key")
+        self.on_event, self.on_status, self.fault = on_event, on_status, fault
+        self.connect_timeout_s, self.send_stop, self.resume = connect_timeout_s, send_stop, resume
+        self.bytes_per_s = 2 * channels * sample_rate
+        self.result = SessionResult()
+        self.state = rs.ResumeState()
+        self.started = time.monotonic()
+        self.session_scope = trio.CancelScope()
+        self.session_timeout_s = 900.0
+        self.t0: float | None = None  # when paced audio began: the microphone's clock
+        self.reconnecting = False  # lost, and not resumed yet
+        self.lost_at: float | None = None  # trio time of the loss no result has followed yet
+        self.rng = random.Random()
+
+    def _status(self, what: str) -> None:
+        if self.on_status is not None:
+            self.on_status(what)
+
+    async def run(self) -> None:
+        """Connections until ``done`` or the end; a loss resumed within ``reconnect_s``."""
+        attempts = 0
+        deadline = 0.0  # of the outage being resumed
+        while True:
+            timeout = self.connect_timeout_s
+            if self.reconnecting:
+                timeout = min(timeout, max(0.05, deadline - trio.current_time()))
+            try:
+                async with open_link(self.url, connect_timeout_s=timeout) as link:
+                    if not self.result.connect_s:
+                        self.result.connect_s = time.monotonic() - self.started
+                        self.session_scope.deadline = trio.current_time() + self.session_timeout_s
+                    outcome = await self._converse(link, deadline)
+            except ClientError as exc:
+                if not self.reconnecting or exc.kind not in _RETRY_CONNECT:
+                    raise
+                outcome = _Outcome("retry", str(exc))
+            if outcome.error is not None:
+                outcome.error.result = self.result
+                raise outcome.error
+            if outcome.kind in ("done", "ended"):
+                return
+            if outcome.kind == "lost":
+                if not (self.resume.enabled and self.state.resumable):
+                    return  # as before resumption: the caller sees the close code
+                # A new outage (the first, or one after a resume): a fresh budget. The latency
+                # runs from the first loss that no result has followed yet.
+                now = trio.current_time()
+                self.reconnecting = True
+                self.lost_at = now if self.lost_at is None else self.lost_at
+                deadline = now + self.resume.reconnect_s
+                attempts = 0
+                self._status("reconnecting")
+            attempts += 1
+            wait = rs.reconnect_wait_s(attempts, outcome.retry_after_s, self.rng)
+            if trio.current_time() + wait >= deadline:
+                raise ClientError(
+                    "reconnect_failed",
+                    f"the connection was lost and the session could not be resumed within "
+                    f"{self.resume.reconnect_s:g} s (last: {outcome.why})",
+                    self.result,
+                )
+            await trio.sleep(wait)
+            self.result.reconnect_attempts += 1
+
+    async def _converse(self, link: Link, deadline: float) -> _Outcome:
+        """One connection: (re)start, audio, reading; how it ended."""
+        ws = link.ws
+        try:
+            offset: int | None = 0
+            if self.reconnecting:
+                await ws.send_message(json.dumps(self.state.start_message(self.api_key)))
+                answer: dict[str, Any] | None = None
+                with trio.move_on_at(deadline):
+                    answer = json.loads(await ws.get_message())
+                if answer is None:
+                    return _Outcome("retry", "no answer to the resume in time")
+                offset, refused = self._on_resume_answer(answer)
+                if refused is not None:
+                    return refused
+            else:
+                await ws.send_message(json.dumps(self.start))
+            async with trio.open_nursery() as nursery:
+                if offset is not None:
+                    nursery.start_soon(self._send_from, ws, offset)
+                if self.fault is not None:
+                    nursery.start_soon(self.fault, link)
+                outcome = await self._receive(ws)
+                nursery.cancel_scope.cancel()
+            return outcome
+        except ClientError as exc:  # resume_gap, from _on_resume_answer
+            return _Outcome("ended", error=exc)
+        except ConnectionClosed as exc:
+            code = exc.reason.code if exc.reason else None
+            return self._lost(code, f"close code {code}")
+        except (trio.BrokenResourceError, OSError) as exc:
+            return self._lost(None, repr(exc))
+
+    def _on_resume_answer(self, answer: dict[str, Any]) -> tuple[int | None, _Outcome | None]:
+        """(where to send audio from, None) after ``resumed``; (None, outcome) if refused."""
+        kind = answer.get("type")
+        if kind == "error":
+            code, message = str(answer.get("code", "")), str(answer.get("message", ""))
+            fatal = rs.fatal_error(code, message)
+            if fatal is not None:
+                return None, _Outcome("ended", error=fatal)
+            if code in rs.RETRY_LATER:
+                retry = answer.get("retry_after_s")
+                return None, _Outcome("retry", code, float(retry) if retry else None)
+            self._deliver(answer)  # any other refusal ends the session as it would at start
+            return None, _Outcome("ended")
+        if kind != "resumed":
+            error = ClientError("resume_failed", f"the server answered a resume with {answer!r}")
+            return None, _Outcome("ended", error=error)
+        self.reconnecting = False
+        self.state.on_resumed(answer)
+        self.result.resumes += 1
+        self._deliver(answer)
+        self._status("resumed")
+        offset = rs.resend_offset(
+            answer, fmt=self.fmt, sample_rate=self.sample_rate, channels=self.channels,
+            size=len(self.audio),
+        )  # fmt: skip
+        if offset is not None and self.paced and self.t0 is not None:
+            produced = min(len(self.audio), int((trio.current_time() - self.t0) * self.bytes_per_s))
+            buffer_bytes = int(self.resume.buffer_s * self.bytes_per_s)
+            rs.check_window(offset, produced, buffer_bytes, self.bytes_per_s)
+        return offset, None
+
+    def _lost(self, code: int | None, why: str) -> _Outcome:
+        """A connection that ended before ``done`` without an error event."""
+        self.result.close_code = code
+        if code in rs.SESSION_ENDING_CLOSE_CODES:
+            # What ends a session mid-way (session_taken) or answers a resume is an error;
+            # other ending codes keep today's meaning (the caller sees the close code).
+            error = rs.fatal_close(code, resuming=self.reconnecting)
+            return _Outcome("ended", why, error=error)
+        return _Outcome("retry" if self.reconnecting else "lost", why)
+
+    async def _send_from(self, ws: WebSocketConnection, offset: int) -> None:
+        # The server may close mid-send (an error event explains why) or the connection may
+        # drop: the receiver reports either.
+        try:
+            if self.t0 is None:
+                self.t0 = trio.current_time()
+            for i in range(offset, len(self.audio), self.frame_bytes):
+                frame = self.audio[i : i + self.frame_bytes]
+                await ws.send_message(frame)
+                if self.paced:
+                    # On the microphone's clock: after a resume, what it recorded meanwhile
+                    # goes at once, then the pace resumes.
+                    await trio.sleep_until(self.t0 + (i + len(frame)) / self.bytes_per_s)
+            if self.send_stop:
+                await ws.send_message(json.dumps({"type": "stop"}))
+        except (ConnectionClosed, trio.BrokenResourceError):
+            pass
+
+    async def _receive(self, ws: WebSocketConnection) -> _Outcome:
         while True:
             try:
                 raw = await ws.get_message()
             except ConnectionClosed as exc:
-                result.close_code = exc.reason.code if exc.reason else None
-                return
+                code = exc.reason.code if exc.reason else None
+                return self._lost(code, f"close code {code}")
             event = json.loads(raw)
-            result.events.append(event)
             kind = event.get("type")
+            if kind in ("final", "error", "done") and self.lost_at is not None:
+                self.result.resume_latencies_s.append(trio.current_time() - self.lost_at)
+                self.lost_at = None
+            if kind in ("final", "error") and not self.state.accept(event, self.result):
+                continue
             if kind == "ready":
-                result.session_id = event.get("session_id", "")
-            elif kind == "final" and result.first_final_s is None:
-                result.first_final_s = time.monotonic() - started
-            if on_event is not None:
-                on_event(event)
+                self.result.session_id = event.get("session_id", "")
+                self.state.on_ready(event)
+            elif kind == "final" and self.result.first_final_s is None:
+                self.result.first_final_s = time.monotonic() - self.started
+            elif kind == "error" and event.get("code") in ("session_taken", "resume_expired"):
+                # Another connection has the session now, or it is gone: no resume can help
+                # (an error of the session's own, such as unauthorized at start, ends it as
+                # before: the caller reads the error event).
+                fatal = rs.fatal_error(str(event["code"]), str(event.get("message")))
+                return _Outcome("ended", error=fatal)
+            self._deliver(event)
             if kind == "done":
-                return
+                return _Outcome("done")
 
-    try:
-        async with connect(url, connect_timeout_s=connect_timeout_s) as ws:
-            result.connect_s = time.monotonic() - started
-            with trio.fail_after(session_timeout_s):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_guard_closed, sender, ws)
-                    await receiver(ws)
-                    nursery.cancel_scope.cancel()
-    except trio.TooSlowError as exc:
-        raise ClientError(
-            "session_timeout", f"session did not finish within {session_timeout_s:.0f} s"
-        ) from exc
-    result.total_s = time.monotonic() - started
-    return result
-
-
-async def _guard_closed(fn: Callable[[WebSocketConnection], Any], ws: WebSocketConnection) -> None:
-    # The server may close mid-send (an error event explains why): the receiver reports it.
-    try:
-        await fn(ws)
-    except ConnectionClosed:
-        pass
+    def _deliver(self, event: dict[str, Any]) -> None:
+        self.result.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)

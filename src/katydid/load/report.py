@@ -157,9 +157,25 @@ def summarize(
         "gateway_log_lines_suppressed": max(
             (p.get("gateway_log_suppressed", 0.0) for p in tl), default=0.0
         ),
+        "resume": _resume_summary(stats),
         "wall_s": round(stats.wall_s, 2),
         "timeline": tl,
         "latency_timeline": [[round(r.finished_s, 2), round(r.total_s, 2)] for r in ok],
+    }
+
+
+def _resume_summary(stats: LoadStats) -> dict[str, Any]:
+    """--drop-rate: sessions reset, resumes, and the finals of completed sessions (each of lost,
+    duplicated and out of order must be 0); reconnect -> first result after it, in seconds."""
+    ok = [r for r in stats.records if r.outcome == "ok"]
+    return {
+        "drop_rate": stats.spec.drop_rate,
+        "sessions_dropped": sum(r.dropped for r in stats.records),
+        "resumes": sum(r.resumes for r in stats.records),
+        "finals_lost": sum(r.finals_lost for r in ok),
+        "finals_duplicated": sum(r.finals_duplicated for r in ok),
+        "finals_out_of_order": sum(r.finals_out_of_order for r in ok),
+        "reconnect_to_result_s": percentiles([t for r in ok for t in r.resume_latencies_s]),
     }
 
 
@@ -228,6 +244,7 @@ def markdown(s: dict[str, Any]) -> str:
         f"| gateway log lines suppressed by sampling | {s['gateway_log_lines_suppressed']:.0f} |",
         f"| `queued` updates per completed session (mean / max) | {s['queued_updates_per_session']['mean']} / {s['queued_updates_per_session']['max']} |",
         f"| wall time (incl. drain) | {s['wall_s']} s |",
+        *_resume_rows(s.get("resume")),
         "",
         "Latency of completed sessions (seconds):",
         "",
@@ -240,6 +257,19 @@ def markdown(s: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _resume_rows(r: dict[str, Any] | None) -> list[str]:
+    if not r or not (r["drop_rate"] or r["resumes"]):
+        return []
+    lat = r["reconnect_to_result_s"]
+    return [
+        f"| sessions reset mid-stream (--drop-rate {r['drop_rate']}) / resumes | "
+        f"{r['sessions_dropped']} / {r['resumes']} |",
+        f"| **finals lost / duplicated / out of order** | **{r['finals_lost']} / "
+        f"{r['finals_duplicated']} / {r['finals_out_of_order']}** |",
+        f"| reconnect -> first resumed result p50 / p99 | {lat['p50']} / {lat['p99']} s |",
+    ]
 
 
 def _mb(v: float | None, mb: int) -> str:

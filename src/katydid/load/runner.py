@@ -16,7 +16,7 @@ import random
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ class LoadSpec:
     max_wait_s: float | None = None
     api_key: str | None = field(default=None, repr=False)  # sent in start (a keyed server)
     seed: int = 0
+    drop_rate: float = 0.0  # fraction of sessions whose connection the client resets once
 
 
 @dataclass(slots=True)
@@ -66,6 +67,14 @@ class SessionRecord:
     finished_s: float = 0.0
     status_updates: int = 0  # `queued` events received while waiting
     clip: str = ""  # the clip's name
+    # --drop-rate: whether this session's connection was reset, the resumes that followed, and
+    # what the finals looked like after them (each must be 0: lost, duplicated, out of order)
+    dropped: bool = False
+    resumes: int = 0
+    finals_lost: int = 0
+    finals_duplicated: int = 0
+    finals_out_of_order: int = 0
+    resume_latencies_s: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -171,6 +180,11 @@ class LoadRunner:
             options["max_wait_s"] = spec.max_wait_s
         if spec.api_key:
             options["api_key"] = spec.api_key
+        fault = None
+        if spec.drop_rate > 0 and rng.random() < spec.drop_rate:
+            fault = self._drop_once(
+                record, trio.current_time() + rng.uniform(0.1, 0.9) * self._life_s(clip)
+            )
         while True:
             record.attempts += 1
             st.attempts += 1
@@ -187,9 +201,12 @@ class LoadRunner:
                     options=options,
                     session_timeout_s=spec.session_timeout_s,
                     connect_timeout_s=spec.connect_timeout_s,
+                    fault=fault,
                 )
             except client.ClientError as exc:
                 outcome, code = exc.kind, None
+                if exc.result is not None:
+                    record.resumes += exc.result.resumes
             except trio.Cancelled:
                 record.outcome = "drain_timeout"
                 st.errors_by_kind["drain_timeout"] += 1
@@ -206,6 +223,11 @@ class LoadRunner:
                     )
                     record.finished_s = self._now()
                     record.status_updates = len(res.queued)
+                    record.resumes += res.resumes
+                    record.finals_lost = len(res.lost_seqs)
+                    record.finals_duplicated = res.duplicates
+                    record.finals_out_of_order = res.out_of_order
+                    record.resume_latencies_s = res.resume_latencies_s
                     return 0.0
             finally:
                 st.active -= 1
@@ -231,6 +253,29 @@ class LoadRunner:
                 st.not_retried_after_end += 1
                 return wait
             await trio.sleep(wait)
+
+    def _life_s(self, clip: ClipData) -> float:
+        """How long a session of ``clip`` is expected to last, for a drop to land inside it: a
+        stream lasts its audio; a file as long as the median session so far (a quarter of its
+        audio before any finished)."""
+        if self.spec.mode == "stream":
+            return clip.audio_s
+        totals = sorted(r.total_s for r in self.stats.records if r.outcome == "ok")
+        return totals[len(totals) // 2] if totals else clip.audio_s / 4
+
+    @staticmethod
+    def _drop_once(record: SessionRecord, at: float) -> Callable[[client.Link], Awaitable[None]]:
+        """A fault for ``client.transcribe``: at ``at`` (trio time), reset the connection then
+        open, once (no close frame: the server must keep the session for its resume)."""
+
+        async def fault(link: client.Link) -> None:
+            if record.dropped:
+                return
+            await trio.sleep_until(at)
+            record.dropped = True
+            await link.abort()
+
+        return fault
 
     async def _sample_forever(self) -> None:
         while True:
