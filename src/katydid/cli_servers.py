@@ -97,7 +97,7 @@ def run_server_command(cfg: Config, args: argparse.Namespace) -> int:
 
 def _status_table(status: dict[str, Any]) -> str:
     """``katydid nats status`` for a terminal: what `nats stream info` and `nats consumer
-    report` show, and the workers' heartbeats."""
+    report` show, the workers' heartbeats, and session resumption's bucket and stream."""
     st = status["stream"]
     lines = [
         f"stream {st['name']}: {st['messages']} jobs, {st['bytes']} bytes"
@@ -112,13 +112,43 @@ def _status_table(status: dict[str, Any]) -> str:
             f"{c['name']:<36} {c['model']:<20} {c['lane']:<12} {c['pending']:>8}"
             f" {c['ack_pending']:>12} {c['redelivered']:>12}"
         )
-    lines += ["", f"{'worker':<36} {'model':<20} {'busy':<6} {'jobs':>8} {'rtf':>8}"]
+    lines += [
+        "",
+        f"{'worker':<36} {'model':<20} {'busy':<6} {'jobs':>8} {'rtf':>8} {'orphaned':>9}",
+    ]
     for w in status["workers"]:
         rtf = f"{w['rtf']:.3f}" if isinstance(w.get("rtf"), int | float) else "-"
         lines.append(
             f"{w['id']:<36} {w['model']:<20} {'yes' if w['busy'] else 'no':<6}"
-            f" {w['jobs_done']:>8} {rtf:>8}"
+            f" {w['jobs_done']:>8} {rtf:>8} {w.get('jobs_orphaned', 0):>9}"
         )
     if not status["workers"]:
         lines.append(f"(no heartbeat within {status['listened_s']:.1f} s)")
-    return "\n".join(lines)
+    return "\n".join(lines + _resumption_lines(status))
+
+
+def _resumption_lines(status: dict[str, Any]) -> list[str]:
+    """The sessions bucket and the results stream, where this deployment has them."""
+    lines = []
+    if (kv := status.get("sessions")) is not None:
+        records = "?" if kv["records"] is None else kv["records"]
+        lines.append(
+            f"bucket {kv['bucket']}: {records} resumable sessions"
+            + (
+                f" ({kv['entries']} entries with ended sessions' markers)"
+                if "entries" in kv
+                else ""
+            )
+            + (f"; {kv['why']}" if kv.get("why") else "")
+        )
+        if kv.get("allow_direct") is False:
+            lines.append("  it does not allow direct gets: workers cannot check sessions")
+    if (rs := status.get("results")) is not None:
+        if rs["messages"] is None:
+            lines.append(f"stream {rs['name']}: {rs['why']}")
+        else:
+            lines.append(
+                f"stream {rs['name']}: {rs['messages']} results, {rs['bytes']} bytes"
+                f" (bounds: {rs['max_bytes']} bytes, {rs['max_age_s']:g} s)"
+            )
+    return ["", *lines] if lines else []

@@ -73,11 +73,14 @@ class ResultError(StrEnum):
     EXPIRED = "expired"  # the job waited past its deadline
     BAD_JOB = "bad_job"  # the body is not PCM
     INTERNAL = "internal"  # the engine failed on it
+    # The session has no record in KATYDID_SESSIONS (it ended, or was not resumed in time):
+    # nobody will ever read the result (session_record.py).
+    ORPHANED = "orphaned"
 
     @property
     def skipped(self) -> bool:
         """Not transcribed on purpose (nobody wants it), not a failure."""
-        return self in (ResultError.CANCELLED, ResultError.EXPIRED)
+        return self in (ResultError.CANCELLED, ResultError.EXPIRED, ResultError.ORPHANED)
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,11 @@ class WorkerCollector(Collector):
             "Speech still without text after its second decode",
             labels=["worker"],
         )
+        orphaned = CounterMetricFamily(
+            "katydid_jobs_orphaned",
+            "Jobs skipped because their session had no record (nobody would read them)",
+            labels=["worker"],
+        )
         for worker, beat in beats.items():
             busy.add_metric([worker], 1.0 if beat.get("busy") else 0.0)
             for outcome, key in (
@@ -70,7 +75,8 @@ class WorkerCollector(Collector):
             fallbacks.add_metric([worker], float(beat.get("fallbacks") or 0))
             redecodes.add_metric([worker], float(beat.get("redecodes") or 0))
             uncovered.add_metric([worker], float(beat.get("uncovered_s") or 0.0))
-        yield from (busy, jobs, cpu, rss, fallbacks, redecodes, uncovered)
+            orphaned.add_metric([worker], float(beat.get("jobs_orphaned") or 0))
+        yield from (busy, jobs, cpu, rss, fallbacks, redecodes, uncovered, orphaned)
 
 
 class _LogCollector(Collector):

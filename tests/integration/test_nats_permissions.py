@@ -1,11 +1,13 @@
 """NATS with credentials and per-role permissions, as infra/systemd/katydid-accounts.conf sets
 them: the gateway and a worker, each with its role's user, serve a session end to end; a worker's
-credentials cannot publish a job; no credentials, no connection. And the embedded server of
-`katydid serve` makes its own."""
+credentials cannot publish a job; no credentials, no connection; a worker reads a session's
+record and nothing else of the KV buckets or streams. And the embedded server of `katydid serve`
+makes its own."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import socket
@@ -15,6 +17,7 @@ from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.js.api import ConsumerConfig, SubjectTransform
 from websockets.sync.client import connect
@@ -22,6 +25,8 @@ from websockets.sync.client import connect
 from katydid.bus.accounts import accounts_config, worker_inbox_prefix
 from katydid.evaluation import Clip, read_manifest, wer
 from katydid.messages import STREAM, consumer_name, lane_subject
+from katydid.session_record import ATTACHED, RESULTS_STREAM, SESSIONS_BUCKET, SessionRecord
+from katydid_worker.liveness import Liveness, SessionLiveness, direct_get_subject
 from tests.integration.stack import INFRA, Stack, wait_until
 
 pytestmark = pytest.mark.integration
@@ -170,8 +175,10 @@ def test_a_worker_cannot_change_consumers_nor_hear_other_inboxes(stack: Stack) -
             after = (await js.consumer_info(STREAM, name)).config
             for subject in ("_INBOX.>", f"{worker_inbox_prefix('worker0')}.>", ">"):
                 await nc.subscribe(subject)
-            # Nor answer under another worker's name (the gateway logs who answered).
+            # Nor answer under another worker's name (the gateway logs who answered), in
+            # either shape of a results subject (<gateway>.<session>.<user> now).
             await nc.publish("katydid.results.g1.worker0", b"{}")
+            await nc.publish(f"katydid.results.g1.{'ab' * 16}.worker0", b"{}")
             await nc.flush()
             await asyncio.sleep(0.5)  # the server's -ERR for each arrives after the PONG
         finally:
@@ -181,12 +188,94 @@ def test_a_worker_cannot_change_consumers_nor_hear_other_inboxes(stack: Stack) -
     out = asyncio.run(go())
     assert out["after"].filter_subject == out["before"].filter_subject
     assert out["after"].max_ack_pending == out["before"].max_ack_pending
-    assert any(
-        'permissions violation for publish to "katydid.results.g1.worker0"' in e
-        for e in out["errors"]
-    ), out["errors"]
+    for subject in ("katydid.results.g1.worker0", f"katydid.results.g1.{'ab' * 16}.worker0"):
+        assert any(
+            f'permissions violation for publish to "{subject}"' in e for e in out["errors"]
+        ), (subject, out["errors"])
     violations = [e for e in out["errors"] if "permissions violation for subscription" in e]
     for subject in ("_inbox.>", "_inbox_w.worker0.>", '">"'):
         assert any(subject.strip('"') in e for e in violations), (subject, out["errors"])
     # The real worker, on the same user, serves on (its inbox is its own prefix).
     assert "violation" not in stack.log("worker0").lower()
+
+
+def test_a_worker_reads_one_session_record_and_nothing_else(stack: Stack) -> None:
+    """A worker's one KV call: the direct get of a session's record (to skip jobs nobody will
+    read); not a write to the bucket, not a get by sequence, not another stream's messages
+    (jobs, stored results, another bucket)."""
+    session, other = "ab" * 16, "cd" * 16
+    record = SessionRecord(session, ATTACHED, "g1", "tiny.en-q8_0", {}).to_json()
+
+    async def as_admin() -> None:
+        nc = await nats.connect(stack.nats_url, user="admin", password=stack.passwords["admin"])
+        try:
+            js = nc.jetstream()
+            # As a gateway makes it (a resuming gateway may have made it already: made again,
+            # with direct gets, which workers' reads need).
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_key_value(SESSIONS_BUCKET)
+            await js.create_key_value(bucket=SESSIONS_BUCKET, history=1, ttl=120, direct=True)
+        finally:
+            await nc.close()
+
+    async def as_gateway() -> None:  # the gateway role writes records
+        nc = await nats.connect(stack.nats_url, user="gateway", password=stack.passwords["gateway"])
+        try:
+            await (await nc.jetstream().key_value(SESSIONS_BUCKET)).put(session, record)
+        finally:
+            await nc.close()
+
+    async def as_worker() -> dict[str, Any]:
+        nc, errors = await _as_worker(stack)
+        refused = (nats.errors.TimeoutError, nats.errors.NoRespondersError)
+        out: dict[str, Any] = {"errors": errors, "denied": []}
+        try:
+            got = await nc.request(direct_get_subject(session), b"", timeout=2)
+            out["got"] = (got.headers or {}).get("Status"), got.data
+            liveness = SessionLiveness(lambda s, t: nc.request(s, b"", timeout=t), 1.0)
+            out["live"] = (await liveness.check(session)).liveness
+            out["orphaned"] = (await liveness.check(other)).liveness
+            # Its own results, in the new shape, go through.
+            await nc.publish(f"katydid.results.g1.{session}.worker", b"{}")
+            for subject, body in (
+                (f"$JS.API.DIRECT.GET.KV_{SESSIONS_BUCKET}", b'{"seq":1}'),
+                (f"$JS.API.STREAM.MSG.GET.KV_{SESSIONS_BUCKET}", b'{"seq":1}'),
+                (f"$JS.API.DIRECT.GET.{STREAM}", b'{"seq":1}'),
+                (f"$JS.API.STREAM.MSG.GET.{STREAM}", b'{"seq":1}'),
+                (f"$JS.API.DIRECT.GET.{RESULTS_STREAM}.katydid.results.g1.{session}.w", b""),
+                ("$JS.API.DIRECT.GET.KV_KATYDID_GATEWAYS.$KV.KATYDID_GATEWAYS.secret", b""),
+                (f"$JS.API.STREAM.INFO.KV_{SESSIONS_BUCKET}", b""),
+            ):
+                try:
+                    await nc.request(subject, body, timeout=0.5)
+                except refused:
+                    out["denied"].append(subject)
+            with pytest.raises(refused):  # a put, and a delete (a marker), of a record
+                await nc.jetstream(timeout=0.5).publish(f"$KV.{SESSIONS_BUCKET}.{session}", b"x")
+            await nc.publish(
+                f"$KV.{SESSIONS_BUCKET}.{session}", b"", headers={"KV-Operation": "DEL"}
+            )
+            await nc.flush()
+            await asyncio.sleep(0.5)  # the server's -ERR for each arrives after the PONG
+        finally:
+            await nc.close()
+        admin = await nats.connect(stack.nats_url, user="admin", password=stack.passwords["admin"])
+        try:
+            out["after"] = (
+                await (await admin.jetstream().key_value(SESSIONS_BUCKET)).get(session)
+            ).value
+        finally:
+            await admin.close()
+        return out
+
+    asyncio.run(as_admin())
+    asyncio.run(as_gateway())
+    out = asyncio.run(as_worker())
+    assert out["got"] == (None, record)
+    assert (out["live"], out["orphaned"]) == (Liveness.LIVE, Liveness.ORPHANED)
+    assert out["after"] == record  # neither overwritten nor deleted
+    assert len(out["denied"]) == 7, out
+    violations = [e for e in out["errors"] if "permissions violation for publish" in e]
+    for subject in (*out["denied"], f"$KV.{SESSIONS_BUCKET}.{session}"):
+        assert any(f'"{subject.lower()}"' in e for e in violations), (subject, out["errors"])
+    assert not any(f'"katydid.results.g1.{session}.worker"' in e for e in violations), violations

@@ -11,8 +11,10 @@ Rule 2: the interactive lane is tried first, so a 3 s clip never waits behind a 
 Rule 3: while whisper.cpp runs in a thread, the event loop keeps the job alive with
 ``in_progress()`` and watches for the session's cancellation (whisper.cpp's abort callback).
 Rule 4: every job ends in exactly one result: final, or an error (``cancelled``, ``expired``,
-``bad_job``, ``internal``). Deliveries are bounded by the consumer's max_deliver.
+``orphaned``, ``bad_job``, ``internal``). Deliveries are bounded by the consumer's max_deliver.
 Rule 5: SIGTERM/SIGINT: finish the current job, stop fetching, unsubscribe, drain, exit.
+Rule 6: before engine time, the session's record is read (``liveness.py``): a job whose session
+has none is ``orphaned``; one whose check could not be made is transcribed.
 """
 
 from __future__ import annotations
@@ -55,11 +57,13 @@ from katydid_worker.engine import Engine
 from katydid_worker.engine_build import build_info, has_fast_kernels
 from katydid_worker.engine_options import DecodeOptions, EngineOptions
 from katydid_worker.job_result import answer, result_segments
+from katydid_worker.liveness import Liveness, SessionLiveness
 from katydid_worker.worker_stats import WorkerStats
 
 log = structlog.get_logger("katydid.worker")
 _FETCH_INTERACTIVE_S = 0.5  # the wait for a job when both lanes are empty
 _CANCELLED_MAX = 10_000  # sessions remembered as cancelled (oldest forgotten first)
+_LIVENESS_TIMEOUT_S = 1.0  # the most a record read may add to a job (it is ~0.3 ms when well)
 
 
 def lane_order(interactive_streak: int, bulk_every: int) -> tuple[str, str]:
@@ -90,6 +94,10 @@ class Worker:
         self._interactive_streak = 0  # interactive jobs taken since the last bulk one
         self._stopping = anyio.Event()
         self._nc: Any = None
+        self._liveness = SessionLiveness(
+            self._request, min(cfg.nats_request_timeout_s, _LIVENESS_TIMEOUT_S)
+        )
+        self._bucket_absent = False  # said once, not per job: a deployment without resumption
         # Garbage on the job subject is taken and dropped as fast as it arrives: sampled.
         self._sampled = SampledLogger(
             log, burst=cfg.log_sample_burst, window_s=cfg.log_sample_window_s
@@ -274,6 +282,8 @@ class Worker:
             result = error(ResultError.CANCELLED, "the client left")
         elif time.time() * 1000 > job.deadline_unix_ms:
             result = error(ResultError.EXPIRED, "the job waited past its deadline")
+        elif (orphaned := await self._orphaned(job)) is not None:
+            result = error(ResultError.ORPHANED, f"nobody will read it: {orphaned}")
         else:
             try:
                 audio = pcm16_to_float(bytes(msg.data))
@@ -284,6 +294,7 @@ class Worker:
         if result.error:
             skipped = ResultError(result.error["code"]).skipped
             self.stats.jobs_skipped += skipped
+            self.stats.jobs_orphaned += result.error["code"] == ResultError.ORPHANED
             self.stats.jobs_failed += not skipped
         try:
             # Under its NATS user: the one subject its role may answer on (accounts.py).
@@ -303,6 +314,28 @@ class Worker:
             deliveries=msg.metadata.num_delivered,
             **engine,
         )
+
+    async def _request(self, subject: str, timeout_s: float) -> Any:
+        return await self._nc.request(subject, b"", timeout=timeout_s)
+
+    async def _orphaned(self, job: Job) -> str | None:
+        """Why nobody will read the job's result (the session's record is gone), or None: it
+        has one, or the check could not be made (Rule 6)."""
+        check = await self._liveness.check(job.session_id)
+        if check.liveness == Liveness.NO_BUCKET:
+            # A deployment without resumption (or a bucket without direct gets): said once.
+            if not self._bucket_absent:
+                log.info("sessions_unchecked", worker=self.worker_id, why=check.why)
+            self._bucket_absent = True
+            return None
+        self._bucket_absent = False
+        if check.liveness == Liveness.UNCHECKED:
+            if not check.cached:
+                self._sampled.warning(
+                    "session_check_failed", session_id=job.session_id, error=check.why
+                )
+            return None
+        return check.why if check.liveness == Liveness.ORPHANED else None
 
     async def _transcribe(
         self, job: Job, msg: Any, audio: np.ndarray, queue_s: float

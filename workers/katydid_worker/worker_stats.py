@@ -19,6 +19,7 @@ class WorkerStats:
     jobs_done: int = 0
     jobs_skipped: int = 0
     jobs_failed: int = 0
+    jobs_orphaned: int = 0  # of jobs_skipped: their session had no record (liveness.py)
     audio_s: float = 0.0
     compute_s: float = 0.0
     started_unix: float = field(default_factory=time.time)
@@ -38,6 +39,7 @@ class WorkerStats:
                 "jobs_done": self.jobs_done,
                 "jobs_skipped": self.jobs_skipped,
                 "jobs_failed": self.jobs_failed,
+                "jobs_orphaned": self.jobs_orphaned,
                 "avg_compute_s": avg,
                 "rtf": self.compute_s / self.audio_s if self.audio_s else None,
                 "pid": os.getpid(),

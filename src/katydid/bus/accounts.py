@@ -3,15 +3,23 @@ nats-server configuration (the embedded server's, and ``infra/nats/katydid-accou
 a test keeps equal to ``accounts_config()``).
 
 Roles, in one account with JetStream (``KATYDID``):
-- ``gateway``: publishes jobs and cancels, runs the JetStream API (stream setup, publish acks,
-  deleting ended sessions' jobs, queue depth) but may not delete or purge the stream or delete
-  consumers; hears results, heartbeats, dead-job advisories.
+- ``gateway``: publishes jobs and cancels, writes session records (``$KV.KATYDID_SESSIONS.>``,
+  the KV bucket's puts and deletes) and the deployment's secret (``KATYDID_GATEWAYS``), tells
+  and hears session takeovers, runs the JetStream API (stream and bucket setup, publish
+  acks, deleting ended sessions' jobs, queue depth, reading records and stored results) but may
+  not delete or purge the job stream or delete its consumers; hears every gateway's results
+  (``katydid.results.>``: a resumed session's results come from the gateway that served it
+  before), heartbeats, dead-job advisories.
 - ``worker`` (the role; one user per worker or per worker host, ``worker`` by default): reads
-  the stream's and consumers' info, pulls and acks jobs, publishes results and heartbeats, hears
+  the stream's and consumers' info, pulls and acks jobs, reads one session's record at a time
+  (a direct get of a key of ``KATYDID_SESSIONS``, before it spends engine time on a job),
+  publishes results (``katydid.results.<gateway>.<session>.<its user>``) and heartbeats, hears
   cancels, and hears its replies on an inbox prefix of its own (``_INBOX_W.<user>``); nothing
   else: no jobs, no stream changes, no consumer created or updated (the gateway provisions
   them; a worker with a changed filter or ack wait stalled every session), no other inbox
-  (subscribed to ``_INBOX.>``, a worker read other workers' deliveries: audio, prompts, tokens).
+  (subscribed to ``_INBOX.>``, a worker read other workers' deliveries: audio, prompts, tokens),
+  no KV write and no other stream's messages (a get by sequence could read any record or
+  stored result).
 - ``admin``: everything in the account (``katydid nats setup|status``, the ``nats`` CLI).
 
 Rule: passwords never appear in the rendered text; it names environment variables that
@@ -35,14 +43,26 @@ from katydid.messages import (
     STREAM_SUBJECTS,
     WORKERS_SUBJECT,
 )
+from katydid.session_record import SESSIONS_BUCKET
 
 ACCOUNT = "KATYDID"
+# Gateways' own (katydid.bus.nats_sessions): the deployment's secret, which workers may not
+# read, and the word that a newer connection took a session over.
+GATEWAYS_BUCKET = "KATYDID_GATEWAYS"
+TAKEOVER_SUBJECT = "katydid.sessions.takeover"
 ROLES = ("admin", "gateway", "worker")
 
 PERMISSIONS: dict[str, dict[str, Any]] = {
     "gateway": {
         "publish": {
-            "allow": [STREAM_SUBJECTS, CANCEL_SUBJECT, "$JS.API.>"],
+            "allow": [
+                STREAM_SUBJECTS,
+                CANCEL_SUBJECT,
+                f"$KV.{SESSIONS_BUCKET}.>",
+                f"$KV.{GATEWAYS_BUCKET}.>",
+                TAKEOVER_SUBJECT,
+                "$JS.API.>",
+            ],
             "deny": [
                 f"$JS.API.STREAM.DELETE.{STREAM}",
                 f"$JS.API.STREAM.PURGE.{STREAM}",
@@ -53,6 +73,7 @@ PERMISSIONS: dict[str, dict[str, Any]] = {
             "allow": [
                 f"{RESULTS_PREFIX}.>",
                 f"{WORKERS_SUBJECT}.>",
+                TAKEOVER_SUBJECT,
                 f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.>",
                 "_INBOX.>",
             ]
@@ -61,6 +82,10 @@ PERMISSIONS: dict[str, dict[str, Any]] = {
 }
 WORKER_INBOX = "_INBOX_W"  # workers' inboxes: _INBOX_W.<user>.<id>, each user its own
 DEFAULT_WORKER_USERS = ("worker",)
+# A worker's one KV call: the last entry of one key (one token: a session id) of the sessions
+# bucket, by subject. Not the bare ``...DIRECT.GET.KV_KATYDID_SESSIONS`` (a get by sequence,
+# any entry), not STREAM.MSG.GET (any stream's messages: jobs, results).
+WORKER_RECORD_GET = f"$JS.API.DIRECT.GET.KV_{SESSIONS_BUCKET}.$KV.{SESSIONS_BUCKET}.*"
 
 
 def worker_inbox_prefix(user: str) -> str:
@@ -71,19 +96,21 @@ def worker_inbox_prefix(user: str) -> str:
 
 def worker_permissions(user: str) -> dict[str, Any]:
     """Only the calls a worker makes: read the stream's and consumers' info, pull and ack
-    jobs, on its own inboxes. Not STREAM.UPDATE (a stream's subjects and transforms can turn any
+    jobs, read a session's record, on its own inboxes. Not STREAM.UPDATE (a stream's subjects and transforms can turn any
     subject into a job subject), not CONSUMER.CREATE (it can also update a consumer: its filter,
     ack wait, max ack pending), not ``_INBOX.>``."""
     return {
         "publish": {
             "allow": [
-                # Results under its own name only: the gateway logs who answered each job.
-                f"{RESULTS_PREFIX}.*.{user}",
+                # Results (``<gateway>.<session>``) under its own name only: the gateway logs
+                # who answered each job.
+                f"{RESULTS_PREFIX}.*.*.{user}",
                 f"{WORKERS_SUBJECT}.>",
                 f"$JS.API.STREAM.INFO.{STREAM}",
                 f"$JS.API.CONSUMER.INFO.{STREAM}.>",
                 f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.>",
                 f"$JS.ACK.{STREAM}.>",
+                WORKER_RECORD_GET,
             ],
         },
         "subscribe": {"allow": [CANCEL_SUBJECT, f"{worker_inbox_prefix(user)}.>"]},

@@ -15,6 +15,7 @@ import nats.js.errors
 
 from katydid.bus.nats_connection import connect, credentials, servers, translate
 from katydid.bus.nats_stream import PROBE_SUBJECT, ensure_stream
+from katydid.bus.resumption_status import resumption_status
 from katydid.catalog import served_name
 from katydid.config import Config
 from katydid.errors import NatsError
@@ -68,8 +69,9 @@ def set_up_stream(cfg: Config) -> str:
 
 
 def queue_status(cfg: Config) -> dict[str, Any]:
-    """The job stream's state, each consumer's, and the workers heard from within two heartbeat
-    intervals (``katydid nats status``; blocking, runs its own loop).
+    """The job stream's state, each consumer's, the workers heard from within two heartbeat
+    intervals, and where this deployment resumes sessions, its records and stored results
+    (``katydid nats status``; blocking, runs its own loop).
 
     Raises:
         NatsError: NATS is unreachable, or there is no job stream.
@@ -141,12 +143,13 @@ def queue_status(cfg: Config) -> dict[str, Any]:
                     }
                 )
             stores = await _probe_stream(js, cfg.nats_request_timeout_s)
+            resumption = await resumption_status(js, cfg.nats_request_timeout_s)
             await asyncio.sleep(listen_s)
         finally:
             await nc.close()
         if refused:
             stores = {"stores_jobs": None, "why": "not checked: this user may not publish jobs"}
-        return {
+        status: dict[str, Any] = {
             "stream": stores
             | {
                 "name": STREAM,
@@ -163,12 +166,15 @@ def queue_status(cfg: Config) -> dict[str, Any]:
                     "model": str(b.get("model", "")),
                     "busy": bool(b.get("busy")),
                     "jobs_done": int(b.get("jobs_done") or 0),
+                    # Skipped: their session's record was gone (older workers do not say).
+                    "jobs_orphaned": int(b.get("jobs_orphaned") or 0),
                     "rtf": b.get("rtf"),
                 }
                 for worker, b in sorted(beats.items())
             ],
             "listened_s": listen_s,
         }
+        return status | resumption  # "sessions" and "results"
 
     try:
         return asyncio.run(go())
