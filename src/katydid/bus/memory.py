@@ -12,6 +12,7 @@ import itertools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -125,9 +126,8 @@ class MemoryBus:
     async def follow_results(self, session_id: str) -> None:
         await trio.lowlevel.checkpoint()
         self.followed.add(session_id)
-        for result in [r for r in self.stored_results if r.session == session_id]:
-            data = result.to_json()
-            self._deliver(lambda h: h.on_replayed(data, "memory"))
+        for data in [r.to_json() for r in self.stored_results if r.session == session_id]:
+            self._deliver(partial(_replay, data))
 
     async def unfollow_results(self, session_id: str) -> None:
         await trio.lowlevel.checkpoint()
@@ -196,3 +196,7 @@ class MemoryBus:
     def _deliver(self, call: Callable[[BusHandlers], None]) -> None:
         assert self._handlers is not None, "attach() first"
         call(self._handlers)
+
+
+def _replay(data: bytes, handlers: BusHandlers) -> None:
+    handlers.on_replayed(data, "memory")

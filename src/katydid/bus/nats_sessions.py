@@ -168,6 +168,7 @@ async def ensure_resumption(js: Any, cfg: Config) -> bytes:
             bucket=bucket,
             history=1,
             ttl=ttl,
+            direct=True,  # workers read a record by a direct get of its key, nothing more
             replicas=cfg.stream_replicas,
             max_bytes=cfg.results_max_bytes,
         )

@@ -98,7 +98,11 @@ class SessionDriver:
             if isinstance(out, Send):
                 await self._send(out.event)
             elif isinstance(out, Publish):
-                await self.emit(await self.seating.publish(self.live, out, self._send))
+                refused = await self.gateway.resumption.recorded(self.live)
+                if refused is not None:
+                    await self.emit(self.session.publish_failed(out.job, refused))
+                else:
+                    await self.emit(await self.seating.publish(self.live, out, self._send))
             elif isinstance(out, Reattach):
                 resumption = self.gateway.resumption
                 adopt = self.gateway.adopt

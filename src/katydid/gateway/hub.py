@@ -307,6 +307,8 @@ class Hub:
             credential=credential,
         )
         self.sessions[session_id] = live
+        # Every session has a record in NATS; a native one outlives its connection.
+        self.resumption.opened(live, resumable=door == "websocket")
         self.metrics.active_connections.inc()
         if len(self.sessions) > self.peak_sessions:
             self.peak_sessions = len(self.sessions)

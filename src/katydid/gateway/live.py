@@ -98,6 +98,7 @@ class Live:
     # wrong transcript can be traced to the worker identity that sent it.
     answered_by: set[str] | None = None
     owner: str = ""  # a resumable session's connection: "<gateway>:<nonce>" (resumption.py)
+    recorded: bool = False  # its record is in NATS (written before its first job)
 
     def heard_from(self, sender: str) -> None:
         if not sender:

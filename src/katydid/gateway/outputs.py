@@ -137,7 +137,7 @@ class JobStamp:
 
 def error_code(raw: str) -> ErrorCode:
     """A worker's error code as a client code (``expired``/``cancelled`` are timeouts)."""
-    if raw in (ResultError.EXPIRED, ResultError.CANCELLED):
+    if raw in (ResultError.EXPIRED, ResultError.CANCELLED, ResultError.ORPHANED):
         return ErrorCode.TIMEOUT
     try:
         return ErrorCode(raw)

@@ -67,26 +67,50 @@ class Resumption:
         mac = hmac.new(self.bus.secret, b"resume:" + session_id.encode(), hashlib.sha256)
         return mac.hexdigest()[:32]
 
-    def opened(self, live: Live) -> None:
-        """A native session: resumable, with its token and this connection as its owner."""
+    def opened(self, live: Live, *, resumable: bool) -> None:
+        """A new session: it keeps a record, with this connection as its owner; ``resumable``
+        (a native one): also its token, and it waits for its client if the connection drops."""
         if not self.enabled:
             return
         live.owner = f"{self.gateway_id}:{uuid.uuid4().hex[:8]}"
-        live.session.resumable = True
-        live.session.resume_token = self.token(live.session.session_id)
+        live.session.kept = True
+        if resumable:
+            live.session.resumable = True
+            live.session.resume_token = self.token(live.session.session_id)
 
     # --- records ---
 
     def remember(self, live: Live, state: str) -> None:
         """The session's record as of now, to write (queued; the newest state wins)."""
         s = live.session
-        if not s.resumable or s.options is None:
+        if not s.kept or s.options is None:
             return
         key = live.tenant.name if live.tenant is not None else ""
         record = s.record(state, self.gateway_id, live.owner, key, time.time())
         self._queue(s.session_id, record, if_owner=state == DETACHED)
         if state == DETACHED:
             self.counters["detached"] += 1
+
+    async def recorded(self, live: Live) -> ProtocolError | None:
+        """Before a resumable session's first job: its record is written and acknowledged, so
+        no worker finds the job without it (and skips it as an orphan). None once it is; a
+        record NATS does not take is the session's ``overloaded``."""
+        s = live.session
+        if live.recorded or not s.kept or s.options is None:
+            return None
+        key = live.tenant.name if live.tenant is not None else ""
+        record = s.record(ATTACHED, self.gateway_id, live.owner, key, time.time())
+        try:
+            with trio.fail_after(self.cfg.nats_request_timeout_s):
+                await self.bus.put_record(record)
+        except (NatsError, trio.TooSlowError) as exc:
+            return ProtocolError(
+                ErrorCode.OVERLOADED,
+                f"the gateway cannot store the session's record ({exc or 'timed out'})",
+                retry_after_s=5.0,
+            )
+        live.recorded = True
+        return None
 
     def forget(self, session_id: str) -> None:
         self._queue(session_id, None, if_owner=False)
@@ -144,7 +168,7 @@ class Resumption:
         while True:
             await trio.sleep(self.cfg.resume_window_s / 4)
             for live in list(self.sessions.values()):
-                if live.session.resumable and not live.session.closed and live.owner:
+                if live.session.kept and not live.session.closed and live.owner:
                     self.remember(live, ATTACHED)
 
     # --- taking a session over ---
@@ -167,6 +191,7 @@ class Resumption:
         except ProtocolError as exc:
             return s.fail(exc)
         adopt(live, record.session_id)
+        live.recorded = True
         self.counters["resumed"] += 1
         self.remember(live, ATTACHED)
         first, rest = outputs[0], outputs[1:]

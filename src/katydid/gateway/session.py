@@ -91,6 +91,7 @@ class Session(SessionClock, SessionResume):
     # Resumption (session_resume.py): whether its client may resume it (native door), the token
     # that proves it, and the samples its final jobs hold (where a resumed client resends from)
     resumable: bool = False
+    kept: bool = False  # it has a record in NATS (every session, with resumption on)
     resume_token: str = ""
     _in_jobs: int = 0
 
@@ -168,7 +169,7 @@ class Session(SessionClock, SessionResume):
         self.model = model
         self.phase = Phase.STREAMING
         ready = Send(Ready(self.session_id, model, offers, self.resume_token))
-        return [ready, Remember(ATTACHED)] if self.resumable else [ready]
+        return [ready, Remember(ATTACHED)] if self.kept else [ready]
 
     @property
     def uploading(self) -> bool:
@@ -255,7 +256,7 @@ class Session(SessionClock, SessionResume):
         self._flushed = True
         out = self._jobs(self.intake.end())
         self._retire_intake()
-        if self.resumable:
+        if self.kept:
             out.append(Remember(ATTACHED))  # stopped: a resumed client sends no more audio
         return out + self._completion()
 
@@ -325,7 +326,7 @@ class Session(SessionClock, SessionResume):
             self._jobs_out.abandon()
             self.cancelled_jobs += 1
             return [CancelJobs(self.session_id, (stream_seq,))]
-        return [Remember(ATTACHED)] if self.resumable else []
+        return [Remember(ATTACHED)] if self.kept else []
 
     def publish_failed(self, job: Job, exc: ProtocolError) -> list[Output]:
         """A job could not be queued: a partial is skipped (its final will come anyway), a
@@ -398,7 +399,7 @@ class Session(SessionClock, SessionResume):
             return []
         self.phase = Phase.CLOSED
         self.outcome = "ok"
-        forget: list[Output] = [Forget(self.session_id)] if self.resumable else []
+        forget: list[Output] = [Forget(self.session_id)] if self.kept else []
         return [Send(self.done_event()), *forget, Close(1000, "done", "ok")]
 
     # --- endings from outside ---
@@ -431,7 +432,8 @@ class Session(SessionClock, SessionResume):
             detached = self.detach()
             if detached is not None:  # its client resumes it on another gateway
                 self.outcome = "shutdown"
-                return [Send(told), *detached, Close(1013, "overloaded", "shutdown")]
+                # 1001 (going away), not 1013: its client resumes at once, elsewhere
+                return [Send(told), *detached, Close(1001, "going_away", "shutdown")]
         out = self.fail(
             ProtocolError(ErrorCode.OVERLOADED, "the server is shutting down", retry_after_s=5.0)
         )
@@ -459,7 +461,7 @@ class Session(SessionClock, SessionResume):
         if abandoned:
             self.cancelled_jobs += len(abandoned)
             out.append(CancelJobs(self.session_id, abandoned))
-        if self.resumable:
+        if self.kept:
             out.append(Forget(self.session_id))
         return [*out, Close(code, reason, outcome)]
 

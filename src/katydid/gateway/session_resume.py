@@ -2,8 +2,9 @@
 record in NATS holds, how a reconnected client takes it back, and how a session is given up
 without being lost (detached: its jobs go on, their results wait in the results stream).
 
-Only native-protocol sessions are resumable (``Session.resumable``); the other doors' wires
-have no way to resume, and their sessions end with their connection as before.
+Every session has a record while it lives (``Session.kept``: a worker skips the jobs of a
+session that has none), but only native-protocol sessions are resumable (``Session.resumable``);
+the other doors' wires have no way to resume, and their sessions end with their connection.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class SessionResume(SessionQueries):
     model: str
     outcome: str
     resumable: bool
+    kept: bool
     resume_token: str
     _in_jobs: int
     _flushed: bool
@@ -113,7 +115,7 @@ class SessionResume(SessionQueries):
         self.options = options
         self.model = record.model
         self.resume_token = token
-        self.resumable = True
+        self.resumable = self.kept = True
         self._in_jobs = record.samples
         self._last_input = self._stopped_at = now
         self._jobs_out = JobLedger(

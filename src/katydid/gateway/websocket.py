@@ -138,8 +138,6 @@ async def serve_stream(
             return
         ws, vosk, credential = accepted
         live = gateway.open_session("vosk" if vosk else "websocket", credential)
-        if not vosk:
-            gateway.resumption.opened(live)  # protocol v1 sessions outlive their connection
         door = (VoskConnection if vosk else _Connection)(gateway, ws, live, parking)
         try:
             refused = gateway.seating.refusal(live)

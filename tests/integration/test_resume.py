@@ -1,0 +1,165 @@
+"""Sessions outlive their connection and their gateway: a client of the ``websockets`` library
+(not ours) streams real speech to one gateway, loses its connection (a reset, or the gateway
+SIGKILLed), resumes on another gateway of the same NATS, and gets every final once and in order,
+as accurately as an undisturbed run. A wrong token and an unknown session are refused, coded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+import websockets
+
+from katydid.evaluation import read_manifest, wer
+from tests.integration.stack import Stack, free_port, port_open, wait_until
+
+pytestmark = pytest.mark.integration
+
+FRAME = 16_000  # bytes per frame sent: 0.5 s of 16 kHz s16le
+
+
+def _mix(speech_dir: Path) -> tuple[bytes, str]:
+    """A real multi-speaker recording (61-91 s) as 16 kHz s16le, and its reference."""
+    clip = read_manifest(speech_dir / "mixes.tsv")[0]
+    audio, rate = sf.read(str(clip.path), dtype="int16")
+    assert rate == 16_000
+    assert audio.ndim == 1
+    return np.asarray(audio).tobytes(), clip.reference
+
+
+async def _events(ws: Any, into: list[dict[str, Any]], until: str = "done") -> None:
+    async for raw in ws:
+        event = json.loads(raw)
+        into.append(event)
+        if event["type"] in (until, "error"):
+            return
+
+
+async def _interrupted(url: str, pcm: bytes, cut_at: int, cut: Any) -> list[dict[str, Any]]:
+    """Stream ``pcm`` to ``url`` until byte ``cut_at``, read what came, then ``cut`` the
+    connection (without a close frame)."""
+    events: list[dict[str, Any]] = []
+    ws = await websockets.connect(url, max_size=None)
+    await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "sample_rate": 16000}))
+    events.append(json.loads(await ws.recv()))
+    assert events[0]["type"] == "ready", events[0]
+    assert events[0]["resume_token"], events[0]
+    for i in range(0, cut_at, FRAME):
+        await ws.send(pcm[i : min(i + FRAME, cut_at)])
+    # The finals of what was cut so far (at most a few seconds), then the cut
+    try:
+        await asyncio.wait_for(_events(ws, events, until="final"), 20)
+        await asyncio.wait_for(_events(ws, events, until="final"), 2)
+    except TimeoutError:
+        pass
+    await cut(ws)
+    return events
+
+
+async def _resume(url: str, pcm: bytes, ready: dict[str, Any], after_seq: int) -> list[Any]:
+    events: list[dict[str, Any]] = []
+    async with websockets.connect(url, max_size=None) as ws:
+        resume = {"session_id": ready["session_id"], "token": ready["resume_token"]}
+        await ws.send(json.dumps({"type": "start", "resume": resume | {"after_seq": after_seq}}))
+        resumed = json.loads(await ws.recv())
+        assert resumed["type"] == "resumed", resumed
+        assert resumed["session_id"] == ready["session_id"]
+        assert not resumed["audio_complete"]
+        offset = resumed["resume_offset_bytes"]
+        assert offset == round(resumed["audio_received_s"] * 16000) * 2
+        for i in range(offset, len(pcm), FRAME):
+            await ws.send(pcm[i : i + FRAME])
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(_events(ws, events), 120)
+    return [resumed, *events]
+
+
+def _finals(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["type"] == "final"]
+
+
+async def _undisturbed(url: str, pcm: bytes) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "start", "format": "pcm_s16le"}))
+        for i in range(0, len(pcm), FRAME):
+            await ws.send(pcm[i : i + FRAME])
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(_events(ws, events), 120)
+    return events
+
+
+async def _refused(url: str, resume: dict[str, Any]) -> tuple[str, int | None]:
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps({"type": "start", "resume": resume}))
+        error = json.loads(await ws.recv())
+        try:
+            await ws.recv()
+        except websockets.ConnectionClosed as exc:
+            return error["code"], exc.rcvd.code if exc.rcvd else None
+    raise AssertionError("not closed")
+
+
+def _second_gateway(stack: Stack) -> str:
+    port = free_port()
+    stack.env["KATYDID_HTTP_PORT"] = "-1"
+    stack._spawn(
+        [sys.executable, "-m", "katydid", "gateway", "--port", str(port)],
+        "gateway2",
+        stack.role_env.get("gateway"),
+    )
+    wait_until(lambda: port_open(port), 60, "second gateway")
+    return f"ws://127.0.0.1:{port}"
+
+
+async def _reset(ws: Any) -> None:
+    ws.transport.abort()  # a TCP reset: no close frame
+
+
+def test_a_session_resumes_on_another_gateway_after_a_reset_and_after_a_sigkill(
+    tmp_path: Path, model_dir: Path, speech_dir: Path
+) -> None:
+    pcm, reference = _mix(speech_dir)
+    with Stack(tmp_path, model_dir, workers=1, nats_accounts=True) as stack:
+        other = _second_gateway(stack)
+        whole = asyncio.run(_undisturbed(other, pcm))
+        assert whole[-1]["type"] == "done", whole[-1]
+        baseline = wer(reference, " ".join(f["text"] for f in _finals(whole)))
+
+        def gateway_killed() -> Any:
+            async def kill(_ws: Any) -> None:
+                stack.gateway.send_signal(signal.SIGKILL)
+                stack.gateway.wait(10)
+
+            return kill
+
+        for cut in (_reset, gateway_killed()):
+            before = asyncio.run(_interrupted(stack.url, pcm, len(pcm) // 2, cut))
+            seqs = [f["seq"] for f in _finals(before)]
+            after_seq = max(seqs, default=-1)
+            after = asyncio.run(_resume(other, pcm, before[0], after_seq))
+            # Some results came before the cut and some audio was in jobs: a real resume
+            assert seqs, before
+            assert after[0]["audio_received_s"] > 0, after[0]
+            finals = _finals(before) + _finals(after)
+            done = after[-1]
+            assert done["type"] == "done", after[-3:]
+            # Every final once, in order, nothing missing
+            assert [f["seq"] for f in finals] == list(range(done["chunks"])), finals
+            text = " ".join(f["text"] for f in finals)
+            assert wer(reference, text) <= baseline + 0.02, (baseline, text)
+
+        # A wrong token, and a session nobody has: refused, coded, closed
+        ready = before[0]
+        wrong = {"session_id": ready["session_id"], "token": "0" * 32, "after_seq": -1}
+        assert asyncio.run(_refused(other, wrong)) == ("unauthorized", 4401)
+        gone = {"session_id": ready["session_id"], "token": ready["resume_token"]}
+        # The session ended with done: nothing to resume
+        assert asyncio.run(_refused(other, gone | {"after_seq": -1})) == ("resume_expired", 4410)
