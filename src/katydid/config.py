@@ -167,6 +167,12 @@ class Config:
     # record and its results are kept as long (then its jobs left are orphans, never decoded)
     resume_window_s: float = 120.0
     results_max_bytes: int = 256 * 1024 * 1024  # the results stream's bound (oldest go first)
+    # A gateway says it is alive this often (katydid.gateways.<id>); workers set aside the jobs
+    # of sessions whose gateway was not heard for 3 of these (it died: they may be resumed)
+    gateway_heartbeat_s: float = 1.0
+    # Bytes of jobs a worker sets aside while their sessions wait for their clients (detached),
+    # decoding other sessions' jobs first; past it (or with nothing else to do) it decodes them
+    worker_set_aside_bytes: int = 64 * 1024 * 1024
     # Workers
     workers: int = 0  # 0 = one per core
     # `katydid serve`'s workers per model, "MODEL=N,MODEL=N"; empty: `workers` x `model`

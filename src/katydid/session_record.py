@@ -22,6 +22,10 @@ from katydid.errors import MessageError
 SESSIONS_BUCKET = "KATYDID_SESSIONS"  # a JetStream KV bucket: one record per resumable session
 RESULTS_STREAM = "KATYDID_RESULTS"  # every result, kept resume_window_s (limits retention)
 
+# A gateway's heartbeat: katydid.gateways.<gateway id>, every gateway_heartbeat_s. Workers set
+# aside the jobs of sessions whose gateway they stopped hearing (it died; they may be resumed).
+GATEWAYS_SUBJECT = "katydid.gateways"
+
 ATTACHED = "attached"  # a gateway serves the session's client now
 DETACHED = "detached"  # the client went away; its results wait for it to resume
 STATES = (ATTACHED, DETACHED)

@@ -99,5 +99,9 @@ class JobBus(Protocol):
     async def unfollow_results(self, session_id: str) -> None:
         """Stop following the session's results."""
 
+    async def gateway_alive(self, gateway_id: str) -> None:
+        """This gateway is alive: workers set aside the jobs of sessions whose gateway is not
+        heard (it died; their clients may resume them elsewhere)."""
+
     async def announce_takeover(self, session_id: str, owner: str) -> None:
         """Tell every gateway that ``owner`` serves the session now (``on_takeover``)."""

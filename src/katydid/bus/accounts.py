@@ -43,7 +43,7 @@ from katydid.messages import (
     STREAM_SUBJECTS,
     WORKERS_SUBJECT,
 )
-from katydid.session_record import SESSIONS_BUCKET
+from katydid.session_record import GATEWAYS_SUBJECT, SESSIONS_BUCKET
 
 ACCOUNT = "KATYDID"
 # Gateways' own (katydid.bus.nats_sessions): the deployment's secret, which workers may not
@@ -61,6 +61,7 @@ PERMISSIONS: dict[str, dict[str, Any]] = {
                 f"$KV.{SESSIONS_BUCKET}.>",
                 f"$KV.{GATEWAYS_BUCKET}.>",
                 TAKEOVER_SUBJECT,
+                f"{GATEWAYS_SUBJECT}.*",  # its heartbeat
                 "$JS.API.>",
             ],
             "deny": [
@@ -113,7 +114,13 @@ def worker_permissions(user: str) -> dict[str, Any]:
                 WORKER_RECORD_GET,
             ],
         },
-        "subscribe": {"allow": [CANCEL_SUBJECT, f"{worker_inbox_prefix(user)}.>"]},
+        "subscribe": {
+            "allow": [
+                CANCEL_SUBJECT,
+                f"{worker_inbox_prefix(user)}.>",
+                f"{GATEWAYS_SUBJECT}.*",  # which gateways are alive (their sessions' jobs first)
+            ]
+        },
     }
 
 

@@ -53,6 +53,7 @@ class MemoryBus:
     stored_results: list[JobResult] = field(default_factory=list)  # the results stream
     followed: set[str] = field(default_factory=set)
     takeovers: list[tuple[str, str]] = field(default_factory=list)
+    gateway_beats: int = 0
 
     def attach(self, handlers: BusHandlers) -> None:
         self._handlers = handlers
@@ -132,6 +133,10 @@ class MemoryBus:
     async def unfollow_results(self, session_id: str) -> None:
         await trio.lowlevel.checkpoint()
         self.followed.discard(session_id)
+
+    async def gateway_alive(self, gateway_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.gateway_beats += 1
 
     async def announce_takeover(self, session_id: str, owner: str) -> None:
         await trio.lowlevel.checkpoint()

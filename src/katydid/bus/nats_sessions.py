@@ -30,6 +30,7 @@ from katydid.config import Config
 from katydid.errors import MessageError
 from katydid.messages import RESULTS_PREFIX
 from katydid.session_record import (
+    GATEWAYS_SUBJECT,
     RESULTS_STREAM,
     SESSIONS_BUCKET,
     SessionRecord,
@@ -132,6 +133,14 @@ class SessionsOnNats:
                     await sub.unsubscribe()
                 except nats.errors.Error:
                     pass  # its connection is gone: so is the consumer, with its inactivity
+
+        await self._call(go)
+
+    async def gateway_alive(self, gateway_id: str) -> None:
+        """This gateway is alive (workers set aside the jobs of a gateway not heard)."""
+
+        async def go() -> None:
+            await self._nc.publish(f"{GATEWAYS_SUBJECT}.{gateway_id}", gateway_id.encode())
 
         await self._call(go)
 

@@ -136,6 +136,7 @@ class Resumption:
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._refresh)
+            nursery.start_soon(self._beat)
             while True:
                 await self._wake.wait()
                 self._wake = trio.Event()
@@ -163,6 +164,18 @@ class Resumption:
                 await call
         except (NatsError, trio.TooSlowError) as exc:
             self.sampled.warning("results_unfollow_failed", error=str(exc))
+
+    async def _beat(self) -> None:
+        """This gateway is alive, every ``gateway_heartbeat_s``: workers that stop hearing it
+        set its sessions' jobs aside (their clients may resume them on another gateway) and
+        decode live sessions' jobs first."""
+        while True:
+            try:
+                with trio.move_on_after(self.cfg.nats_request_timeout_s):
+                    await self.bus.gateway_alive(self.gateway_id)
+            except NatsError as exc:
+                self.sampled.warning("gateway_heartbeat_failed", error=str(exc))
+            await trio.sleep(self.cfg.gateway_heartbeat_s)
 
     async def _refresh(self) -> None:
         while True:
