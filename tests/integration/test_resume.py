@@ -119,6 +119,56 @@ def _second_gateway(stack: Stack) -> str:
     return f"ws://127.0.0.1:{port}"
 
 
+def _doc_example() -> Any:
+    """The resume example of docs/protocol.md, as a user would paste it."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    section = doc.split("### Resuming a session", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/protocol.md", "exec"), namespace)  # our own docs, as pasted
+    return namespace["transcribe"]
+
+
+async def _cutting_proxy(target_port: int, cut_after: int) -> tuple[Any, list[int]]:
+    """A TCP proxy to the gateway that resets the first connection once ``cut_after`` bytes
+    went from the client to the server (a network change mid-stream); later ones pass."""
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        first = len(connections) == 1
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", target_port)
+
+        async def pipe(src: Any, dst: Any, count: bool) -> None:
+            sent = 0
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+                    sent += len(data) if count else 0
+                    if first and count and sent >= cut_after:
+                        writer.transport.abort()
+                        up_w.transport.abort()
+                        return
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_w, True), pipe(up_r, writer, False))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, connections
+
+
+async def _through_proxy(port: int, pcm: bytes) -> tuple[list[str], int]:
+    server, connections = await _cutting_proxy(port, len(pcm) // 2)
+    async with server:
+        proxy_port = server.sockets[0].getsockname()[1]
+        texts = await asyncio.wait_for(_doc_example()(f"ws://127.0.0.1:{proxy_port}", pcm), 180)
+    return texts, len(connections)
+
+
 async def _reset(ws: Any) -> None:
     ws.transport.abort()  # a TCP reset: no close frame
 
@@ -155,6 +205,11 @@ def test_a_session_resumes_on_another_gateway_after_a_reset_and_after_a_sigkill(
             assert [f["seq"] for f in finals] == list(range(done["chunks"])), finals
             text = " ".join(f["text"] for f in finals)
             assert wer(reference, text) <= baseline + 0.02, (baseline, text)
+
+        # The docs' example (a user's own websockets code) through a connection cut mid-stream
+        texts, connections = asyncio.run(_through_proxy(int(other.rsplit(":", 1)[1]), pcm))
+        assert connections == 2
+        assert wer(reference, " ".join(texts)) <= baseline + 0.02, texts
 
         # A wrong token, and a session nobody has: refused, coded, closed
         ready = before[0]
