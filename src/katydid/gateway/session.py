@@ -56,6 +56,7 @@ from katydid.gateway.outputs import (
     error_code,
 )
 from katydid.gateway.session_clock import SessionClock
+from katydid.gateway.session_losses import SessionLosses
 from katydid.gateway.session_queries import Phase
 from katydid.gateway.session_resume import DETACHED_OUTCOME, SessionResume
 from katydid.messages import Job, JobResult
@@ -63,7 +64,7 @@ from katydid.session_record import ATTACHED, DETACHED
 
 
 @dataclass(slots=True)
-class Session(SessionClock, SessionResume):
+class Session(SessionClock, SessionResume, SessionLosses):
     """The state of one client session; ``now`` is any monotonic clock, in seconds."""
 
     session_id: str
@@ -366,32 +367,6 @@ class Session(SessionClock, SessionResume):
                 out.append(Send(final))
         return out + self._completion()
 
-    def dead_job(self, stream_seq: int, deliveries: int) -> list[Output]:
-        """JetStream gave up on one of the session's jobs: its chunk fails now (instead of
-        waiting out ``result_timeout_s``)."""
-        return self._chunk_failed(stream_seq, f"no worker finished it in {deliveries} deliveries")
-
-    def lost_result(self, stream_seq: int) -> list[Output]:
-        """One of the session's jobs left the stream (a worker answered it) while the
-        gateway's connection to NATS was down, and its result with it: its chunk fails now."""
-        return self._chunk_failed(
-            stream_seq, "its result was lost while the gateway reconnected to NATS (send it again)"
-        )
-
-    def _chunk_failed(self, stream_seq: int, why: str) -> list[Output]:
-        """The chunk of this stored job (if still unanswered) fails with ``why``."""
-        seq = self.seq_of(stream_seq)
-        if seq is None:
-            return []
-        message = f"chunk {seq}: {why}"
-        return self.receive_result(
-            JobResult(
-                job=f"{self.session_id}-{seq}", session=self.session_id, seq=seq, kind="final",
-                text="", segments=(), language="", audio_s=0.0, compute_s=0.0, queue_s=0.0,
-                worker="", error={"code": ErrorCode.INTERNAL.value, "message": message},
-            )
-        )  # fmt: skip
-
     def _completion(self) -> list[Output]:
         if not (self.phase is Phase.STOPPED and self._flushed and not self._jobs_out.in_flight):
             return []
@@ -439,19 +414,6 @@ class Session(SessionClock, SessionResume):
         )
         self.outcome = "shutdown"
         return out
-
-    def queue_lost(self) -> list[Output]:
-        """The gateway lost its NATS connection: results workers published meanwhile went
-        nowhere, so a session waiting for some ends with a coded retry instead of silence."""
-        if not self._jobs_out.in_flight:
-            return []
-        return self.fail(
-            ProtocolError(
-                ErrorCode.OVERLOADED,
-                "the gateway lost its connection to the job queue; results may be lost",
-                retry_after_s=5.0,
-            )
-        )
 
     def _close(self, code: int, reason: str, outcome: str) -> list[Output]:
         self.phase = Phase.CLOSED
