@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,7 @@ async def transcribe(
     resume: ResumeOptions | None = None,
     on_status: Callable[[str], None] | None = None,
     fault: Callable[[Link], Awaitable[None]] | None = None,
+    fallback_urls: Sequence[str] = (),
 ) -> SessionResult:
     """Run one session: start, audio frames, stop; collect events until ``done`` or close.
 
@@ -82,6 +83,9 @@ async def transcribe(
             session is back.
         fault: run beside each connection (cancelled when it ends): the load tester's way to
             cut one (``Link.abort``) at a moment of its choosing.
+        fallback_urls: other gateways of the same deployment: reconnect attempts go to
+            ``[*fallback_urls, url]`` in turn (any gateway resumes a session, so a client whose
+            gateway died need not wait for it to come back).
 
     Raises:
         ClientError: connect or handshake failure, the session timed out, or a lost connection
@@ -92,6 +96,7 @@ async def transcribe(
         frame_bytes=frame_bytes, realtime=realtime, options=options or {}, on_event=on_event,
         connect_timeout_s=connect_timeout_s, send_stop=send_stop,
         resume=resume or ResumeOptions(), on_status=on_status, fault=fault,
+        fallback_urls=fallback_urls,
     )  # fmt: skip
     with trio.CancelScope() as scope:
         session.session_scope = scope
@@ -125,8 +130,10 @@ class _Session:
         resume: ResumeOptions,
         on_status: Callable[[str], None] | None,
         fault: Callable[[Link], Awaitable[None]] | None,
+        fallback_urls: Sequence[str],
     ) -> None:
         self.url, self.audio, self.fmt = url, audio, fmt
+        self.urls = [url, *fallback_urls]
         self.sample_rate, self.channels, self.frame_bytes = sample_rate, channels, frame_bytes
         self.paced = realtime and fmt == "pcm_s16le"
         self.start = {
@@ -156,11 +163,12 @@ class _Session:
         attempts = 0
         deadline = 0.0  # of the outage being resumed
         while True:
-            timeout = self.connect_timeout_s
+            timeout, url = self.connect_timeout_s, self.url
             if self.reconnecting:
                 timeout = min(timeout, max(0.05, deadline - trio.current_time()))
+                url = self.urls[attempts % len(self.urls)]  # the first retry: the first fallback
             try:
-                async with open_link(self.url, connect_timeout_s=timeout) as link:
+                async with open_link(url, connect_timeout_s=timeout) as link:
                     if not self.result.connect_s:
                         self.result.connect_s = time.monotonic() - self.started
                         self.session_scope.deadline = trio.current_time() + self.session_timeout_s

@@ -21,9 +21,11 @@ from katydid.cpu import cpu_model
 from katydid.evaluation import read_manifest
 from katydid.log import configure_logging
 from tests.chaos.harness import Tally
-from tests.chaos.scenarios import SCENARIOS
+from tests.chaos.resume_scenarios import RESUME_SCENARIOS
+from tests.chaos.scenarios import SCENARIOS as FAULT_SCENARIOS
 
 REPO = Path(__file__).resolve().parents[2]
+SCENARIOS = FAULT_SCENARIOS | RESUME_SCENARIOS
 
 
 def _host() -> str:

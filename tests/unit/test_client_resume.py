@@ -236,6 +236,21 @@ async def test_no_resume_when_disabled(nursery: trio.Nursery) -> None:
     assert fake.connections == 1
 
 
+async def test_a_lost_connection_is_resumed_on_a_fallback_url(nursery: trio.Nursery) -> None:
+    # The first gateway dies after the drop (refuses every later connection); the second one,
+    # of the same deployment, only resumes: the client goes there first and gets the rest.
+    first = FakeGateway(refuse_after_first=True)
+    other = FakeGateway(connections=1)  # its first connection is a resume
+    url, fallback = await _serve(nursery, first), await _serve(nursery, other)
+    result = await client.transcribe(url, _pcm(2.0), fallback_urls=[fallback], session_timeout_s=20)
+    assert [f["seq"] for f in result.finals] == [0, 1, 2, 3]
+    assert result.done is not None
+    assert result.resumes == 1
+    assert first.connections == 1
+    (start,) = other.resume_starts
+    assert start["resume"]["after_seq"] == 1
+
+
 async def test_live_audio_older_than_the_buffer_fails_plainly(nursery: trio.Nursery) -> None:
     # Paced 0.6 s; the connection drops after 0.5 s; the server asks for audio from 0 s, but
     # the client keeps only the last 0.2 s: an error, not a silent gap.
