@@ -966,3 +966,107 @@ async def test_a_session_right_after_the_last_ones_job_is_not_told_to_wait(
         second = await r.connect()
         await second.send_message('{"type": "start", "max_wait_s": 0.5}')
         assert (await _next(second))["type"] == "ready"
+
+
+async def _event(raw: RawClient) -> dict[str, Any]:
+    """The raw client's next event but ``queued`` (a close fails the test)."""
+    while True:
+        event = await raw.next()
+        assert isinstance(event, dict), f"closed with {event}"
+        if event["type"] != "queued":
+            return event
+
+
+async def test_a_reset_session_resumes_with_every_final_once_and_its_audio_deduped(
+    autojump_clock: Any,
+) -> None:
+    async with rig() as r:
+        raw = await _raw_connect(r)
+        await raw.send(TextMessage(json.dumps({"type": "start"})))
+        ready = await _event(raw)
+        sid, token = ready["session_id"], ready["resume_token"]
+        pcm = _speech_like(9.0)
+        await raw.send(BytesMessage(pcm[: 2 * 16_000 * 6]))  # 6 s before the reset
+        await _eventually(lambda: len(r.bus.finals()) >= 2)
+        await trio.testing.wait_all_tasks_blocked()
+        first = r.bus.finals(sid)
+        r.bus.take(first[0].stream_seq)
+        r.bus.answer(first[0], "zero")
+        assert (await _event(raw))["seq"] == 0
+        await raw.stream.aclose()  # a reset: no close frame
+        await _eventually(lambda: sid in r.bus.records and r.bus.records[sid].state == "detached")
+        assert r.bus.cancels == []  # its jobs go on
+        assert len(r.bus.queue) == len(first) - 1
+        r.bus.take(first[1].stream_seq)
+        r.bus.answer(first[1], "one")  # answered while nobody listens: kept for the resume
+
+        again = await _raw_connect(r)
+        resume = {"session_id": sid, "token": token, "after_seq": 0}
+        await again.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
+        resumed = await _event(again)
+        held = r.bus.records[sid].samples
+        assert resumed["type"] == "resumed"
+        assert (resumed["audio_complete"], resumed["resume_offset_bytes"]) == (False, 2 * held)
+        assert held == round(first[-1].job.offset_ms * 16) + len(first[-1].pcm) // 2
+        assert (await _event(again))["text"] == "one"  # replayed from the results stream
+        await again.send(BytesMessage(pcm[resumed["resume_offset_bytes"] :]))
+        await again.send(TextMessage('{"type": "stop"}'))
+        await _eventually(lambda: len(r.bus.finals(sid)) > len(first))
+        await trio.testing.wait_all_tasks_blocked()
+        rest = [q for q in r.bus.finals(sid) if q.job.seq >= 2]
+        # Nothing cut twice: the new jobs start where the old ones ended
+        assert [q.job.seq for q in rest] == list(range(2, 2 + len(rest)))
+        # (its leading silence dropped, as any chunk's: it starts in the pause it was cut at)
+        new = rest[len(first) - 2].job.offset_ms
+        assert round(held / 16) <= new <= round(held / 16) + 800
+        assert sum(len(q.pcm) for q in r.bus.finals(sid)) <= len(pcm)
+        for q in rest:
+            r.bus.take(q.stream_seq)
+            r.bus.answer(q, f"text {q.job.seq}")
+        finals = [await _event(again) for _ in rest]
+        assert [f["seq"] for f in finals] == [q.job.seq for q in rest]
+        done = await _event(again)
+        assert (done["type"], done["chunks"]) == ("done", 2 + len(rest))
+        assert await again.next() == 1000
+        await _eventually(lambda: sid not in r.bus.records)  # ended for good: forgotten
+
+
+async def test_resume_is_refused_coded_and_a_newer_connection_takes_the_session(
+    autojump_clock: Any,
+) -> None:
+    async with rig() as r:
+        raw = await _raw_connect(r)
+        await raw.send(TextMessage(json.dumps({"type": "start"})))
+        ready = await _event(raw)
+        sid, token = ready["session_id"], ready["resume_token"]
+        await raw.send(BytesMessage(_speech_like(3.0)))
+        await _eventually(lambda: sid in r.bus.records)
+
+        async def refused(resume: dict[str, Any]) -> tuple[str, int | dict[str, Any]]:
+            other = await _raw_connect(r)
+            await other.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
+            error = await _event(other)
+            return error["code"], await other.next()
+
+        wrong = {"session_id": sid, "token": "f" * 32, "after_seq": -1}
+        assert await refused(wrong) == ("unauthorized", 4401)
+        unknown = {"session_id": "0" * 32, "token": token, "after_seq": -1}
+        assert await refused(unknown) == ("unauthorized", 4401)  # the token is the session's
+        assert await refused({"session_id": "x", "token": token}) == ("bad_message", 1008)
+
+        # The client comes back while its old connection still looks alive: the newer wins
+        newer = await _raw_connect(r)
+        resume = {"session_id": sid, "token": token, "after_seq": -1}
+        await newer.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
+        assert (await _event(newer))["type"] == "resumed"
+        taken = await _event(raw)
+        assert taken["code"] == "session_taken"
+        assert await raw.next() == 4409
+        assert r.bus.cancels == []  # the session's jobs are the newer connection's
+        assert r.gateway.sessions[sid].owner == r.bus.records[sid].owner
+        # Ended for good (a normal close), it cannot be resumed
+        await newer.send(TextMessage('{"type": "stop"}'))
+        await newer.stream.send_all(newer.peer.send(CloseConnection(1000)))
+        await _eventually(lambda: sid not in r.bus.records)
+        gone = {"session_id": sid, "token": token, "after_seq": -1}
+        assert await refused(gone) == ("resume_expired", 4410)
