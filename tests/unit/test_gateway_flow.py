@@ -380,10 +380,29 @@ async def test_a_dead_job_fails_its_chunk_and_the_session_goes_on(autojump_clock
         assert jobs[0].stream_seq in r.bus.deleted
 
 
-async def test_a_result_lost_while_nats_reconnected_fails_its_chunk(autojump_clock: Any) -> None:
+async def test_a_result_missed_while_nats_reconnected_comes_from_the_results_stream(
+    autojump_clock: Any,
+) -> None:
     # A worker answered a job while the gateway's subscription was down: the job left the
-    # stream (acked) and its result went to nobody. Once reconnected, its chunk fails with a
-    # coded error; the jobs still in the stream are left to their workers.
+    # stream and its result went to nobody over core NATS, but the results stream kept it.
+    async with rig() as r:
+        ws, jobs = await _stopped_with_jobs(r)
+        r.bus.take(jobs[0].stream_seq)
+        r.bus.answer(jobs[0], "missed", heard=False)
+        r.bus.reconnect()
+        for q in jobs[1:]:
+            r.bus.take(q.stream_seq)
+            r.bus.answer(q, "ok")
+        events = [await _next(ws, "queued") for _ in range(len(jobs) + 1)]
+        assert [e["type"] for e in events] == ["final"] * len(jobs) + ["done"]
+        assert [e["text"] for e in events[:-1]] == ["missed"] + ["ok"] * (len(jobs) - 1)
+        assert events[-1]["failed_chunks"] == 0
+
+
+async def test_a_result_lost_while_nats_reconnected_fails_its_chunk(autojump_clock: Any) -> None:
+    # A job left the stream (acked) and its result is nowhere, not even in the results stream
+    # (NATS itself lost it). Once reconnected, its chunk fails with a coded error; the jobs
+    # still in the stream are left to their workers.
     async with rig() as r:
         ws, jobs = await _stopped_with_jobs(r)
         del r.bus.queue[jobs[0].stream_seq]  # answered and acked while the gateway was away

@@ -163,9 +163,15 @@ class MemoryBus:
         return queued
 
     def answer(
-        self, queued: QueuedJob, text: str = "", *, error: dict[str, str] | None = None
+        self,
+        queued: QueuedJob,
+        text: str = "",
+        *,
+        error: dict[str, str] | None = None,
+        heard: bool = True,
     ) -> None:
-        """A worker's result for this job (acked: it leaves the stream)."""
+        """A worker's result for this job (acked: it leaves the stream); ``heard=False``: the
+        gateway's subscription was down (only the results stream has it)."""
         self.queue.pop(queued.stream_seq, None)
         job = queued.job
         audio_s = len(queued.pcm) / 32_000
@@ -176,6 +182,8 @@ class MemoryBus:
             error=error, token=job.token,
         )  # fmt: skip
         self.stored_results.append(result)
+        if not heard:
+            return
         self._deliver(lambda h: h.on_result(result.to_json(), "memory"))
         if job.session_id in self.followed:
             self._deliver(lambda h: h.on_replayed(result.to_json(), "memory"))

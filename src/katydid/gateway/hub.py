@@ -242,14 +242,17 @@ class Hub:
     async def _find_lost_results(self) -> None:
         """After NATS reconnects: a job a worker answered while this gateway's subscription was
         down left the stream (a worker acks after publishing its result) with its result sent
-        to nobody (core NATS keeps nothing). Once results sent since then had time to arrive
-        (``LOST_RESULT_GRACE_S``), each job of a live session that is gone from the stream and
-        still unanswered fails with a coded error (its session ends, never waits in silence).
-        One failed request ends a check (rather than one timeout per job left); the next
-        reconnect redoes it."""
+        to nobody over core NATS, but kept in the results stream: each live session with jobs
+        unanswered now reads its results from there (as a resumed session does), so they
+        arrive after all. Once that had time (``LOST_RESULT_GRACE_S``), each job of a live
+        session that is gone from the stream and still unanswered (its result not stored
+        either: NATS itself lost it) fails with a coded error (its session ends, never waits in
+        silence). One failed request ends a check (rather than one timeout per job left); the
+        next reconnect redoes it."""
         while True:
             await self._reconnected.wait()
             self._reconnected = trio.Event()
+            await self._recover_results()
             await trio.sleep(LOST_RESULT_GRACE_S)
             lost = 0
             try:
@@ -263,6 +266,22 @@ class Hub:
                 log.warning("lost_results_check_failed", error=str(exc))
             if lost:
                 log.warning("results_lost_in_reconnect", jobs=lost)
+
+    async def _recover_results(self) -> None:
+        """Every live session waiting for results reads them from the results stream from now
+        on (those published while the subscription was down, and the rest)."""
+        followed = self.resumption.followed
+        recovering = [
+            s.session_id
+            for live in self.sessions.values()
+            if (s := live.session).in_flight and s.session_id not in followed
+        ]
+        try:
+            for session_id in recovering:
+                followed.add(session_id)
+                await self.bus.follow_results(session_id)
+        except NatsError as exc:
+            log.warning("results_recovery_failed", error=str(exc))
 
     # --- queue state, for all sessions at once ---
 
