@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+import trio
 import websockets
 
+from katydid import client
 from katydid.evaluation import read_manifest, wer
 from tests.integration.stack import Stack, free_port, port_open, wait_until
 
@@ -169,6 +171,34 @@ async def _through_proxy(port: int, pcm: bytes) -> tuple[list[str], int]:
     return texts, len(connections)
 
 
+mine_statuses: list[str] = []
+
+
+def _our_client_reset_once(url: str, wav: bytes) -> client.SessionResult:
+    """``katydid.client.transcribe`` with its first connection reset once its first final came
+    (the load tester's fault hook, a TCP reset with no close frame)."""
+    first_final = trio.Event()
+    cuts: list[int] = []
+
+    async def fault(link: Any) -> None:
+        if cuts:
+            return
+        await first_final.wait()
+        cuts.append(1)
+        await link.abort()
+
+    def seen(event: dict[str, Any]) -> None:
+        if event["type"] == "final":
+            first_final.set()
+
+    async def run() -> client.SessionResult:
+        return await client.transcribe(
+            url, wav, fmt="wav", on_event=seen, fault=fault, on_status=mine_statuses.append
+        )
+
+    return trio.run(run)
+
+
 async def _reset(ws: Any) -> None:
     ws.transport.abort()  # a TCP reset: no close frame
 
@@ -210,6 +240,15 @@ def test_a_session_resumes_on_another_gateway_after_a_reset_and_after_a_sigkill(
         texts, connections = asyncio.run(_through_proxy(int(other.rsplit(":", 1)[1]), pcm))
         assert connections == 2
         assert wer(reference, " ".join(texts)) <= baseline + 0.02, texts
+
+        # Our own client, a WAV file uploaded whole, its connection reset mid-transcript: it
+        # reconnects by itself, to the other gateway, and resumes
+        mix = read_manifest(speech_dir / "mixes.tsv")[0].path.read_bytes()
+        mine = _our_client_reset_once(other, mix)
+        assert mine.done is not None, mine.events
+        assert [f["seq"] for f in mine.finals] == list(range(mine.done["chunks"]))
+        assert wer(reference, mine.text) <= baseline + 0.02, mine.text
+        assert "reconnecting" in mine_statuses
 
         # A wrong token, and a session nobody has: refused, coded, closed
         ready = before[0]
