@@ -147,3 +147,90 @@ def test_the_server_s_refusal_stays_on_the_page_and_the_icon_is_served(
         with urllib.request.urlopen(keyed.metrics_url + "/favicon.ico", timeout=10) as icon:
             assert icon.status == 200
             assert icon.headers["Content-Type"].startswith("image/")
+
+
+# Resuming (docs/protocol.md, "Resuming a session"): the test closes the page's socket with 4000,
+# a code that does not end the session (1000 would: the user gave up), so the gateway detaches
+# the session and the page takes it back. Every status the page shows is logged, so that a
+# "reconnecting…" shown for a moment is seen; with `cut_at_final`, the socket is closed from a
+# MutationObserver as the first final is shown: the results already on their way are then lost
+# (a closing socket delivers no more messages) and must come again, once, after the resume.
+_WATCH = """
+const cutAtFinal = arguments[0];
+window.statuses = [];
+new MutationObserver((records) => {
+  for (const r of records) for (const n of r.addedNodes) window.statuses.push(n.textContent);
+}).observe(document.getElementById("status"), { childList: true });
+if (cutAtFinal) new MutationObserver((records, observer) => {
+  if (document.getElementById("transcript").children.length === 0) return;
+  observer.disconnect();
+  socket.close(4000);
+}).observe(document.getElementById("transcript"), { childList: true });
+"""
+
+
+def _seqs(drv: object) -> list[str]:
+    script = 'return [...document.getElementById("transcript").children].map(p => p.dataset.seq)'
+    return list(drv.execute_script(script))  # type: ignore[attr-defined]
+
+
+def _statuses(drv: object) -> list[str]:
+    return list(drv.execute_script("return window.statuses"))  # type: ignore[attr-defined]
+
+
+def _check_resumed_once_each(drv: object, *, every_chunk_speaks: bool) -> None:
+    """The page reconnected and resumed, showed each final once and in order, and ended done
+    with as many finals as the server's chunks (none failed here). A chunk with no words (the
+    microphone's silence after the clip) has no final: then at most as many."""
+    statuses = _statuses(drv)
+    assert "reconnecting…" in statuses, statuses
+    assert "resumed" in statuses, statuses
+    assert statuses.index("reconnecting…") < statuses.index("resumed"), statuses
+    seqs = [int(s) for s in _seqs(drv)]
+    assert seqs == sorted(set(seqs)), seqs
+    done = re.fullmatch(r"done: [\d.]+ s of audio, (\d+) chunks", _status(drv))
+    assert done, _status(drv)
+    chunks = int(done[1])
+    assert len(seqs) == chunks if every_chunk_speaks else len(seqs) <= chunks, (seqs, chunks)
+
+
+@pytest.fixture(scope="module")
+def mix(speech_dir: Path) -> Clip:
+    """The shortest of the shared mixes (61 s): long enough to be cut into several jobs (a file
+    of at most chunk_max_s, 30 s, is one), so the cut falls mid-transcript."""
+    return min(read_manifest(speech_dir / "mixes.tsv"), key=lambda c: c.duration_s)
+
+
+def test_an_upload_resumes_after_its_connection_is_lost(
+    stack: Stack, browser: object, mix: Clip
+) -> None:
+    drv = browser
+    drv.get(stack.metrics_url + "/")  # type: ignore[attr-defined]
+    drv.execute_script(_WATCH, True)  # type: ignore[attr-defined]
+    drv.find_element("id", "file").send_keys(str(mix.path))  # type: ignore[attr-defined]
+    _wait(drv, _done, 90, "done")
+    _check_resumed_once_each(drv, every_chunk_speaks=True)
+    assert len(_seqs(drv)) > 2, _seqs(drv)  # the cut was mid-transcript
+    text = _transcript(drv)
+    assert wer(mix.reference, text) <= 0.10, text
+
+
+def test_a_recording_resumes_after_its_connection_is_lost(
+    stack: Stack, browser: object, jfk: Clip
+) -> None:
+    drv = browser
+    drv.get(stack.metrics_url + "/")  # type: ignore[attr-defined]
+    drv.execute_script(_WATCH, False)  # type: ignore[attr-defined]
+    drv.find_element("id", "record").click()  # type: ignore[attr-defined]
+    _wait(drv, lambda d: _status(d).startswith("recording… (model "), 30, "recording")
+    # Mid-utterance ("ask not what your country..."): the server's jobs end before it, so the
+    # page sends its kept PCM from resume_offset_bytes, then what it captured meanwhile.
+    time.sleep(5)
+    drv.execute_script("socket.close(4000)")  # type: ignore[attr-defined]
+    _wait(drv, lambda d: "resumed" in _statuses(d), 30, "the resume")
+    _wait(drv, lambda d: len(_transcript(d).split()) >= 18, 60, "the clip's words")
+    drv.find_element("id", "stop").click()  # type: ignore[attr-defined]
+    _wait(drv, _done, 60, "done")
+    _check_resumed_once_each(drv, every_chunk_speaks=False)
+    text = _transcript(drv)
+    assert wer(jfk.reference, text) <= 0.25, text  # the bound of the undisturbed recording
