@@ -9,6 +9,7 @@ test that waits for a 120 s timeout takes milliseconds), so timeouts are tested,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import io
 import json
@@ -1089,3 +1090,23 @@ async def test_resume_is_refused_coded_and_a_newer_connection_takes_the_session(
         await _eventually(lambda: sid not in r.bus.records)
         gone = {"session_id": sid, "token": token, "after_seq": -1}
         assert await refused(gone) == ("resume_expired", 4410)
+
+
+async def test_a_session_taken_over_elsewhere_hears_it_at_its_next_record_write(
+    autojump_clock: Any,
+) -> None:
+    # Another gateway resumed the session and its takeover word never came here: the next
+    # write of this connection's record finds the other's revision, and this one ends.
+    async with rig() as r:
+        raw = await _raw_connect(r)
+        await raw.send(TextMessage(json.dumps({"type": "start"})))
+        sid = (await _event(raw))["session_id"]
+        await raw.send(BytesMessage(_speech_like(3.0)))
+        await _eventually(lambda: sid in r.bus.records)
+        theirs = dataclasses.replace(r.bus.records[sid], owner="elsewhere:1", gateway="elsewhere")
+        await r.bus.put_record(theirs)
+        await raw.send(BytesMessage(_speech_like(6.0)))  # chunks: their records are written
+        assert (await _event(raw))["code"] == "session_taken"
+        assert await raw.next() == 4409
+        assert r.bus.records[sid].owner == "elsewhere:1"  # never written over
+        assert r.bus.cancels == []

@@ -84,11 +84,13 @@ class JobBus(Protocol):
     async def lane_stats(self, models: Iterable[str]) -> dict[tuple[str, str], LaneStats]:
         """Queue state per (model, lane)."""
 
-    async def put_record(self, record: SessionRecord, *, if_owner: bool = False) -> None:
-        """Write a resumable session's record (``if_owner``: only if still this owner's)."""
+    async def put_record(self, record: SessionRecord, *, last: int | None = None) -> int | None:
+        """Write a session's record; its new revision. ``last``: only over that revision, else
+        None (another connection wrote it since: it took the session over; or it is gone)."""
 
-    async def delete_record(self, session_id: str) -> None:
-        """The session ended for good: its record goes (its jobs left become orphans)."""
+    async def delete_record(self, session_id: str, *, last: int | None = None) -> None:
+        """The session ended for good: its record goes (its jobs left become orphans);
+        ``last``: only if still at that revision."""
 
     async def get_record(self, session_id: str) -> SessionRecord | None:
         """A session's record; None if it has none (ended, or past its resume window)."""

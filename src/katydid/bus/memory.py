@@ -50,6 +50,7 @@ class MemoryBus:
     _handlers: BusHandlers | None = None
     secret: bytes = b"memory-bus-secret-for-tests-only"
     records: dict[str, SessionRecord] = field(default_factory=dict)  # the sessions bucket
+    revisions: dict[str, int] = field(default_factory=dict)
     stored_results: list[JobResult] = field(default_factory=list)  # the results stream
     followed: set[str] = field(default_factory=set)
     takeovers: list[tuple[str, str]] = field(default_factory=list)
@@ -109,16 +110,20 @@ class MemoryBus:
                 )
         return out
 
-    async def put_record(self, record: SessionRecord, *, if_owner: bool = False) -> None:
+    async def put_record(self, record: SessionRecord, *, last: int | None = None) -> int | None:
         await trio.lowlevel.checkpoint()
-        stored = self.records.get(record.session_id)
-        if if_owner and (stored is None or stored.owner != record.owner):
-            return
+        if last is not None and self.revisions.get(record.session_id) != last:
+            return None
         self.records[record.session_id] = record
+        self.revisions[record.session_id] = revision = next(self._seqs)
+        return revision
 
-    async def delete_record(self, session_id: str) -> None:
+    async def delete_record(self, session_id: str, *, last: int | None = None) -> None:
         await trio.lowlevel.checkpoint()
+        if last is not None and self.revisions.get(session_id) != last:
+            return
         self.records.pop(session_id, None)
+        self.revisions.pop(session_id, None)
 
     async def get_record(self, session_id: str) -> SessionRecord | None:
         await trio.lowlevel.checkpoint()

@@ -57,33 +57,32 @@ class SessionsOnNats:
     _followed: dict[str, Any]
     _to_trio: Callable[..., None]
 
-    async def put_record(self, record: SessionRecord, *, if_owner: bool = False) -> None:
-        """Write a session's record. ``if_owner``: only if the stored one is still this
-        connection's (a detach must not undo a newer connection's takeover)."""
+    async def put_record(self, record: SessionRecord, *, last: int | None = None) -> int | None:
+        """Write a session's record; its new revision. ``last``: only over that revision (the
+        one this connection wrote last), else None: another connection wrote it since (it took
+        the session over), or it is gone."""
+
+        async def go() -> int | None:
+            kv = await self._js.key_value(SESSIONS_BUCKET)
+            if last is None:
+                return int(await kv.put(record.session_id, record.to_json()))
+            try:
+                return int(await kv.update(record.session_id, record.to_json(), last=last))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return None
+
+        revision: int | None = await self._call(go)
+        return revision
+
+    async def delete_record(self, session_id: str, *, last: int | None = None) -> None:
+        """The session ended for good (``last``: only if still at that revision, ours)."""
 
         async def go() -> None:
             kv = await self._js.key_value(SESSIONS_BUCKET)
-            if if_owner:
-                try:
-                    entry = await kv.get(record.session_id)
-                except nats.js.errors.KeyNotFoundError:
-                    return  # gone already (forgotten, or past its window)
-                stored = SessionRecord.from_json(entry.value or b"{}")
-                if stored.owner != record.owner:
-                    return
-                try:
-                    await kv.update(record.session_id, record.to_json(), last=entry.revision)
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    return  # someone wrote it meanwhile: a takeover
-                return
-            await kv.put(record.session_id, record.to_json())
-
-        await self._call(go)
-
-    async def delete_record(self, session_id: str) -> None:
-        async def go() -> None:
-            kv = await self._js.key_value(SESSIONS_BUCKET)
-            await kv.purge(session_id)  # no history kept of an ended session
+            try:
+                await kv.delete(session_id, last=last)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass  # another connection has it now: not ours to end
 
         await self._call(go)
 

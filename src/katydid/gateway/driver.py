@@ -86,7 +86,7 @@ class SessionDriver:
             elif isinstance(out, Remember):
                 self.gateway.resumption.remember(self.live, out.state)
             elif isinstance(out, Forget):
-                self.gateway.resumption.forget(out.session_id)
+                self.gateway.resumption.forget(self.live)
             else:
                 rest.append(out)
         self.seating.recount(self.live)

@@ -99,6 +99,7 @@ class Hub:
         self.resumption = Resumption(
             cfg, bus, self.gateway_id, self.sessions, self.tenants, self.sampled
         )
+        self.resumption.on_taken = self._on_takeover_found
         m.upload_memory.set_function(lambda: self.seating.uploads.held)
         m.uploads_spilled.set_function(lambda: self.seating.uploads.spilled)
         self.window = w = ByteWindow(cfg.publish_window_bytes)
@@ -178,6 +179,12 @@ class Hub:
         live = self.sessions.get(session_id)
         if live is not None and live.owner and live.owner != owner:
             self.resumption.counters["taken_over"] += 1
+            self._route(live, Taken())
+
+    def _on_takeover_found(self, session_id: str, owner: str) -> None:
+        """A write of connection ``owner``'s record found another's: it was taken over."""
+        live = self.sessions.get(session_id)
+        if live is not None and live.owner == owner:
             self._route(live, Taken())
 
     def adopt(self, live: Live, session_id: str) -> None:
@@ -340,7 +347,7 @@ class Hub:
         s = live.session
         if self.sessions.get(s.session_id) is live:  # (a session taken over is the new one's)
             del self.sessions[s.session_id]
-            self.resumption.ended(s.session_id)
+            self.resumption.ended(live)
         live.over = True
         live.inbox = None
         self.seating.release(live)

@@ -6,17 +6,20 @@ Rule 1: a session never waits on NATS for its record: writes are queued, coalesc
 (only the newest state of a session is written), and written by one task (``run``), bounded.
 Rule 2: an attached session's record is written again every quarter of ``resume_window_s``, so
 it outlives its window only when nobody serves it any more (its client, or its gateway, gone).
-Rule 3: a detached session's last write only lands if the record is still its connection's: a
-client that already resumed elsewhere is never undone by its old connection's end.
+Rule 3: a connection writes its session's record only over the revision it wrote last (a
+compare-and-set in the KV bucket): once another connection (here or on another gateway) took the
+session over, the older one's writes, its detach and its end fail, and it hears it was taken.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import structlog
 import trio
@@ -32,6 +35,16 @@ from katydid.log import SampledLogger
 from katydid.session_record import ATTACHED, DETACHED, SessionRecord
 
 log = structlog.get_logger("katydid.gateway")
+_TAKEN = -1  # a revision no write goes over: another connection took the session
+
+
+@dataclass(slots=True)
+class _Held:
+    """A session a connection of this gateway wrote the record of."""
+
+    owner: str
+    revision: int | None  # the last written (None: the next write is over whatever is stored)
+    until: float = math.inf  # detached or taken: forgotten after the window (trio time)
 
 
 class Resumption:
@@ -51,8 +64,13 @@ class Resumption:
         self.tenants = tenants
         self.sampled = sampled
         self.enabled = cfg.resume_window_s > 0
-        # Session id -> what to write (None: delete) and whether only over its own owner's
-        self._pending: dict[str, tuple[SessionRecord | None, bool]] = {}
+        # Session id -> what to write (None: delete) and the connection (owner) it is from
+        self._pending: dict[str, tuple[SessionRecord | None, str]] = {}
+        # Session id -> the connection that holds it here and the revision it wrote last
+        self._owners: dict[str, _Held] = {}
+        self._locks: dict[str, trio.Lock] = {}  # sessions being written: one write at a time
+        # Told (session id, owner) when a write finds another connection took the session
+        self.on_taken: Callable[[str, str], None] = lambda _s, _o: None
         self._unfollow: list[str] = []  # resumed sessions over: stop reading their results
         self.followed: set[str] = set()  # resumed here: their finals come from the stream
         self._wake = trio.Event()
@@ -87,7 +105,7 @@ class Resumption:
             return
         key = live.tenant.name if live.tenant is not None else ""
         record = s.record(state, self.gateway_id, live.owner, key, time.time())
-        self._queue(s.session_id, record, if_owner=state == DETACHED)
+        self._queue(s.session_id, record, live.owner)
         if state == DETACHED:
             self.counters["detached"] += 1
 
@@ -102,7 +120,7 @@ class Resumption:
         record = s.record(ATTACHED, self.gateway_id, live.owner, key, time.time())
         try:
             with trio.fail_after(self.cfg.nats_request_timeout_s):
-                await self.bus.put_record(record)
+                await self._write(s.session_id, record, live.owner)
         except (NatsError, trio.TooSlowError) as exc:
             return ProtocolError(
                 ErrorCode.OVERLOADED,
@@ -112,23 +130,73 @@ class Resumption:
         live.recorded = True
         return None
 
-    def forget(self, session_id: str) -> None:
-        self._queue(session_id, None, if_owner=False)
+    def forget(self, live: Live) -> None:
+        self._queue(live.session.session_id, None, live.owner)
 
-    def ended(self, session_id: str) -> None:
-        """A session over on this gateway: if it was following its results, no more."""
+    def ended(self, live: Live) -> None:
+        """A session over on this gateway: if it was following its results, no more; if it
+        has no write left to make, this gateway holds it no more."""
+        session_id = live.session.session_id
         if session_id in self.followed:
             self.followed.discard(session_id)
             self._unfollow.append(session_id)
             self._wake.set()
+        held = self._owners.get(session_id)
+        if (
+            held is not None
+            and held.owner == live.owner
+            and held.until == math.inf  # (a detached or taken one is kept for its window)
+            and session_id not in self._pending
+        ):
+            del self._owners[session_id]
 
-    def _queue(self, session_id: str, record: SessionRecord | None, *, if_owner: bool) -> None:
+    def adopted(self, live: Live) -> None:
+        """``live`` took its session over: its first write is over whatever is stored."""
+        self._owners[live.session.session_id] = _Held(live.owner, None)
+
+    def _queue(self, session_id: str, record: SessionRecord | None, owner: str) -> None:
         if session_id not in self._pending and len(self._pending) >= self.cfg.stream_max_msgs:
             self.counters["records_dropped"] += 1
             self.sampled.warning("session_record_not_written", session_id=session_id)
             return
-        self._pending[session_id] = (record, if_owner)
+        self._pending[session_id] = (record, owner)
         self._wake.set()
+
+    async def _write(self, session_id: str, record: SessionRecord | None, owner: str) -> None:
+        """A record (None: its end) from connection ``owner``, over the revision that
+        connection wrote last; a write of a connection that no longer holds the session here is
+        dropped, and one that finds another connection's revision tells ``on_taken``. One write
+        of a session at a time (the first record, written before its first job, and the queued
+        ones would otherwise both write over the same revision, and one would fail)."""
+        lock = self._locks.get(session_id)
+        if lock is None:
+            lock = self._locks[session_id] = trio.Lock()
+        try:
+            async with lock:
+                await self._write_now(session_id, record, owner)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(session_id, None)
+
+    async def _write_now(self, session_id: str, record: SessionRecord | None, owner: str) -> None:
+        held = self._owners.get(session_id) or _Held(owner, None)
+        if held.owner != owner or held.revision == _TAKEN:
+            return  # an older connection's, here, or one another connection took over
+        if record is None:
+            self._owners.pop(session_id, None)
+            await self.bus.delete_record(session_id, last=held.revision)
+            return
+        revision = await self.bus.put_record(record, last=held.revision)
+        # Detached or taken, the entry is kept for the window: the connection's later writes
+        # (a job's publish acknowledged after the drop) go over its own revision, or nowhere.
+        later = trio.current_time() + self.cfg.resume_window_s
+        if revision is None:
+            self._owners[session_id] = _Held(owner, _TAKEN, later)
+            self.counters["taken_over"] += 1
+            self.on_taken(session_id, owner)
+        else:
+            until = later if record.state == DETACHED else math.inf
+            self._owners[session_id] = _Held(owner, revision, until)
 
     async def run(self) -> None:
         """Write the queued records, and refresh the attached ones, until cancelled."""
@@ -145,13 +213,10 @@ class Resumption:
                 for session_id in unfollow:
                     if session_id not in self.followed:  # (not resumed here again meanwhile)
                         await self._quietly(self.bus.unfollow_results(session_id))
-                for session_id, (record, if_owner) in pending.items():
+                for session_id, (record, owner) in pending.items():
                     try:
                         with trio.fail_after(self.cfg.nats_request_timeout_s):
-                            if record is None:
-                                await self.bus.delete_record(session_id)
-                            else:
-                                await self.bus.put_record(record, if_owner=if_owner)
+                            await self._write(session_id, record, owner)
                     except (NatsError, trio.TooSlowError) as exc:
                         # The next write of it (or the refresh) tries again.
                         self.sampled.warning(
@@ -180,6 +245,9 @@ class Resumption:
     async def _refresh(self) -> None:
         while True:
             await trio.sleep(self.cfg.resume_window_s / 4)
+            now = trio.current_time()
+            for session_id in [i for i, h in self._owners.items() if h.until < now]:
+                del self._owners[session_id]
             for live in list(self.sessions.values()):
                 if live.session.kept and not live.session.closed and live.owner:
                     self.remember(live, ATTACHED)
@@ -204,6 +272,7 @@ class Resumption:
         except ProtocolError as exc:
             return s.fail(exc)
         adopt(live, record.session_id)
+        self.adopted(live)
         live.recorded = True
         self.counters["resumed"] += 1
         self.remember(live, ATTACHED)
