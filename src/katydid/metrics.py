@@ -62,6 +62,16 @@ class WorkerCollector(Collector):
             "Jobs skipped because their session had no record (nobody would read them)",
             labels=["worker"],
         )
+        set_aside = CounterMetricFamily(
+            "katydid_jobs_set_aside",
+            "Jobs set aside while their session waited for its client (detached, gateway gone)",
+            labels=["worker"],
+        )
+        set_aside_now = GaugeMetricFamily(
+            "katydid_jobs_set_aside_now",
+            "Jobs a worker holds aside now (unanswered, kept in progress)",
+            labels=["worker"],
+        )
         for worker, beat in beats.items():
             busy.add_metric([worker], 1.0 if beat.get("busy") else 0.0)
             for outcome, key in (
@@ -76,7 +86,10 @@ class WorkerCollector(Collector):
             redecodes.add_metric([worker], float(beat.get("redecodes") or 0))
             uncovered.add_metric([worker], float(beat.get("uncovered_s") or 0.0))
             orphaned.add_metric([worker], float(beat.get("jobs_orphaned") or 0))
+            set_aside.add_metric([worker], float(beat.get("jobs_set_aside") or 0))
+            set_aside_now.add_metric([worker], float(beat.get("set_aside_now") or 0))
         yield from (busy, jobs, cpu, rss, fallbacks, redecodes, uncovered, orphaned)
+        yield from (set_aside, set_aside_now)
 
 
 class _LogCollector(Collector):

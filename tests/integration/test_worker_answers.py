@@ -1,6 +1,7 @@
 """What a real worker answers for a job nobody wants any more: one whose session was cancelled on
 ``katydid.cancel`` (``cancelled``) and one past its deadline (``expired``), neither transcribed;
-and a job beside them that is transcribed as usual."""
+and a job beside them that is transcribed as usual (its session has a record, as a gateway
+writes before its first job: without one it would be ``orphaned``)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import numpy as np
 import pytest
 import trio
 
 from katydid.config import DEFAULT_MODEL
 from katydid.messages import CANCEL_SUBJECT, Job, JobResult, lane_subject
+from katydid.session_record import ATTACHED, SESSIONS_BUCKET, SessionRecord
 from tests.integration.stack import Stack, wait_until
 
 pytestmark = pytest.mark.integration
@@ -33,6 +36,14 @@ def _exchange(nats_url: str) -> dict[str, JobResult]:
             await nc.publish(CANCEL_SUBJECT, b"gone")
             await nc.flush()
             js = nc.jetstream()
+            try:
+                kv = await js.key_value(SESSIONS_BUCKET)  # the gateway's
+            except nats.js.errors.BucketNotFoundError:
+                kv = await js.create_key_value(
+                    bucket=SESSIONS_BUCKET, history=1, ttl=120, direct=True
+                )
+            record = SessionRecord("fresh", ATTACHED, "", DEFAULT_MODEL, {"format": "pcm"})
+            await kv.put("fresh", record.to_json())
             now_ms = int(time.time() * 1000)
             for session, deadline_ms in (
                 ("gone", now_ms + 600_000),

@@ -11,10 +11,14 @@ make (``katydid.bus.accounts``); the bucket must allow direct gets (``direct=Tru
 looks absent and every job is live.
 Rule 4: a verdict is remembered ``ttl_s`` (a long file's chunks come in a burst: one read for
 them all), for at most ``max_sessions`` sessions (oldest forgotten first).
+Rule 5: a live verdict carries the record's state and gateway (``set_aside.py`` sets aside the
+jobs of a session waiting for its client); a record it cannot parse carries neither: its job is
+decoded as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections import OrderedDict
@@ -25,7 +29,8 @@ from typing import Any
 
 import nats.errors
 
-from katydid.session_record import SESSIONS_BUCKET
+from katydid.errors import MessageError
+from katydid.session_record import SESSIONS_BUCKET, SessionRecord
 
 # One subject token, as the gateway's session ids (32 hex) are; and what the worker role's
 # permission (``...$KV.KATYDID_SESSIONS.*``) lets it ask for.
@@ -66,6 +71,8 @@ class Check:
     liveness: Liveness
     why: str = ""  # for a log line: what the read said (orphaned) or how it failed
     cached: bool = False
+    state: str = ""  # a live record's state (attached, detached); "" when not known (Rule 5)
+    gateway: str = ""  # the gateway a live record names
 
 
 class SessionLiveness:
@@ -99,7 +106,7 @@ class SessionLiveness:
         now = self._clock()
         hit = self._seen.get(session_id)
         if hit is not None and now < hit[0]:
-            return Check(hit[1].liveness, hit[1].why, cached=True)
+            return dataclasses.replace(hit[1], cached=True)
         result = await self._read(session_id)
         # Failures too: with NATS slow, a burst of one session's chunks pays one timeout, not
         # one each.
@@ -120,4 +127,10 @@ class SessionLiveness:
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             return Check(Liveness.UNCHECKED, repr(exc))
         liveness, why = verdict(reply.headers)
-        return Check(liveness, why)
+        if liveness != Liveness.LIVE:
+            return Check(liveness, why)
+        try:
+            record = SessionRecord.from_json(bytes(reply.data or b""))
+        except MessageError:
+            return Check(liveness, why)  # state unknown: decoded as before (Rule 5)
+        return Check(liveness, why, state=record.state, gateway=record.gateway)

@@ -12,9 +12,15 @@ Rule 3: while whisper.cpp runs in a thread, the event loop keeps the job alive w
 ``in_progress()`` and watches for the session's cancellation (whisper.cpp's abort callback).
 Rule 4: every job ends in exactly one result: final, or an error (``cancelled``, ``expired``,
 ``orphaned``, ``bad_job``, ``internal``). Deliveries are bounded by the consumer's max_deliver.
-Rule 5: SIGTERM/SIGINT: finish the current job, stop fetching, unsubscribe, drain, exit.
+Rule 5: SIGTERM/SIGINT: finish the current job, stop fetching, nak the jobs set aside (no
+delay: another worker takes them), unsubscribe, drain, exit.
 Rule 6: before engine time, the session's record is read (``liveness.py``): a job whose session
 has none is ``orphaned``; one whose check could not be made is transcribed.
+Rule 7: a job whose session waits for its client (record ``detached``, or its gateway not heard
+on ``katydid.gateways.*``) is set aside, unanswered (``set_aside.py``), while other jobs are
+decoded. The next job is: a set-aside one whose session is live again (or ended, cancelled,
+expired: answered as any job); else the oldest set-aside one past the bound; else a fetched
+one; else, with every lane empty, the oldest set-aside one (a worker never idles holding work).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +59,20 @@ from katydid.messages import (
     sender_token,
 )
 from katydid.sdnotify import notify
+from katydid.session_record import GATEWAYS_SUBJECT
 from katydid_worker.engine import Engine
 from katydid_worker.engine_build import build_info, has_fast_kernels
 from katydid_worker.engine_options import DecodeOptions, EngineOptions
 from katydid_worker.job_result import answer, result_segments
 from katydid_worker.liveness import Liveness, SessionLiveness
+from katydid_worker.set_aside import Aside, Gateways, SetAside, keep_alive, waiting_why
 from katydid_worker.worker_stats import WorkerStats
 
 log = structlog.get_logger("katydid.worker")
 _FETCH_INTERACTIVE_S = 0.5  # the wait for a job when both lanes are empty
 _CANCELLED_MAX = 10_000  # sessions remembered as cancelled (oldest forgotten first)
 _LIVENESS_TIMEOUT_S = 1.0  # the most a record read may add to a job (it is ~0.3 ms when well)
+_REVIEW_BUDGET_S = 0.1  # time for one pass over set-aside jobs before the next fetch
 
 
 def lane_order(interactive_streak: int, bulk_every: int) -> tuple[str, str]:
@@ -98,6 +107,14 @@ class Worker:
             self._request, min(cfg.nats_request_timeout_s, _LIVENESS_TIMEOUT_S)
         )
         self._bucket_absent = False  # said once, not per job: a deployment without resumption
+        self._gateways = Gateways(cfg.gateway_heartbeat_s)
+        # Each set-aside job is one of its consumer's max_ack_pending: half of it at most, so
+        # other workers still get jobs.
+        self._aside = SetAside(
+            cfg.worker_set_aside_bytes, max(1, cfg.consumer_max_ack_pending // 2)
+        )
+        self._released: deque[Aside] = deque()  # out of the set, decoded before any fetch
+        self._aside_open = False  # logged once per transition, not per job
         # Garbage on the job subject is taken and dropped as fast as it arrives: sampled.
         self._sampled = SampledLogger(
             log, burst=cfg.log_sample_burst, window_s=cfg.log_sample_window_s
@@ -124,6 +141,7 @@ class Worker:
 
         async def reconnected() -> None:
             log.info("nats_reconnected", worker=self.worker_id)
+            self._gateways.listening()  # beats were missed meanwhile: not silent gateways
 
         self._nc = await connect(
             self.cfg,
@@ -153,6 +171,8 @@ class Worker:
             for lane in LANES
         }
         await self._nc.subscribe(CANCEL_SUBJECT, cb=self._on_cancel)
+        await self._nc.subscribe(f"{GATEWAYS_SUBJECT}.*", cb=self._on_gateway)
+        self._gateways.listening()
         info = build_info()
         log.info(
             "worker_ready",
@@ -177,15 +197,17 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._watch_signals)
+                tg.start_soon(keep_alive, self._held, max(0.5, self.cfg.consumer_ack_wait_s / 3))
                 while not self._stopping.is_set():
-                    msg = await self._next(subs)
+                    msg, fresh = await self._next_job(subs)
                     if msg is not None:
                         with anyio.CancelScope(shield=True):  # a started job always finishes
-                            await self._handle(msg)
+                            await self._handle(msg, may_set_aside=fresh)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 try:
+                    await self._give_back_aside()
                     for sub in subs.values():
                         await sub.unsubscribe()  # before drain: see katydid.bus.nats_pull Rule 1
                     await self._nc.drain()
@@ -194,10 +216,87 @@ class Worker:
                     await self._nc.close()
             log.info("worker_stopped", worker=self.worker_id, jobs_done=self.stats.jobs_done)
 
-    async def _next(self, lanes: dict[str, Any]) -> Any:
+    async def _next_job(self, lanes: dict[str, Any]) -> tuple[Any, bool]:
+        """The next job (Rule 7), and whether it is fresh from a lane (it may be set aside)."""
+        if not self._released:
+            due = self._aside.due()
+            # Each check is a read when its session's verdict is older than a second: with NATS
+            # slow (a read may take its whole timeout) the pass stops, the rest go next time.
+            budget = time.monotonic() + _REVIEW_BUDGET_S
+            for i, entry in enumerate(due):
+                if time.monotonic() > budget:
+                    self._aside.look_again(due[i:])
+                    break
+                if not await self._still_waiting(entry):
+                    self._aside.release(entry)
+                    self._released.append(entry)
+        if self._released:
+            return self._released.popleft().msg, False
+        if self._aside_open and not self._aside:
+            log.info("set_aside_empty", worker=self.worker_id)
+            self._aside_open = False
+        if self._aside.over():
+            return self._take_oldest("bound"), False
+        msg = await self._next(lanes, linger=not self._aside)
+        if msg is None and self._aside and not self._stopping.is_set():
+            return self._take_oldest("idle"), False
+        return msg, True
+
+    def _held(self) -> list[Any]:
+        """The jobs set aside or released from it, not yet answered: kept in progress (a
+        burst of resumed sessions' jobs may take longer than ack_wait to decode)."""
+        return [*(e.msg for e in self._released), *self._aside.messages()]
+
+    async def _still_waiting(self, entry: Aside) -> bool:
+        """Whether a set-aside job still waits for its client (cached checks: ``liveness``)."""
+        if entry.session_id in self._cancelled or time.time() * 1000 > entry.deadline_unix_ms:
+            return False  # answered now: cancelled / expired
+        check = await self._liveness.check(entry.session_id)
+        return waiting_why(check, self._gateways) is not None
+
+    def _take_oldest(self, why: str) -> Any:
+        entry = self._aside.oldest()
+        assert entry is not None  # the caller saw the set non-empty
+        self._sampled.info(
+            "set_aside_decoded",
+            worker=self.worker_id,
+            session_id=entry.session_id,
+            why=why,
+            aside_s=round(time.monotonic() - entry.since, 2),
+            set_aside_now=len(self._aside),
+        )
+        return entry.msg
+
+    def _set_aside(self, msg: Any, job: Job, why: str) -> None:
+        if not self._aside_open:
+            log.info("set_aside_started", worker=self.worker_id, why=why)
+            self._aside_open = True
+        if not self._aside.holds(job.session_id):  # a session's transition, not each job
+            self._sampled.info(
+                "session_set_aside", worker=self.worker_id, session_id=job.session_id, why=why
+            )
+        self._aside.add(msg, job.session_id, job.deadline_unix_ms)
+        self.stats.jobs_set_aside += 1
+
+    async def _give_back_aside(self) -> None:
+        """Stopping: every job held aside back to the stream at once (Rule 5)."""
+        held = [*self._released, *self._aside.take_all()]
+        self._released.clear()
+        for entry in held:
+            try:
+                await entry.msg.nak()  # no delay: another worker takes it now
+            except (nats.errors.Error, OSError):
+                pass  # redelivered after ack_wait anyway
+        if held:
+            log.info("set_aside_returned", worker=self.worker_id, jobs=len(held))
+
+    async def _on_gateway(self, msg: Any) -> None:
+        self._gateways.heard(msg.subject.rsplit(".", 1)[-1])
+
+    async def _next(self, lanes: dict[str, Any], *, linger: bool = True) -> Any:
         """The next job: each lane asked in ``lane_order`` for one queued now; with both empty,
         a wait on the interactive lane (a live utterance is taken the moment it comes; bulk is
-        asked again after it)."""
+        asked again after it), unless not ``linger`` (jobs are set aside: decode one)."""
         try:
             for lane in lane_order(self._interactive_streak, self.cfg.bulk_every):
                 msg = await lanes[lane].take_now()
@@ -210,6 +309,8 @@ class Worker:
                     # Bulk's turn came and it had nothing: its next turn is bulk_every jobs
                     # away, not before every job.
                     self._interactive_streak = 0
+            if not linger:
+                return None
             msg = await lanes["interactive"].take_within(_FETCH_INTERACTIVE_S)
         except (nats.errors.Error, OSError) as exc:
             self._sampled.warning("fetch_failed", error=repr(exc))
@@ -250,6 +351,7 @@ class Worker:
     async def _heartbeat(self) -> None:
         subject = f"{WORKERS_SUBJECT}.{self.worker_id}"
         while True:
+            self.stats.set_aside_now = len(self._aside) + len(self._released)
             try:
                 await self._nc.publish(subject, self.stats.to_json())
             except nats.errors.Error:
@@ -257,7 +359,7 @@ class Worker:
             self._sampled.flush()
             await anyio.sleep(self.cfg.worker_heartbeat_s)
 
-    async def _handle(self, msg: Any) -> None:
+    async def _handle(self, msg: Any, *, may_set_aside: bool = False) -> None:
         started = time.time()
         try:
             job = Job.from_headers(msg.headers)
@@ -284,6 +386,9 @@ class Worker:
             result = error(ResultError.EXPIRED, "the job waited past its deadline")
         elif (orphaned := await self._orphaned(job)) is not None:
             result = error(ResultError.ORPHANED, f"nobody will read it: {orphaned}")
+        elif may_set_aside and (why := await self._waits_for_client(job)) is not None:
+            self._set_aside(msg, job, why)  # answered later (Rule 7)
+            return
         else:
             try:
                 audio = pcm16_to_float(bytes(msg.data))
@@ -336,6 +441,13 @@ class Worker:
                 )
             return None
         return check.why if check.liveness == Liveness.ORPHANED else None
+
+    async def _waits_for_client(self, job: Job) -> str | None:
+        """Why the job's session waits for its client (Rule 7), or None. The check was just
+        made by ``_orphaned``: this one is its cached verdict."""
+        if self.cfg.worker_set_aside_bytes <= 0:
+            return None  # setting aside is off
+        return waiting_why(await self._liveness.check(job.session_id), self._gateways)
 
     async def _transcribe(
         self, job: Job, msg: Any, audio: np.ndarray, queue_s: float

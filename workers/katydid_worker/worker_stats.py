@@ -20,6 +20,8 @@ class WorkerStats:
     jobs_skipped: int = 0
     jobs_failed: int = 0
     jobs_orphaned: int = 0  # of jobs_skipped: their session had no record (liveness.py)
+    jobs_set_aside: int = 0  # set aside while their session waited for its client (set_aside.py)
+    set_aside_now: int = 0  # held aside now
     audio_s: float = 0.0
     compute_s: float = 0.0
     started_unix: float = field(default_factory=time.time)
@@ -40,6 +42,8 @@ class WorkerStats:
                 "jobs_skipped": self.jobs_skipped,
                 "jobs_failed": self.jobs_failed,
                 "jobs_orphaned": self.jobs_orphaned,
+                "jobs_set_aside": self.jobs_set_aside,
+                "set_aside_now": self.set_aside_now,
                 "avg_compute_s": avg,
                 "rtf": self.compute_s / self.audio_s if self.audio_s else None,
                 "pid": os.getpid(),
