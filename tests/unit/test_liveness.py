@@ -109,6 +109,30 @@ async def test_one_read_per_session_per_ttl() -> None:
     assert len(fake.asked) == 2
 
 
+async def test_a_record_not_written_for_the_window_is_an_orphans_even_if_still_stored() -> None:
+    # JetStream removes an expired entry a moment after its age passes: the worker judges the
+    # age itself, when it uses the verdict (a remembered one too).
+    wall = Clock()
+    wall.now = 1_000_000.0
+    record = {
+        "session_id": SESSION, "state": "detached", "gateway": "g", "model": "m",
+        "options": {}, "updated_unix": wall.now - 110.0,
+    }  # fmt: skip
+
+    async def request(_subject: str, _timeout_s: float) -> Any:
+        return SimpleNamespace(headers=RECORD, data=json.dumps(record).encode())
+
+    live = SessionLiveness(request, 1.0, ttl_s=1.0, window_s=120.0, wall_clock=wall)
+    assert (await live.check(SESSION)).liveness == Liveness.LIVE
+    wall.now += 10.5  # the remembered verdict, used after the window: orphaned
+    late = await live.check(SESSION)
+    assert (late.liveness, late.cached) == (Liveness.ORPHANED, True)
+    assert "past the 120 s window" in late.why
+    # Without a window (a deployment that does not say), age alone orphans nothing
+    plain = SessionLiveness(request, 1.0, wall_clock=wall)
+    assert (await plain.check(SESSION)).liveness == Liveness.LIVE
+
+
 async def test_a_failure_is_remembered_too_and_memory_is_bounded() -> None:
     clock = Clock()
     fake = FakeNats(nats.errors.TimeoutError())

@@ -14,6 +14,10 @@ them all), for at most ``max_sessions`` sessions (oldest forgotten first).
 Rule 5: a live verdict carries the record's state and gateway (``set_aside.py`` sets aside the
 jobs of a session waiting for its client); a record it cannot parse carries neither: its job is
 decoded as before.
+Rule 6: a record older than the resume window is an orphan's, whatever the bucket still holds:
+nobody wrote it for the whole window (its gateway refreshes a served session's every quarter
+window), and JetStream removes an expired entry a moment after its age passes, not at once.
+Judged when the verdict is used, not when it was read (a verdict is reused ``ttl_s``).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class Check:
     cached: bool = False
     state: str = ""  # a live record's state (attached, detached); "" when not known (Rule 5)
     gateway: str = ""  # the gateway a live record names
+    written_unix: float = 0.0  # when the record was last written (0: not known)
 
 
 class SessionLiveness:
@@ -83,7 +88,10 @@ class SessionLiveness:
         timeout_s: the bound of one read.
         ttl_s: how long a verdict is reused (Rule 4).
         max_sessions: how many verdicts are kept.
+        window_s: the resume window; a record not written for longer is an orphan's (Rule 6;
+            0: no such check).
         clock: monotonic clock (injectable for tests).
+        wall_clock: Unix time, as the gateways write it in records (injectable for tests).
     """
 
     def __init__(
@@ -93,16 +101,33 @@ class SessionLiveness:
         *,
         ttl_s: float = 1.0,
         max_sessions: int = 1024,
+        window_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._request = request
         self._timeout_s = timeout_s
         self._ttl_s = ttl_s
         self._max = max_sessions
         self._clock = clock
+        self._window_s = window_s
+        self._wall_clock = wall_clock
         self._seen: OrderedDict[str, tuple[float, Check]] = OrderedDict()
 
     async def check(self, session_id: str) -> Check:
+        return self._aged(await self._remembered(session_id))
+
+    def _aged(self, check: Check) -> Check:
+        """Rule 6: a live record not written for the whole window is an orphan's."""
+        if check.liveness != Liveness.LIVE or not (self._window_s and check.written_unix):
+            return check
+        age = self._wall_clock() - check.written_unix
+        if age <= self._window_s:
+            return check
+        why = f"record not written for {age:.1f} s, past the {self._window_s:.0f} s window"
+        return Check(Liveness.ORPHANED, why, check.cached)
+
+    async def _remembered(self, session_id: str) -> Check:
         now = self._clock()
         hit = self._seen.get(session_id)
         if hit is not None and now < hit[0]:
@@ -133,4 +158,10 @@ class SessionLiveness:
             record = SessionRecord.from_json(bytes(reply.data or b""))
         except MessageError:
             return Check(liveness, why)  # state unknown: decoded as before (Rule 5)
-        return Check(liveness, why, state=record.state, gateway=record.gateway)
+        return Check(
+            liveness,
+            why,
+            state=record.state,
+            gateway=record.gateway,
+            written_unix=record.updated_unix,
+        )

@@ -104,7 +104,9 @@ class Worker:
         self._stopping = anyio.Event()
         self._nc: Any = None
         self._liveness = SessionLiveness(
-            self._request, min(cfg.nats_request_timeout_s, _LIVENESS_TIMEOUT_S)
+            self._request,
+            min(cfg.nats_request_timeout_s, _LIVENESS_TIMEOUT_S),
+            window_s=cfg.resume_window_s,
         )
         self._bucket_absent = False  # said once, not per job: a deployment without resumption
         self._gateways = Gateways(cfg.gateway_heartbeat_s)
