@@ -26,6 +26,15 @@ RESULTS_STREAM = "KATYDID_RESULTS"  # every result, kept resume_window_s (limits
 # aside the jobs of sessions whose gateway they stopped hearing (it died; they may be resumed).
 GATEWAYS_SUBJECT = "katydid.gateways"
 
+
+def gateway_ping_subject(gateway_id: str) -> str:
+    """Where a gateway answers "are you there": a worker asks before it spends engine time on a
+    session of a gateway it has not heard for a moment. NATS itself says "no responders" the
+    instant the gateway's connection is gone (a SIGKILLed process's socket closes): no waiting
+    out missed heartbeats."""
+    return f"{GATEWAYS_SUBJECT}.{gateway_id}.ping"
+
+
 ATTACHED = "attached"  # a gateway serves the session's client now
 DETACHED = "detached"  # the client went away; its results wait for it to resume
 STATES = (ATTACHED, DETACHED)

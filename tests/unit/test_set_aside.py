@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import anyio
+import nats.errors
 from prometheus_client import generate_latest
 
 from katydid.config import Config
@@ -230,6 +231,13 @@ class Records:
         return self.checks.get(session_id, Check(Liveness.ORPHANED, "no record"))
 
 
+class SilentNats:
+    """A NATS where a gateway asked whether it is there never answers (the heartbeats tell)."""
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> Any:  # noqa: ASYNC109 - nats-py's signature
+        raise nats.errors.TimeoutError
+
+
 def _worker(clock: Clock, records: Records, max_bytes: int = 1000) -> Worker:
     """A Worker without its engine or NATS: the state ``_next_job`` and ``_handle``'s set-aside
     step read."""
@@ -241,6 +249,7 @@ def _worker(clock: Clock, records: Records, max_bytes: int = 1000) -> Worker:
     w._interactive_streak = 0
     w._stopping = anyio.Event()
     w._liveness = records  # type: ignore[assignment]
+    w._nc = SilentNats()
     w._gateways = Gateways(1.0, clock=clock)
     w._aside = SetAside(max_bytes, 100, clock=clock)
     w._released = deque()
@@ -349,3 +358,19 @@ def test_the_counts_reach_the_heartbeat_and_the_gateways_metrics() -> None:
     text = generate_latest(GatewayMetrics(lambda: {"w1": beat}).registry).decode()
     assert 'katydid_jobs_set_aside_total{worker="w1"} 7.0' in text
     assert 'katydid_jobs_set_aside_now{worker="w1"} 2.0' in text
+
+
+def test_a_gateway_nats_says_is_gone_is_silent_at_once_and_back_when_heard() -> None:
+    clock = Clock()
+    gateways = Gateways(1.0, clock=clock)
+    gateways.listening()
+    gateways.heard("g1")
+    assert not gateways.should_ask("g1")  # heard this moment: not asked
+    clock.now += 0.6  # half a beat without it: asked (at most every 0.25 s)
+    assert gateways.should_ask("g1")
+    assert not gateways.should_ask("g1")
+    gateways.gone("g1")  # "no responders": its connection is gone
+    assert gateways.silent("g1")  # at once, not after 3 beats (nor a worker's first 3 s)
+    assert not gateways.should_ask("g1")
+    gateways.heard("g1")  # it was a blip: back
+    assert not gateways.silent("g1")

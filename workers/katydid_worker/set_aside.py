@@ -8,7 +8,9 @@ are ahead in the queue), they would make every live session wait behind them.
 Rule 1: a job waits for its client when its session's record is ``detached``, or names a
 gateway not heard for 3 heartbeats, judged only while this worker has listened that long and
 hears some gateway (heard none: a deaf subscription or a NATS outage looks the same, and with
-no live gateway there is nobody to give way to).
+no live gateway there is nobody to give way to), or one NATS says is gone: a gateway not heard
+for a beat is asked (``gateway_ping_subject``), and "no responders" comes the instant its
+connection is gone, not 3 beats later.
 Rule 2: a set-aside job is neither acked nor nak'ed (a nak counts toward max_deliver and would
 kill it); ``in_progress`` keeps it, for all of them together every ``ack_wait/3``.
 Rule 3: bounded by bytes of job bodies and by count (each is one of the consumer's
@@ -37,6 +39,8 @@ from katydid.session_record import DETACHED
 from katydid_worker.liveness import Check, Liveness
 
 SILENT_BEATS = 3  # a gateway not heard for this many heartbeats is taken as gone
+ASK_AFTER_BEATS = 0.5  # a gateway not heard for this many is asked whether it is there
+ASK_EVERY_S = 0.25  # at most this often per gateway
 LOOK_EVERY_S = 1.0  # how often a set-aside job's session is looked at again
 _MAX_GATEWAYS = 1024  # gateways remembered (the least recently heard forgotten first)
 
@@ -63,6 +67,9 @@ class Gateways:
         self._max = max_gateways
         self._heard: OrderedDict[str, float] = OrderedDict()
         self._since: float | None = None  # listening since (None: not yet)
+        self._ask_after_s = ASK_AFTER_BEATS * heartbeat_s if heartbeat_s > 0 else float("inf")
+        self._asked: OrderedDict[str, float] = OrderedDict()  # gateway -> when last asked
+        self._gone: OrderedDict[str, float] = OrderedDict()  # NATS said: no such gateway
 
     def listening(self) -> None:
         """The subscription is up (again, after a reconnect: beats were missed meanwhile, and
@@ -70,14 +77,38 @@ class Gateways:
         self._since = self._clock()
 
     def heard(self, gateway_id: str) -> None:
-        self._heard[gateway_id] = self._clock()
-        self._heard.move_to_end(gateway_id)
-        while len(self._heard) > self._max:
-            self._heard.popitem(last=False)
+        self._remember(self._heard, gateway_id)
+        self._gone.pop(gateway_id, None)
+
+    def gone(self, gateway_id: str) -> None:
+        """NATS answered "no responders" for the gateway: its connection is gone."""
+        self._remember(self._gone, gateway_id)
+
+    def should_ask(self, gateway_id: str) -> bool:
+        """Whether to ask if ``gateway_id`` is there: not heard for a beat, not asked lately."""
+        now = self._clock()
+        if not gateway_id or gateway_id in self._gone:
+            return False
+        last = self._heard.get(gateway_id)
+        if last is not None and now - last < self._ask_after_s:
+            return False
+        asked = self._asked.get(gateway_id)
+        if asked is not None and now - asked < ASK_EVERY_S:
+            return False
+        self._remember(self._asked, gateway_id)
+        return True
+
+    def _remember(self, seen: OrderedDict[str, float], gateway_id: str) -> None:
+        seen[gateway_id] = self._clock()
+        seen.move_to_end(gateway_id)
+        while len(seen) > self._max:
+            seen.popitem(last=False)
 
     def silent(self, gateway_id: str) -> bool:
         """Whether ``gateway_id`` has not been heard for ``SILENT_BEATS`` heartbeats (Rule 1)."""
         now = self._clock()
+        if gateway_id in self._gone:
+            return True  # NATS said so: no waiting for beats to be missed
         if not gateway_id or self._since is None or now - self._since < self._silent_after_s:
             return False
         if not self._heard or now - next(reversed(self._heard.values())) >= self._silent_after_s:

@@ -59,7 +59,7 @@ from katydid.messages import (
     sender_token,
 )
 from katydid.sdnotify import notify
-from katydid.session_record import GATEWAYS_SUBJECT
+from katydid.session_record import GATEWAYS_SUBJECT, gateway_ping_subject
 from katydid_worker.engine import Engine
 from katydid_worker.engine_build import build_info, has_fast_kernels
 from katydid_worker.engine_options import DecodeOptions, EngineOptions
@@ -69,6 +69,7 @@ from katydid_worker.set_aside import Aside, Gateways, SetAside, keep_alive, wait
 from katydid_worker.worker_stats import WorkerStats
 
 log = structlog.get_logger("katydid.worker")
+ASK_TIMEOUT_S = 0.25  # a gateway asked whether it is there: no answer by then tells nothing
 _FETCH_INTERACTIVE_S = 0.5  # the wait for a job when both lanes are empty
 _CANCELLED_MAX = 10_000  # sessions remembered as cancelled (oldest forgotten first)
 _LIVENESS_TIMEOUT_S = 1.0  # the most a record read may add to a job (it is ~0.3 ms when well)
@@ -254,6 +255,7 @@ class Worker:
         if entry.session_id in self._cancelled or time.time() * 1000 > entry.deadline_unix_ms:
             return False  # answered now: cancelled / expired
         check = await self._liveness.check(entry.session_id)
+        await self._ask_gateway(check.gateway)
         return waiting_why(check, self._gateways) is not None
 
     def _take_oldest(self, why: str) -> Any:
@@ -449,7 +451,23 @@ class Worker:
         made by ``_orphaned``: this one is its cached verdict."""
         if self.cfg.worker_set_aside_bytes <= 0:
             return None  # setting aside is off
-        return waiting_why(await self._liveness.check(job.session_id), self._gateways)
+        check = await self._liveness.check(job.session_id)
+        await self._ask_gateway(check.gateway)
+        return waiting_why(check, self._gateways)
+
+    async def _ask_gateway(self, gateway_id: str) -> None:
+        """Whether the gateway of a job's session is there, if not heard for a beat: NATS says
+        "no responders" the instant its connection is gone (set_aside.py Rule 1)."""
+        if not self._gateways.should_ask(gateway_id):
+            return
+        try:
+            await self._nc.request(gateway_ping_subject(gateway_id), b"", timeout=ASK_TIMEOUT_S)
+        except nats.errors.NoRespondersError:
+            self._gateways.gone(gateway_id)
+            return
+        except (nats.errors.Error, OSError, TimeoutError):
+            return  # busy or unreachable: the heartbeats tell
+        self._gateways.heard(gateway_id)
 
     async def _transcribe(
         self, job: Job, msg: Any, audio: np.ndarray, queue_s: float

@@ -43,7 +43,7 @@ from katydid.messages import (
     STREAM_SUBJECTS,
     WORKERS_SUBJECT,
 )
-from katydid.session_record import GATEWAYS_SUBJECT, SESSIONS_BUCKET
+from katydid.session_record import GATEWAYS_SUBJECT, SESSIONS_BUCKET, gateway_ping_subject
 
 ACCOUNT = "KATYDID"
 # Gateways' own (katydid.bus.nats_sessions): the deployment's secret, which workers may not
@@ -75,10 +75,13 @@ PERMISSIONS: dict[str, dict[str, Any]] = {
                 f"{RESULTS_PREFIX}.>",
                 f"{WORKERS_SUBJECT}.>",
                 TAKEOVER_SUBJECT,
+                gateway_ping_subject("*"),  # its own: whether it is there, asked by workers
                 f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.>",
                 "_INBOX.>",
             ]
         },
+        # To answer a worker's ping on its inbox (only the reply subject of a request it got)
+        "allow_responses": True,
     },
 }
 WORKER_INBOX = "_INBOX_W"  # workers' inboxes: _INBOX_W.<user>.<id>, each user its own
@@ -112,6 +115,7 @@ def worker_permissions(user: str) -> dict[str, Any]:
                 f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.>",
                 f"$JS.ACK.{STREAM}.>",
                 WORKER_RECORD_GET,
+                gateway_ping_subject("*"),  # is the gateway of a job's session still there
             ],
         },
         "subscribe": {

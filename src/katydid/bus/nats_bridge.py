@@ -50,6 +50,7 @@ from katydid.messages import (
     is_model_name,
     lane_subject,
 )
+from katydid.session_record import gateway_ping_subject
 
 log = structlog.get_logger("katydid.nats")
 T = TypeVar("T")
@@ -343,6 +344,10 @@ class NatsBridge(SessionsOnNats):
         async def on_result(msg: Any) -> None:
             self._to_trio(self._handlers.on_result, msg.data, msg.subject.rsplit(".", 1)[-1])
 
+        async def on_ping(msg: Any) -> None:
+            if msg.reply:
+                await msg.respond(b"")
+
         async def on_takeover(msg: Any) -> None:
             session_id, _, owner = msg.data.decode(errors="replace").partition(" ")
             self._to_trio(self._handlers.on_takeover, session_id, owner)
@@ -382,6 +387,7 @@ class NatsBridge(SessionsOnNats):
             await self._nc.subscribe(f"{self.results_subject}.*.*", cb=on_result)
             await self._nc.subscribe(f"{WORKERS_SUBJECT}.>", cb=on_worker)
             await self._nc.subscribe(TAKEOVER_SUBJECT, cb=on_takeover)
+            await self._nc.subscribe(gateway_ping_subject(self.gateway_id), cb=on_ping)
             # Every gateway hears every such advisory; the one whose session owns the job
             # answers.
             await self._nc.subscribe(
