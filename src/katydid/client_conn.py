@@ -70,7 +70,11 @@ class SessionResult:
 
     @property
     def error(self) -> dict[str, Any] | None:
-        return next((e for e in self.events if e.get("type") == "error" and "seq" not in e), None)
+        """The error that ended the session, if one did: one before a ``resumed`` (a gateway
+        shutting down, say) was survived."""
+        last = max((i for i, e in enumerate(self.events) if e.get("type") == "resumed"), default=-1)
+        after = self.events[last + 1 :]
+        return next((e for e in after if e.get("type") == "error" and "seq" not in e), None)
 
     @property
     def queued(self) -> list[dict[str, Any]]:
