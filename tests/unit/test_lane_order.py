@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 
 from katydid.bus.nats_pull import PullLane
-from katydid_worker.worker import Worker, lane_order
+from katydid_worker.job_order import JobOrder, lane_order
 
 
 def test_lane_order() -> None:
@@ -48,7 +48,7 @@ def _take(lanes: dict[str, _Lane], jobs: int, bulk_every: int = 4) -> None:
 
     async def take_all() -> None:
         for _ in range(jobs):
-            assert await Worker._next(worker, lanes) == "job"  # type: ignore[arg-type]
+            assert await JobOrder._next(worker, lanes) == "job"  # type: ignore[arg-type]
 
     anyio.run(take_all)
 
@@ -72,7 +72,7 @@ def test_queued_uploads_are_taken_without_waiting_on_the_empty_interactive_lane(
 def test_with_both_lanes_empty_the_worker_waits_on_the_interactive_lane() -> None:
     lanes = {"interactive": _Lane(0), "bulk": _Lane(0)}
     worker = SimpleNamespace(_interactive_streak=0, cfg=SimpleNamespace(bulk_every=4))
-    assert anyio.run(Worker._next, worker, lanes) is None  # type: ignore[arg-type]
+    assert anyio.run(JobOrder._next, worker, lanes) is None  # type: ignore[arg-type]
     assert (lanes["interactive"].waited, lanes["bulk"].asked) == (1, 1)
 
 

@@ -1,12 +1,13 @@
-"""Jobs waiting for their client are set aside (katydid_worker.set_aside, worker Rule 7): a
-detached session's, or one whose gateway went silent; a fresh worker judges no gateway; the set
-is bounded by bytes and count; set-aside jobs are looked at once a second, kept in progress,
-and decoded when their session is live again, past the bound, or when nothing else is queued."""
+"""Jobs waiting for their client are set aside (katydid_worker.set_aside, worker Rule 7;
+audience.py, job_order.py): a detached session's, or one whose gateway went silent; a fresh
+worker judges no gateway; the set is bounded by bytes and count; set-aside jobs are looked at
+once a second, kept in progress, and decoded when their session is live again, past the bound,
+or when nothing else is queued."""
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict, deque
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,9 +20,10 @@ from katydid.log import SampledLogger
 from katydid.messages import Job
 from katydid.metrics import GatewayMetrics
 from katydid.session_record import ATTACHED, DETACHED, SessionRecord
+from katydid_worker.audience import Audience
+from katydid_worker.job_order import JobOrder
 from katydid_worker.liveness import Check, Liveness, SessionLiveness
 from katydid_worker.set_aside import Gateways, SetAside, keep_alive, waiting_why
-from katydid_worker.worker import Worker
 from katydid_worker.worker_stats import WorkerStats
 
 FAR_MS = 2**53  # a deadline never reached
@@ -205,7 +207,7 @@ async def test_one_keep_alive_pass_for_all_held_jobs() -> None:
     assert [m.in_progress_calls for m in msgs] == [3, 3, 3]
 
 
-# --- the worker's choice of its next job (Rule 7) ---
+# --- the worker's choice of its next job (worker Rule 7, job_order Rule 2) ---
 
 
 class FakeLane:
@@ -231,41 +233,42 @@ class Records:
         return self.checks.get(session_id, Check(Liveness.ORPHANED, "no record"))
 
 
-class SilentNats:
+async def _silent_request(subject: str, timeout_s: float) -> Any:
     """A NATS where a gateway asked whether it is there never answers (the heartbeats tell)."""
-
-    async def request(self, subject: str, payload: bytes, timeout: float) -> Any:  # noqa: ASYNC109 - nats-py's signature
-        raise nats.errors.TimeoutError
+    raise nats.errors.TimeoutError
 
 
-def _worker(clock: Clock, records: Records, max_bytes: int = 1000) -> Worker:
-    """A Worker without its engine or NATS: the state ``_next_job`` and ``_handle``'s set-aside
-    step read."""
-    w = Worker.__new__(Worker)
-    w.cfg = Config(worker_set_aside_bytes=max_bytes)
-    w.worker_id = "w"
-    w.stats = WorkerStats("w", "m")
-    w._cancelled = OrderedDict()
-    w._interactive_streak = 0
-    w._stopping = anyio.Event()
-    w._liveness = records  # type: ignore[assignment]
-    w._nc = SilentNats()
-    w._gateways = Gateways(1.0, clock=clock)
-    w._aside = SetAside(max_bytes, 100, clock=clock)
-    w._released = deque()
-    w._aside_open = False
-    w._sampled = SampledLogger(SimpleNamespace(info=lambda *a, **k: None))
-    w._gateways.listening()
+@dataclass
+class Parts:
+    """What a Worker holds for its jobs' audience and order (``Worker.__init__``)."""
+
+    audience: Audience
+    order: JobOrder
+    stats: WorkerStats
+
+
+def _worker(clock: Clock, records: Records, max_bytes: int = 1000) -> Parts:
+    """A Worker's parts without its engine or NATS: what ``next_job`` and ``_handle``'s
+    set-aside step use."""
+    cfg = Config(worker_set_aside_bytes=max_bytes)
+    sampled = SampledLogger(SimpleNamespace(info=lambda *a, **k: None))
+    gateways = Gateways(1.0, clock=clock)
+    audience = Audience(cfg, "w", _silent_request, sampled, liveness=records, gateways=gateways)
+    stats = WorkerStats("w", "m")
+    order = JobOrder(cfg, "w", audience, stats, sampled, anyio.Event())
+    order._aside = SetAside(max_bytes, 100, clock=clock)
+    gateways.listening()
     clock.now += 5
-    w._gateways.heard("live")
-    return w
+    gateways.heard("live")
+    return Parts(audience, order, stats)
 
 
-async def _set_aside(w: Worker, msg: FakeMsg) -> bool:
+async def _set_aside(w: Parts, msg: FakeMsg) -> bool:
+    """``Worker._handle``'s set-aside step for a fresh job."""
     job = Job.from_headers(msg.headers)
-    why = await w._waits_for_client(job)
+    why = await w.audience.waits_for_client(job)
     if why is not None:
-        w._set_aside(msg, job, why)
+        w.order.set_aside(msg, job, why)
     return why is not None
 
 
@@ -280,32 +283,32 @@ async def test_live_jobs_first_then_resumed_then_the_oldest_when_idle() -> None:
     lanes: dict[str, Any] = {"interactive": FakeLane(*queued), "bulk": FakeLane()}
     decoded: list[str] = []
     for _ in range(5):
-        msg, fresh = await w._next_job(lanes)
+        msg, fresh = await w.order.next_job(lanes)
         assert fresh
         if not await _set_aside(w, msg):
             decoded.append(msg.name)
     assert decoded == ["new0"]  # the live session's job, ahead of all the waiting ones
-    assert (w.stats.jobs_set_aside, len(w._aside)) == (4, 4)
+    assert (w.stats.jobs_set_aside, len(w.order._aside)) == (4, 4)
     # The away client resumes (attached on a heard gateway): its job comes before new ones.
     records.checks["away"] = _live(ATTACHED, "live")
     lanes["interactive"].msgs.append(FakeMsg("new1", session_id="new"))
     clock.now += 1.0
-    msg, fresh = await w._next_job(lanes)
+    msg, fresh = await w.order.next_job(lanes)
     assert (msg.name, fresh) == ("away0", False)
-    msg, fresh = await w._next_job(lanes)
+    msg, fresh = await w.order.next_job(lanes)
     assert (msg.name, fresh) == ("new1", True)
     # Nothing queued: the oldest set-aside job, not a wait on an empty lane.
-    msg, fresh = await w._next_job(lanes)
+    msg, fresh = await w.order.next_job(lanes)
     assert (msg.name, fresh) == ("dead0", False)
     assert lanes["interactive"].lingered == 0
     # One session ended meanwhile: released, to be answered 'orphaned' by _handle.
     del records.checks["dead"]
     clock.now += 1.0
-    msg, fresh = await w._next_job(lanes)
-    assert (msg.name, fresh, len(w._aside)) == ("dead1", False, 0)
-    msg, _ = await w._next_job(lanes)
+    msg, fresh = await w.order.next_job(lanes)
+    assert (msg.name, fresh, len(w.order._aside)) == ("dead1", False, 0)
+    msg, _ = await w.order.next_job(lanes)
     assert msg.name == "dead2"
-    msg, fresh = await w._next_job(lanes)  # nothing held: lingers on the lane as before
+    msg, fresh = await w.order.next_job(lanes)  # nothing held: lingers on the lane as before
     assert (msg, fresh, lanes["interactive"].lingered) == (None, True, 1)
 
 
@@ -318,13 +321,13 @@ async def test_past_the_bound_the_oldest_is_decoded_and_cancelled_ones_leave() -
         assert await _set_aside(w, FakeMsg(f"a{i}", 10, session_id="away"))
     lanes: dict[str, Any] = {"interactive": FakeLane(FakeMsg("x", session_id="live"))}
     lanes["bulk"] = FakeLane()
-    msg, fresh = await w._next_job(lanes)  # 30 bytes > 25: the oldest goes first
+    msg, fresh = await w.order.next_job(lanes)  # 30 bytes > 25: the oldest goes first
     assert (msg.name, fresh) == ("a0", False)
-    msg, fresh = await w._next_job(lanes)
+    msg, fresh = await w.order.next_job(lanes)
     assert (msg.name, fresh) == ("x", True)
-    await w._on_cancel(SimpleNamespace(data=b"away"))
+    await w.audience.on_cancel(SimpleNamespace(data=b"away"))
     clock.now += 1.0
-    names = [(await w._next_job(lanes))[0].name for _ in range(2)]
+    names = [(await w.order.next_job(lanes))[0].name for _ in range(2)]
     assert names == ["a1", "a2"]  # released: _handle answers them 'cancelled'
     # Setting aside off (0 bytes): nothing waits.
     off = _worker(clock, records, max_bytes=0)
@@ -341,9 +344,9 @@ async def test_stopping_gives_every_held_job_back_at_once() -> None:
     for m in msgs:
         m.nak = lambda m=m: _record(naks, m.name)  # type: ignore[attr-defined]
         assert await _set_aside(w, m)
-    await w._give_back_aside()
+    await w.order.give_back_aside()
     assert naks == ["a0", "a1"]
-    assert len(w._aside) == 0
+    assert len(w.order._aside) == 0
 
 
 async def _record(into: list[str], name: str) -> None:
