@@ -167,6 +167,8 @@ class Config:
     # record and its results are kept as long (then its jobs left are orphans, never decoded)
     resume_window_s: float = 120.0
     results_max_bytes: int = 256 * 1024 * 1024  # the results stream's bound (oldest go first)
+    # The session records' bucket's bound (a record is ~0.5 KB: ~100,000 sessions)
+    sessions_max_bytes: int = 64 * 1024 * 1024
     # A gateway says it is alive this often (katydid.gateways.<id>); workers set aside the jobs
     # of sessions whose gateway was not heard for 3 of these (it died: they may be resumed)
     gateway_heartbeat_s: float = 1.0

@@ -21,6 +21,7 @@ from katydid.config import Config
 from katydid.errors import KatydidError
 from katydid.exits import describe_exit
 from katydid.ports import wait_for_port
+from katydid.session_record import GATEWAYS_BYTES
 from katydid.with_parent import with_parent_argv
 
 log = structlog.get_logger("katydid.serve")  # its events are serve's
@@ -205,24 +206,36 @@ async def heal_store(proc: trio.Process, fault: StoreFault, store: Path, healed_
 
 
 def sized_stream(cfg: Config, store: Path) -> Config:
-    """``cfg`` with ``stream_max_bytes`` at most 60% of what the store's disk can hold (its free
-    space and what the store already takes): at the default 1 GiB on a small disk, the stream
-    was refused at start ("insufficient storage resources available") and filled the disk."""
+    """``cfg`` with the streams' bounds (the jobs stream, the results stream, the sessions
+    bucket, the gateways' bucket), together, at most 60% of what the store's disk can hold (its
+    free space and what the store already takes): JetStream reserves each stream's max_bytes,
+    and at the default 1 GiB on a small disk the stream was refused at start ("insufficient
+    storage resources available") and filled the disk. Each is lowered in proportion."""
     try:
         free = shutil.disk_usage(store if store.exists() else store.parent).free
     except OSError:
         return cfg
     used = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) if store.is_dir() else 0
     # nats-server takes at most 75% of the free disk for JetStream (its default max_file_store).
-    cap = max(1024 * 1024, int(0.6 * (free + used)))
-    if cfg.stream_max_bytes <= cap:
+    cap = max(4 * 1024 * 1024, int(0.6 * (free + used)))
+    total = cfg.stream_max_bytes + cfg.results_max_bytes + cfg.sessions_max_bytes + GATEWAYS_BYTES
+    if total <= cap:
         return cfg
+    share = (cap - GATEWAYS_BYTES) / (total - GATEWAYS_BYTES)
+    lowered = dataclasses.replace(
+        cfg,
+        stream_max_bytes=max(1024 * 1024, int(cfg.stream_max_bytes * share)),
+        results_max_bytes=max(512 * 1024, int(cfg.results_max_bytes * share)),
+        sessions_max_bytes=max(256 * 1024, int(cfg.sessions_max_bytes * share)),
+    )
     log.warning(
         "stream_max_bytes_lowered",
         configured=cfg.stream_max_bytes,
-        to=cap,
+        to=lowered.stream_max_bytes,
+        results_to=lowered.results_max_bytes,
+        sessions_to=lowered.sessions_max_bytes,
         disk_free=free,
-        hint=f"the disk of {store} holds less than stream_max_bytes: free space there, or give"
-        " serve a --data-dir on a larger disk",
+        hint=f"the disk of {store} holds less than the streams' bounds: free space there, or"
+        " give serve a --data-dir on a larger disk",
     )
-    return dataclasses.replace(cfg, stream_max_bytes=cap)
+    return lowered

@@ -21,6 +21,8 @@ from katydid.errors import MessageError
 
 SESSIONS_BUCKET = "KATYDID_SESSIONS"  # a JetStream KV bucket: one record per resumable session
 RESULTS_STREAM = "KATYDID_RESULTS"  # every result, kept resume_window_s (limits retention)
+GATEWAYS_BUCKET = "KATYDID_GATEWAYS"  # the deployment's secret; workers may not read it
+GATEWAYS_BYTES = 1024 * 1024  # its bound: one key
 
 # A gateway's heartbeat: katydid.gateways.<gateway id>, every gateway_heartbeat_s. Workers set
 # aside the jobs of sessions whose gateway they stopped hearing (it died; they may be resumed).

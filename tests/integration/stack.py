@@ -352,15 +352,35 @@ def stream_messages(nats_url: str) -> int:
     return asyncio.run(count())
 
 
-def publish_jobs(nats_url: str, jobs: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> None:
+def publish_jobs(
+    nats_url: str,
+    jobs: Sequence[tuple[str, bytes, dict[str, str] | None]],
+    records: Sequence[str] = (),
+) -> None:
     """Publish ``(subject, body, headers)`` messages straight into the job stream, as another
-    gateway (or something that is not one) would."""
+    gateway (or something that is not one) would. ``records``: sessions given a record first,
+    as a gateway writes before its first job (workers skip a job whose session has none)."""
     import nats
+    import nats.js.errors
+
+    from katydid.session_record import ATTACHED, SESSIONS_BUCKET, SessionRecord
 
     async def go() -> None:
         nc = await nats.connect(nats_url.split(","))
         try:
             js = nc.jetstream()
+            if records:
+                try:
+                    kv = await js.key_value(SESSIONS_BUCKET)  # the gateway's
+                except nats.js.errors.BucketNotFoundError:
+                    kv = await js.create_key_value(
+                        bucket=SESSIONS_BUCKET, history=1, ttl=120, direct=True
+                    )
+                for session_id in records:
+                    record = SessionRecord(
+                        session_id, ATTACHED, "", "", {}, updated_unix=time.time()
+                    )
+                    await kv.put(session_id, record.to_json())
             for subject, body, headers in jobs:
                 await js.publish(subject, body, headers=headers)
         finally:

@@ -106,7 +106,9 @@ async def test_a_dead_job_no_session_here_owns_is_still_deleted(
     pcm = float_to_pcm16(audio[: 30 * 16_000])
     with Stack(tmp_path, model_dir, workers=1, consumer_max_deliver=1) as stack:
         job = (lane_subject(DEFAULT_MODEL, "bulk"), pcm, _foreign_job().headers())
-        await trio.to_thread.run_sync(publish_jobs, stack.nats_url, [job])
+        # Its session has a record (a gateway wrote it before the job, then died): the worker
+        # takes it up, and crashes on it
+        await trio.to_thread.run_sync(publish_jobs, stack.nats_url, [job], ["elsewhere"])
         pid = await trio.to_thread.run_sync(frozen_busy_worker, stack.nats_url, 60.0)
         os.kill(pid, signal.SIGKILL)
         await trio.to_thread.run_sync(stack.workers[0].wait)

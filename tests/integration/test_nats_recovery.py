@@ -75,7 +75,7 @@ def _publish_result(url: str) -> bool:
     async def go() -> bool:
         nc = await nats.connect(url)
         try:
-            await nc.publish("katydid.results.g1.w0", b"{}")
+            await nc.publish("katydid.results.g1.s0.w0", b"{}")  # <gateway>.<session>.<user>
             await nc.flush()
         finally:
             await nc.close()

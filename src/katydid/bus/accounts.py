@@ -43,12 +43,16 @@ from katydid.messages import (
     STREAM_SUBJECTS,
     WORKERS_SUBJECT,
 )
-from katydid.session_record import GATEWAYS_SUBJECT, SESSIONS_BUCKET, gateway_ping_subject
+from katydid.session_record import (
+    GATEWAYS_BUCKET,
+    GATEWAYS_SUBJECT,
+    SESSIONS_BUCKET,
+    gateway_ping_subject,
+)
 
 ACCOUNT = "KATYDID"
 # Gateways' own (katydid.bus.nats_sessions): the deployment's secret, which workers may not
 # read, and the word that a newer connection took a session over.
-GATEWAYS_BUCKET = "KATYDID_GATEWAYS"
 TAKEOVER_SUBJECT = "katydid.sessions.takeover"
 ROLES = ("admin", "gateway", "worker")
 

@@ -30,6 +30,8 @@ from katydid.config import Config
 from katydid.errors import MessageError
 from katydid.messages import RESULTS_PREFIX
 from katydid.session_record import (
+    GATEWAYS_BUCKET,
+    GATEWAYS_BYTES,
     GATEWAYS_SUBJECT,
     RESULTS_STREAM,
     SESSIONS_BUCKET,
@@ -40,7 +42,6 @@ from katydid.session_record import (
 log = structlog.get_logger("katydid.nats")
 T = TypeVar("T")
 
-GATEWAYS_BUCKET = "KATYDID_GATEWAYS"  # the deployment's secret; workers may not read it
 SECRET_KEY = "token_secret"
 TAKEOVER_SUBJECT = "katydid.sessions.takeover"  # body: "<session id> <owner>"
 
@@ -171,14 +172,18 @@ async def ensure_resumption(js: Any, cfg: Config) -> bytes:
         await js.update_stream(results)
     except nats.js.errors.NotFoundError:
         await js.add_stream(results)
-    for bucket, ttl in ((SESSIONS_BUCKET, cfg.resume_window_s), (GATEWAYS_BUCKET, None)):
+    buckets = (
+        (SESSIONS_BUCKET, cfg.resume_window_s, cfg.sessions_max_bytes),
+        (GATEWAYS_BUCKET, None, GATEWAYS_BYTES),
+    )
+    for bucket, ttl, max_bytes in buckets:
         conf = KeyValueConfig(
             bucket=bucket,
             history=1,
             ttl=ttl,
             direct=True,  # workers read a record by a direct get of its key, nothing more
             replicas=cfg.stream_replicas,
-            max_bytes=cfg.results_max_bytes,
+            max_bytes=max_bytes,
         )
         try:
             await js.key_value(bucket)
