@@ -1049,6 +1049,7 @@ async def test_a_reset_session_resumes_with_every_final_once_and_its_audio_dedup
         assert (done["type"], done["chunks"]) == ("done", 2 + len(rest))
         assert await again.next() == 1000
         await _eventually(lambda: sid not in r.bus.records)  # ended for good: forgotten
+        await _eventually(lambda: r.gateway.sessions == {})  # by neither its id nor its first
 
 
 async def test_resume_is_refused_coded_and_a_newer_connection_takes_the_session(

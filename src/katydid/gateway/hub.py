@@ -187,13 +187,16 @@ class Hub:
         if live is not None and live.owner == owner:
             self._route(live, Taken())
 
-    def adopt(self, live: Live, session_id: str) -> None:
-        """``live`` is session ``session_id`` from now on (it resumed it); an older connection
-        of it here is told it is taken."""
+    def adopt(self, live: Live, opened_as: str) -> None:
+        """``live`` resumed a session: it is known by that session's id from now on, not the
+        one it was opened under; an older connection of that session here is told it is
+        taken."""
+        session_id = live.session.session_id
         old = self.sessions.get(session_id)
         if old is not None and old is not live:
             self._route(old, Taken())
-        self.sessions.pop(live.session.session_id, None)  # its own id until now
+        if self.sessions.get(opened_as) is live:
+            del self.sessions[opened_as]
         self.sessions[session_id] = live
 
     def _on_result(self, data: bytes, sender: str = "") -> None:

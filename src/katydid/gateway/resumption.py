@@ -258,7 +258,7 @@ class Resumption:
         self,
         live: Live,
         ask: Reattach,
-        adopt: Callable[[Live, str], None],
+        adopt: Callable[[Live, str], None],  # (live, the id it was opened under)
         send: Callable[[ServerEvent], Awaitable[None]],
     ) -> list[Output]:
         """A client resumes session ``ask.session_id`` on ``live``'s connection: check its
@@ -266,12 +266,13 @@ class Resumption:
         by id, an older connection of it told it is taken), tell the client (``resumed``, sent
         here, before any replayed result can be), then follow its results."""
         s = live.session
+        opened_as = s.session_id  # the id it was opened under, until it takes the old one
         try:
             record = await self._record_for(live, ask)
             outputs = s.reattached(record, ask.after_seq, self.token(record.session_id), clock())
         except ProtocolError as exc:
             return s.fail(exc)
-        adopt(live, record.session_id)
+        adopt(live, opened_as)
         self.adopted(live)
         live.recorded = True
         self.counters["resumed"] += 1
