@@ -14,9 +14,12 @@ from prometheus_client import generate_latest
 
 from katydid.bus.accounts import PERMISSIONS, worker_permissions
 from katydid.cli_servers import _status_table
+from katydid.config import Config
 from katydid.gateway.outputs import error_code
-from katydid.messages import ResultError
+from katydid.log import SampledLogger
+from katydid.messages import Job, ResultError
 from katydid.metrics import GatewayMetrics
+from katydid_worker.audience import Audience
 from katydid_worker.liveness import Liveness, SessionLiveness, direct_get_subject, verdict
 from katydid_worker.worker_stats import WorkerStats
 
@@ -203,3 +206,20 @@ def test_nats_status_table_shows_resumption_when_there() -> None:
     assert "bucket KATYDID_SESSIONS: 4 resumable sessions" in table
     assert "workers cannot check sessions" in table
     assert "stream KATYDID_RESULTS: 9 results, 900 bytes" in table
+
+
+async def test_with_resumption_off_no_job_is_checked_nor_set_aside() -> None:
+    # resume_window_s 0: gateways write no records, so a bucket left from a run with it on
+    # would make every job look orphaned; nothing is asked.
+    asked: list[str] = []
+
+    async def request(subject: str, _timeout_s: float) -> Any:
+        asked.append(subject)
+        return SimpleNamespace(headers={"Status": "404"}, data=b"")
+
+    cfg = Config(resume_window_s=0)
+    audience = Audience(cfg, "w", request, SampledLogger(SimpleNamespace()))
+    job = Job(SESSION + "-0", SESSION, 0, 0, "katydid.results.g." + SESSION, 2**40)
+    assert await audience.orphaned(job) is None
+    assert await audience.waits_for_client(job) is None
+    assert asked == []

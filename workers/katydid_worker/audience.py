@@ -68,7 +68,10 @@ class Audience:
         self.worker_id = worker_id
         self._request = request
         self._sampled = sampled
-        self._set_aside_on = cfg.worker_set_aside_bytes > 0
+        # Sessions have records only with resumption on (resume_window_s > 0): off, no job is
+        # checked (a bucket left from a run with it on would make every job look orphaned).
+        self._checking = cfg.resume_window_s > 0
+        self._set_aside_on = self._checking and cfg.worker_set_aside_bytes > 0
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         if liveness is None:
             liveness = SessionLiveness(
@@ -99,6 +102,8 @@ class Audience:
     async def orphaned(self, job: Job) -> str | None:
         """Why nobody will read the job's result (the session's record is gone), or None: it
         has one, or the check could not be made (Rule 1)."""
+        if not self._checking:
+            return None
         check = await self._liveness.check(job.session_id)
         if check.liveness == Liveness.NO_BUCKET:
             # A deployment without resumption (or a bucket without direct gets): said once.

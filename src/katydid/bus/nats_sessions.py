@@ -157,6 +157,14 @@ class SessionsOnNats:
 async def ensure_resumption(js: Any, cfg: Config) -> bytes:
     """The results stream and the buckets (idempotent), and the deployment's secret: made by
     the first gateway, read by the others."""
+    if cfg.resume_window_s > 0:
+        await _ensure_records(js, cfg)
+    return await _shared_secret(js, cfg)
+
+
+async def _ensure_records(js: Any, cfg: Config) -> None:
+    """The results stream and the sessions bucket (only with resumption on: their ages are
+    the window)."""
     results = StreamConfig(
         name=RESULTS_STREAM,
         subjects=[f"{RESULTS_PREFIX}.>"],
@@ -172,26 +180,32 @@ async def ensure_resumption(js: Any, cfg: Config) -> bytes:
         await js.update_stream(results)
     except nats.js.errors.NotFoundError:
         await js.add_stream(results)
-    buckets = (
-        (SESSIONS_BUCKET, cfg.resume_window_s, cfg.sessions_max_bytes),
-        (GATEWAYS_BUCKET, None, GATEWAYS_BYTES),
+    await _ensure_bucket(js, cfg, SESSIONS_BUCKET, cfg.resume_window_s, cfg.sessions_max_bytes)
+
+
+async def _ensure_bucket(
+    js: Any, cfg: Config, bucket: str, ttl: float | None, max_bytes: int
+) -> None:
+    conf = KeyValueConfig(
+        bucket=bucket,
+        history=1,
+        ttl=ttl,
+        direct=True,  # workers read a record by a direct get of its key, nothing more
+        replicas=cfg.stream_replicas,
+        max_bytes=max_bytes,
     )
-    for bucket, ttl, max_bytes in buckets:
-        conf = KeyValueConfig(
-            bucket=bucket,
-            history=1,
-            ttl=ttl,
-            direct=True,  # workers read a record by a direct get of its key, nothing more
-            replicas=cfg.stream_replicas,
-            max_bytes=max_bytes,
-        )
+    try:
+        await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
         try:
-            await js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            try:
-                await js.create_key_value(conf)
-            except nats.js.errors.BadRequestError:
-                pass  # another gateway made it meanwhile
+            await js.create_key_value(conf)
+        except nats.js.errors.BadRequestError:
+            pass  # another gateway made it meanwhile
+
+
+async def _shared_secret(js: Any, cfg: Config) -> bytes:
+    """The deployment's secret (job tokens, resume tokens): made by the first gateway."""
+    await _ensure_bucket(js, cfg, GATEWAYS_BUCKET, None, GATEWAYS_BYTES)
     kv = await js.key_value(GATEWAYS_BUCKET)
     try:
         await kv.create(SECRET_KEY, secrets.token_bytes(32))

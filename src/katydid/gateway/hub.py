@@ -280,6 +280,8 @@ class Hub:
     async def _recover_results(self) -> None:
         """Every live session waiting for results reads them from the results stream from now
         on (those published while the subscription was down, and the rest)."""
+        if not self.resumption.enabled:
+            return  # no results stream: resumption is off
         followed = self.resumption.followed
         recovering = [
             s.session_id
