@@ -14,6 +14,7 @@ import trio.testing
 
 from katydid.config import Config
 from katydid.embedded_nats import StoreFault, relay_stderr, sized_stream, store_has_room
+from katydid.session_record import GATEWAYS_BYTES
 
 Usage = namedtuple("Usage", "total used free")
 
@@ -42,8 +43,16 @@ async def test_a_store_write_error_is_noticed_and_relayed(
 def test_the_stream_bound_fits_the_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: Usage(100, 80, 20_000_000))
     small = sized_stream(Config(), tmp_path / "nats")
-    assert small.stream_max_bytes == 12_000_000  # 60%: nats-server takes 75% of the free disk
-    roomy = Config(stream_max_bytes=5_000_000)
+    # 60% (nats-server takes 75% of the free disk) for every stream together, as JetStream
+    # reserves each one's bound: the jobs, the results, the sessions' and the gateways' buckets
+    bounds = (small.stream_max_bytes, small.results_max_bytes, small.sessions_max_bytes)
+    assert sum(bounds) + GATEWAYS_BYTES <= 12_000_000
+    assert sum(bounds) + GATEWAYS_BYTES > 11_900_000  # no more lowered than needed
+    default = Config()
+    assert small.stream_max_bytes / small.results_max_bytes == pytest.approx(
+        default.stream_max_bytes / default.results_max_bytes, rel=0.01
+    )  # each in proportion
+    roomy = Config(stream_max_bytes=5_000_000, results_max_bytes=10**6, sessions_max_bytes=10**6)
     assert sized_stream(roomy, tmp_path / "nats") is roomy
 
 
