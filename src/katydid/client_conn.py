@@ -88,7 +88,16 @@ class SessionResult:
         if done is None:
             return []
         seen = {e["seq"] for e in self.events if e.get("type") in ("final", "error") and "seq" in e}
-        return [seq for seq in range(int(done.get("chunks", 0))) if seq not in seen]
+        # No final for a chunk with no words: ``done.silent`` names those since the last
+        # resume; before it, results came in order, so any seq under the resume's after_seq
+        # without a final was one (the server had passed it).
+        seen |= {int(seq) for seq in done.get("silent") or ()}
+        settled = max(
+            (int(e.get("after_seq", -1)) for e in self.events if e.get("type") == "resumed"),
+            default=-1,
+        )
+        chunks = int(done.get("chunks", 0))
+        return [seq for seq in range(settled + 1, chunks) if seq not in seen]
 
 
 @dataclass(slots=True)

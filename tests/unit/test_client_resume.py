@@ -286,3 +286,20 @@ def test_resend_offsets() -> None:
     assert offset({"resume_offset_bytes": 1_001}) == 1_000  # a frame boundary
     assert offset({"resume_offset_bytes": 10**9}) == 64_000
     assert offset({"audio_received_s": 3.0}, fmt="wav") == 0
+
+
+def test_a_chunk_with_no_words_is_not_a_lost_final() -> None:
+    # No final is sent for a chunk whose audio held no words: done names it (since the last
+    # resume); before a resume's after_seq, results came in order, so a gap there was one too.
+    def result(*events: dict[str, Any]) -> client.SessionResult:
+        res = client.SessionResult()
+        res.events.extend(events)
+        return res
+
+    final = {"type": "final", "seq": 0, "text": "a"}
+    assert result(final, {"type": "done", "chunks": 3, "silent": [1]}).lost_seqs == [2]
+    assert result(final, {"type": "done", "chunks": 2, "silent": [1]}).lost_seqs == []
+    resumed = {"type": "resumed", "after_seq": 2}  # seq 1 had no words, before the break
+    two = {"type": "final", "seq": 2, "text": "b"}
+    assert result(final, two, resumed, {"type": "done", "chunks": 3, "silent": []}).lost_seqs == []
+    assert result(final, resumed, {"type": "done", "chunks": 4, "silent": [3]}).lost_seqs == []

@@ -1111,3 +1111,13 @@ async def test_a_session_taken_over_elsewhere_hears_it_at_its_next_record_write(
         assert await raw.next() == 4409
         assert r.bus.records[sid].owner == "elsewhere:1"  # never written over
         assert r.bus.cancels == []
+
+
+async def test_done_names_the_chunks_with_no_words(autojump_clock: Any) -> None:
+    async with rig() as r:
+        ws, jobs = await _stopped_with_jobs(r)
+        for q in jobs:
+            r.bus.answer(q, "" if q.job.seq == 1 else "words")
+        events = [await _next(ws, "queued") for _ in range(len(jobs))]
+        assert [e["seq"] for e in events[:-1]] == [q.job.seq for q in jobs if q.job.seq != 1]
+        assert (events[-1]["type"], events[-1]["silent"]) == ("done", [1])

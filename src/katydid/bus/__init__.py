@@ -92,8 +92,9 @@ class JobBus(Protocol):
         """The session ended for good: its record goes (its jobs left become orphans);
         ``last``: only if still at that revision."""
 
-    async def get_record(self, session_id: str) -> SessionRecord | None:
-        """A session's record; None if it has none (ended, or past its resume window)."""
+    async def get_record(self, session_id: str) -> tuple[SessionRecord, int] | None:
+        """A session's record and its revision; None if it has none (ended, or past its
+        resume window)."""
 
     async def follow_results(self, session_id: str) -> None:
         """The session's results from the results stream, all of them, to ``on_replayed``."""

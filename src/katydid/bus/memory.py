@@ -125,9 +125,10 @@ class MemoryBus:
         self.records.pop(session_id, None)
         self.revisions.pop(session_id, None)
 
-    async def get_record(self, session_id: str) -> SessionRecord | None:
+    async def get_record(self, session_id: str) -> tuple[SessionRecord, int] | None:
         await trio.lowlevel.checkpoint()
-        return self.records.get(session_id)
+        record = self.records.get(session_id)
+        return None if record is None else (record, self.revisions[session_id])
 
     async def follow_results(self, session_id: str) -> None:
         await trio.lowlevel.checkpoint()

@@ -87,22 +87,23 @@ class SessionsOnNats:
 
         await self._call(go)
 
-    async def get_record(self, session_id: str) -> SessionRecord | None:
-        """The session's record, None if there is none (ended, or past its window)."""
+    async def get_record(self, session_id: str) -> tuple[SessionRecord, int] | None:
+        """The session's record and its revision, None if there is none (ended, or past its
+        window)."""
 
-        async def go() -> SessionRecord | None:
+        async def go() -> tuple[SessionRecord, int] | None:
             kv = await self._js.key_value(SESSIONS_BUCKET)
             try:
                 entry = await kv.get(session_id)
             except nats.js.errors.KeyNotFoundError:
                 return None
             try:
-                return SessionRecord.from_json(entry.value or b"")
+                return SessionRecord.from_json(entry.value or b""), int(entry.revision)
             except MessageError as exc:
                 log.warning("bad_session_record", session_id=session_id, error=str(exc))
                 return None
 
-        result: SessionRecord | None = await self._call(go)
+        result: tuple[SessionRecord, int] | None = await self._call(go)
         return result
 
     async def follow_results(self, session_id: str) -> None:

@@ -98,8 +98,11 @@ class SessionDriver:
             if isinstance(out, Send):
                 await self._send(out.event)
             elif isinstance(out, Publish):
-                refused = await self.gateway.resumption.recorded(self.live)
-                if refused is not None:
+                final = out.job.options.kind == "final"
+                refused = await self.gateway.resumption.recorded(self.live, final=final)
+                if refused is not None and refused.code is ErrorCode.SESSION_TAKEN:
+                    await self.emit(self.session.taken())  # its jobs are the newer one's
+                elif refused is not None:
                     await self.emit(self.session.publish_failed(out.job, refused))
                 else:
                     await self.emit(await self.seating.publish(self.live, out, self._send))

@@ -123,6 +123,7 @@ class Done:
     failed_chunks: int
     # Speech that has no text in the transcript although it was decoded twice (start_s, end_s)
     uncovered: tuple[tuple[float, float], ...] = ()
+    silent: tuple[int, ...] = ()  # chunks with no words, so no final (their seqs)
 
     @property
     def uncovered_s(self) -> float:
@@ -137,6 +138,7 @@ class Done:
                 "failed_chunks": self.failed_chunks,
                 "uncovered_s": round(self.uncovered_s, 2),
                 "uncovered": [[round(a, 2), round(b, 2)] for a, b in self.uncovered],
+                "silent": list(self.silent),
             }
         )
 

@@ -24,6 +24,9 @@ class JobLedger:
     failed: int = 0  # chunks answered with an error
     # Speech the engine could not get text for (JobResult.uncovered), in session time
     uncovered: list[tuple[float, float]] = field(default_factory=list)
+    # Chunks answered with no text and no error (their audio held no words): no final is sent
+    # for them, and ``done`` names them, so a client can tell one from a lost final
+    silent: list[int] = field(default_factory=list)
     _early: dict[int, JobResult] = field(default_factory=dict)
 
     def sent(self, seq: int) -> None:
@@ -52,6 +55,8 @@ class JobLedger:
             self.next_seq += 1
             self.failed += r.error is not None
             self.uncovered += r.uncovered
+            if r.error is None and not r.text:
+                self.silent.append(r.seq)
             out.append(r)
         return out
 

@@ -9,10 +9,16 @@ it outlives its window only when nobody serves it any more (its client, or its g
 Rule 3: a connection writes its session's record only over the revision it wrote last (a
 compare-and-set in the KV bucket): once another connection (here or on another gateway) took the
 session over, the older one's writes, its detach and its end fail, and it hears it was taken.
+Rule 4: a final's record (its chunk counted, its audio in jobs) is written before its job is
+published, and a resume takes the record over with a compare-and-set on the revision it read:
+so a resumed connection never cuts, under a seq, audio another connection already published
+under it (their jobs would share a Nats-Msg-Id: the newer one dropped as a duplicate, the words
+after the older one's end lost).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import math
@@ -36,6 +42,7 @@ from katydid.session_record import ATTACHED, DETACHED, SessionRecord
 
 log = structlog.get_logger("katydid.gateway")
 _TAKEN = -1  # a revision no write goes over: another connection took the session
+_TAKEOVER_TRIES = 3  # a resume reads the record again if it changed before it took it over
 
 
 @dataclass(slots=True)
@@ -109,24 +116,29 @@ class Resumption:
         if state == DETACHED:
             self.counters["detached"] += 1
 
-    async def recorded(self, live: Live) -> ProtocolError | None:
-        """Before a resumable session's first job: its record is written and acknowledged, so
-        no worker finds the job without it (and skips it as an orphan). None once it is; a
-        record NATS does not take is the session's ``overloaded``."""
+    async def recorded(self, live: Live, *, final: bool) -> ProtocolError | None:
+        """Before a session's job is published: its record is written and acknowledged, so no
+        worker finds a job before its record (and skips it as an orphan), and a final's record
+        holds that job's chunk before the job exists (a connection that resumes the session
+        never cuts a chunk another connection published: Rule 4). None once written; a record
+        NATS does not take is the session's ``overloaded``; one another connection took over is
+        ``session_taken`` (the job is not published)."""
         s = live.session
-        if live.recorded or not s.kept or s.options is None:
+        if not s.kept or s.options is None or (live.recorded and not final):
             return None
         key = live.tenant.name if live.tenant is not None else ""
         record = s.record(ATTACHED, self.gateway_id, live.owner, key, time.time())
         try:
             with trio.fail_after(self.cfg.nats_request_timeout_s):
-                await self._write(s.session_id, record, live.owner)
+                written = await self._write(s.session_id, record, live.owner)
         except (NatsError, trio.TooSlowError) as exc:
             return ProtocolError(
                 ErrorCode.OVERLOADED,
                 f"the gateway cannot store the session's record ({exc or 'timed out'})",
                 retry_after_s=5.0,
             )
+        if not written:
+            return ProtocolError(ErrorCode.SESSION_TAKEN, "a newer connection resumed this session")
         live.recorded = True
         return None
 
@@ -150,10 +162,6 @@ class Resumption:
         ):
             del self._owners[session_id]
 
-    def adopted(self, live: Live) -> None:
-        """``live`` took its session over: its first write is over whatever is stored."""
-        self._owners[live.session.session_id] = _Held(live.owner, None)
-
     def _queue(self, session_id: str, record: SessionRecord | None, owner: str) -> None:
         if session_id not in self._pending and len(self._pending) >= self.cfg.stream_max_msgs:
             self.counters["records_dropped"] += 1
@@ -162,7 +170,7 @@ class Resumption:
         self._pending[session_id] = (record, owner)
         self._wake.set()
 
-    async def _write(self, session_id: str, record: SessionRecord | None, owner: str) -> None:
+    async def _write(self, session_id: str, record: SessionRecord | None, owner: str) -> bool:
         """A record (None: its end) from connection ``owner``, over the revision that
         connection wrote last; a write of a connection that no longer holds the session here is
         dropped, and one that finds another connection's revision tells ``on_taken``. One write
@@ -173,19 +181,20 @@ class Resumption:
             lock = self._locks[session_id] = trio.Lock()
         try:
             async with lock:
-                await self._write_now(session_id, record, owner)
+                return await self._write_now(session_id, record, owner)
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._locks.pop(session_id, None)
 
-    async def _write_now(self, session_id: str, record: SessionRecord | None, owner: str) -> None:
+    async def _write_now(self, session_id: str, record: SessionRecord | None, owner: str) -> bool:
+        """Whether it was written (False: not this connection's to write any more)."""
         held = self._owners.get(session_id) or _Held(owner, None)
         if held.owner != owner or held.revision == _TAKEN:
-            return  # an older connection's, here, or one another connection took over
+            return False  # an older connection's, here, or one another connection took over
         if record is None:
             self._owners.pop(session_id, None)
             await self.bus.delete_record(session_id, last=held.revision)
-            return
+            return True
         revision = await self.bus.put_record(record, last=held.revision)
         # Detached or taken, the entry is kept for the window: the connection's later writes
         # (a job's publish acknowledged after the drop) go over its own revision, or nowhere.
@@ -194,9 +203,10 @@ class Resumption:
             self._owners[session_id] = _Held(owner, _TAKEN, later)
             self.counters["taken_over"] += 1
             self.on_taken(session_id, owner)
-        else:
-            until = later if record.state == DETACHED else math.inf
-            self._owners[session_id] = _Held(owner, revision, until)
+            return False
+        until = later if record.state == DETACHED else math.inf
+        self._owners[session_id] = _Held(owner, revision, until)
+        return True
 
     async def run(self) -> None:
         """Write the queued records, and refresh the attached ones, until cancelled."""
@@ -268,12 +278,11 @@ class Resumption:
         s = live.session
         opened_as = s.session_id  # the id it was opened under, until it takes the old one
         try:
-            record = await self._record_for(live, ask)
+            record = await self._take_over(live, ask)
             outputs = s.reattached(record, ask.after_seq, self.token(record.session_id), clock())
         except ProtocolError as exc:
             return s.fail(exc)
         adopt(live, opened_as)
-        self.adopted(live)
         live.recorded = True
         self.counters["resumed"] += 1
         self.remember(live, ATTACHED)
@@ -295,7 +304,42 @@ class Resumption:
         log.info("session_resumed", session_id=record.session_id, after_seq=ask.after_seq)
         return rest
 
-    async def _record_for(self, live: Live, ask: Reattach) -> SessionRecord:
+    async def _take_over(self, live: Live, ask: Reattach) -> SessionRecord:
+        """The session's record, taken over by ``live``'s connection: written as its own over
+        the revision read (Rule 4: had another connection written it since, say to hold a chunk
+        it was publishing, the record read would be stale; read again, a few times).
+
+        Raises:
+            ProtocolError: as ``_record_for``; ``overloaded`` if it kept changing.
+        """
+        for _ in range(_TAKEOVER_TRIES):
+            record, revision = await self._record_for(live, ask)
+            mine = dataclasses.replace(
+                record,
+                state=ATTACHED,
+                gateway=self.gateway_id,
+                owner=live.owner,
+                updated_unix=time.time(),
+            )
+            try:
+                with trio.fail_after(self.cfg.nats_request_timeout_s):
+                    written = await self.bus.put_record(mine, last=revision)
+            except (NatsError, trio.TooSlowError) as exc:
+                raise ProtocolError(
+                    ErrorCode.OVERLOADED,
+                    f"the session store is unreachable ({exc or 'timed out'})",
+                    retry_after_s=2.0,
+                ) from None
+            if written is not None:
+                self._owners[record.session_id] = _Held(live.owner, written)
+                return record
+        raise ProtocolError(
+            ErrorCode.OVERLOADED,
+            "the session kept changing while it was being resumed: try again",
+            retry_after_s=0.5,
+        )
+
+    async def _record_for(self, live: Live, ask: Reattach) -> tuple[SessionRecord, int]:
         """The record of the session ``ask`` names, if the client may have it.
 
         Raises:
@@ -308,21 +352,22 @@ class Resumption:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "wrong resume token for the session")
         try:
             with trio.fail_after(self.cfg.nats_request_timeout_s):
-                record = await self.bus.get_record(ask.session_id)
+                found = await self.bus.get_record(ask.session_id)
         except (NatsError, trio.TooSlowError) as exc:
             raise ProtocolError(
                 ErrorCode.OVERLOADED, f"the session store is unreachable ({exc})", retry_after_s=2.0
             ) from None
-        if record is None:
+        if found is None:
             raise ProtocolError(
                 ErrorCode.RESUME_EXPIRED,
                 "no such session to resume: it ended, or was not resumed within"
                 f" {self.cfg.resume_window_s:.0f} s",
             )
+        record = found[0]
         if self.tenants.required:
             tenant = self.tenants.authenticate(live.credential or ask.api_key, live.door)
             if tenant.name != record.key:
                 raise ProtocolError(ErrorCode.UNAUTHORIZED, "another key started this session")
             self.tenants.open(tenant, clock())
             live.tenant = tenant
-        return record
+        return found

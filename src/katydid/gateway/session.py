@@ -327,7 +327,7 @@ class Session(SessionClock, SessionResume, SessionLosses):
             self._jobs_out.abandon()
             self.cancelled_jobs += 1
             return [CancelJobs(self.session_id, (stream_seq,))]
-        return [Remember(ATTACHED)] if self.kept else []
+        return []  # (its record was written before it was published: resumption.py Rule 4)
 
     def publish_failed(self, job: Job, exc: ProtocolError) -> list[Output]:
         """A job could not be queued: a partial is skipped (its final will come anyway), a

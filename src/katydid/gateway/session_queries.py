@@ -94,4 +94,5 @@ class SessionQueries:
             self.audio_s,
             self._jobs_out.failed,
             tuple(self._jobs_out.uncovered),
+            tuple(self._jobs_out.silent),
         )
