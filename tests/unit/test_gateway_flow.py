@@ -1121,3 +1121,29 @@ async def test_done_names_the_chunks_with_no_words(autojump_clock: Any) -> None:
         events = [await _next(ws, "queued") for _ in range(len(jobs))]
         assert [e["seq"] for e in events[:-1]] == [q.job.seq for q in jobs if q.job.seq != 1]
         assert (events[-1]["type"], events[-1]["silent"]) == ("done", [1])
+
+
+async def test_a_resume_past_the_sessions_chunks_is_refused_and_the_session_survives_it(
+    autojump_clock: Any,
+) -> None:
+    async with rig() as r:
+        raw = await _raw_connect(r)
+        await raw.send(TextMessage(json.dumps({"type": "start"})))
+        ready = await _event(raw)
+        sid, token = ready["session_id"], ready["resume_token"]
+        await raw.send(BytesMessage(_speech_like(6.0)))
+        await _eventually(lambda: len(r.bus.finals(sid)) >= 1)
+        await raw.stream.aclose()  # a reset
+        await _eventually(lambda: sid in r.bus.records and r.bus.records[sid].state == "detached")
+        wrong = await _raw_connect(r)
+        resume = {"session_id": sid, "token": token, "after_seq": 999}
+        await wrong.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
+        refused = await _event(wrong)
+        assert (refused["code"], await wrong.next()) == ("bad_message", 1008)
+        assert "past the session's last chunk" in refused["message"]
+        assert sid in r.bus.records  # a client's bad resume does not end its session
+        right = await _raw_connect(r)
+        resume["after_seq"] = -1
+        await right.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
+        assert (await _event(right))["type"] == "resumed"
+        assert r.bus.cancels == []

@@ -512,3 +512,32 @@ def test_an_unknown_message_type_is_named_but_not_echoed_whole() -> None:
         parse_text(json.dumps({"type": "x" * 100_000}), limits)
     assert len(str(refused.value)) < 200
     assert "100000 characters" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("resume", "why"),
+    [
+        ("yes", "must be an object"),
+        ({"session_id": "x" * 32, "token": "t"}, "not a session id"),
+        ({"session_id": "0" * 32, "token": 7}, "token must be a string"),
+        ({"session_id": "0" * 32, "token": "t" * 129}, "token must be a string"),
+        ({"session_id": "0" * 32, "token": "t", "after_seq": True}, "after_seq"),
+        ({"session_id": "0" * 32, "token": "t", "after_seq": -2}, "after_seq"),
+        ({"session_id": "0" * 32, "token": "t", "after_seq": "3"}, "after_seq"),
+    ],
+)
+def test_a_malformed_resume_is_bad_message(resume: Any, why: str) -> None:
+    from katydid.config import Config
+    from katydid.errors import ProtocolError
+    from katydid.gateway.inputs import Resume
+    from katydid.gateway.native_wire import parse_text
+
+    limits = Limits.from_config(Config())
+    with pytest.raises(ProtocolError) as caught:
+        parse_text(json.dumps({"type": "start", "resume": resume}), limits)
+    assert caught.value.code is ErrorCode.BAD_MESSAGE
+    assert why in caught.value.message
+    good = {"session_id": "0" * 32, "token": "t", "after_seq": 4}
+    assert parse_text(json.dumps({"type": "start", "resume": good}), limits) == Resume(
+        "0" * 32, "t", 4
+    )
