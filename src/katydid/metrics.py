@@ -30,66 +30,66 @@ class WorkerCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         beats = self._heartbeats()
-        busy = GaugeMetricFamily(
-            "katydid_worker_busy", "1 while the worker transcribes", labels=["worker"]
-        )
         jobs = CounterMetricFamily(
             "katydid_worker_jobs", "Jobs answered by outcome", labels=["worker", "outcome"]
         )
-        cpu = CounterMetricFamily(
-            "katydid_worker_cpu_seconds", "Worker process CPU seconds", labels=["worker"]
-        )
-        rss = GaugeMetricFamily(
-            "katydid_worker_resident_memory_bytes", "Worker process RSS", labels=["worker"]
-        )
-        fallbacks = CounterMetricFamily(
-            "katydid_worker_fallbacks",
-            "Clip-sized runs redone with the full window",
-            labels=["worker"],
-        )
-        redecodes = CounterMetricFamily(
-            "katydid_worker_redecodes",
-            "Runs over speech that a first run left without text",
-            labels=["worker"],
-        )
-        uncovered = CounterMetricFamily(
-            "katydid_worker_uncovered_seconds",
-            "Speech still without text after its second decode",
-            labels=["worker"],
-        )
-        orphaned = CounterMetricFamily(
-            "katydid_jobs_orphaned",
-            "Jobs skipped because their session had no record (nobody would read them)",
-            labels=["worker"],
-        )
-        set_aside = CounterMetricFamily(
-            "katydid_jobs_set_aside",
-            "Jobs set aside while their session waited for its client (detached, gateway gone)",
-            labels=["worker"],
-        )
-        set_aside_now = GaugeMetricFamily(
-            "katydid_jobs_set_aside_now",
-            "Jobs a worker holds aside now (unanswered, kept in progress)",
-            labels=["worker"],
-        )
+        families = [(kind(name, text, labels=["worker"]), key) for kind, name, text, key in _BEATS]
         for worker, beat in beats.items():
-            busy.add_metric([worker], 1.0 if beat.get("busy") else 0.0)
             for outcome, key in (
                 ("ok", "jobs_done"),
                 ("skipped", "jobs_skipped"),
                 ("failed", "jobs_failed"),
             ):
                 jobs.add_metric([worker, outcome], float(beat.get(key) or 0))
-            cpu.add_metric([worker], float(beat.get("cpu_s") or 0.0))
-            rss.add_metric([worker], float(beat.get("rss_bytes") or 0.0))
-            fallbacks.add_metric([worker], float(beat.get("fallbacks") or 0))
-            redecodes.add_metric([worker], float(beat.get("redecodes") or 0))
-            uncovered.add_metric([worker], float(beat.get("uncovered_s") or 0.0))
-            orphaned.add_metric([worker], float(beat.get("jobs_orphaned") or 0))
-            set_aside.add_metric([worker], float(beat.get("jobs_set_aside") or 0))
-            set_aside_now.add_metric([worker], float(beat.get("set_aside_now") or 0))
-        yield from (busy, jobs, cpu, rss, fallbacks, redecodes, uncovered, orphaned)
-        yield from (set_aside, set_aside_now)
+            for family, key in families:
+                family.add_metric([worker], float(beat.get(key) or 0))
+        yield jobs
+        yield from (family for family, _ in families)
+
+
+# Per worker, from its last heartbeat: (family, name, help, the heartbeat's key). A bool
+# (busy) is 1.0 or 0.0.
+_BEATS: tuple[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, str], ...] = (
+    (GaugeMetricFamily, "katydid_worker_busy", "1 while the worker transcribes", "busy"),
+    (CounterMetricFamily, "katydid_worker_cpu_seconds", "Worker process CPU seconds", "cpu_s"),
+    (GaugeMetricFamily, "katydid_worker_resident_memory_bytes", "Worker process RSS", "rss_bytes"),
+    (
+        CounterMetricFamily,
+        "katydid_worker_fallbacks",
+        "Clip-sized runs redone with the full window",
+        "fallbacks",
+    ),
+    (
+        CounterMetricFamily,
+        "katydid_worker_redecodes",
+        "Runs over speech that a first run left without text",
+        "redecodes",
+    ),
+    (
+        CounterMetricFamily,
+        "katydid_worker_uncovered_seconds",
+        "Speech still without text after its second decode",
+        "uncovered_s",
+    ),
+    (
+        CounterMetricFamily,
+        "katydid_jobs_orphaned",
+        "Jobs skipped because their session had no record (nobody would read them)",
+        "jobs_orphaned",
+    ),
+    (
+        CounterMetricFamily,
+        "katydid_jobs_set_aside",
+        "Jobs set aside while their session waited for its client (detached, gateway gone)",
+        "jobs_set_aside",
+    ),
+    (
+        GaugeMetricFamily,
+        "katydid_jobs_set_aside_now",
+        "Jobs a worker holds aside now (unanswered, kept in progress)",
+        "set_aside_now",
+    ),
+)
 
 
 class _LogCollector(Collector):
