@@ -352,6 +352,20 @@ def stream_messages(nats_url: str) -> int:
     return asyncio.run(count())
 
 
+async def sessions_bucket(js: Any) -> Any:
+    """The session records' KV bucket (a gateway's, or made as a gateway makes it): where a
+    test gives a session its record, as a gateway does before its first job (workers skip a
+    job whose session has none)."""
+    import nats.js.errors
+
+    from katydid.session_record import SESSIONS_BUCKET
+
+    try:
+        return await js.key_value(SESSIONS_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(bucket=SESSIONS_BUCKET, history=1, ttl=120, direct=True)
+
+
 def publish_jobs(
     nats_url: str,
     jobs: Sequence[tuple[str, bytes, dict[str, str] | None]],
@@ -361,21 +375,15 @@ def publish_jobs(
     gateway (or something that is not one) would. ``records``: sessions given a record first,
     as a gateway writes before its first job (workers skip a job whose session has none)."""
     import nats
-    import nats.js.errors
 
-    from katydid.session_record import ATTACHED, SESSIONS_BUCKET, SessionRecord
+    from katydid.session_record import ATTACHED, SessionRecord
 
     async def go() -> None:
         nc = await nats.connect(nats_url.split(","))
         try:
             js = nc.jetstream()
             if records:
-                try:
-                    kv = await js.key_value(SESSIONS_BUCKET)  # the gateway's
-                except nats.js.errors.BucketNotFoundError:
-                    kv = await js.create_key_value(
-                        bucket=SESSIONS_BUCKET, history=1, ttl=120, direct=True
-                    )
+                kv = await sessions_bucket(js)
                 for session_id in records:
                     record = SessionRecord(
                         session_id, ATTACHED, "", "", {}, updated_unix=time.time()

@@ -30,10 +30,9 @@ from katydid.session_record import (
     ATTACHED,
     DETACHED,
     GATEWAYS_SUBJECT,
-    SESSIONS_BUCKET,
     SessionRecord,
 )
-from tests.integration.stack import Stack, http_get, stream_messages, wait_until
+from tests.integration.stack import Stack, http_get, sessions_bucket, stream_messages, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -55,12 +54,7 @@ def _run(nats_url: str, worker_pid: int, pcm: bytes) -> tuple[list[JobResult], d
         beating = asyncio.create_task(_beat(nc))
         try:
             js = nc.jetstream()
-            try:
-                kv = await js.key_value(SESSIONS_BUCKET)  # the gateway's
-            except nats.js.errors.BucketNotFoundError:
-                kv = await js.create_key_value(
-                    bucket=SESSIONS_BUCKET, history=1, ttl=120, direct=True
-                )
+            kv = await sessions_bucket(js)
             records = {
                 AWAY: (DETACHED, LIVE_GATEWAY),  # its client dropped
                 GONE: (ATTACHED, DEAD_GATEWAY),  # its gateway was SIGKILLed

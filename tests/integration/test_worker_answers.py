@@ -18,8 +18,8 @@ import trio
 
 from katydid.config import DEFAULT_MODEL
 from katydid.messages import CANCEL_SUBJECT, Job, JobResult, lane_subject
-from katydid.session_record import ATTACHED, SESSIONS_BUCKET, SessionRecord
-from tests.integration.stack import Stack, wait_until
+from katydid.session_record import ATTACHED, SessionRecord
+from tests.integration.stack import Stack, sessions_bucket, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +36,7 @@ def _exchange(nats_url: str) -> dict[str, JobResult]:
             await nc.publish(CANCEL_SUBJECT, b"gone")
             await nc.flush()
             js = nc.jetstream()
-            try:
-                kv = await js.key_value(SESSIONS_BUCKET)  # the gateway's
-            except nats.js.errors.BucketNotFoundError:
-                kv = await js.create_key_value(
-                    bucket=SESSIONS_BUCKET, history=1, ttl=120, direct=True
-                )
+            kv = await sessions_bucket(js)
             record = SessionRecord("fresh", ATTACHED, "", DEFAULT_MODEL, {"format": "pcm"})
             await kv.put("fresh", record.to_json())
             now_ms = int(time.time() * 1000)

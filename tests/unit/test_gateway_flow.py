@@ -997,14 +997,23 @@ async def _event(raw: RawClient) -> dict[str, Any]:
             return event
 
 
+async def _started(r: Rig) -> tuple[RawClient, str, str]:
+    """A raw client whose native session started: it, the session id, its resume token."""
+    raw = await _raw_connect(r)
+    await raw.send(TextMessage(json.dumps({"type": "start"})))
+    ready = await _event(raw)
+    return raw, ready["session_id"], ready["resume_token"]
+
+
+async def _resume(raw: RawClient, resume: dict[str, Any]) -> None:
+    await raw.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
+
+
 async def test_a_reset_session_resumes_with_every_final_once_and_its_audio_deduped(
     autojump_clock: Any,
 ) -> None:
     async with rig() as r:
-        raw = await _raw_connect(r)
-        await raw.send(TextMessage(json.dumps({"type": "start"})))
-        ready = await _event(raw)
-        sid, token = ready["session_id"], ready["resume_token"]
+        raw, sid, token = await _started(r)
         pcm = _speech_like(9.0)
         await raw.send(BytesMessage(pcm[: 2 * 16_000 * 6]))  # 6 s before the reset
         await _eventually(lambda: len(r.bus.finals()) >= 2)
@@ -1022,7 +1031,7 @@ async def test_a_reset_session_resumes_with_every_final_once_and_its_audio_dedup
 
         again = await _raw_connect(r)
         resume = {"session_id": sid, "token": token, "after_seq": 0}
-        await again.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
+        await _resume(again, resume)
         resumed = await _event(again)
         held = r.bus.records[sid].samples
         assert resumed["type"] == "resumed"
@@ -1056,16 +1065,13 @@ async def test_resume_is_refused_coded_and_a_newer_connection_takes_the_session(
     autojump_clock: Any,
 ) -> None:
     async with rig() as r:
-        raw = await _raw_connect(r)
-        await raw.send(TextMessage(json.dumps({"type": "start"})))
-        ready = await _event(raw)
-        sid, token = ready["session_id"], ready["resume_token"]
+        raw, sid, token = await _started(r)
         await raw.send(BytesMessage(_speech_like(3.0)))
         await _eventually(lambda: sid in r.bus.records)
 
         async def refused(resume: dict[str, Any]) -> tuple[str, int | dict[str, Any]]:
             other = await _raw_connect(r)
-            await other.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
+            await _resume(other, resume)
             error = await _event(other)
             return error["code"], await other.next()
 
@@ -1078,7 +1084,7 @@ async def test_resume_is_refused_coded_and_a_newer_connection_takes_the_session(
         # The client comes back while its old connection still looks alive: the newer wins
         newer = await _raw_connect(r)
         resume = {"session_id": sid, "token": token, "after_seq": -1}
-        await newer.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
+        await _resume(newer, resume)
         assert (await _event(newer))["type"] == "resumed"
         taken = await _event(raw)
         assert taken["code"] == "session_taken"
@@ -1099,9 +1105,7 @@ async def test_a_session_taken_over_elsewhere_hears_it_at_its_next_record_write(
     # Another gateway resumed the session and its takeover word never came here: the next
     # write of this connection's record finds the other's revision, and this one ends.
     async with rig() as r:
-        raw = await _raw_connect(r)
-        await raw.send(TextMessage(json.dumps({"type": "start"})))
-        sid = (await _event(raw))["session_id"]
+        raw, sid, _ = await _started(r)
         await raw.send(BytesMessage(_speech_like(3.0)))
         await _eventually(lambda: sid in r.bus.records)
         theirs = dataclasses.replace(r.bus.records[sid], owner="elsewhere:1", gateway="elsewhere")
@@ -1127,23 +1131,20 @@ async def test_a_resume_past_the_sessions_chunks_is_refused_and_the_session_surv
     autojump_clock: Any,
 ) -> None:
     async with rig() as r:
-        raw = await _raw_connect(r)
-        await raw.send(TextMessage(json.dumps({"type": "start"})))
-        ready = await _event(raw)
-        sid, token = ready["session_id"], ready["resume_token"]
+        raw, sid, token = await _started(r)
         await raw.send(BytesMessage(_speech_like(6.0)))
         await _eventually(lambda: len(r.bus.finals(sid)) >= 1)
         await raw.stream.aclose()  # a reset
         await _eventually(lambda: sid in r.bus.records and r.bus.records[sid].state == "detached")
         wrong = await _raw_connect(r)
         resume = {"session_id": sid, "token": token, "after_seq": 999}
-        await wrong.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
+        await _resume(wrong, resume)
         refused = await _event(wrong)
         assert (refused["code"], await wrong.next()) == ("bad_message", 1008)
         assert "past the session's last chunk" in refused["message"]
         assert sid in r.bus.records  # a client's bad resume does not end its session
         right = await _raw_connect(r)
         resume["after_seq"] = -1
-        await right.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
+        await _resume(right, resume)
         assert (await _event(right))["type"] == "resumed"
         assert r.bus.cancels == []
