@@ -30,7 +30,7 @@ _FATAL = {
     "resume_expired": "the server no longer holds the session (its resume window passed, or it "
     "ended): cannot resume",
     "unauthorized": "the server refused to resume the session (wrong token or API key)",
-    "session_taken": "another connection resumed this session",
+    "session_taken": "another connection resumed the session",
 }
 # Answers to a resume that may change with time (honouring retry_after_s).
 RETRY_LATER = frozenset({"overloaded", "quota_exceeded"})

@@ -35,7 +35,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"  # no key, or a wrong or revoked one (keys file configured)
     QUOTA_EXCEEDED = "quota_exceeded"  # the key's sessions or audio budget: retry later
     RESUME_EXPIRED = "resume_expired"  # no such session to resume (ended, or past its window)
-    SESSION_TAKEN = "session_taken"  # a newer connection resumed this session
+    SESSION_TAKEN = "session_taken"  # a newer connection resumed the session
 
 
 # WebSocket close codes (RFC 6455 §7.4.1 and the 4000-4999 private range).

@@ -44,7 +44,7 @@ class BusHandlers:
     on_reconnected: Callable[[], None] = lambda: None
     # A result read from the results stream for a session this gateway follows (resumed)
     on_replayed: Callable[[bytes, str], None] = lambda _d, _s: None
-    # Another connection took this session over: (session id, its owner)
+    # Another connection took a session over: (session id, its owner)
     on_takeover: Callable[[str, str], None] = lambda _i, _o: None
 
 

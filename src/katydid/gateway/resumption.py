@@ -36,6 +36,7 @@ from katydid.errors import ErrorCode, NatsError, ProtocolError
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.live import Live, clock
 from katydid.gateway.outputs import Output, Reattach, Send
+from katydid.gateway.session_resume import TAKEN
 from katydid.gateway.tenants import Tenants
 from katydid.log import SampledLogger
 from katydid.session_record import ATTACHED, DETACHED, SessionRecord
@@ -138,7 +139,7 @@ class Resumption:
                 retry_after_s=5.0,
             )
         if not written:
-            return ProtocolError(ErrorCode.SESSION_TAKEN, "a newer connection resumed this session")
+            return ProtocolError(ErrorCode.SESSION_TAKEN, TAKEN)
         live.recorded = True
         return None
 
@@ -367,7 +368,7 @@ class Resumption:
         if self.tenants.required:
             tenant = self.tenants.authenticate(live.credential or ask.api_key, live.door)
             if tenant.name != record.key:
-                raise ProtocolError(ErrorCode.UNAUTHORIZED, "another key started this session")
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "another key started the session")
             self.tenants.open(tenant, clock())
             live.tenant = tenant
         return found

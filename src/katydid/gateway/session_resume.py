@@ -24,6 +24,7 @@ from katydid.gateway.session_queries import Phase, SessionQueries
 from katydid.session_record import ATTACHED, DETACHED, SessionRecord
 
 DETACHED_OUTCOME = "detached"  # the client went away; the session waits for it to resume
+TAKEN = "a newer connection resumed the session"  # what an older connection hears
 
 
 class SessionResume(SessionQueries):
@@ -47,7 +48,7 @@ class SessionResume(SessionQueries):
     def record(
         self, state: str, gateway: str, owner: str, key: str, unix_now: float
     ) -> SessionRecord:
-        """What another gateway needs to take this session over."""
+        """What another gateway needs to take the session over."""
         assert self.options is not None
         options = dataclasses.asdict(self.options)
         options.pop("api_key", None)  # never stored
@@ -78,14 +79,14 @@ class SessionResume(SessionQueries):
         return [Remember(DETACHED)]
 
     def taken(self) -> list[Output]:
-        """A newer connection resumed this session: this one ends without touching the session's
+        """A newer connection resumed the session: this one ends without touching the session's
         jobs or record (they are the newer one's now)."""
         if self.phase is Phase.CLOSED:
             return []
         self.phase = Phase.CLOSED
         self.outcome = "taken"
         self._jobs_out.in_flight.clear()
-        message = "a newer connection resumed this session"
+        message = TAKEN
         return [
             Send(ErrorEvent(ErrorCode.SESSION_TAKEN, message)),
             Close(4409, ErrorCode.SESSION_TAKEN.value, "taken"),

@@ -67,7 +67,7 @@ class SessionRecord:
     finished_s: float = 0.0
     status_updates: int = 0  # `queued` events received while waiting
     clip: str = ""  # the clip's name
-    # --drop-rate: whether this session's connection was reset, the resumes that followed, and
+    # --drop-rate: whether the session's connection was reset, the resumes that followed, and
     # what the finals looked like after them (each must be 0: lost, duplicated, out of order)
     dropped: bool = False
     resumes: int = 0
