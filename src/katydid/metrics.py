@@ -126,6 +126,13 @@ class GatewayMetrics:
         self.jobs_published = Counter(
             "katydid_jobs_published", "Jobs queued by lane and kind", ["lane", "kind"], registry=r
         )
+        self.resumption = Counter(
+            "katydid_session_resumption",
+            "Sessions detached (client or gateway gone), resumed here, taken over by a newer"
+            " connection; records not written (the write queue at its bound)",
+            ["event"],
+            registry=r,
+        )
         self.results = Counter(
             "katydid_results",
             "Results received by kind and outcome",

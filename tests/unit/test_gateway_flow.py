@@ -1059,6 +1059,9 @@ async def test_a_reset_session_resumes_with_every_final_once_and_its_audio_dedup
         assert await again.next() == 1000
         await _eventually(lambda: sid not in r.bus.records)  # ended for good: forgotten
         await _eventually(lambda: r.gateway.sessions == {})  # by neither its id nor its first
+        resumption = "katydid_session_resumption_total"
+        assert _metric(r.gateway, resumption, event="detached") == 1
+        assert _metric(r.gateway, resumption, event="resumed") == 1
 
 
 async def test_resume_is_refused_coded_and_a_newer_connection_takes_the_session(
@@ -1090,6 +1093,7 @@ async def test_resume_is_refused_coded_and_a_newer_connection_takes_the_session(
         assert taken["code"] == "session_taken"
         assert await raw.next() == 4409
         assert r.bus.cancels == []  # the session's jobs are the newer connection's
+        assert _metric(r.gateway, "katydid_session_resumption_total", event="taken_over") == 1
         assert r.gateway.sessions[sid].owner == r.bus.records[sid].owner
         # Ended for good (a normal close), it cannot be resumed
         await newer.send(TextMessage('{"type": "stop"}'))

@@ -97,7 +97,7 @@ class Hub:
         self.tenants = Tenants(keys_file, m, self.sampled)
         self.seating = Seating(cfg, bus, self.admission, self.tenants, m, self.sampled)
         self.resumption = Resumption(
-            cfg, bus, self.gateway_id, self.sessions, self.tenants, self.sampled
+            cfg, bus, self.gateway_id, self.sessions, self.tenants, self.sampled, m
         )
         self.resumption.on_taken = self._on_takeover_found
         m.upload_memory.set_function(lambda: self.seating.uploads.held)
@@ -178,7 +178,7 @@ class Hub:
         """Another connection (here or on another gateway) serves the session now."""
         live = self.sessions.get(session_id)
         if live is not None and live.owner and live.owner != owner:
-            self.resumption.counters["taken_over"] += 1
+            self.resumption.events.labels("taken_over").inc()
             self._route(live, Taken())
 
     def _on_takeover_found(self, session_id: str, owner: str) -> None:
@@ -194,6 +194,7 @@ class Hub:
         session_id = live.session.session_id
         old = self.sessions.get(session_id)
         if old is not None and old is not live:
+            self.resumption.events.labels("taken_over").inc()
             self._route(old, Taken())
         if self.sessions.get(opened_as) is live:
             del self.sessions[opened_as]

@@ -39,6 +39,7 @@ from katydid.gateway.outputs import Output, Reattach, Send
 from katydid.gateway.session_resume import TAKEN
 from katydid.gateway.tenants import Tenants
 from katydid.log import SampledLogger
+from katydid.metrics import GatewayMetrics
 from katydid.session_record import ATTACHED, DETACHED, SessionRecord
 
 log = structlog.get_logger("katydid.gateway")
@@ -64,6 +65,7 @@ class Resumption:
         sessions: dict[str, Live],
         tenants: Tenants,
         sampled: SampledLogger,
+        metrics: GatewayMetrics,
     ) -> None:
         self.cfg = cfg
         self.bus = bus
@@ -82,7 +84,7 @@ class Resumption:
         self._unfollow: list[str] = []  # resumed sessions over: stop reading their results
         self.followed: set[str] = set()  # resumed here: their finals come from the stream
         self._wake = trio.Event()
-        self.counters = {"resumed": 0, "detached": 0, "taken_over": 0, "records_dropped": 0}
+        self.events = metrics.resumption  # by event: detached, resumed, taken_over, ...
 
     # --- tokens ---
 
@@ -115,7 +117,7 @@ class Resumption:
         record = s.record(state, self.gateway_id, live.owner, key, time.time())
         self._queue(s.session_id, record, live.owner)
         if state == DETACHED:
-            self.counters["detached"] += 1
+            self.events.labels("detached").inc()
 
     async def recorded(self, live: Live, *, final: bool) -> ProtocolError | None:
         """Before a session's job is published: its record is written and acknowledged, so no
@@ -165,7 +167,7 @@ class Resumption:
 
     def _queue(self, session_id: str, record: SessionRecord | None, owner: str) -> None:
         if session_id not in self._pending and len(self._pending) >= self.cfg.stream_max_msgs:
-            self.counters["records_dropped"] += 1
+            self.events.labels("record_dropped").inc()
             self.sampled.warning("session_record_not_written", session_id=session_id)
             return
         self._pending[session_id] = (record, owner)
@@ -202,7 +204,7 @@ class Resumption:
         later = trio.current_time() + self.cfg.resume_window_s
         if revision is None:
             self._owners[session_id] = _Held(owner, _TAKEN, later)
-            self.counters["taken_over"] += 1
+            self.events.labels("taken_over").inc()
             self.on_taken(session_id, owner)
             return False
         until = later if record.state == DETACHED else math.inf
@@ -285,7 +287,7 @@ class Resumption:
             return s.fail(exc)
         adopt(live, opened_as)
         live.recorded = True
-        self.counters["resumed"] += 1
+        self.events.labels("resumed").inc()
         self.remember(live, ATTACHED)
         first, rest = outputs[0], outputs[1:]
         assert isinstance(first, Send)
