@@ -36,6 +36,11 @@ def _mix(speech_dir: Path) -> tuple[bytes, str]:
     return np.asarray(audio).tobytes(), clip.reference
 
 
+async def _recv(ws: Any) -> Any:
+    """The server's next message, bounded: a server that says nothing fails the test."""
+    return await asyncio.wait_for(ws.recv(), 30)
+
+
 async def _events(ws: Any, into: list[dict[str, Any]], until: str = "done") -> None:
     async for raw in ws:
         event = json.loads(raw)
@@ -50,7 +55,7 @@ async def _interrupted(url: str, pcm: bytes, cut_at: int, cut: Any) -> list[dict
     events: list[dict[str, Any]] = []
     ws = await websockets.connect(url, max_size=None)
     await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "sample_rate": 16000}))
-    events.append(json.loads(await ws.recv()))
+    events.append(json.loads(await _recv(ws)))
     assert events[0]["type"] == "ready", events[0]
     assert events[0]["resume_token"], events[0]
     for i in range(0, cut_at, FRAME):
@@ -70,7 +75,7 @@ async def _resume(url: str, pcm: bytes, ready: dict[str, Any], after_seq: int) -
     async with websockets.connect(url, max_size=None) as ws:
         resume = {"session_id": ready["session_id"], "token": ready["resume_token"]}
         await ws.send(json.dumps({"type": "start", "resume": resume | {"after_seq": after_seq}}))
-        resumed = json.loads(await ws.recv())
+        resumed = json.loads(await _recv(ws))
         assert resumed["type"] == "resumed", resumed
         assert resumed["session_id"] == ready["session_id"]
         assert not resumed["audio_complete"]
@@ -101,9 +106,9 @@ async def _undisturbed(url: str, pcm: bytes) -> list[dict[str, Any]]:
 async def _refused(url: str, resume: dict[str, Any]) -> tuple[str, int | None]:
     async with websockets.connect(url) as ws:
         await ws.send(json.dumps({"type": "start", "resume": resume}))
-        error = json.loads(await ws.recv())
+        error = json.loads(await _recv(ws))
         try:
-            await ws.recv()
+            await _recv(ws)
         except websockets.ConnectionClosed as exc:
             return error["code"], exc.rcvd.code if exc.rcvd else None
     raise AssertionError("not closed")
