@@ -364,12 +364,16 @@ class Worker:
         ), engine
 
     async def _keep_alive(self, msg: Any) -> None:
+        """In progress while it is decoded: at once (a job taken from the set-aside jobs had
+        its last beat up to a beat ago, then its liveness checks: without one now, a loaded
+        host passed ack_wait and JetStream delivered it again, decoded twice), then every
+        third of ack_wait."""
         while True:
-            await anyio.sleep(max(0.5, self.cfg.consumer_ack_wait_s / 3))
             try:
                 await msg.in_progress()
             except nats.errors.Error:
                 pass  # reconnecting: the next beat may still make it within ack_wait
+            await anyio.sleep(max(0.5, self.cfg.consumer_ack_wait_s / 3))
 
 
 def run_worker(cfg: Config, model_path: Path, worker_id: str | None = None) -> None:
