@@ -83,6 +83,11 @@ def add_parsers(sub: Any) -> None:
         " frame) and resumes; the report counts finals lost, duplicated, out of order",
     )
     ld.add_argument(
+        "--partials",
+        action="store_true",
+        help="the sessions ask for partial results (live streams: --mode stream)",
+    )
+    ld.add_argument(
         "--engine-baseline",
         action="store_true",
         help="measure the engine alone first, same clips and processes",
@@ -277,6 +282,7 @@ def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
             max_wait_s=args.max_wait,
             api_key=args.api_key,
             drop_rate=args.drop_rate,
+            partials=args.partials,
         )
         stats = trio.run(LoadRunner(spec, on_tick=_progress if sys.stderr.isatty() else None).run)
         if sys.stderr.isatty():

@@ -29,6 +29,8 @@ from katydid.client_conn import connect as connect
 from katydid.client_conn import open_link as open_link
 from katydid.client_resume import ResumeOptions as ResumeOptions
 
+# what counts as the first result after a resume: a partial too (a live client's feedback)
+_RESULTS = frozenset({"partial", "final", "error", "done"})
 # connect failures worth another attempt while resuming (a gateway restarting, a network back)
 _RETRY_CONNECT = frozenset(
     {
@@ -151,7 +153,9 @@ class _Session:
         self.session_timeout_s = 900.0
         self.t0: float | None = None  # when paced audio began: the microphone's clock
         self.reconnecting = False  # lost, and not resumed yet
-        self.lost_at: float | None = None  # trio time of the loss no result has followed yet
+        self.lost_at: float | None = None  # trio time of the loss no final has followed yet
+        # trio time the connection that resumed was opened, until the first result after it
+        self.reconnected_at: float | None = None
         self.rng = random.Random()
 
     def _status(self, what: str) -> None:
@@ -211,6 +215,8 @@ class _Session:
         try:
             offset: int | None = 0
             if self.reconnecting:
+                # The resume's latency runs from here: the backoff before it is the client's.
+                self.reconnected_at = trio.current_time()
                 await ws.send_message(json.dumps(self.state.start_message(self.api_key)))
                 answer: dict[str, Any] | None = None
                 with trio.move_on_at(deadline):
@@ -306,8 +312,12 @@ class _Session:
                 return self._lost(code, f"close code {code}")
             event = json.loads(raw)
             kind = event.get("type")
+            now = trio.current_time()
+            if kind in _RESULTS and self.reconnected_at is not None and not self.reconnecting:
+                self.result.resume_latencies_s.append(now - self.reconnected_at)
+                self.reconnected_at = None
             if kind in ("final", "error", "done") and self.lost_at is not None:
-                self.result.resume_latencies_s.append(trio.current_time() - self.lost_at)
+                self.result.outage_to_final_s.append(now - self.lost_at)
                 self.lost_at = None
             if kind in ("final", "error") and not self.state.accept(event, self.result):
                 continue

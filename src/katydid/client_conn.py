@@ -48,13 +48,17 @@ class SessionResult:
     first_final_s: float | None = None
     close_code: int | None = None
     # Resumption: connections resumed, reconnect attempts made, server events dropped as
-    # duplicates (a final or chunk error whose seq had been delivered) or seen out of order, and
-    # for each resume the time from the loss to the first result after it.
+    # duplicates (a final or chunk error whose seq had been delivered) or seen out of order; for
+    # each resume the time from opening the connection that resumed (the client's backoff
+    # excluded) to the first result after it (a partial, final, chunk error or done), and for
+    # each outage the time from the loss to the next final (backoff and the speaker's
+    # unfinished utterance included: for scale).
     resumes: int = 0
     reconnect_attempts: int = 0
     duplicates: int = 0
     out_of_order: int = 0
     resume_latencies_s: list[float] = field(default_factory=list)
+    outage_to_final_s: list[float] = field(default_factory=list)
 
     @property
     def finals(self) -> list[dict[str, Any]]:

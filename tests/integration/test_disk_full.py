@@ -83,7 +83,8 @@ def _readiness(http_port: int) -> dict[str, object]:
         with urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=10) as answer:
             return dict(json.loads(answer.read()))
     except HTTPError as not_ready:
-        return dict(json.loads(not_ready.read()))
+        with not_ready:  # it holds the connection
+            return dict(json.loads(not_ready.read()))
 
 
 def test_a_full_disk_heals_itself_once_space_is_back(

@@ -234,10 +234,12 @@ def test_callers_naming_a_configured_model_are_seated_while_its_worker_warms_up(
     pcm = float_to_pcm16(decode_container(jfk, max_audio_s=60, max_bytes=10**8))
 
     def http() -> str:
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=0
-        )
-        with jfk.open("rb") as f:
+        with (
+            openai.OpenAI(
+                base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", max_retries=0
+            ) as client,
+            jfk.open("rb") as f,
+        ):
             return client.audio.transcriptions.create(model="tiny.en", file=f, timeout=120).text
 
     def vosk() -> str:
@@ -267,7 +269,8 @@ def test_callers_naming_a_configured_model_are_seated_while_its_worker_warms_up(
         with urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=10):
             pass
     except HTTPError as not_ready:  # 503 until a worker is up: the premise of this test
-        readiness = json.loads(not_ready.read())
+        with not_ready:  # it holds the connection
+            readiness = json.loads(not_ready.read())
     else:
         serve.kill()
         pytest.fail("the worker was up before the doors listened: nothing here was warming up")

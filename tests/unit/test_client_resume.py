@@ -151,6 +151,8 @@ async def test_finals_arrive_once_in_order_across_a_drop_and_pcm_is_resent_from_
     assert status == ["reconnecting", "resumed"]
     assert result.resumes == 1
     assert len(result.resume_latencies_s) == 1
+    assert len(result.outage_to_final_s) == 1
+    assert result.resume_latencies_s[0] <= result.outage_to_final_s[0]  # no backoff in it
     (start,) = fake.resume_starts
     assert start["resume"] == {"session_id": _SESSION, "token": "t1", "after_seq": 1}
     assert fake.resent_audio() == audio[12_800:]

@@ -166,7 +166,8 @@ def summarize(
 
 def _resume_summary(stats: LoadStats) -> dict[str, Any]:
     """--drop-rate: sessions reset, resumes, and the finals of completed sessions (each of lost,
-    duplicated and out of order must be 0); reconnect -> first result after it, in seconds."""
+    duplicated and out of order must be 0); reconnect -> first result after it (the client's
+    backoff excluded; a partial counts), and loss -> next final for scale, in seconds."""
     ok = [r for r in stats.records if r.outcome == "ok"]
     return {
         "drop_rate": stats.spec.drop_rate,
@@ -176,6 +177,7 @@ def _resume_summary(stats: LoadStats) -> dict[str, Any]:
         "finals_duplicated": sum(r.finals_duplicated for r in ok),
         "finals_out_of_order": sum(r.finals_out_of_order for r in ok),
         "reconnect_to_result_s": percentiles([t for r in ok for t in r.resume_latencies_s]),
+        "loss_to_next_final_s": percentiles([t for r in ok for t in r.outage_to_final_s]),
     }
 
 
@@ -262,13 +264,15 @@ def markdown(s: dict[str, Any]) -> str:
 def _resume_rows(r: dict[str, Any] | None) -> list[str]:
     if not r or not (r["drop_rate"] or r["resumes"]):
         return []
-    lat = r["reconnect_to_result_s"]
+    lat, outage = r["reconnect_to_result_s"], r["loss_to_next_final_s"]
     return [
         f"| sessions reset mid-stream (--drop-rate {r['drop_rate']}) / resumes | "
         f"{r['sessions_dropped']} / {r['resumes']} |",
         f"| **finals lost / duplicated / out of order** | **{r['finals_lost']} / "
         f"{r['finals_duplicated']} / {r['finals_out_of_order']}** |",
         f"| reconnect -> first resumed result p50 / p99 | {lat['p50']} / {lat['p99']} s |",
+        f"| loss -> next final p50 / p99 (backoff and the unfinished utterance included) | "
+        f"{outage['p50']} / {outage['p99']} s |",
     ]
 
 

@@ -52,6 +52,7 @@ class LoadSpec:
     api_key: str | None = field(default=None, repr=False)  # sent in start (a keyed server)
     seed: int = 0
     drop_rate: float = 0.0  # fraction of sessions whose connection the client resets once
+    partials: bool = False  # the sessions ask for partial results (a live client's feedback)
 
 
 @dataclass(slots=True)
@@ -75,6 +76,7 @@ class SessionRecord:
     finals_duplicated: int = 0
     finals_out_of_order: int = 0
     resume_latencies_s: list[float] = field(default_factory=list)
+    outage_to_final_s: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -180,6 +182,8 @@ class LoadRunner:
             options["max_wait_s"] = spec.max_wait_s
         if spec.api_key:
             options["api_key"] = spec.api_key
+        if spec.partials:
+            options["partials"] = True
         fault = None
         if spec.drop_rate > 0 and rng.random() < spec.drop_rate:
             fault = self._drop_once(
@@ -228,6 +232,7 @@ class LoadRunner:
                     record.finals_duplicated = res.duplicates
                     record.finals_out_of_order = res.out_of_order
                     record.resume_latencies_s = res.resume_latencies_s
+                    record.outage_to_final_s = res.outage_to_final_s
                     return 0.0
             finally:
                 st.active -= 1
