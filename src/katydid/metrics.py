@@ -84,6 +84,12 @@ _BEATS: tuple[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, str
         "jobs_set_aside",
     ),
     (
+        CounterMetricFamily,
+        "katydid_jobs_set_aside_preempted",
+        "Decodes of set-aside jobs stopped (the job kept aside) for a job that came meanwhile",
+        "set_aside_preempted",
+    ),
+    (
         GaugeMetricFamily,
         "katydid_jobs_set_aside_now",
         "Jobs a worker holds aside now (unanswered, kept in progress)",

@@ -312,6 +312,31 @@ async def test_live_jobs_first_then_resumed_then_the_oldest_when_idle() -> None:
     assert (msg, fresh, lanes["interactive"].lingered) == (None, True, 1)
 
 
+async def test_an_idle_decode_of_a_set_aside_job_gives_way_to_a_job_that_comes() -> None:
+    clock = Clock()
+    records = Records()
+    w = _worker(clock, records)
+    records.checks = {"dead": _live(ATTACHED, "gone"), "new": _live(ATTACHED, "live")}
+    for i in range(2):
+        assert await _set_aside(w, FakeMsg(f"dead{i}", session_id="dead"))
+    lanes: dict[str, Any] = {"interactive": FakeLane(), "bulk": FakeLane()}
+    msg, fresh = await w.order.next_job(lanes)  # nothing queued: the oldest, decoded idle
+    assert (msg.name, fresh, w.order.idle is not None) == ("dead0", False, True)
+    assert not w.order.gave_way()
+    # While it decodes, a live session's job comes: the lanes are asked, the decode told to stop.
+    lanes["interactive"].msgs.append(FakeMsg("new0", session_id="new"))
+    with anyio.fail_after(2):
+        await w.order.watch_lanes(lanes)
+    assert w.order.gave_way()
+    w.order.put_back()  # Worker._handle: the decode stopped, the job unanswered
+    assert (len(w.order._aside), w.stats.set_aside_preempted) == (2, 1)
+    msg, fresh = await w.order.next_job(lanes)
+    assert (msg.name, fresh, w.order.idle) == ("new0", True, None)
+    # The job that gave way is still the oldest: it is the next idle decode, not dead1.
+    msg, fresh = await w.order.next_job(lanes)
+    assert (msg.name, fresh) == ("dead0", False)
+
+
 async def test_past_the_bound_the_oldest_is_decoded_and_cancelled_ones_leave() -> None:
     clock = Clock()
     records = Records()
@@ -323,6 +348,7 @@ async def test_past_the_bound_the_oldest_is_decoded_and_cancelled_ones_leave() -
     lanes["bulk"] = FakeLane()
     msg, fresh = await w.order.next_job(lanes)  # 30 bytes > 25: the oldest goes first
     assert (msg.name, fresh) == ("a0", False)
+    assert w.order.idle is None  # past the bound it is decoded whatever comes (no giving way)
     msg, fresh = await w.order.next_job(lanes)
     assert (msg.name, fresh) == ("x", True)
     await w.audience.on_cancel(SimpleNamespace(data=b"away"))
@@ -357,10 +383,13 @@ def test_the_counts_reach_the_heartbeat_and_the_gateways_metrics() -> None:
     stats = WorkerStats("w1", "m")
     stats.jobs_set_aside, stats.set_aside_now = 7, 2
     beat = json.loads(stats.to_json())
+    stats.set_aside_preempted = 3
+    beat = json.loads(stats.to_json())
     assert (beat["jobs_set_aside"], beat["set_aside_now"]) == (7, 2)
     text = generate_latest(GatewayMetrics(lambda: {"w1": beat}).registry).decode()
     assert 'katydid_jobs_set_aside_total{worker="w1"} 7.0' in text
     assert 'katydid_jobs_set_aside_now{worker="w1"} 2.0' in text
+    assert 'katydid_jobs_set_aside_preempted_total{worker="w1"} 3.0' in text
 
 
 def test_a_gateway_nats_says_is_gone_is_silent_at_once_and_back_when_heard() -> None:

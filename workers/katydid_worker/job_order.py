@@ -13,6 +13,11 @@ is a read when its session's verdict is older than a second, and with NATS slow 
 take its whole timeout) the rest go next time, not before the next fetch.
 Rule 4: stopping, every job held aside is nak'ed at once (no delay: another worker takes it),
 never acked or answered (``worker.py`` Rule 5).
+Rule 5: a set-aside job decoded only because nothing else was queued gives way: while it
+decodes, the lanes are asked every ``_PREEMPT_POLL_S``; a job fetched meanwhile stops the decode
+(whisper.cpp's abort callback), the set-aside job goes back to the set as its oldest, unanswered,
+and the fetched one is next. A live session's job never waits behind a result nobody reads
+yet (a new session right after a gateway's death would otherwise wait out a decode).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from katydid_worker.worker_stats import WorkerStats
 log = structlog.get_logger("katydid.worker")
 _FETCH_INTERACTIVE_S = 0.5  # the wait for a job when both lanes are empty
 _REVIEW_BUDGET_S = 0.1  # time for one pass over set-aside jobs before the next fetch
+_PREEMPT_POLL_S = 0.05  # how often the lanes are asked while an idle set-aside job decodes
 
 
 def lane_order(interactive_streak: int, bulk_every: int) -> tuple[str, str]:
@@ -80,10 +86,18 @@ class JobOrder:
             cfg.worker_set_aside_bytes, max(1, cfg.consumer_max_ack_pending // 2)
         )
         self._released: deque[Aside] = deque()  # out of the set, decoded before any fetch
+        # Rule 5: the set-aside job decoded for want of anything else, and the fresh job that
+        # arrived meanwhile (it stops that decode and goes next)
+        self.idle: Aside | None = None
+        self._fetched: Any = None
         self._aside_open = False  # logged once per transition, not per job
 
     async def next_job(self, lanes: dict[str, Any]) -> tuple[Any, bool]:
         """The next job (Rule 2), and whether it is fresh from a lane (it may be set aside)."""
+        self.idle = None
+        if self._fetched is not None:  # it stopped an idle decode (Rule 5)
+            msg, self._fetched = self._fetched, None
+            return msg, True
         if not self._released:
             due = self._aside.due()
             budget = time.monotonic() + _REVIEW_BUDGET_S  # Rule 3
@@ -100,11 +114,31 @@ class JobOrder:
             log.info("set_aside_empty", worker=self.worker_id)
             self._aside_open = False
         if self._aside.over():
-            return self._take_oldest("bound"), False
+            return self._take_oldest("bound").msg, False
         msg = await self._next(lanes, linger=not self._aside)
         if msg is None and self._aside and not self._stopping.is_set():
-            return self._take_oldest("idle"), False
+            self.idle = self._take_oldest("idle")
+            return self.idle.msg, False
         return msg, True
+
+    def gave_way(self) -> bool:
+        """A job was fetched while the idle set-aside one decoded: that decode should stop."""
+        return self._fetched is not None
+
+    async def watch_lanes(self, lanes: dict[str, Any]) -> None:
+        """While ``idle`` decodes: the lanes asked until a job comes (Rule 5). Runs until it
+        fetches one or is cancelled (the decode ended)."""
+        while self._fetched is None:
+            await anyio.sleep(_PREEMPT_POLL_S)
+            self._fetched = await self._next(lanes, linger=False)
+
+    def put_back(self) -> None:
+        """The idle decode stopped for a fetched job: its job back in the set as the oldest,
+        neither acked nor answered (Rule 5)."""
+        entry, self.idle = self.idle, None
+        if entry is not None:
+            self._aside.restore(entry)
+            self.stats.set_aside_preempted += 1
 
     def held(self) -> list[Any]:
         """The jobs set aside or released from it, not yet answered: kept in progress (a
@@ -115,7 +149,7 @@ class JobOrder:
         """How many jobs ``held`` lists (the heartbeat's ``set_aside_now``)."""
         return len(self._aside) + len(self._released)
 
-    def _take_oldest(self, why: str) -> Any:
+    def _take_oldest(self, why: str) -> Aside:
         entry = self._aside.oldest()
         assert entry is not None  # the caller saw the set non-empty
         self._sampled.info(
@@ -126,7 +160,7 @@ class JobOrder:
             aside_s=round(time.monotonic() - entry.since, 2),
             set_aside_now=len(self._aside),
         )
-        return entry.msg
+        return entry
 
     def set_aside(self, msg: Any, job: Job, why: str) -> None:
         """Holds a fresh job whose session waits for its client (``audience.py`` Rule 2)."""

@@ -192,6 +192,13 @@ class SetAside:
             return self._take(key)
         return None
 
+    def restore(self, entry: Aside) -> None:
+        """``entry``, taken out by ``oldest`` and not answered, back in the set as the oldest
+        (its decode gave way to a live session's job)."""
+        self._held = {entry.key: entry, **self._held}
+        self._by_session[entry.session_id] = self._by_session.get(entry.session_id, 0) + 1
+        self.bytes += entry.size
+
     def due(self) -> list[Aside]:
         """Those not looked at for ``look_every_s``, oldest first, marked looked at now (they
         stay in the set until ``release``)."""

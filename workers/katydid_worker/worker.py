@@ -18,7 +18,8 @@ Rule 6: before engine time, whoever will read the result is asked after (``audie
 Rule 1): a job whose session has no record is ``orphaned``.
 Rule 7: a job whose session waits for its client is set aside, unanswered, while other jobs are
 decoded (``audience.py`` Rule 2, ``set_aside.py``); which job comes next is ``job_order.py``'s
-(Rule 2).
+(Rule 2). One decoded only because nothing else was queued gives way to a job fetched meanwhile:
+its decode stops and it goes back aside, unanswered (``job_order.py`` Rule 5).
 """
 
 from __future__ import annotations
@@ -178,7 +179,10 @@ class Worker:
                     msg, fresh = await self._order.next_job(subs)
                     if msg is not None:
                         with anyio.CancelScope(shield=True):  # a started job always finishes
-                            await self._handle(msg, may_set_aside=fresh)
+                            idle = self._order.idle is not None  # it gives way (Rule 7)
+                            await self._handle(
+                                msg, may_set_aside=fresh, lanes=subs if idle else None
+                            )
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
@@ -226,7 +230,11 @@ class Worker:
             self._sampled.flush()
             await anyio.sleep(self.cfg.worker_heartbeat_s)
 
-    async def _handle(self, msg: Any, *, may_set_aside: bool = False) -> None:
+    async def _handle(
+        self, msg: Any, *, may_set_aside: bool = False, lanes: dict[str, Any] | None = None
+    ) -> None:
+        """One job, answered once (Rule 4); with ``lanes``, a set-aside job decoded for want of
+        anything else, which gives way to a job fetched from them meanwhile (Rule 7)."""
         started = time.time()
         try:
             job = Job.from_headers(msg.headers)
@@ -262,7 +270,11 @@ class Worker:
             except AudioError as exc:
                 result = error(ResultError.BAD_JOB, str(exc))
             else:
-                result, engine = await self._transcribe(job, msg, audio, queue_s)
+                decoded = await self._transcribe(job, msg, audio, queue_s, lanes)
+                if decoded is None:  # it gave way: back aside, unanswered (Rule 7)
+                    self._order.put_back()
+                    return
+                result, engine = decoded
         if result.error:
             skipped = ResultError(result.error["code"]).skipped
             self.stats.jobs_skipped += skipped
@@ -292,8 +304,24 @@ class Worker:
         return await self._nc.request(subject, b"", timeout=timeout_s)
 
     async def _transcribe(
-        self, job: Job, msg: Any, audio: np.ndarray, queue_s: float
-    ) -> tuple[JobResult, dict[str, Any]]:
+        self,
+        job: Job,
+        msg: Any,
+        audio: np.ndarray,
+        queue_s: float,
+        lanes: dict[str, Any] | None = None,
+    ) -> tuple[JobResult, dict[str, Any]] | None:
+        """The engine's result as the job's answer; None when the decode stopped to give way
+        to a job fetched from ``lanes`` meanwhile (Rule 7)."""
+        gave_way = False
+
+        def should_abort() -> bool:  # polled in the engine's thread
+            nonlocal gave_way
+            if lanes is not None and self._order.gave_way():
+                gave_way = True
+                return True
+            return self._audience.cancelled(job.session_id)
+
         self.stats.busy = True
         self.stats.job_stream_seq = msg.metadata.sequence.stream
         decode = DecodeOptions(
@@ -306,12 +334,12 @@ class Worker:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keep_alive, msg)
+                if lanes is not None:
+                    tg.start_soon(self._order.watch_lanes, lanes)
                 try:
                     tr = await anyio.to_thread.run_sync(
                         lambda: self.engine.transcribe(
-                            audio,
-                            decode=decode,
-                            should_abort=lambda: self._audience.cancelled(job.session_id),
+                            audio, decode=decode, should_abort=should_abort
                         )
                     )
                 finally:
@@ -327,6 +355,8 @@ class Worker:
         finally:
             self.stats.busy = False
             self.stats.job_stream_seq = None
+        if gave_way:
+            return None
         engine = {
             "audio_ctx": tr.audio_ctx,
             "fallback": tr.fallback,

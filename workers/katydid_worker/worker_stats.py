@@ -22,6 +22,7 @@ class WorkerStats:
     jobs_orphaned: int = 0  # of jobs_skipped: their session had no record (liveness.py)
     jobs_set_aside: int = 0  # set aside while their session waited for its client (set_aside.py)
     set_aside_now: int = 0  # held aside now
+    set_aside_preempted: int = 0  # idle decodes of set-aside jobs stopped for a fetched job
     audio_s: float = 0.0
     compute_s: float = 0.0
     started_unix: float = field(default_factory=time.time)
@@ -44,6 +45,7 @@ class WorkerStats:
                 "jobs_orphaned": self.jobs_orphaned,
                 "jobs_set_aside": self.jobs_set_aside,
                 "set_aside_now": self.set_aside_now,
+                "set_aside_preempted": self.set_aside_preempted,
                 "avg_compute_s": avg,
                 "rtf": self.compute_s / self.audio_s if self.audio_s else None,
                 "pid": os.getpid(),
