@@ -377,8 +377,9 @@ async def orphans_after_gateway_kill(root: Path, model_dir: Path, clips: dict[st
         f"jobs left in the stream after the drain: {tally.orphan_jobs}",
         f"new session (jfk.wav, 11 s) right after the kill: {after[0].total_s:.2f} s vs"
         f" {calm.total_s:.2f} s undisturbed = {ratio:.1f}x (floor 2x: "
-        f"{'holds' if ratio <= 2 else 'does NOT hold'}; reported, not checked: the dead"
-        f" gateway's jobs are still transcribed, ahead of it, while they may be resumed)",
+        f"{'holds' if ratio <= 2 else 'does NOT hold'}; reported, not checked: one session"
+        " of about half a second on a shared host; the dead gateway's jobs are decoded only"
+        " when nothing else is queued, and give way to a job that comes)",
     ]
     _report(tally, figures)
     return tally

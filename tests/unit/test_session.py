@@ -541,3 +541,36 @@ def test_a_malformed_resume_is_bad_message(resume: Any, why: str) -> None:
     assert parse_text(json.dumps({"type": "start", "resume": good}), limits) == Resume(
         "0" * 32, "t", 4
     )
+
+
+def test_a_resumed_sessions_partials_have_job_ids_no_earlier_connection_used() -> None:
+    # Same ids would be dropped by JetStream as duplicates (Nats-Msg-Id): the partial never
+    # comes, and the one in flight holds back every later partial of the session.
+    from katydid.gateway.inputs import Resume
+
+    def partial_ids(s: Session, n: int) -> list[str]:
+        ids = []
+        for _ in range(n):
+            (taken,) = _published(s.receive_bytes(second, 0.0, partials_allowed=True))
+            ids.append(taken.job.job_id)
+            s.receive_result(
+                JobResult(taken.job.job_id, s.session_id, 0, "partial", "so far", (), "en", 1,
+                          0.1, 0, "w", None)
+            )  # fmt: skip
+        return ids
+
+    limits = {"chunk_min_s": 5.0, "file_chunk_min_s": 5.0, "partial_interval_s": 1.0}
+    second = _speech_like(1.0, pause_every_s=10.0)
+    first = _started(_session(**limits), partials=True)
+    first.resumable = True
+    earlier = partial_ids(first, 3)
+    record = first.record("attached", "g1", "o1", "", 0.0)
+    seen = set(earlier)
+    for n, conn_id in enumerate(("s2", "s3"), start=1):
+        again = Session(conn_id, _limits(**limits), STAMP, now=0.0, resumable=True)
+        assert [type(o).__name__ for o in again.receive(Resume("s1", "t", -1), 0.0)] == ["Reattach"]
+        again.reattached(record, -1, "t", 0.0)
+        assert again.session_id == "s1"
+        ids = partial_ids(again, 3)
+        assert not seen & set(ids), f"resume {n} reused {sorted(seen & set(ids))}"
+        seen |= set(ids)

@@ -94,6 +94,7 @@ class Session(SessionClock, SessionResume, SessionLosses):
     resumable: bool = False
     kept: bool = False  # it has a record in NATS (every session, with resumption on)
     resume_token: str = ""
+    _partial_tag: str = ""  # set by a resume: this connection's partial job ids are its own
     _in_jobs: int = 0
 
     def __post_init__(self) -> None:
@@ -308,9 +309,9 @@ class Session(SessionClock, SessionResume, SessionLosses):
         seq, samples = due
         self._partial_in_flight = True
         self._partials += 1
-        # A resumed session's partials count from 1 again: the token keeps their ids (and so
-        # their Nats-Msg-Id) apart from the earlier connection's.
-        job_id = f"{self.session_id}-{seq}-p{self._partials}{self.resume_token[:8]}"
+        # A resumed session's partials count from 1 again: the tag keeps their ids (and so
+        # their Nats-Msg-Id) apart from every earlier connection's (session_resume.py).
+        job_id = f"{self.session_id}-{seq}-p{self._partials}{self._partial_tag}"
         job = self._job(job_id, seq, 0, self.limits.partial_deadline_s, "partial")
         return [Publish(job, _body(samples), self.model, "interactive")]
 

@@ -39,6 +39,7 @@ class SessionResume(SessionQueries):
     resumable: bool
     kept: bool
     resume_token: str
+    _partial_tag: str
     _in_jobs: int
     _flushed: bool
     _stopped_at: float
@@ -112,6 +113,10 @@ class SessionResume(SessionQueries):
                 f" ({record.next_seq - 1})",
             )
         options = StartOptions.from_message(record.options, self.limits)
+        # This connection's partials are told from every earlier connection's by the id it was
+        # opened under (unique): the same ids would be dropped by JetStream as duplicates
+        # (Nats-Msg-Id), and a partial that never comes holds back the session's next ones.
+        self._partial_tag = "r" + self.session_id[:12]
         self.session_id = record.session_id
         self.options = options
         self.model = record.model
