@@ -40,9 +40,16 @@ async def test_two_gateways_share_the_port(
         for res in results:
             assert res.done is not None, res.events
             assert wer(clip.reference, res.text) <= 0.5
-        served = {
-            name: sum(1 for e in stack.log_events(name) if e.get("event") == "session")
-            for name in ("gateway", "gateway2")
-        }
-        assert sum(served.values()) == 20
-        assert min(served.values()) > 0, served  # 20 connections all on one: p = 2 / 2**20
+
+        def served() -> dict[str, int]:
+            return {
+                name: sum(1 for e in stack.log_events(name) if e.get("event") == "session")
+                for name in ("gateway", "gateway2")
+            }
+
+        # A session's log line is written just after its `done` is sent: wait for the last.
+        await trio.to_thread.run_sync(
+            lambda: wait_until(lambda: sum(served().values()) >= 20, 10, "20 session lines")
+        )
+        assert sum(served().values()) == 20
+        assert min(served().values()) > 0, served()  # 20 connections all on one: p = 2 / 2**20

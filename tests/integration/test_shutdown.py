@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -95,5 +96,12 @@ async def test_sigterm_detaches_sessions_and_they_finish_on_another_gateway(
         sessions = [e for e in stack.log_events("gateway") if e.get("event") == "session"]
         assert [e["outcome"] for e in sessions] == ["shutdown"] * 3
         assert all(e["cancelled_jobs"] == 0 for e in sessions)
-        resumed = [e for e in stack.log_events("gateway2") if e.get("event") == "session"]
-        assert [e["outcome"] for e in resumed] == ["ok"] * 3
+
+        # A session's log line is written just after its `done` is sent: wait for the third.
+        def resumed() -> list[Any]:
+            return [e for e in stack.log_events("gateway2") if e.get("event") == "session"]
+
+        await trio.to_thread.run_sync(
+            lambda: wait_until(lambda: len(resumed()) >= 3, 10, "the resumed sessions' log lines")
+        )
+        assert [e["outcome"] for e in resumed()] == ["ok"] * 3
