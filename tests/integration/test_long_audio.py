@@ -112,11 +112,12 @@ async def test_every_mix_over_the_websocket_keeps_every_passage(
 def test_every_mix_through_the_openai_door(stack: Stack, mixes: list[Clip]) -> None:
     sdk: Any = openai.OpenAI(base_url=stack.metrics_url + "/v1", api_key="unused", max_retries=0)
     texts = {}
-    for clip in mixes:
-        with clip.path.open("rb") as f:
-            out = sdk.audio.transcriptions.create(
-                model="whisper-1", file=f, response_format="verbose_json", timeout=600
-            )
-        assert out.duration == pytest.approx(clip.duration_s, abs=0.1)
-        texts[clip.name] = out.text
+    with sdk:  # closes its connections
+        for clip in mixes:
+            with clip.path.open("rb") as f:
+                out = sdk.audio.transcriptions.create(
+                    model="whisper-1", file=f, response_format="verbose_json", timeout=600
+                )
+            assert out.duration == pytest.approx(clip.duration_s, abs=0.1)
+            texts[clip.name] = out.text
     _check(mixes, texts)

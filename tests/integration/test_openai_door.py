@@ -34,9 +34,21 @@ def jfk(speech_dir: Path) -> Clip:
     return next(c for c in read_manifest(speech_dir / "manifest.tsv") if c.name == "jfk.wav")
 
 
+_CLIENTS: list[Any] = []  # closed after each test (an SDK client holds its connections)
+
+
 def _client(stack: Stack) -> Any:
     """The SDK's client (typed loosely: its overloads are not what these tests are about)."""
-    return openai.OpenAI(base_url=stack.metrics_url + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=stack.metrics_url + "/v1", api_key="unused", max_retries=0)
+    _CLIENTS.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
 
 
 @pytest.mark.parametrize("fmt", ["json", "text", "srt", "vtt", "verbose_json"])
