@@ -106,3 +106,29 @@ async def test_a_partial_never_answered_stops_counting_after_its_deadline(
     assert await _speak(gateway, second, model, speech) == 0  # a worker may still answer it
     clock.now += seating._PARTIAL_DECODE_S
     assert await _speak(gateway, second, model, b"") == 1
+
+
+async def test_a_resumed_sessions_first_partial_goes_over_the_slots_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway, _, model, _ = await _gateway(monkeypatch, workers=2)  # one slot
+    speech = _speech_like(1.0, pause_every_s=10.0)
+    busy, back = _streaming(gateway), _streaming(gateway)
+    assert await _speak(gateway, busy, model, speech) == 1  # the slot is taken
+    back.session._partial_tag = "rconnection2"  # as Session.reattached sets it
+    assert back.session.awaits_first_partial
+
+    async def speak_as_the_door(live: Live, audio: bytes) -> int:
+        allowed = gateway.seating.partials_allowed(model, resumed=live.session.awaits_first_partial)
+        partials = 0
+        for out in live.session.receive_bytes(audio, 0.0, partials_allowed=allowed):
+            if isinstance(out, Publish):
+                partials += out.job.options.kind == "partial"
+                assert await gateway.seating.publish(live, out) == []
+        return partials
+
+    assert await speak_as_the_door(back, speech) == 1  # over the full slots: its first
+    assert not back.session.awaits_first_partial
+    back.session._partial_in_flight = False  # answered (the text is not what this is about)
+    assert await speak_as_the_door(back, speech) == 0  # its next ones wait for a slot
+    assert not gateway.seating.partials_allowed(model, resumed=False)

@@ -40,6 +40,7 @@ class SessionResume(SessionQueries):
     kept: bool
     resume_token: str
     _partial_tag: str
+    _partials: int
     _in_jobs: int
     _flushed: bool
     _stopped_at: float
@@ -68,6 +69,12 @@ class SessionResume(SessionQueries):
             updated_unix=unix_now,
             owner=owner,
         )
+
+    @property
+    def awaits_first_partial(self) -> bool:
+        """Resumed, and no partial queued since: its next one goes over the gateway's partial
+        slots (``Seating.partials_allowed``)."""
+        return bool(self._partial_tag) and not self._partials
 
     def detach(self) -> list[Output] | None:
         """The connection is gone before the session ended: a resumable session that has

@@ -214,7 +214,8 @@ class _Connection(SessionDriver):
             if isinstance(msg, Piece):
                 await self.emit(s.receive_bytes(msg.data, now, message_bytes=msg.size))
             elif isinstance(msg, bytes):
-                allowed = self.gateway.seating.partials_allowed(s.model)
+                seating = self.gateway.seating
+                allowed = seating.partials_allowed(s.model, resumed=s.awaits_first_partial)
                 await self.emit(s.receive_bytes(msg, now, partials_allowed=allowed))
             else:
                 await self.emit(receive_text(s, msg, now))
