@@ -54,7 +54,7 @@ ENGINE_BUILD = {
 def _processes() -> list[str]:
     """pytest-xdist's processes for the full suite: two where the host has two cores. Its
     integration tests spend much of their time waiting (on a server starting, a paced stream, a
-    timeout under test), so two processes on 2 cores took the run from 8m50s to 4m55s; more
+    timeout under test), so two processes on 2 cores (AMD EPYC) took it from 8m50s to ~5m; more
     than two would start more servers and models than a small host holds (KATYDID_TEST_PROCESSES
     overrides, 0 runs in this process). ``loadscope`` keeps each module's tests (and its
     module-scoped stack) in one process."""
