@@ -52,13 +52,14 @@ ENGINE_BUILD = {
 
 
 def _processes() -> list[str]:
-    """pytest-xdist's processes for the full suite: two where the host has two cores. Its
-    integration tests spend much of their time waiting (on a server starting, a paced stream, a
-    timeout under test), so two processes on 2 cores (AMD EPYC) took it from 8m50s to ~5m; more
-    than two would start more servers and models than a small host holds (KATYDID_TEST_PROCESSES
-    overrides, 0 runs in this process). ``loadscope`` keeps each module's tests (and its
-    module-scoped stack) in one process."""
-    n = int(os.environ.get("KATYDID_TEST_PROCESSES") or min(2, os.cpu_count() or 1))
+    """pytest-xdist's processes for the full suite (``KATYDID_TEST_PROCESSES``, default 0: in
+    this process). Its integration tests spend much of their time waiting (a server starting, a
+    paced stream, a timeout under test): two processes on 2 cores (AMD EPYC) took the run from
+    8m50s to ~5m50s. Not the default yet: with two, the engine's per-attempt time budgets are
+    overrun under the doubled load and a transcript can differ by a word (one run in ~10 failed
+    test_no_phantom_text that way), and timing races in tests surface that one process hides.
+    ``loadscope`` keeps each module's tests (and its module-scoped stack) in one process."""
+    n = int(os.environ.get("KATYDID_TEST_PROCESSES") or 0)
     return ["-n", str(n), "--dist", "loadscope"] if n > 1 else ["-n", "0"]
 
 
