@@ -52,14 +52,16 @@ ENGINE_BUILD = {
 
 
 def _processes() -> list[str]:
-    """pytest-xdist's processes for the full suite (``KATYDID_TEST_PROCESSES``, default 0: in
-    this process). Its integration tests spend much of their time waiting (a server starting, a
-    paced stream, a timeout under test): two processes on 2 cores (AMD EPYC) took the run from
-    8m50s to ~5m50s. Not the default yet: with two, the engine's per-attempt time budgets are
-    overrun under the doubled load and a transcript can differ by a word (one run in ~10 failed
-    test_no_phantom_text that way), and timing races in tests surface that one process hides.
+    """pytest-xdist's processes for the full suite: two where the host has two CPUs or more,
+    else one (``KATYDID_TEST_PROCESSES`` overrides, 0 or 1: in this process). Its integration
+    tests spend much of their time waiting (a server starting, a paced stream, a timeout under
+    test): two processes on 2 cores (AMD EPYC) took the run from 8m50s to ~5m50s. Never more
+    than two by default: each holds its servers and models, and a small host would not hold
+    more. Under the doubled load a clip-sized decode can overrun its CPU budget and be decoded
+    again in the full window, so tests compare transcripts with a tolerance, never exactly.
     ``loadscope`` keeps each module's tests (and its module-scoped stack) in one process."""
-    n = int(os.environ.get("KATYDID_TEST_PROCESSES") or 0)
+    default = 2 if (os.cpu_count() or 1) >= 2 else 0
+    n = int(os.environ.get("KATYDID_TEST_PROCESSES") or default)
     return ["-n", str(n), "--dist", "loadscope"] if n > 1 else ["-n", "0"]
 
 
