@@ -525,3 +525,30 @@ async def test_a_send_cancelled_before_a_byte_went_out_leaves_the_connection_who
         await ws.send_message("last words")
         peer.receive_data(bytes(await client.receive_some()))
         assert [e.data for e in peer.events() if isinstance(e, TextMessage)] == ["last words"]
+
+
+async def test_a_writer_that_finds_the_client_saying_goodbye_reports_the_goodbye() -> None:
+    # The reader has the client's close (1000) and is sending its echo, which waits for the
+    # client to read it; a writer that sends meanwhile finds the connection closing. Both must
+    # say the client said goodbye: with the writer's bare "gone" the session was kept for a
+    # resume that never comes, its jobs left in the queue (seen under load in CI).
+    async with raw_pair(lockstep=True) as (server, client_stream, peer):
+        gone: list[ClientGone] = []
+
+        async def read() -> None:
+            try:
+                await server.get_message()
+            except ClientGone as exc:
+                gone.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client_stream.send_all, peer.send(CloseConnection(1000)))
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()  # the echo waits for the client
+            assert not server.open
+            with pytest.raises(ClientGone) as writer:
+                await server.send_message('{"type": "queued"}')
+            assert writer.value.said_goodbye
+            peer.receive_data(bytes(await client_stream.receive_some()))
+        assert [e.said_goodbye for e in gone] == [True]
+        assert [type(e) for e in peer.events()] == [CloseConnection]

@@ -180,8 +180,15 @@ class SessionDriver:
                     self.open(nursery)
                     await reader()
             except* ClientGone as group:
-                gone = group.exceptions[0]
-                await self.gone(gone if isinstance(gone, ClientGone) else ClientGone())
+                # The reader and the writer may both find the connection gone: what either
+                # learnt of how (a goodbye, a message too large) holds for the session.
+                found = [e for e in group.exceptions if isinstance(e, ClientGone)]
+                await self.gone(
+                    ClientGone(
+                        too_large=any(e.too_large for e in found),
+                        said_goodbye=any(e.said_goodbye for e in found),
+                    )
+                )
             except* Exception as group:
                 self.gateway.sampled.log(
                     "error", "session_failed", session_id=s.session_id, exc_info=group

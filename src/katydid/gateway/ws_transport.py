@@ -107,6 +107,10 @@ class ServerWebSocket:
         # waits for it (an Event is ~500 bytes, held by every waiting session).
         self._closed = False
         self._closed_event: trio.Event | None = None
+        # The client's close frame said 1000 (its session is over, not to be resumed). Set
+        # before the echo is sent: a writer that finds the connection closing meanwhile must
+        # report the same goodbye, or the session would wait for a resume that never comes.
+        self._said_goodbye = False
         # Every event of what was read has been handled: the next message needs a read (a
         # message returned from the middle of a read may leave more events behind it; frames
         # sent with the handshake are in the connection before the first read).
@@ -146,7 +150,7 @@ class ServerWebSocket:
         """
         if self._reading:  # aclose is reading for the client's echo: the connection is ending
             await self._wait_closed()
-            raise ClientGone
+            raise self._gone()
         self._reading = True
         try:
             while True:
@@ -158,7 +162,7 @@ class ServerWebSocket:
 
     async def _next_event_message(self, pieces: bool) -> str | bytes | Piece | None:
         if self._broken:
-            raise ClientGone
+            raise self._gone()
         message = await self._first_message(pieces)
         # One pong for the pings of a read, not one per ping: a client that pings and never
         # reads cannot hold the reader (and the session, and shutdown) in a send per ping.
@@ -218,7 +222,7 @@ class ServerWebSocket:
             self._pong = None
             return
         self._break()
-        raise ClientGone
+        raise self._gone()
 
     def _piece(self, data: bytes, last: bool) -> Piece:
         # What came before in whole messages' mode (a caller that switched mid-message) first.
@@ -236,6 +240,9 @@ class ServerWebSocket:
         buffer += chunk
         # A text message's UTF-8 was checked by wsproto as it came.
         return buffer.decode("utf-8") if isinstance(last, TextMessage) else bytes(buffer)
+
+    def _gone(self) -> ClientGone:
+        return ClientGone(said_goodbye=self._said_goodbye)
 
     def _set_closed(self) -> None:
         self._closed = True
@@ -261,6 +268,7 @@ class ServerWebSocket:
         Raises:
             ClientGone: always.
         """
+        self._said_goodbye = event.code == 1000
         state = self._conn.state
         if state is ConnectionState.REMOTE_CLOSING:
             with contextlib.suppress(ClientGone):
@@ -269,7 +277,7 @@ class ServerWebSocket:
             with contextlib.suppress(ClientGone):
                 await self._send(CloseConnection(event.code, event.reason))  # 1002, 1007
         self._set_closed()
-        raise ClientGone(said_goodbye=event.code == 1000)
+        raise self._gone()
 
     async def _receive(self) -> None:
         """Read and hand to wsproto what the client sent (at most ``RECEIVE_BYTES``).
@@ -288,12 +296,12 @@ class ServerWebSocket:
                 data = b""
         if not data:
             self._set_closed()
-            raise ClientGone
+            raise self._gone()
         try:
             self._conn.receive_data(bytes(data) if isinstance(data, bytearray) else data)
         except RemoteProtocolError:  # data after the close handshake
             self._set_closed()
-            raise ClientGone from None
+            raise self._gone() from None
 
     async def send_message(self, message: str | bytes) -> None:
         """Send one message.
@@ -302,7 +310,7 @@ class ServerWebSocket:
             ClientGone: the connection is closing or gone.
         """
         if not self.open:
-            raise ClientGone
+            raise self._gone()
         await self._send(
             TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
         )
@@ -314,14 +322,14 @@ class ServerWebSocket:
             ClientGone: the connection is broken (now or by an earlier send cut off part-way).
         """
         if self._broken:
-            raise ClientGone
+            raise self._gone()
         try:
             data = self._conn.send(event)
         except Exception:  # wsproto's LocalProtocolError: the state allows no such send
-            raise ClientGone from None
+            raise self._gone() from None
         async with self._send_lock:
             if self._broken:
-                raise ClientGone
+                raise self._gone()
             # A cancel that came while the lock was being taken (its acquire yields, or hands
             # the lock over to a waiter that runs later) ends the send before a byte of it
             # went out, and the connection stays whole for the session's last words: at a
@@ -332,7 +340,7 @@ class ServerWebSocket:
                 await self.stream.send_all(data)
             except BROKEN:
                 self._break()
-                raise ClientGone from None
+                raise self._gone() from None
             except BaseException:
                 # Cancelled (a timeout, shutdown) while the frame may be part-way out: the
                 # client could never read a frame after it (trio: the stream is then broken).
