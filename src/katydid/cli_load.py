@@ -147,7 +147,12 @@ def engine_baseline(
     from katydid_worker.engine_options import EngineOptions
 
     audio = [decode_container(p, max_audio_s=4 * 3600, max_bytes=1 << 30) for p in files]
-    opts = EngineOptions(language=cfg.language, threads=cfg.engine_threads, beam_size=cfg.beam_size)
+    opts = EngineOptions(
+        language=cfg.language,
+        threads=cfg.engine_threads,
+        beam_size=cfg.beam_size,
+        pieces=cfg.engine_pieces,
+    )
     result = bench_engine(
         models.prepare(cfg.model_dir, cfg.model),
         audio,

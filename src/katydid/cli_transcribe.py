@@ -35,6 +35,7 @@ def _engine(cfg: Config) -> Engine:
             beam_size=cfg.beam_size,
             word_timestamps=cfg.word_timestamps,
             calibration_cache=cfg.calibration_cache,
+            pieces=cfg.engine_pieces,
         ),
     )
 

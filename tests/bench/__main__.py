@@ -274,7 +274,9 @@ def _host() -> str:
 
 
 def _contenders(cfg: Config) -> tuple[Path, list[Any]]:
-    """Katydid (clip-sized and full window) and faster-whisper int8 (beam 5 and 1), same model."""
+    """Katydid (clip-sized windows as configured; with ``engine_pieces``, speech too long for
+    one clip-sized window in clip-sized pieces; the full window alone) and faster-whisper int8
+    (beam 5 and 1), same model."""
     import dataclasses
 
     from katydid_worker import models
@@ -287,16 +289,28 @@ def _contenders(cfg: Config) -> tuple[Path, list[Any]]:
         raise KatydidError(
             "--compare needs a model whose CTranslate2 files are in one package (tiny.en)"
         )
-    opts = EngineOptions(language=cfg.language, threads=cfg.engine_threads, beam_size=cfg.beam_size)
+    opts = EngineOptions(
+        language=cfg.language,
+        threads=cfg.engine_threads,
+        beam_size=cfg.beam_size,
+        pieces=cfg.engine_pieces,
+    )
     contenders = [
         compare.katydid(model_path, opts),
+        compare.katydid(model_path, dataclasses.replace(opts, pieces=True)),
         compare.katydid(model_path, dataclasses.replace(opts, clip_context=False)),
         *compare.faster_whisper(ct2_dir, threads=cfg.engine_threads, beam_sizes=(5, 1)),
     ]
     return model_path, contenders
 
 
-_NAMES = ("katydid", "katydid_full_context", "faster_whisper", "faster_whisper_greedy")
+_NAMES = (
+    "katydid",
+    "katydid_pieces",
+    "katydid_full_context",
+    "faster_whisper",
+    "faster_whisper_greedy",
+)
 
 
 def _compare_mix(cfg: Config, clips: list[Any], *, passes: int, as_json: bool) -> int:
@@ -358,6 +372,10 @@ def _compare_mix(cfg: Config, clips: list[Any], *, passes: int, as_json: bool) -
         ratio = rows["katydid"]["clips_per_s"] / best_fw if best_fw else 0.0
         rows["ratio_vs_faster_whisper_best"] = {"clips_per_s": round(ratio, 3)}
         print(f"| {bucket} | **katydid / faster-whisper (faster beam)** | | **{ratio:.2f}x** | | |")
+        one = rows["katydid"]["clips_per_s"]
+        pieces_gain = rows["katydid_pieces"]["clips_per_s"] / one if one else 0.0
+        rows["ratio_pieces"] = {"clips_per_s": round(pieces_gain, 3)}
+        print(f"| {bucket} | katydid with engine_pieces / katydid | | {pieces_gain:.2f}x | | |")
         out["buckets"][bucket] = rows
     print()
     for key, run in runs.items():

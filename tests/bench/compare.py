@@ -68,6 +68,8 @@ class Contender:
 def katydid(model_path: Path, options: EngineOptions) -> Contender:
     engine = Engine(model_path, options)
     window = "clip-sized window" if options.clip_context else "full window"
+    if options.clip_context and options.pieces:
+        window += ", long speech in pieces"
     return Contender(
         f"katydid ({model_path.name}, {window})",
         lambda a: engine.transcribe(a).text,

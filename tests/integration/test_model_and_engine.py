@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -21,7 +22,7 @@ from katydid.evaluation import read_manifest, wer
 from katydid_worker import models
 from katydid_worker.engine import Engine
 from katydid_worker.engine_build import build_compiler, build_info, has_fast_kernels
-from katydid_worker.engine_options import EngineOptions
+from katydid_worker.engine_options import DecodeOptions, EngineOptions
 
 pytestmark = pytest.mark.integration
 LIMITS: dict[str, Any] = {"max_audio_s": 600.0, "max_bytes": 100_000_000}
@@ -179,6 +180,37 @@ def test_clip_context_is_used_for_short_clips(model_path: Path, speech_dir: Path
     assert full.audio_ctx == 1500
     assert wer(clip.reference, full.text) <= 0.1
     # What the smaller window buys is measured by `nox -s bench`, not here.
+
+
+def test_speech_too_long_for_one_clip_sized_window_is_decoded_in_pieces(
+    model_path: Path, speech_dir: Path
+) -> None:
+    # 12-30 s of speech: cut in its pauses into clip-sized pieces (pieces.py) when the engine
+    # or the call asks for it (a worker's partials), else one full window. No CPU budget: a
+    # busy machine must not turn a piece into a fallback here.
+    clips = [c for c in read_manifest(speech_dir / "manifest.tsv") if 12 < c.duration_s <= 30]
+    assert clips
+    unbudgeted = EngineOptions(budget_ratio=1000.0)
+    pieces = Engine(model_path, dataclasses.replace(unbudgeted, pieces=True))
+    one = Engine(model_path, unbudgeted)
+    for clip in clips:
+        audio = decode_container(clip.path, **LIMITS)
+        tr = pieces.transcribe(audio)
+        whole = one.transcribe(audio)
+        asked = one.transcribe(audio, decode=DecodeOptions(pieces=True))
+        assert (asked.text, asked.audio_ctx) == (tr.text, tr.audio_ctx), clip.name
+        assert whole.audio_ctx == 1500, clip.name
+        assert tr.audio_ctx < 1500, (clip.name, tr.fallback)
+        assert not tr.uncovered, clip.name
+        starts = [s.start_s for s in tr.segments]
+        assert starts == sorted(starts)
+        assert tr.segments[-1].end_s <= clip.duration_s + 0.01
+        # As good as one window, give or take a word heard differently.
+        assert wer(clip.reference, tr.text) <= wer(clip.reference, whole.text) + 0.05, (
+            clip.name,
+            tr.text,
+            whole.text,
+        )
 
 
 def test_looping_clip_at_a_tight_context_falls_back_to_the_full_window(

@@ -69,6 +69,8 @@ def test_an_echo_of_the_last_phrase_fails() -> None:
     assert tail_repeat(echo) == 2
     # A repeated word, or a phrase said twice but not at the end, is speech.
     assert tail_repeat("it was very very cold") == 0
+    sentence = "It was the first great sorrow of his life."
+    assert tail_repeat(f"Ask what you can do for your country. {sentence} {sentence}") == 9
     assert tail_repeat("ask what you can do, ask what you can do for your country") == 0
     assert check_output("it was very very cold", duration_s=2.0, voiced_s=1.5) is None
 

@@ -46,6 +46,8 @@ _NOT_IN_KEY = frozenset(
         "speech_pad_s",
         "max_redecodes",
         "calibration_cache",
+        "pieces",  # which sizes a long clip's pieces get, not what a size costs
+        "piece_min_s",
     }
 )
 

@@ -32,12 +32,14 @@ from katydid_worker.coverage import MIN_HOLE_VOICED_S, next_hole, sparse, uncove
 from katydid_worker.engine_options import DecodeOptions, EngineOptions
 from katydid_worker.guardrails import (
     FULL_CTX,
+    POSITIONS_PER_S,
     attempt_budget_s,
     check_output,
     choose_audio_ctx,
     strip_markers,
     voiced_seconds,
 )
+from katydid_worker.pieces import cut_at_pauses
 from katydid_worker.speech import Span, SpeechDetector, overlap_s
 from katydid_worker.transcript import Segment, Transcript
 from katydid_worker.whisper_contexts import TICK_S, WhisperContexts
@@ -225,7 +227,7 @@ class Engine(WhisperContexts):
         (coverage.py: whisper ends a window's text early and the rest is never decoded), until
         every stretch is covered or has been tried once; what still has no text is reported
         (``Transcript.uncovered``), never passed off as silence."""
-        window = self._window(audio, trim_s, audio_s, spans, should_abort, on_progress)
+        window = self._pieces(audio, trim_s, audio_s, spans, should_abort, on_progress)
         segments = list(window.segments)
         reasons = [window.fallback] if window.fallback else []
         tried: list[Span] = []
@@ -263,6 +265,36 @@ class Engine(WhisperContexts):
             started,
             redecodes=redecodes,
             uncovered=holes,
+        )
+
+    def _pieces(
+        self,
+        audio: np.ndarray,
+        trim_s: float,
+        audio_s: float,
+        spans: list[Span],
+        should_abort: Callable[[], bool] | None,
+        on_progress: Callable[[float], None] | None,
+    ) -> _Window:
+        """The speech decoded in clip-sized pieces cut in its pauses when it is too long for
+        one clip-sized window (pieces.py), else in one window."""
+        opts = self.options
+        end_s = trim_s + audio.size / SAMPLE_RATE
+        longest_s = max(opts.clip_ctx_steps) / POSITIONS_PER_S - opts.ctx_margin_s
+        cut = opts.pieces if self._decode.pieces is None else self._decode.pieces
+        if not (opts.clip_context and cut) or end_s - trim_s <= longest_s:
+            return self._window(audio, trim_s, audio_s, spans, should_abort, on_progress)
+        windows: list[_Window] = []
+        for a, b in cut_at_pauses(spans, trim_s, end_s, max_s=longest_s, min_s=opts.piece_min_s):
+            if windows and should_abort is not None and should_abort():
+                break
+            part = audio[int((a - trim_s) * SAMPLE_RATE) : math.ceil((b - trim_s) * SAMPLE_RATE)]
+            windows.append(self._window(part, a, audio_s, spans, should_abort, on_progress))
+        reasons = dict.fromkeys(w.fallback for w in windows if w.fallback)
+        return _Window(
+            tuple(s for w in windows for s in w.segments),
+            max(w.ctx for w in windows),
+            "+".join(reasons) or None,
         )
 
     def _window(

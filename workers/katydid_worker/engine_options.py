@@ -28,6 +28,13 @@ class EngineOptions:
     # A clip-sized attempt's CPU budget: this much of the clip's own full-window time
     # (guardrails.attempt_budget_s), so that attempt plus fallback stay within 1.5x of it.
     budget_ratio: float = 0.5
+    # Speech too long for the largest clip size is decoded in clip-sized pieces cut in its
+    # longest pauses (pieces.py), each at least piece_min_s where the pauses allow, instead of
+    # one full window: 1.6x faster on 12-30 s utterances, and a word or two in 200 heard
+    # differently (docs/engine.md). Off by default for finals; a call may ask for it
+    # (DecodeOptions.pieces: a worker does for partials).
+    pieces: bool = False
+    piece_min_s: float = 5.0
     temperature_fallback: bool = True  # whisper.cpp's temperature retries, in full-window runs
     entropy_thold: float = 2.4
     logprob_thold: float = -1.0
@@ -56,3 +63,4 @@ class DecodeOptions:
     prompt: str | None = None
     word_timestamps: bool = False
     translate: bool = False
+    pieces: bool | None = None  # None: the engine's option (EngineOptions.pieces)

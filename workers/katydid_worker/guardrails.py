@@ -108,10 +108,12 @@ def max_ngram_repeats(text: str, n: int = 3) -> int:
     return max(grams.values(), default=0)
 
 
-def tail_repeat(text: str, max_words: int = 8) -> int:
+def tail_repeat(text: str, max_words: int = 30) -> int:
     """How many words the text ends with twice in a row ("In this regard, this regard."): a
     clip-sized window's typical echo of its last phrase, 0 if none. One repeated word
-    ("very very") is speech; two or more at the very end rarely are."""
+    ("very very") is speech; two or more at the very end rarely are. The echo may be a whole
+    sentence ("It was the first great sorrow of his life." twice, the second in the last 0.2 s
+    of a 6 s clip): up to ``max_words`` (8 missed that one)."""
     words = re.findall(r"[\w']+", text.lower())
     for n in range(2, min(max_words, len(words) // 2) + 1):
         if words[-n:] == words[-2 * n : -n]:

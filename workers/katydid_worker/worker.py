@@ -81,6 +81,7 @@ class Worker:
                 threads=cfg.engine_threads,
                 beam_size=cfg.beam_size,
                 calibration_cache=cfg.calibration_cache,
+                pieces=cfg.engine_pieces,
             ),
         )
         self.model = served_name(cfg.model)  # the jobs it takes are routed by this name
@@ -329,6 +330,10 @@ class Worker:
             prompt=job.options.prompt,
             word_timestamps=job.options.word_timestamps,
             translate=job.options.task == "translate",
+            # A partial is a preview, replaced by its final: the faster decode of a long
+            # utterance (clip-sized pieces, not the full window) is worth a word heard
+            # differently.
+            pieces=True if job.options.kind == "partial" else None,
         )
         audio_s = audio.size / SAMPLE_RATE
         try:
