@@ -7,7 +7,8 @@ the operator routes are ``operator.py``'s.
 
 Rule 1: bus callbacks run on the trio thread and never block or raise: they hand inputs to the
 session's inbox, which its door's driver applies.
-Rule 2: queue state is polled once per ``queue_poll_s`` for all sessions, never per session.
+Rule 2: queue state is polled once per ``queue_poll_s`` for all sessions, never per session
+(``queue_poll.py``); results lost in a reconnect are looked for after it (``result_recovery.py``).
 """
 
 from __future__ import annotations
@@ -25,15 +26,13 @@ import trio
 from katydid import heap
 from katydid.bus import BusHandlers, JobBus
 from katydid.config import Config
-from katydid.errors import MessageError, NatsError
+from katydid.errors import MessageError
 from katydid.gateway import operator
 from katydid.gateway.admission import Admission
 from katydid.gateway.live import (
     DeadJob,
     Inbound,
     Live,
-    LostResult,
-    Position,
     QueueLost,
     Taken,
     clock,
@@ -41,6 +40,8 @@ from katydid.gateway.live import (
 from katydid.gateway.live import summary as session_summary
 from katydid.gateway.options import Limits
 from katydid.gateway.outputs import JobStamp
+from katydid.gateway.queue_poll import poll_queue
+from katydid.gateway.result_recovery import ResultRecovery
 from katydid.gateway.resumption import Resumption
 from katydid.gateway.seating import Seating
 from katydid.gateway.session import Session
@@ -53,9 +54,6 @@ from katydid.metrics import GatewayMetrics
 
 log = structlog.get_logger("katydid.gateway")
 _CLEANUP_S = 10.0  # at shutdown: for deleting the ended sessions' unanswered jobs
-# After a reconnect, before a job gone from the stream without its result counts as lost: the
-# workers' results published just before it may still be on their way.
-LOST_RESULT_GRACE_S = 5.0
 
 
 class Hub:
@@ -71,7 +69,7 @@ class Hub:
         self.gateway_id = uuid.uuid4().hex[:12]
         self.limits = Limits.from_config(cfg)
         # Results are bounded by jobs in flight; the rest is room for queue news and duplicates.
-        self._inbox_bound = 2 * cfg.max_jobs_in_flight + 16
+        self.inbox_bound = 2 * cfg.max_jobs_in_flight + 16
         if bus is None:
             from katydid.bus.nats_bridge import NatsBridge
 
@@ -81,7 +79,6 @@ class Hub:
         bus.attach(
             BusHandlers(*handlers, self._on_reconnected, self._on_replayed, self._on_takeover)
         )
-        self._reconnected = trio.Event()
         self.admission = Admission(cfg, clock)
         self.stamp = JobStamp(bus.results_subject, self.job_token, time.time)
         self.sessions: dict[str, Live] = {}
@@ -100,6 +97,7 @@ class Hub:
             cfg, bus, self.gateway_id, self.sessions, self.tenants, self.sampled, m
         )
         self.resumption.on_taken = self._on_takeover_found
+        self.recovery = ResultRecovery(bus, self.sessions, self.resumption, self._route)
         m.upload_memory.set_function(lambda: self.seating.uploads.held)
         m.uploads_spilled.set_function(lambda: self.seating.uploads.spilled)
         self.window = w = ByteWindow(cfg.publish_window_bytes)
@@ -117,9 +115,9 @@ class Hub:
         """The bus, queue polls and the cleanup of ended sessions' jobs, until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.bus.run)
-            nursery.start_soon(self._poll_queue)
+            nursery.start_soon(poll_queue, self)
             nursery.start_soon(self.seating.cleanup.run)
-            nursery.start_soon(self._find_lost_results)
+            nursery.start_soon(self.recovery.run)
             nursery.start_soon(self.resumption.run)
             if self.cfg.malloc_trim_interval_s > 0:
                 nursery.start_soon(self._return_freed_memory)
@@ -221,7 +219,7 @@ class Hub:
             self.counters["duplicate_results"] += 1
 
     def _route(self, live: Live, item: Inbound) -> bool:
-        return live.deliver(item, self._inbox_bound)
+        return live.deliver(item, self.inbox_bound)
 
     def _on_dead_job(self, stream_seq: int, deliveries: int) -> None:
         """JetStream will not deliver this job again (every delivery ended without an ack: a
@@ -242,90 +240,13 @@ class Hub:
                 self._route(live, QueueLost())
 
     def _on_reconnected(self) -> None:
-        self._reconnected.set()
+        self.recovery.reconnected()
 
     def _on_worker(self, data: bytes) -> None:
         try:
             self.admission.heartbeat(data)
         except ValueError as exc:
             self.sampled.warning("bad_worker_heartbeat", error=str(exc))
-
-    async def _find_lost_results(self) -> None:
-        """After NATS reconnects: a job a worker answered while this gateway's subscription was
-        down left the stream (a worker acks after publishing its result) with its result sent
-        to nobody over core NATS, but kept in the results stream: each live session with jobs
-        unanswered now reads its results from there (as a resumed session does), so they
-        arrive after all. Once that had time (``LOST_RESULT_GRACE_S``), each job of a live
-        session that is gone from the stream and still unanswered (its result not stored
-        either: NATS itself lost it) fails with a coded error (its session ends, never waits in
-        silence). One failed request ends a check (rather than one timeout per job left); the
-        next reconnect redoes it."""
-        while True:
-            await self._reconnected.wait()
-            self._reconnected = trio.Event()
-            await self._recover_results()
-            await trio.sleep(LOST_RESULT_GRACE_S)
-            lost = 0
-            try:
-                for live in list(self.sessions.values()):
-                    for stream_seq in live.session.stored_jobs:
-                        present = await self.bus.job_in_stream(stream_seq)
-                        if not present and live.session.seq_of(stream_seq) is not None:
-                            lost += 1
-                            self._route(live, LostResult(stream_seq))
-            except NatsError as exc:
-                log.warning("lost_results_check_failed", error=str(exc))
-            if lost:
-                log.warning("results_lost_in_reconnect", jobs=lost)
-
-    async def _recover_results(self) -> None:
-        """Every live session waiting for results reads them from the results stream from now
-        on (those published while the subscription was down, and the rest)."""
-        if not self.resumption.enabled:
-            return  # no results stream: resumption is off
-        followed = self.resumption.followed
-        recovering = [
-            s.session_id
-            for live in self.sessions.values()
-            if (s := live.session).in_flight and s.session_id not in followed
-        ]
-        try:
-            for session_id in recovering:
-                followed.add(session_id)
-                await self.bus.follow_results(session_id)
-        except NatsError as exc:
-            log.warning("results_recovery_failed", error=str(exc))
-
-    # --- queue state, for all sessions at once ---
-
-    async def _poll_queue(self) -> None:
-        adm = self.admission
-        while True:
-            counted = dict(adm.published_since_poll)
-            try:
-                adm.polled(await self.bus.lane_stats(adm.polled_models()), counted)
-            except NatsError as exc:
-                self.sampled.warning("queue_poll_failed", error=str(exc))
-            if self.seating.publish_failing_since is not None:
-                await self.seating.probe_store()
-            adm.forget_gone_workers()
-            self.tenants.refresh(trio.current_time())
-            operator.export_queue(self)
-            self.sampled.flush()
-            capacities = adm.capacities()
-            now = trio.current_time()
-            for live in list(self.sessions.values()):
-                s = live.session
-                oldest = s.oldest_stream_seq
-                if oldest is None:
-                    continue
-                where = adm.position(
-                    s.model, s.lane, oldest, capacities.get(s.model), s.stored_count
-                )
-                # Only news wakes the session's writer (most polls change nothing for most).
-                if where is not None and s.queue_news(*where, now):
-                    self._route(live, Position(*where, now))  # full inbox: the next poll retries
-            await trio.sleep(self.cfg.queue_poll_s)
 
     # --- what the doors call ---
 
