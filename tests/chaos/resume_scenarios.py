@@ -74,17 +74,35 @@ def _in_order_once(result: client.SessionResult | None) -> bool:
 
 
 async def resume_gateway_kill(root: Path, model_dir: Path, clips: dict[str, Clip]) -> Tally:
+    return await _resume_after_gateway_loss(root, model_dir, clips, signal.SIGKILL)
+
+
+async def resume_gateway_sigterm(root: Path, model_dir: Path, clips: dict[str, Clip]) -> Tally:
+    """A rolling restart: the gateway is told to stop. Past its grace (1 s here, shorter than
+    the streams) it tells its sessions `overloaded` and closes them 1001 (going away), their
+    jobs kept; they resume on the other gateway. (Within the grace they would finish where they
+    are.)"""
+    return await _resume_after_gateway_loss(root, model_dir, clips, signal.SIGTERM)
+
+
+async def _resume_after_gateway_loss(
+    root: Path, model_dir: Path, clips: dict[str, Clip], sig: signal.Signals
+) -> Tally:
+    what = "SIGKILLed" if sig == signal.SIGKILL else "SIGTERMed"
     tally = Tally(
-        "resume_gateway_kill",
+        "resume_gateway_kill" if sig == signal.SIGKILL else "resume_gateway_sigterm",
         "50 live streams of real speech (11-19 s, paced 1x, 0.1-0.5 s frames, partials) on two"
-        " gateways of one NATS, half on each; one gateway SIGKILLed 6 s in, its clients resume"
+        f" gateways of one NATS, half on each; one gateway {what} 6 s in, its clients resume"
         " on the other (client fallback_urls); WER against an undisturbed pass of the same",
     )
     names = ["jfk.wav", "ls_1088-134315-0000.wav", "deepgram_preamble.wav"]
     audio = {n: _pcm(clips[n]) for n in names}
     rng = random.Random(34)
     plan = [(names[i % 3], 3200 * rng.randint(1, 5), rng.uniform(0, 1)) for i in range(50)]
-    with await trio.to_thread.run_sync(lambda: _stack(root, model_dir, **_NO_REFUSAL)) as stack:
+    grace = {"shutdown_grace_s": 1.0} if sig == signal.SIGTERM else {}
+    with await trio.to_thread.run_sync(
+        lambda: _stack(root, model_dir, **_NO_REFUSAL, **grace)
+    ) as stack:
         _, other = await trio.to_thread.run_sync(_second_gateway, stack)
         urls = (stack.url, other)
 
@@ -127,7 +145,7 @@ async def resume_gateway_kill(root: Path, model_dir: Path, clips: dict[str, Clip
             for i in range(50):
                 nursery.start_soon(one, i, hit)
             await trio.sleep(6)  # every stream started (<= 1 s) and none ended (>= 11 s)
-            stack.gateway.send_signal(signal.SIGKILL)
+            stack.gateway.send_signal(sig)
             await trio.to_thread.run_sync(stack.gateway.wait)
 
         await _run(tally, stack, body)
@@ -141,7 +159,7 @@ async def resume_gateway_kill(root: Path, model_dir: Path, clips: dict[str, Clip
             errors, words = errors + e, words + w
         return 100 * error_rate(errors, words)
 
-    killed = [hit.get(i) for i in range(0, 50, 2)]  # the even ones were on the killed gateway
+    killed = [hit.get(i) for i in range(0, 50, 2)]  # the even ones were on the lost gateway
     tally.sessions = sum(r is not None for r in hit.values())
     tally.done = sum(r is not None and r.done is not None for r in hit.values())
     tally.finals = sum(len(r.finals) for r in hit.values() if r is not None)
@@ -156,18 +174,18 @@ async def resume_gateway_kill(root: Path, model_dir: Path, clips: dict[str, Clip
     wer_calm, wer_hit = pooled(calm), pooled(hit)
     tally.lost = len(bad)
     tally.check(calm_ok == 50, f"undisturbed pass: {calm_ok} of 50 complete")
-    tally.check(resumed == 25, f"{resumed} of 25 sessions of the killed gateway resumed")
+    tally.check(resumed == 25, f"{resumed} of 25 sessions of the {what} gateway resumed")
     tally.check(dup == 0 and ooo == 0, f"{dup} finals duplicated, {ooo} out of order")
     tally.check(abs(wer_hit - wer_calm) <= 0.5, f"WER {wer_hit:.2f}% vs {wer_calm:.2f}%")
     _report(
         tally,
         [
             f"undisturbed pass: {calm_ok}/50 sessions complete, pooled WER {wer_calm:.2f}%",
-            f"with the kill: {50 - len(bad)}/50 sessions got every final once in order"
+            f"with the gateway {what}: {50 - len(bad)}/50 sessions got every final once in order"
             f" (bad: {bad[:10]}); {tally.finals} finals; duplicates received {dup},"
             f" out of order {ooo}; pooled WER {wer_hit:.2f}%"
             f" (delta {wer_hit - wer_calm:+.2f} points, limit 0.5)",
-            f"sessions of the killed gateway resumed: {resumed}/25; reconnect -> first resumed"
+            f"sessions of the {what} gateway resumed: {resumed}/25; reconnect -> first resumed"
             f" result (a partial or final; backoff excluded) p50/p99 {_ms(latency)} ms"
             f" (n={n_latency}); loss -> `resumed` p50/p99 {_ms(percentiles(back_s))} ms"
             f" (n={len(back_s)}); for scale, loss -> next final p50/p99 {_ms(outage)} ms (the"
@@ -387,6 +405,7 @@ async def orphans_after_gateway_kill(root: Path, model_dir: Path, clips: dict[st
 
 RESUME_SCENARIOS: dict[str, Scenario] = {
     "resume_gateway_kill": resume_gateway_kill,
+    "resume_gateway_sigterm": resume_gateway_sigterm,
     "resume_resets": resume_resets,
     "orphans_after_gateway_kill": orphans_after_gateway_kill,
 }

@@ -110,12 +110,15 @@ async def gateway_sigterm(root: Path, model_dir: Path, clips: dict[str, Clip]) -
     tally = Tally(
         "gateway_sigterm",
         "20 clients each streaming 106 s of PCM (as fast as allowed); the gateway SIGTERMed"
-        " with their jobs queued",
+        " with their jobs queued, resumption off (resume_gateway_sigterm: on)",
     )
     long_clip = next(c for c in clips.values() if c.path.parent.name == "long")
     pcm = float_to_pcm16(decode_container(long_clip.path, max_audio_s=600, max_bytes=10**9))
     with await trio.to_thread.run_sync(
-        lambda: _stack(root, model_dir, shutdown_grace_s=3)
+        # Resumption off: each session ends told `overloaded` and its jobs are deleted. (With it
+        # on, sessions are detached for their clients to resume elsewhere and their jobs kept
+        # for the window: resume_gateway_sigterm.)
+        lambda: _stack(root, model_dir, shutdown_grace_s=3, resume_window_s=0)
     ) as stack:
 
         async def body(nursery: trio.Nursery) -> None:
