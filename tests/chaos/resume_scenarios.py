@@ -99,7 +99,7 @@ async def _resume_after_gateway_loss(
     audio = {n: _pcm(clips[n]) for n in names}
     rng = random.Random(34)
     plan = [(names[i % 3], 3200 * rng.randint(1, 5), rng.uniform(0, 1)) for i in range(50)]
-    grace = {"shutdown_grace_s": 1.0} if sig == signal.SIGTERM else {}
+    grace: dict[str, Any] = {"shutdown_grace_s": 1.0} if sig == signal.SIGTERM else {}
     with await trio.to_thread.run_sync(
         lambda: _stack(root, model_dir, **_NO_REFUSAL, **grace)
     ) as stack:
