@@ -187,8 +187,9 @@ async def test_a_binary_message_comes_in_the_pieces_it_arrives_in(autojump_clock
 async def test_the_clients_close_is_echoed_and_ends_the_connection() -> None:
     async with pair() as (server, client), trio.open_nursery() as nursery:
         nursery.start_soon(client.aclose, 4000, "bye")  # waits for the server's echo
-        with pytest.raises(ClientGone):
+        with pytest.raises(ClientGone) as ended:
             await server.get_message()
+        assert not ended.value.said_goodbye  # only 1000 gives the session up
         await trio.testing.wait_all_tasks_blocked()
         assert client.closed is not None
         assert client.closed.code == 4000
@@ -256,9 +257,11 @@ async def test_a_reader_that_comes_while_aclose_reads_waits_for_the_end() -> Non
         assert outcome == ["reader"]
 
 
-async def _raw(data: bytes, max_message: int = MAX) -> tuple[ServerWebSocket | None, bytes]:
+async def _raw(
+    data: bytes, max_message: int = MAX, gone: list[ClientGone] | None = None
+) -> tuple[ServerWebSocket | None, bytes]:
     """What the server answers to raw bytes sent right after its handshake (if ``data`` is an
-    upgrade request) or instead of one."""
+    upgrade request) or instead of one; ``gone`` gets how the server's read ended."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
     answer = b""
     async with trio.open_nursery() as nursery:
@@ -268,8 +271,10 @@ async def _raw(data: bytes, max_message: int = MAX) -> tuple[ServerWebSocket | N
             ws = await accept(server_stream, max_message=max_message, timeout_s=5, send_timeout_s=5)
             result.append(ws)
             if ws is not None:
-                with pytest.raises(ClientGone):
+                with pytest.raises(ClientGone) as ended:
                     await ws.get_message()
+                if gone is not None:
+                    gone.append(ended.value)
             await server_stream.aclose()
 
         nursery.start_soon(serve)
@@ -308,21 +313,27 @@ async def test_a_handshake_wsproto_would_let_through_is_answered_400(request_byt
 
 async def test_an_unmasked_frame_gets_a_close_frame_with_1002() -> None:
     # Clients must mask their frames (RFC 6455 5.1): this text frame "hi" is not masked.
-    ws, answer = await _raw(HANDSHAKE + b"\x81\x02hi")
+    gone: list[ClientGone] = []
+    ws, answer = await _raw(HANDSHAKE + b"\x81\x02hi", gone=gone)
     assert ws is not None
     assert b" 101 " in answer.split(b"\r\n", 1)[0]
     frames = answer.split(b"\r\n\r\n", 1)[1]
     assert frames[0] == 0x88  # a close frame
     assert int.from_bytes(frames[2:4], "big") == 1002
+    # A client that broke the protocol is gone for good: its session ends, never waits for a
+    # resume (its jobs were decoded for nobody).
+    assert [e.said_goodbye for e in gone] == [True]
 
 
 async def test_invalid_utf8_text_gets_a_close_frame_with_1007() -> None:
     mask = b"\0\0\0\0"  # a zero mask leaves the payload as it is
-    ws, answer = await _raw(HANDSHAKE + b"\x81\x82" + mask + b"\xc3\x28")
+    gone: list[ClientGone] = []
+    ws, answer = await _raw(HANDSHAKE + b"\x81\x82" + mask + b"\xc3\x28", gone=gone)
     assert ws is not None
     frames = answer.split(b"\r\n\r\n", 1)[1]
     assert frames[0] == 0x88
     assert int.from_bytes(frames[2:4], "big") == 1007
+    assert [e.said_goodbye for e in gone] == [True]
 
 
 async def test_a_client_that_says_nothing_is_let_go_at_the_handshake_timeout(

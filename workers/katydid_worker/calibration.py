@@ -48,6 +48,7 @@ _NOT_IN_KEY = frozenset(
         "calibration_cache",
         "pieces",  # which sizes a long clip's pieces get, not what a size costs
         "piece_min_s",
+        "piece_max_s",
     }
 )
 

@@ -284,8 +284,9 @@ class Engine(WhisperContexts):
         cut = opts.pieces if self._decode.pieces is None else self._decode.pieces
         if not (opts.clip_context and cut) or end_s - trim_s <= longest_s:
             return self._window(audio, trim_s, audio_s, spans, should_abort, on_progress)
+        max_s = min(longest_s, opts.piece_max_s)
         windows: list[_Window] = []
-        for a, b in cut_at_pauses(spans, trim_s, end_s, max_s=longest_s, min_s=opts.piece_min_s):
+        for a, b in cut_at_pauses(spans, trim_s, end_s, max_s=max_s, min_s=opts.piece_min_s):
             if windows and should_abort is not None and should_abort():
                 break
             part = audio[int((a - trim_s) * SAMPLE_RATE) : math.ceil((b - trim_s) * SAMPLE_RATE)]

@@ -35,6 +35,10 @@ class EngineOptions:
     # (DecodeOptions.pieces: a worker does for partials).
     pieces: bool = False
     piece_min_s: float = 5.0
+    # At most this long where the pauses allow (and never past the largest clip size): a
+    # text-dense piece near 11.8 s overruns the 640-position budget and is decoded again in the
+    # full window (the gateway cuts files at 9.5 s at most for the same reason).
+    piece_max_s: float = 9.5
     temperature_fallback: bool = True  # whisper.cpp's temperature retries, in full-window runs
     entropy_thold: float = 2.4
     logprob_thold: float = -1.0

@@ -268,8 +268,11 @@ class ServerWebSocket:
         Raises:
             ClientGone: always.
         """
-        self._said_goodbye = event.code == 1000
         state = self._conn.state
+        # A goodbye: the client closed with 1000, or broke the protocol (wsproto stands for a
+        # close then, 1002 or 1007, the state still open): either way its session is over,
+        # not to be resumed (protocol.md). A lost connection or another code is not.
+        self._said_goodbye = event.code == 1000 or state is ConnectionState.OPEN
         if state is ConnectionState.REMOTE_CLOSING:
             with contextlib.suppress(ClientGone):
                 await self._send(event.response())  # the echo the client waits for
