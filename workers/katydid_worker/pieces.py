@@ -2,11 +2,12 @@
 
 Past the largest clip size (640 positions: 11.8 s of speech and the margin) a clip needs
 whisper.cpp's full 30 s window, whose encoder alone costs about three of a 640-position run's
-(guardrails.py). Two clip-sized runs over a 12-30 s utterance, cut where the speaker paused,
-cost less than one full window and read as well: the gateway cuts long files the same way
-(`file_chunk_min_s`..`file_chunk_max_s`), and on the test mixes 5-9.5 s pieces scored as 20-30 s
-chunks did (docs/engine.md). Whisper hears each piece as an utterance of its own, so a cut
-inside a word would cost that word; a pause has none to lose.
+(guardrails.py). Clip-sized runs over a 12-30 s utterance, cut where the speaker paused, cost
+~0.65-0.8 of one full window; they hear a word or two in 200 differently (the full window is
+the more accurate on such utterances: docs/engine.md), so finals use them only when asked
+(``engine_pieces``), partials always. The gateway cuts long files the same way
+(`file_chunk_min_s`..`file_chunk_max_s`). Whisper hears each piece as an utterance of its own,
+so a cut inside a word would cost that word; a pause has none to lose.
 """
 
 from __future__ import annotations
