@@ -52,8 +52,8 @@ class Config:
     # measures it again (~5-7 CPU s for tiny.en)
     calibration_cache: bool = True
     # Finals of speech too long for one clip-sized window (over ~11.8 s) decoded in clip-sized
-    # pieces cut at its pauses instead of the full window: ~1.6x faster on 12-30 s utterances,
-    # a word or two in 200 heard differently. Partials always are.
+    # pieces cut at its pauses instead of the full window: ~1.5x faster on the bench's 12-30 s
+    # utterances (AMD EPYC), a word or two in 200 heard differently. Partials always are.
     engine_pieces: bool = False
     # Audio input
     max_audio_s: float = 4 * 3600.0

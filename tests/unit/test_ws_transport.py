@@ -552,14 +552,15 @@ async def test_a_writer_that_finds_the_client_saying_goodbye_reports_the_goodbye
             except ClientGone as exc:
                 gone.append(exc)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client_stream.send_all, peer.send(CloseConnection(1000)))
-            nursery.start_soon(read)
-            await trio.testing.wait_all_tasks_blocked()  # the echo waits for the client
-            assert not server.open
-            with pytest.raises(ClientGone) as writer:
-                await server.send_message('{"type": "queued"}')
-            assert writer.value.said_goodbye
-            peer.receive_data(bytes(await client_stream.receive_some()))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client_stream.send_all, peer.send(CloseConnection(1000)))
+                nursery.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()  # the echo waits for the client
+                assert not server.open
+                with pytest.raises(ClientGone) as writer:
+                    await server.send_message('{"type": "queued"}')
+                assert writer.value.said_goodbye
+                peer.receive_data(bytes(await client_stream.receive_some()))
         assert [e.said_goodbye for e in gone] == [True]
         assert [type(e) for e in peer.events()] == [CloseConnection]

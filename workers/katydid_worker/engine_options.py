@@ -30,8 +30,8 @@ class EngineOptions:
     budget_ratio: float = 0.5
     # Speech too long for the largest clip size is decoded in clip-sized pieces cut in its
     # longest pauses (pieces.py), each at least piece_min_s where the pauses allow, instead of
-    # one full window: 1.6x faster on 12-30 s utterances, and a word or two in 200 heard
-    # differently (docs/engine.md). Off by default for finals; a call may ask for it
+    # one full window: ~1.5x faster on the bench's 12-30 s utterances (AMD EPYC), and a word or
+    # two in 200 heard differently (docs/engine.md). Off by default for finals; a call may ask for it
     # (DecodeOptions.pieces: a worker does for partials).
     pieces: bool = False
     piece_min_s: float = 5.0

@@ -107,9 +107,10 @@ class ServerWebSocket:
         # waits for it (an Event is ~500 bytes, held by every waiting session).
         self._closed = False
         self._closed_event: trio.Event | None = None
-        # The client's close frame said 1000 (its session is over, not to be resumed). Set
-        # before the echo is sent: a writer that finds the connection closing meanwhile must
-        # report the same goodbye, or the session would wait for a resume that never comes.
+        # The client gave its session up: its close frame said 1000, or it broke the protocol
+        # (``_closing``). Set before the echo is sent: a writer that finds the connection
+        # closing meanwhile must report the same, or the session would wait for a resume that
+        # never comes.
         self._said_goodbye = False
         # Every event of what was read has been handled: the next message needs a read (a
         # message returned from the middle of a read may leave more events behind it; frames
