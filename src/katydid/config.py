@@ -170,6 +170,10 @@ class Config:
     # A native session whose client (or gateway) went away waits this long to be resumed: its
     # record and its results are kept as long (then its jobs left are orphans, never decoded)
     resume_window_s: float = 120.0
+    # A resumed session's first partial goes to the priority lane, ahead of every queued job
+    # (the client's first sign its session is back, not a turn behind a backlog): at most this
+    # many of a gateway's at once per model; past it one waits like any partial; 0 = none ahead
+    resume_first_partials: int = 32
     results_max_bytes: int = 256 * 1024 * 1024  # the results stream's bound (oldest go first)
     # The session records' bucket's bound (a record is ~0.5 KB: ~100,000 sessions)
     sessions_max_bytes: int = 64 * 1024 * 1024
@@ -238,6 +242,8 @@ class Config:
             raise ConfigError("queued_interval_s must be >= 0 (0 = every change)")
         if self.malloc_trim_interval_s < 0:
             raise ConfigError("malloc_trim_interval_s must be >= 0 (0 = never)")
+        if self.resume_first_partials < 0:
+            raise ConfigError("resume_first_partials must be >= 0 (0 = none ahead of the queue)")
         if self.bulk_every < 0:
             raise ConfigError("bulk_every must be >= 0 (0 = interactive strictly first)")
         # A port out of range would be taken modulo 65536 by the socket layer, without a word.

@@ -17,7 +17,9 @@ from katydid import wire_json
 from katydid.errors import MessageError
 
 SUBJECT_PREFIX = "katydid.jobs"
-LANES = ("interactive", "bulk")
+# priority: ahead of every other job, for the few that say a session is back (a resumed
+# session's first partial); interactive: live utterances and short files; bulk: long uploads.
+LANES = ("interactive", "bulk", "priority")
 STREAM = "KATYDID_JOBS"
 CANCEL_SUBJECT = "katydid.cancel"
 WORKERS_SUBJECT = "katydid.workers"

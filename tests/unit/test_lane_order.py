@@ -1,4 +1,4 @@
-"""The worker's lane policy: interactive first, bulk every Nth job."""
+"""The worker's lane policy: priority first, then interactive, bulk every Nth job."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ def test_lane_order() -> None:
     taken = []
     streak = 0
     for _ in range(8):  # both lanes always have work
-        lane = lane_order(streak, 4)[0]
+        lane = lane_order(streak, 4)[1]
         taken.append(lane[0])
         streak = streak + 1 if lane == "interactive" else 0
     assert "".join(taken) == "iiibiiib"
-    assert lane_order(10, 0) == ("interactive", "bulk")  # 0: strict priority
-    assert lane_order(0, 1) == ("bulk", "interactive")  # 1: bulk always first
+    assert lane_order(10, 0) == ("priority", "interactive", "bulk")  # 0: strict priority
+    assert lane_order(0, 1) == ("priority", "bulk", "interactive")  # 1: bulk always first
+    assert all(lane_order(n, 4)[0] == "priority" for n in range(8))
 
 
 class _Lane:
@@ -44,6 +45,7 @@ class _Lane:
 
 
 def _take(lanes: dict[str, _Lane], jobs: int, bulk_every: int = 4) -> None:
+    lanes.setdefault("priority", _Lane(0))
     worker = SimpleNamespace(_interactive_streak=0, cfg=SimpleNamespace(bulk_every=bulk_every))
 
     async def take_all() -> None:
@@ -70,10 +72,27 @@ def test_queued_uploads_are_taken_without_waiting_on_the_empty_interactive_lane(
 
 
 def test_with_both_lanes_empty_the_worker_waits_on_the_interactive_lane() -> None:
-    lanes = {"interactive": _Lane(0), "bulk": _Lane(0)}
+    lanes = {"interactive": _Lane(0), "bulk": _Lane(0), "priority": _Lane(0)}
     worker = SimpleNamespace(_interactive_streak=0, cfg=SimpleNamespace(bulk_every=4))
     assert anyio.run(JobOrder._next, worker, lanes) is None  # type: ignore[arg-type]
     assert (lanes["interactive"].waited, lanes["bulk"].asked) == (1, 1)
+    assert (lanes["priority"].asked, lanes["priority"].waited) == (1, 0)
+
+
+def test_a_priority_job_is_taken_before_queued_ones_and_takes_no_turn_from_bulk() -> None:
+    # A resumed session's first partial must not wait behind a backlog of finals.
+    lanes = {"interactive": _Lane(10), "bulk": _Lane(10), "priority": _Lane(2)}
+    taken = []
+    worker = SimpleNamespace(_interactive_streak=0, cfg=SimpleNamespace(bulk_every=4))
+
+    async def take(n: int) -> None:
+        for _ in range(n):
+            before = {name: lane.jobs for name, lane in lanes.items()}
+            assert await JobOrder._next(worker, lanes) == "job"  # type: ignore[arg-type]
+            taken.append(next(n[0] for n, lane in lanes.items() if lane.jobs < before[n]))
+
+    anyio.run(take, 10)
+    assert "".join(taken) == "ppiiibiiib"
 
 
 class _SilentNats:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from katydid.bus import LaneStats
 from katydid.bus.memory import MemoryBus
 from katydid.config import Config
 from katydid.gateway import seating
@@ -25,17 +26,31 @@ class _Clock:
 
 
 async def _gateway(
-    monkeypatch: pytest.MonkeyPatch, workers: int
+    monkeypatch: pytest.MonkeyPatch, workers: int, ahead: int = 32
 ) -> tuple[Hub, MemoryBus, str, _Clock]:
     clock = _Clock()
     monkeypatch.setattr(seating, "clock", clock)
     bus = MemoryBus()
-    gateway = Hub(Config(chunk_min_s=5.0, partial_interval_s=1.0), bus=bus)
+    gateway = Hub(
+        Config(chunk_min_s=5.0, partial_interval_s=1.0, resume_first_partials=ahead), bus=bus
+    )
     model = gateway.admission.default_model
     for i in range(workers):
         bus.heartbeat(f"w{i}", model)
     gateway.admission.polled(await bus.lane_stats([model]), {})
     return gateway, bus, model, clock
+
+
+def _backlog(gateway: Hub, model: str, pending: int) -> None:
+    """The last queue poll saw ``pending`` jobs waiting in the model's interactive lane."""
+    stats = LaneStats(pending=pending, in_progress=2, delivered_stream_seq=0, redelivered=0)
+    gateway.admission.polled({(model, "interactive"): stats}, {})
+
+
+def _resumed(gateway: Hub) -> Live:
+    live = _streaming(gateway)
+    live.session._partial_tag = "rconnection2"  # as Session.reattached sets it
+    return live
 
 
 def _streaming(gateway: Hub) -> Live:
@@ -120,9 +135,42 @@ async def test_a_resumed_sessions_first_partial_goes_over_the_slots_once(
     assert await _speak(gateway, back, model, speech) == 1  # over the full slots: its first
     assert not back.session.awaits_first_partial
     mine = [q for q in bus.published if q.job.session_id == back.session.session_id]
+    assert mine[-1].lane == "priority"
     bus.answer(bus.take(mine[-1].stream_seq), "so far")  # its own partial answered...
     assert back.inbox is not None
     apply(back.session, back.inbox.popleft())  # ...and applied, as its driver would
     assert not back.session._partial_in_flight  # so only the slot holds its next one back
     assert await _speak(gateway, back, model, speech) == 0  # its next ones wait for a slot
     assert not gateway.seating.partials_allowed(model, resumed=False)
+
+
+async def test_behind_a_backlog_a_resumed_sessions_first_partial_goes_ahead_of_the_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Over capacity no live session gets partials, and a resumed client's first result was the
+    # next final, seconds behind the backlog: its first partial goes to the priority lane.
+    gateway, bus, model, _ = await _gateway(monkeypatch, workers=2, ahead=2)
+    _backlog(gateway, model, pending=50)
+    speech = _speech_like(1.0, pause_every_s=10.0)
+    assert await _speak(gateway, _streaming(gateway), model, speech) == 0  # backed up
+    backs = [_resumed(gateway) for _ in range(3)]
+    assert [await _speak(gateway, b, model, speech) for b in backs] == [1, 1, 0]  # bound: 2
+    lanes = [q.lane for q in bus.published if q.job.options.kind == "partial"]
+    assert lanes == ["priority", "priority"]
+    first = next(q for q in bus.published if q.job.options.kind == "partial")
+    bus.answer(bus.take(first.stream_seq), "back")
+    assert await _speak(gateway, backs[2], model, b"") == 1  # a place ahead is free again
+    assert bus.published[-1].lane == "priority"
+
+
+async def test_with_none_ahead_a_resumed_sessions_first_partial_waits_out_a_backlog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway, bus, model, _ = await _gateway(monkeypatch, workers=2, ahead=0)
+    speech = _speech_like(1.0, pause_every_s=10.0)
+    _backlog(gateway, model, pending=50)
+    back = _resumed(gateway)
+    assert await _speak(gateway, back, model, speech) == 0
+    _backlog(gateway, model, pending=0)
+    assert await _speak(gateway, back, model, b"") == 1
+    assert bus.published[-1].lane == "interactive"

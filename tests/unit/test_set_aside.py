@@ -280,7 +280,11 @@ async def test_live_jobs_first_then_resumed_then_the_oldest_when_idle() -> None:
     records.checks["new"] = _live(ATTACHED, "live")
     queued = [FakeMsg(f"dead{i}", session_id="dead") for i in range(3)]
     queued += [FakeMsg("away0", session_id="away"), FakeMsg("new0", session_id="new")]
-    lanes: dict[str, Any] = {"interactive": FakeLane(*queued), "bulk": FakeLane()}
+    lanes: dict[str, Any] = {
+        "interactive": FakeLane(*queued),
+        "bulk": FakeLane(),
+        "priority": FakeLane(),
+    }
     decoded: list[str] = []
     for _ in range(5):
         msg, fresh = await w.order.next_job(lanes)
@@ -319,7 +323,7 @@ async def test_an_idle_decode_of_a_set_aside_job_gives_way_to_a_job_that_comes()
     records.checks = {"dead": _live(ATTACHED, "gone"), "new": _live(ATTACHED, "live")}
     for i in range(2):
         assert await _set_aside(w, FakeMsg(f"dead{i}", session_id="dead"))
-    lanes: dict[str, Any] = {"interactive": FakeLane(), "bulk": FakeLane()}
+    lanes: dict[str, Any] = {"interactive": FakeLane(), "bulk": FakeLane(), "priority": FakeLane()}
     msg, fresh = await w.order.next_job(lanes)  # nothing queued: the oldest, decoded idle
     assert (msg.name, fresh, w.order.idle is not None) == ("dead0", False, True)
     assert not w.order.gave_way()
@@ -345,7 +349,7 @@ async def test_past_the_bound_the_oldest_is_decoded_and_cancelled_ones_leave() -
     for i in range(3):
         assert await _set_aside(w, FakeMsg(f"a{i}", 10, session_id="away"))
     lanes: dict[str, Any] = {"interactive": FakeLane(FakeMsg("x", session_id="live"))}
-    lanes["bulk"] = FakeLane()
+    lanes["bulk"] = lanes["priority"] = FakeLane()
     msg, fresh = await w.order.next_job(lanes)  # 30 bytes > 25: the oldest goes first
     assert (msg.name, fresh) == ("a0", False)
     assert w.order.idle is None  # past the bound it is decoded whatever comes (no giving way)

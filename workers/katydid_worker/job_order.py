@@ -1,9 +1,10 @@
 """Which job a worker takes next: from which lane, and when a set-aside one comes first.
 
-Rule 1: the interactive lane is tried first, so a 3 s clip never waits behind a long file; every
-``bulk_every``-th job comes from bulk when it has any, so uploads are never starved. With both
-lanes empty the worker waits on the interactive lane (a live utterance is taken the moment it
-comes); bulk is asked again after it.
+Rule 1: the priority lane is tried before all (a resumed session's first partial: one per
+resume, bounded by the gateways), then the interactive lane, so a 3 s clip never waits behind a
+long file; every ``bulk_every``-th job comes from bulk when it has any, so uploads are never
+starved. With every lane empty the worker waits on the interactive lane (a live utterance is
+taken the moment it comes); the others are asked again after it.
 Rule 2: the next job is: a set-aside one whose session is live again (or ended, cancelled,
 expired: answered as any job; ``audience.py`` Rule 3); else the oldest set-aside one past the
 bound (``set_aside.py`` Rule 3); else a fetched one; else, with every lane empty, the oldest
@@ -47,13 +48,14 @@ _REVIEW_BUDGET_S = 0.1  # time for one pass over set-aside jobs before the next 
 _PREEMPT_POLL_S = 0.05  # how often the lanes are asked while an idle set-aside job decodes
 
 
-def lane_order(interactive_streak: int, bulk_every: int) -> tuple[str, str]:
-    """Which lane a worker tries first: interactive (a 3 s clip never waits behind a long file),
-    except that after ``bulk_every - 1`` interactive jobs in a row the next try is bulk, so a
-    steady stream of live sessions cannot starve uploads (0: strict priority)."""
+def lane_order(interactive_streak: int, bulk_every: int) -> tuple[str, str, str]:
+    """The order a worker tries the lanes in: priority, then interactive (a 3 s clip never waits
+    behind a long file), except that after ``bulk_every - 1`` interactive jobs in a row bulk
+    comes before interactive, so a steady stream of live sessions cannot starve uploads (0:
+    strict priority)."""
     if bulk_every > 0 and interactive_streak >= bulk_every - 1:
-        return ("bulk", "interactive")
-    return ("interactive", "bulk")
+        return ("priority", "bulk", "interactive")
+    return ("priority", "interactive", "bulk")
 
 
 class JobOrder:
@@ -191,16 +193,17 @@ class JobOrder:
             log.info("set_aside_returned", worker=self.worker_id, jobs=len(held))
 
     async def _next(self, lanes: dict[str, Any], *, linger: bool = True) -> Any:
-        """The next job: each lane asked in ``lane_order`` for one queued now; with both empty,
+        """The next job: each lane asked in ``lane_order`` for one queued now; with all empty,
         a wait on the interactive lane (a live utterance is taken the moment it comes; bulk is
         asked again after it), unless not ``linger`` (jobs are set aside: decode one)."""
         try:
             for lane in lane_order(self._interactive_streak, self.cfg.bulk_every):
                 msg = await lanes[lane].take_now()
                 if msg is not None:
-                    self._interactive_streak = (
-                        self._interactive_streak + 1 if lane == "interactive" else 0
-                    )
+                    if lane != "priority":  # a few per resume: not a turn of interactive's
+                        self._interactive_streak = (
+                            self._interactive_streak + 1 if lane == "interactive" else 0
+                        )
                     return msg
                 if lane == "bulk":
                     # Bulk's turn came and it had nothing: its next turn is bulk_every jobs

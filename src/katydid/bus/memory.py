@@ -18,7 +18,7 @@ import trio
 
 from katydid.bus import BusHandlers, LaneStats
 from katydid.errors import NatsError
-from katydid.messages import Job, JobResult, ResultSegment
+from katydid.messages import LANES, Job, JobResult, ResultSegment
 from katydid.session_record import SessionRecord
 
 
@@ -100,7 +100,7 @@ class MemoryBus:
         await trio.lowlevel.checkpoint()
         out = {}
         for model in models:
-            for lane in ("interactive", "bulk"):
+            for lane in LANES:
                 jobs = [q for q in self.queue.values() if (q.model, q.lane) == (model, lane)]
                 out[model, lane] = LaneStats(
                     pending=sum(not q.taken for q in jobs),

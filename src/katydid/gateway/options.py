@@ -44,6 +44,7 @@ class Limits:
     job_deadline_s: float
     partial_deadline_s: float
     queued_interval_s: float
+    resume_first_partials: int
 
     @classmethod
     def from_config(cls, cfg: Config) -> Limits:

@@ -68,8 +68,8 @@ class Seating:
         # Partial jobs queued and not answered yet, gateway-wide, in publish order: job id ->
         # (model, when it stops counting). A partial nobody answers (its worker died, its
         # result crossed a reconnect) stops counting once a worker would no longer start it.
-        self._partials: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._partials_of: dict[str, int] = {}
+        self._partials: OrderedDict[str, tuple[tuple[str, str], float]] = OrderedDict()
+        self._partials_of: dict[tuple[str, str], int] = {}  # (model, lane) -> in flight
 
     # --- admission and keys ---
 
@@ -152,27 +152,34 @@ class Seating:
         queue, a final waited behind all of them (10 live streams on 2 workers: p90 end of
         speech → final 1.9 s). Under load the partials come less often.
 
-        ``resumed``: the session's first partial since its client reconnected goes over the
-        slots (the backlog check still holds): the client's first sign that the session is
-        back, not a turn among every live session's (10 live streams on 2 workers, AMD EPYC:
-        reconnect -> first result p99 4.4 s, 1.9 s with it). One partial per resume: bounded
-        by the resumes."""
+        ``resumed``: the session's first partial since its client reconnected. It goes to the
+        priority lane, ahead of every queued job, backlog or not: the client's first sign that
+        the session is back, not a turn behind every live session's finals (50 live streams
+        over 2 workers' capacity, a gateway killed: reconnect -> first result waited for the
+        next final, p50 2.5-5.6 s). Bounded: one per resume, and at most
+        ``resume_first_partials`` of this gateway's in flight per model (past it: False, the
+        next frame asks again); with 0, it goes over the slots only (the backlog check holds).
+        """
+        ahead = self.cfg.resume_first_partials
+        if resumed and ahead > 0:
+            return self._in_flight(model, "priority") < ahead
         if not self.admission.partials_allowed.get(model, False):
             return False
         if resumed:
             return True
-        slots = self.admission.partial_slots.get(model, 1)
-        if self._partials_of.get(model, 0) < slots:
-            return True
-        self._forget_stale_partials()
-        return self._partials_of.get(model, 0) < slots
+        return self._in_flight(model, "interactive") < self.admission.partial_slots.get(model, 1)
 
-    def partial_queued(self, model: str, job_id: str) -> None:
-        """A partial job is in the stream: it holds one of the model's partial slots until
-        ``partial_answered`` (or its deadline and the longest decode after it have passed)."""
+    def _in_flight(self, model: str, lane: str) -> int:
+        self._forget_stale_partials()
+        return self._partials_of.get((model, lane), 0)
+
+    def partial_queued(self, model: str, lane: str, job_id: str) -> None:
+        """A partial job is in the stream: it holds one of the model's partial slots (or of its
+        priority lane's) until ``partial_answered`` (or its deadline and the longest decode
+        after it have passed)."""
         until = clock() + self.cfg.partial_deadline_s + _PARTIAL_DECODE_S
-        self._partials[job_id] = (model, until)
-        self._partials_of[model] = self._partials_of.get(model, 0) + 1
+        self._partials[job_id] = ((model, lane), until)
+        self._partials_of[model, lane] = self._partials_of.get((model, lane), 0) + 1
 
     def partial_answered(self, job_id: str) -> None:
         """A worker answered a partial (text, or skipped): its slot is free."""
@@ -183,18 +190,18 @@ class Seating:
     def _forget_stale_partials(self) -> None:
         now = clock()
         while self._partials:
-            job_id, (model, until) = next(iter(self._partials.items()))
+            job_id, (where, until) = next(iter(self._partials.items()))
             if until > now:
                 return
             del self._partials[job_id]
-            self._drop_partial(model)
+            self._drop_partial(where)
 
-    def _drop_partial(self, model: str) -> None:
-        left = self._partials_of.get(model, 0) - 1
+    def _drop_partial(self, where: tuple[str, str]) -> None:
+        left = self._partials_of.get(where, 0) - 1
         if left > 0:
-            self._partials_of[model] = left
+            self._partials_of[where] = left
         else:
-            self._partials_of.pop(model, None)
+            self._partials_of.pop(where, None)
 
     # --- publishing ---
 
@@ -269,7 +276,7 @@ class Seating:
             kind = job.options.kind
             self.metrics.jobs_published.labels(publish.lane, kind).inc()
             if kind == "partial":
-                self.partial_queued(publish.model, job.job_id)
+                self.partial_queued(publish.model, publish.lane, job.job_id)
                 return []
             self.admission.published(publish.model)
             self.arrived(live)

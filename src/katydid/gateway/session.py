@@ -307,13 +307,15 @@ class Session(SessionClock, SessionResume, SessionLosses):
         if due is None:
             return []
         seq, samples = due
+        # A resumed session's first partial goes ahead of the queue (Seating.partials_allowed).
+        ahead = self.awaits_first_partial and self.limits.resume_first_partials > 0
         self._partial_in_flight = True
         self._partials += 1
         # A resumed session's partials count from 1 again: the tag keeps their ids (and so
         # their Nats-Msg-Id) apart from every earlier connection's (session_resume.py).
         job_id = f"{self.session_id}-{seq}-p{self._partials}{self._partial_tag}"
         job = self._job(job_id, seq, 0, self.limits.partial_deadline_s, "partial")
-        return [Publish(job, _body(samples), self.model, "interactive")]
+        return [Publish(job, _body(samples), self.model, "priority" if ahead else "interactive")]
 
     # --- what became of a publish ---
 
