@@ -174,6 +174,8 @@ class Config:
     # (the client's first sign its session is back, not a turn behind a backlog): at most this
     # many of a gateway's at once per model; past it one waits like any partial; 0 = none ahead
     resume_first_partials: int = 32
+    # ...and a session's at most once in this long, however often its client reconnects
+    resume_first_partial_every_s: float = 10.0
     results_max_bytes: int = 256 * 1024 * 1024  # the results stream's bound (oldest go first)
     # The session records' bucket's bound (a record is ~0.5 KB: ~100,000 sessions)
     sessions_max_bytes: int = 64 * 1024 * 1024
@@ -242,6 +244,8 @@ class Config:
             raise ConfigError("queued_interval_s must be >= 0 (0 = every change)")
         if self.malloc_trim_interval_s < 0:
             raise ConfigError("malloc_trim_interval_s must be >= 0 (0 = never)")
+        if self.resume_first_partial_every_s < 0:
+            raise ConfigError("resume_first_partial_every_s must be >= 0")
         if self.resume_first_partials < 0:
             raise ConfigError("resume_first_partials must be >= 0 (0 = none ahead of the queue)")
         if self.bulk_every < 0:

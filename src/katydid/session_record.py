@@ -65,6 +65,9 @@ class SessionRecord:
     updated_unix: float = 0.0
     owner: str = ""  # the connection serving it: a newer one takes over
     uncovered: list[list[float]] = field(default_factory=list)
+    # Before this (unix time) a resume gets no partial ahead of the queue: one per
+    # resume_first_partial_every_s, however often its client reconnects, to whichever gateway
+    ahead_after_unix: float = 0.0
 
     def __post_init__(self) -> None:
         if self.state not in STATES:
@@ -96,9 +99,20 @@ class SessionRecord:
                 updated_unix=float(d.get("updated_unix", 0.0)),
                 owner=str(d.get("owner", "")),
                 uncovered=[[float(a), float(b)] for a, b in d.get("uncovered") or []],
+                ahead_after_unix=float(d.get("ahead_after_unix", 0.0)),
             )
         except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise MessageError(f"bad session record: {exc}") from exc
+
+
+def turn_ahead(record: SessionRecord, unix_now: float, every_s: float) -> float | None:
+    """Whether a resume of ``record``'s session now may send its first partial ahead of the
+    queue: the record's next ``ahead_after_unix`` if so (the resume writes it), None if an
+    earlier resume had that turn less than ``every_s`` ago. A client that reconnects over and
+    over gets no more engine time ahead of other sessions than one partial per ``every_s``."""
+    if record.ahead_after_unix > unix_now:
+        return None
+    return unix_now + every_s
 
 
 def results_filter(session_id: str) -> str:

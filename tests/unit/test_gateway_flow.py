@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import io
 import json
+import time
 import wave
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -1152,3 +1153,36 @@ async def test_a_resume_past_the_sessions_chunks_is_refused_and_the_session_surv
         await _resume(right, resume)
         assert (await _event(right))["type"] == "resumed"
         assert r.bus.cancels == []
+
+
+async def test_a_resumed_sessions_first_partial_goes_ahead_once_per_interval(
+    autojump_clock: Any,
+) -> None:
+    # The turn ahead of the queue is in the session's record (any gateway reads it): a client
+    # that reconnects over and over gets one partial ahead per resume_first_partial_every_s.
+    async with rig() as r:
+        raw = await _raw_connect(r)
+        await raw.send(TextMessage(json.dumps({"type": "start", "partials": True})))
+        ready = await _event(raw)
+        sid, token = ready["session_id"], ready["resume_token"]
+        speech = _speech_like(2.0, pause_every_s=10.0)
+        lanes = []
+        for _ in range(2):
+            await raw.stream.aclose()  # a reset
+            await _eventually(lambda: r.bus.records[sid].state == "detached")
+            raw = await _raw_connect(r)
+            await _resume(raw, {"session_id": sid, "token": token, "after_seq": -1})
+            resumed = await _event(raw)
+            assert (resumed["type"], resumed["resume_offset_bytes"]) == ("resumed", 0)
+            token = resumed["resume_token"]
+            before = len(r.bus.published)
+            await raw.send(BytesMessage(speech))
+            await _eventually(lambda n=before: len(r.bus.published) > n)
+            (partial,) = r.bus.published[before:]
+            assert partial.job.options.kind == "partial"
+            lanes.append(partial.lane)
+            r.bus.take(partial.stream_seq)
+            r.bus.answer(partial, "so far")
+            assert (await _event(raw))["type"] == "partial"
+        assert lanes == ["priority", "interactive"]  # the second resume came within 10 s
+        assert r.bus.records[sid].ahead_after_unix > time.time()

@@ -49,7 +49,7 @@ def _backlog(gateway: Hub, model: str, pending: int) -> None:
 
 def _resumed(gateway: Hub) -> Live:
     live = _streaming(gateway)
-    live.session._partial_tag = "rconnection2"  # as Session.reattached sets it
+    live.session._ahead = True  # as Session.reattached sets it (a turn ahead granted)
     return live
 
 
@@ -130,7 +130,7 @@ async def test_a_resumed_sessions_first_partial_goes_over_the_slots_once(
     speech = _speech_like(1.0, pause_every_s=10.0)
     busy, back = _streaming(gateway), _streaming(gateway)
     assert await _speak(gateway, busy, model, speech) == 1  # the slot is taken
-    back.session._partial_tag = "rconnection2"  # as Session.reattached sets it
+    back.session._ahead = True  # as Session.reattached sets it (a turn ahead granted)
     assert back.session.awaits_first_partial
     assert await _speak(gateway, back, model, speech) == 1  # over the full slots: its first
     assert not back.session.awaits_first_partial

@@ -40,7 +40,7 @@ from katydid.gateway.session_resume import TAKEN
 from katydid.gateway.tenants import Tenants
 from katydid.log import SampledLogger
 from katydid.metrics import GatewayMetrics
-from katydid.session_record import ATTACHED, DETACHED, SessionRecord
+from katydid.session_record import ATTACHED, DETACHED, SessionRecord, turn_ahead
 
 log = structlog.get_logger("katydid.gateway")
 _TAKEN = -1  # a revision no write goes over: another connection took the session
@@ -281,8 +281,9 @@ class Resumption:
         s = live.session
         opened_as = s.session_id  # the id it was opened under, until it takes the old one
         try:
-            record = await self._take_over(live, ask)
-            outputs = s.reattached(record, ask.after_seq, self.token(record.session_id), clock())
+            record, ahead = await self._take_over(live, ask)
+            token = self.token(record.session_id)
+            outputs = s.reattached(record, ask.after_seq, token, clock(), ahead=ahead)
         except ProtocolError as exc:
             return s.fail(exc)
         adopt(live, opened_as)
@@ -307,22 +308,29 @@ class Resumption:
         log.info("session_resumed", session_id=record.session_id, after_seq=ask.after_seq)
         return rest
 
-    async def _take_over(self, live: Live, ask: Reattach) -> SessionRecord:
+    async def _take_over(self, live: Live, ask: Reattach) -> tuple[SessionRecord, bool]:
         """The session's record, taken over by ``live``'s connection: written as its own over
         the revision read (Rule 4: had another connection written it since, say to hold a chunk
-        it was publishing, the record read would be stale; read again, a few times).
+        it was publishing, the record read would be stale; read again, a few times); and
+        whether its first partial may go ahead of the queue (``turn_ahead``: the
+        turn is in the record, so it holds across gateways).
 
         Raises:
             ProtocolError: as ``_record_for``; ``overloaded`` if it kept changing.
         """
         for _ in range(_TAKEOVER_TRIES):
             record, revision = await self._record_for(live, ask)
+            unix_now = time.time()
+            every = self.cfg.resume_first_partial_every_s
+            ahead_after = turn_ahead(record, unix_now, every)
+            if ahead_after is not None:
+                record = dataclasses.replace(record, ahead_after_unix=ahead_after)
             mine = dataclasses.replace(
                 record,
                 state=ATTACHED,
                 gateway=self.gateway_id,
                 owner=live.owner,
-                updated_unix=time.time(),
+                updated_unix=unix_now,
             )
             try:
                 with trio.fail_after(self.cfg.nats_request_timeout_s):
@@ -335,7 +343,7 @@ class Resumption:
                 ) from None
             if written is not None:
                 self._owners[record.session_id] = _Held(live.owner, written)
-                return record
+                return record, ahead_after is not None
         raise ProtocolError(
             ErrorCode.OVERLOADED,
             "the session kept changing while it was being resumed: try again",

@@ -95,6 +95,8 @@ class Session(SessionClock, SessionResume, SessionLosses):
     kept: bool = False  # it has a record in NATS (every session, with resumption on)
     resume_token: str = ""
     _partial_tag: str = ""  # set by a resume: this connection's partial job ids are its own
+    _ahead: bool = False  # resumed, and its first partial may go ahead of the queue
+    _ahead_after_unix: float = 0.0  # SessionRecord.ahead_after_unix
     _in_jobs: int = 0
 
     def __post_init__(self) -> None:

@@ -40,6 +40,8 @@ class SessionResume(SessionQueries):
     kept: bool
     resume_token: str
     _partial_tag: str
+    _ahead: bool
+    _ahead_after_unix: float
     _partials: int
     _in_jobs: int
     _flushed: bool
@@ -68,13 +70,14 @@ class SessionResume(SessionQueries):
             audio_s=self.audio_s,
             updated_unix=unix_now,
             owner=owner,
+            ahead_after_unix=self._ahead_after_unix,
         )
 
     @property
     def awaits_first_partial(self) -> bool:
-        """Resumed, and no partial queued since: its next one goes over the gateway's partial
-        slots (``Seating.partials_allowed``)."""
-        return bool(self._partial_tag) and not self._partials
+        """Resumed with a turn ahead (``session_record.turn_ahead``), and no partial queued since: its next
+        one goes ahead of the queue (``Seating.partials_allowed``)."""
+        return self._ahead and not self._partials
 
     def detach(self) -> list[Output] | None:
         """The connection is gone before the session ended: a resumable session that has
@@ -101,11 +104,12 @@ class SessionResume(SessionQueries):
         ]
 
     def reattached(
-        self, record: SessionRecord, after_seq: int, token: str, now: float
+        self, record: SessionRecord, after_seq: int, token: str, now: float, *, ahead: bool = False
     ) -> list[Output]:
         """A reconnected client takes back the session ``record`` describes, having every
         result up to ``after_seq``: it hears ``resumed`` (what audio the server holds), then
         the results after ``after_seq`` as they come (replayed from the results stream).
+        ``ahead``: its first partial may go ahead of the queue (``session_record.turn_ahead``).
 
         Raises:
             ProtocolError: the record's options no longer validate, or ``after_seq`` is past
@@ -124,6 +128,8 @@ class SessionResume(SessionQueries):
         # opened under (unique): the same ids would be dropped by JetStream as duplicates
         # (Nats-Msg-Id), and a partial that never comes holds back the session's next ones.
         self._partial_tag = "r" + self.session_id[:12]
+        self._ahead_after_unix = record.ahead_after_unix
+        self._ahead = ahead
         self.session_id = record.session_id
         self.options = options
         self.model = record.model
