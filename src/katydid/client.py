@@ -315,6 +315,7 @@ class _Session:
             now = trio.current_time()
             if kind in _RESULTS and self.reconnected_at is not None and not self.reconnecting:
                 self.result.resume_latencies_s.append(now - self.reconnected_at)
+                self.result.resume_first_kinds.append(str(kind))
                 self.reconnected_at = None
             if kind in ("final", "error", "done") and self.lost_at is not None:
                 self.result.outage_to_final_s.append(now - self.lost_at)

@@ -58,6 +58,7 @@ class SessionResult:
     duplicates: int = 0
     out_of_order: int = 0
     resume_latencies_s: list[float] = field(default_factory=list)
+    resume_first_kinds: list[str] = field(default_factory=list)  # what that first result was
     outage_to_final_s: list[float] = field(default_factory=list)
 
     @property

@@ -49,6 +49,21 @@ def _ms(p: dict[str, float | None]) -> str:
     return "/".join("-" if v is None else f"{v * 1000:.0f}" for v in (p["p50"], p["p99"]))
 
 
+def _by_kind(results: Sequence[Any]) -> str:
+    """What the first result after each resume was, and how soon it came by kind: a partial
+    (the priority lane) against a final or a chunk error (its turn in the queue)."""
+    pairs = [
+        p for r in results for p in zip(r.resume_first_kinds, r.resume_latencies_s, strict=True)
+    ]
+    kinds = sorted({k for k, _ in pairs})
+    parts = [
+        f"{kind} {len(ts)} (p50/p99 {_ms(percentiles(ts))} ms)"
+        for kind in kinds
+        for ts in [[t for k, t in pairs if k == kind]]
+    ]
+    return "first result after a resume: " + (", ".join(parts) or "none")
+
+
 def _second_gateway(stack: Stack, name: str = "gateway2") -> tuple[Any, str]:
     """Another gateway on the stack's NATS (its own WebSocket port, no HTTP door)."""
     port = free_port()
@@ -190,6 +205,7 @@ async def _resume_after_gateway_loss(
             f" (n={n_latency}); loss -> `resumed` p50/p99 {_ms(percentiles(back_s))} ms"
             f" (n={len(back_s)}); for scale, loss -> next final p50/p99 {_ms(outage)} ms (the"
             " speaker's unfinished utterance, then its turn in the queue)",
+            _by_kind([r for r in killed if r is not None]),
         ],
     )
     return tally
@@ -260,6 +276,7 @@ async def resume_resets(root: Path, model_dir: Path, clips: dict[str, Clip]) -> 
             f" {_ms(latency)} ms (n={n_latency}); for scale, loss -> next final p50/p99"
             f" {_ms(outage)} ms, a session's longest queue wait p50/p99"
             f" {_ms(percentiles([r.queue_s for r in ok]))} ms (the backlog, not the resume)",
+            _by_kind(ok),
         ],
     )
     return tally

@@ -76,6 +76,7 @@ class SessionRecord:
     finals_duplicated: int = 0
     finals_out_of_order: int = 0
     resume_latencies_s: list[float] = field(default_factory=list)
+    resume_first_kinds: list[str] = field(default_factory=list)
     outage_to_final_s: list[float] = field(default_factory=list)
 
 
@@ -232,6 +233,7 @@ class LoadRunner:
                     record.finals_duplicated = res.duplicates
                     record.finals_out_of_order = res.out_of_order
                     record.resume_latencies_s = res.resume_latencies_s
+                    record.resume_first_kinds = res.resume_first_kinds
                     record.outage_to_final_s = res.outage_to_final_s
                     return 0.0
             finally:
