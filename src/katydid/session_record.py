@@ -23,6 +23,10 @@ SESSIONS_BUCKET = "KATYDID_SESSIONS"  # a JetStream KV bucket: one record per re
 RESULTS_STREAM = "KATYDID_RESULTS"  # every result, kept resume_window_s (limits retention)
 GATEWAYS_BUCKET = "KATYDID_GATEWAYS"  # the deployment's secret; workers may not read it
 GATEWAYS_BYTES = 1024 * 1024  # its bound: one key
+# A record names at most this many of its session's queued jobs (SessionRecord.queued): the
+# oldest, which say where the session stands; the record is written before every final's
+# publish, so it stays small however long the upload.
+QUEUED_KEPT = 32
 
 # A gateway's heartbeat: katydid.gateways.<gateway id>, every gateway_heartbeat_s. Workers set
 # aside the jobs of sessions whose gateway they stopped hearing (it died; they may be resumed).
@@ -68,6 +72,10 @@ class SessionRecord:
     # Before this (unix time) a resume gets no partial ahead of the queue: one per
     # resume_first_partial_every_s, however often its client reconnects, to whichever gateway
     ahead_after_unix: float = 0.0
+    # [seq, stream seq] of its oldest final jobs in the stream and unanswered (at most
+    # QUEUED_KEPT): where a resumed session stands in the queue (its `queued` updates), and
+    # what to delete from the stream if it then ends before they are answered
+    queued: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.state not in STATES:
@@ -100,6 +108,7 @@ class SessionRecord:
                 owner=str(d.get("owner", "")),
                 uncovered=[[float(a), float(b)] for a, b in d.get("uncovered") or []],
                 ahead_after_unix=float(d.get("ahead_after_unix", 0.0)),
+                queued=[[int(s), int(ss)] for s, ss in d.get("queued") or []][:QUEUED_KEPT],
             )
         except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise MessageError(f"bad session record: {exc}") from exc

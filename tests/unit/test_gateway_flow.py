@@ -1186,3 +1186,32 @@ async def test_a_resumed_sessions_first_partial_goes_ahead_once_per_interval(
             assert (await _event(raw))["type"] == "partial"
         assert lanes == ["priority", "interactive"]  # the second resume came within 10 s
         assert r.bus.records[sid].ahead_after_unix > time.time()
+
+
+async def test_a_resumed_session_hears_where_it_stands_and_its_end_deletes_its_old_jobs(
+    autojump_clock: Any,
+) -> None:
+    # Its jobs' stream seqs are in its record: a resumed client waiting on a backlog is told
+    # its place and wait (`queued`), and if it then leaves, its jobs leave the queue with it.
+    async with rig() as r:
+        raw, sid, token = await _started(r)
+        await raw.send(BytesMessage(_speech_like(9.0)))
+        await _eventually(lambda: len(r.bus.finals(sid)) >= 3)
+        await trio.testing.wait_all_tasks_blocked()
+        await raw.send(TextMessage('{"type": "stop"}'))
+        await _eventually(lambda: r.bus.records[sid].stopped)
+        old = [q.stream_seq for q in r.bus.finals(sid)]
+        assert [ss for _, ss in r.bus.records[sid].queued] == old
+        await raw.stream.aclose()  # a reset
+        await _eventually(lambda: r.bus.records[sid].state == "detached")
+
+        again = await _raw_connect(r)
+        await _resume(again, {"session_id": sid, "token": token, "after_seq": -1})
+        resumed = await again.next()
+        assert isinstance(resumed, dict) and resumed["type"] == "resumed"
+        queued = await again.next()  # the next queue poll
+        assert isinstance(queued, dict) and queued["type"] == "queued", queued
+        assert queued["position"] == 0 and queued["eta_s"] > 0
+        await again.send(CloseConnection(1000))  # it leaves for good
+        await _eventually(lambda: set(old) <= set(r.bus.deleted))
+        assert sid in r.bus.cancels

@@ -21,7 +21,7 @@ from katydid.gateway.ledger import JobLedger
 from katydid.gateway.options import StartOptions
 from katydid.gateway.outputs import Close, Output, Remember, Send
 from katydid.gateway.session_queries import Phase, SessionQueries
-from katydid.session_record import ATTACHED, DETACHED, SessionRecord
+from katydid.session_record import ATTACHED, DETACHED, QUEUED_KEPT, SessionRecord
 
 DETACHED_OUTCOME = "detached"  # the client went away; the session waits for it to resume
 TAKEN = "a newer connection resumed the session"  # what an older connection hears
@@ -71,6 +71,7 @@ class SessionResume(SessionQueries):
             updated_unix=unix_now,
             owner=owner,
             ahead_after_unix=self._ahead_after_unix,
+            queued=[[s, ss] for s, ss in sorted(self._jobs_out.stream_seqs.items())][:QUEUED_KEPT],
         )
 
     @property
@@ -137,8 +138,12 @@ class SessionResume(SessionQueries):
         self.resumable = self.kept = True
         self._in_jobs = record.samples
         self._last_input = self._stopped_at = now
+        # Where its jobs sit in the stream, as far as the record says: its place in the queue
+        # (`queued`) and what its end deletes; the rest (past QUEUED_KEPT) unknown as before.
+        stored = {seq: stream_seq for seq, stream_seq in record.queued}
         self._jobs_out = JobLedger(
-            in_flight=dict.fromkeys(range(after_seq + 1, record.next_seq)), next_seq=after_seq + 1
+            in_flight={s: stored.get(s) for s in range(after_seq + 1, record.next_seq)},
+            next_seq=after_seq + 1,
         )
         offset_bytes: int | None = None
         if record.stopped:
