@@ -1208,10 +1208,13 @@ async def test_a_resumed_session_hears_where_it_stands_and_its_end_deletes_its_o
         again = await _raw_connect(r)
         await _resume(again, {"session_id": sid, "token": token, "after_seq": -1})
         resumed = await again.next()
-        assert isinstance(resumed, dict) and resumed["type"] == "resumed"
+        assert isinstance(resumed, dict)
+        assert resumed["type"] == "resumed"
         queued = await again.next()  # the next queue poll
-        assert isinstance(queued, dict) and queued["type"] == "queued", queued
-        assert queued["position"] == 0 and queued["eta_s"] > 0
-        await again.send(CloseConnection(1000))  # it leaves for good
+        assert isinstance(queued, dict)
+        assert queued["type"] == "queued", queued
+        assert queued["position"] == 0  # its oldest job is next
+        assert queued["eta_s"] > 0
+        await again.stream.send_all(again.peer.send(CloseConnection(1000)))  # it leaves
         await _eventually(lambda: set(old) <= set(r.bus.deleted))
         assert sid in r.bus.cancels
