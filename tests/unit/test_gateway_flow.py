@@ -1218,3 +1218,46 @@ async def test_a_resumed_session_hears_where_it_stands_and_its_end_deletes_its_o
         await again.stream.send_all(again.peer.send(CloseConnection(1000)))  # it leaves
         await _eventually(lambda: set(old) <= set(r.bus.deleted))
         assert sid in r.bus.cancels
+
+
+async def test_quick_resumes_are_never_told_a_newer_connection_took_the_session(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An outsider's client: 2 s of speech, a reset, a resume at once, over and over. The old
+    # connection's "detached" record write could fail against the resume's takeover and then
+    # mark the session taken by the *old* connection here: the resumed one's next final was
+    # refused with session_taken (4409), the session lost.
+    put_record = MemoryBus.put_record
+
+    async def slow_detach(bus: MemoryBus, record: Any, *, last: int | None = None) -> int | None:
+        if record.state == "detached":  # still on the wire when the client resumes
+            await trio.sleep(0.05)
+        return await put_record(bus, record, last=last)
+
+    monkeypatch.setattr(MemoryBus, "put_record", slow_detach)
+    async with rig() as r:
+        raw, sid, token = await _started(r)
+        speech = _speech_like(2.0, pause_every_s=0.9, pause_s=0.6)
+        after = -1
+        for _ in range(3):
+            await raw.send(BytesMessage(speech))
+            await trio.testing.wait_all_tasks_blocked()
+            await raw.stream.aclose()  # a reset, then a resume at once
+            raw = await _raw_connect(r)
+            await _resume(raw, {"session_id": sid, "token": token, "after_seq": after})
+            resumed = await raw.next()
+            assert isinstance(resumed, dict)
+            assert resumed["type"] == "resumed", resumed
+            token = resumed["resume_token"]
+        await raw.send(BytesMessage(speech))
+        await raw.send(TextMessage('{"type": "stop"}'))
+        await _eventually(lambda: r.bus.records[sid].stopped)
+        for q in r.bus.finals(sid):
+            r.bus.take(q.stream_seq)
+            r.bus.answer(q, f"text {q.job.seq}")
+        while True:
+            event = await raw.next()
+            assert isinstance(event, dict), f"closed with {event}"
+            assert event.get("code") != "session_taken", event
+            if event["type"] == "done":
+                break

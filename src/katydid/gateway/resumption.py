@@ -24,7 +24,8 @@ import hmac
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import structlog
@@ -179,12 +180,19 @@ class Resumption:
         dropped, and one that finds another connection's revision tells ``on_taken``. One write
         of a session at a time (the first record, written before its first job, and the queued
         ones would otherwise both write over the same revision, and one would fail)."""
+        async with self._writing(session_id):
+            return await self._write_now(session_id, record, owner)
+
+    @asynccontextmanager
+    async def _writing(self, session_id: str) -> AsyncIterator[None]:
+        """The session's record is this task's to write until the block ends: its connections'
+        writes and a resume's takeover, one at a time."""
         lock = self._locks.get(session_id)
         if lock is None:
             lock = self._locks[session_id] = trio.Lock()
         try:
             async with lock:
-                return await self._write_now(session_id, record, owner)
+                yield
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._locks.pop(session_id, None)
@@ -199,6 +207,9 @@ class Resumption:
             await self.bus.delete_record(session_id, last=held.revision)
             return True
         revision = await self.bus.put_record(record, last=held.revision)
+        now_held = self._owners.get(session_id)
+        if now_held is not None and now_held.owner != owner:
+            return False  # a resume here took it meanwhile: the entry is the newer connection's
         # Detached or taken, the entry is kept for the window: the connection's later writes
         # (a job's publish acknowledged after the drop) go over its own revision, or nowhere.
         later = trio.current_time() + self.cfg.resume_window_s
@@ -318,6 +329,10 @@ class Resumption:
         Raises:
             ProtocolError: as ``_record_for``; ``overloaded`` if it kept changing.
         """
+        async with self._writing(ask.session_id):
+            return await self._take_over_now(live, ask)
+
+    async def _take_over_now(self, live: Live, ask: Reattach) -> tuple[SessionRecord, bool]:
         for _ in range(_TAKEOVER_TRIES):
             record, revision = await self._record_for(live, ask)
             unix_now = time.time()
