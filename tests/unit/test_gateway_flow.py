@@ -1261,3 +1261,34 @@ async def test_quick_resumes_are_never_told_a_newer_connection_took_the_session(
             assert event.get("code") != "session_taken", event
             if event["type"] == "done":
                 break
+
+
+async def test_a_resumed_sessions_first_partial_waits_for_the_resent_audio(
+    autojump_clock: Any,
+) -> None:
+    # The client resends at once what the server does not hold; a partial made from its first
+    # second read backwards ("Ask!" before the break, then "S").
+    async with rig() as r:
+        raw = await _raw_connect(r)
+        await raw.send(TextMessage(json.dumps({"type": "start", "partials": True})))
+        ready = await _event(raw)
+        sid, token = ready["session_id"], ready["resume_token"]
+        speech = _speech_like(3.0, pause_every_s=10.0)
+        await raw.send(BytesMessage(speech))
+        await _eventually(lambda: r.bus.records[sid].audio_s == 3.0)
+        await raw.stream.aclose()  # a reset
+        await _eventually(lambda: r.bus.records[sid].state == "detached")
+        raw = await _raw_connect(r)
+        await _resume(raw, {"session_id": sid, "token": token, "after_seq": -1})
+        resumed = await _event(raw)
+        assert resumed["resume_offset_bytes"] == 0  # nothing of it is in a final's job
+        before = len(r.bus.published)
+        half = len(speech) // 2
+        await raw.send(BytesMessage(speech[:half]))
+        await trio.testing.wait_all_tasks_blocked()
+        assert r.bus.published[before:] == []  # 1.5 s of the 3 resent: no partial yet
+        await raw.send(BytesMessage(speech[half:]))
+        await _eventually(lambda: len(r.bus.published) > before)
+        (partial,) = r.bus.published[before:]
+        assert partial.job.options.kind == "partial"
+        assert len(partial.pcm) == len(speech)  # the utterance as the client had sent it

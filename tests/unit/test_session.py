@@ -571,6 +571,8 @@ def test_a_resumed_sessions_partials_have_job_ids_no_earlier_connection_used() -
         assert [type(o).__name__ for o in again.receive(Resume("s1", "t", -1), 0.0)] == ["Reattach"]
         again.reattached(record, -1, "t", 0.0)
         assert again.session_id == "s1"
+        for _ in range(2):  # the client resends the 3 s it had sent: no partial before it is in
+            assert _published(again.receive_bytes(second, 0.0, partials_allowed=True)) == []
         ids = partial_ids(again, 3)
         assert not seen & set(ids), f"resume {n} reused {sorted(seen & set(ids))}"
         seen |= set(ids)

@@ -97,6 +97,9 @@ class Session(SessionClock, SessionResume, SessionLosses):
     _partial_tag: str = ""  # set by a resume: this connection's partial job ids are its own
     _ahead: bool = False  # resumed, and its first partial may go ahead of the queue
     _ahead_after_unix: float = 0.0  # SessionRecord.ahead_after_unix
+    # Resumed: the audio its earlier connection had sent (the record's), which the client
+    # resends at once; no partial before the resent audio is in (it would read backwards)
+    _catch_up_s: float = 0.0
     _in_jobs: int = 0
 
     def __post_init__(self) -> None:
@@ -305,6 +308,8 @@ class Session(SessionClock, SessionResume, SessionLosses):
         opts = self.options
         if self._partial_in_flight or opts is None or not opts.partials or self.intake is None:
             return []
+        if self.intake.audio_s < self._catch_up_s:
+            return []  # the resent audio is still coming in
         due = self.intake.partial_audio()
         if due is None:
             return []

@@ -42,6 +42,7 @@ class SessionResume(SessionQueries):
     _partial_tag: str
     _ahead: bool
     _ahead_after_unix: float
+    _catch_up_s: float
     _partials: int
     _in_jobs: int
     _flushed: bool
@@ -131,6 +132,7 @@ class SessionResume(SessionQueries):
         self._partial_tag = "r" + self.session_id[:12]
         self._ahead_after_unix = record.ahead_after_unix
         self._ahead = ahead
+        self._catch_up_s = record.audio_s
         self.session_id = record.session_id
         self.options = options
         self.model = record.model
