@@ -1263,8 +1263,9 @@ async def test_quick_resumes_are_never_told_a_newer_connection_took_the_session(
                 break
 
 
+@pytest.mark.parametrize("noticed", [True, False], ids=["reset_noticed", "old_connection_open"])
 async def test_a_resumed_sessions_first_partial_waits_for_the_resent_audio(
-    autojump_clock: Any,
+    autojump_clock: Any, noticed: bool
 ) -> None:
     # The client resends at once what the server does not hold; a partial made from its first
     # second read backwards ("Ask!" before the break, then "S").
@@ -1274,16 +1275,19 @@ async def test_a_resumed_sessions_first_partial_waits_for_the_resent_audio(
         ready = await _event(raw)
         sid, token = ready["session_id"], ready["resume_token"]
         speech = _speech_like(3.0, pause_every_s=10.0)
-        await raw.send(BytesMessage(speech))
-        await _eventually(lambda: r.bus.records[sid].audio_s == 3.0)
-        await raw.stream.aclose()  # a reset
-        await _eventually(lambda: r.bus.records[sid].state == "detached")
+        half = len(speech) // 2
+        for part in (speech[:half], speech[half:]):  # a partial (and a record) after the first
+            await raw.send(BytesMessage(part))
+            await trio.testing.wait_all_tasks_blocked()
+        assert r.bus.records[sid].audio_s == 1.5  # its record as of its partial's publish
+        if noticed:
+            await raw.stream.aclose()  # a reset, and the resume right after it
+        # else the client gave up on a connection the server still holds (half open)
         raw = await _raw_connect(r)
         await _resume(raw, {"session_id": sid, "token": token, "after_seq": -1})
         resumed = await _event(raw)
         assert resumed["resume_offset_bytes"] == 0  # nothing of it is in a final's job
         before = len(r.bus.published)
-        half = len(speech) // 2
         await raw.send(BytesMessage(speech[:half]))
         await trio.testing.wait_all_tasks_blocked()
         assert r.bus.published[before:] == []  # 1.5 s of the 3 resent: no partial yet

@@ -18,6 +18,7 @@ after the older one's end lost).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -293,6 +294,12 @@ class Resumption:
         opened_as = s.session_id  # the id it was opened under, until it takes the old one
         try:
             record, ahead = await self._take_over(live, ask)
+            older = self.sessions.get(record.session_id)
+            if older is not None and older is not live and not record.stopped:
+                # Its earlier connection is still here (this gateway has not seen it drop):
+                # what that one had is newer than its last record.
+                heard = max(record.audio_s, older.session.audio_s)
+                record = dataclasses.replace(record, audio_s=heard)
             token = self.token(record.session_id)
             outputs = s.reattached(record, ask.after_seq, token, clock(), ahead=ahead)
         except ProtocolError as exc:
@@ -330,6 +337,13 @@ class Resumption:
             ProtocolError: as ``_record_for``; ``overloaded`` if it kept changing.
         """
         async with self._writing(ask.session_id):
+            # An earlier connection's write still queued here (its "detached", with all the
+            # audio it had) goes first: the takeover reads what that connection last knew.
+            queued = self._pending.pop(ask.session_id, None)
+            if queued is not None:
+                with contextlib.suppress(NatsError, trio.TooSlowError):
+                    with trio.fail_after(self.cfg.nats_request_timeout_s):
+                        await self._write_now(ask.session_id, *queued)
             return await self._take_over_now(live, ask)
 
     async def _take_over_now(self, live: Live, ask: Reattach) -> tuple[SessionRecord, bool]:
