@@ -401,6 +401,63 @@ async def test_a_result_missed_while_nats_reconnected_comes_from_the_results_str
         assert events[-1]["failed_chunks"] == 0
 
 
+async def test_results_are_recovered_after_a_reconnect_while_nats_still_elects_a_leader(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Right after the reconnect the results stream does not answer yet (a cluster electing its
+    # leader): following the session's results is tried again, not given up after one try
+    # (its missed result was then counted lost: an `internal` chunk error).
+    follow_results = MemoryBus.follow_results
+    refusals = [NatsError("no responders"), NatsError("timed out"), NatsError("timed out")]
+
+    async def electing(bus: MemoryBus, session_id: str) -> None:
+        if refusals:
+            raise refusals.pop()
+        await follow_results(bus, session_id)
+
+    monkeypatch.setattr(MemoryBus, "follow_results", electing)
+    async with rig() as r:
+        ws, jobs = await _stopped_with_jobs(r)
+        r.bus.take(jobs[0].stream_seq)
+        r.bus.answer(jobs[0], "missed", heard=False)
+        r.bus.reconnect()
+        for q in jobs[1:]:
+            r.bus.take(q.stream_seq)
+            r.bus.answer(q, "ok")
+        events = [await _next(ws, "queued") for _ in range(len(jobs) + 1)]
+        assert refusals == []
+        assert [e.get("text") for e in events[:-1]] == ["missed"] + ["ok"] * (len(jobs) - 1)
+        assert events[-1]["failed_chunks"] == 0
+
+
+async def test_a_session_starting_while_nats_elects_a_leader_waits_for_its_record(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The record is written before the first job; the bucket does not answer for a few
+    # seconds (one write even lands with its answer lost). The session is not told
+    # `overloaded`, nor that another connection took it: its jobs go out when NATS is back.
+    put_record = MemoryBus.put_record
+    failures = ["timeout", "timeout", "lost answer"]  # popped from the end
+
+    async def electing(bus: MemoryBus, record: Any, *, last: int | None = None) -> int | None:
+        if last is not None and failures:  # a write over its own earlier one
+            why = failures.pop()
+            if why == "lost answer":
+                await put_record(bus, record, last=last)
+            raise NatsError(why)
+        return await put_record(bus, record, last=last)
+
+    monkeypatch.setattr(MemoryBus, "put_record", electing)
+    async with rig() as r:
+        ws, jobs = await _stopped_with_jobs(r)
+        assert failures == []
+        for q in jobs:
+            r.bus.take(q.stream_seq)
+            r.bus.answer(q, "ok")
+        events = [await _next(ws, "queued") for _ in range(len(jobs) + 1)]
+        assert [e["type"] for e in events] == ["final"] * len(jobs) + ["done"]
+
+
 async def test_a_result_lost_while_nats_reconnected_fails_its_chunk(autojump_clock: Any) -> None:
     # A job left the stream (acked) and its result is nowhere, not even in the results stream
     # (NATS itself lost it). Once reconnected, its chunk fails with a coded error; the jobs

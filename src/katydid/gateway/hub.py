@@ -97,7 +97,9 @@ class Hub:
             cfg, bus, self.gateway_id, self.sessions, self.tenants, self.sampled, m
         )
         self.resumption.on_taken = self._on_takeover_found
-        self.recovery = ResultRecovery(bus, self.sessions, self.resumption, self._route)
+        self.recovery = ResultRecovery(
+            bus, self.sessions, self.resumption, self._route, cfg.publish_retry_s
+        )
         m.upload_memory.set_function(lambda: self.seating.uploads.held)
         m.uploads_spilled.set_function(lambda: self.seating.uploads.spilled)
         self.window = w = ByteWindow(cfg.publish_window_bytes)

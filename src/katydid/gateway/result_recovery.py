@@ -10,6 +10,9 @@ session ends, never waits in silence.
 
 Rule 1: one failed request ends a check (rather than one timeout per job left); the next
 reconnect redoes it.
+Rule 2: following the sessions' results is retried (once a second) for ``retry_s`` before the
+lost are counted: right after a reconnect NATS may still be electing a stream's leader (a
+cluster's took 4.5-9 s), and a session not followed would have its results counted lost.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ class ResultRecovery:
         sessions: dict[str, Live],
         resumption: Resumption,
         route: Callable[[Live, Inbound], bool],
+        retry_s: float = 15.0,
     ) -> None:
         self.bus = bus
+        self.retry_s = retry_s
         self.sessions = sessions
         self.resumption = resumption
         self.route = route
@@ -77,14 +82,22 @@ class ResultRecovery:
         if not self.resumption.enabled:
             return  # no results stream: resumption is off
         followed = self.resumption.followed
-        recovering = [
-            s.session_id
-            for live in self.sessions.values()
-            if (s := live.session).in_flight and s.session_id not in followed
-        ]
-        try:
-            for session_id in recovering:
-                followed.add(session_id)
-                await self.bus.follow_results(session_id)
-        except NatsError as exc:
-            log.warning("results_recovery_failed", error=str(exc))
+        deadline = trio.current_time() + self.retry_s
+        while True:
+            recovering = [
+                s.session_id
+                for live in list(self.sessions.values())
+                if (s := live.session).in_flight and s.session_id not in followed
+            ]
+            session_id = ""
+            try:
+                for session_id in recovering:
+                    followed.add(session_id)  # before: its replayed results are taken as its
+                    await self.bus.follow_results(session_id)
+                return
+            except NatsError as exc:
+                followed.discard(session_id)  # not following: the next try redoes it
+                if trio.current_time() >= deadline:
+                    log.warning("results_recovery_failed", error=str(exc))
+                    return
+            await trio.sleep(1.0)

@@ -47,6 +47,7 @@ from katydid.session_record import ATTACHED, DETACHED, SessionRecord, turn_ahead
 log = structlog.get_logger("katydid.gateway")
 _TAKEN = -1  # a revision no write goes over: another connection took the session
 _TAKEOVER_TRIES = 3  # a resume reads the record again if it changed before it took it over
+_RECORD_RETRY_S = 1.0  # between two tries of a record NATS did not take (bounded: publish_retry_s)
 
 
 @dataclass(slots=True)
@@ -133,15 +134,23 @@ class Resumption:
             return None
         key = live.tenant.name if live.tenant is not None else ""
         record = s.record(ATTACHED, self.gateway_id, live.owner, key, time.time())
-        try:
-            with trio.fail_after(self.cfg.nats_request_timeout_s):
-                written = await self._write(s.session_id, record, live.owner)
-        except (NatsError, trio.TooSlowError) as exc:
-            return ProtocolError(
-                ErrorCode.OVERLOADED,
-                f"the gateway cannot store the session's record ({exc or 'timed out'})",
-                retry_after_s=5.0,
-            )
+        # Retried as a job's publish is (``publish_retry_s``): a cluster electing the
+        # bucket's leader does not answer for seconds (4.5-9 s seen), and a session that
+        # started then would be told `overloaded` for it.
+        deadline = trio.current_time() + self.cfg.publish_retry_s
+        while True:
+            try:
+                with trio.fail_after(self.cfg.nats_request_timeout_s):
+                    written = await self._write(s.session_id, record, live.owner)
+                break
+            except (NatsError, trio.TooSlowError) as exc:
+                if trio.current_time() + _RECORD_RETRY_S >= deadline:
+                    return ProtocolError(
+                        ErrorCode.OVERLOADED,
+                        f"the gateway cannot store the session's record ({exc or 'timed out'})",
+                        retry_after_s=5.0,
+                    )
+            await trio.sleep(_RECORD_RETRY_S)
         if not written:
             return ProtocolError(ErrorCode.SESSION_TAKEN, TAKEN)
         live.recorded = True
@@ -208,6 +217,12 @@ class Resumption:
             await self.bus.delete_record(session_id, last=held.revision)
             return True
         revision = await self.bus.put_record(record, last=held.revision)
+        if revision is None and held.revision is not None:
+            # This connection's earlier try may have landed with its answer lost (a timeout):
+            # then the stored record is its own, not another connection's.
+            found = await self.bus.get_record(session_id)
+            if found is not None and found[0].owner == owner:
+                revision = await self.bus.put_record(record, last=found[1])
         now_held = self._owners.get(session_id)
         if now_held is not None and now_held.owner != owner:
             return False  # a resume here took it meanwhile: the entry is the newer connection's
