@@ -458,10 +458,23 @@ async def test_a_session_starting_while_nats_elects_a_leader_waits_for_its_recor
         assert [e["type"] for e in events] == ["final"] * len(jobs) + ["done"]
 
 
-async def test_a_result_lost_while_nats_reconnected_fails_its_chunk(autojump_clock: Any) -> None:
+@pytest.mark.parametrize("electing", [False, True], ids=["nats_back", "nats_electing"])
+async def test_a_result_lost_while_nats_reconnected_fails_its_chunk(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch, electing: bool
+) -> None:
     # A job left the stream (acked) and its result is nowhere, not even in the results stream
     # (NATS itself lost it). Once reconnected, its chunk fails with a coded error; the jobs
-    # still in the stream are left to their workers.
+    # still in the stream are left to their workers. With NATS still electing a leader, the
+    # check is tried again (given up after one timeout, its session waited for nothing).
+    job_in_stream = MemoryBus.job_in_stream
+    refusals = [NatsError("timed out")] * (3 if electing else 0)
+
+    async def asked(bus: MemoryBus, stream_seq: int) -> bool:
+        if refusals:
+            raise refusals.pop()
+        return await job_in_stream(bus, stream_seq)
+
+    monkeypatch.setattr(MemoryBus, "job_in_stream", asked)
     async with rig() as r:
         ws, jobs = await _stopped_with_jobs(r)
         del r.bus.queue[jobs[0].stream_seq]  # answered and acked while the gateway was away

@@ -8,11 +8,12 @@ stream. After a reconnect each live session with jobs unanswered reads its resul
 unanswered (its result not stored either: NATS itself lost it) fails with a coded error: its
 session ends, never waits in silence.
 
-Rule 1: one failed request ends a check (rather than one timeout per job left); the next
-reconnect redoes it.
-Rule 2: following the sessions' results is retried (once a second) for ``retry_s`` before the
-lost are counted: right after a reconnect NATS may still be electing a stream's leader (a
-cluster's took 4.5-9 s), and a session not followed would have its results counted lost.
+Rule 1: one failed request ends a check (rather than one timeout per job left); the check is
+tried again once a second for ``retry_s``, then given up until the next reconnect.
+Rule 2: following the sessions' results is retried the same way before the lost are counted:
+right after a reconnect NATS may still be electing a stream's leader (a cluster's took 4.5-9 s),
+and a session not followed would have its results counted lost; a check given up left its
+sessions waiting for results that never come (until ``result_timeout_s``).
 """
 
 from __future__ import annotations
@@ -63,18 +64,31 @@ class ResultRecovery:
             self._reconnected = trio.Event()
             await self._recover()
             await trio.sleep(LOST_RESULT_GRACE_S)
-            lost = 0
-            try:
-                for live in list(self.sessions.values()):
-                    for stream_seq in live.session.stored_jobs:
-                        present = await self.bus.job_in_stream(stream_seq)
-                        if not present and live.session.seq_of(stream_seq) is not None:
-                            lost += 1
-                            self.route(live, LostResult(stream_seq))
-            except NatsError as exc:
-                log.warning("lost_results_check_failed", error=str(exc))
-            if lost:
-                log.warning("results_lost_in_reconnect", jobs=lost)
+            deadline = trio.current_time() + self.retry_s
+            while True:
+                try:
+                    lost = await self._fail_lost()
+                except NatsError as exc:
+                    if trio.current_time() >= deadline:
+                        log.warning("lost_results_check_failed", error=str(exc))
+                        break
+                    await trio.sleep(1.0)
+                    continue
+                if lost:
+                    log.warning("results_lost_in_reconnect", jobs=lost)
+                break
+
+    async def _fail_lost(self) -> int:
+        """Each live session's jobs gone from the stream and still unanswered fail (a job
+        failed by an earlier try is no longer unanswered: a second try skips it)."""
+        lost = 0
+        for live in list(self.sessions.values()):
+            for stream_seq in live.session.stored_jobs:
+                present = await self.bus.job_in_stream(stream_seq)
+                if not present and live.session.seq_of(stream_seq) is not None:
+                    lost += 1
+                    self.route(live, LostResult(stream_seq))
+        return lost
 
     async def _recover(self) -> None:
         """Every live session waiting for results reads them from the results stream from now
