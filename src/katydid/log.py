@@ -71,7 +71,9 @@ def configure_logging(*, level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (PrintLogger writes the line and its newline apart): processes
+        # sharing a log (serve's workers, a systemd unit's pipe) never split one another's lines.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
 
