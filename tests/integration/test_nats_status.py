@@ -32,7 +32,8 @@ def test_status_reports_stream_consumers_and_workers(tmp_path: Path, model_dir: 
         assert status["stream"]["messages"] == 0
         assert status["stream"]["max_msgs"] > 0
         lanes = {(c["model"], c["lane"]) for c in status["consumers"]}
-        assert {("tiny_en-q8_0", "interactive"), ("tiny_en-q8_0", "bulk")} <= lanes
+        # The model by its name, as the workers table gives it (not its subject token)
+        assert {("tiny.en-q8_0", lane) for lane in ("interactive", "bulk", "priority")} <= lanes
         assert [(w["id"], w["model"]) for w in status["workers"]] == [("test-w0", "tiny.en-q8_0")]
         table = _status(stack)
         assert table.returncode == 0, table.stderr

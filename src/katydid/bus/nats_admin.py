@@ -19,7 +19,14 @@ from katydid.bus.resumption_status import resumption_status
 from katydid.catalog import served_name
 from katydid.config import Config
 from katydid.errors import NatsError
-from katydid.messages import LANES, STREAM, WORKERS_SUBJECT, consumer_name
+from katydid.messages import (
+    LANES,
+    STREAM,
+    WORKERS_SUBJECT,
+    consumer_name,
+    is_model_name,
+    model_token,
+)
 
 
 async def _refused_everywhere(urls: list[str], timeout_s: float = 2.0) -> bool:
@@ -149,6 +156,13 @@ def queue_status(cfg: Config) -> dict[str, Any]:
             await nc.close()
         if refused:
             stores = {"stores_jobs": None, "why": "not checked: this user may not publish jobs"}
+        # A consumer's subject holds its model as a token (``.`` written ``_``): named as the
+        # workers and the config name it where one of them does, else left as the token.
+        known = [served_name(cfg.model), *(str(b.get("model", "")) for b in beats.values())]
+        names = {model_token(m): m for m in known if is_model_name(m)}
+        for row in consumers:
+            token = str(row["model"])
+            row["model"] = names.get(token, token)
         status: dict[str, Any] = {
             "stream": stores
             | {
