@@ -382,40 +382,24 @@ async def test_a_dead_job_fails_its_chunk_and_the_session_goes_on(autojump_clock
         assert jobs[0].stream_seq in r.bus.deleted
 
 
+@pytest.mark.parametrize("electing", [False, True], ids=["nats_back", "nats_electing"])
 async def test_a_result_missed_while_nats_reconnected_comes_from_the_results_stream(
-    autojump_clock: Any,
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch, electing: bool
 ) -> None:
     # A worker answered a job while the gateway's subscription was down: the job left the
     # stream and its result went to nobody over core NATS, but the results stream kept it.
-    async with rig() as r:
-        ws, jobs = await _stopped_with_jobs(r)
-        r.bus.take(jobs[0].stream_seq)
-        r.bus.answer(jobs[0], "missed", heard=False)
-        r.bus.reconnect()
-        for q in jobs[1:]:
-            r.bus.take(q.stream_seq)
-            r.bus.answer(q, "ok")
-        events = [await _next(ws, "queued") for _ in range(len(jobs) + 1)]
-        assert [e["type"] for e in events] == ["final"] * len(jobs) + ["done"]
-        assert [e["text"] for e in events[:-1]] == ["missed"] + ["ok"] * (len(jobs) - 1)
-        assert events[-1]["failed_chunks"] == 0
-
-
-async def test_results_are_recovered_after_a_reconnect_while_nats_still_elects_a_leader(
-    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Right after the reconnect the results stream does not answer yet (a cluster electing its
-    # leader): following the session's results is tried again, not given up after one try
-    # (its missed result was then counted lost: an `internal` chunk error).
+    # With NATS still electing a leader right after the reconnect, following the session's
+    # results is tried again, not given up after one try (its missed result was then counted
+    # lost: an `internal` chunk error).
     follow_results = MemoryBus.follow_results
-    refusals = [NatsError("no responders"), NatsError("timed out"), NatsError("timed out")]
+    refusals = [NatsError("no responders"), NatsError("timed out")] * electing
 
-    async def electing(bus: MemoryBus, session_id: str) -> None:
+    async def asked(bus: MemoryBus, session_id: str) -> None:
         if refusals:
             raise refusals.pop()
         await follow_results(bus, session_id)
 
-    monkeypatch.setattr(MemoryBus, "follow_results", electing)
+    monkeypatch.setattr(MemoryBus, "follow_results", asked)
     async with rig() as r:
         ws, jobs = await _stopped_with_jobs(r)
         r.bus.take(jobs[0].stream_seq)
@@ -426,7 +410,8 @@ async def test_results_are_recovered_after_a_reconnect_while_nats_still_elects_a
             r.bus.answer(q, "ok")
         events = [await _next(ws, "queued") for _ in range(len(jobs) + 1)]
         assert refusals == []
-        assert [e.get("text") for e in events[:-1]] == ["missed"] + ["ok"] * (len(jobs) - 1)
+        assert [e["type"] for e in events] == ["final"] * len(jobs) + ["done"]
+        assert [e["text"] for e in events[:-1]] == ["missed"] + ["ok"] * (len(jobs) - 1)
         assert events[-1]["failed_chunks"] == 0
 
 
