@@ -1053,10 +1053,11 @@ async def _event(raw: RawClient) -> dict[str, Any]:
             return event
 
 
-async def _started(r: Rig) -> tuple[RawClient, str, str]:
-    """A raw client whose native session started: it, the session id, its resume token."""
+async def _started(r: Rig, **start: Any) -> tuple[RawClient, str, str]:
+    """A raw client whose native session started (with ``start``'s fields): it, the session
+    id, its resume token."""
     raw = await _raw_connect(r)
-    await raw.send(TextMessage(json.dumps({"type": "start"})))
+    await raw.send(TextMessage(json.dumps({"type": "start", **start})))
     ready = await _event(raw)
     return raw, ready["session_id"], ready["resume_token"]
 
@@ -1216,10 +1217,7 @@ async def test_a_resumed_sessions_first_partial_goes_ahead_once_per_interval(
     # The turn ahead of the queue is in the session's record (any gateway reads it): a client
     # that reconnects over and over gets one partial ahead per resume_first_partial_every_s.
     async with rig() as r:
-        raw = await _raw_connect(r)
-        await raw.send(TextMessage(json.dumps({"type": "start", "partials": True})))
-        ready = await _event(raw)
-        sid, token = ready["session_id"], ready["resume_token"]
+        raw, sid, token = await _started(r, partials=True)
         speech = _speech_like(2.0, pause_every_s=10.0)
         lanes = []
         for _ in range(2):
@@ -1322,13 +1320,10 @@ async def test_quick_resumes_are_never_told_a_newer_connection_took_the_session(
 async def test_a_resumed_sessions_first_partial_waits_for_the_resent_audio(
     autojump_clock: Any, noticed: bool
 ) -> None:
-    # The client resends at once what the server does not hold; a partial made from its first
-    # second read backwards ("Ask!" before the break, then "S").
+    # The client resends at once what the server does not hold; a partial made from the first
+    # second of it would cover less than the one the client saw before the break.
     async with rig() as r:
-        raw = await _raw_connect(r)
-        await raw.send(TextMessage(json.dumps({"type": "start", "partials": True})))
-        ready = await _event(raw)
-        sid, token = ready["session_id"], ready["resume_token"]
+        raw, sid, token = await _started(r, partials=True)
         speech = _speech_like(3.0, pause_every_s=10.0)
         half = len(speech) // 2
         for part in (speech[:half], speech[half:]):  # a partial (and a record) after the first

@@ -8,19 +8,10 @@ from katydid.config import Config
 from katydid.gateway.events import ServerEvent
 from katydid.gateway.hub import Hub
 from katydid.gateway.inputs import Resume
-from katydid.gateway.live import Live
-from katydid.gateway.native_wire import receive_text
-from katydid.gateway.outputs import Admit, Reattach, Remember
+from katydid.gateway.outputs import Reattach, Remember
 from katydid.session_record import DETACHED
+from tests.unit.test_partial_slots import _streaming
 from tests.unit.test_session import _speech_like
-
-
-def _streaming(hub: Hub) -> Live:
-    live = hub.open_session("websocket")
-    (admit,) = receive_text(live.session, '{"type": "start", "partials": true}', 0.0)
-    assert isinstance(admit, Admit)
-    hub.seating.admit(live, admit)
-    return live
 
 
 async def test_a_takeover_writes_the_earlier_connections_queued_record_first() -> None:

@@ -77,8 +77,8 @@ class SessionResume(SessionQueries):
 
     @property
     def awaits_first_partial(self) -> bool:
-        """Resumed with a turn ahead (``session_record.turn_ahead``), and no partial queued since: its next
-        one goes ahead of the queue (``Seating.partials_allowed``)."""
+        """Resumed with a turn ahead (``session_record.turn_ahead``), and no partial queued
+        since: its next one goes ahead of the queue (``Seating.partials_allowed``)."""
         return self._ahead and not self._partials
 
     def detach(self) -> list[Output] | None:
