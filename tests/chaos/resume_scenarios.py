@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import signal
+import statistics
 import sys
 import time
 from collections import Counter
@@ -30,6 +31,7 @@ from tests.integration.stack import Stack, free_port, port_open, stream_messages
 
 # Nobody is refused for the queue's length: the faults, not admission, are under test.
 _NO_REFUSAL = {"default_max_wait_s": 86_400, "ready_max_eta_s": 86_400}
+_LATENCY_SESSIONS = 5  # new sessions timed before the uploads and after the kill
 
 
 def _pcm(clip: Clip) -> bytes:
@@ -310,7 +312,11 @@ async def orphans_after_gateway_kill(root: Path, model_dir: Path, clips: dict[st
     with await trio.to_thread.run_sync(
         lambda: _stack(root, model_dir, resume_window_s=window_s, **_NO_REFUSAL)
     ) as stack:
-        calm = await client.transcribe(stack.url, jfk, fmt="wav", frame_bytes=65_536)
+        # One session of ~0.5 s on a shared host is noise: compare medians of a few, in sequence.
+        calm = [
+            await client.transcribe(stack.url, jfk, fmt="wav", frame_bytes=65_536)
+            for _ in range(_LATENCY_SESSIONS)
+        ]
         kill_at = 0.0
 
         async def upload(i: int) -> None:
@@ -348,7 +354,8 @@ async def orphans_after_gateway_kill(root: Path, model_dir: Path, clips: dict[st
             figures.append(f"SIGKILL with {waiting} jobs in the stream")
             _, url = await trio.to_thread.run_sync(_second_gateway, stack)
             figures.append(f"second gateway listening {time.time() - kill_at:.1f} s after the kill")
-            after.append(await client.transcribe(url, jfk, fmt="wav", frame_bytes=65_536))
+            for _ in range(_LATENCY_SESSIONS):
+                after.append(await client.transcribe(url, jfk, fmt="wav", frame_bytes=65_536))
 
         await _run(tally, stack, body)
         drained = await until(lambda: stream_messages(stack.nats_url) == 0, 120)
@@ -388,7 +395,9 @@ async def orphans_after_gateway_kill(root: Path, model_dir: Path, clips: dict[st
                 f" {ended:.2f} s after the kill, compute {job.get('compute_s')} s, outcome"
                 f" {job.get('outcome')}"
             )
-    ratio = after[0].total_s / calm.total_s if after and calm.total_s else float("nan")
+    calm_s = statistics.median(r.total_s for r in calm)
+    after_s = [r.total_s for r in after]
+    ratio = statistics.median(after_s) / calm_s if after_s and calm_s else float("nan")
     tally.sessions, tally.done = len(dead_sessions), fates["done"]
     orphaned = sum(n for k, n in outcomes.items() if k.startswith("orphaned"))
     tally.check(orphaned > 0, "no job was orphaned: the queue drained within the window")
@@ -400,7 +409,13 @@ async def orphans_after_gateway_kill(root: Path, model_dir: Path, clips: dict[st
         f"jobs began decoding more than 1 s after the window, at {late_ok[:5]} s",
     )
     tally.check(
-        bool(after) and after[0].done is not None, "the session on the second gateway failed"
+        len(after) == _LATENCY_SESSIONS and all(r.done is not None for r in after),
+        "a session on the second gateway failed",
+    )
+    tally.check(
+        ratio <= 2,
+        f"new sessions on the second gateway took {ratio:.1f}x their undisturbed latency"
+        " (median; floor 2x)",
     )
     figures += [
         f"clients of the killed gateway: {dict(fates)}",
@@ -410,11 +425,11 @@ async def orphans_after_gateway_kill(root: Path, model_dir: Path, clips: dict[st
         f" (window {window_s:.0f} s); decoded jobs begun after the window: {len(late_ok)} {late_ok[:5]};"
         f" begun within it and ended after it: {straddling or 'none'} (after the kill)",
         f"jobs left in the stream after the drain: {tally.orphan_jobs}",
-        f"new session (jfk.wav, 11 s) right after the kill: {after[0].total_s:.2f} s vs"
-        f" {calm.total_s:.2f} s undisturbed = {ratio:.1f}x (floor 2x: "
-        f"{'holds' if ratio <= 2 else 'does NOT hold'}; reported, not checked: one session"
-        " of about half a second on a shared host; the dead gateway's jobs are decoded only"
-        " when nothing else is queued, and give way to a job that comes)",
+        f"new sessions (jfk.wav, 11 s; {_LATENCY_SESSIONS} in sequence) right after the kill:"
+        f" {', '.join(f'{t:.2f}' for t in after_s)} s; undisturbed, before the uploads:"
+        f" {', '.join(f'{r.total_s:.2f}' for r in calm)} s; medians {ratio:.1f}x (floor 2x;"
+        " the dead gateway's jobs are decoded only when nothing else is queued, and give way"
+        " to a job that comes)",
     ]
     _report(tally, figures)
     return tally
