@@ -130,7 +130,28 @@ def test_a_hole_is_speech_no_segment_covers() -> None:
     # The second span is a hole; the 0.4 s one after it is joined to it (within JOIN_S).
     assert uncovered(spans, [seg]) == [Span(5.0, 10.2)]
     # Short uncovered speech (a breath, a click) is not a hole.
-    assert uncovered([Span(0.0, 4.0), Span(6.0, 6.5)], [seg]) == []
+    assert uncovered([Span(0.0, 4.0), Span(6.0, 6.3)], [seg]) == []
+
+
+def test_short_words_after_the_last_segment_are_a_hole() -> None:
+    # "one, two" after the text ended (0.42 s and 0.45 s of their own): whisper stopped early.
+    spans = [Span(0.0, 4.0), Span(5.0, 5.42), Span(6.0, 6.45)]
+    seg = Segment(0.0, 4.1, "a sentence that covers the first span of speech")
+    assert uncovered(spans, [seg]) == [Span(5.0, 6.45)]
+    assert next_hole(spans, [seg], []) == Span(5.0, 6.45)
+    # Between segments the same short stretches are what whisper leaves out on purpose ("um").
+    later = Segment(7.0, 9.0, "more text after them")
+    assert uncovered([*spans, Span(7.0, 9.0)], [seg, later]) == []
+    # A word's edge the segment's times missed is not a stretch of its own, however long.
+    assert uncovered([Span(0.0, 5.0)], [seg]) == []
+
+
+def test_a_short_phrase_after_an_early_end_of_text_is_decoded_again() -> None:
+    engine = _EarlyStopper(keep=0.7)
+    tr = engine.transcribe(_speech((0.5, 6.0), (7.0, 7.42), (8.0, 8.45), total_s=9.0))
+    assert tr.redecodes == 1
+    assert _covered_s(tr.segments, ((7.0, 7.42), (8.0, 8.45))) >= 0.8
+    assert tr.uncovered == ()
 
 
 def test_a_sparse_segment_does_not_cover_its_speech() -> None:

@@ -14,6 +14,7 @@ more speech than its text holds are caught the same way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -27,6 +28,11 @@ JOIN_S = 1.0
 # A hole with at least this much voiced time is decoded again; shorter ones are breaths,
 # clicks and the VAD's own slack, and a word of 0.5 s that whisper skipped is not worth a run.
 MIN_HOLE_VOICED_S = 1.0
+# After the last segment, where whisper's early end leaves its text (above), less is enough:
+# speech the detector heard as stretches of their own (no segment touches them) is words once
+# it lasts this long ("one, two" at the end of a window: 0.42 s and 0.45 s). Inside the text,
+# such stretches are mostly the "um"s whisper leaves out on purpose, so the 1 s rule stands.
+MIN_TAIL_VOICED_S = 0.35
 # A segment whose text is this sparse for the voiced time it spans stands for more speech than
 # it holds (read speech is ~12-16 characters per voiced second; whisper's summary of a passage
 # it did not transcribe, "In this regard...", is far below).
@@ -80,26 +86,34 @@ def uncovered(
     pad_s: float = COVER_PAD_S,
     join_s: float = JOIN_S,
     min_voiced_s: float = MIN_HOLE_VOICED_S,
+    min_tail_s: float = MIN_TAIL_VOICED_S,
 ) -> list[Span]:
     """Stretches of speech no segment accounts for, each from its first to its last uncovered
-    voiced moment, with at least ``min_voiced_s`` of speech in it.
+    voiced moment, with at least ``min_voiced_s`` of speech in it, or, after the last segment,
+    ``min_tail_s`` of speech in stretches no segment touches.
 
     A segment accounts for the speech within its times (widened by ``pad_s``) unless it is
     ``sparse``: then its speech counts as uncovered too.
     """
     covers = sorted((s.start_s - pad_s, s.end_s + pad_s) for s in segments if not sparse(s, spans))
-    pieces = [part for span in spans for part in _subtract(span, covers)]
-    holes: list[list[Span]] = []
-    for piece in pieces:
-        if holes and piece.start_s - holes[-1][-1].end_s < join_s:
-            holes[-1].append(piece)
-        else:
-            holes.append([piece])
-    return [
-        Span(group[0].start_s, group[-1].end_s)
-        for group in holes
-        if sum(p.end_s - p.start_s for p in group) >= min_voiced_s
-    ]
+    text_end = max((s.end_s for s in segments), default=math.inf)
+    holes: list[list[tuple[Span, bool]]] = []  # (uncovered piece, a whole span of its own)
+    for span in spans:
+        parts = _subtract(span, covers)
+        whole = parts == [span]
+        for piece in parts:
+            if holes and piece.start_s - holes[-1][-1][0].end_s < join_s:
+                holes[-1].append((piece, whole))
+            else:
+                holes.append([(piece, whole)])
+    found = []
+    for group in holes:
+        hole = Span(group[0][0].start_s, group[-1][0].end_s)
+        voiced = sum(p.end_s - p.start_s for p, _ in group)
+        own = sum(p.end_s - p.start_s for p, whole in group if whole)
+        if voiced >= min_voiced_s or (hole.start_s >= text_end and own >= min_tail_s):
+            found.append(hole)
+    return found
 
 
 def next_hole(
@@ -108,8 +122,10 @@ def next_hole(
     """The first stretch of uncovered speech, outside every region already decoded again
     (``tried``), with enough speech in it to decode; None when there is none."""
     regions = sorted((t.start_s, t.end_s) for t in tried)
+    text_end = max((s.end_s for s in segments), default=math.inf)
     for hole in uncovered(spans, segments):
+        least = MIN_TAIL_VOICED_S if hole.start_s >= text_end else MIN_HOLE_VOICED_S
         for part in _subtract(hole, regions):
-            if voiced_in(part.start_s, part.end_s, spans) >= MIN_HOLE_VOICED_S:
+            if voiced_in(part.start_s, part.end_s, spans) >= least:
                 return part
     return None

@@ -253,6 +253,8 @@ class Engine(WhisperContexts):
             tried.append(Span(a, reached if reached >= hole.start_s + MIN_HOLE_VOICED_S else b))
             if reasons[-1:] != ["uncovered"]:
                 reasons.append("uncovered")
+        # Reported: what still has no text and is more than a word or two (short stretches
+        # after the text get their second decode, but a breath there is not news).
         holes = tuple(
             (round(h.start_s, 2), round(h.end_s, 2))
             for h in uncovered(spans, segments)
