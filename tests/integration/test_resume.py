@@ -262,3 +262,47 @@ def test_a_session_resumes_on_another_gateway_after_a_reset_and_after_a_sigkill(
         gone = {"session_id": ready["session_id"], "token": ready["resume_token"]}
         # The session ended with done: nothing to resume
         assert asyncio.run(_refused(other, gone | {"after_seq": -1})) == ("resume_expired", 4410)
+
+
+def _results_consumers(nats_url: str) -> int:
+    """Consumers of the results stream now (each resumed session a gateway follows holds one)."""
+    import nats
+
+    from katydid.session_record import RESULTS_STREAM
+
+    async def count() -> int:
+        nc = await nats.connect(nats_url)
+        try:
+            info = await nc.jetstream().stream_info(RESULTS_STREAM)
+            return int(info.state.consumer_count)
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
+async def _resumed_then_reset(url: str, ready: dict[str, Any]) -> None:
+    """A client that resumes and loses the connection at once (a flapping network)."""
+    ws = await websockets.connect(url)
+    resume = {"session_id": ready["session_id"], "token": ready["resume_token"]}
+    await ws.send(json.dumps({"type": "start", "resume": resume | {"after_seq": -1}}))
+    resumed = json.loads(await _recv(ws))
+    assert resumed["type"] == "resumed", resumed
+    await _reset(ws)
+
+
+def test_quick_resumes_leave_no_results_consumer_behind(
+    tmp_path: Path, model_dir: Path, speech_dir: Path
+) -> None:
+    pcm, _ = _mix(speech_dir)
+    pcm = pcm[: 16_000 * 2 * 12]  # 12 s
+    with Stack(tmp_path, model_dir, workers=1) as stack:
+        before = asyncio.run(_interrupted(stack.url, pcm, len(pcm) // 2, _reset))
+        for _ in range(20):
+            asyncio.run(_resumed_then_reset(stack.url, before[0]))
+        after = asyncio.run(_resume(stack.url, pcm, before[0], -1))
+        assert after[-1]["type"] == "done", after[-3:]
+        # Each resume followed the session's results with a consumer of its own; a resume
+        # that came before the last one's end was carried out replaced it, and the session's
+        # end let go of the last: none is left (they were, one per quick resume, for good).
+        wait_until(lambda: _results_consumers(stack.nats_url) == 0, 15, "no results consumer")

@@ -1211,6 +1211,38 @@ async def test_a_resume_past_the_sessions_chunks_is_refused_and_the_session_surv
         assert r.bus.cancels == []
 
 
+async def test_a_resume_the_server_cannot_serve_now_is_told_to_retry_and_keeps_the_session(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with rig() as r:
+        raw, sid, token = await _started(r)
+        await raw.send(BytesMessage(_speech_like(6.0)))
+        await _eventually(lambda: len(r.bus.finals(sid)) >= 1)
+        await raw.stream.aclose()  # a reset
+        await _eventually(lambda: sid in r.bus.records and r.bus.records[sid].state == "detached")
+        follow = MemoryBus.follow_results
+
+        async def refused(bus: MemoryBus, session_id: str) -> None:
+            raise NatsError("JetStream error 10026: maximum consumers limit reached")
+
+        monkeypatch.setattr(MemoryBus, "follow_results", refused)
+        first = await _raw_connect(r)
+        resume = {"session_id": sid, "token": token, "after_seq": -1}
+        await _resume(first, resume)
+        assert (await _event(first))["type"] == "resumed"
+        told = await _event(first)
+        assert (told["code"], told["retry_after_s"]) == ("overloaded", 2.0)
+        assert await first.next() == 1013
+        # Not ended: its record (detached again) and its jobs wait for the retry.
+        await _eventually(lambda: r.bus.records[sid].state == "detached")
+        assert r.bus.cancels == []
+        monkeypatch.setattr(MemoryBus, "follow_results", follow)
+        retry = await _raw_connect(r)
+        await _resume(retry, resume)
+        assert (await _event(retry))["type"] == "resumed"
+        assert r.bus.records[sid].state == "attached"
+
+
 async def test_a_resumed_sessions_first_partial_goes_ahead_once_per_interval(
     autojump_clock: Any,
 ) -> None:

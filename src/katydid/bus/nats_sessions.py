@@ -115,6 +115,10 @@ class SessionsOnNats:
                 sender = msg.subject.rsplit(".", 1)[-1]
                 self._to_trio(self._handlers.on_replayed, msg.data, sender)
 
+            # Followed already (a connection that resumes it again before the last one's
+            # end was carried out): that consumer goes, or every quick resume leaks one and
+            # the stream's consumer limit ends every resume after it.
+            await self._drop_follow(session_id)
             sub = await self._js.subscribe(
                 results_filter(session_id),
                 stream=RESULTS_STREAM,
@@ -127,15 +131,16 @@ class SessionsOnNats:
         await self._call(go)
 
     async def unfollow_results(self, session_id: str) -> None:
-        async def go() -> None:
-            sub = self._followed.pop(session_id, None)
-            if sub is not None:
-                try:
-                    await sub.unsubscribe()
-                except nats.errors.Error:
-                    pass  # its connection is gone: so is the consumer, with its inactivity
+        await self._call(lambda: self._drop_follow(session_id))
 
-        await self._call(go)
+    async def _drop_follow(self, session_id: str) -> None:
+        """(On the bus's loop.)"""
+        sub = self._followed.pop(session_id, None)
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass  # its connection is gone: so is the consumer, with its inactivity
 
     async def gateway_alive(self, gateway_id: str) -> None:
         """This gateway is alive (workers set aside the jobs of a gateway not heard)."""

@@ -332,13 +332,13 @@ class Resumption:
             self.followed.add(record.session_id)
             await self.bus.follow_results(record.session_id)
         except NatsError as exc:
-            return s.fail(
-                ProtocolError(
-                    ErrorCode.OVERLOADED,
-                    f"the gateway cannot read the session's results ({exc})",
-                    retry_after_s=2.0,
-                )
+            # The session is the client's still: detached, its retry resumes it.
+            unreadable = ProtocolError(
+                ErrorCode.OVERLOADED,
+                f"the gateway cannot read the session's results ({exc})",
+                retry_after_s=2.0,
             )
+            return s.step_aside(unreadable) or s.fail(unreadable)
         log.info("session_resumed", session_id=record.session_id, after_seq=ask.after_seq)
         return rest
 

@@ -91,6 +91,18 @@ class SessionResume(SessionQueries):
         self.outcome = DETACHED_OUTCOME
         return [Remember(DETACHED)]
 
+    def step_aside(self, exc: ProtocolError) -> list[Output] | None:
+        """A condition of the server's that passes (``exc`` carries a retry-after) ends this
+        connection: a resumable session is detached, not ended, so the client's retry resumes
+        it (its record, jobs and results kept); None if it is not one."""
+        if exc.retry_after_s is None or self.phase is Phase.CLOSED:
+            return None
+        detached = self.detach()
+        if detached is None:
+            return None
+        told = Send(ErrorEvent(exc.code, exc.message, exc.retry_after_s))
+        return [told, *detached, Close(exc.close_code, exc.code.value, str(exc.code))]
+
     def taken(self) -> list[Output]:
         """A newer connection resumed the session: this one ends without touching the session's
         jobs or record (they are the newer one's now)."""
