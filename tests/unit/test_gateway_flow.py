@@ -1243,6 +1243,24 @@ async def test_a_resume_the_server_cannot_serve_now_is_told_to_retry_and_keeps_t
         assert r.bus.records[sid].state == "attached"
 
 
+async def test_a_client_resuming_in_a_loop_does_not_write_a_line_per_resume(
+    autojump_clock: Any,
+) -> None:
+    cfg = _config(log_sample_burst=5, log_sample_window_s=3600.0)
+    async with rig(cfg) as r:
+        raw, sid, token = await _started(r)
+        await raw.send(BytesMessage(_speech_like(3.0)))
+        await _eventually(lambda: sid in r.bus.records)
+        with structlog.testing.capture_logs() as lines:
+            for _ in range(12):
+                again = await _raw_connect(r)
+                await _resume(again, {"session_id": sid, "token": token, "after_seq": -1})
+                assert (await _event(again))["type"] == "resumed"
+        resumed = [line for line in lines if line["event"] == "session_resumed"]
+        assert len(resumed) == 5
+        assert _metric(r.gateway, "katydid_session_resumption_total", event="resumed") == 12
+
+
 async def test_a_resumed_sessions_first_partial_goes_ahead_once_per_interval(
     autojump_clock: Any,
 ) -> None:

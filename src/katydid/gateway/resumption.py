@@ -339,7 +339,8 @@ class Resumption:
                 retry_after_s=2.0,
             )
             return s.step_aside(unreadable) or s.fail(unreadable)
-        log.info("session_resumed", session_id=record.session_id, after_seq=ask.after_seq)
+        # Sampled: a client can resume as often as it likes (one line each was a log storm).
+        self.sampled.info("session_resumed", session_id=record.session_id, after_seq=ask.after_seq)
         return rest
 
     async def _take_over(self, live: Live, ask: Reattach) -> tuple[SessionRecord, bool]:
