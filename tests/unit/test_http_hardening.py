@@ -106,3 +106,36 @@ async def test_trickled_uploads_are_let_go_at_the_minimum_rate_and_others_are_se
         assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer
         assert took < 4.0, took
     assert sum(a.startswith(b"HTTP/1.1 408") for a, _ in results) >= 45
+
+
+def _raw_post(port: int, content_type: bytes, body: bytes) -> bytes:
+    """A POST of ``body`` as ``content_type`` (not a form): everything the server sends until
+    it closes."""
+    head = (
+        (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type)
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head + body)
+        s.settimeout(10)
+        answer = s.recv(65536)
+        return answer + _all_of(s)
+
+
+async def test_a_post_that_is_not_a_form_is_refused_with_the_connection_closed_saying_so() -> None:
+    # Its body is never read, so the server ends the connection after the answer: the answer
+    # must say so (a keep-alive client sent its next request on it and had it cut off).
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_serving, Config())
+        answers = [
+            await trio.to_thread.run_sync(_raw_post, port, kind, b"\x00" * 60_000)
+            for kind in (b"audio/wav", b"text/plain")
+        ]
+        nursery.cancel_scope.cancel()
+    for answer in answers:
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 400"), answer[:200]
+        assert b"\r\nconnection: close" in head, head
+        assert b"bad_message" in answer

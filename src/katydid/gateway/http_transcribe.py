@@ -91,10 +91,11 @@ class Transcribe:
             await answer(send, 413, too_large, headers=[CLOSE])
             return
         seen = 0
+        read_all = False  # the body read to its end (a non-form one is not read at all)
         began = trio.current_time()
 
         async def bounded() -> Message:
-            nonlocal seen
+            nonlocal seen, read_all
             # A body that stops coming is let go after idle_timeout_s, and one that trickles
             # (a byte every 5 s restarted that bound each time: 200 such uploads held their
             # connections for minutes) once its average rate, after a grace, falls under
@@ -107,6 +108,7 @@ class Transcribe:
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise _UploadTooLarge
+            read_all = not message.get("more_body", False)
             return message
 
         try:
@@ -133,7 +135,10 @@ class Transcribe:
             request = _form_request(form, self.task)
         except ValueError as exc:
             await form.close()
-            await answer(send, 400, error_body(400, "bad_message", str(exc)))
+            # A body left unread (not a form: an audio/wav POST) ends the connection after the
+            # answer, so it must say so: a client reusing it had its next request cut off.
+            close = [] if read_all else [CLOSE]
+            await answer(send, 400, error_body(400, "bad_message", str(exc)), headers=close)
             return
         credential = bearer(scope["headers"])
         try:
