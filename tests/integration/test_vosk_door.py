@@ -100,6 +100,7 @@ def _eof_twice(url: str, pcm: bytes) -> tuple[str, int | None]:
         ws.send('{"eof" : 1}')
         ws.send('{"eof" : 1}')  # a client that says it twice, then sends a late frame
         ws.send(pcm[:3200])
+        ws.send(json.dumps({"config": {"sample_rate": 16000}}))  # and a config
         while True:
             try:
                 texts.append(json.loads(ws.recv(timeout=120)).get("text", ""))
@@ -107,7 +108,7 @@ def _eof_twice(url: str, pcm: bytes) -> tuple[str, int | None]:
                 return " ".join(texts), closed.rcvd.code if closed.rcvd else None
 
 
-async def test_a_second_eof_or_late_audio_does_not_cost_the_transcript(
+async def test_a_second_eof_a_config_or_late_audio_does_not_cost_the_transcript(
     stack: Stack, jfk: Clip
 ) -> None:
     pcm = float_to_pcm16(decode_container(jfk.path, max_audio_s=60, max_bytes=10**8))

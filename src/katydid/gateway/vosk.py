@@ -101,10 +101,10 @@ class VoskConnection(SessionDriver):
             now = trio.current_time()
             if msg is None:
                 continue
-            if isinstance(msg, bytes) and self.eof:
-                # After eof the stream is over (vosk-server stops reading there): late audio
-                # or a second eof is not an error that costs the first eof its transcript (it
-                # closed 1008 before); both are let be, and eof's answer comes.
+            if self.eof:
+                # After eof the stream is over (vosk-server stops reading there): late audio,
+                # a second eof or a config is not an error that costs the first eof its
+                # transcript (it closed 1008 before); all are let be, and eof's answer comes.
                 continue
             if isinstance(msg, bytes):
                 if not started:
@@ -125,9 +125,8 @@ class VoskConnection(SessionDriver):
                 return
             if "config" in command:
                 if started:
-                    await self.emit(
-                        s.fail(ProtocolError(ErrorCode.BAD_MESSAGE, "config after audio"))
-                    )
+                    message = "config after the stream began: send one, before any audio"
+                    await self.emit(s.fail(ProtocolError(ErrorCode.BAD_MESSAGE, message)))
                     return
                 try:
                     rate = _sample_rate(command["config"])
