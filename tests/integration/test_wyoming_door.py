@@ -156,6 +156,7 @@ async def _refusals(port: int, pcm: bytes) -> list[list[str]]:
         for transcribe, start in (
             (Transcribe(name="bogus"), AudioStart(rate=16_000, width=2, channels=1)),
             (Transcribe(), AudioStart(rate=16_000, width=3, channels=1)),
+            (Transcribe(), AudioStart(rate=16_000, width=True, channels=1)),  # JSON's true
             (Transcribe(), None),  # audio-chunks without audio-start
             (Transcribe(language="en"), AudioStart(rate=16_000, width=2, channels=1)),
         ):
@@ -180,9 +181,9 @@ async def test_each_refusal_is_one_error_and_the_connection_goes_on(
     port = stack.wyoming_port  # type: ignore[attr-defined]
     pcm = _pcm(jfk, 16_000, 2, 1)
     answers = await trio.to_thread.run_sync(lambda: asyncio.run(_refusals(port, pcm)))
-    assert answers[:3] == [["error"], ["error"], ["error"]]
-    assert answers[3][0] == "transcript-start"
-    assert answers[3][-1] == "transcript"
+    assert answers[:4] == [["error"], ["error"], ["error"], ["error"]]
+    assert answers[4][0] == "transcript-start"
+    assert answers[4][-1] == "transcript"
 
 
 async def _stray_after_stop(port: int, pcm: bytes) -> list[Event]:

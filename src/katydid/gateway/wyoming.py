@@ -249,7 +249,7 @@ class _Connection:
 
     async def _start(self, data: dict[str, Any], nursery: trio.Nursery) -> None:
         width = data.get("width", 2)
-        if width not in (1, 2, 4):
+        if type(width) is not int or width not in (1, 2, 4):  # (true == 1, 2.0 == 2 in Python)
             self.discarding = True
             await self._error(ErrorCode.UNSUPPORTED_AUDIO, f"sample width {width!r}: 1, 2 or 4")
             return
