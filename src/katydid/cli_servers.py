@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from katydid.config import Config
-from katydid.errors import KatydidError
+from katydid.errors import KatydidError, NatsError
 from katydid.sdnotify import notify
 
 
@@ -76,7 +76,19 @@ def run_server_command(cfg: Config, args: argparse.Namespace) -> int:
         trio.run(lambda: serve(cfg, announce=lambda line: print(line, flush=True)))
         return 0
     if args.command == "nats":
+        configured = cfg.nats_url
         cfg = embedded_admin(cfg)
+        if not configured and cfg.nats_url:
+            try:
+                return _nats_command(cfg, args)
+            except NatsError as exc:
+                # A URL the user never gave: say where it came from, and how to give another.
+                conf = cfg.data_dir / "nats" / "nats-server.conf"
+                raise NatsError(
+                    f"{exc}; that URL is where `katydid serve` with data dir {cfg.data_dir}"
+                    f" last started its NATS ({conf}): is it running? Another server:"
+                    " --data-dir DIR, or --nats-url"
+                ) from exc
     _require_nats(cfg)
     if args.command == "gateway":
         trio.run(_gateway_alone, cfg)
@@ -85,7 +97,14 @@ def run_server_command(cfg: Config, args: argparse.Namespace) -> int:
         from katydid_worker.worker import run_worker
 
         run_worker(cfg, models.resolve(cfg.model_dir, cfg.model), args.worker_id)
-    elif args.nats_command == "status":
+    else:
+        return _nats_command(cfg, args)
+    return 0
+
+
+def _nats_command(cfg: Config, args: argparse.Namespace) -> int:
+    _require_nats(cfg)
+    if args.nats_command == "status":
         from katydid.bus.nats_admin import queue_status
 
         status = queue_status(cfg)

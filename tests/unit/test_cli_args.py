@@ -216,3 +216,20 @@ def test_nats_commands_find_serve_s_nats_and_admin_credentials(tmp_path: Path) -
     given = Config(data_dir=tmp_path, nats_url="nats://n1:4222", nats_user="ops")
     assert embedded_admin(given) == given
     assert embedded_admin(Config(data_dir=tmp_path / "none")).nats_url == ""
+
+
+def test_a_nats_url_taken_from_serve_s_data_dir_is_named_when_it_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from katydid.cli import main
+    from katydid.ports import free_port
+
+    nats_dir = tmp_path / "nats"
+    nats_dir.mkdir()
+    # A serve that has stopped: its config names a port nobody listens on.
+    (nats_dir / "nats-server.conf").write_text(f"listen: 127.0.0.1:{free_port()}\n")
+    assert main(["nats", "status", "--data-dir", str(tmp_path)]) == 1
+    said = capsys.readouterr().err
+    assert str(nats_dir / "nats-server.conf") in said
+    assert "--data-dir" in said
+    assert "--nats-url" in said
