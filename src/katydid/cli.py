@@ -49,6 +49,13 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
+def _reader_gone() -> int:
+    """The reader of stdout went away (`katydid nats status | head -2`): nothing more to say to
+    it. Further writes to stdout, at exit too, go nowhere instead of raising again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # as a shell reports a command killed by SIGPIPE
+
+
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     out: list[BaseException] = []
     for exc in group.exceptions:
@@ -102,16 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors, rest = group.split((KatydidError, OSError))
         if errors is None or rest is not None:
             raise
+        if all(isinstance(leaf, BrokenPipeError) for leaf in _leaves(errors)):
+            return _reader_gone()
         for leaf in _leaves(errors):
             print(f"katydid: error: {leaf}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # The reader went away (`katydid nats status | head -2`): nothing more to say to it.
-        # Further writes to stdout, at exit too, go nowhere instead of raising again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # as a shell reports a command killed by SIGPIPE
+        return _reader_gone()
     except OSError as exc:
         # The system refused something (a port in use, an address not here, a data directory
         # that is a file or not writable): in words, as it said it.

@@ -79,8 +79,9 @@ async def serve(
             nats_url = await outer.start(
                 run_nats_server, cfg.data_dir / "nats", port, monitor, passwords
             )
+            workers = "worker0" if total == 1 else f"worker0..{total - 1}"
             announce(
-                f"nats:     {nats_url} (users admin, gateway, worker0..{total - 1}: passwords in"
+                f"nats:     {nats_url} (users admin, gateway, {workers}: passwords in"
                 f" {secrets_file}; monitoring http://127.0.0.1:{monitor})"
             )
             # Jobs left in the embedded store belong to a gateway that died with the last run:
