@@ -177,6 +177,11 @@ class Config:
     # ...and a session's at most once in this long, however often its client reconnects
     resume_first_partial_every_s: float = 10.0
     results_max_bytes: int = 256 * 1024 * 1024  # the results stream's bound (oldest go first)
+    # Sessions resumed at once, all gateways together: each reads its results through a
+    # consumer of the results stream, and this is the stream's consumer limit (nats-server
+    # 2.15 sets 1,000 where a stream sets none). Past it a resume is told `overloaded` with a
+    # retry-after, its session kept.
+    results_max_consumers: int = 10_000
     # The session records' bucket's bound (a record is ~0.5 KB: ~100,000 sessions)
     sessions_max_bytes: int = 64 * 1024 * 1024
     # A gateway says it is alive this often (katydid.gateways.<id>); workers set aside the jobs
@@ -200,6 +205,8 @@ class Config:
             raise ConfigError("worker_nice must be between 0 and 19")
         if self.engine_threads < 1:
             raise ConfigError("engine_threads must be >= 1")
+        if self.results_max_consumers < 1:
+            raise ConfigError("results_max_consumers must be >= 1")
         if self.beam_size < 0:
             raise ConfigError("beam_size must be >= 0 (0 = greedy)")
         if self.max_audio_s <= 0 or self.max_file_bytes <= 0:

@@ -264,21 +264,24 @@ def test_a_session_resumes_on_another_gateway_after_a_reset_and_after_a_sigkill(
         assert asyncio.run(_refused(other, gone | {"after_seq": -1})) == ("resume_expired", 4410)
 
 
-def _results_consumers(nats_url: str) -> int:
-    """Consumers of the results stream now (each resumed session a gateway follows holds one)."""
+def _results_stream(nats_url: str) -> Any:
+    """The results stream's info (each resumed session a gateway follows holds a consumer)."""
     import nats
 
     from katydid.session_record import RESULTS_STREAM
 
-    async def count() -> int:
+    async def info() -> Any:
         nc = await nats.connect(nats_url)
         try:
-            info = await nc.jetstream().stream_info(RESULTS_STREAM)
-            return int(info.state.consumer_count)
+            return await nc.jetstream().stream_info(RESULTS_STREAM)
         finally:
             await nc.close()
 
-    return asyncio.run(count())
+    return asyncio.run(info())
+
+
+def _results_consumers(nats_url: str) -> int:
+    return int(_results_stream(nats_url).state.consumer_count)
 
 
 async def _resumed_then_reset(url: str, ready: dict[str, Any]) -> None:
@@ -306,3 +309,6 @@ def test_quick_resumes_leave_no_results_consumer_behind(
         # that came before the last one's end was carried out replaced it, and the session's
         # end let go of the last: none is left (they were, one per quick resume, for good).
         wait_until(lambda: _results_consumers(stack.nats_url) == 0, 15, "no results consumer")
+        # As many sessions may be resumed at once as configured, not nats-server's default
+        # of 1,000 consumers a stream.
+        assert _results_stream(stack.nats_url).config.max_consumers == 10_000

@@ -178,6 +178,7 @@ async def _ensure_records(js: Any, cfg: Config) -> None:
         storage=StorageType.FILE,
         max_age=cfg.resume_window_s,
         max_bytes=cfg.results_max_bytes,
+        max_consumers=cfg.results_max_consumers,
         discard=DiscardPolicy.OLD,
         num_replicas=cfg.stream_replicas,
     )
