@@ -219,10 +219,13 @@ def test_nats_commands_find_serve_s_nats_and_admin_credentials(tmp_path: Path) -
 
 
 def test_a_nats_url_taken_from_serve_s_data_dir_is_named_when_it_fails(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from katydid import cli
     from katydid.cli import main
     from katydid.ports import free_port
+
+    monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
 
     nats_dir = tmp_path / "nats"
     nats_dir.mkdir()

@@ -1232,7 +1232,7 @@ async def test_a_resume_the_server_cannot_serve_now_is_told_to_retry_and_keeps_t
         assert (await _event(first))["type"] == "resumed"
         told = await _event(first)
         assert (told["code"], told["retry_after_s"]) == ("overloaded", 2.0)
-        assert await first.next() == 1013
+        assert await first.next() == 1001  # going away: a client comes back for its session
         # Not ended: its record (detached again) and its jobs wait for the retry.
         await _eventually(lambda: r.bus.records[sid].state == "detached")
         assert r.bus.cancels == []

@@ -410,15 +410,11 @@ class Session(SessionClock, SessionResume, SessionLosses):
     def shutdown(self) -> list[Output]:
         """The server stops before the session finished: the client is told to come back (a
         resumable session is detached: its client resumes it on another gateway)."""
-        if self.phase is not Phase.CLOSED and self.resumable:
-            told = ErrorEvent(
-                ErrorCode.OVERLOADED, "the server is shutting down", retry_after_s=1.0
-            )
-            detached = self.detach()
-            if detached is not None:  # its client resumes it on another gateway
-                self.outcome = "shutdown"
-                # 1001 (going away), not 1013: its client resumes at once, elsewhere
-                return [Send(told), *detached, Close(1001, "going_away", "shutdown")]
+        stopping = ProtocolError(
+            ErrorCode.OVERLOADED, "the server is shutting down", retry_after_s=1.0
+        )
+        if (stepped := self.step_aside(stopping, "shutdown")) is not None:
+            return stepped  # its client resumes it at once, on another gateway
         out = self.fail(
             ProtocolError(ErrorCode.OVERLOADED, "the server is shutting down", retry_after_s=5.0)
         )

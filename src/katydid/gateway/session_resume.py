@@ -91,17 +91,21 @@ class SessionResume(SessionQueries):
         self.outcome = DETACHED_OUTCOME
         return [Remember(DETACHED)]
 
-    def step_aside(self, exc: ProtocolError) -> list[Output] | None:
-        """A condition of the server's that passes (``exc`` carries a retry-after) ends this
-        connection: a resumable session is detached, not ended, so the client's retry resumes
-        it (its record, jobs and results kept); None if it is not one."""
+    def step_aside(
+        self, exc: ProtocolError, outcome: str = DETACHED_OUTCOME
+    ) -> list[Output] | None:
+        """A condition of the server's that passes (``exc`` carries a retry-after: a shutdown,
+        NATS refusing to serve the session's results) ends this connection: a resumable
+        session is detached, not ended, and the close is 1001 (going away), which clients
+        answer by resuming (1013 would end the session for them); None if it is not one."""
         if exc.retry_after_s is None or self.phase is Phase.CLOSED:
             return None
         detached = self.detach()
         if detached is None:
             return None
+        self.outcome = outcome
         told = Send(ErrorEvent(exc.code, exc.message, exc.retry_after_s))
-        return [told, *detached, Close(exc.close_code, exc.code.value, str(exc.code))]
+        return [told, *detached, Close(1001, "going_away", outcome)]
 
     def taken(self) -> list[Output]:
         """A newer connection resumed the session: this one ends without touching the session's
