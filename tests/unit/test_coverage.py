@@ -154,6 +154,16 @@ def test_a_short_phrase_after_an_early_end_of_text_is_decoded_again() -> None:
     assert tr.uncovered == ()
 
 
+def test_a_partial_s_short_tail_is_speech_still_being_said() -> None:
+    # A partial's audio ends while the speaker talks: a second decode of its last word would
+    # only delay the preview (its final decodes it).
+    engine = _EarlyStopper(keep=0.7)
+    clip = _speech((0.5, 6.0), (7.0, 7.42), (8.0, 8.45), total_s=9.0)
+    tr = engine.transcribe(clip, decode=DecodeOptions(preview=True))
+    assert tr.redecodes == 0
+    assert tr.uncovered == ()
+
+
 def test_a_sparse_segment_does_not_cover_its_speech() -> None:
     spans = [Span(0.0, 14.0)]
     short = Segment(0.0, 14.0, "In this regard...")  # 17 characters for 14 s of speech

@@ -117,14 +117,19 @@ def uncovered(
 
 
 def next_hole(
-    spans: Sequence[Span], segments: Sequence[Timed], tried: Sequence[Span]
+    spans: Sequence[Span],
+    segments: Sequence[Timed],
+    tried: Sequence[Span],
+    *,
+    min_tail_s: float = MIN_TAIL_VOICED_S,
 ) -> Span | None:
     """The first stretch of uncovered speech, outside every region already decoded again
     (``tried``), with enough speech in it to decode; None when there is none."""
     regions = sorted((t.start_s, t.end_s) for t in tried)
     text_end = max((s.end_s for s in segments), default=math.inf)
-    for hole in uncovered(spans, segments):
-        least = MIN_TAIL_VOICED_S if hole.start_s >= text_end else MIN_HOLE_VOICED_S
+    for hole in uncovered(spans, segments, min_tail_s=min_tail_s):
+        trailing = hole.start_s >= text_end
+        least = min(min_tail_s, MIN_HOLE_VOICED_S) if trailing else MIN_HOLE_VOICED_S
         for part in _subtract(hole, regions):
             if voiced_in(part.start_s, part.end_s, spans) >= least:
                 return part

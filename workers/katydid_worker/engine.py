@@ -28,7 +28,14 @@ from katydid.audio import SAMPLE_RATE
 from katydid.errors import EngineError
 from katydid.languages import WHISPER_LANGUAGES
 from katydid_worker import calibration
-from katydid_worker.coverage import MIN_HOLE_VOICED_S, next_hole, sparse, uncovered, voiced_in
+from katydid_worker.coverage import (
+    MIN_HOLE_VOICED_S,
+    MIN_TAIL_VOICED_S,
+    next_hole,
+    sparse,
+    uncovered,
+    voiced_in,
+)
 from katydid_worker.engine_options import DecodeOptions, EngineOptions
 from katydid_worker.guardrails import (
     FULL_CTX,
@@ -228,6 +235,7 @@ class Engine(WhisperContexts):
         every stretch is covered or has been tried once; what still has no text is reported
         (``Transcript.uncovered``), never passed off as silence."""
         window = self._pieces(audio, trim_s, audio_s, spans, should_abort, on_progress)
+        min_tail_s = math.inf if self._decode.preview else MIN_TAIL_VOICED_S
         segments = list(window.segments)
         reasons = [window.fallback] if window.fallback else []
         tried: list[Span] = []
@@ -236,7 +244,7 @@ class Engine(WhisperContexts):
         while redecodes < self.options.max_redecodes:
             if should_abort is not None and should_abort():
                 break
-            hole = next_hole(spans, segments, tried)
+            hole = next_hole(spans, segments, tried, min_tail_s=min_tail_s)
             if hole is None:
                 break
             redecodes += 1
@@ -257,7 +265,7 @@ class Engine(WhisperContexts):
         # after the text get their second decode, but a breath there is not news).
         holes = tuple(
             (round(h.start_s, 2), round(h.end_s, 2))
-            for h in uncovered(spans, segments)
+            for h in uncovered(spans, segments, min_tail_s=min_tail_s)
             if voiced_in(h.start_s, h.end_s, spans) >= MIN_REPORTED_UNCOVERED_S
         )
         self.redecodes += redecodes

@@ -68,3 +68,6 @@ class DecodeOptions:
     word_timestamps: bool = False
     translate: bool = False
     pieces: bool | None = None  # None: the engine's option (EngineOptions.pieces)
+    # A partial: its audio ends while the speaker talks, so speech after its text is still
+    # being said, not left out (coverage's tail rule is for finals).
+    preview: bool = False

@@ -334,6 +334,7 @@ class Worker:
             # utterance (clip-sized pieces, not the full window) is worth a word heard
             # differently.
             pieces=True if job.options.kind == "partial" else None,
+            preview=job.options.kind == "partial",
         )
         audio_s = audio.size / SAMPLE_RATE
         try:
