@@ -81,6 +81,25 @@ def _garbage(url: str) -> tuple[dict[str, Any], int]:
         return answer, closed.value.rcvd.code
 
 
+def _rate_changed(url: str, pcm: bytes) -> tuple[dict[str, Any], int]:
+    with connect(url + "/vosk") as ws:
+        ws.send(pcm[:32000])
+        ws.recv(timeout=30)
+        ws.send(json.dumps({"config": {"sample_rate": 8000}}))
+        answer = json.loads(ws.recv(timeout=10))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd is not None
+        return answer, closed.value.rcvd.code
+
+
+async def test_a_sample_rate_changed_mid_stream_is_refused(stack: Stack, jfk: Clip) -> None:
+    pcm = float_to_pcm16(decode_container(jfk.path, max_audio_s=60, max_bytes=10**8))
+    answer, code = await trio.to_thread.run_sync(_rate_changed, stack.url, pcm)
+    assert (answer["code"], code) == ("bad_message", 1008)
+    assert "16000 Hz" in answer["error"]
+
+
 async def test_malformed_vosk_json_gets_an_error_and_a_close(stack: Stack) -> None:
     before = await trio.to_thread.run_sync(stream_messages, stack.nats_url)
     answer, code = await trio.to_thread.run_sync(_garbage, stack.url)
@@ -92,11 +111,15 @@ async def test_malformed_vosk_json_gets_an_error_and_a_close(stack: Stack) -> No
 def _eof_twice(url: str, pcm: bytes) -> tuple[str, int | None]:
     """The session's whole text (every result's), and the close code."""
     with connect(url + "/vosk") as ws:
+        # Configs before the audio: the last one's rate is the stream's (as vosk-server)
+        ws.send(json.dumps({"config": {"sample_rate": 8000}}))
         ws.send(json.dumps({"config": {"sample_rate": 16000}}))
         texts = []
         for i in range(0, len(pcm), 32000):
             ws.send(pcm[i : i + 32000])
             texts.append(json.loads(ws.recv(timeout=30)).get("text", ""))
+            if i == 0:  # one mid-stream that changes nothing is let be
+                ws.send(json.dumps({"config": {"sample_rate": 16000, "words": 1}}))
         ws.send('{"eof" : 1}')
         ws.send('{"eof" : 1}')  # a client that says it twice, then sends a late frame
         ws.send(pcm[:3200])

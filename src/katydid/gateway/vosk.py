@@ -92,6 +92,7 @@ class VoskConnection(SessionDriver):
     async def _reader(self) -> None:
         s = self.session
         started = False
+        rate = 16_000  # the stream's: a config's (the last before the audio), else 16 kHz
         while not s.closed:
             parked = park_reader(self, self.ws, self.parking)  # no read of our own meanwhile
             if parked is not None and await parked is Wake.DEADLINE:
@@ -108,7 +109,7 @@ class VoskConnection(SessionDriver):
                 continue
             if isinstance(msg, bytes):
                 if not started:
-                    started = await self._start(16_000)
+                    started = await self._start(rate)
                     if not started:
                         return
                 allowed = self.gateway.seating.partials_allowed(s.model)
@@ -124,23 +125,27 @@ class VoskConnection(SessionDriver):
                 await self.emit(s.fail(exc))
                 return
             if "config" in command:
-                if started:
-                    message = "config after the stream began: send one, before any audio"
-                    await self.emit(s.fail(ProtocolError(ErrorCode.BAD_MESSAGE, message)))
-                    return
+                config = command["config"]
                 try:
-                    rate = _sample_rate(command["config"])
+                    asked = _sample_rate(config)
                 except ProtocolError as exc:
                     await self.emit(s.fail(exc))
                     return
-                # Not answered: vosk-server answers audio and eof, never config, and its clients
-                # read one answer per audio frame (answering config put them one behind).
-                started = await self._start(rate)
+                # As vosk-server: configs before the audio set the stream up (the last one
+                # wins); after it, one that changes nothing is let be, but the audio's rate
+                # cannot change mid-stream. Not answered: vosk-server answers audio and eof,
+                # never config, and its clients read one answer per audio frame.
+                if not started:
+                    rate = asked
+                elif isinstance(config, dict) and "sample_rate" in config and asked != rate:
+                    message = f"the sample rate cannot change mid-stream (it is {rate} Hz)"
+                    await self.emit(s.fail(ProtocolError(ErrorCode.BAD_MESSAGE, message)))
+                    return
             elif "eof" in command:
                 if self.eof:
                     continue
                 if not started:
-                    started = await self._start(16_000)
+                    started = await self._start(rate)
                 self.eof = True
                 await self.emit(s.receive(Stop(), now))
 
