@@ -150,7 +150,10 @@ class SampledLogger:
             str, tuple[float, int, int]
         ] = {}  # event -> (start, written, suppressed)
         self.suppressed_total = 0
-        self._levels: dict[str, str] = {}  # event -> level of its last line, for flush()
+        self._levels: dict[str, str] = {}  # key -> level of its last line, for flush()
+        # key -> the event and fields its summary line carries (a key other than the event's
+        # name: ``sample_as``)
+        self._named: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def _admit(self, event: str) -> tuple[bool, int]:
         now = self._clock()
@@ -180,24 +183,40 @@ class SampledLogger:
             ]
             for event, _ in ended:
                 del self._windows[event]
-        for event, suppressed in ended:
-            getattr(self._logger, self._levels.get(event, "warning"))(
-                event, suppressed=suppressed, summary=True
+        for key, suppressed in ended:
+            event, fields = self._named.get(key, (key, {}))
+            getattr(self._logger, self._levels.get(key, "warning"))(
+                event, suppressed=suppressed, summary=True, **fields
             )
         return len(ended)
 
-    def log(self, level: str, event: str, **kw: Any) -> bool:
-        """Log ``event`` at ``level`` if its budget allows; returns whether a line was written."""
-        self._levels[event] = level
-        ok, suppressed = self._admit(event)
+    def log(
+        self,
+        level: str,
+        event: str,
+        *,
+        sample_as: tuple[str, dict[str, Any]] | None = None,
+        **kw: Any,
+    ) -> bool:
+        """Log ``event`` at ``level`` if its budget allows; returns whether a line was written.
+        ``sample_as``: a budget of its own (a key) and the fields its summary line names, for
+        kinds of one event that must not crowd one another out (a session's outcomes)."""
+        key = event
+        if sample_as is not None:
+            key = sample_as[0]
+            self._named[key] = (event, sample_as[1])
+        self._levels[key] = level
+        ok, suppressed = self._admit(key)
         if ok:
             if suppressed:
                 kw["suppressed"] = suppressed
             getattr(self._logger, level)(event, **kw)
         return ok
 
-    def info(self, event: str, **kw: Any) -> bool:
-        return self.log("info", event, **kw)
+    def info(
+        self, event: str, *, sample_as: tuple[str, dict[str, Any]] | None = None, **kw: Any
+    ) -> bool:
+        return self.log("info", event, sample_as=sample_as, **kw)
 
     def warning(self, event: str, **kw: Any) -> bool:
         return self.log("warning", event, **kw)

@@ -50,6 +50,21 @@ def test_a_burst_followed_by_silence_is_reported_when_its_window_ends() -> None:
     assert rec.lines[-1] == ("session", {"n": 50})
 
 
+def test_kinds_of_one_event_sampled_apart_do_not_crowd_one_another_out() -> None:
+    now = [0.0]
+    rec = _Recorder()
+    log = SampledLogger(rec, burst=2, window_s=10.0, clock=lambda: now[0])
+    detached = ("session:detached", {"outcome": "detached"})
+    for i in range(100):
+        log.log("warning", "session", sample_as=detached, n=i, outcome="detached")
+    big = ("session:too_large", {"outcome": "too_large"})
+    assert log.log("warning", "session", sample_as=big, outcome="too_large")
+    assert rec.lines[-1] == ("session", {"outcome": "too_large"})
+    now[0] = 10.0
+    assert log.flush() == 1
+    assert rec.lines[-1] == ("session", {"suppressed": 98, "summary": True, "outcome": "detached"})
+
+
 @pytest.mark.parametrize("fmt", ["json", "console"])
 def test_a_traceback_does_not_show_local_variables(
     fmt: str, capsys: pytest.CaptureFixture[str]

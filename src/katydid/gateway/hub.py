@@ -290,7 +290,9 @@ class Hub:
         if line["outcome"] == "ok":
             log.info("session", session_id=s.session_id, **line)
         else:
-            self.sampled.info("session", session_id=s.session_id, **line)
+            # A budget per outcome: a storm of detached ones does not hide a too_large one.
+            kind = (f"session:{line['outcome']}", {"outcome": line["outcome"]})
+            self.sampled.info("session", sample_as=kind, session_id=s.session_id, **line)
 
     def stop(self) -> None:
         """No new sessions (one admitted from now on is told the server is shutting down)."""
