@@ -139,3 +139,4 @@ async def test_a_post_that_is_not_a_form_is_refused_with_the_connection_closed_s
         assert head.startswith(b"http/1.1 400"), answer[:200]
         assert b"\r\nconnection: close" in head, head
         assert b"bad_message" in answer
+        assert b"must be multipart/form-data" in answer

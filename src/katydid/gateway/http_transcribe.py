@@ -137,8 +137,11 @@ class Transcribe:
             await form.close()
             # A body left unread (not a form: an audio/wav POST) ends the connection after the
             # answer, so it must say so: a client reusing it had its next request cut off.
-            close = [] if read_all else [CLOSE]
-            await answer(send, 400, error_body(400, "bad_message", str(exc)), headers=close)
+            why, close = str(exc), [] if read_all else [CLOSE]
+            if not read_all:
+                kind = dict(scope["headers"]).get(b"content-type", b"none").decode("latin-1")
+                why = f"the body must be multipart/form-data with a 'file' field, not {kind[:80]}"
+            await answer(send, 400, error_body(400, "bad_message", why), headers=close)
             return
         credential = bearer(scope["headers"])
         try:
