@@ -110,11 +110,14 @@ class Worker:
     async def _serve(self) -> None:
         # nats-py's default callbacks print multi-line tracebacks (through logging) for every
         # failed reconnect during an outage: one structured line each instead, sampled.
+        leaving = anyio.Event()
+
         async def error(exc: Exception) -> None:
             self._sampled.warning("nats_error", worker=self.worker_id, error=repr(exc))
 
         async def disconnected() -> None:
-            self._sampled.warning("nats_disconnected", worker=self.worker_id)
+            if not leaving.is_set():  # (the drain at the end disconnects too: not news)
+                self._sampled.warning("nats_disconnected", worker=self.worker_id)
 
         async def reconnected() -> None:
             log.info("nats_reconnected", worker=self.worker_id)
@@ -186,6 +189,7 @@ class Worker:
                             )
                 tg.cancel_scope.cancel()
         finally:
+            leaving.set()
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 try:
                     await self._order.give_back_aside()

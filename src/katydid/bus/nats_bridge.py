@@ -101,6 +101,7 @@ class NatsBridge(SessionsOnNats):
         self._provisioning: set[asyncio.Task[None]] = set()
         self.secret = b""  # the deployment's, read at connect (nats_sessions.py)
         self._followed: dict[str, Any] = {}  # session id -> its results subscription
+        self._leaving = False  # draining at the end
 
     def attach(self, handlers: BusHandlers) -> None:
         self._handlers = handlers
@@ -321,7 +322,8 @@ class NatsBridge(SessionsOnNats):
     async def _connect(self) -> None:
         async def disconnected() -> None:
             self.connected = False
-            log.warning("nats_disconnected")
+            if not self._leaving:  # (our own drain at the end disconnects too: not news)
+                log.warning("nats_disconnected")
 
         async def reconnected() -> None:
             self.connected = True
@@ -437,6 +439,7 @@ class NatsBridge(SessionsOnNats):
         asyncio.get_running_loop().stop()
 
     async def _close(self) -> None:
+        self._leaving = True
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.drain()
         self.connected = False
