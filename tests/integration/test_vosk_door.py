@@ -100,6 +100,23 @@ async def test_a_sample_rate_changed_mid_stream_is_refused(stack: Stack, jfk: Cl
     assert "16000 Hz" in answer["error"]
 
 
+def _rate_changed_before_audio(url: str) -> tuple[dict[str, Any], int]:
+    with connect(url + "/vosk") as ws:
+        ws.send(json.dumps({"config": {"sample_rate": 8000}}))
+        ws.send(json.dumps({"config": {"sample_rate": 16000}}))
+        answer = json.loads(ws.recv(timeout=10))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd is not None
+        return answer, closed.value.rcvd.code
+
+
+async def test_a_second_config_that_changes_the_rate_is_refused(stack: Stack) -> None:
+    answer, code = await trio.to_thread.run_sync(_rate_changed_before_audio, stack.url)
+    assert (answer["code"], code) == ("bad_message", 1008)
+    assert "8000 Hz" in answer["error"]
+
+
 async def test_malformed_vosk_json_gets_an_error_and_a_close(stack: Stack) -> None:
     before = await trio.to_thread.run_sync(stream_messages, stack.nats_url)
     answer, code = await trio.to_thread.run_sync(_garbage, stack.url)
@@ -111,9 +128,9 @@ async def test_malformed_vosk_json_gets_an_error_and_a_close(stack: Stack) -> No
 def _eof_twice(url: str, pcm: bytes) -> tuple[str, int | None]:
     """The session's whole text (every result's), and the close code."""
     with connect(url + "/vosk") as ws:
-        # Configs before the audio: the last one's rate is the stream's (as vosk-server)
-        ws.send(json.dumps({"config": {"sample_rate": 8000}}))
+        # More than one config, as vosk-server takes them (the rate is the first one's)
         ws.send(json.dumps({"config": {"sample_rate": 16000}}))
+        ws.send(json.dumps({"config": {"words": 1}}))
         texts = []
         for i in range(0, len(pcm), 32000):
             ws.send(pcm[i : i + 32000])

@@ -92,7 +92,7 @@ class VoskConnection(SessionDriver):
     async def _reader(self) -> None:
         s = self.session
         started = False
-        rate = 16_000  # the stream's: a config's (the last before the audio), else 16 kHz
+        rate = 16_000  # the stream's: the first config's, else 16 kHz
         while not s.closed:
             parked = park_reader(self, self.ws, self.parking)  # no read of our own meanwhile
             if parked is not None and await parked is Wake.DEADLINE:
@@ -131,14 +131,16 @@ class VoskConnection(SessionDriver):
                 except ProtocolError as exc:
                     await self.emit(s.fail(exc))
                     return
-                # As vosk-server: configs before the audio set the stream up (the last one
-                # wins); after it, one that changes nothing is let be, but the audio's rate
-                # cannot change mid-stream. Not answered: vosk-server answers audio and eof,
-                # never config, and its clients read one answer per audio frame.
+                # The first config starts the session (a missing key is refused at once);
+                # vosk-server takes more (a phrase list, words), so one that leaves the rate
+                # as it is is let be, but the audio's rate cannot change once set. Not
+                # answered: vosk-server answers audio and eof, never config, and its clients
+                # read one answer per audio frame.
                 if not started:
                     rate = asked
+                    started = await self._start(rate)
                 elif isinstance(config, dict) and "sample_rate" in config and asked != rate:
-                    message = f"the sample rate cannot change mid-stream (it is {rate} Hz)"
+                    message = f"the sample rate cannot change once set (it is {rate} Hz)"
                     await self.emit(s.fail(ProtocolError(ErrorCode.BAD_MESSAGE, message)))
                     return
             elif "eof" in command:
