@@ -103,7 +103,6 @@ def run_server_command(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _nats_command(cfg: Config, args: argparse.Namespace) -> int:
-    _require_nats(cfg)
     if args.nats_command == "status":
         from katydid.bus.nats_admin import queue_status
 

@@ -71,50 +71,42 @@ async def test_a_vosk_client_gets_its_transcript(stack: Stack, jfk: Clip, rate: 
     assert [w["start"] for w in words] == sorted(w["start"] for w in words)
 
 
+def _refusal(ws: Any) -> tuple[dict[str, Any], int]:
+    """The error the server answered with, and the close code after it."""
+    answer = json.loads(ws.recv(timeout=10))
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(timeout=10)
+    assert closed.value.rcvd is not None
+    return answer, closed.value.rcvd.code
+
+
 def _garbage(url: str) -> tuple[dict[str, Any], int]:
     with connect(url + "/vosk") as ws:
         ws.send("{not json")
-        answer = json.loads(ws.recv(timeout=10))
-        with pytest.raises(ConnectionClosed) as closed:
-            ws.recv(timeout=10)
-        assert closed.value.rcvd is not None
-        return answer, closed.value.rcvd.code
+        return _refusal(ws)
 
 
-def _rate_changed(url: str, pcm: bytes) -> tuple[dict[str, Any], int]:
+def _rate_changed(url: str, pcm: bytes, audio_first: bool) -> tuple[dict[str, Any], int]:
+    """A stream at 16 kHz (its first audio, or a first config) told 8 kHz by a later config."""
     with connect(url + "/vosk") as ws:
-        ws.send(pcm[:32000])
-        ws.recv(timeout=30)
-        ws.send(json.dumps({"config": {"sample_rate": 8000}}))
-        answer = json.loads(ws.recv(timeout=10))
-        with pytest.raises(ConnectionClosed) as closed:
-            ws.recv(timeout=10)
-        assert closed.value.rcvd is not None
-        return answer, closed.value.rcvd.code
+        if audio_first:
+            ws.send(pcm[:32000])
+            ws.recv(timeout=30)
+            ws.send(json.dumps({"config": {"sample_rate": 8000}}))
+        else:
+            ws.send(json.dumps({"config": {"sample_rate": 16000}}))
+            ws.send(json.dumps({"config": {"sample_rate": 8000}}))
+        return _refusal(ws)
 
 
-async def test_a_sample_rate_changed_mid_stream_is_refused(stack: Stack, jfk: Clip) -> None:
+@pytest.mark.parametrize("audio_first", [True, False], ids=["mid_stream", "second_config"])
+async def test_a_later_config_that_changes_the_rate_is_refused(
+    stack: Stack, jfk: Clip, audio_first: bool
+) -> None:
     pcm = float_to_pcm16(decode_container(jfk.path, max_audio_s=60, max_bytes=10**8))
-    answer, code = await trio.to_thread.run_sync(_rate_changed, stack.url, pcm)
+    answer, code = await trio.to_thread.run_sync(_rate_changed, stack.url, pcm, audio_first)
     assert (answer["code"], code) == ("bad_message", 1008)
     assert "16000 Hz" in answer["error"]
-
-
-def _rate_changed_before_audio(url: str) -> tuple[dict[str, Any], int]:
-    with connect(url + "/vosk") as ws:
-        ws.send(json.dumps({"config": {"sample_rate": 8000}}))
-        ws.send(json.dumps({"config": {"sample_rate": 16000}}))
-        answer = json.loads(ws.recv(timeout=10))
-        with pytest.raises(ConnectionClosed) as closed:
-            ws.recv(timeout=10)
-        assert closed.value.rcvd is not None
-        return answer, closed.value.rcvd.code
-
-
-async def test_a_second_config_that_changes_the_rate_is_refused(stack: Stack) -> None:
-    answer, code = await trio.to_thread.run_sync(_rate_changed_before_audio, stack.url)
-    assert (answer["code"], code) == ("bad_message", 1008)
-    assert "8000 Hz" in answer["error"]
 
 
 async def test_malformed_vosk_json_gets_an_error_and_a_close(stack: Stack) -> None:

@@ -1062,6 +1062,16 @@ async def _started(r: Rig, **start: Any) -> tuple[RawClient, str, str]:
     return raw, ready["session_id"], ready["resume_token"]
 
 
+async def _detached(r: Rig) -> tuple[str, str]:
+    """A native session with a job queued whose connection was reset: its id and token."""
+    raw, sid, token = await _started(r)
+    await raw.send(BytesMessage(_speech_like(6.0)))
+    await _eventually(lambda: len(r.bus.finals(sid)) >= 1)
+    await raw.stream.aclose()  # a reset
+    await _eventually(lambda: sid in r.bus.records and r.bus.records[sid].state == "detached")
+    return sid, token
+
+
 async def _resume(raw: RawClient, resume: dict[str, Any]) -> None:
     await raw.send(TextMessage(json.dumps({"type": "start", "resume": resume})))
 
@@ -1192,11 +1202,7 @@ async def test_a_resume_past_the_sessions_chunks_is_refused_and_the_session_surv
     autojump_clock: Any,
 ) -> None:
     async with rig() as r:
-        raw, sid, token = await _started(r)
-        await raw.send(BytesMessage(_speech_like(6.0)))
-        await _eventually(lambda: len(r.bus.finals(sid)) >= 1)
-        await raw.stream.aclose()  # a reset
-        await _eventually(lambda: sid in r.bus.records and r.bus.records[sid].state == "detached")
+        sid, token = await _detached(r)
         wrong = await _raw_connect(r)
         resume = {"session_id": sid, "token": token, "after_seq": 999}
         await _resume(wrong, resume)
@@ -1215,11 +1221,7 @@ async def test_a_resume_the_server_cannot_serve_now_is_told_to_retry_and_keeps_t
     autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with rig() as r:
-        raw, sid, token = await _started(r)
-        await raw.send(BytesMessage(_speech_like(6.0)))
-        await _eventually(lambda: len(r.bus.finals(sid)) >= 1)
-        await raw.stream.aclose()  # a reset
-        await _eventually(lambda: sid in r.bus.records and r.bus.records[sid].state == "detached")
+        sid, token = await _detached(r)
         follow = MemoryBus.follow_results
 
         async def refused(bus: MemoryBus, session_id: str) -> None:
